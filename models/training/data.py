@@ -1,0 +1,75 @@
+"""Training data: synthetic phantoms pushed through the app's own reader and preprocessing.
+
+Each phantom is written to DICOM bytes and read back with ``triage_app.dicom.load_image``, then
+``triage_app.model.preprocess.to_unit_image`` makes the model input: the exact path a file takes
+in the product. Arrays are cached per (seed, count, spec) so re-running training is quick.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from triage_app.dicom import load_image
+from triage_app.model.preprocess import PreprocessSpec, to_unit_image
+from triage_app.synthetic import PhantomConfig, phantom_to_dataset, render_phantom
+
+logger = logging.getLogger(__name__)
+
+RUNS_DIR = Path(__file__).resolve().parent / "runs"
+
+
+@dataclass(frozen=True)
+class Split:
+    units: np.ndarray  # N×H×W float16 in [0, 1]
+    labels: np.ndarray  # N uint8, 1 = abnormal
+    findings: list[list[dict[str, object]]]
+
+
+def _one(args: tuple[int, int, PreprocessSpec, PhantomConfig]) -> tuple[np.ndarray, int, list[dict[str, object]]]:
+    seed, index, spec, config = args
+    phantom = render_phantom(seed, index, config)
+    buffer = io.BytesIO()
+    phantom_to_dataset(phantom).save_as(buffer, enforce_file_format=True)
+    image = load_image(buffer.getvalue())
+    unit = to_unit_image(image, spec).astype(np.float16)
+    return unit, int(phantom.is_abnormal), [f.to_json() for f in phantom.findings]
+
+
+def build_split(
+    seed: int,
+    count: int,
+    spec: PreprocessSpec,
+    *,
+    config: PhantomConfig | None = None,
+    workers: int = 2,
+    cache: bool = True,
+) -> Split:
+    cfg = config or PhantomConfig()
+    key = hashlib.sha256(json.dumps([seed, count, spec.to_json(), repr(cfg)]).encode()).hexdigest()[:16]
+    path = RUNS_DIR / f"split-{seed}-{count}-{key}.npz"
+    if cache and path.exists():
+        with np.load(path, allow_pickle=False) as data:
+            findings = json.loads(str(data["findings"]))
+            return Split(data["units"], data["labels"], findings)
+    jobs = [(seed, i, spec, cfg) for i in range(count)]
+    units = np.empty((count, spec.rows, spec.columns), np.float16)
+    labels = np.empty(count, np.uint8)
+    findings: list[list[dict[str, object]]] = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for i, (unit, label, found) in enumerate(pool.map(_one, jobs, chunksize=32)):
+            units[i], labels[i] = unit, label
+            findings.append(found)
+            if (i + 1) % 2000 == 0:
+                logger.info("seed %d: %d/%d images", seed, i + 1, count)
+    if cache:
+        RUNS_DIR.mkdir(parents=True, exist_ok=True)
+        np.savez(path, units=units, labels=labels, findings=np.array(json.dumps(findings)))
+    return Split(units, labels, findings)

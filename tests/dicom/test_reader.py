@@ -1,0 +1,730 @@
+"""Reading and decoding: every pydicom test file, matched compressed pairs, and broken inputs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+import pytest
+from pydicom.data import get_testdata_files
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels.processing import apply_color_lut
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+
+from tests.dicom.conftest import (
+    PATIENT_ID,
+    PATIENT_NAME,
+    bundled,
+    ramp,
+    save,
+    strip_file_meta,
+    synthetic,
+)
+from triage_app import errors
+from triage_app.dicom import DicomImage, ImageInfo, load_image, read_dataset
+from triage_app.errors import InputError
+
+
+def _input_error_codes() -> set[str]:
+    found: set[str] = set()
+    pending: list[type[InputError]] = [InputError]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls is not InputError:
+            found.add(cls.code)
+    return found
+
+
+KNOWN_CODES = _input_error_codes()
+LUMA = np.array([0.299, 0.587, 0.114])
+
+TEST_FILES_ROOT = Path(pydicom.data.__file__).parent / "test_files"
+ALL_TEST_FILES = sorted(Path(p) for p in get_testdata_files())
+
+# What the reader refuses among pydicom's bundled test files, and why. Everything else must load.
+EXPECTED_REFUSALS = {
+    "ExplVR_BigEndNoMeta.dcm": "no_pixel_data",  # an RT plan
+    "ExplVR_LitEndNoMeta.dcm": "no_pixel_data",
+    "JPEG-lossy.dcm": "corrupt_pixel_data",  # broken codestream; JPGExtended.dcm is the fix
+    "JPEG2000-embedded-sequence-delimiter.dcm": "corrupt_pixel_data",  # 266-byte codestream
+    "MR_truncated.dcm": "truncated",
+    "README.txt": "not_dicom",
+    "UN_sequence.dcm": "no_pixel_data",
+    "badVR.dcm": "invalid_dicom",  # Number of Frames '1A'
+    "crayons.icc": "not_dicom",
+    "empty_charset_LEI.dcm": "no_pixel_data",
+    "meta_missing_tsyntax.dcm": "invalid_dicom",  # pixel data but no Rows/Columns
+    "nested_priv_SQ.dcm": "invalid_dicom",
+    "no_meta.dcm": "not_dicom",  # starts with bytes that are no DICOM tag
+    "no_meta_group_length.dcm": "no_pixel_data",
+    "priv_SQ.dcm": "no_pixel_data",
+    "reportsi.dcm": "no_pixel_data",
+    "reportsi_with_empty_number_tags.dcm": "no_pixel_data",
+    "rtplan.dcm": "no_pixel_data",
+    "rtplan.dump": "not_dicom",
+    "rtplan_truncated.dcm": "truncated",
+    "rtstruct.dcm": "no_pixel_data",
+    "rtstruct.dump": "not_dicom",
+    "test-SR.dcm": "no_pixel_data",
+    "test1.json": "not_dicom",
+    "test_PN.json": "not_dicom",
+    "waveform_ecg.dcm": "no_pixel_data",
+    "zipMR.gz": "not_dicom",
+}
+
+
+def expected_refusal(path: Path) -> str | None:
+    """The code the reader must give ``path``, or ``None`` if it must load."""
+    name = path.relative_to(TEST_FILES_ROOT).as_posix()
+    if path.is_dir():
+        return "unreadable"
+    if name.startswith("dicomdirtests/"):
+        if "README" in path.name:
+            return "not_dicom"
+        if "DICOMDIR" in path.name or "TINY_ALPHA" in name:
+            return "no_pixel_data"  # directory records and pixel-less test instances
+        return None
+    return EXPECTED_REFUSALS.get(name)
+
+
+def load(name: str) -> DicomImage:
+    return load_image(bundled(name))
+
+
+def grey(name: str) -> npt.NDArray[np.float64]:
+    return load(name).stored.astype(np.float64)
+
+
+def assert_consistent(image: DicomImage) -> None:
+    info = image.info
+    assert image.stored.ndim == 2
+    assert image.stored.shape == (info.rows, info.columns)
+    assert image.stored.dtype.isnative
+    assert info.frame_index == info.number_of_frames // 2
+    assert info.transfer_syntax_uid
+    assert info.photometric == image.dataset.PhotometricInterpretation.strip().upper()
+    if info.samples_per_pixel == 3 or info.photometric == "PALETTE COLOR":
+        assert image.stored.dtype == np.float32
+
+
+# --- Every bundled pydicom test file -----------------------------------------------------------
+
+
+def test_the_bundled_test_files_are_there() -> None:
+    # Guard the parametrisation below: an empty list would make it vacuous.
+    assert len(ALL_TEST_FILES) > 150
+    assert all(p.exists() for p in ALL_TEST_FILES)
+
+
+@pytest.mark.parametrize(
+    "path", ALL_TEST_FILES, ids=[p.relative_to(TEST_FILES_ROOT).as_posix() for p in ALL_TEST_FILES]
+)
+def test_every_pydicom_test_file_loads_or_is_refused_with_a_known_code(path: Path) -> None:
+    expected = expected_refusal(path)
+    try:
+        image = load_image(path)
+    except InputError as exc:
+        assert type(exc) is not InputError
+        assert exc.code in KNOWN_CODES
+        assert exc.code == expected, str(exc)
+        assert str(exc) and "\n" not in str(exc)
+        return
+    assert expected is None, f"expected {expected}, but it loaded"
+    assert_consistent(image)
+
+
+# --- Compressed files decode to the same pixels as their uncompressed twins --------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_expb.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_padded.dcm",
+    ],
+)
+def test_mr_small_encodings_decode_identically(name: str) -> None:
+    reference = load("MR_small.dcm")
+    image = load(name)
+    assert image.stored.dtype == np.int16
+    np.testing.assert_array_equal(image.stored, reference.stored)
+    assert image.info.window == reference.info.window == (600.0, 1600.0)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["SC_rgb_jpeg_gdcm.dcm", "SC_rgb_gdcm_KY.dcm"],  # JPEG lossless SV1, JPEG 2000 (lossless)
+)
+def test_lossless_colour_encodings_match_rle(name: str) -> None:
+    np.testing.assert_array_equal(grey(name), grey("SC_rgb_rle.dcm"))
+
+
+@pytest.mark.parametrize(
+    ("name", "max_error"),
+    [
+        ("SC_rgb_dcmtk_+eb+cr.dcm", 1.0),  # JPEG baseline, RGB
+        ("SC_rgb_dcmtk_+eb+cy+n1.dcm", 1.5),  # JPEG baseline, YBR_FULL: Y is used as is
+        ("SC_rgb_dcmtk_+eb+cy+np.dcm", 1.5),  # YBR_FULL_422
+        ("SC_rgb_dcmtk_+eb+cy+s4.dcm", 1.5),
+        ("SC_rgb_jpeg_dcmtk.dcm", 1.5),
+        ("SC_rgb_jpeg_lossy_gdcm.dcm", 1.5),
+        ("SC_rgb_jls_lossy_line.dcm", 2.0),  # JPEG-LS near-lossless, NEAR = 2
+        ("SC_rgb_jls_lossy_sample.dcm", 2.0),
+        ("SC_ybr_full_422_uncompressed.dcm", 1.5),
+    ],
+)
+def test_lossy_colour_encodings_stay_close_to_rle(name: str, max_error: float) -> None:
+    # Luminance of the lossless RGB reference vs the decoded lossy image, in 8-bit grey levels.
+    error = np.abs(grey(name) - grey("SC_rgb_rle.dcm"))
+    assert error.max() <= max_error
+    assert error.mean() <= 0.75
+
+
+def test_high_bit_depth_rgb_scales_like_8_bit() -> None:
+    reference = grey("SC_rgb_rle.dcm")
+    np.testing.assert_allclose(grey("SC_rgb_rle_16bit.dcm") / 257, reference, atol=1e-3)
+    np.testing.assert_allclose(
+        grey("SC_rgb_rle_32bit.dcm") / (2**32 - 1) * 255, reference, atol=1e-3
+    )
+
+
+def test_jpeg_extended_12_bit_decodes_the_same_scene_as_jpeg_2000() -> None:
+    # JPEG-lossy.dcm (the named pydicom sample) has a broken codestream; JPGExtended.dcm is
+    # its repaired copy. No lossless twin is bundled, so compare with the JPEG 2000 encoding
+    # of the same NM image: a wrong decode would not correlate.
+    extended, j2k = load("JPGExtended.dcm"), load("JPEG2000.dcm")
+    assert extended.info.bits_stored == 12
+    assert extended.stored.shape == j2k.stored.shape == (1024, 256)
+    correlation = np.corrcoef(extended.stored.ravel(), j2k.stored.ravel())[0, 1]
+    assert correlation > 0.9
+
+
+def test_jpeg_ls_near_lossless_greyscale_decodes_within_its_bit_depth() -> None:
+    for name, dtype, bits in [
+        ("JPEGLSNearLossless_08.dcm", np.uint8, 8),
+        ("JPEGLSNearLossless_16.dcm", np.uint16, 16),
+    ]:
+        image = load(name)
+        assert image.stored.dtype == dtype
+        assert image.info.bits_stored <= bits
+        assert int(image.stored.max()) < 2**image.info.bits_stored
+        assert image.stored.std() > 0
+
+
+def test_pixel_representation_mismatch_in_jpeg_2000_is_corrected() -> None:
+    # Signed header, unsigned codestream: pydicom's sign correction must keep CT air negative.
+    image = load("J2K_pixelrep_mismatch.dcm")
+    assert image.stored.dtype == np.int16
+    assert image.stored.min() < 0
+
+
+def test_synthetic_rle_and_jpeg_2000_round_trip(tmp_path: Path) -> None:
+    pixels = ramp(64, 64) % 4096
+    for uid in (RLELossless, JPEG2000Lossless):
+        ds = synthetic(pixels, bits_stored=12)
+        ds.compress(uid)
+        image = load_image(save(ds, tmp_path / f"{uid}.dcm"))
+        assert image.info.transfer_syntax_uid == uid
+        np.testing.assert_array_equal(image.stored, pixels)
+
+
+# --- Encodings and file layouts ----------------------------------------------------------------
+
+
+def test_big_endian_pixels_come_back_in_native_byte_order() -> None:
+    image = load("MR_small_bigendian.dcm")
+    assert image.stored.dtype == np.dtype("int16")  # native, not '>i2'
+    assert image.info.transfer_syntax_uid == "1.2.840.10008.1.2.2"
+    np.testing.assert_array_equal(image.stored, load("MR_small.dcm").stored)
+
+
+@pytest.mark.parametrize(
+    ("name", "transfer_syntax"),
+    [
+        ("MR_small_implicit.dcm", "1.2.840.10008.1.2"),
+        ("MR_small.dcm", "1.2.840.10008.1.2.1"),
+        ("MR_small_bigendian.dcm", "1.2.840.10008.1.2.2"),
+    ],
+)
+def test_raw_data_set_without_preamble_or_file_meta(name: str, transfer_syntax: str) -> None:
+    raw = strip_file_meta(bundled(name).read_bytes())
+    image = load_image(raw)
+    # The encoding is recovered from the data itself.
+    assert image.info.transfer_syntax_uid == transfer_syntax
+    np.testing.assert_array_equal(image.stored, load("MR_small.dcm").stored)
+
+
+def test_file_meta_without_preamble() -> None:
+    data = bundled("MR_small.dcm").read_bytes()
+    image = load_image(data[132:])  # starts directly with the (0002,xxxx) group
+    np.testing.assert_array_equal(image.stored, load("MR_small.dcm").stored)
+
+
+@pytest.mark.parametrize("name", ["ExplVR_LitEndNoMeta.dcm", "ExplVR_BigEndNoMeta.dcm"])
+def test_bundled_no_meta_files_parse(name: str) -> None:
+    ds = read_dataset(bundled(name))
+    assert ds.Modality == "RTPLAN"
+    assert ds.SOPInstanceUID == "1.2.333.4444.5.6.7.8"
+
+
+def test_deflated_file_loads() -> None:
+    image = load("image_dfl.dcm")
+    assert image.info.transfer_syntax_uid == "1.2.840.10008.1.2.1.99"
+    assert image.stored.shape == (512, 512)
+    assert image.stored.std() > 0
+
+
+def test_bytes_and_path_give_the_same_image() -> None:
+    path = bundled("CT_small.dcm")
+    from_path, from_bytes = load_image(path), load_image(path.read_bytes())
+    assert from_path.info == from_bytes.info
+    np.testing.assert_array_equal(from_path.stored, from_bytes.stored)
+    assert load_image(str(path)).info == from_path.info
+
+
+def test_header_only_read_skips_the_pixel_data() -> None:
+    path = bundled("CT_small.dcm")
+    header = read_dataset(path, header_only=True)
+    assert "PixelData" not in header
+    assert header.Rows == 128
+    assert "PixelData" in read_dataset(path)
+
+
+def test_image_info_facts_and_json() -> None:
+    image = load("CT_small.dcm")
+    info = image.info
+    assert (info.modality, info.rows, info.columns) == ("CT", 128, 128)
+    assert (info.rescale_slope, info.rescale_intercept) == (1.0, -1024.0)
+    assert (info.bits_allocated, info.bits_stored, info.pixel_representation) == (16, 16, 1)
+    assert info.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"
+    assert info.sop_instance_uid == image.dataset.SOPInstanceUID
+    as_json = info.to_json()
+    assert set(as_json) == {
+        "rows",
+        "columns",
+        "frames",
+        "frame_index",
+        "modality",
+        "body_part",
+        "photometric",
+        "bits_stored",
+        "transfer_syntax",
+    }
+    assert as_json["transfer_syntax"] == "1.2.840.10008.1.2.1"
+    # The pseudonymisation key material stays out of records.
+    assert info.sop_instance_uid not in str(as_json)
+
+
+def test_image_info_is_frozen() -> None:
+    info = load("MR_small.dcm").info
+    assert isinstance(info, ImageInfo)
+    with pytest.raises(AttributeError):
+        info.rows = 1  # type: ignore[misc]
+
+
+# --- Frame policy and photometric handling -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "frames", "index"),
+    [
+        ("rtdose.dcm", 15, 7),
+        ("rtdose_rle.dcm", 15, 7),
+        ("rtdose_expb.dcm", 15, 7),
+        ("SC_rgb_rle_2frame.dcm", 2, 1),
+        ("examples_ybr_color.dcm", 30, 15),
+    ],
+)
+def test_multi_frame_images_use_the_middle_frame(name: str, frames: int, index: int) -> None:
+    image = load(name)
+    assert (image.info.number_of_frames, image.info.frame_index) == (frames, index)
+    everything = pydicom.dcmread(bundled(name)).pixel_array.astype(np.float64)
+    if everything.ndim == 4:  # colour: compare luminance (pydicom's RGB is rounded and clipped)
+        everything = everything @ LUMA
+    distances = [np.abs(image.stored - frame).mean() for frame in everything]
+    assert distances[index] < 0.5
+    assert int(np.argmin(distances)) == index
+    assert max(distances) > 1.0, "frames must differ for this check to mean anything"
+
+
+def test_middle_frame_of_a_synthetic_four_frame_image(tmp_path: Path) -> None:
+    frames = np.stack([np.full((8, 6), i * 100, dtype=np.uint16) for i in range(4)])
+    ds = synthetic(frames)
+    ds.compress(RLELossless)
+    image = load_image(save(ds, tmp_path / "four.dcm"))
+    assert (image.info.number_of_frames, image.info.frame_index) == (4, 2)
+    assert np.all(image.stored == 200)
+
+
+def test_monochrome1_is_reported_and_not_inverted_in_stored_values() -> None:
+    image = load("dicomdirtests/77654033/CR1/6154")
+    assert image.info.photometric == "MONOCHROME1"
+    raw = pydicom.dcmread(bundled("dicomdirtests/77654033/CR1/6154")).pixel_array
+    np.testing.assert_array_equal(image.stored, raw)  # inversion is a display step (pixels.py)
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_rle.dcm", "ExplVR_BigEnd.dcm", "examples_rgb_color.dcm"])
+def test_rgb_becomes_float_luminance(name: str) -> None:
+    image = load(name)
+    rgb = pydicom.dcmread(bundled(name)).pixel_array.astype(np.float64)
+    assert image.stored.dtype == np.float32
+    np.testing.assert_allclose(image.stored, rgb @ LUMA, atol=1e-3)
+
+
+def test_palette_colour_becomes_float_luminance() -> None:
+    image = load("examples_palette.dcm")
+    ds = pydicom.dcmread(bundled("examples_palette.dcm"))
+    rgb = apply_color_lut(ds.pixel_array, ds)[..., :3].astype(np.float64)
+    assert image.info.photometric == "PALETTE COLOR"
+    np.testing.assert_allclose(image.stored, rgb @ LUMA, rtol=1e-5)
+
+
+def test_ybr_uses_the_luma_channel(tmp_path: Path) -> None:
+    ybr = np.zeros((4, 4, 3), dtype=np.uint8)
+    ybr[..., 0] = np.arange(16, dtype=np.uint8).reshape(4, 4) * 10
+    ybr[..., 1:] = 128  # neutral chroma: grey is Y
+    ds = synthetic(ybr, photometric="YBR_FULL", bits_stored=8)
+    image = load_image(save(ds, tmp_path / "ybr.dcm"))
+    np.testing.assert_allclose(image.stored, ybr[..., 0], atol=1.0)
+
+
+def test_unused_high_bits_are_masked(tmp_path: Path) -> None:
+    pixels = ramp(4, 4)
+    ds = synthetic(pixels, bits_stored=12)
+    ds.PixelData = (pixels | 0xF000).astype(np.uint16).tobytes()  # overlay junk in bits 12-15
+    image = load_image(save(ds, tmp_path / "junk.dcm"))
+    np.testing.assert_array_equal(image.stored, pixels)
+
+
+def test_enhanced_functional_groups_give_rescale_and_window(tmp_path: Path) -> None:
+    frames = np.stack([np.full((4, 4), i, dtype=np.uint16) for i in range(3)])
+    ds = synthetic(frames)
+    shared, transform = pydicom.Dataset(), pydicom.Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept = "2", "-100"
+    shared.PixelValueTransformationSequence = [transform]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for center in (10, 20, 30):
+        item, voi = pydicom.Dataset(), pydicom.Dataset()
+        voi.WindowCenter, voi.WindowWidth = str(center), "50"
+        item.FrameVOILUTSequence = [voi]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    info = load_image(save(ds, tmp_path / "enhanced.dcm")).info
+    assert (info.rescale_slope, info.rescale_intercept) == (2.0, -100.0)
+    assert info.window == (20.0, 50.0)  # the middle frame's own window
+
+
+def test_window_narrower_than_one_is_ignored(tmp_path: Path) -> None:
+    ds = synthetic(ramp(), WindowCenter="100", WindowWidth="0")
+    assert load_image(save(ds, tmp_path / "w.dcm")).info.window is None
+
+
+# --- Broken inputs map to the right code -------------------------------------------------------
+
+
+def code_of(source: str | os.PathLike[str] | bytes) -> str:
+    with pytest.raises(InputError) as caught:
+        load_image(source)
+    assert "\n" not in str(caught.value)
+    return caught.value.code
+
+
+def test_zero_byte_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    assert code_of(tmp_path / "empty.dcm") == "empty_file"
+    assert code_of(b"") == "empty_file"
+    with pytest.raises(errors.EmptyFileError):
+        read_dataset(tmp_path / "empty.dcm", header_only=True)
+
+
+def test_text_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("Patient Doe^Jane came in on Monday.\n" * 20)
+    assert code_of(path) == "not_dicom"
+
+
+def test_png_like_binary(tmp_path: Path) -> None:
+    path = tmp_path / "image.dcm"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    assert code_of(path) == "not_dicom"
+
+
+def test_binary_that_does_not_start_like_a_data_set(tmp_path: Path) -> None:
+    # Both would pass as implicit VR elements with a small length; their groups give them away.
+    assert code_of(bytes(1000)) == "not_dicom"  # e.g. a preallocated, never written file
+    assert code_of(b"\x00\x01\x02\x03\x04\x00\x00\x00" + bytes(200)) == "not_dicom"
+
+
+def test_zeros_shorter_than_the_preamble_are_truncated(tmp_path: Path) -> None:
+    assert code_of(bytes(100)) == "truncated"
+    assert code_of(bytes(128) + b"DI") == "truncated"
+
+
+@pytest.mark.parametrize(
+    ("name", "cut", "where"),
+    [
+        ("CT_small.dcm", 150, "file meta"),
+        ("CT_small.dcm", 1000, "header"),
+        ("CT_small.dcm", 30000, "pixel data"),
+        ("MR_small_RLE.dcm", 6000, "encapsulated pixel data"),
+        ("MR_small_implicit.dcm", 9000, "pixel data"),
+        ("MR_small_bigendian.dcm", 9000, "pixel data"),
+        ("rtdose_rle.dcm", 3000, "multi-frame fragments"),
+        ("image_dfl.dcm", 3000, "deflated stream"),
+    ],
+)
+def test_truncated_copies(tmp_path: Path, name: str, cut: int, where: str) -> None:
+    data = bundled(name).read_bytes()
+    assert cut < len(data)
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(data[:cut])
+    assert code_of(path) == "truncated", where
+
+
+@pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_implicit.dcm"])
+def test_every_cut_is_an_input_error_and_cuts_in_the_pixel_data_are_truncated(name: str) -> None:
+    data = bundled(name).read_bytes()
+    pixels = read_dataset(data)["PixelData"]
+    pixel_start = pixels.file_tell
+    assert pixel_start is not None
+    pixel_end = pixel_start + len(pixels.value) + (8 if pixels.is_undefined_length else 0)
+    codes: dict[str, int] = {}
+    for cut in [*range(1, 600), *range(600, len(data), 5)]:
+        try:
+            load_image(data[:cut])
+        except InputError as exc:
+            codes[exc.code] = codes.get(exc.code, 0) + 1
+            if pixel_start <= cut < pixel_end:
+                assert exc.code == "truncated", cut
+        else:
+            # Only elements after the pixel data (or its closing delimiter) may be lost.
+            assert cut >= pixel_end - 8, cut
+    # Cuts at exact element boundaries cannot be told from a shorter file: no pixel data.
+    assert set(codes) <= {"truncated", "not_dicom", "no_pixel_data"}
+    assert codes["truncated"] > 0.8 * sum(codes.values())
+
+
+def test_cut_inside_an_element_header_is_truncated() -> None:
+    data = bundled("CT_small.dcm").read_bytes()
+    study_date = read_dataset(data)["StudyDate"]
+    assert study_date.file_tell is not None
+    next_element = study_date.file_tell + len(study_date.value)
+    for partial in range(1, 8):  # pydicom stops silently on a short tag/length
+        assert code_of(data[: next_element + partial]) == "truncated"
+    # A cut exactly between two elements looks like a complete, shorter data set.
+    assert code_of(data[:next_element]) == "no_pixel_data"
+
+
+def test_raw_data_set_cut_inside_undefined_length_pixel_data() -> None:
+    # Without file meta an empty parse would otherwise look like "not DICOM".
+    raw = strip_file_meta(bundled("MR_small_RLE.dcm").read_bytes())
+    assert code_of(raw[: len(raw) - 500]) == "truncated"
+
+
+def test_header_only_read_of_a_truncated_header(tmp_path: Path) -> None:
+    data = bundled("CT_small.dcm").read_bytes()
+    with pytest.raises(errors.TruncatedError):
+        read_dataset(data[:1000], header_only=True)
+    # Header-only reads do not look at the (cut) pixel data.
+    assert read_dataset(data[:30000], header_only=True).Rows == 128
+
+
+def test_dicom_without_pixel_data(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(bundled("MR_small.dcm"))
+    del ds.PixelData
+    assert code_of(save(ds, tmp_path / "nopix.dcm")) == "no_pixel_data"
+
+
+def test_unknown_transfer_syntax(tmp_path: Path) -> None:
+    data = bundled("MR_small.dcm").read_bytes()
+    explicit_le = ExplicitVRLittleEndian.encode() + b"\x00"  # 20 bytes, padded
+    assert data.count(explicit_le) == 1
+    path = tmp_path / "private_ts.dcm"
+    path.write_bytes(data.replace(explicit_le, b"1.2.3.4.5.6.7.8.9.10"))
+    assert code_of(path) == "unsupported_transfer_syntax"
+
+
+def test_decoder_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Unavailable:
+        is_available = False
+        missing_dependencies = ("plugin X",)
+
+    monkeypatch.setattr("triage_app.dicom.reader.get_decoder", lambda uid: Unavailable())
+    with pytest.raises(errors.UnsupportedTransferSyntaxError, match="plugin X"):
+        load("MR_small_RLE.dcm")
+
+
+def test_directory_missing_path_and_fifo(tmp_path: Path) -> None:
+    assert code_of(tmp_path) == "unreadable"
+    assert code_of(tmp_path / "missing.dcm") == "unreadable"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert code_of(fifo) == "unreadable"  # and must not block
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_permission_denied(tmp_path: Path) -> None:
+    path = tmp_path / "locked.dcm"
+    path.write_bytes(bundled("MR_small.dcm").read_bytes())
+    path.chmod(0)
+    try:
+        assert code_of(path) == "unreadable"
+    finally:
+        path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"Rows": 0}, "Rows"),
+        ({"BitsStored": 20}, "BitsStored"),
+        ({"BitsAllocated": 12}, "BitsAllocated"),
+        ({"PixelRepresentation": 2}, "PixelRepresentation"),
+        ({"SamplesPerPixel": 3}, "SamplesPerPixel"),
+        ({"NumberOfFrames": "0"}, "NumberOfFrames"),
+        ({"PhotometricInterpretation": None}, "PhotometricInterpretation"),
+        ({"Columns": None}, "Columns"),
+        ({"RescaleSlope": "0"}, "RescaleSlope"),
+    ],
+)
+def test_impossible_or_missing_attributes(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    ds = synthetic(ramp())
+    for keyword, value in change.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    path = tmp_path / "bad.dcm"
+    ds.save_as(path)  # not enforce_file_format: the point is a broken header
+    with pytest.raises(errors.InvalidDicomError, match=message):
+        load_image(path)
+
+
+def test_two_pixel_data_elements(tmp_path: Path) -> None:
+    ds = synthetic(ramp())
+    ds.FloatPixelData = ramp().astype(np.float32).tobytes()
+    with pytest.raises(errors.InvalidDicomError, match="more than one pixel data"):
+        load_image(save(ds, tmp_path / "two.dcm"))
+
+
+def test_float_pixel_data(tmp_path: Path) -> None:
+    values = np.linspace(-1.5, 2.5, 12 * 16, dtype=np.float32).reshape(16, 12)
+    ds = synthetic(ramp())
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = values.tobytes()
+    image = load_image(save(ds, tmp_path / "float.dcm"))
+    assert image.stored.dtype == np.float32
+    np.testing.assert_array_equal(image.stored, values)
+
+
+@pytest.mark.parametrize("photometric", ["HSV", "ARGB", "CMYK", "XYZ"])
+def test_unsupported_photometric(tmp_path: Path, photometric: str) -> None:
+    ds = synthetic(ramp())
+    ds.PhotometricInterpretation = photometric
+    assert code_of(save(ds, tmp_path / "p.dcm")) == "unsupported_photometric"
+
+
+def test_palette_without_lookup_table_is_refused(tmp_path: Path) -> None:
+    ds = synthetic(ramp(dtype="uint8"), bits_stored=8)
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    assert code_of(save(ds, tmp_path / "p.dcm")) == "unsupported_photometric"
+
+
+def test_pixel_data_shorter_than_the_image(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(bundled("MR_small.dcm"))
+    ds.PixelData = ds.PixelData[:-64]  # consistent element, too few pixels
+    assert code_of(save(ds, tmp_path / "short.dcm")) == "corrupt_pixel_data"
+
+
+def test_more_frames_declared_than_present(tmp_path: Path) -> None:
+    ds = synthetic(ramp())
+    ds.NumberOfFrames = 5
+    assert code_of(save(ds, tmp_path / "frames.dcm")) == "corrupt_pixel_data"
+
+
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm"])
+def test_garbage_codestream(tmp_path: Path, name: str) -> None:
+    ds = pydicom.dcmread(bundled(name))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    if name.endswith("RLE.dcm"):
+        bad = frame[:8] + (10**6).to_bytes(4, "little") + frame[12:]  # segment 2 out of range
+    else:
+        bad = frame[:4] + bytes(len(frame) - 4)  # SOI/SOC marker, then nothing valid
+    ds.PixelData = encapsulate([bad])
+    assert code_of(save(ds, tmp_path / "garbage.dcm")) == "corrupt_pixel_data"
+
+
+def test_bit_flips_never_escape_as_other_exceptions() -> None:
+    data = bundled("MR_small_RLE.dcm").read_bytes()
+    rng = np.random.default_rng(7)
+    outcomes = set()
+    for _ in range(300):
+        flipped = bytearray(data)
+        position = int(rng.integers(len(flipped)))
+        flipped[position] ^= 1 << int(rng.integers(8))
+        try:
+            load_image(bytes(flipped))
+            outcomes.add("ok")
+        except InputError as exc:
+            outcomes.add(exc.code)
+    assert outcomes <= KNOWN_CODES | {"ok"}
+    assert "ok" in outcomes
+
+
+# --- No PHI in messages or logs ----------------------------------------------------------------
+
+
+def test_messages_and_logs_never_quote_patient_identifiers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # every logger, pydicom's included
+    broken = []
+    for keyword, value in [("Rows", 0), ("PhotometricInterpretation", "HSV"), ("Modality", "CT")]:
+        ds = synthetic(ramp())
+        with pydicom.config.disable_value_validation():
+            # Invalid values that pydicom's validation would quote in a warning and a log record
+            # (new elements: an existing one keeps the validation mode it was created with).
+            del ds.SOPInstanceUID
+            ds.SOPInstanceUID = f"1.2.{PATIENT_ID}"
+            ds.BodyPartExamined = f"{PATIENT_NAME} chest, far longer than a CS value may be"
+            setattr(ds, keyword, value)
+            ds.save_as(tmp_path / f"{keyword}.dcm")
+        broken.append(tmp_path / f"{keyword}.dcm")
+    caplog.clear()  # only what reading logs counts
+    data = broken[-1].read_bytes()
+    messages = []
+    sources: list[Path | bytes] = [*broken, data[: len(data) - 10], data[:400]]
+    for source in sources:
+        try:
+            load_image(source)
+        except InputError as exc:
+            messages.append(str(exc))
+    assert len(messages) == 4  # everything but the valid "Modality" file
+    assert load_image(broken[-1]).info.body_part.startswith("DOE^JANE")  # values still read
+    logged = [record.getMessage() for record in caplog.records]
+    for text in messages + logged:
+        assert PATIENT_NAME.split("^")[0] not in text
+        assert PATIENT_ID not in text
+
+
+def test_reader_warnings_do_not_escape() -> None:
+    # badVR.dcm makes pydicom warn; the suite runs with warnings as errors, so a leak would fail.
+    with pytest.raises(errors.InvalidDicomError):
+        load("badVR.dcm")
+    assert load("SC_rgb_jpeg.dcm").stored.shape == (256, 256)  # pydicom warns about its VR

@@ -1,0 +1,590 @@
+"""Settings: declaration table, validation, precedence, saving, admin password and changes."""
+
+from __future__ import annotations
+
+import stat
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from triage_app import config
+from triage_app.config import (
+    SETTINGS,
+    SPECS,
+    Bool,
+    Change,
+    Float,
+    FsPath,
+    Int,
+    Optional,
+    Settings,
+    Str,
+    apply_change,
+    describe,
+    load_settings,
+    save_settings,
+    set_admin_password,
+    verify_admin_password,
+)
+from triage_app.errors import AdminAuthError, ConfigError
+
+PASSWORD = "correct horse battery"
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def admin_settings() -> Settings:
+    return set_admin_password(Settings(), PASSWORD)
+
+
+# --- Declarations and defaults ----------------------------------------------------------------
+
+
+def test_defaults_are_valid_and_typed() -> None:
+    settings = Settings()
+    assert settings.workers == 2
+    assert settings.ort_threads_per_worker == 1
+    assert settings.model_name == "chest-dx-demo"
+    assert settings.theme == "dark"
+    assert settings.model_dir is None
+    assert settings.normal_below is None
+    assert settings.abnormal_at_or_above is None
+    assert settings.thresholds_model is None
+    assert settings.central_url is None
+    assert not settings.has_admin_password
+    assert settings.data_dir.is_absolute()
+    assert settings.data_dir.name == "triage-app"
+    assert settings.case_store_path == settings.data_dir / "cases.sqlite3"
+
+
+def test_missing_file_gives_defaults(tmp_path: Path) -> None:
+    assert load_settings(tmp_path / "absent.toml", env={}) == Settings()
+
+
+def test_every_setting_is_described_once() -> None:
+    rows = describe()
+    assert [row.key for row in rows] == [spec.key for spec in SETTINGS]
+    assert len(SPECS) == len(SETTINGS)
+    for row in rows:
+        assert row.description.endswith(".")
+        assert row.type
+    by_key = {row.key: row for row in rows}
+    assert by_key["processing.workers"].default == "2"
+    assert by_key["processing.workers"].type == "whole number 1..64"
+    assert by_key["escalation.normal_below"].default == "none"
+    assert by_key["escalation.normal_below"].admin
+    assert not by_key["display.theme"].admin
+
+
+def test_admin_fields_follow_the_design() -> None:
+    admin = {spec.key for spec in SETTINGS if spec.admin}
+    assert {
+        "escalation.thresholds_model",
+        "escalation.normal_below",
+        "escalation.abnormal_at_or_above",
+        "escalation.central_url",
+        "admin.password_hash",
+    } <= admin
+    assert "display.theme" not in admin
+    assert "processing.workers" not in admin
+
+
+def test_env_var_names() -> None:
+    assert SPECS["processing.workers"].env_var == "TRIAGE_APP_PROCESSING__WORKERS"
+    assert (
+        SPECS["escalation.abnormal_at_or_above"].env_var
+        == "TRIAGE_APP_ESCALATION__ABNORMAL_AT_OR_ABOVE"
+    )
+
+
+def test_a_bad_declaration_fails_at_definition() -> None:
+    with pytest.raises(ConfigError, match=r"^x\.y: must be between 1 and 2"):
+        config.SettingSpec("x.y", Int(1, 2), 5, "Broken.")
+    with pytest.raises(ValueError, match="default to None"):
+        config.SettingSpec("x.y", Optional(Int(1, 2)), 1, "Broken.")
+    with pytest.raises(ValueError, match=r"section\.name"):
+        config.SettingSpec("nodots", Int(1, 2), 1, "Broken.")
+
+
+# --- Types and their bounds -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("processing.workers", 0, "must be between 1 and 64 (got 0)"),
+        ("processing.workers", 65, "must be between 1 and 64 (got 65)"),
+        ("processing.workers", 2.5, "must be a whole number (got 2.5)"),
+        ("processing.workers", True, "must be a whole number (got True)"),
+        ("processing.workers", "2", "must be a whole number (got '2')"),
+        ("processing.ort_threads_per_worker", 17, "must be between 1 and 16 (got 17)"),
+        ("escalation.normal_below", 1.5, "must be between 0 and 1 (got 1.5)"),
+        ("escalation.normal_below", -0.1, "must be between 0 and 1 (got -0.1)"),
+        ("escalation.normal_below", float("nan"), "must be between 0 and 1 (got nan)"),
+        ("escalation.normal_below", "0.3", "must be a number (got '0.3')"),
+        ("display.theme", "blue", "must be one of dark, light (got 'blue')"),
+        ("display.theme", 1, "must be text (got 1)"),
+        ("model.name", "../evil", "must look like a name of letters"),
+        ("escalation.thresholds_model", "chest-dx-demo", "must look like name@version"),
+        ("escalation.central_url", "ftp://central", "must look like an http:// or https://"),
+        ("paths.data_dir", "relative/dir", "must be an absolute path (got 'relative/dir')"),
+        ("paths.case_store", 3, "must be a path (got 3)"),
+        ("admin.password_hash", "hunter2", "must look like scrypt$n$r$p$salt$hash"),
+    ],
+)
+def test_out_of_bounds_values_are_refused_naming_field_and_reason(
+    key: str, value: object, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings({key: value})
+    assert str(info.value).startswith(f"{key}: {reason}")
+    assert info.value.code == "config_invalid"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("processing.workers", 1),
+        ("processing.workers", 64),
+        ("processing.ort_threads_per_worker", 16),
+        ("escalation.normal_below", 0.0),
+        ("escalation.abnormal_at_or_above", 1.0),
+        ("display.theme", "light"),
+        ("escalation.thresholds_model", "chest-dx-demo@1.2.0"),
+        ("escalation.central_url", "https://central.example.org:8443/api"),
+        ("model.name", "my_model.v2"),
+    ],
+)
+def test_values_at_the_bounds_are_accepted(key: str, value: object) -> None:
+    assert Settings({key: value}).get(key) == value
+
+
+def test_float_accepts_a_toml_integer_as_float() -> None:
+    value = Settings({"escalation.abnormal_at_or_above": 1}).abnormal_at_or_above
+    assert value == 1.0
+    assert isinstance(value, float)
+
+
+def test_paths_expand_the_home_folder() -> None:
+    settings = Settings({"paths.model_dir": "~/models/x"})
+    assert settings.model_dir == Path.home() / "models" / "x"
+
+
+def test_case_store_can_be_set_explicitly(tmp_path: Path) -> None:
+    settings = Settings({"paths.case_store": tmp_path / "db.sqlite3"})
+    assert settings.case_store_path == tmp_path / "db.sqlite3"
+
+
+def test_case_store_follows_the_data_dir(tmp_path: Path) -> None:
+    settings = Settings({"paths.data_dir": tmp_path})
+    assert settings.case_store_path == tmp_path / "cases.sqlite3"
+
+
+@pytest.mark.parametrize(
+    ("kind", "raw", "expected"),
+    [
+        (Bool(), "true", True),
+        (Bool(), "Yes", True),
+        (Bool(), "0", False),
+        (Bool(), "off", False),
+        (Int(1, 10), "7", 7),
+        (Float(0, 1), "0.25", 0.25),
+        (Optional(Int(1, 10)), "", None),
+        (Optional(Float(0, 1)), "None", None),
+        (Optional(Float(0, 1)), "0.5", 0.5),
+        (Str(choices=("a", "b")), "b", "b"),
+    ],
+)
+def test_types_parse_text(kind: config.SettingType, raw: str, expected: object) -> None:
+    assert kind.parse(raw) == expected
+    assert kind.parse(kind.format(expected)) == expected
+
+
+@pytest.mark.parametrize(
+    ("kind", "default", "raw", "reason"),
+    [
+        (Bool(), False, "maybe", "must be true or false (got 'maybe')"),
+        (Int(1, 10), 1, "seven", "must be a whole number (got 'seven')"),
+        (Int(1, 10), 1, "11", "must be between 1 and 10 (got 11)"),
+        (Float(0, 1), 0.0, "half", "must be a number (got 'half')"),
+        (Optional(Int(1, 10)), None, "0", "must be between 1 and 10 (got 0)"),
+        (FsPath(), Path("/"), " ", "must be a path"),
+    ],
+)
+def test_types_refuse_bad_text(
+    kind: config.SettingType, default: object, raw: str, reason: str
+) -> None:
+    spec = config.SettingSpec("x.y", kind, default, "Test.")
+    with pytest.raises(ConfigError) as info:
+        spec.parse(raw)
+    assert str(info.value).startswith(f"x.y: {reason}")
+
+
+def test_relative_path_from_text_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert FsPath().parse("models/x") == tmp_path / "models" / "x"
+
+
+def test_bool_refuses_an_integer() -> None:
+    spec = config.SettingSpec("x.flag", Bool(), False, "Test flag.")
+    with pytest.raises(ConfigError, match=r"^x\.flag: must be true or false \(got 1\)"):
+        spec.check(1)
+
+
+def test_thresholds_must_be_ordered() -> None:
+    ok = Settings({"escalation.normal_below": 0.2, "escalation.abnormal_at_or_above": 0.8})
+    assert (ok.normal_below, ok.abnormal_at_or_above) == (0.2, 0.8)
+    with pytest.raises(ConfigError, match=r"^escalation\.normal_below: must be below"):
+        Settings({"escalation.normal_below": 0.8, "escalation.abnormal_at_or_above": 0.8})
+    with pytest.raises(ConfigError, match=r"got 0\.9 >= 0\.5"):
+        ok.with_values(escalation__normal_below=0.9, escalation__abnormal_at_or_above=0.5)
+
+
+def test_one_threshold_alone_is_allowed() -> None:
+    assert Settings({"escalation.normal_below": 0.99}).normal_below == 0.99
+
+
+# --- Settings object --------------------------------------------------------------------------
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(AttributeError, match="frozen"):
+        settings.workers = 4  # type: ignore[misc]
+    with pytest.raises(AttributeError, match="frozen"):
+        settings._values = {}
+
+
+def test_with_values_returns_a_new_validated_object() -> None:
+    base = Settings()
+    changed = base.with_values(**{"processing.workers": 4})
+    assert changed.workers == 4
+    assert base.workers == 2
+    assert base.with_values(processing__workers=4) == changed
+    assert hash(base.with_values(processing__workers=4)) == hash(changed)
+    with pytest.raises(ConfigError, match=r"^processing\.workers: must be between"):
+        base.with_values(processing__workers=0)
+
+
+def test_get_refuses_unknown_keys_with_a_suggestion() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"processing\.worker: unknown setting \(did you mean processing\.workers\?\)",
+    ):
+        Settings().get("processing.worker")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "text"),
+    [
+        ("escalation.central_url", "https://c.example/", "https://c.example/"),
+        ("escalation.central_url", None, "none"),
+        ("processing.workers", 3, "3"),
+        ("paths.model_dir", Path("/opt/m"), "/opt/m"),
+    ],
+)
+def test_get_text_is_what_config_set_reads_back(key: str, value: object, text: str) -> None:
+    assert Settings({key: value}).get_text(key) == text
+    assert SPECS[key].parse(text) == value
+
+
+def test_repr_hides_the_password_hash(admin_settings: Settings) -> None:
+    shown = repr(admin_settings.with_values(processing__workers=3))
+    assert "processing.workers=3" in shown
+    assert "<hidden>" in shown
+    assert "scrypt$" not in shown
+
+
+# --- Loading: file, environment, overrides ----------------------------------------------------
+
+
+def test_file_values_are_loaded(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path / "settings.toml",
+        '[processing]\nworkers = 3\n[display]\ntheme = "light"\n'
+        '[escalation]\nnormal_below = 0.1\n[paths]\nmodel_dir = "/opt/models/x"\n',
+    )
+    settings = load_settings(path, env={})
+    assert settings.workers == 3
+    assert settings.theme == "light"
+    assert settings.normal_below == 0.1
+    assert settings.model_dir == Path("/opt/models/x")
+
+
+def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "settings.toml", "[processing]\nworkres = 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    message = str(info.value)
+    assert message.startswith("processing.workres: unknown setting")
+    assert "did you mean processing.workers?" in message
+    assert str(path) in message
+
+
+def test_unknown_section_and_top_level_key_are_refused(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "a.toml", "[procesing]\nworkers = 3\n")
+    with pytest.raises(ConfigError, match=r"^procesing\.workers: unknown setting"):
+        load_settings(path, env={})
+    path = write_toml(tmp_path / "b.toml", "workers = 3\n")
+    with pytest.raises(ConfigError, match=r"^workers: unknown setting \(did you mean processing"):
+        load_settings(path, env={})
+
+
+def test_wrong_type_in_file_names_field_reason_and_file(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "settings.toml", '[processing]\nworkers = "many"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert str(info.value) == f"processing.workers: must be a whole number (got 'many') [{path}]"
+
+
+def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "settings.toml", "[processing\nworkers = 3\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(path, env={})
+
+
+def test_unreadable_settings_path_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the settings file"):
+        load_settings(tmp_path, env={})  # a folder, not a file
+
+
+def test_precedence_override_env_file_default(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path / "settings.toml",
+        '[processing]\nworkers = 3\nort_threads_per_worker = 3\n[display]\ntheme = "light"\n',
+    )
+    env = {
+        "TRIAGE_APP_PROCESSING__WORKERS": "4",
+        "TRIAGE_APP_PROCESSING__ORT_THREADS_PER_WORKER": "4",
+    }
+    settings = load_settings(path, env=env, overrides={"processing.workers": 5})
+    assert settings.workers == 5  # override > env > file
+    assert settings.ort_threads_per_worker == 4  # env > file
+    assert settings.theme == "light"  # file > default
+    assert settings.model_name == "chest-dx-demo"  # default
+
+
+def test_overrides_accept_text(tmp_path: Path) -> None:
+    settings = load_settings(
+        tmp_path / "none.toml",
+        env={},
+        overrides={"processing.workers": "7", "escalation.central_url": "none"},
+    )
+    assert settings.workers == 7
+    assert settings.central_url is None
+
+
+def test_bad_override_names_the_command_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[command line\]$"):
+        load_settings(tmp_path / "none.toml", env={}, overrides={"processing.workers": 0})
+    with pytest.raises(ConfigError, match=r"^nope\.nope: unknown setting"):
+        load_settings(tmp_path / "none.toml", env={}, overrides={"nope.nope": 1})
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "key", "expected"),
+    [
+        ("TRIAGE_APP_PROCESSING__WORKERS", "1", "processing.workers", 1),
+        ("TRIAGE_APP_ESCALATION__NORMAL_BELOW", "0.15", "escalation.normal_below", 0.15),
+        ("TRIAGE_APP_ESCALATION__NORMAL_BELOW", "none", "escalation.normal_below", None),
+        ("TRIAGE_APP_ESCALATION__CENTRAL_URL", "", "escalation.central_url", None),
+        ("TRIAGE_APP_DISPLAY__THEME", "light", "display.theme", "light"),
+    ],
+)
+def test_environment_is_parsed_by_type(
+    tmp_path: Path, variable: str, raw: str, key: str, expected: object
+) -> None:
+    path = write_toml(
+        tmp_path / "settings.toml",
+        '[escalation]\nnormal_below = 0.05\ncentral_url = "https://file.example"\n',
+    )
+    assert load_settings(path, env={variable: raw}).get(key) == expected
+
+
+def test_environment_bool_parsing() -> None:
+    # No Bool setting is declared yet: check the type the environment layer uses.
+    spec = config.SettingSpec("x.flag", Bool(), False, "Test flag.")
+    assert spec.parse("TRUE", spec.env_var) is True
+    with pytest.raises(
+        ConfigError, match=r"x\.flag: must be true or false .*\[TRIAGE_APP_X__FLAG\]"
+    ):
+        spec.parse("sure", spec.env_var)
+
+
+def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "none.toml", env={"TRIAGE_APP_PROCESSING__WORKERS": "two"})
+    assert str(info.value) == (
+        "processing.workers: must be a whole number (got 'two') [TRIAGE_APP_PROCESSING__WORKERS]"
+    )
+
+
+def test_unknown_settings_variable_is_refused_other_variables_ignored(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^processing\.workerz: unknown setting"):
+        load_settings(tmp_path / "none.toml", env={"TRIAGE_APP_PROCESSING__WORKERZ": "1"})
+    env = {"TRIAGE_APP_DEBUG": "1", "PROCESSING__WORKERS": "9", "HOME": "/x"}
+    assert load_settings(tmp_path / "none.toml", env=env) == Settings()
+
+
+def test_default_environment_is_os_environ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRIAGE_APP_PROCESSING__WORKERS", "9")
+    assert load_settings(tmp_path / "none.toml").workers == 9
+
+
+def test_default_path_is_the_platform_config_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "settings.toml"
+    write_toml(target, "[processing]\nworkers = 6\n")
+    monkeypatch.setattr(config, "default_config_path", lambda: target)
+    assert load_settings(env={}).workers == 6
+
+
+# --- Saving -----------------------------------------------------------------------------------
+
+
+def test_save_writes_only_non_defaults_privately_and_round_trips(tmp_path: Path) -> None:
+    settings = Settings(
+        {
+            "processing.workers": 4,
+            "escalation.normal_below": 0.1,
+            "paths.model_dir": tmp_path / "model",
+        }
+    )
+    path = save_settings(settings, tmp_path / "conf" / "settings.toml")
+    assert path == tmp_path / "conf" / "settings.toml"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with path.open("rb") as fh:
+        written = tomllib.load(fh)
+    assert written == {
+        "paths": {"model_dir": str(tmp_path / "model")},
+        "escalation": {"normal_below": 0.1},
+        "processing": {"workers": 4},
+    }
+    assert load_settings(path, env={}) == settings
+    assert list(tmp_path.joinpath("conf").iterdir()) == [path]  # no temp files left behind
+
+
+def test_saving_defaults_writes_an_empty_file(tmp_path: Path) -> None:
+    path = save_settings(Settings(), tmp_path / "settings.toml")
+    assert path.read_text(encoding="utf-8").strip() == ""
+
+
+def test_save_replaces_a_looser_existing_file(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "settings.toml", "[display]\ntheme = 'light'\n")
+    path.chmod(0o644)
+    save_settings(Settings({"processing.workers": 3}), path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_settings(path, env={}) == Settings({"processing.workers": 3})
+
+
+def test_save_to_default_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "cfg" / "settings.toml"
+    monkeypatch.setattr(config, "default_config_path", lambda: target)
+    assert save_settings(Settings({"display.theme": "light"})) == target
+    assert load_settings(env={}).theme == "light"
+
+
+# --- Admin password and changes ---------------------------------------------------------------
+
+
+def test_admin_password_is_stored_as_scrypt_hash(admin_settings: Settings) -> None:
+    stored = admin_settings.get("admin.password_hash")
+    assert isinstance(stored, str)
+    assert PASSWORD not in stored
+    scheme, n, r, p, salt, digest = stored.split("$")
+    assert (scheme, n, r, p) == ("scrypt", str(2**14), "8", "1")
+    assert salt and digest
+    assert admin_settings.has_admin_password
+
+
+def test_admin_password_hash_is_salted() -> None:
+    first = set_admin_password(Settings(), PASSWORD).get("admin.password_hash")
+    second = set_admin_password(Settings(), PASSWORD).get("admin.password_hash")
+    assert first != second
+
+
+def test_verify_admin_password(admin_settings: Settings) -> None:
+    assert verify_admin_password(admin_settings, PASSWORD)
+    assert not verify_admin_password(admin_settings, PASSWORD + "x")
+    assert not verify_admin_password(admin_settings, "")
+    assert not verify_admin_password(Settings(), PASSWORD)
+
+
+def test_admin_password_survives_save_and_load(admin_settings: Settings, tmp_path: Path) -> None:
+    path = save_settings(admin_settings, tmp_path / "settings.toml")
+    assert PASSWORD not in path.read_text(encoding="utf-8")
+    assert verify_admin_password(load_settings(path, env={}), PASSWORD)
+
+
+def test_short_admin_password_is_refused() -> None:
+    with pytest.raises(ConfigError, match="at least 8 characters"):
+        set_admin_password(Settings(), "short")
+
+
+def test_malformed_hash_parameters_are_a_config_error() -> None:
+    settings = Settings({"admin.password_hash": "scrypt$3$8$1$c2FsdA==$aGFzaA=="})  # n not 2**k
+    with pytest.raises(ConfigError, match=r"^admin\.password_hash: unusable hash"):
+        verify_admin_password(settings, PASSWORD)
+
+
+def test_admin_field_needs_the_right_password(admin_settings: Settings) -> None:
+    key = "escalation.normal_below"
+    with pytest.raises(AdminAuthError, match=rf"^{key}: admin field; wrong admin password"):
+        apply_change(admin_settings, key, "0.1", admin_password="wrong password")
+    with pytest.raises(AdminAuthError, match=rf"^{key}: admin field; the admin password is req"):
+        apply_change(admin_settings, key, "0.1", admin_password=None)
+    updated, change = apply_change(admin_settings, key, "0.1", admin_password=PASSWORD)
+    assert updated.normal_below == 0.1
+    assert change == Change(key=key, old=None, new=0.1, admin=True)
+
+
+def test_admin_field_refused_until_a_password_is_set() -> None:
+    with pytest.raises(AdminAuthError, match="no admin password is set"):
+        apply_change(Settings(), "escalation.central_url", "https://c", admin_password="anything")
+
+
+def test_clinician_field_needs_no_password() -> None:
+    settings = Settings()
+    updated, change = apply_change(settings, "display.theme", "light", admin_password=None)
+    assert updated.theme == "light"
+    assert settings.theme == "dark"
+    assert change == Change(key="display.theme", old="dark", new="light", admin=False)
+
+
+def test_change_records_old_and_new(admin_settings: Settings) -> None:
+    first, _ = apply_change(admin_settings, "processing.workers", "3", admin_password=None)
+    second, change = apply_change(first, "processing.workers", "5", admin_password=None)
+    assert (change.old, change.new, change.admin) == (3, 5, False)
+    assert second.workers == 5
+    with pytest.raises(AttributeError):
+        change.new = 6  # type: ignore[misc]
+
+
+def test_apply_change_validates_the_value(admin_settings: Settings) -> None:
+    with pytest.raises(ConfigError, match=r"^processing\.workers: must be between 1 and 64"):
+        apply_change(admin_settings, "processing.workers", "100", admin_password=None)
+    with pytest.raises(ConfigError, match=r"^display\.themes: unknown setting"):
+        apply_change(admin_settings, "display.themes", "dark", admin_password=None)
+    below, _ = apply_change(
+        admin_settings, "escalation.abnormal_at_or_above", "0.5", admin_password=PASSWORD
+    )
+    with pytest.raises(ConfigError, match=r"must be below escalation\.abnormal_at_or_above"):
+        apply_change(below, "escalation.normal_below", "0.6", admin_password=PASSWORD)
+
+
+def test_password_hash_cannot_be_set_through_apply_change(admin_settings: Settings) -> None:
+    with pytest.raises(ConfigError, match="cannot be set directly"):
+        apply_change(
+            admin_settings,
+            "admin.password_hash",
+            "scrypt$16384$8$1$AAAA$AAAA",
+            admin_password=PASSWORD,
+        )

@@ -1,0 +1,300 @@
+"""``triage-app``: argument parsing and output only; every subcommand calls into the core.
+
+Exit codes (DESIGN 4.1): 0 every input handled; 1 some inputs failed (all others were still
+processed); 2 usage or configuration error. Errors go to stderr as one line; ``--debug`` adds the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from triage_app import __version__
+from triage_app.batch import expand_inputs, triage_files
+from triage_app.config import (
+    Settings,
+    apply_change,
+    describe,
+    load_settings,
+    save_settings,
+    set_admin_password,
+    verify_admin_password,
+)
+from triage_app.demo import demo_images
+from triage_app.errors import TriageError
+from triage_app.pipeline import PipelineConfig, record_outcome
+from triage_app.results import CaseResult, InputOutcome
+from triage_app.store import CaseStore
+
+logger = logging.getLogger("triage_app.cli")
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.debug)
+    try:
+        result: int = args.handler(args)
+        return result
+    except TriageError as err:
+        if args.debug:
+            logger.exception("failed")
+        print(f"triage-app: error: {err.code}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("triage-app: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="settings file (default: the platform's config dir)")
+    common.add_argument("--data-dir", type=Path, help="override paths.data_dir (case store, keys)")
+    common.add_argument("--model-dir", type=Path, help="override paths.model_dir (a model bundle folder)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    common.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+
+    parser = argparse.ArgumentParser(
+        prog="triage-app", description="On-device DICOM triage.", parents=[common]
+    )
+    parser.add_argument("--version", action="version", version=f"triage-app {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    classify = sub.add_parser(
+        "classify",
+        parents=[common],
+        help="triage DICOM files or folders; one JSON object per input file",
+        description="Runs the full pipeline on each file (folders recursively) and prints one "
+        "JSON object per input (JSON Lines). Results are recorded in the local case store.",
+    )
+    classify.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    classify.add_argument("--workers", type=int, help="worker processes (default: processing.workers)")
+    classify.set_defaults(handler=_classify)
+
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="triage the bundled synthetic sample images and show the split",
+        description="Runs the pipeline on the bundled synthetic images in a throwaway data "
+        "folder (unless --data-dir is given) and prints each decision next to the truth.",
+    )
+    demo.add_argument("--json", action="store_true", help="print JSON Lines instead of a table")
+    demo.set_defaults(handler=_demo)
+
+    config = sub.add_parser("config", parents=[common], help="show, check or change settings")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_sub.add_parser("show", parents=[common], help="every setting, its value and meaning")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=_config_show)
+    get = config_sub.add_parser("get", parents=[common], help="print one setting's value")
+    get.add_argument("key")
+    get.set_defaults(handler=_config_get)
+    set_ = config_sub.add_parser(
+        "set", parents=[common], help="change one setting (admin fields need the admin password)"
+    )
+    set_.add_argument("key")
+    set_.add_argument("value")
+    set_.add_argument(
+        "--admin-password-stdin",
+        action="store_true",
+        help="read the admin password from standard input instead of prompting",
+    )
+    set_.set_defaults(handler=_config_set)
+    validate = config_sub.add_parser("validate", parents=[common], help="check the settings file")
+    validate.set_defaults(handler=_config_validate)
+    password = config_sub.add_parser(
+        "set-admin-password",
+        parents=[common],
+        help="set the admin password (the current one is required to change it)",
+    )
+    password.add_argument("--stdin", action="store_true", help="read passwords from standard input")
+    password.set_defaults(handler=_config_set_admin_password)
+    return parser
+
+
+def _configure_logging(verbose: bool, debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _settings(args: argparse.Namespace, *, for_saving: bool = False) -> Settings:
+    overrides: dict[str, object] = {}
+    if getattr(args, "data_dir", None):
+        overrides["paths.data_dir"] = args.data_dir
+    if getattr(args, "model_dir", None):
+        overrides["paths.model_dir"] = args.model_dir
+    if getattr(args, "workers", None):
+        overrides["processing.workers"] = args.workers
+    if for_saving:
+        # What is saved must be the file's own values, not the environment's or the flags'.
+        return load_settings(args.config, env={})
+    return load_settings(args.config, overrides=overrides)
+
+
+# --- classify and demo -------------------------------------------------------------------------
+
+
+def _triage(settings: Settings, files: list[Path], out: TextIO, *, as_json: bool) -> list[InputOutcome]:
+    config = PipelineConfig.from_settings(settings)
+    outcomes: list[InputOutcome] = []
+    with CaseStore.open(settings.case_store_path) as store:
+        for outcome in triage_files(files, config, workers=settings.workers):
+            record_outcome(store, outcome)
+            outcomes.append(outcome)
+            if as_json:
+                print(json.dumps(outcome.to_json()), file=out, flush=True)
+            if not outcome.ok:
+                error = outcome.to_json()["error"]
+                print(f"triage-app: {outcome.path}: {error['code']}: {error['message']}", file=sys.stderr)
+    return outcomes
+
+
+def _summary(outcomes: Sequence[InputOutcome], seconds: float) -> str:
+    cases = [o for o in outcomes if isinstance(o, CaseResult)]
+    decisions = Counter(c.decision for c in cases)
+    failed = len(outcomes) - len(cases)
+    local = decisions["normal"] + decisions["abnormal"]
+    return (
+        f"{len(outcomes)} inputs in {seconds:.1f} s: {local} decided locally "
+        f"({decisions['normal']} normal, {decisions['abnormal']} abnormal), "
+        f"{decisions['escalate']} escalated, {failed} failed"
+    )
+
+
+def _classify(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    files = expand_inputs(args.paths)
+    started = time.perf_counter()
+    outcomes = _triage(settings, files, sys.stdout, as_json=True)
+    print(_summary(outcomes, time.perf_counter() - started), file=sys.stderr)
+    return EXIT_OK if all(o.ok for o in outcomes) else EXIT_SOME_FAILED
+
+
+def _demo(args: argparse.Namespace) -> int:
+    images, truth = demo_images()
+    with tempfile.TemporaryDirectory(prefix="triage-demo-") as scratch:
+        if not args.data_dir:
+            args.data_dir = Path(scratch)
+        settings = _settings(args)
+        started = time.perf_counter()
+        outcomes = _triage(settings, images, sys.stdout, as_json=args.json)
+        seconds = time.perf_counter() - started
+    if not args.json:
+        _print_demo_table(outcomes, truth)
+    print(_summary(outcomes, seconds), file=sys.stdout if not args.json else sys.stderr)
+    return EXIT_OK if all(o.ok for o in outcomes) else EXIT_SOME_FAILED
+
+
+def _print_demo_table(outcomes: Sequence[InputOutcome], truth: dict[str, str]) -> None:
+    print(f"{'image':<26} {'truth':<10} {'decision':<10} {'reason':<20} {'score':>6}  note")
+    right = wrong = 0
+    for outcome in outcomes:
+        name = Path(outcome.path).name
+        expected = truth.get(name, "?")
+        if not isinstance(outcome, CaseResult):
+            print(f"{name:<26} {expected:<10} {'failed':<10} {outcome.code:<20}")
+            continue
+        note = ""
+        if outcome.decision in ("normal", "abnormal"):
+            agrees = outcome.decision == expected
+            right, wrong = right + agrees, wrong + (not agrees)
+            note = "" if agrees else "LOCAL ERROR"
+        elif outcome.escalation is not None:
+            note = f"escalation {outcome.escalation.state}"
+        print(
+            f"{name:<26} {expected:<10} {outcome.decision:<10} {outcome.reason:<20} "
+            f"{outcome.score:>6.3f}  {note}"
+        )
+    print(f"local decisions matching the truth: {right}/{right + wrong}")
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    rows = describe()
+    if args.json:
+        doc = {row.key: settings.get_text(row.key) for row in rows}
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    for row in rows:
+        marker = " [admin]" if row.admin else ""
+        print(f"{row.key} = {settings.get_text(row.key)}{marker}")
+        print(f"    {row.description} ({row.type}; default {row.default})")
+    return EXIT_OK
+
+
+def _config_get(args: argparse.Namespace) -> int:
+    print(_settings(args).get_text(args.key))
+    return EXIT_OK
+
+
+def _config_validate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    changed = settings.changed_keys()
+    print(f"settings are valid ({len(changed)} differ from the defaults)")
+    return EXIT_OK
+
+
+def _read_secret(prompt: str, from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return getpass.getpass(prompt)
+
+
+def _config_set(args: argparse.Namespace) -> int:
+    settings = _settings(args, for_saving=True)
+    spec_is_admin = any(row.key == args.key and row.admin for row in describe())
+    password = (
+        _read_secret("admin password: ", args.admin_password_stdin) if spec_is_admin else None
+    )
+    updated, change = apply_change(settings, args.key, args.value, admin_password=password)
+    path = save_settings(updated, args.config)
+    with CaseStore.open(updated.case_store_path) as store:
+        store.audit(
+            actor=_actor(),
+            action="config.set",
+            detail={"key": change.key, "old": change.old, "new": change.new, "admin": change.admin},
+        )
+    print(f"{change.key}: {change.old!s} -> {change.new!s} (saved to {path})")
+    return EXIT_OK
+
+
+def _config_set_admin_password(args: argparse.Namespace) -> int:
+    settings = _settings(args, for_saving=True)
+    if settings.has_admin_password:
+        current = _read_secret("current admin password: ", args.stdin)
+        if not verify_admin_password(settings, current):
+            print("triage-app: error: admin_auth_failed: the current admin password is wrong", file=sys.stderr)
+            return EXIT_USAGE
+    new = _read_secret("new admin password: ", args.stdin)
+    path = save_settings(set_admin_password(settings, new), args.config)
+    with CaseStore.open(settings.case_store_path) as store:
+        store.audit(actor=_actor(), action="config.admin_password_set", detail={})
+    print(f"admin password set (saved to {path})")
+    return EXIT_OK
+
+
+def _actor() -> str:
+    try:
+        return os.getlogin()
+    except OSError:
+        return os.environ.get("USER", "unknown")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

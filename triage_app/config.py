@@ -1,0 +1,738 @@
+"""Settings: every setting declared once, validated on load (DESIGN 4.5).
+
+``SETTINGS`` is the one place a setting exists, as in qutebrowser's ``configdata.yml``: its type
+and bounds, default, one sentence for the admin, and whether changing it needs the admin password.
+Adding a setting is one entry there. Values come from four layers merged in one function,
+``load_settings`` (MONAI Deploy style): command-line overrides > environment
+(``TRIAGE_APP_<SECTION>__<NAME>``) > the TOML file > the default. Whatever the layer, an invalid
+value is refused with one :class:`~triage_app.errors.ConfigError` line that names the field and
+the reason, e.g. ``escalation.normal_below: must be between 0 and 1 (got 1.5)``.
+
+This module never writes the audit log: :func:`apply_change` returns a :class:`Change` and the
+caller records it, so the settings stay free of the store (and of argparse, Qt and web code).
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import tomllib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple, NoReturn, cast
+
+import tomli_w
+
+from triage_app.errors import AdminAuthError, ConfigError
+from triage_app.paths import (
+    default_config_path,
+    default_data_dir,
+    ensure_private_dir,
+    write_private_file,
+)
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "TRIAGE_APP_"
+ADMIN_PASSWORD_KEY = "admin.password_hash"
+MIN_ADMIN_PASSWORD_LENGTH = 8
+
+_SCRYPT_N = 2**14
+_SCRYPT_R = 8
+_SCRYPT_P = 1
+_SCRYPT_SALT_BYTES = 16
+_SCRYPT_HASH_BYTES = 32
+# n=2**14, r=8 needs 16 MiB; OpenSSL's default cap (32 MiB) leaves no room for stronger params.
+_SCRYPT_MAXMEM = 64 * 1024 * 1024
+
+
+# --- Types: small, each refuses a bad value with a reason an admin understands -----------------
+
+
+class _InvalidValueError(Exception):
+    """A type refused a value; the message is the reason only (the caller names the field)."""
+
+
+class SettingType(ABC):
+    """How one kind of value is checked, read from text, written to TOML and shown."""
+
+    @abstractmethod
+    def check(self, value: object) -> object:
+        """Return ``value`` in canonical form (from TOML or Python) or raise the reason."""
+
+    @abstractmethod
+    def parse(self, raw: str) -> object:
+        """Read a value given as text (environment, command line, ``config set``)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """The type and its bounds in a few words, for ``config show`` and docs."""
+
+    def to_toml(self, value: object) -> object:
+        """The value as TOML can hold it."""
+        return value
+
+    def format(self, value: object) -> str:
+        """The value as text that :meth:`parse` reads back."""
+        return str(value)
+
+
+@dataclass(frozen=True)
+class Bool(SettingType):
+    _TRUE = frozenset({"true", "yes", "on", "1"})
+    _FALSE = frozenset({"false", "no", "off", "0"})
+
+    def check(self, value: object) -> object:
+        if not isinstance(value, bool):
+            raise _InvalidValueError(f"must be true or false (got {value!r})")
+        return value
+
+    def parse(self, raw: str) -> object:
+        word = raw.strip().lower()
+        if word in self._TRUE:
+            return True
+        if word in self._FALSE:
+            return False
+        raise _InvalidValueError(f"must be true or false (got {raw!r})")
+
+    def describe(self) -> str:
+        return "true/false"
+
+    def format(self, value: object) -> str:
+        return "true" if value else "false"
+
+
+@dataclass(frozen=True)
+class Int(SettingType):
+    min: int
+    max: int
+
+    def check(self, value: object) -> object:
+        # bool is an int subclass in Python; `workers = true` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _InvalidValueError(f"must be a whole number (got {value!r})")
+        if not self.min <= value <= self.max:
+            raise _InvalidValueError(f"must be between {self.min} and {self.max} (got {value})")
+        return value
+
+    def parse(self, raw: str) -> object:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise _InvalidValueError(f"must be a whole number (got {raw!r})") from None
+        return self.check(value)
+
+    def describe(self) -> str:
+        return f"whole number {self.min}..{self.max}"
+
+
+@dataclass(frozen=True)
+class Float(SettingType):
+    min: float
+    max: float
+
+    def check(self, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _InvalidValueError(f"must be a number (got {value!r})")
+        if not self.min <= value <= self.max:  # also refuses nan
+            raise _InvalidValueError(f"must be between {self.min:g} and {self.max:g} (got {value})")
+        return float(value)
+
+    def parse(self, raw: str) -> object:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise _InvalidValueError(f"must be a number (got {raw!r})") from None
+        return self.check(value)
+
+    def describe(self) -> str:
+        return f"number {self.min:g}..{self.max:g}"
+
+
+@dataclass(frozen=True)
+class Str(SettingType):
+    """Text, optionally one of ``choices`` or matching ``pattern`` (described by ``hint``)."""
+
+    pattern: str | None = None
+    hint: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    def check(self, value: object) -> object:
+        if not isinstance(value, str):
+            raise _InvalidValueError(f"must be text (got {value!r})")
+        if self.choices is not None and value not in self.choices:
+            raise _InvalidValueError(f"must be one of {', '.join(self.choices)} (got {value!r})")
+        if self.pattern is not None and re.fullmatch(self.pattern, value) is None:
+            raise _InvalidValueError(f"must look like {self.hint or self.pattern} (got {value!r})")
+        return value
+
+    def parse(self, raw: str) -> object:
+        return self.check(raw)
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return f"one of: {', '.join(self.choices)}"
+        return f"text ({self.hint})" if self.hint else "text"
+
+
+@dataclass(frozen=True)
+class FsPath(SettingType):
+    """A filesystem path; absolute, so a service does not depend on its working folder."""
+
+    def check(self, value: object) -> object:
+        if not isinstance(value, str | Path):
+            raise _InvalidValueError(f"must be a path (got {value!r})")
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            raise _InvalidValueError(f"must be an absolute path (got {str(value)!r})")
+        return path
+
+    def parse(self, raw: str) -> object:
+        # Typed on a shell, a relative path means "from here".
+        if not raw.strip():
+            raise _InvalidValueError("must be a path (got '')")
+        return self.check(Path(raw).expanduser().absolute())
+
+    def to_toml(self, value: object) -> object:
+        return str(value)
+
+    def describe(self) -> str:
+        return "path"
+
+
+@dataclass(frozen=True)
+class Optional(SettingType):
+    """``inner`` or None; as text, an empty string or ``none`` means None."""
+
+    inner: SettingType
+
+    def check(self, value: object) -> object:
+        return None if value is None else self.inner.check(value)
+
+    def parse(self, raw: str) -> object:
+        return None if raw.strip().lower() in {"", "none"} else self.inner.parse(raw)
+
+    def to_toml(self, value: object) -> object:
+        return None if value is None else self.inner.to_toml(value)
+
+    def format(self, value: object) -> str:
+        return "none" if value is None else self.inner.format(value)
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()}, or none"
+
+
+# --- The declaration table --------------------------------------------------------------------
+
+
+def _message(key: str, reason: str, source: str | None) -> str:
+    return f"{key}: {reason}" + (f" [{source}]" if source else "")
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One setting: dotted ``section.name`` key, type, default, admin sentence, admin-only flag."""
+
+    key: str
+    type: SettingType
+    default: object
+    description: str
+    admin: bool = False
+
+    def __post_init__(self) -> None:
+        # Declaration mistakes fail at import, in development, not at a clinic.
+        if re.fullmatch(r"[a-z]+\.[a-z_]+", self.key) is None:
+            raise ValueError(f"setting key {self.key!r} must look like section.name")
+        if isinstance(self.type, Optional) and self.default is not None:
+            raise ValueError(f"{self.key}: optional settings default to None (TOML has no null)")
+        self.check(self.default)
+
+    @property
+    def env_var(self) -> str:
+        """The environment variable that overrides this setting."""
+        return ENV_PREFIX + self.key.replace(".", "__").upper()
+
+    def check(self, value: object, source: str | None = None) -> object:
+        """Validate a typed value; ``source`` (file, variable) is named in the error."""
+        try:
+            return self.type.check(value)
+        except _InvalidValueError as err:
+            raise ConfigError(_message(self.key, str(err), source)) from None
+
+    def parse(self, raw: str, source: str | None = None) -> object:
+        """Validate a value given as text."""
+        try:
+            return self.type.parse(raw)
+        except _InvalidValueError as err:
+            raise ConfigError(_message(self.key, str(err), source)) from None
+
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_SCRYPT_PATTERN = r"scrypt(\$\d+){3}\$[A-Za-z0-9+/]+=*\$[A-Za-z0-9+/]+=*"
+
+SETTINGS: tuple[SettingSpec, ...] = (
+    SettingSpec(
+        "paths.data_dir",
+        FsPath(),
+        default_data_dir(),
+        "Folder where the app keeps its case database, outbox and keys.",
+    ),
+    SettingSpec(
+        "paths.model_dir",
+        Optional(FsPath()),
+        None,
+        "Folder of the model bundle to use; none means the model shipped with the app.",
+        admin=True,
+    ),
+    SettingSpec(
+        "paths.case_store",
+        Optional(FsPath()),
+        None,
+        "The local case database file; none means cases.sqlite3 in the data folder.",
+    ),
+    SettingSpec(
+        "model.name",
+        Str(_NAME, "a name of letters, digits, '.', '_' or '-'"),
+        "chest-dx-demo",
+        "Name of the model bundle that classifies images.",
+        admin=True,
+    ),
+    SettingSpec(
+        "escalation.thresholds_model",
+        Optional(Str(f"{_NAME}@{_NAME}", "name@version")),
+        None,
+        "The model (name@version) the thresholds were approved for; other models use their "
+        "own manifest defaults.",
+        admin=True,
+    ),
+    SettingSpec(
+        "escalation.normal_below",
+        Optional(Float(0.0, 1.0)),
+        None,
+        "Scores below this are decided normal on the device; none means the model's default.",
+        admin=True,
+    ),
+    SettingSpec(
+        "escalation.abnormal_at_or_above",
+        Optional(Float(0.0, 1.0)),
+        None,
+        "Scores at or above this are decided abnormal on the device; none means the model's "
+        "default.",
+        admin=True,
+    ),
+    SettingSpec(
+        "escalation.central_url",
+        Optional(Str(r"https?://[^\s/?#]+\S*", "an http:// or https:// address")),
+        None,
+        "Address of the central diagnostic server; none means escalated cases are held on "
+        "this device.",
+        admin=True,
+    ),
+    SettingSpec(
+        "processing.workers",
+        Int(1, 64),
+        2,
+        "Number of worker processes that classify images in parallel.",
+    ),
+    SettingSpec(
+        "processing.ort_threads_per_worker",
+        Int(1, 16),
+        1,
+        "Threads each worker gives the model; 1 is fastest when the workers fill the CPU cores.",
+    ),
+    SettingSpec(
+        "display.theme",
+        Str(choices=("dark", "light")),
+        "dark",
+        "Colour theme of the desktop app.",
+    ),
+    SettingSpec(
+        ADMIN_PASSWORD_KEY,
+        Optional(Str(_SCRYPT_PATTERN, "scrypt$n$r$p$salt$hash")),
+        None,
+        "Salted scrypt hash of the admin password; set it with the admin password command, "
+        "never by hand.",
+        admin=True,
+    ),
+)
+
+SPECS: Mapping[str, SettingSpec] = MappingProxyType({spec.key: spec for spec in SETTINGS})
+if len(SPECS) != len(SETTINGS):
+    raise ValueError("a setting is declared twice in SETTINGS")
+
+
+def _unknown(key: str, source: str | None) -> ConfigError:
+    """The error for a key no setting has (a typo must never be silently ignored)."""
+    name = key.rpartition(".")[2]
+    close = difflib.get_close_matches(key, SPECS, n=1) or [
+        known for known in SPECS if known.endswith(f".{name}")
+    ]
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(_message(key, f"unknown setting{hint}", source))
+
+
+def _spec(key: str, source: str | None = None) -> SettingSpec:
+    """The declaration of ``key``; an unknown key is a ``ConfigError``."""
+    try:
+        return SPECS[key]
+    except KeyError:
+        raise _unknown(key, source) from None
+
+
+def _thresholds_ordered(values: Mapping[str, object]) -> str | None:
+    low = values["escalation.normal_below"]
+    high = values["escalation.abnormal_at_or_above"]
+    if isinstance(low, float) and isinstance(high, float) and not low < high:
+        return (
+            "escalation.normal_below: must be below escalation.abnormal_at_or_above "
+            f"(got {low} >= {high})"
+        )
+    return None
+
+
+# Rules that involve more than one setting; each returns the error message or None.
+_CROSS_CHECKS: tuple[Callable[[Mapping[str, object]], str | None], ...] = (_thresholds_ordered,)
+
+
+# --- The validated, frozen settings object ----------------------------------------------------
+
+
+class Settings:
+    """A complete, validated set of values; frozen (change it with :meth:`with_values`).
+
+    ``Settings()`` is all defaults; ``Settings({"processing.workers": 4})`` overrides some.
+    Values must already have their type (``4``, not ``"4"``); text goes through
+    :func:`load_settings` or :func:`apply_change`.
+    """
+
+    __slots__ = ("_values",)
+    _values: Mapping[str, object]
+
+    def __init__(self, values: Mapping[str, object] | None = None) -> None:
+        merged = {spec.key: spec.default for spec in SETTINGS}
+        for key, value in (values or {}).items():
+            merged[key] = _spec(key).check(value)
+        for rule in _CROSS_CHECKS:
+            problem = rule(merged)
+            if problem is not None:
+                raise ConfigError(problem)
+        object.__setattr__(self, "_values", MappingProxyType(merged))
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError("Settings are frozen; use with_values()")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise AttributeError("Settings are frozen; use with_values()")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and dict(self._values) == dict(other._values)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._values.items()))
+
+    def __repr__(self) -> str:
+        changed = ", ".join(
+            f"{key}={'<hidden>' if key == ADMIN_PASSWORD_KEY else self._values[key]!r}"
+            for key in self.changed_keys()
+        )
+        return f"Settings({changed})"
+
+    def get(self, key: str) -> object:
+        """The value of a dotted key; an unknown key raises ``ConfigError``."""
+        return self._values[_spec(key).key]
+
+    def get_text(self, key: str) -> str:
+        """The value as text that ``config set KEY VALUE`` accepts back."""
+        return _spec(key).type.format(self.get(key))
+
+    def with_values(self, **overrides: object) -> Settings:
+        """A new validated Settings with some values replaced.
+
+        Keys are dotted (``**{"processing.workers": 4}``) or use ``__`` as in the environment
+        variables (``processing__workers=4``).
+        """
+        changes = {key.replace("__", "."): value for key, value in overrides.items()}
+        return Settings({**self._values, **changes})
+
+    def changed_keys(self) -> list[str]:
+        """Keys whose value differs from the default, in declaration order."""
+        return [spec.key for spec in SETTINGS if self._values[spec.key] != spec.default]
+
+    def to_toml_dict(self) -> dict[str, dict[str, object]]:
+        """The non-default values as nested TOML tables (what :func:`save_settings` writes)."""
+        out: dict[str, dict[str, object]] = {}
+        for key in self.changed_keys():
+            section, name = key.split(".")
+            out.setdefault(section, {})[name] = SPECS[key].type.to_toml(self._values[key])
+        return out
+
+    # Typed views of the settings the code uses. None means "the documented fallback".
+
+    @property
+    def data_dir(self) -> Path:
+        return cast(Path, self._values["paths.data_dir"])
+
+    @property
+    def model_dir(self) -> Path | None:
+        """The model bundle folder; None means the bundled model."""
+        return cast(Path | None, self._values["paths.model_dir"])
+
+    @property
+    def case_store_path(self) -> Path:
+        """The case database file, with the default already resolved."""
+        explicit = cast(Path | None, self._values["paths.case_store"])
+        return explicit if explicit is not None else self.data_dir / "cases.sqlite3"
+
+    @property
+    def model_name(self) -> str:
+        return cast(str, self._values["model.name"])
+
+    @property
+    def thresholds_model(self) -> str | None:
+        """``name@version`` the admin thresholds were approved for."""
+        return cast(str | None, self._values["escalation.thresholds_model"])
+
+    @property
+    def normal_below(self) -> float | None:
+        return cast(float | None, self._values["escalation.normal_below"])
+
+    @property
+    def abnormal_at_or_above(self) -> float | None:
+        return cast(float | None, self._values["escalation.abnormal_at_or_above"])
+
+    @property
+    def central_url(self) -> str | None:
+        """None means no central server: escalated cases are held on the device."""
+        return cast(str | None, self._values["escalation.central_url"])
+
+    @property
+    def workers(self) -> int:
+        return cast(int, self._values["processing.workers"])
+
+    @property
+    def ort_threads_per_worker(self) -> int:
+        return cast(int, self._values["processing.ort_threads_per_worker"])
+
+    @property
+    def theme(self) -> str:
+        return cast(str, self._values["display.theme"])
+
+    @property
+    def has_admin_password(self) -> bool:
+        """Whether an admin password is set (admin fields cannot change until one is)."""
+        return self._values[ADMIN_PASSWORD_KEY] is not None
+
+
+# --- Loading and saving -----------------------------------------------------------------------
+
+
+def load_settings(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Settings:
+    """Load the settings: ``overrides`` > environment > file > default.
+
+    Parameters
+    ----------
+    path
+        The TOML file; default :func:`~triage_app.paths.default_config_path`. A missing file
+        means all defaults.
+    env
+        The environment (default ``os.environ``). Variables ``TRIAGE_APP_<SECTION>__<NAME>`` are
+        read as text by the setting's type; one that names no setting is an error. Pass ``{}``
+        when the result will be saved, so the environment is not written into the file.
+    overrides
+        Command-line values by dotted key, as text or already typed.
+
+    Raises
+    ------
+    ConfigError
+        For an unreadable file, an unknown key or an invalid value, naming field and source.
+    """
+    file_path = default_config_path() if path is None else path
+    # The precedence, in one place: each layer overwrites the one before.
+    values = _read_file(file_path)
+    values.update(_read_env(os.environ if env is None else env))
+    for key, value in (overrides or {}).items():
+        spec = _spec(key, "command line")
+        values[key] = (
+            spec.parse(value, "command line")
+            if isinstance(value, str)
+            else spec.check(value, "command line")
+        )
+    return Settings(values)
+
+
+def _read_file(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as fh:
+            document = tomllib.load(fh)
+    except FileNotFoundError:
+        log.debug("no settings file at %s: using defaults", path)
+        return {}
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the settings file ({err.strerror})") from None
+    values: dict[str, object] = {}
+    for section, table in document.items():
+        if not isinstance(table, dict):  # a key outside any [section] table
+            raise _unknown(section, str(path))
+        for name, value in table.items():
+            key = f"{section}.{name}"
+            values[key] = _spec(key, str(path)).check(value, str(path))
+    log.debug("loaded settings from %s", path)
+    return values
+
+
+def _read_env(env: Mapping[str, str]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for name, raw in env.items():
+        # Only SECTION__NAME-shaped variables are settings; TRIAGE_APP_DEBUG and the like are not.
+        if name.startswith(ENV_PREFIX) and "__" in name[len(ENV_PREFIX) :]:
+            key = name[len(ENV_PREFIX) :].replace("__", ".").lower()
+            values[key] = _spec(key, name).parse(raw, name)
+    return values
+
+
+def save_settings(settings: Settings, path: Path | None = None) -> Path:
+    """Write the non-default values to ``path`` (default: the config path); returns the path.
+
+    The file is replaced atomically and is 0600 from creation: it holds the admin password hash.
+    """
+    target = default_config_path() if path is None else path
+    ensure_private_dir(target.parent)
+    write_private_file(target, tomli_w.dumps(settings.to_toml_dict()).encode())
+    log.info("saved settings to %s", target)
+    return target
+
+
+# --- Admin password and audited changes -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """One accepted setting change, for the caller to write to the audit log."""
+
+    key: str
+    old: object
+    new: object
+    admin: bool
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def set_admin_password(settings: Settings, password: str) -> Settings:
+    """Return settings holding a salted scrypt hash of ``password`` (never the password).
+
+    The caller decides who may do this (e.g. asks for the current password first).
+    """
+    if len(password) < MIN_ADMIN_PASSWORD_LENGTH:
+        raise ConfigError(
+            f"admin password: must be at least {MIN_ADMIN_PASSWORD_LENGTH} characters"
+        )
+    salt = secrets.token_bytes(_SCRYPT_SALT_BYTES)
+    digest = hashlib.scrypt(
+        password.encode(),
+        salt=salt,
+        n=_SCRYPT_N,
+        r=_SCRYPT_R,
+        p=_SCRYPT_P,
+        maxmem=_SCRYPT_MAXMEM,
+        dklen=_SCRYPT_HASH_BYTES,
+    )
+    encoded = f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+    return settings.with_values(**{ADMIN_PASSWORD_KEY: encoded})
+
+
+def verify_admin_password(settings: Settings, password: str) -> bool:
+    """Whether ``password`` matches the stored hash (False when none is set); constant time."""
+    stored = settings.get(ADMIN_PASSWORD_KEY)
+    if stored is None:
+        return False
+    # The stored string already matched the scrypt$n$r$p$salt$hash pattern on load.
+    _, n, r, p, salt, digest = cast(str, stored).split("$")
+    try:
+        expected = base64.b64decode(digest, validate=True)
+        candidate = hashlib.scrypt(
+            password.encode(),
+            salt=base64.b64decode(salt, validate=True),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            maxmem=_SCRYPT_MAXMEM,
+            dklen=len(expected),
+        )
+    except ValueError as err:  # bad base64 or scrypt parameters
+        raise ConfigError(f"{ADMIN_PASSWORD_KEY}: unusable hash ({err})") from None
+    return hmac.compare_digest(candidate, expected)
+
+
+def apply_change(
+    settings: Settings, key: str, raw_value: str, *, admin_password: str | None
+) -> tuple[Settings, Change]:
+    """Parse ``raw_value`` for ``key`` (``config set KEY VALUE``) and return the new settings.
+
+    Admin fields need the correct admin password; clinician fields need none. The returned
+    :class:`Change` is for the caller's audit log; nothing is saved here.
+
+    Raises
+    ------
+    AdminAuthError
+        For an admin field without a correct admin password (or with none set yet).
+    ConfigError
+        For an unknown key, an invalid value, or the password hash itself.
+    """
+    spec = _spec(key)
+    if key == ADMIN_PASSWORD_KEY:
+        raise ConfigError(f"{key}: cannot be set directly; use the admin password command")
+    if spec.admin:
+        if not settings.has_admin_password:
+            raise AdminAuthError(f"{key}: admin field, and no admin password is set yet")
+        if admin_password is None:
+            raise AdminAuthError(f"{key}: admin field; the admin password is required")
+        if not verify_admin_password(settings, admin_password):
+            raise AdminAuthError(f"{key}: admin field; wrong admin password")
+    new_value = spec.parse(raw_value)
+    updated = settings.with_values(**{key: new_value})
+    return updated, Change(key=key, old=settings.get(key), new=new_value, admin=spec.admin)
+
+
+# --- Self-description -------------------------------------------------------------------------
+
+
+class SettingRow(NamedTuple):
+    """One line of ``config show`` / the docs / a generated settings form."""
+
+    key: str
+    type: str
+    default: str
+    description: str
+    admin: bool
+
+
+def describe() -> list[SettingRow]:
+    """Every setting with its type, default (as text), description and admin flag."""
+    return [
+        SettingRow(
+            spec.key,
+            spec.type.describe(),
+            spec.type.format(spec.default),
+            spec.description,
+            spec.admin,
+        )
+        for spec in SETTINGS
+    ]

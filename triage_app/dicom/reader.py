@@ -1,0 +1,544 @@
+"""Read DICOM files and decode the one frame the triage uses.
+
+Accepted input: Part 10 files (preamble + ``DICM`` + file meta), files whose file meta starts
+without the preamble, and raw data sets without file meta (implicit or explicit VR, little or big
+endian) as long as they start like DICOM (a group 0x0002 or 0x0008 tag). Anything else is refused
+before pydicom's lenient ``force=True`` parsing ever sees it, so a text file or a PNG is
+``not_dicom`` instead of an empty data set.
+
+Frame policy: a multi-frame image is triaged on its middle frame, index ``n // 2`` (frame 0 for
+one or two frames). Only that frame is decoded, which keeps large cine/tomo objects cheap, and the
+middle of a sweep is the frame most likely to show the anatomy. The chosen index is reported in
+``ImageInfo.frame_index``.
+
+Every failure is an ``InputError`` subclass with a stable code and a one-line message that never
+quotes header values (names, IDs and dates must not reach logs or records). Truncation is
+detected explicitly, because pydicom accepts a short value or a missing tail without complaint.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import stat
+import struct
+import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, cast
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom import config
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException
+from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_color_lut
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pydicom.valuerep import VR
+
+from triage_app.dicom.image import DicomImage, ImageInfo, frame_attribute
+from triage_app.errors import (
+    CorruptPixelDataError,
+    EmptyFileError,
+    InvalidDicomError,
+    NoPixelDataError,
+    NotDicomError,
+    TruncatedError,
+    UnreadableFileError,
+    UnsupportedPhotometricError,
+    UnsupportedTransferSyntaxError,
+)
+
+logger = logging.getLogger(__name__)
+
+Source = str | os.PathLike[str] | bytes
+
+_PREAMBLE = 128
+_HEAD = 144  # preamble + "DICM" + the (0002,0000) group length element
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+_EXPLICIT_VRS = frozenset(vr.value.encode("ascii") for vr in VR if len(vr.value) == 2)
+
+_GREY = frozenset({"MONOCHROME1", "MONOCHROME2"})
+_COLOUR = frozenset(
+    {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_PARTIAL_422", "YBR_ICT", "YBR_RCT"}
+)
+_PALETTE = "PALETTE COLOR"
+# ITU-R BT.601 luma: the same weights DICOM uses for the Y of YBR_FULL.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+# pydicom converts raw element values lazily, on first access; a malformed value then raises one
+# of these (BytesLengthException when the length does not fit the VR).
+_VALUE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    IndexError,
+    OverflowError,
+    NotImplementedError,
+    struct.error,
+    BytesLengthException,
+)
+# Parsing a damaged data set can fail anywhere inside pydicom's reader; these are the concrete
+# types it (and the struct/zlib layers below it) raise for malformed input.
+_PARSE_ERRORS: tuple[type[Exception], ...] = (
+    *_VALUE_ERRORS,
+    PydicomInvalidDicomError,
+    RuntimeError,
+)
+# The decoder plugins (pylibjpeg-*, pydicom's RLE) are C extensions and third-party code with no
+# common exception base; pydicom wraps plugin failures in RuntimeError, its own checks raise
+# ValueError/AttributeError, and frame extraction from damaged fragments raises the rest.
+_DECODE_ERRORS: tuple[type[Exception], ...] = (*_VALUE_ERRORS, RuntimeError, EOFError)
+
+
+def read_dataset(source: Source, *, header_only: bool = False) -> Dataset:
+    """Parse ``source`` (a path or the file's bytes) into a pydicom ``Dataset``.
+
+    ``header_only=True`` stops before the pixel data: the fast path (well under a millisecond)
+    for routing, scope checks and listings. Raises an ``InputError`` subclass for anything that
+    is not a complete, parseable DICOM data set.
+    """
+    with _opened(source) as (fp, size):
+        head = fp.read(_HEAD)
+        force = _check_signature(head, size)
+        fp.seek(0)
+        with _quiet_pydicom() as caught:
+            ds = _parse(fp, force=force, header_only=header_only)
+            _check_complete(ds, size, caught)
+    if len(ds) == 0:
+        if force:
+            raise NotDicomError("not a DICOM file (no data elements could be read)")
+        raise TruncatedError("DICOM file ends right after the file meta information")
+    return ds
+
+
+def load_image(source: Source) -> DicomImage:
+    """Read ``source``, validate it as an image and decode the frame the triage uses.
+
+    Frame policy: for ``n`` frames, frame ``n // 2`` (the middle one) is decoded; single-frame
+    images use frame 0. Colour images (RGB, YBR_*, PALETTE COLOR) become float32 luminance;
+    greyscale keeps the decoder's dtype. Raises an ``InputError`` subclass on any failure.
+    """
+    ds = read_dataset(source)
+    with _quiet_pydicom():
+        keyword = _pixel_keyword(ds)
+        transfer_syntax = _transfer_syntax(ds)
+        attrs = _pixel_attributes(ds, keyword)
+        frame_index = attrs.frames // 2
+        decoded, properties = _decode(ds, transfer_syntax, frame_index)
+        stored = _to_grey(decoded, properties, ds, attrs)
+        info = _image_info(ds, transfer_syntax, attrs, frame_index)
+    logger.debug(
+        "decoded frame %d of %d (%dx%d, %s)",
+        frame_index,
+        attrs.frames,
+        attrs.rows,
+        attrs.columns,
+        transfer_syntax.name,
+    )
+    return DicomImage(info=info, stored=stored, dataset=ds)
+
+
+# --- Reading -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _opened(source: Source) -> Iterator[tuple[IO[bytes], int]]:
+    """Yield a binary file object and its size, mapping file-system failures to input errors."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        if not source:
+            raise EmptyFileError("file is empty (0 bytes)")
+        yield io.BytesIO(source), len(source)
+        return
+    path = Path(source)
+    try:
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise UnreadableFileError("path is a directory, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            # A FIFO or device would block or never end.
+            raise UnreadableFileError("path is not a regular file")
+        if st.st_size == 0:
+            raise EmptyFileError("file is empty (0 bytes)")
+        fp = path.open("rb")
+    except FileNotFoundError as exc:
+        raise UnreadableFileError("file not found") from exc
+    except PermissionError as exc:
+        raise UnreadableFileError("permission denied") from exc
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UnreadableFileError(f"cannot open file ({reason})") from exc
+    with fp:
+        try:
+            yield fp, st.st_size
+        except OSError as exc:  # pydicom's own bare OSError never gets here (see _parse)
+            raise UnreadableFileError(f"cannot read file ({exc.strerror})") from exc
+
+
+def _check_signature(head: bytes, size: int) -> bool:
+    """Decide how to parse: ``False`` for a Part 10 file, ``True`` for ``force=True``.
+
+    ``force=True`` makes pydicom accept any bytes, so it is used only when the content starts
+    like a DICOM data set (or file meta without the preamble).
+    """
+    if head[_PREAMBLE : _PREAMBLE + 4] == b"DICM":
+        _check_meta_length(head, size)
+        return False
+    if _looks_like_raw_dataset(head, size):
+        return True
+    if size < _PREAMBLE + 4 and not any(head[:_PREAMBLE]) and b"DICM".startswith(head[_PREAMBLE:]):
+        raise TruncatedError("DICOM file ends inside the 128-byte preamble")
+    raise NotDicomError("not a DICOM file (no 'DICM' marker and no DICOM data set at the start)")
+
+
+def _check_meta_length(head: bytes, size: int) -> None:
+    """Refuse a file that ends inside the file meta group, using its declared group length."""
+    if head[132:138] != b"\x02\x00\x00\x00UL":
+        return  # no group length element: pydicom finds the end of the group itself
+    group_length = int.from_bytes(head[140:144], "little")
+    if size < _HEAD + group_length:
+        raise TruncatedError("DICOM file ends inside the file meta information")
+
+
+def _looks_like_raw_dataset(head: bytes, size: int) -> bool:
+    """True when the first element is a group 0x0002/0x0008 tag in a DICOM encoding."""
+    if len(head) < 8:
+        return False
+    for order in ("little", "big"):
+        group = int.from_bytes(head[0:2], order)
+        if group not in (0x0002, 0x0008):
+            continue
+        if head[4:6] in _EXPLICIT_VRS:
+            return True
+        # Implicit VR exists only in little endian: a 4-byte length that fits the file.
+        if order == "little" and int.from_bytes(head[4:8], "little") <= size - 8:
+            return True
+    return False
+
+
+@contextmanager
+def _quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
+    """Read without pydicom's value validation and collect its remaining warnings.
+
+    Validation would warn *and log* with the offending value quoted (a UID, a name: PHI), and
+    the checks that matter here are done by this module. The other warnings (malformed but
+    readable data) are logged at debug level by category only; really broken input is turned
+    into errors by the callers. Both switches are process-wide state (not thread-safe before
+    Python 3.14: concurrent use from threads can lose warnings): fine for one image per worker.
+    """
+    validation = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
+    finally:
+        config.settings.reading_validation_mode = validation
+    if caught:
+        categories = sorted({w.category.__name__ for w in caught})
+        logger.debug("suppressed %d reader warning(s): %s", len(caught), ", ".join(categories))
+
+
+def _parse(fp: IO[bytes], *, force: bool, header_only: bool) -> Dataset:
+    """Run pydicom's reader, translating its exceptions into input errors."""
+    try:
+        return pydicom.dcmread(fp, force=force, stop_before_pixels=header_only)
+    except (EOFError, struct.error) as exc:
+        raise TruncatedError("DICOM file ends inside a data element") from exc
+    except zlib.error as exc:
+        if "truncated" in str(exc):
+            raise TruncatedError("deflated DICOM data set is cut short") from exc
+        raise InvalidDicomError("deflated DICOM data set cannot be inflated") from exc
+    except OSError as exc:
+        if exc.errno is not None:
+            raise UnreadableFileError(f"cannot read file ({exc.strerror})") from exc
+        # pydicom raises a bare OSError when a sequence item's tag is missing at the end.
+        raise TruncatedError("DICOM file ends inside a sequence") from exc
+    except _PARSE_ERRORS as exc:
+        logger.debug("parse failure: %s", type(exc).__name__)
+        raise InvalidDicomError("DICOM data set cannot be parsed") from exc
+
+
+def _check_complete(ds: Dataset, size: int, caught: list[warnings.WarningMessage]) -> None:
+    """Raise ``TruncatedError`` if the file stops before its last element does.
+
+    pydicom keeps a value that is shorter than its declared length, silently stops at a partial
+    element header, and only warns when an undefined-length value has no delimiter.
+    """
+    if any("End of file reached" in str(w.message) for w in caught):
+        raise TruncatedError("DICOM file ends before an undefined-length value is closed")
+    if len(ds) == 0:
+        return
+    tag = list(ds.keys())[-1]  # file order: the element read last
+    # pydicom's overload omits RawDataElement, which is what an unread element is.
+    elem = cast("DataElement | RawDataElement", ds.get_item(tag, keep_deferred=True))
+    if not isinstance(elem, RawDataElement):
+        return  # converted while reading (undefined-length sequence): its end is not known
+    where = "the pixel data" if tag in _PIXEL_TAGS else "the header"
+    value_length = 0 if elem.value is None else len(elem.value)  # None: an empty value
+    if elem.length != _UNDEFINED_LENGTH and value_length < elem.length:
+        raise TruncatedError(f"DICOM file ends inside {where}")
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta and file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return  # offsets refer to the inflated stream; zlib catches a cut stream
+    end = elem.value_tell + (value_length + 8 if elem.length == _UNDEFINED_LENGTH else elem.length)
+    # 1-7 bytes left over are an element header cut short (pydicom stops there silently).
+    # Only decisive when the pixel data never came: junk after complete pixel data is harmless.
+    if 0 < size - end < 8 and not _PIXEL_TAGS.intersection(ds.keys()):
+        raise TruncatedError("DICOM file ends inside a data element header")
+
+
+# --- Validation --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PixelAttributes:
+    rows: int
+    columns: int
+    frames: int
+    samples_per_pixel: int
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+    photometric: str
+
+
+def _pixel_keyword(ds: Dataset) -> str:
+    present = [kw for kw in _PIXEL_KEYWORDS if kw in ds]
+    if not present:
+        raise NoPixelDataError("DICOM file has no pixel data (not an image)")
+    if len(present) > 1:
+        raise InvalidDicomError("DICOM file has more than one pixel data element")
+    return present[0]
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    """The file meta's transfer syntax, or the encoding pydicom found for a raw data set."""
+    file_meta = getattr(ds, "file_meta", None)
+    uid = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if uid:
+        return UID(str(uid).strip())
+    implicit, little = ds.original_encoding[:2]
+    if implicit and little:
+        return ImplicitVRLittleEndian
+    if implicit is False:
+        return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    raise UnsupportedTransferSyntaxError("transfer syntax cannot be determined")
+
+
+def _required_int(
+    ds: Dataset, keyword: str, low: int, high: int, default: int | None = None
+) -> int:
+    """An integer attribute within ``[low, high]``; ``default`` (if any) when absent or empty."""
+    try:
+        raw = ds.get(keyword)
+        value = default if raw is None or raw == "" else int(_first(raw))
+    except _VALUE_ERRORS as exc:
+        raise InvalidDicomError(f"{keyword} has an unreadable value") from exc
+    if value is None:
+        raise InvalidDicomError(f"required attribute {keyword} is missing")
+    if not low <= value <= high:
+        raise InvalidDicomError(f"{keyword} has an impossible value ({value})")
+    return value
+
+
+def _pixel_attributes(ds: Dataset, keyword: str) -> _PixelAttributes:
+    """Check the Image Pixel attributes the decoder needs, naming the one that is wrong."""
+    rows = _required_int(ds, "Rows", 1, 0xFFFF)
+    columns = _required_int(ds, "Columns", 1, 0xFFFF)
+    samples = _required_int(ds, "SamplesPerPixel", 1, 4)
+    bits_allocated = _required_int(ds, "BitsAllocated", 1, 64)
+    if bits_allocated != 1 and bits_allocated % 8:
+        raise InvalidDicomError(f"BitsAllocated has an impossible value ({bits_allocated})")
+    if keyword == "PixelData":
+        bits_stored = _required_int(ds, "BitsStored", 1, bits_allocated)
+        representation = _required_int(ds, "PixelRepresentation", 0, 1)
+    else:  # float pixel data: no stored bits or sign to declare
+        bits_stored, representation = bits_allocated, 1
+    frames = _required_int(ds, "NumberOfFrames", 1, 2**31, default=1)
+    photometric = _text(ds, "PhotometricInterpretation").upper()
+    if not photometric:
+        raise InvalidDicomError("required attribute PhotometricInterpretation is missing")
+    if photometric not in _GREY | _COLOUR and photometric != _PALETTE:
+        raise UnsupportedPhotometricError(
+            f"photometric interpretation {photometric!r} cannot be converted to greyscale"
+        )
+    if samples != (3 if photometric in _COLOUR else 1):
+        raise InvalidDicomError(
+            f"SamplesPerPixel {samples} does not match photometric interpretation {photometric}"
+        )
+    if samples == 3:
+        _required_int(ds, "PlanarConfiguration", 0, 1)
+    return _PixelAttributes(
+        rows=rows,
+        columns=columns,
+        frames=frames,
+        samples_per_pixel=samples,
+        bits_allocated=bits_allocated,
+        bits_stored=bits_stored,
+        pixel_representation=representation,
+        photometric=photometric,
+    )
+
+
+# --- Decoding ----------------------------------------------------------------------------------
+
+
+def _decode(
+    ds: Dataset, transfer_syntax: UID, frame_index: int
+) -> tuple[npt.NDArray[Any], dict[str, str | int]]:
+    """Decode one frame with pydicom's decoder for ``transfer_syntax`` (pylibjpeg plugins)."""
+    try:
+        decoder = get_decoder(transfer_syntax)
+    except NotImplementedError as exc:
+        label = transfer_syntax.name if transfer_syntax.is_valid else "an invalid UID"
+        raise UnsupportedTransferSyntaxError(
+            f"transfer syntax {label} ({transfer_syntax}) is not supported"
+        ) from exc
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "no plugin"
+        raise UnsupportedTransferSyntaxError(
+            f"no decoder installed for {transfer_syntax.name} ({missing})"
+        )
+    try:
+        try:
+            # as_rgb=False: YBR stays YBR, and its Y is the luminance we want (no round trip
+            # through RGB, whose rounding and clipping only add error). The ignore: pydicom
+            # annotates **kwargs as DecodeOptions rather than Unpack[DecodeOptions].
+            return decoder.as_array(ds, index=frame_index, as_rgb=False)  # type: ignore[arg-type]
+        except BaseException as exc:
+            # Rust decoders (pylibjpeg-rle, via pyo3) abort on some corrupt input with
+            # pyo3's PanicException: a BaseException subclass that cannot be imported by name.
+            if type(exc).__name__ != "PanicException":
+                raise
+            raise CorruptPixelDataError(f"decoder panicked: {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise CorruptPixelDataError(
+            f"pixel data cannot be decoded ({transfer_syntax.name}): {detail}"
+        ) from exc
+
+
+def _to_grey(
+    arr: npt.NDArray[Any],
+    properties: dict[str, str | int],
+    ds: Dataset,
+    attrs: _PixelAttributes,
+) -> npt.NDArray[Any]:
+    """Return the decoded frame as a 2-D array: colour becomes float32 luminance."""
+    if attrs.photometric == _PALETTE:
+        try:
+            arr = apply_color_lut(arr, ds)
+        except _DECODE_ERRORS as exc:
+            raise UnsupportedPhotometricError(
+                "PALETTE COLOR image without a usable colour lookup table"
+            ) from exc
+        arr = arr[..., :3].astype(np.float32) @ _LUMA
+    elif arr.ndim == 3:
+        decoded_as = str(properties.get("photometric_interpretation", attrs.photometric))
+        if decoded_as.startswith("YBR"):
+            arr = arr[..., 0].astype(np.float32)  # Y is the luminance already
+        else:
+            arr = arr.astype(np.float32) @ _LUMA
+    if not arr.dtype.isnative:  # big endian data: OpenCV and friends want native order
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if arr.shape != (attrs.rows, attrs.columns):
+        raise CorruptPixelDataError(
+            f"decoded frame has shape {arr.shape}, expected ({attrs.rows}, {attrs.columns})"
+        )
+    return arr
+
+
+# --- Header facts ------------------------------------------------------------------------------
+
+
+def _image_info(
+    ds: Dataset, transfer_syntax: UID, attrs: _PixelAttributes, frame_index: int
+) -> ImageInfo:
+    file_meta = getattr(ds, "file_meta", None)
+    sop_class = _text(ds, "SOPClassUID")
+    if not sop_class and file_meta is not None:
+        sop_class = _text(file_meta, "MediaStorageSOPClassUID")
+    slope = _frame_float(ds, frame_index, "PixelValueTransformationSequence", "RescaleSlope")
+    intercept = _frame_float(
+        ds, frame_index, "PixelValueTransformationSequence", "RescaleIntercept"
+    )
+    if slope == 0.0:
+        raise InvalidDicomError("RescaleSlope is zero")
+    center = _frame_float(ds, frame_index, "FrameVOILUTSequence", "WindowCenter")
+    width = _frame_float(ds, frame_index, "FrameVOILUTSequence", "WindowWidth")
+    return ImageInfo(
+        sop_class_uid=sop_class,
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        modality=_text(ds, "Modality").upper(),
+        body_part=_text(ds, "BodyPartExamined").upper(),
+        view_position=_text(ds, "ViewPosition"),
+        photometric=attrs.photometric,
+        rows=attrs.rows,
+        columns=attrs.columns,
+        number_of_frames=attrs.frames,
+        frame_index=frame_index,
+        samples_per_pixel=attrs.samples_per_pixel,
+        bits_stored=attrs.bits_stored,
+        bits_allocated=attrs.bits_allocated,
+        pixel_representation=attrs.pixel_representation,
+        transfer_syntax_uid=str(transfer_syntax),
+        rescale_slope=1.0 if slope is None else slope,
+        rescale_intercept=0.0 if intercept is None else intercept,
+        window=(center, width) if center is not None and width is not None and width >= 1 else None,
+        has_voi_lut_sequence=_has_items(ds, "VOILUTSequence"),
+        has_modality_lut_sequence=_has_items(ds, "ModalityLUTSequence"),
+    )
+
+
+def _first(value: Any) -> Any:
+    """The first value of a multi-valued element (VM > 1), else the value itself."""
+    if isinstance(value, MultiValue | list | tuple):
+        return value[0] if value else None
+    return value
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """An optional string attribute, stripped; "" when absent or unreadable."""
+    try:
+        value = _first(ds.get(keyword))
+    except _VALUE_ERRORS:
+        logger.debug("unreadable optional attribute %s", keyword)
+        return ""
+    return "" if value is None else str(value).strip()
+
+
+def _frame_float(ds: Dataset, frame_index: int, sequence: str, keyword: str) -> float | None:
+    """An optional numeric attribute for the frame; ``None`` when absent or not a finite number."""
+    try:
+        value = _first(frame_attribute(ds, frame_index, sequence, keyword))
+        number = None if value is None or value == "" else float(value)
+    except _VALUE_ERRORS:
+        logger.debug("unreadable optional attribute %s", keyword)
+        return None
+    return number if number is not None and np.isfinite(number) else None
+
+
+def _has_items(ds: Dataset, keyword: str) -> bool:
+    try:
+        return bool(ds.get(keyword))
+    except _VALUE_ERRORS:
+        return False

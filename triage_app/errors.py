@@ -1,0 +1,115 @@
+"""One exception tree for the whole application.
+
+Every error carries a stable machine-readable ``code`` (used in result records, quarantine folder
+names and exit paths) and a one-line human message. Codes never change once released; add new
+ones instead.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class TriageError(Exception):
+    """Base class: ``code`` is stable, ``str(err)`` is one clear line."""
+
+    code: ClassVar[str] = "error"
+
+    def __init__(self, message: str) -> None:
+        # Keep the message to one line: it goes to stderr, JSON records and the GUI.
+        super().__init__(" ".join(message.split()))
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+# --- Per-input errors: the file is refused (and later quarantined); the batch goes on. ---------
+
+
+class InputError(TriageError):
+    """An input file that cannot be triaged. Never fatal for a batch."""
+
+    code = "input_error"
+
+
+class UnreadableFileError(InputError):
+    code = "unreadable"
+
+
+class EmptyFileError(InputError):
+    code = "empty_file"
+
+
+class NotDicomError(InputError):
+    code = "not_dicom"
+
+
+class TruncatedError(InputError):
+    code = "truncated"
+
+
+class InvalidDicomError(InputError):
+    """Parses as DICOM but a required attribute is missing or has an impossible value."""
+
+    code = "invalid_dicom"
+
+
+class NoPixelDataError(InputError):
+    code = "no_pixel_data"
+
+
+class UnsupportedTransferSyntaxError(InputError):
+    code = "unsupported_transfer_syntax"
+
+
+class CorruptPixelDataError(InputError):
+    code = "corrupt_pixel_data"
+
+
+class UnsupportedPhotometricError(InputError):
+    code = "unsupported_photometric"
+
+
+# --- Model bundle errors: fatal at start-up, the app refuses to classify. ----------------------
+
+
+class ModelError(TriageError):
+    code = "model_invalid"
+
+
+class ModelNotFoundError(ModelError):
+    code = "model_not_found"
+
+
+class ModelIntegrityError(ModelError):
+    """The ONNX file's hash does not match the manifest: it was altered or swapped."""
+
+    code = "model_hash_mismatch"
+
+
+class ManifestError(ModelError):
+    code = "manifest_invalid"
+
+
+# --- Settings, storage and state ---------------------------------------------------------------
+
+
+class ConfigError(TriageError):
+    """An invalid setting; the message names the field and the reason."""
+
+    code = "config_invalid"
+
+
+class AdminAuthError(ConfigError):
+    code = "admin_auth_failed"
+
+
+class StoreError(TriageError):
+    code = "store_error"
+
+
+class IllegalTransitionError(StoreError):
+    """A case event that is not allowed in the case's current state."""
+
+    code = "illegal_transition"

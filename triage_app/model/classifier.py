@@ -1,0 +1,82 @@
+"""A verified model bundle loaded into ONNX Runtime on the CPU.
+
+One ``Classifier`` per process: sessions are not shared across processes (each worker loads its
+own), and each uses few threads, because two single-threaded worker processes beat one process
+with two threads on a 2-core box (DESIGN §7).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from triage_app.errors import ModelError
+from triage_app.model.input_profile import InputProfile
+from triage_app.model.manifest import ModelManifest, verify_bundle
+from triage_app.results import ModelRef
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probabilities: dict[str, float]
+    score: float  # calibrated probability of the positive label
+
+
+def softmax_with_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    scaled = logits.astype(np.float64) / temperature
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+class Classifier:
+    """The model, its input profile and its manifest, verified and ready to run."""
+
+    def __init__(self, bundle_dir: Path, *, threads: int = 1) -> None:
+        self.bundle_dir = bundle_dir
+        self.manifest: ModelManifest = verify_bundle(bundle_dir)
+        self.profile = InputProfile.load(bundle_dir / self.manifest.profile_file)
+        self._session = _make_session(bundle_dir / self.manifest.onnx_file, threads)
+        self._output_name = self._session.get_outputs()[0].name
+        declared = self._session.get_inputs()[0]
+        if declared.name != self.manifest.input_name:
+            raise ModelError(
+                f"model input is named {declared.name!r} but the manifest says "
+                f"{self.manifest.input_name!r}"
+            )
+        logger.info("loaded model %s (sha256 %s…)", self.manifest.key, self.manifest.sha256[:12])
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.manifest.name, self.manifest.version, self.manifest.sha256)
+
+    def predict(self, tensor: np.ndarray) -> Prediction:
+        logits = self._session.run([self._output_name], {self.manifest.input_name: tensor})[0]
+        probs = softmax_with_temperature(np.asarray(logits)[0], self.manifest.temperature)
+        labelled = {label: float(p) for label, p in zip(self.manifest.labels, probs, strict=True)}
+        return Prediction(labelled, labelled[self.manifest.positive_label])
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw logits for a batch (evaluation and calibration tools)."""
+        return np.asarray(self._session.run([self._output_name], {self.manifest.input_name: batch})[0])
+
+
+def _make_session(onnx_path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(
+            str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except (RuntimeError, ValueError) as exc:  # ORT raises its own subclasses of these
+        raise ModelError(f"ONNX Runtime cannot load {onnx_path.name}: {exc}") from exc

@@ -1,0 +1,68 @@
+"""Is this image like the ones the model was trained on?
+
+A header can say ``DX``/``CHEST`` and still hold an MR slice, a CT scout or a photograph; a
+classifier fed such an image still returns a confident-looking probability. The profile is a
+principal-component model of the training images at 32×32: an image the components cannot
+reconstruct well is atypical and is escalated as out of scope instead of being called normal.
+It is cheap (one 1024×k matrix product) and explainable (one score against one limit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from triage_app.errors import ManifestError
+
+PROFILE_SIDE = 32
+
+
+def _features(unit: np.ndarray) -> np.ndarray:
+    small = cv2.resize(unit.astype(np.float32), (PROFILE_SIDE, PROFILE_SIDE), interpolation=cv2.INTER_AREA)
+    return small.reshape(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class InputProfile:
+    mean: np.ndarray  # (1024,)
+    components: np.ndarray  # (k, 1024), orthonormal rows
+    limit: float  # reconstruction error above which an image is atypical
+
+    def score(self, unit: np.ndarray) -> float:
+        """Root-mean-square reconstruction error of the 32×32 image (0 = perfectly typical)."""
+        centred = _features(unit) - self.mean
+        residual = centred - (self.components.T @ (self.components @ centred))
+        return float(np.sqrt(np.mean(residual * residual)))
+
+    def is_typical(self, score: float) -> bool:
+        return score <= self.limit
+
+    @classmethod
+    def fit(cls, units: np.ndarray, components: int = 24, quantile: float = 0.999, margin: float = 1.5) -> InputProfile:
+        """Fit on training images (N×H×W in [0, 1]); the limit is a high quantile times a margin."""
+        feats = np.stack([_features(u) for u in units]).astype(np.float64)
+        mean = feats.mean(axis=0)
+        _, _, vt = np.linalg.svd(feats - mean, full_matrices=False)
+        profile = cls(mean.astype(np.float32), vt[:components].astype(np.float32), limit=0.0)
+        scores = np.array([profile.score(u) for u in units])
+        return cls(profile.mean, profile.components, float(np.quantile(scores, quantile) * margin))
+
+    def save(self, path: Path) -> None:
+        with path.open("wb") as handle:
+            np.savez(handle, mean=self.mean, components=self.components, limit=np.float32(self.limit))
+
+    @classmethod
+    def load(cls, path: Path) -> InputProfile:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                mean = data["mean"].astype(np.float32)
+                components = data["components"].astype(np.float32)
+                limit = float(data["limit"])
+        except (OSError, KeyError, ValueError) as exc:
+            raise ManifestError(f"input profile {path.name} cannot be read: {exc}") from exc
+        if mean.shape != (PROFILE_SIDE * PROFILE_SIDE,) or components.shape[1:] != mean.shape:
+            raise ManifestError(f"input profile {path.name} has the wrong shape")
+        return cls(mean, components, limit)

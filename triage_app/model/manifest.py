@@ -1,0 +1,186 @@
+"""The model bundle contract (DESIGN 4.3): ``models/<name>/manifest.json`` and its files.
+
+The manifest is the single source of truth about a model: what file, what hash, what input, how
+to preprocess, what the labels mean, how to calibrate, default thresholds, intended use and the
+evidence behind it. A bundle whose files do not match their recorded hashes is refused: a model
+that was altered or swapped must never classify a patient image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from triage_app.errors import ManifestError, ModelIntegrityError, ModelNotFoundError
+from triage_app.model.preprocess import PreprocessSpec
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Score = calibrated probability of the positive label; between the two is uncertain."""
+
+    normal_below: float
+    abnormal_at_or_above: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.normal_below <= self.abnormal_at_or_above <= 1.0:
+            raise ManifestError(
+                "thresholds must satisfy 0 <= normal_below <= abnormal_at_or_above <= 1 "
+                f"(got {self.normal_below}, {self.abnormal_at_or_above})"
+            )
+
+    def to_json(self) -> dict[str, float]:
+        return {"normal_below": self.normal_below, "abnormal_at_or_above": self.abnormal_at_or_above}
+
+
+@dataclass(frozen=True)
+class IntendedUse:
+    modalities: tuple[str, ...]
+    body_parts: tuple[str, ...]
+    photometric: tuple[str, ...]
+    allow_missing_body_part: bool
+    description: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "modalities": list(self.modalities),
+            "body_parts": list(self.body_parts),
+            "photometric": list(self.photometric),
+            "allow_missing_body_part": self.allow_missing_body_part,
+            "description": self.description,
+        }
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    name: str
+    version: str
+    onnx_file: str
+    sha256: str
+    input_name: str
+    input_shape: tuple[int, ...]
+    labels: tuple[str, ...]
+    positive_label: str
+    temperature: float
+    thresholds: Thresholds
+    intended_use: IntendedUse
+    preprocessing: PreprocessSpec
+    profile_file: str
+    profile_sha256: str
+    raw: dict[str, Any]  # the whole document, for display and for fields only tools read
+
+    @property
+    def key(self) -> str:
+        """``name@version``: what admin-approved thresholds are bound to."""
+        return f"{self.name}@{self.version}"
+
+    @property
+    def positive_index(self) -> int:
+        return self.labels.index(self.positive_label)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> ModelManifest:
+        try:
+            if int(doc["format_version"]) != FORMAT_VERSION:
+                raise ManifestError(f"unsupported manifest format_version {doc['format_version']}")
+            labels = tuple(str(label) for label in doc["labels"])
+            positive = str(doc["positive_label"])
+            if positive not in labels or len(labels) < 2:
+                raise ManifestError("positive_label must be one of at least two labels")
+            temperature = float(doc["calibration"]["temperature"])
+            if not 0.05 <= temperature <= 20:
+                raise ManifestError(f"calibration.temperature out of range: {temperature}")
+            use = doc["intended_use"]
+            return cls(
+                name=str(doc["name"]),
+                version=str(doc["version"]),
+                onnx_file=str(doc["file"]),
+                sha256=str(doc["sha256"]).lower(),
+                input_name=str(doc["input"]["name"]),
+                input_shape=tuple(int(n) for n in doc["input"]["shape"]),
+                labels=labels,
+                positive_label=positive,
+                temperature=temperature,
+                thresholds=Thresholds(
+                    float(doc["thresholds"]["normal_below"]),
+                    float(doc["thresholds"]["abnormal_at_or_above"]),
+                ),
+                intended_use=IntendedUse(
+                    modalities=tuple(str(m).upper() for m in use["modalities"]),
+                    body_parts=tuple(str(b).upper() for b in use["body_parts"]),
+                    photometric=tuple(str(p).upper() for p in use["photometric"]),
+                    allow_missing_body_part=bool(use.get("allow_missing_body_part", False)),
+                    description=str(use.get("description", "")),
+                ),
+                preprocessing=PreprocessSpec.from_json(doc["preprocessing"]),
+                profile_file=str(doc["input_profile"]["file"]),
+                profile_sha256=str(doc["input_profile"]["sha256"]).lower(),
+                raw=doc,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"manifest is missing or has a malformed field: {exc}") from exc
+
+
+def load_manifest(bundle_dir: Path) -> ModelManifest:
+    path = bundle_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ModelNotFoundError(f"no {MANIFEST_NAME} in model directory {bundle_dir}")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path} is not readable JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{path} must hold a JSON object")
+    return ModelManifest.from_json(doc)
+
+
+def verify_file(path: Path, expected_sha256: str, what: str) -> None:
+    """Refuse a file whose content is not the one the manifest vouches for."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"{what} {path.name} is missing from the model bundle")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise ModelIntegrityError(
+            f"{what} {path.name} does not match its manifest (sha256 {actual[:12]}…, "
+            f"expected {expected_sha256[:12]}…): refusing a model that was altered or swapped"
+        )
+
+
+def bundled_models_dir() -> Path:
+    """Where the project's own model bundles live: the source tree's ``models/``, or the copy
+    installed under ``<prefix>/share/triage-app/models`` by a wheel."""
+    source_tree = Path(__file__).resolve().parents[2] / "models"
+    if source_tree.is_dir():
+        return source_tree
+    return Path(sys.prefix) / "share" / "triage-app" / "models"
+
+
+def find_bundle(name: str, explicit_dir: Path | None = None) -> Path:
+    """The bundle folder: the admin's explicit choice, else the bundled model of that name."""
+    bundle = explicit_dir if explicit_dir is not None else bundled_models_dir() / name
+    if not (bundle / MANIFEST_NAME).is_file():
+        raise ModelNotFoundError(f"no model bundle with a {MANIFEST_NAME} at {bundle}")
+    return bundle
+
+
+def verify_bundle(bundle_dir: Path) -> ModelManifest:
+    """Load the manifest and check every file it vouches for; the cheap part of loading."""
+    manifest = load_manifest(bundle_dir)
+    verify_file(bundle_dir / manifest.onnx_file, manifest.sha256, "model file")
+    verify_file(bundle_dir / manifest.profile_file, manifest.profile_sha256, "input profile")
+    return manifest

@@ -1,0 +1,156 @@
+"""One image through the chain: read → pseudonymise → preprocess → infer → decide.
+
+This is the only place the steps are wired together (as MONAI Deploy's ``compose()``); the CLI,
+GUI, watch service and receiver all call :meth:`TriagePipeline.run`. It never raises for a bad
+input: a file that cannot be triaged comes back as a :class:`~triage_app.results.FailedInput`
+with a stable error code, so one bad file never stops a batch. Recording results is the caller's
+job (one writer per store; see ``batch``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from triage_app.config import Settings
+from triage_app.dicom import load_image
+from triage_app.dicom.pseudonym import case_id_for, pseudonymous_uid
+from triage_app.errors import InputError
+from triage_app.model.classifier import Classifier
+from triage_app.model.manifest import find_bundle
+from triage_app.model.preprocess import to_tensor, to_unit_image
+from triage_app.policy import (
+    ActiveThresholds,
+    ScopeAssessment,
+    decide,
+    header_scope_findings,
+    resolve_thresholds,
+)
+from triage_app.results import CaseResult, EscalationRef, FailedInput, InputOutcome
+from triage_app.secrets import load_or_create_site_secret
+from triage_app.states import CaseEvent
+from triage_app.store import CaseStore
+
+logger = logging.getLogger(__name__)
+
+ESCALATION_HELD = EscalationRef(
+    state="held",
+    detail="no central server configured: kept on this device for review",
+)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything a worker process needs to build its own pipeline (plain and picklable)."""
+
+    bundle_dir: Path
+    site_secret: bytes
+    ort_threads: int = 1
+    thresholds_model: str | None = None
+    normal_below: float | None = None
+    abnormal_at_or_above: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PipelineConfig:
+        return cls(
+            bundle_dir=find_bundle(settings.model_name, settings.model_dir),
+            site_secret=load_or_create_site_secret(settings.data_dir),
+            ort_threads=settings.ort_threads_per_worker,
+            thresholds_model=settings.thresholds_model,
+            normal_below=settings.normal_below,
+            abnormal_at_or_above=settings.abnormal_at_or_above,
+        )
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = (time.perf_counter() - started) * 1e3
+
+
+class TriagePipeline:
+    def __init__(self, config: PipelineConfig) -> None:
+        self.classifier = Classifier(config.bundle_dir, threads=config.ort_threads)
+        manifest = self.classifier.manifest
+        self.thresholds: ActiveThresholds = resolve_thresholds(
+            manifest, config.thresholds_model, config.normal_below, config.abnormal_at_or_above
+        )
+        self._secret = config.site_secret
+
+    def run(self, source: str | os.PathLike[str]) -> InputOutcome:
+        path = os.fspath(source)
+        try:
+            return self._run(path)
+        except InputError as err:
+            return FailedInput(path, err.code, err.message)
+
+    def _run(self, path: str) -> CaseResult:
+        manifest = self.classifier.manifest
+        timings: dict[str, float] = {}
+        with _timed(timings, "read"):
+            image = load_image(path)
+        with _timed(timings, "pseudonymise"):
+            instance = _instance_key(image.info.sop_instance_uid, image.stored)
+            case_id = case_id_for(pseudonymous_uid(self._secret, instance))
+        with _timed(timings, "preprocess"):
+            unit = to_unit_image(image, manifest.preprocessing)
+            tensor = to_tensor(unit, manifest.preprocessing)
+        with _timed(timings, "infer"):
+            prediction = self.classifier.predict(tensor)
+        with _timed(timings, "decide"):
+            profile = self.classifier.profile
+            input_score = profile.score(unit)
+            findings = header_scope_findings(image.info, manifest.intended_use)
+            if not profile.is_typical(input_score):
+                findings += ("atypical_input",)
+            scope = ScopeAssessment(findings, input_score, profile.limit)
+            decision = decide(prediction.score, self.thresholds.thresholds, scope)
+        return CaseResult(
+            path=path,
+            case_id=case_id,
+            decision=decision.decision,
+            reason=decision.reason,
+            score=prediction.score,
+            probabilities=prediction.probabilities,
+            model=self.classifier.ref,
+            thresholds=self.thresholds.to_json(),
+            scope=scope.to_json(),
+            image=image.info.to_json(),
+            escalation=ESCALATION_HELD if decision.is_escalation else None,
+            timings_ms=timings,
+        )
+
+
+def _instance_key(sop_instance_uid: str, stored: np.ndarray) -> str:
+    """The SOP Instance UID; for the rare file without one, a digest of its pixels."""
+    if sop_instance_uid:
+        return sop_instance_uid
+    return "pixels:" + hashlib.sha256(np.ascontiguousarray(stored).tobytes()).hexdigest()
+
+
+def store_event(result: CaseResult) -> CaseEvent:
+    """The case-store event that records where a triaged case went."""
+    if result.decision == "normal":
+        return CaseEvent.DECIDE_LOCAL_NORMAL
+    if result.decision == "abnormal":
+        return CaseEvent.DECIDE_LOCAL_ABNORMAL
+    return CaseEvent.HOLD
+
+
+def record_outcome(store: CaseStore, outcome: InputOutcome) -> None:
+    """Keep every outcome: triaged cases with their state history, failures with their code."""
+    if isinstance(outcome, CaseResult):
+        store.record_result(outcome, store_event(outcome))
+    else:
+        store.record_failure(outcome)

@@ -1,0 +1,89 @@
+"""Records that cross module lines: one per input file (DESIGN 4.2).
+
+They are frozen so a result cannot be edited after the fact; ``to_json`` gives exactly the JSON
+Lines contract the CLI prints and the case store keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+    sha256: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class EscalationRef:
+    """Where an escalated case stands on its way to the central server."""
+
+    state: str
+    payload_sha256: str | None = None
+    detail: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"state": self.state, "payload_sha256": self.payload_sha256}
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """A successfully triaged input."""
+
+    path: str
+    case_id: str
+    decision: str  # normal | abnormal | escalate
+    reason: str  # confident_normal | confident_abnormal | uncertain | out_of_scope
+    score: float  # calibrated probability of the positive label
+    probabilities: dict[str, float]
+    model: ModelRef
+    thresholds: dict[str, float]
+    scope: dict[str, Any]  # modality, body_part, photometric, findings of the scope check
+    image: dict[str, Any]  # non-identifying image facts: size, frames, transfer syntax
+    escalation: EscalationRef | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    ok: bool = field(default=True, init=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "ok": True,
+            "case_id": self.case_id,
+            "decision": self.decision,
+            "reason": self.reason,
+            "score": round(self.score, 6),
+            "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
+            "thresholds": self.thresholds,
+            "model": self.model.to_json(),
+            "scope": self.scope,
+            "image": self.image,
+            "escalation": self.escalation.to_json() if self.escalation else None,
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+        }
+
+
+@dataclass(frozen=True)
+class FailedInput:
+    """An input that was refused, with the stable error code and a one-line message."""
+
+    path: str
+    code: str
+    message: str
+
+    ok: bool = field(default=False, init=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "ok": False, "error": {"code": self.code, "message": self.message}}
+
+
+InputOutcome = CaseResult | FailedInput

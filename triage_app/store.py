@@ -1,0 +1,521 @@
+"""The local case store: one SQLite file (WAL) shared by the watch service, GUI and CLI.
+
+Why SQLite in WAL mode with ``synchronous=FULL``: several processes on the device read and write
+the same file, readers must never block the writer, and a committed case must survive a power
+cut. Every write runs in a ``BEGIN IMMEDIATE`` transaction so that two processes cannot both read
+a case's state and then race each other to change it; a waiting writer retries for up to the
+busy timeout instead of failing at once.
+
+Privacy: the file holds the input path and the full result record, so it is created with mode
+0600, and this module logs case ids and states only, never paths or results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from triage_app.errors import StoreError
+from triage_app.results import CaseResult, FailedInput
+from triage_app.states import CaseEvent, CaseState, next_state
+
+__all__ = [
+    "REPROCESSED",
+    "AuditEntry",
+    "CaseStore",
+    "CaseTransition",
+    "FailureRecord",
+    "StoredCase",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``case_events.event`` of the row written when a known case is recorded again (no state change).
+REPROCESSED = "reprocessed"
+
+_DEFAULT_BUSY_TIMEOUT_S = 10.0
+
+# Forward migrations: entry ``i`` takes a file from ``PRAGMA user_version`` ``i`` to ``i + 1``.
+# Append new steps, never edit released ones. Each step runs in one transaction with the version
+# bump, so a crash leaves the file at either the old or the new version.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE cases (
+            case_id       TEXT PRIMARY KEY,
+            state         TEXT NOT NULL,
+            decision      TEXT NOT NULL,
+            reason        TEXT NOT NULL,
+            score         REAL NOT NULL,
+            model_name    TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            model_sha256  TEXT NOT NULL,
+            source        TEXT NOT NULL,
+            created_at    TEXT NOT NULL,
+            updated_at    TEXT NOT NULL,
+            result_json   TEXT NOT NULL,
+            error_code    TEXT
+        )
+        """,
+        "CREATE INDEX cases_by_state ON cases (state, created_at)",
+        "CREATE INDEX cases_by_created ON cases (created_at)",
+        """
+        CREATE TABLE case_events (
+            id         INTEGER PRIMARY KEY,
+            case_id    TEXT NOT NULL REFERENCES cases (case_id),
+            from_state TEXT NOT NULL,
+            to_state   TEXT NOT NULL,
+            event      TEXT NOT NULL,
+            at         TEXT NOT NULL,
+            detail     TEXT
+        )
+        """,
+        "CREATE INDEX case_events_by_case ON case_events (case_id, id)",
+        """
+        CREATE TABLE failures (
+            id      INTEGER PRIMARY KEY,
+            path    TEXT NOT NULL,
+            code    TEXT NOT NULL,
+            message TEXT NOT NULL,
+            at      TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE audit (
+            id          INTEGER PRIMARY KEY,
+            at          TEXT NOT NULL,
+            actor       TEXT NOT NULL,
+            action      TEXT NOT NULL,
+            detail_json TEXT NOT NULL
+        )
+        """,
+        # The audit log is evidence: refuse edits and deletions at the database level.
+        """
+        CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END
+        """,
+        """
+        CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END
+        """,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class StoredCase:
+    """A case as the store holds it; ``result`` is the latest result record (DESIGN 4.2)."""
+
+    case_id: str
+    state: CaseState
+    decision: str
+    reason: str
+    score: float
+    model_name: str
+    model_version: str
+    model_sha256: str
+    created_at: str
+    updated_at: str
+    result: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CaseTransition:
+    """One row of a case's history. ``event`` is a :class:`CaseEvent` value or ``REPROCESSED``."""
+
+    from_state: CaseState
+    to_state: CaseState
+    event: str
+    at: str
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """An input that could not be triaged (it has no case id, so it is kept apart from cases)."""
+
+    path: str
+    code: str
+    message: str
+    at: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One audit log entry: who did what, with its details (e.g. old and new setting values)."""
+
+    at: str
+    actor: str
+    action: str
+    detail: dict[str, Any]
+
+
+def _now() -> str:
+    """UTC, ISO-8601, milliseconds: sorts as text and reads the same on every device."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@contextmanager
+def _sqlite_errors(what: str) -> Iterator[None]:
+    """Turn ``sqlite3.Error`` into a one-line :class:`StoreError` saying what failed."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StoreError(f"case store: could not {what}: {exc}") from exc
+
+
+class CaseStore:
+    """Cases, their state history, refused inputs and the audit log, in one SQLite file.
+
+    Open with :meth:`open` and close with :meth:`close` (or use it as a context manager). One
+    instance per process and thread; any number of processes may open the same file.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        """Wrap an already configured connection; use :meth:`open` instead."""
+        self._conn = conn
+
+    @classmethod
+    def open(cls, path: Path, *, busy_timeout_s: float = _DEFAULT_BUSY_TIMEOUT_S) -> CaseStore:
+        """Open (or create) the store at ``path`` and bring its schema up to date.
+
+        A new file gets mode 0600 and its parent directory is created (mode 0700). A file with
+        a newer schema than this version knows is refused rather than misread.
+        """
+        path = Path(path)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Created here rather than by SQLite so that it is private from its first byte
+            # (SQLite gives its -wal and -shm files the same mode).
+            with suppress(FileExistsError):
+                path.touch(mode=0o600, exist_ok=False)
+        except OSError as exc:
+            raise StoreError(f"case store: could not create {path}: {exc}") from exc
+        with _sqlite_errors(f"open {path}"):
+            # isolation_level=None: no implicit transactions; we issue BEGIN IMMEDIATE ourselves.
+            conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
+            try:
+                conn.row_factory = sqlite3.Row
+                mode = _enable_wal(conn, busy_timeout_s)
+                if mode != "wal":
+                    raise StoreError(f"case store: {path} cannot use WAL mode (got {mode!r})")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                store = cls(conn)
+                store._migrate()
+            except BaseException:
+                conn.close()
+                raise
+        log.debug("case store opened (schema version %d)", store.schema_version)
+        return store
+
+    def close(self) -> None:
+        with _sqlite_errors("close the database"):
+            self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        with _sqlite_errors("read the schema version"):
+            version: int = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        return version
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def record_result(self, result: CaseResult, final_event: CaseEvent) -> CaseState:
+        """Store a triaged case and move it to its first resting state; return that state.
+
+        A new case is inserted as ``received``, then ``analyse`` and ``final_event`` (e.g.
+        ``decide_local_normal``, ``enqueue``, ``hold``) are applied, each stored in the history,
+        all in one transaction: a crash leaves either the whole case or nothing.
+
+        Idempotent on ``case_id`` (the same image sent again is the same case): a known case is
+        not duplicated and its state does not change, whatever ``final_event`` says. Only its
+        ``result`` (the latest record) and ``updated_at`` are replaced; the decision columns keep
+        the values that put the case in its state. A ``reprocessed`` history row (from_state ==
+        to_state) records the new decision/reason, and the current state is returned.
+
+        Raises
+        ------
+        IllegalTransitionError
+            If ``final_event`` cannot follow ``analyse``; nothing is stored.
+        """
+        # Validate the whole path before touching the file.
+        steps: list[tuple[CaseState, CaseEvent, CaseState]] = []
+        state = CaseState.RECEIVED
+        for event in (CaseEvent.ANALYSE, final_event):
+            steps.append((state, event, next_state(state, event)))
+            state = steps[-1][2]
+        result_json = json.dumps(result.to_json(), sort_keys=True)
+        with self._write(f"record case {result.case_id}") as at:
+            row = self._conn.execute(
+                "SELECT state FROM cases WHERE case_id = ?", (result.case_id,)
+            ).fetchone()
+            if row is not None:
+                current = CaseState(row["state"])
+                self._conn.execute(
+                    "UPDATE cases SET result_json = ?, updated_at = ? WHERE case_id = ?",
+                    (result_json, at, result.case_id),
+                )
+                self._add_event(
+                    result.case_id,
+                    current,
+                    current,
+                    REPROCESSED,
+                    at,
+                    f"decision={result.decision} reason={result.reason}",
+                )
+                log.info("case %s reprocessed; stays %s", result.case_id, current)
+                return current
+            self._conn.execute(
+                """
+                INSERT INTO cases (case_id, state, decision, reason, score, model_name,
+                                   model_version, model_sha256, source, created_at, updated_at,
+                                   result_json)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """,
+                (
+                    result.case_id,
+                    state,
+                    result.decision,
+                    result.reason,
+                    result.score,
+                    result.model.name,
+                    result.model.version,
+                    result.model.sha256,
+                    result.path,
+                    at,
+                    at,
+                    result_json,
+                ),
+            )
+            for before, event, after in steps:
+                self._add_event(result.case_id, before, after, event, at, None)
+        log.info("case %s recorded: %s", result.case_id, state)
+        return state
+
+    def record_failure(self, failure: FailedInput) -> None:
+        """Keep a refused input (it has no case id) so that nothing is lost silently."""
+        with self._write("record a failed input") as at:
+            self._conn.execute(
+                "INSERT INTO failures (path, code, message, at) VALUES (?, ?, ?, ?)",
+                (failure.path, failure.code, failure.message, at),
+            )
+        log.info("failed input recorded: %s", failure.code)
+
+    def apply(self, case_id: str, event: CaseEvent, detail: str | None = None) -> CaseState:
+        """Apply ``event`` to a stored case and return its new state.
+
+        The state is read and changed inside one ``BEGIN IMMEDIATE`` transaction, so of two
+        processes applying events to the same case, the second sees the first one's result.
+
+        Raises
+        ------
+        IllegalTransitionError
+            If the case's current state does not allow ``event``; nothing changes.
+        StoreError
+            If ``case_id`` is unknown, or the database fails.
+        """
+        with self._write(f"apply {event} to case {case_id}") as at:
+            row = self._conn.execute(
+                "SELECT state FROM cases WHERE case_id = ?", (case_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"case store: unknown case id {case_id}")
+            before = CaseState(row["state"])
+            after = next_state(before, event)
+            self._conn.execute(
+                "UPDATE cases SET state = ?, updated_at = ? WHERE case_id = ?",
+                (after, at, case_id),
+            )
+            self._add_event(case_id, before, after, event, at, detail)
+        log.info("case %s: %s -(%s)-> %s", case_id, before, event, after)
+        return after
+
+    def audit(self, actor: str, action: str, detail: Mapping[str, object]) -> None:
+        """Append to the audit log (admin changes, acknowledgements...). Entries are permanent.
+
+        ``detail`` is stored as JSON; values JSON cannot express (e.g. paths) are stored as text.
+        """
+        detail_json = json.dumps(dict(detail), sort_keys=True, default=str)
+        with self._write("write the audit log") as at:
+            self._conn.execute(
+                "INSERT INTO audit (at, actor, action, detail_json) VALUES (?, ?, ?, ?)",
+                (at, actor, action, detail_json),
+            )
+        log.info("audit: %s by %s", action, actor)
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def get(self, case_id: str) -> StoredCase | None:
+        with _sqlite_errors(f"read case {case_id}"):
+            row = self._conn.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+        return None if row is None else _stored_case(row)
+
+    def history(self, case_id: str) -> list[CaseTransition]:
+        """The case's transitions, oldest first (empty for an unknown case)."""
+        with _sqlite_errors(f"read the history of case {case_id}"):
+            rows = self._conn.execute(
+                "SELECT from_state, to_state, event, at, detail FROM case_events"
+                " WHERE case_id = ? ORDER BY id",
+                (case_id,),
+            ).fetchall()
+        return [
+            CaseTransition(
+                from_state=CaseState(r["from_state"]),
+                to_state=CaseState(r["to_state"]),
+                event=r["event"],
+                at=r["at"],
+                detail=r["detail"],
+            )
+            for r in rows
+        ]
+
+    def list_cases(
+        self, *, state: CaseState | None = None, limit: int | None = None
+    ) -> list[StoredCase]:
+        """Cases newest first, optionally only those in ``state`` and at most ``limit``."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        sql = "SELECT * FROM cases"
+        params: list[object] = []
+        if state is not None:
+            sql += " WHERE state = ?"
+            params.append(state)
+        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        params.append(-1 if limit is None else limit)
+        with _sqlite_errors("list cases"):
+            rows = self._conn.execute(sql, params).fetchall()
+        return [_stored_case(r) for r in rows]
+
+    def counts_by_state(self) -> dict[str, int]:
+        """Number of cases per state; every known state is present, with 0 if it has none."""
+        counts = {s.value: 0 for s in CaseState}
+        with _sqlite_errors("count cases"):
+            rows = self._conn.execute(
+                "SELECT state, COUNT(*) AS n FROM cases GROUP BY state"
+            ).fetchall()
+        counts.update((r["state"], r["n"]) for r in rows)
+        return counts
+
+    def failures(self) -> list[FailureRecord]:
+        """Refused inputs, oldest first."""
+        with _sqlite_errors("read failed inputs"):
+            rows = self._conn.execute(
+                "SELECT path, code, message, at FROM failures ORDER BY id"
+            ).fetchall()
+        return [FailureRecord(r["path"], r["code"], r["message"], r["at"]) for r in rows]
+
+    def audit_log(self) -> list[AuditEntry]:
+        """The audit log, oldest first."""
+        with _sqlite_errors("read the audit log"):
+            rows = self._conn.execute(
+                "SELECT at, actor, action, detail_json FROM audit ORDER BY id"
+            ).fetchall()
+        return [
+            AuditEntry(r["at"], r["actor"], r["action"], json.loads(r["detail_json"])) for r in rows
+        ]
+
+    # --- internals ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[str]:
+        """One ``BEGIN IMMEDIATE`` transaction; yields its timestamp. Rolls back on any error."""
+        with _sqlite_errors(what):
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _now()
+                self._conn.execute("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back by itself (e.g. disk full).
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    def _add_event(
+        self,
+        case_id: str,
+        before: CaseState,
+        after: CaseState,
+        event: str,
+        at: str,
+        detail: str | None,
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO case_events (case_id, from_state, to_state, event, at, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (case_id, before, after, event, at, detail),
+        )
+
+    def _migrate(self) -> None:
+        """Apply the pending forward migrations, one transaction each."""
+        target = len(_MIGRATIONS)
+        while True:
+            with self._write("migrate the schema"):
+                version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > target:
+                    raise StoreError(
+                        f"case store: schema version {version} is newer than this app "
+                        f"supports ({target}); upgrade the app"
+                    )
+                if version == target:
+                    return
+                for statement in _MIGRATIONS[version]:
+                    self._conn.execute(statement)
+                # PRAGMA takes no parameters; version is an int from SQLite itself.
+                self._conn.execute(f"PRAGMA user_version = {version + 1}")
+            log.info("case store schema migrated to version %d", version + 1)
+
+
+def _enable_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
+    """Switch to WAL and return the journal mode now in force.
+
+    Why the loop: when several processes open a new file at once, SQLite reports "database is
+    locked" for this pragma at once instead of calling the busy handler, so we wait ourselves.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            mode: str = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+        else:
+            return mode
+
+
+def _stored_case(row: sqlite3.Row) -> StoredCase:
+    return StoredCase(
+        case_id=row["case_id"],
+        state=CaseState(row["state"]),
+        decision=row["decision"],
+        reason=row["reason"],
+        score=row["score"],
+        model_name=row["model_name"],
+        model_version=row["model_version"],
+        model_sha256=row["model_sha256"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        result=json.loads(row["result_json"]),
+    )
