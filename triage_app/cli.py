@@ -128,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
 def _configure_logging(verbose: bool, debug: bool) -> None:
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pydicom's value checks quote the offending value (names, UIDs) at WARNING: no PHI in logs.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def _settings(args: argparse.Namespace, *, for_saving: bool = False) -> Settings:

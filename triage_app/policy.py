@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from triage_app.dicom.image import ImageInfo
+from triage_app.errors import ConfigError
 from triage_app.model.manifest import IntendedUse, ModelManifest, Thresholds
 
 logger = logging.getLogger(__name__)
@@ -109,12 +110,17 @@ def resolve_thresholds(
             manifest.key,
         )
         return ActiveThresholds(manifest.thresholds, "manifest")
-    return ActiveThresholds(
-        Thresholds(
-            manifest.thresholds.normal_below if normal_below is None else normal_below,
-            manifest.thresholds.abnormal_at_or_above
-            if abnormal_at_or_above is None
-            else abnormal_at_or_above,
-        ),
-        "settings",
+    low = manifest.thresholds.normal_below if normal_below is None else normal_below
+    high = (
+        manifest.thresholds.abnormal_at_or_above
+        if abnormal_at_or_above is None
+        else abnormal_at_or_above
     )
+    if low > high:
+        # Settings validation keeps two set thresholds in order, but one set threshold can still
+        # cross the model's default for the other: a settings problem, not a manifest one.
+        raise ConfigError(
+            f"escalation.normal_below ({low}) is above escalation.abnormal_at_or_above ({high}) "
+            f"for {manifest.key}: set both thresholds"
+        )
+    return ActiveThresholds(Thresholds(low, high), "settings")

@@ -38,6 +38,7 @@ from models.training.calibrate import auroc, choose_thresholds, fit_temperature
 from models.training.data import RUNS_DIR, Split, build_split
 from models.training.model_card import write_model_card
 from models.training.net import EdgeNet
+from triage_app.model.classifier import softmax_with_temperature
 from triage_app.model.input_profile import InputProfile
 from triage_app.model.manifest import FORMAT_VERSION, sha256_file
 from triage_app.model.preprocess import PreprocessSpec
@@ -74,7 +75,9 @@ def train_model(train: Split, spec: PreprocessSpec, plan: Plan) -> EdgeNet:
     model = EdgeNet()
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = plan.epochs * ((len(x) + plan.batch - 1) // plan.batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=3e-3, total_steps=steps, pct_start=0.15
+    )
     generator = torch.Generator().manual_seed(0)
     for epoch in range(plan.epochs):
         model.train()
@@ -209,8 +212,7 @@ def build(plan: Plan) -> dict[str, Any]:
     logger.info("quantization gate: %s", gate)
     shipped_logits = logits_int8 if int8_ships else logits_fp32
     temperature = fit_temperature(shipped_logits, labels)
-    probs = np.exp(shipped_logits / temperature)
-    scores = probs[:, 1] / probs.sum(axis=1)
+    scores = softmax_with_temperature(shipped_logits, temperature)[:, 1]
     point = choose_thresholds(scores, labels, MAX_LOCAL_ERROR)
     logger.info("temperature %.3f, operating point %s", temperature, point)
     profile = InputProfile.fit(train.units[:4000].astype(np.float32))
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         plan = Plan(600, 300, 1, 64, RUNS_DIR / "quick", args.version + "-quick")
     else:
-        plan = Plan(args.train_count, args.calibration_count, args.epochs, 64, args.out, args.version)
+        plan = Plan(args.train_count, args.calibration_count, args.epochs, 32, args.out, args.version)
     build(plan)
     return 0
 

@@ -575,6 +575,16 @@ def test_directory_missing_path_and_fifo(tmp_path: Path) -> None:
     assert code_of(fifo) == "unreadable"  # and must not block
 
 
+def test_permission_denied_maps_to_unreadable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Runs as root too (root ignores file modes): simulate the refusal at open().
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(errors.UnreadableFileError, match="permission denied"):
+        load_image(bundled("MR_small.dcm"))
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_permission_denied(tmp_path: Path) -> None:
     path = tmp_path / "locked.dcm"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from triage_app.errors import ModelError
 from triage_app.model.input_profile import InputProfile
@@ -20,6 +21,19 @@ from triage_app.model.manifest import ModelManifest, verify_bundle
 from triage_app.results import ModelRef
 
 logger = logging.getLogger(__name__)
+
+# ONNX Runtime's own exceptions (InvalidProtobuf, InvalidGraph, Fail, NoSuchFile, ...) derive from
+# Exception directly, not from RuntimeError or ValueError: name them all, so that a file ORT cannot
+# load is a one-line ModelError instead of a traceback.
+_ORT_LOAD_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    ValueError,
+    *(
+        cls
+        for cls in vars(_ort_state).values()
+        if isinstance(cls, type) and issubclass(cls, Exception)
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -78,5 +92,5 @@ def _make_session(onnx_path: Path, threads: int) -> ort.InferenceSession:
         return ort.InferenceSession(
             str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
         )
-    except (RuntimeError, ValueError) as exc:  # ORT raises its own subclasses of these
+    except _ORT_LOAD_ERRORS as exc:
         raise ModelError(f"ONNX Runtime cannot load {onnx_path.name}: {exc}") from exc

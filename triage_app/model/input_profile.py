@@ -9,6 +9,7 @@ It is cheap (one 1024×k matrix product) and explainable (one score against one 
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +58,13 @@ class InputProfile:
     @classmethod
     def load(cls, path: Path) -> InputProfile:
         try:
-            with np.load(path, allow_pickle=False) as data:
+            # Open the file here: np.load leaks its own handle when the zip is broken.
+            with path.open("rb") as handle, np.load(handle, allow_pickle=False) as data:
                 mean = data["mean"].astype(np.float32)
                 components = data["components"].astype(np.float32)
                 limit = float(data["limit"])
-        except (OSError, KeyError, ValueError) as exc:
+        # EOFError: empty file; BadZipFile: damaged archive; TypeError: a bare .npy, not an .npz.
+        except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as exc:
             raise ManifestError(f"input profile {path.name} cannot be read: {exc}") from exc
         if mean.shape != (PROFILE_SIDE * PROFILE_SIDE,) or components.shape[1:] != mean.shape:
             raise ManifestError(f"input profile {path.name} has the wrong shape")

@@ -102,9 +102,9 @@ class PhantomConfig:
     size_range: tuple[int, int] = (320, 1024)
     monochrome1_fraction: float = 0.3
     # Log-uniform contrast ranges: the low ends are near the noise and texture floor on purpose.
-    nodule_contrast: tuple[float, float] = (0.08, 1.0)
-    nodule_radius_mm: tuple[float, float] = (4.0, 30.0)
-    opacity_contrast: tuple[float, float] = (0.06, 0.6)
+    nodule_contrast: tuple[float, float] = (0.25, 1.5)
+    nodule_radius_mm: tuple[float, float] = (6.0, 30.0)
+    opacity_contrast: tuple[float, float] = (0.15, 0.8)
     opacity_radius_mm: tuple[float, float] = (20.0, 70.0)
     lookalike_probability: float = 0.35
 
@@ -252,7 +252,7 @@ def _lung_texture(
     fine = _smooth_noise(rng, rows, cols, max(0.6, 1.2 * px_per_mm))
     coarse = _smooth_noise(rng, rows, cols, max(1.5, 5.0 * px_per_mm))
     hilar = np.exp(-((np.abs(grid.x) - 0.17) ** 2 + (grid.y + 0.05) ** 2) / 0.12)
-    amplitude = rng.uniform(0.035, 0.06) * (1.0 + 1.5 * hilar)
+    amplitude = rng.uniform(0.025, 0.045) * (1.0 + 1.5 * hilar)
     return (amplitude * (0.6 * np.abs(fine) + 0.5 * coarse) * np.clip(lungs * 3, 0, 1)).astype(
         np.float32
     )

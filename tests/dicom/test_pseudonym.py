@@ -1,0 +1,94 @@
+"""Keyed pseudonyms and case ids: deterministic, secret-dependent, valid DICOM UIDs."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pytest
+from pydicom.uid import UID
+
+from triage_app.dicom.pseudonym import case_id_for, pseudonymous_uid
+
+SECRET = bytes(range(32))
+OTHER_SECRET = bytes(range(1, 33))
+UIDS = [
+    "1.2.840.113619.2.55.3.604688119.971.1234567890.1",
+    "1.2.3",
+    "2.25.339523396178240395372541812359842306812",
+    "1.3.6.1.4.1.9590.100.1.2.1",
+    "9" * 64,
+]
+_UID_PATTERN = re.compile(r"^2\.25\.(0|[1-9][0-9]*)$")
+
+
+def _assert_valid_uid(uid: str) -> None:
+    assert _UID_PATTERN.match(uid), uid
+    assert len(uid) <= 64
+    assert UID(uid).is_valid
+    assert int(uid.removeprefix("2.25.")) < 2**128
+
+
+@pytest.mark.parametrize("uid", UIDS)
+def test_pseudonym_is_a_valid_uuid_derived_uid(uid: str) -> None:
+    _assert_valid_uid(pseudonymous_uid(SECRET, uid))
+
+
+def test_pseudonyms_stay_valid_over_many_inputs() -> None:
+    # Leading zeros in the digest must never become a leading zero after the root.
+    for n in range(2000):
+        _assert_valid_uid(pseudonymous_uid(SECRET, f"1.2.826.0.1.3680043.8.498.{n}"))
+
+
+@pytest.mark.parametrize("uid", UIDS)
+def test_pseudonym_is_deterministic(uid: str) -> None:
+    assert pseudonymous_uid(SECRET, uid) == pseudonymous_uid(bytes(SECRET), str(uid))
+
+
+@pytest.mark.parametrize("uid", UIDS)
+def test_pseudonym_depends_on_the_secret(uid: str) -> None:
+    assert pseudonymous_uid(SECRET, uid) != pseudonymous_uid(OTHER_SECRET, uid)
+    assert pseudonymous_uid(SECRET, uid) != pseudonymous_uid(SECRET[:-1], uid)
+
+
+def test_different_uids_get_different_pseudonyms() -> None:
+    outputs = {pseudonymous_uid(SECRET, f"1.2.3.{n}") for n in range(1000)}
+    assert len(outputs) == 1000
+
+
+def test_pseudonym_does_not_reveal_the_original() -> None:
+    uid = UIDS[0]
+    pseudonym = pseudonymous_uid(SECRET, uid)
+    assert uid not in pseudonym
+    assert "113619" not in pseudonym  # the vendor root is gone too
+    # Not an unkeyed hash of the UID (which anyone could recompute).
+    unkeyed = "2.25." + str(int.from_bytes(hashlib.sha256(uid.encode()).digest()[:16], "big"))
+    assert pseudonym != unkeyed
+
+
+@pytest.mark.parametrize("padded", ["1.2.3 ", " 1.2.3", "1.2.3\n", "\t1.2.3  "])
+def test_whitespace_padding_maps_like_the_stripped_uid(padded: str) -> None:
+    assert pseudonymous_uid(SECRET, padded) == pseudonymous_uid(SECRET, "1.2.3")
+
+
+def test_case_id_is_stable_hex_of_fixed_length() -> None:
+    pseudonym = pseudonymous_uid(SECRET, UIDS[0])
+    case_id = case_id_for(pseudonym)
+    assert case_id == case_id_for(pseudonym)
+    assert re.fullmatch(r"[0-9a-f]{32}", case_id)
+
+
+def test_case_id_is_derivable_by_the_central_server() -> None:
+    # DESIGN 4.2: anyone holding the de-identified instance derives the same id, without the
+    # site secret. This pins the derivation (SHA-256 of the UID, first 128 bits in hex), since
+    # the central server computes it independently.
+    uid = "2.25.123456789012345678901234567890"
+    assert case_id_for(uid) == hashlib.sha256(uid.encode("ascii")).hexdigest()[:32]
+
+
+def test_case_ids_differ_per_instance_and_per_site() -> None:
+    ids = {case_id_for(pseudonymous_uid(SECRET, f"1.2.3.{n}")) for n in range(500)}
+    assert len(ids) == 500
+    assert case_id_for(pseudonymous_uid(SECRET, "1.2.3")) != case_id_for(
+        pseudonymous_uid(OTHER_SECRET, "1.2.3")
+    )

@@ -1,0 +1,85 @@
+"""Shared test helpers: generated inputs (good and bad) and running the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from triage_app.synthetic import PhantomConfig, phantom_to_dataset, render_phantom
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "models" / "chest-dx-demo"
+SMALL = PhantomConfig(size_range=(256, 384))
+
+
+def write_phantoms(folder: Path, seed: int, count: int, *, config: PhantomConfig = SMALL) -> dict[str, str]:
+    """``count`` phantom files in ``folder``; returns file name → truth label."""
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    for index in range(count):
+        phantom = render_phantom(seed, index, config)
+        name = f"p{index:03d}.dcm"
+        phantom_to_dataset(phantom).save_as(folder / name, enforce_file_format=True)
+        truth[name] = phantom.label
+    return truth
+
+
+def phantom_dataset(seed: int = 5, index: int = 0) -> Dataset:
+    return phantom_to_dataset(render_phantom(seed, index, SMALL))
+
+
+def write_bad_inputs(folder: Path) -> dict[str, str]:
+    """One file per failure mode; returns file name → expected error code."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.dcm").write_bytes(b"")
+    (folder / "notes.txt").write_text("Patient notes: not an image\n", encoding="utf-8")
+    good = phantom_dataset(5, 1)
+    good.save_as(folder / "whole.tmp", enforce_file_format=True)
+    data = (folder / "whole.tmp").read_bytes()
+    (folder / "whole.tmp").unlink()
+    (folder / "truncated.dcm").write_bytes(data[: len(data) // 2])
+    no_pixels = phantom_dataset(5, 2)
+    del no_pixels.PixelData
+    no_pixels.save_as(folder / "no_pixels.dcm", enforce_file_format=True)
+    return {
+        "empty.dcm": "empty_file",
+        "notes.txt": "not_dicom",
+        "truncated.dcm": "truncated",
+        "no_pixels.dcm": "no_pixel_data",
+    }
+
+
+@dataclass(frozen=True)
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+    def by_name(self) -> dict[str, dict[str, Any]]:
+        return {Path(r["path"]).name: r for r in self.records}
+
+
+def run_cli(*args: str | Path, data_dir: Path, env: dict[str, str] | None = None, timeout: float = 240) -> CliRun:
+    """The real command in a fresh process, as a user or a service manager runs it."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    full_env.update(env or {})
+    result = subprocess.run(
+        [sys.executable, "-m", "triage_app", *map(str, args), "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        check=False,
+    )
+    return CliRun(result.returncode, result.stdout, result.stderr)

@@ -1,0 +1,283 @@
+"""The model bundle contract: manifest parsing, integrity check, bundle lookup."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.model.conftest import (
+    ABNORMAL_AT_OR_ABOVE,
+    MODEL_NAME,
+    MODEL_VERSION,
+    NORMAL_BELOW,
+    TEMPERATURE,
+    read_doc,
+    write_doc,
+)
+from triage_app.errors import (
+    ManifestError,
+    ModelError,
+    ModelIntegrityError,
+    ModelNotFoundError,
+)
+from triage_app.model.manifest import (
+    MANIFEST_NAME,
+    ModelManifest,
+    Thresholds,
+    find_bundle,
+    load_manifest,
+    sha256_file,
+    verify_bundle,
+)
+from triage_app.model.preprocess import PreprocessSpec
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_valid_bundle_loads_with_every_field(tiny_bundle: Path) -> None:
+    manifest = verify_bundle(tiny_bundle)
+    assert manifest.name == MODEL_NAME
+    assert manifest.version == MODEL_VERSION
+    assert manifest.key == f"{MODEL_NAME}@{MODEL_VERSION}"
+    assert manifest.onnx_file == "model.onnx"
+    assert manifest.sha256 == sha256_file(tiny_bundle / "model.onnx")
+    assert manifest.input_name == "image"
+    assert manifest.input_shape == (1, 1, 128, 128)
+    assert manifest.labels == ("normal", "abnormal")
+    assert manifest.positive_label == "abnormal"
+    assert manifest.positive_index == 1
+    assert manifest.temperature == TEMPERATURE
+    assert manifest.thresholds == Thresholds(NORMAL_BELOW, ABNORMAL_AT_OR_ABOVE)
+    assert manifest.preprocessing == PreprocessSpec()
+    assert manifest.intended_use.modalities == ("DX", "CR")
+    assert manifest.intended_use.body_parts == ("CHEST",)
+    assert manifest.intended_use.allow_missing_body_part is True
+    assert manifest.profile_file == "input_profile.npz"
+    assert manifest.raw == read_doc(tiny_bundle)
+
+
+def test_load_manifest_does_not_check_hashes_but_verify_does(tiny_bundle: Path) -> None:
+    _flip_byte(tiny_bundle / "model.onnx", 20)
+    assert load_manifest(tiny_bundle).name == MODEL_NAME  # the cheap header read
+    with pytest.raises(ModelIntegrityError):
+        verify_bundle(tiny_bundle)
+
+
+@pytest.mark.parametrize("offset", [0, 57, -1])
+def test_tampered_onnx_is_refused(tiny_bundle: Path, offset: int) -> None:
+    onnx_path = tiny_bundle / "model.onnx"
+    _flip_byte(onnx_path, offset % onnx_path.stat().st_size)
+    with pytest.raises(ModelIntegrityError) as caught:
+        verify_bundle(tiny_bundle)
+    err = caught.value
+    assert err.code == "model_hash_mismatch"
+    assert "\n" not in str(err)
+    assert "model.onnx" in str(err)
+
+
+def test_tampered_input_profile_is_refused(tiny_bundle: Path) -> None:
+    _flip_byte(tiny_bundle / "input_profile.npz", 100)
+    with pytest.raises(ModelIntegrityError, match=r"input_profile\.npz"):
+        verify_bundle(tiny_bundle)
+
+
+def test_swapped_onnx_is_refused(tiny_bundle: Path) -> None:
+    # A valid ONNX file, but not the one the manifest vouches for.
+    onnx_path = tiny_bundle / "model.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes() + b"\x00")
+    with pytest.raises(ModelIntegrityError):
+        verify_bundle(tiny_bundle)
+
+
+def test_uppercase_hash_in_manifest_is_accepted(tiny_bundle: Path) -> None:
+    doc = read_doc(tiny_bundle)
+    doc["sha256"] = doc["sha256"].upper()
+    write_doc(tiny_bundle, doc)
+    assert verify_bundle(tiny_bundle).sha256 == sha256_file(tiny_bundle / "model.onnx")
+
+
+@pytest.mark.parametrize("missing", ["model.onnx", "input_profile.npz", MANIFEST_NAME])
+def test_missing_file_is_model_not_found(tiny_bundle: Path, missing: str) -> None:
+    (tiny_bundle / missing).unlink()
+    with pytest.raises(ModelNotFoundError) as caught:
+        verify_bundle(tiny_bundle)
+    assert caught.value.code == "model_not_found"
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_bundle_directory_is_model_not_found(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError):
+        verify_bundle(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2, 3]", '"a string"'])
+def test_manifest_that_is_not_a_json_object_is_refused(tiny_bundle: Path, content: str) -> None:
+    (tiny_bundle / MANIFEST_NAME).write_text(content, encoding="utf-8")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(tiny_bundle)
+    assert caught.value.code == "manifest_invalid"
+
+
+def test_manifest_that_is_not_utf8_is_refused(tiny_bundle: Path) -> None:
+    (tiny_bundle / MANIFEST_NAME).write_bytes(b"\xff\xfe{\x00}")
+    with pytest.raises(ManifestError):
+        load_manifest(tiny_bundle)
+
+
+def _drop(*keys: str) -> Callable[[dict[str, Any]], None]:
+    def edit(doc: dict[str, Any]) -> None:
+        target = doc
+        for key in keys[:-1]:
+            target = target[key]
+        del target[keys[-1]]
+
+    return edit
+
+
+def _set(value: Any, *keys: str) -> Callable[[dict[str, Any]], None]:
+    def edit(doc: dict[str, Any]) -> None:
+        target = doc
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+
+    return edit
+
+
+MALFORMED: dict[str, Callable[[dict[str, Any]], None]] = {
+    "no format_version": _drop("format_version"),
+    "format_version 2": _set(2, "format_version"),
+    "format_version text": _set("one", "format_version"),
+    "no name": _drop("name"),
+    "no file": _drop("file"),
+    "no sha256": _drop("sha256"),
+    "no labels": _drop("labels"),
+    "one label": _set(["abnormal"], "labels"),
+    "positive label not a label": _set("sick", "positive_label"),
+    "no calibration": _drop("calibration"),
+    "temperature text": _set("warm", "calibration", "temperature"),
+    "temperature zero": _set(0.0, "calibration", "temperature"),
+    "temperature negative": _set(-1.0, "calibration", "temperature"),
+    "temperature huge": _set(50.0, "calibration", "temperature"),
+    "temperature null": _set(None, "calibration", "temperature"),
+    "thresholds out of order": _set(
+        {"normal_below": 0.9, "abnormal_at_or_above": 0.1}, "thresholds"
+    ),
+    "threshold above one": _set(1.5, "thresholds", "abnormal_at_or_above"),
+    "threshold below zero": _set(-0.1, "thresholds", "normal_below"),
+    "threshold missing": _drop("thresholds", "normal_below"),
+    "no input name": _drop("input", "name"),
+    "input shape not numbers": _set(["N", 1, 128, 128], "input", "shape"),
+    "no intended use": _drop("intended_use"),
+    "no modalities": _drop("intended_use", "modalities"),
+    "no preprocessing": _drop("preprocessing"),
+    "preprocessing size bad": _set([128], "preprocessing", "size"),
+    "no input profile": _drop("input_profile"),
+    "no input profile hash": _drop("input_profile", "sha256"),
+}
+
+
+@pytest.mark.parametrize("edit", list(MALFORMED.values()), ids=list(MALFORMED))
+def test_malformed_manifest_is_refused(
+    tiny_bundle: Path, edit: Callable[[dict[str, Any]], None]
+) -> None:
+    doc = read_doc(tiny_bundle)
+    ModelManifest.from_json(copy.deepcopy(doc))  # the unedited document is valid
+    edit(doc)
+    with pytest.raises(ManifestError) as caught:
+        ModelManifest.from_json(doc)
+    assert caught.value.code == "manifest_invalid"
+    assert isinstance(caught.value, ModelError)
+    assert "\n" not in str(caught.value)
+    # The same refusal when the bundle is loaded from disk.
+    write_doc(tiny_bundle, doc)
+    with pytest.raises(ManifestError):
+        verify_bundle(tiny_bundle)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 1.0, 20.0])
+def test_temperature_range_is_inclusive(tiny_bundle: Path, temperature: float) -> None:
+    doc = read_doc(tiny_bundle)
+    doc["calibration"]["temperature"] = temperature
+    assert ModelManifest.from_json(doc).temperature == temperature
+
+
+def test_positive_label_may_be_any_label(tiny_bundle: Path) -> None:
+    doc = read_doc(tiny_bundle)
+    doc["positive_label"] = "normal"
+    manifest = ModelManifest.from_json(doc)
+    assert manifest.positive_index == 0
+
+
+def test_intended_use_is_upper_cased_and_defaults_apply(tiny_bundle: Path) -> None:
+    doc = read_doc(tiny_bundle)
+    doc["intended_use"] = {
+        "modalities": ["dx"],
+        "body_parts": ["chest"],
+        "photometric": ["monochrome2"],
+    }
+    use = ModelManifest.from_json(doc).intended_use
+    assert (use.modalities, use.body_parts, use.photometric) == (
+        ("DX",),
+        ("CHEST",),
+        ("MONOCHROME2",),
+    )
+    assert use.allow_missing_body_part is False  # the safe default
+    assert use.to_json()["modalities"] == ["DX"]
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "ok"),
+    [
+        (0.0, 1.0, True),
+        (0.5, 0.5, True),
+        (0.2, 0.8, True),
+        (0.8, 0.2, False),
+        (-0.01, 0.5, False),
+        (0.5, 1.01, False),
+    ],
+)
+def test_thresholds_validation(low: float, high: float, ok: bool) -> None:
+    if ok:
+        assert Thresholds(low, high).to_json() == {
+            "normal_below": low,
+            "abnormal_at_or_above": high,
+        }
+    else:
+        with pytest.raises(ManifestError):
+            Thresholds(low, high)
+
+
+def test_find_bundle_uses_the_explicit_directory(tiny_bundle: Path) -> None:
+    assert find_bundle("any-name", tiny_bundle) == tiny_bundle
+
+
+def test_find_bundle_refuses_a_directory_without_manifest(tiny_bundle: Path) -> None:
+    (tiny_bundle / MANIFEST_NAME).unlink()
+    with pytest.raises(ModelNotFoundError, match=MANIFEST_NAME):
+        find_bundle("any-name", tiny_bundle)
+
+
+def test_find_bundle_refuses_a_missing_explicit_directory(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError):
+        find_bundle("any-name", tmp_path / "does-not-exist")
+
+
+def test_find_bundle_refuses_an_unknown_bundled_name() -> None:
+    with pytest.raises(ModelNotFoundError):
+        find_bundle("no-such-model-anywhere")
+
+
+def test_manifest_round_trips_through_json(tiny_bundle: Path) -> None:
+    doc = read_doc(tiny_bundle)
+    again = ModelManifest.from_json(json.loads(json.dumps(doc)))
+    assert again == ModelManifest.from_json(doc)

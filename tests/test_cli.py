@@ -1,0 +1,206 @@
+"""The ``triage-app`` contract (DESIGN 4.1/4.2), through the real command in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import BUNDLE, run_cli, write_bad_inputs, write_phantoms
+from triage_app.model.manifest import load_manifest
+from triage_app.store import CaseStore
+
+RESULT_FIELDS = {
+    "path",
+    "ok",
+    "case_id",
+    "decision",
+    "reason",
+    "score",
+    "probabilities",
+    "thresholds",
+    "model",
+    "scope",
+    "image",
+    "escalation",
+    "timings_ms",
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], dict[str, str]]:
+    """Good phantoms (one in a nested folder) next to one bad file of every kind."""
+    root = tmp_path_factory.mktemp("mixed")
+    truth = write_phantoms(root, seed=31, count=3)
+    truth.update({f"nested/{k}": v for k, v in write_phantoms(root / "nested", seed=32, count=2).items()})
+    bad = write_bad_inputs(root)
+    return root, truth, bad
+
+
+def test_classify_mixed_folder_reports_every_file_and_exits_1(mixed_folder, tmp_path):
+    root, truth, bad = mixed_folder
+    run = run_cli("classify", root, data_dir=tmp_path)
+
+    assert run.returncode == 1
+    records = run.records
+    assert len(records) == len(truth) + len(bad)  # one line per input file, nothing dropped
+    by_name = run.by_name()
+    for name, code in bad.items():
+        assert by_name[name]["ok"] is False
+        assert by_name[name]["error"]["code"] == code
+        assert "\n" not in by_name[name]["error"]["message"]
+    for record in records:
+        if record["ok"]:
+            assert set(record) == RESULT_FIELDS
+            assert record["decision"] in {"normal", "abnormal", "escalate"}
+            assert abs(sum(record["probabilities"].values()) - 1) < 1e-4
+            assert record["score"] == record["probabilities"]["abnormal"]
+            assert len(record["case_id"]) == 32
+            assert set(record["timings_ms"]) >= {"read", "preprocess", "infer"}
+            assert record["model"]["sha256"] == load_manifest(BUNDLE).sha256
+    assert "Traceback" not in run.stderr
+    failure_lines = [line for line in run.stderr.splitlines() if line.startswith("triage-app: ")]
+    assert len(failure_lines) == len(bad)
+    assert f"{len(records)} inputs" in run.stderr
+
+
+def test_classify_good_files_exits_0_and_records_cases(tmp_path):
+    folder = tmp_path / "in"
+    truth = write_phantoms(folder, seed=33, count=3)
+    data = tmp_path / "data"
+    run = run_cli("classify", folder, data_dir=data)
+    assert run.returncode == 0, run.stderr
+    assert len(run.records) == len(truth)
+    with CaseStore.open(data / "cases.sqlite3") as store:
+        stored = {c.case_id: c for c in store.list_cases()}
+        for record in run.records:
+            case = stored[record["case_id"]]
+            assert case.decision == record["decision"]
+            assert [t.to_state for t in store.history(record["case_id"])][0] == "analysed"
+
+
+def test_same_image_twice_is_one_case(tmp_path):
+    folder = tmp_path / "in"
+    write_phantoms(folder, seed=34, count=1)
+    copy = tmp_path / "copy" / "renamed.dcm"
+    copy.parent.mkdir()
+    shutil.copyfile(folder / "p000.dcm", copy)
+    data = tmp_path / "data"
+    first = run_cli("classify", folder / "p000.dcm", copy, data_dir=data)
+    second = run_cli("classify", folder / "p000.dcm", data_dir=data)
+    ids = {r["case_id"] for r in first.records + second.records}
+    assert len(ids) == 1
+    with CaseStore.open(data / "cases.sqlite3") as store:
+        assert len(store.list_cases()) == 1
+
+
+def test_two_workers_give_the_same_results_in_input_order(tmp_path):
+    folder = tmp_path / "in"
+    write_phantoms(folder, seed=35, count=6)
+    one = run_cli("classify", folder, "--workers", "1", data_dir=tmp_path / "d1")
+    two = run_cli("classify", folder, "--workers", "2", data_dir=tmp_path / "d2")
+    assert one.returncode == two.returncode == 0
+    assert [r["path"] for r in one.records] == [r["path"] for r in two.records]
+    assert [r["decision"] for r in one.records] == [r["decision"] for r in two.records]
+    for a, b in zip(one.records, two.records, strict=True):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-6)
+
+
+def test_missing_path_is_reported_not_fatal(tmp_path):
+    folder = tmp_path / "in"
+    write_phantoms(folder, seed=36, count=1)
+    run = run_cli("classify", tmp_path / "nope.dcm", folder, data_dir=tmp_path / "d")
+    assert run.returncode == 1
+    by_name = run.by_name()
+    assert by_name["nope.dcm"]["error"]["code"] == "unreadable"
+    assert by_name["p000.dcm"]["ok"] is True
+
+
+def test_usage_error_exits_2(tmp_path):
+    run = run_cli("classify", data_dir=tmp_path)
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+
+
+def test_invalid_settings_file_is_one_line_exit_2(tmp_path):
+    config = tmp_path / "settings.toml"
+    config.write_text("[processing]\nworkers = 0\n", encoding="utf-8")
+    write_phantoms(tmp_path / "in", seed=37, count=1)
+    run = run_cli("classify", tmp_path / "in", "--config", config, data_dir=tmp_path / "d")
+    assert run.returncode == 2
+    assert run.stdout == ""
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "processing.workers" in lines[0] and "config_invalid" in lines[0]
+
+
+def test_tampered_model_is_refused(tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bundle)
+    model = bundle / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    write_phantoms(tmp_path / "in", seed=38, count=2)
+    for workers in ("1", "2"):
+        run = run_cli(
+            "classify", tmp_path / "in", "--model-dir", bundle, "--workers", workers, data_dir=tmp_path / "d"
+        )
+        assert run.returncode == 2
+        assert run.stdout == ""
+        assert "model_hash_mismatch" in run.stderr
+        assert "Traceback" not in run.stderr
+
+
+def _settings_file(tmp_path: Path, model_key: str, low: float, high: float) -> Path:
+    path = tmp_path / "settings.toml"
+    path.write_text(
+        "[escalation]\n"
+        f'thresholds_model = "{model_key}"\n'
+        f"normal_below = {low}\nabnormal_at_or_above = {high}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_admin_thresholds_apply_only_to_their_model(tmp_path):
+    manifest = load_manifest(BUNDLE)
+    write_phantoms(tmp_path / "in", seed=39, count=4)
+    # Everything is escalated when the uncertain band is the whole range.
+    bound = _settings_file(tmp_path, manifest.key, 0.0, 1.0)
+    run = run_cli("classify", tmp_path / "in", "--config", bound, data_dir=tmp_path / "d1")
+    assert {r["thresholds"]["source"] for r in run.records} == {"settings"}
+    assert {r["decision"] for r in run.records} == {"escalate"}
+
+    other = _settings_file(tmp_path, f"{manifest.name}@0.0.0-other", 0.0, 1.0)
+    run = run_cli("classify", tmp_path / "in", "--config", other, data_dir=tmp_path / "d2")
+    assert {r["thresholds"]["source"] for r in run.records} == {"manifest"}
+    assert run.records[0]["thresholds"]["normal_below"] == manifest.thresholds.normal_below
+    assert "approved for" in run.stderr
+
+
+def test_demo_runs_on_bundled_images(tmp_path):
+    run = run_cli("demo", data_dir=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "decided locally" in run.stdout
+    assert "other_ct_slice.dcm" in run.stdout and "out_of_scope" in run.stdout
+
+
+def test_config_show_lists_settings_and_set_requires_admin_password(tmp_path):
+    config = tmp_path / "settings.toml"
+    show = run_cli("config", "show", "--json", "--config", config, data_dir=tmp_path)
+    assert show.returncode == 0
+    assert "escalation.normal_below" in json.loads(show.stdout)
+
+    refused = run_cli("config", "set", "escalation.normal_below", "0.1", "--config", config, data_dir=tmp_path)
+    assert refused.returncode == 2
+    assert "admin_auth_failed" in refused.stderr
+
+    ok = run_cli("config", "set", "display.theme", "light", "--config", config, data_dir=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert run_cli("config", "get", "display.theme", "--config", config, data_dir=tmp_path).stdout.strip() == "light"
+    with CaseStore.open(tmp_path / "cases.sqlite3") as store:
+        entries = store.audit_log()
+    assert entries[-1].action == "config.set"
