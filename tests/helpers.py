@@ -19,7 +19,9 @@ BUNDLE = ROOT / "models" / "chest-dx-demo"
 SMALL = PhantomConfig(size_range=(256, 384))
 
 
-def write_phantoms(folder: Path, seed: int, count: int, *, config: PhantomConfig = SMALL) -> dict[str, str]:
+def write_phantoms(
+    folder: Path, seed: int, count: int, *, config: PhantomConfig = SMALL
+) -> dict[str, str]:
     """``count`` phantom files in ``folder``; returns file name → truth label."""
     folder.mkdir(parents=True, exist_ok=True)
     truth = {}
@@ -70,7 +72,9 @@ class CliRun:
         return {Path(r["path"]).name: r for r in self.records}
 
 
-def run_cli(*args: str | Path, data_dir: Path, env: dict[str, str] | None = None, timeout: float = 240) -> CliRun:
+def run_cli(
+    *args: str | Path, data_dir: Path, env: dict[str, str] | None = None, timeout: float = 240
+) -> CliRun:
     """The real command in a fresh process, as a user or a service manager runs it."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
     full_env.update(env or {})

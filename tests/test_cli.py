@@ -30,11 +30,15 @@ RESULT_FIELDS = {
 
 
 @pytest.fixture(scope="module")
-def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], dict[str, str]]:
+def mixed_folder(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict[str, str], dict[str, str]]:
     """Good phantoms (one in a nested folder) next to one bad file of every kind."""
     root = tmp_path_factory.mktemp("mixed")
     truth = write_phantoms(root, seed=31, count=3)
-    truth.update({f"nested/{k}": v for k, v in write_phantoms(root / "nested", seed=32, count=2).items()})
+    truth.update(
+        {f"nested/{k}": v for k, v in write_phantoms(root / "nested", seed=32, count=2).items()}
+    )
     bad = write_bad_inputs(root)
     return root, truth, bad
 
@@ -78,7 +82,7 @@ def test_classify_good_files_exits_0_and_records_cases(tmp_path):
         for record in run.records:
             case = stored[record["case_id"]]
             assert case.decision == record["decision"]
-            assert [t.to_state for t in store.history(record["case_id"])][0] == "analysed"
+            assert store.history(record["case_id"])[0].to_state == "analysed"
 
 
 def test_same_image_twice_is_one_case(tmp_path):
@@ -146,7 +150,13 @@ def test_tampered_model_is_refused(tmp_path):
     write_phantoms(tmp_path / "in", seed=38, count=2)
     for workers in ("1", "2"):
         run = run_cli(
-            "classify", tmp_path / "in", "--model-dir", bundle, "--workers", workers, data_dir=tmp_path / "d"
+            "classify",
+            tmp_path / "in",
+            "--model-dir",
+            bundle,
+            "--workers",
+            workers,
+            data_dir=tmp_path / "d",
         )
         assert run.returncode == 2
         assert run.stdout == ""
@@ -194,13 +204,20 @@ def test_config_show_lists_settings_and_set_requires_admin_password(tmp_path):
     assert show.returncode == 0
     assert "escalation.normal_below" in json.loads(show.stdout)
 
-    refused = run_cli("config", "set", "escalation.normal_below", "0.1", "--config", config, data_dir=tmp_path)
+    refused = run_cli(
+        "config", "set", "escalation.normal_below", "0.1", "--config", config, data_dir=tmp_path
+    )
     assert refused.returncode == 2
     assert "admin_auth_failed" in refused.stderr
 
     ok = run_cli("config", "set", "display.theme", "light", "--config", config, data_dir=tmp_path)
     assert ok.returncode == 0, ok.stderr
-    assert run_cli("config", "get", "display.theme", "--config", config, data_dir=tmp_path).stdout.strip() == "light"
+    assert (
+        run_cli(
+            "config", "get", "display.theme", "--config", config, data_dir=tmp_path
+        ).stdout.strip()
+        == "light"
+    )
     with CaseStore.open(tmp_path / "cases.sqlite3") as store:
         entries = store.audit_log()
     assert entries[-1].action == "config.set"

@@ -61,9 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, help="settings file (default: the platform's config dir)")
+    common.add_argument(
+        "--config", type=Path, help="settings file (default: the platform's config dir)"
+    )
     common.add_argument("--data-dir", type=Path, help="override paths.data_dir (case store, keys)")
-    common.add_argument("--model-dir", type=Path, help="override paths.model_dir (a model bundle folder)")
+    common.add_argument(
+        "--model-dir", type=Path, help="override paths.model_dir (a model bundle folder)"
+    )
     common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     common.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
 
@@ -81,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         "JSON object per input (JSON Lines). Results are recorded in the local case store.",
     )
     classify.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    classify.add_argument("--workers", type=int, help="worker processes (default: processing.workers)")
+    classify.add_argument(
+        "--workers", type=int, help="worker processes (default: processing.workers)"
+    )
     classify.set_defaults(handler=_classify)
 
     demo = sub.add_parser(
@@ -96,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", parents=[common], help="show, check or change settings")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    show = config_sub.add_parser("show", parents=[common], help="every setting, its value and meaning")
+    show = config_sub.add_parser(
+        "show", parents=[common], help="every setting, its value and meaning"
+    )
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=_config_show)
     get = config_sub.add_parser("get", parents=[common], help="print one setting's value")
@@ -149,7 +157,9 @@ def _settings(args: argparse.Namespace, *, for_saving: bool = False) -> Settings
 # --- classify and demo -------------------------------------------------------------------------
 
 
-def _triage(settings: Settings, files: list[Path], out: TextIO, *, as_json: bool) -> list[InputOutcome]:
+def _triage(
+    settings: Settings, files: list[Path], out: TextIO, *, as_json: bool
+) -> list[InputOutcome]:
     config = PipelineConfig.from_settings(settings)
     outcomes: list[InputOutcome] = []
     with CaseStore.open(settings.case_store_path) as store:
@@ -160,7 +170,10 @@ def _triage(settings: Settings, files: list[Path], out: TextIO, *, as_json: bool
                 print(json.dumps(outcome.to_json()), file=out, flush=True)
             if not outcome.ok:
                 error = outcome.to_json()["error"]
-                print(f"triage-app: {outcome.path}: {error['code']}: {error['message']}", file=sys.stderr)
+                print(
+                    f"triage-app: {outcome.path}: {error['code']}: {error['message']}",
+                    file=sys.stderr,
+                )
     return outcomes
 
 
@@ -281,7 +294,10 @@ def _config_set_admin_password(args: argparse.Namespace) -> int:
     if settings.has_admin_password:
         current = _read_secret("current admin password: ", args.stdin)
         if not verify_admin_password(settings, current):
-            print("triage-app: error: admin_auth_failed: the current admin password is wrong", file=sys.stderr)
+            print(
+                "triage-app: error: admin_auth_failed: the current admin password is wrong",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
     new = _read_secret("new admin password: ", args.stdin)
     path = save_settings(set_admin_password(settings, new), args.config)

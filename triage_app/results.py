@@ -83,7 +83,11 @@ class FailedInput:
     ok: bool = field(default=False, init=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "ok": False, "error": {"code": self.code, "message": self.message}}
+        return {
+            "path": self.path,
+            "ok": False,
+            "error": {"code": self.code, "message": self.message},
+        }
 
 
 InputOutcome = CaseResult | FailedInput

@@ -75,7 +75,9 @@ class OperatingPoint:
         return {k: round(v, 6) for k, v in self.__dict__.items()}
 
 
-def operating_point(scores: np.ndarray, labels: np.ndarray, low: float, high: float) -> OperatingPoint:
+def operating_point(
+    scores: np.ndarray, labels: np.ndarray, low: float, high: float
+) -> OperatingPoint:
     local_normal = scores < low
     local_abnormal = scores >= high
     local = local_normal | local_abnormal
@@ -91,7 +93,9 @@ def operating_point(scores: np.ndarray, labels: np.ndarray, low: float, high: fl
     )
 
 
-def choose_thresholds(scores: np.ndarray, labels: np.ndarray, max_local_error: float) -> OperatingPoint:
+def choose_thresholds(
+    scores: np.ndarray, labels: np.ndarray, max_local_error: float
+) -> OperatingPoint:
     """The widest local region whose error rate on held-out data stays within the budget.
 
     Candidates are score quantiles; every (low, high) pair is tried, which is cheap for a few

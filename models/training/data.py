@@ -20,6 +20,7 @@ import numpy as np
 from triage_app.dicom import load_image
 from triage_app.model.preprocess import PreprocessSpec, to_unit_image
 from triage_app.synthetic import PhantomConfig, phantom_to_dataset, render_phantom
+from triage_app.synthetic.phantom import MASK_SIDE
 
 logger = logging.getLogger(__name__)
 
@@ -30,17 +31,25 @@ RUNS_DIR = Path(__file__).resolve().parent / "runs"
 class Split:
     units: np.ndarray  # N×H×W float16 in [0, 1]
     labels: np.ndarray  # N uint8, 1 = abnormal
+    masks: np.ndarray  # N×32×32 uint8 lesion masks (dense supervision)
     findings: list[list[dict[str, object]]]
 
 
-def _one(args: tuple[int, int, PreprocessSpec, PhantomConfig]) -> tuple[np.ndarray, int, list[dict[str, object]]]:
+def _one(
+    args: tuple[int, int, PreprocessSpec, PhantomConfig],
+) -> tuple[np.ndarray, int, np.ndarray, list[dict[str, object]]]:
     seed, index, spec, config = args
     phantom = render_phantom(seed, index, config)
     buffer = io.BytesIO()
     phantom_to_dataset(phantom).save_as(buffer, enforce_file_format=True)
     image = load_image(buffer.getvalue())
     unit = to_unit_image(image, spec).astype(np.float16)
-    return unit, int(phantom.is_abnormal), [f.to_json() for f in phantom.findings]
+    return (
+        unit,
+        int(phantom.is_abnormal),
+        phantom.lesion_mask,
+        [dict(f.to_json()) for f in phantom.findings],
+    )
 
 
 def build_split(
@@ -53,23 +62,28 @@ def build_split(
     cache: bool = True,
 ) -> Split:
     cfg = config or PhantomConfig()
-    key = hashlib.sha256(json.dumps([seed, count, spec.to_json(), repr(cfg)]).encode()).hexdigest()[:16]
+    # Units are made before equalisation and normalisation: those may change without re-rendering.
+    unit_spec = {k: v for k, v in spec.to_json().items() if k not in ("clahe", "normalise")}
+    key = hashlib.sha256(json.dumps([seed, count, unit_spec, repr(cfg)]).encode()).hexdigest()[:16]
     path = RUNS_DIR / f"split-{seed}-{count}-{key}.npz"
     if cache and path.exists():
         with np.load(path, allow_pickle=False) as data:
-            findings = json.loads(str(data["findings"]))
-            return Split(data["units"], data["labels"], findings)
+            cached: list[list[dict[str, object]]] = json.loads(str(data["findings"]))
+            return Split(data["units"], data["labels"], data["masks"], cached)
     jobs = [(seed, i, spec, cfg) for i in range(count)]
     units = np.empty((count, spec.rows, spec.columns), np.float16)
     labels = np.empty(count, np.uint8)
+    masks = np.empty((count, MASK_SIDE, MASK_SIDE), np.uint8)
     findings: list[list[dict[str, object]]] = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for i, (unit, label, found) in enumerate(pool.map(_one, jobs, chunksize=32)):
-            units[i], labels[i] = unit, label
+        for i, (unit, label, mask, found) in enumerate(pool.map(_one, jobs, chunksize=32)):
+            units[i], labels[i], masks[i] = unit, label, mask
             findings.append(found)
             if (i + 1) % 2000 == 0:
                 logger.info("seed %d: %d/%d images", seed, i + 1, count)
     if cache:
         RUNS_DIR.mkdir(parents=True, exist_ok=True)
-        np.savez(path, units=units, labels=labels, findings=np.array(json.dumps(findings)))
-    return Split(units, labels, findings)
+        np.savez(
+            path, units=units, labels=labels, masks=masks, findings=np.array(json.dumps(findings))
+        )
+    return Split(units, labels, masks, findings)

@@ -65,13 +65,17 @@ def accuracy_figures(results: list[CaseResult], truth: dict[str, dict[str, Any]]
     labels = np.array([truth[Path(r.path).name]["label"] == "abnormal" for r in results], np.int64)
     scores = np.array([r.score for r in results])
     thresholds = results[0].thresholds
-    point = operating_point(scores, labels, thresholds["normal_below"], thresholds["abnormal_at_or_above"])
+    point = operating_point(
+        scores, labels, thresholds["normal_below"], thresholds["abnormal_at_or_above"]
+    )
     decided = [r for r in results if r.decision != "escalate"]
     reasons: dict[str, int] = {}
     for r in results:
         reasons[r.reason] = reasons.get(r.reason, 0) + 1
     local_errors = sum(
-        1 for r in decided if (r.decision == "abnormal") != (truth[Path(r.path).name]["label"] == "abnormal")
+        1
+        for r in decided
+        if (r.decision == "abnormal") != (truth[Path(r.path).name]["label"] == "abnormal")
     )
     return {
         "n": len(results),
@@ -86,7 +90,9 @@ def accuracy_figures(results: list[CaseResult], truth: dict[str, dict[str, Any]]
     }
 
 
-def int8_vs_fp32(units: np.ndarray, labels: np.ndarray, manifest: dict[str, Any]) -> dict[str, Any] | None:
+def int8_vs_fp32(
+    units: np.ndarray, labels: np.ndarray, manifest: dict[str, Any]
+) -> dict[str, Any] | None:
     reference = manifest.get("reference_fp32")
     if manifest["precision"] != "int8" or not reference:
         return None
@@ -108,13 +114,19 @@ def int8_vs_fp32(units: np.ndarray, labels: np.ndarray, manifest: dict[str, Any]
     thresholds = manifest["thresholds"]
 
     def scores(sess: ort.InferenceSession) -> np.ndarray:
-        logits = np.concatenate([sess.run(None, {"image": units[i : i + 64]})[0] for i in range(0, len(units), 64)])
+        logits = np.concatenate(
+            [sess.run(None, {"image": units[i : i + 64]})[0] for i in range(0, len(units), 64)]
+        )
         return softmax_with_temperature(logits, temperature)[:, 1]
 
     s_int8, s_fp32 = scores(int8), scores(fp32)
 
     def decisions(s: np.ndarray) -> np.ndarray:
-        return np.where(s < thresholds["normal_below"], 0, np.where(s >= thresholds["abnormal_at_or_above"], 2, 1))
+        return np.where(
+            s < thresholds["normal_below"],
+            0,
+            np.where(s >= thresholds["abnormal_at_or_above"], 2, 1),
+        )
 
     return {
         "fp32_ms_median": round(statistics.median(t_fp32) * 1e3, 4),
@@ -181,12 +193,23 @@ def cold_start(sample: Path, runs: int = 5) -> dict[str, float]:
         for _ in range(runs):
             t = time.perf_counter()
             subprocess.run(
-                [sys.executable, "-m", "triage_app", "classify", "--data-dir", data_dir, str(sample)],
+                [
+                    sys.executable,
+                    "-m",
+                    "triage_app",
+                    "classify",
+                    "--data-dir",
+                    data_dir,
+                    str(sample),
+                ],
                 check=True,
                 capture_output=True,
             )
             times.append(time.perf_counter() - t)
-    return {"cold_start_s_median": round(statistics.median(times), 3), "cold_start_s_max": round(max(times), 3)}
+    return {
+        "cold_start_s_median": round(statistics.median(times), 3),
+        "cold_start_s_max": round(max(times), 3),
+    }
 
 
 def stage_timings(results: list[CaseResult]) -> dict[str, dict[str, float]]:
@@ -209,7 +232,9 @@ def _table(title: str, rows: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--throughput-count", type=int, default=500)
     parser.add_argument("--no-write", action="store_true")
@@ -247,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     if quant:
         _table("INT8 vs FP32 (alternating, batch 1, 1 thread)", quant)
     _table("Per-stage timings in the pipeline (ms)", stages)
-    _table(f"Throughput on {throughput['images']} images, 2 worker processes", {**floor, **throughput})
+    _table(
+        f"Throughput on {throughput['images']} images, 2 worker processes", {**floor, **throughput}
+    )
     _table("Cold start: process to first result", startup)
 
     evaluation = {

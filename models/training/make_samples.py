@@ -11,7 +11,6 @@ check).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -26,7 +25,7 @@ CHEST_COUNT = 14
 
 def _ellipse(shape: tuple[int, int], cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
     ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]]
-    return (((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2) <= 1.0
+    return np.asarray((((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2) <= 1.0, dtype=bool)
 
 
 def _like(template: Dataset, pixels: np.ndarray, *, modality: str, body_part: str) -> Dataset:

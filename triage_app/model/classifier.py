@@ -46,7 +46,7 @@ def softmax_with_temperature(logits: np.ndarray, temperature: float) -> np.ndarr
     scaled = logits.astype(np.float64) / temperature
     scaled -= scaled.max(axis=-1, keepdims=True)
     exp = np.exp(scaled)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    return np.asarray(exp / exp.sum(axis=-1, keepdims=True), dtype=np.float64)
 
 
 class Classifier:
@@ -78,7 +78,9 @@ class Classifier:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits for a batch (evaluation and calibration tools)."""
-        return np.asarray(self._session.run([self._output_name], {self.manifest.input_name: batch})[0])
+        return np.asarray(
+            self._session.run([self._output_name], {self.manifest.input_name: batch})[0]
+        )
 
 
 def _make_session(onnx_path: Path, threads: int) -> ort.InferenceSession:

@@ -22,7 +22,9 @@ PROFILE_SIDE = 32
 
 
 def _features(unit: np.ndarray) -> np.ndarray:
-    small = cv2.resize(unit.astype(np.float32), (PROFILE_SIDE, PROFILE_SIDE), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(
+        unit.astype(np.float32), (PROFILE_SIDE, PROFILE_SIDE), interpolation=cv2.INTER_AREA
+    )
     return small.reshape(-1)
 
 
@@ -42,7 +44,9 @@ class InputProfile:
         return score <= self.limit
 
     @classmethod
-    def fit(cls, units: np.ndarray, components: int = 24, quantile: float = 0.999, margin: float = 1.5) -> InputProfile:
+    def fit(
+        cls, units: np.ndarray, components: int = 24, quantile: float = 0.999, margin: float = 1.5
+    ) -> InputProfile:
         """Fit on training images (N×H×W in [0, 1]); the limit is a high quantile times a margin."""
         feats = np.stack([_features(u) for u in units]).astype(np.float64)
         mean = feats.mean(axis=0)
@@ -53,7 +57,9 @@ class InputProfile:
 
     def save(self, path: Path) -> None:
         with path.open("wb") as handle:
-            np.savez(handle, mean=self.mean, components=self.components, limit=np.float32(self.limit))
+            np.savez(
+                handle, mean=self.mean, components=self.components, limit=np.float32(self.limit)
+            )
 
     @classmethod
     def load(cls, path: Path) -> InputProfile:

@@ -45,7 +45,10 @@ class Thresholds:
             )
 
     def to_json(self) -> dict[str, float]:
-        return {"normal_below": self.normal_below, "abnormal_at_or_above": self.abnormal_at_or_above}
+        return {
+            "normal_below": self.normal_below,
+            "abnormal_at_or_above": self.abnormal_at_or_above,
+        }
 
 
 @dataclass(frozen=True)

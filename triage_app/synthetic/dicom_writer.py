@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     UID,
     ExplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
     RLELossless,
 )
 
@@ -57,12 +57,18 @@ def phantom_to_dataset(phantom: Phantom) -> Dataset:
     ds.StudyInstanceUID = _uid(phantom.seed, phantom.index, "study")
     ds.SeriesInstanceUID = _uid(phantom.seed, phantom.index, "series")
     ds.FrameOfReferenceUID = _uid(phantom.seed, phantom.index, "frame")
-    ds.PatientName = f"{_FAMILY[int(rng.integers(len(_FAMILY)))]}^{_GIVEN[int(rng.integers(len(_GIVEN)))]}"
+    ds.PatientName = (
+        f"{_FAMILY[int(rng.integers(len(_FAMILY)))]}^{_GIVEN[int(rng.integers(len(_GIVEN)))]}"
+    )
     ds.PatientID = f"MRN{patient_number}"
     ds.PatientBirthDate = birth.strftime("%Y%m%d")
     ds.PatientSex = str(rng.choice(["F", "M"]))
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = study_day.strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}00"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = study_day.strftime(
+        "%Y%m%d"
+    )
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = (
+        f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}00"
+    )
     ds.AccessionNumber = f"ACC{phantom.seed % 1000:03d}{phantom.index:07d}"
     ds.StudyID = str(phantom.index % 100000)
     ds.SeriesNumber = 1
@@ -148,7 +154,7 @@ def write_phantom_set(
     compress_rle: bool = False,
     workers: int = 1,
 ) -> Path:
-    """Render ``count`` phantoms into ``directory`` plus ``labels.jsonl``; returns the labels path."""
+    """Render ``count`` phantoms into ``directory`` plus ``labels.jsonl``; returns its path."""
     directory.mkdir(parents=True, exist_ok=True)
     cfg = config or PhantomConfig()
     jobs = [_Job(seed, i, directory, compress_rle, cfg) for i in range(start, start + count)]

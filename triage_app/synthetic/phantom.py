@@ -30,6 +30,7 @@ LABELS = ("normal", "abnormal")
 FIELD_OF_VIEW_MM = 400.0
 # Largest side at which anatomy is rendered before being resized to the stored size.
 RENDER_MAX_SIDE = 320
+MASK_SIDE = 32
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ class Phantom:
     findings: tuple[Finding, ...]
     acquisition: Acquisition
     stored: np.ndarray  # uint16, rows × columns, in stored values
+    # Where the lesions are (1) at MASK_SIDE × MASK_SIDE over the whole image: ground truth for
+    # dense supervision in training and for checking saliency maps; never written to files.
+    lesion_mask: np.ndarray
 
     @property
     def is_abnormal(self) -> bool:
@@ -102,9 +106,9 @@ class PhantomConfig:
     size_range: tuple[int, int] = (320, 1024)
     monochrome1_fraction: float = 0.3
     # Log-uniform contrast ranges: the low ends are near the noise and texture floor on purpose.
-    nodule_contrast: tuple[float, float] = (0.25, 1.5)
-    nodule_radius_mm: tuple[float, float] = (6.0, 30.0)
-    opacity_contrast: tuple[float, float] = (0.15, 0.8)
+    nodule_contrast: tuple[float, float] = (0.3, 1.5)
+    nodule_radius_mm: tuple[float, float] = (7.0, 30.0)
+    opacity_contrast: tuple[float, float] = (0.2, 0.8)
     opacity_radius_mm: tuple[float, float] = (20.0, 70.0)
     lookalike_probability: float = 0.35
 
@@ -127,11 +131,12 @@ def render_phantom(seed: int, index: int, config: PhantomConfig | None = None) -
     attenuation += _lung_texture(rng, grid, lungs, r_rows, r_cols)
 
     findings: list[Finding] = []
+    footprint = np.zeros_like(attenuation)
     if label == "abnormal":
         count = 1 if rng.random() < 0.7 else int(rng.integers(2, 4))
         for _ in range(count):
             kind = "nodule" if rng.random() < 0.6 else "opacity"
-            findings.append(_add_lesion(rng, kind, grid, lungs, attenuation, cfg))
+            findings.append(_add_lesion(rng, kind, grid, lungs, attenuation, footprint, cfg))
     if rng.random() < cfg.lookalike_probability:
         findings.extend(_add_lookalikes(rng, grid, lungs, attenuation))
 
@@ -139,7 +144,9 @@ def render_phantom(seed: int, index: int, config: PhantomConfig | None = None) -
     full = cv2.resize(attenuation, (columns, rows), interpolation=cv2.INTER_CUBIC)
     signal = _detector(rng, full, columns)
     acquisition, stored = _store(rng, signal, columns, cfg)
-    return Phantom(seed, index, label, tuple(findings), acquisition, stored)
+    small = cv2.resize(footprint, (MASK_SIDE, MASK_SIDE), interpolation=cv2.INTER_AREA)
+    lesion_mask = (small > 0.02).astype(np.uint8)
+    return Phantom(seed, index, label, tuple(findings), acquisition, stored, lesion_mask)
 
 
 # --- geometry ----------------------------------------------------------------------------------
@@ -171,7 +178,9 @@ def _patient_grid(rng: np.random.Generator, rows: int, cols: int) -> _Grid:
     return _Grid(px, py, units_per_mm, 2.0 / cols / size)
 
 
-def _ellipse_depth(grid: _Grid, cx: float, cy: float, ax: float, ay: float, p: float = 2.0) -> np.ndarray:
+def _ellipse_depth(
+    grid: _Grid, cx: float, cy: float, ax: float, ay: float, p: float = 2.0
+) -> np.ndarray:
     """Chord length through a (super)ellipsoid, 1 at its centre, 0 outside."""
     d = np.abs((grid.x - cx) / ax) ** p + np.abs((grid.y - cy) / ay) ** p
     return np.sqrt(np.clip(1.0 - d, 0.0, None)).astype(np.float32)
@@ -182,11 +191,13 @@ def _lung_fields(grid: _Grid) -> np.ndarray:
     left = _ellipse_depth(grid, 0.37, -0.06, 0.25, 0.53, 2.4)
     lungs = np.maximum(right, left)
     # Diaphragm domes: the right one sits higher.
-    dome = np.where(grid.x < 0, 0.36 + 0.5 * (grid.x + 0.36) ** 2, 0.42 + 0.5 * (grid.x - 0.37) ** 2)
+    dome = np.where(
+        grid.x < 0, 0.36 + 0.5 * (grid.x + 0.36) ** 2, 0.42 + 0.5 * (grid.x - 0.37) ** 2
+    )
     lungs = lungs * np.clip((dome - grid.y) / 0.05, 0.0, 1.0)
     # The heart takes a bite out of the left lung's medial base.
     heart = _ellipse_depth(grid, 0.08, 0.3, 0.33, 0.23)
-    return (lungs * np.clip(1.0 - 1.5 * heart, 0.0, 1.0)).astype(np.float32)
+    return np.asarray(lungs * np.clip(1.0 - 1.5 * heart, 0.0, 1.0), dtype=np.float32)
 
 
 # --- anatomy -----------------------------------------------------------------------------------
@@ -197,7 +208,9 @@ def _anatomy(rng: np.random.Generator, grid: _Grid, lungs: np.ndarray) -> np.nda
     a = 3.0 * habitus * _ellipse_depth(grid, 0.0, 0.15, 0.9, 1.15)
     a += 0.6 * _ellipse_depth(grid, 0.0, -1.05, 0.2, 0.35)  # neck
     a -= 2.0 * rng.uniform(0.85, 1.1) * lungs
-    heart = _ellipse_depth(grid, 0.08 + rng.normal(0, 0.02), 0.3, 0.33 * rng.uniform(0.9, 1.15), 0.23)
+    heart = _ellipse_depth(
+        grid, 0.08 + rng.normal(0, 0.02), 0.3, 0.33 * rng.uniform(0.9, 1.15), 0.23
+    )
     a += 0.75 * heart**0.6
     a += 0.7 * _ellipse_depth(grid, 0.0, -0.35, 0.12, 0.7)  # mediastinum
     a += 0.3 * _ellipse_depth(grid, 0.1, -0.3, 0.07, 0.06)  # aortic knob
@@ -239,9 +252,8 @@ def _clavicle(grid: _Grid, side: float) -> np.ndarray:
 
 
 def _smooth_noise(rng: np.random.Generator, rows: int, cols: int, sigma: float) -> np.ndarray:
-    field = rng.standard_normal((rows, cols)).astype(np.float32)
-    field = cv2.GaussianBlur(field, (0, 0), sigma)
-    return field / (float(field.std()) + 1e-6)
+    field = cv2.GaussianBlur(rng.standard_normal((rows, cols)).astype(np.float32), (0, 0), sigma)
+    return np.asarray(field / (float(field.std()) + 1e-6), dtype=np.float32)
 
 
 def _lung_texture(
@@ -253,9 +265,8 @@ def _lung_texture(
     coarse = _smooth_noise(rng, rows, cols, max(1.5, 5.0 * px_per_mm))
     hilar = np.exp(-((np.abs(grid.x) - 0.17) ** 2 + (grid.y + 0.05) ** 2) / 0.12)
     amplitude = rng.uniform(0.025, 0.045) * (1.0 + 1.5 * hilar)
-    return (amplitude * (0.6 * np.abs(fine) + 0.5 * coarse) * np.clip(lungs * 3, 0, 1)).astype(
-        np.float32
-    )
+    texture = amplitude * (0.6 * np.abs(fine) + 0.5 * coarse) * np.clip(lungs * 3, 0, 1)
+    return np.asarray(texture, dtype=np.float32)
 
 
 # --- findings ----------------------------------------------------------------------------------
@@ -265,7 +276,9 @@ def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
     return float(math.exp(rng.uniform(math.log(low), math.log(high))))
 
 
-def _point_in_lungs(rng: np.random.Generator, grid: _Grid, lungs: np.ndarray) -> tuple[float, float]:
+def _point_in_lungs(
+    rng: np.random.Generator, grid: _Grid, lungs: np.ndarray
+) -> tuple[float, float]:
     candidates = np.argwhere(lungs > 0.25)
     r, c = candidates[int(rng.integers(len(candidates)))]
     return float(grid.x[r, c]), float(grid.y[r, c])
@@ -277,6 +290,7 @@ def _add_lesion(
     grid: _Grid,
     lungs: np.ndarray,
     attenuation: np.ndarray,
+    footprint: np.ndarray,
     cfg: PhantomConfig,
 ) -> Finding:
     cx, cy = _point_in_lungs(rng, grid, lungs)
@@ -297,9 +311,11 @@ def _add_lesion(
             lesion += np.exp(-((grid.x - cx - ox) ** 2 + (grid.y - cy - oy) ** 2) / (2 * s * s))
         lesion = np.clip(lesion / max(float(lesion.max()), 1e-6), 0.0, 1.0) ** 0.7
         # Consolidation is patchy, and stays inside the lung.
-        mottling = 0.75 + 0.25 * _smooth_noise(rng, *attenuation.shape, sigma=3.0)
+        rows, cols = attenuation.shape
+        mottling = 0.75 + 0.25 * _smooth_noise(rng, rows, cols, sigma=3.0)
         lesion = lesion * np.clip(mottling, 0.3, 1.3) * np.clip(lungs * 4, 0, 1)
     attenuation += (contrast * lesion).astype(np.float32)
+    np.maximum(footprint, (lesion > 0.1).astype(np.float32), out=footprint)
     return Finding(kind, cx / grid.units_per_mm, cy / grid.units_per_mm, radius_mm, contrast)
 
 
@@ -317,7 +333,15 @@ def _add_lookalikes(
             x = side * rng.uniform(0.38, 0.48)
             r2 = ((grid.x - x) ** 2 + (grid.y - y) ** 2) / (radius_mm * grid.units_per_mm) ** 2
             attenuation += (contrast * np.clip(1.0 - r2, 0.0, 1.0) ** 0.5).astype(np.float32)
-            found.append(Finding("nipple_shadow", x / grid.units_per_mm, y / grid.units_per_mm, radius_mm, contrast))
+            found.append(
+                Finding(
+                    "nipple_shadow",
+                    x / grid.units_per_mm,
+                    y / grid.units_per_mm,
+                    radius_mm,
+                    contrast,
+                )
+            )
     else:
         # End-on vessels near the hila: small, dense, round.
         for _ in range(int(rng.integers(1, 4))):
@@ -328,7 +352,15 @@ def _add_lookalikes(
             contrast = _log_uniform(rng, 0.05, 0.2)
             r2 = ((grid.x - x) ** 2 + (grid.y - y) ** 2) / (radius_mm * grid.units_per_mm) ** 2
             attenuation += (contrast * np.sqrt(np.clip(1.0 - r2, 0.0, None))).astype(np.float32)
-            found.append(Finding("vessel_end_on", x / grid.units_per_mm, y / grid.units_per_mm, radius_mm, contrast))
+            found.append(
+                Finding(
+                    "vessel_end_on",
+                    x / grid.units_per_mm,
+                    y / grid.units_per_mm,
+                    radius_mm,
+                    contrast,
+                )
+            )
     return found
 
 
@@ -343,7 +375,9 @@ def _collimate(rng: np.random.Generator, attenuation: np.ndarray) -> np.ndarray:
     top, bottom = (int(rows * rng.uniform(0, 0.06)) for _ in range(2))
     left, right = (int(cols * rng.uniform(0, 0.06)) for _ in range(2))
     shuttered = np.full_like(attenuation, 7.0)
-    shuttered[top : rows - bottom, left : cols - right] = attenuation[top : rows - bottom, left : cols - right]
+    shuttered[top : rows - bottom, left : cols - right] = attenuation[
+        top : rows - bottom, left : cols - right
+    ]
     return shuttered
 
 
@@ -362,7 +396,7 @@ def _detector(rng: np.random.Generator, attenuation: np.ndarray, columns: int) -
         # Vendor "for presentation" processing: unsharp masking of varying strength.
         blur = cv2.GaussianBlur(signal, (0, 0), max(2.0, columns / 120))
         signal = signal + rng.uniform(0.2, 0.8) * (signal - blur)
-    return signal.astype(np.float32)
+    return np.asarray(signal, dtype=np.float32)
 
 
 def _store(
@@ -373,7 +407,7 @@ def _store(
     gain = top * 0.85 / 8.0
     offset = top * 0.04
     values = np.clip(np.rint(offset + gain * signal), 0, top)
-    lo, hi = np.percentile(values[:: 4, :: 4], [2.0, 98.0])
+    lo, hi = np.percentile(values[::4, ::4], [2.0, 98.0])
     photometric = "MONOCHROME1" if rng.random() < cfg.monochrome1_fraction else "MONOCHROME2"
     center, width = (lo + hi) / 2.0, max(hi - lo, 1.0)
     if photometric == "MONOCHROME1":
