@@ -73,7 +73,11 @@ class CliRun:
 
 
 def run_cli(
-    *args: str | Path, data_dir: Path, env: dict[str, str] | None = None, timeout: float = 240
+    *args: str | Path,
+    data_dir: Path,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    timeout: float = 240,
 ) -> CliRun:
     """The real command in a fresh process, as a user or a service manager runs it."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
@@ -82,6 +86,7 @@ def run_cli(
         [sys.executable, "-m", "triage_app", *map(str, args), "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
+        input=stdin if stdin is not None else "",
         timeout=timeout,
         env=full_env,
         check=False,

@@ -221,3 +221,53 @@ def test_config_show_lists_settings_and_set_requires_admin_password(tmp_path):
     with CaseStore.open(tmp_path / "cases.sqlite3") as store:
         entries = store.audit_log()
     assert entries[-1].action == "config.set"
+
+
+def test_admin_field_changes_with_the_right_password_only_and_are_audited(tmp_path):
+    config = tmp_path / "settings.toml"
+    common = ("--config", config)
+    created = run_cli(
+        "config",
+        "set-admin-password",
+        "--stdin",
+        *common,
+        data_dir=tmp_path,
+        stdin="correct horse\n",
+    )
+    assert created.returncode == 0, created.stderr
+    assert "correct horse" not in config.read_text()
+
+    key = "escalation.normal_below"
+    wrong = run_cli(
+        "config",
+        "set",
+        key,
+        "0.02",
+        "--admin-password-stdin",
+        *common,
+        data_dir=tmp_path,
+        stdin="nope\n",
+    )
+    assert wrong.returncode == 2
+    assert "admin_auth_failed" in wrong.stderr and key in wrong.stderr
+
+    right = run_cli(
+        "config",
+        "set",
+        key,
+        "0.02",
+        "--admin-password-stdin",
+        *common,
+        data_dir=tmp_path,
+        stdin="correct horse\n",
+    )
+    assert right.returncode == 0, right.stderr
+    assert run_cli("config", "get", key, *common, data_dir=tmp_path).stdout.strip() == "0.02"
+    with CaseStore.open(tmp_path / "cases.sqlite3") as store:
+        change = store.audit_log()[-1]
+    assert change.action == "config.set"
+    assert (
+        change.detail["key"] == key
+        and change.detail["new"] == 0.02
+        and change.detail["old"] is None
+    )

@@ -9,6 +9,7 @@ state is ever copied into a child.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,8 +39,11 @@ def expand_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return found
 
 
-def _init_worker(config: PipelineConfig) -> None:
+def _init_worker(config: PipelineConfig, log_level: int) -> None:
+    """A spawned worker starts with no logging set up: give it the parent's level and format."""
     global _worker_pipeline
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # its value checks quote PHI
     _worker_pipeline = TriagePipeline(config)
 
 
@@ -63,5 +67,6 @@ def triage_files(
         return
     verify_bundle(config.bundle_dir)  # fail here, clearly, rather than inside every worker
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
+    level = logging.getLogger().getEffectiveLevel()
+    with context.Pool(workers, initializer=_init_worker, initargs=(config, level)) as pool:
         yield from pool.imap(_run_in_worker, files, chunksize=2)

@@ -32,7 +32,7 @@ from triage_app.config import (
     verify_admin_password,
 )
 from triage_app.demo import demo_images
-from triage_app.errors import TriageError
+from triage_app.errors import AdminAuthError, TriageError
 from triage_app.pipeline import PipelineConfig, record_outcome
 from triage_app.results import CaseResult, InputOutcome
 from triage_app.store import CaseStore
@@ -71,9 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     common.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
 
-    parser = argparse.ArgumentParser(
-        prog="triage-app", description="On-device DICOM triage.", parents=[common]
-    )
+    # Common options live on the leaf commands only: argparse lets a subcommand's default
+    # overwrite a value given before the subcommand name.
+    parser = argparse.ArgumentParser(prog="triage-app", description="On-device DICOM triage.")
     parser.add_argument("--version", action="version", version=f"triage-app {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print JSON Lines instead of a table")
     demo.set_defaults(handler=_demo)
 
-    config = sub.add_parser("config", parents=[common], help="show, check or change settings")
+    config = sub.add_parser("config", help="show, check or change settings")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_sub.add_parser(
         "show", parents=[common], help="every setting, its value and meaning"
@@ -149,7 +149,9 @@ def _settings(args: argparse.Namespace, *, for_saving: bool = False) -> Settings
     if getattr(args, "workers", None):
         overrides["processing.workers"] = args.workers
     if for_saving:
-        # What is saved must be the file's own values, not the environment's or the flags'.
+        # What is saved must be the file's own values, not the environment's or the flags';
+        # the effective settings (e.g. which case store gets the audit entry) come from
+        # a second call without ``for_saving``.
         return load_settings(args.config, env={})
     return load_settings(args.config, overrides=overrides)
 
@@ -268,18 +270,23 @@ def _config_validate(args: argparse.Namespace) -> int:
 def _read_secret(prompt: str, from_stdin: bool) -> str:
     if from_stdin:
         return sys.stdin.readline().rstrip("\n")
-    return getpass.getpass(prompt)
+    if not sys.stdin.isatty():
+        raise AdminAuthError("no terminal to ask for the password on; pipe it with --*-stdin")
+    try:
+        return getpass.getpass(prompt)
+    except EOFError:
+        return ""
 
 
 def _config_set(args: argparse.Namespace) -> int:
     settings = _settings(args, for_saving=True)
     spec_is_admin = any(row.key == args.key and row.admin for row in describe())
-    password = (
-        _read_secret("admin password: ", args.admin_password_stdin) if spec_is_admin else None
-    )
+    # Without an admin password set there is nothing to ask: apply_change refuses clearly.
+    ask = spec_is_admin and settings.has_admin_password
+    password = _read_secret("admin password: ", args.admin_password_stdin) if ask else None
     updated, change = apply_change(settings, args.key, args.value, admin_password=password)
     path = save_settings(updated, args.config)
-    with CaseStore.open(updated.case_store_path) as store:
+    with CaseStore.open(_settings(args).case_store_path) as store:
         store.audit(
             actor=_actor(),
             action="config.set",
@@ -301,7 +308,7 @@ def _config_set_admin_password(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     new = _read_secret("new admin password: ", args.stdin)
     path = save_settings(set_admin_password(settings, new), args.config)
-    with CaseStore.open(settings.case_store_path) as store:
+    with CaseStore.open(_settings(args).case_store_path) as store:
         store.audit(actor=_actor(), action="config.admin_password_set", detail={})
     print(f"admin password set (saved to {path})")
     return EXIT_OK

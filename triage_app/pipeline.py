@@ -25,7 +25,7 @@ from triage_app.dicom import load_image
 from triage_app.dicom.pseudonym import case_id_for, pseudonymous_uid
 from triage_app.errors import InputError
 from triage_app.model.classifier import Classifier
-from triage_app.model.manifest import find_bundle
+from triage_app.model.manifest import find_bundle, verify_bundle
 from triage_app.model.preprocess import to_tensor, to_unit_image
 from triage_app.policy import (
     ActiveThresholds,
@@ -54,19 +54,23 @@ class PipelineConfig:
     bundle_dir: Path
     site_secret: bytes
     ort_threads: int = 1
-    thresholds_model: str | None = None
-    normal_below: float | None = None
-    abnormal_at_or_above: float | None = None
+    thresholds: ActiveThresholds | None = None  # None: the model manifest's defaults
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PipelineConfig:
+        """Verify the bundle and settle the thresholds once, here, not in every worker."""
+        bundle_dir = find_bundle(settings.model_name, settings.model_dir)
+        manifest = verify_bundle(bundle_dir)
         return cls(
-            bundle_dir=find_bundle(settings.model_name, settings.model_dir),
+            bundle_dir=bundle_dir,
             site_secret=load_or_create_site_secret(settings.data_dir),
             ort_threads=settings.ort_threads_per_worker,
-            thresholds_model=settings.thresholds_model,
-            normal_below=settings.normal_below,
-            abnormal_at_or_above=settings.abnormal_at_or_above,
+            thresholds=resolve_thresholds(
+                manifest,
+                settings.thresholds_model,
+                settings.normal_below,
+                settings.abnormal_at_or_above,
+            ),
         )
 
 
@@ -83,9 +87,7 @@ class TriagePipeline:
     def __init__(self, config: PipelineConfig) -> None:
         self.classifier = Classifier(config.bundle_dir, threads=config.ort_threads)
         manifest = self.classifier.manifest
-        self.thresholds: ActiveThresholds = resolve_thresholds(
-            manifest, config.thresholds_model, config.normal_below, config.abnormal_at_or_above
-        )
+        self.thresholds = config.thresholds or ActiveThresholds(manifest.thresholds, "manifest")
         self._secret = config.site_secret
 
     def run(self, source: str | os.PathLike[str]) -> InputOutcome:

@@ -14,7 +14,7 @@ DISCLAIMER = """\
 PHANTOMS = """\
 Phantoms: attenuation model of torso, lungs, heart, mediastinum, spine, ribs, clavicles and lung
 texture; log detector with quantum noise; collimation; vendor-like edge enhancement; 12–16 bit;
-MONOCHROME1 and 2; varied size and positioning. Abnormal: 1–3 nodules (7–30 mm) or opacities
+MONOCHROME1 and 2; varied size and positioning. Abnormal: 1–3 nodules (8–30 mm) or opacities
 (20–70 mm) with contrast drawn log-uniformly from faint to obvious; normal images may carry
 look-alikes (nipple shadows, end-on vessels)."""
 

@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small smoke run into runs/quick")
     parser.add_argument("--train-count", type=int, default=18000)
     parser.add_argument("--calibration-count", type=int, default=4000)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--out", type=Path, default=MODELS_DIR / MODEL_NAME)
     parser.add_argument("--version", default="1.0.0")
     args = parser.parse_args(argv)

@@ -106,9 +106,9 @@ class PhantomConfig:
     size_range: tuple[int, int] = (320, 1024)
     monochrome1_fraction: float = 0.3
     # Log-uniform contrast ranges: the low ends are near the noise and texture floor on purpose.
-    nodule_contrast: tuple[float, float] = (0.3, 1.5)
-    nodule_radius_mm: tuple[float, float] = (7.0, 30.0)
-    opacity_contrast: tuple[float, float] = (0.2, 0.8)
+    nodule_contrast: tuple[float, float] = (0.35, 1.5)
+    nodule_radius_mm: tuple[float, float] = (8.0, 30.0)
+    opacity_contrast: tuple[float, float] = (0.25, 0.8)
     opacity_radius_mm: tuple[float, float] = (20.0, 70.0)
     lookalike_probability: float = 0.35
 
