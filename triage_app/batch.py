@@ -15,6 +15,8 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import cv2
+
 from triage_app.model.manifest import verify_bundle
 from triage_app.pipeline import PipelineConfig, TriagePipeline
 from triage_app.results import InputOutcome
@@ -40,8 +42,13 @@ def expand_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 
 def _init_worker(config: PipelineConfig, log_level: int) -> None:
-    """A spawned worker starts with no logging set up: give it the parent's level and format."""
+    """Set up one worker: the parent's logging, one OpenCV thread, its own model session.
+
+    OpenCV starts a thread per core by default; with one worker per core that oversubscribes the
+    CPU, so each worker computes single-threaded and the workers are the parallelism.
+    """
     global _worker_pipeline
+    cv2.setNumThreads(1)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # its value checks quote PHI
     _worker_pipeline = TriagePipeline(config)
@@ -69,4 +76,4 @@ def triage_files(
     context = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
     with context.Pool(workers, initializer=_init_worker, initargs=(config, level)) as pool:
-        yield from pool.imap(_run_in_worker, files, chunksize=2)
+        yield from pool.imap(_run_in_worker, files, chunksize=4)

@@ -114,7 +114,7 @@ class TriagePipeline:
             profile = self.classifier.profile
             input_score = profile.score(unit)
             findings = header_scope_findings(image.info, manifest.intended_use)
-            if not profile.is_typical(input_score):
+            if not profile.is_typical(input_score, unit):
                 findings += ("atypical_input",)
             scope = ScopeAssessment(findings, input_score, profile.limit)
             decision = decide(prediction.score, self.thresholds.thresholds, scope)

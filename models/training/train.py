@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +51,7 @@ MODELS_DIR = Path(__file__).resolve().parents[1]
 MODEL_NAME = "chest-dx-demo"
 TRAIN_SEED = 1001
 CALIBRATION_SEED = 1002
-MAX_LOCAL_ERROR = 0.005  # budget on the calibration split; the product target is ≤ 1 %
+MAX_LOCAL_ERROR = 0.006  # budget on the calibration split; the product target is ≤ 1 %
 INT8_MIN_SPEEDUP = 1.5
 INT8_MAX_AUROC_DROP = 0.005
 
@@ -129,17 +130,22 @@ def _augment(
 
 
 def export_onnx(model: EdgeNet, spec: PreprocessSpec, path: Path) -> None:
+    """Plain opset-17 graph via the TorchScript exporter (the graph ORT's static INT8
+    quantizer was validated with); moving to the torch.export-based exporter is a follow-up."""
     example = torch.zeros(1, 1, spec.rows, spec.columns)
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    with warnings.catch_warnings():
+        # Scoped to this call: the legacy exporter announces its deprecation at several points.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
 
 
 class _Calibration(CalibrationDataReader):
@@ -238,11 +244,7 @@ def build(plan: Plan) -> dict[str, Any]:
         "measured_on": f"calibration split, seed {CALIBRATION_SEED}, n={len(labels)}",
     }
     logger.info("quantization gate: %s", gate)
-    shipped_logits = logits_int8 if int8_ships else logits_fp32
-    temperature = fit_temperature(shipped_logits, labels)
-    scores = softmax_with_temperature(shipped_logits, temperature)[:, 1]
-    point = choose_thresholds(scores, labels, MAX_LOCAL_ERROR)
-    logger.info("temperature %.3f, operating point %s", temperature, point)
+    calibration = calibrate(logits_int8 if int8_ships else logits_fp32, labels)
     profile = InputProfile.fit(
         train.units[:4000].astype(np.float32), components=min(24, len(train.units) // 4)
     )
@@ -269,18 +271,7 @@ def build(plan: Plan) -> dict[str, Any]:
         "preprocessing": spec.to_json(),
         "labels": ["normal", "abnormal"],
         "positive_label": "abnormal",
-        "calibration": {
-            "method": "temperature",
-            "temperature": temperature,
-            "fitted_on": f"calibration split, seed {CALIBRATION_SEED}, n={len(labels)}",
-        },
-        "thresholds": {
-            "normal_below": point.normal_below,
-            "abnormal_at_or_above": point.abnormal_at_or_above,
-            "chosen_on": f"calibration split, seed {CALIBRATION_SEED}: widest local region "
-            f"with local error rate <= {MAX_LOCAL_ERROR}",
-            "calibration_operating_point": point.to_json(),
-        },
+        **calibration,
         "intended_use": {
             "modalities": ["DX", "CR"],
             "body_parts": ["CHEST"],
@@ -321,6 +312,40 @@ def build(plan: Plan) -> dict[str, Any]:
     return manifest
 
 
+def calibrate(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Temperature and default thresholds from held-out logits: the manifest's two blocks."""
+    temperature = fit_temperature(logits, labels)
+    scores = softmax_with_temperature(logits, temperature)[:, 1]
+    point = choose_thresholds(scores, labels, MAX_LOCAL_ERROR)
+    logger.info("temperature %.3f, operating point %s", temperature, point)
+    return {
+        "calibration": {
+            "method": "temperature",
+            "temperature": temperature,
+            "fitted_on": f"calibration split, seed {CALIBRATION_SEED}, n={len(labels)}",
+        },
+        "thresholds": {
+            "normal_below": point.normal_below,
+            "abnormal_at_or_above": point.abnormal_at_or_above,
+            "chosen_on": f"calibration split, seed {CALIBRATION_SEED}: widest local region "
+            f"with local error rate <= {MAX_LOCAL_ERROR}",
+            "calibration_operating_point": point.to_json(),
+        },
+    }
+
+
+def recalibrate(bundle: Path, calibration_count: int) -> dict[str, Any]:
+    """Re-fit temperature and thresholds of an existing bundle without retraining it."""
+    manifest: dict[str, Any] = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    spec = PreprocessSpec.from_json(manifest["preprocessing"])
+    calib = build_split(CALIBRATION_SEED, calibration_count, spec)
+    logits = batch_logits(session(bundle / manifest["file"]), _tensors(calib, spec)[0].numpy())
+    manifest.update(calibrate(logits, calib.labels.astype(np.int64)))
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_model_card(bundle, manifest)
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -331,9 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--out", type=Path, default=MODELS_DIR / MODEL_NAME)
     parser.add_argument("--version", default="1.0.0")
+    parser.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="only re-fit temperature and thresholds of the bundle in --out",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(2)
+    if args.recalibrate:
+        recalibrate(args.out, args.calibration_count)
+        return 0
     if args.quick:
         plan = Plan(600, 300, 1, 64, RUNS_DIR / "quick", args.version + "-quick")
     else:

@@ -198,3 +198,11 @@ def test_pickled_object_arrays_are_refused(tmp_path: Path) -> None:
         )
     with pytest.raises(ManifestError):
         InputProfile.load(path)
+
+
+def test_a_blank_image_is_atypical_even_when_reconstructable(fitted_profile) -> None:
+    blank = np.zeros((128, 128), np.float32)
+    assert not fitted_profile.is_typical(fitted_profile.score(blank), blank)
+    assert fitted_profile.is_typical(
+        0.0, np.linspace(0, 1, 128 * 128, dtype=np.float32).reshape(128, 128)
+    )

@@ -227,12 +227,30 @@ def test_custom_percentiles_change_the_contrast() -> None:
 
 def test_to_tensor_normalises_into_a_batch_of_one() -> None:
     unit = np.random.default_rng(0).random((SPEC.rows, SPEC.columns)).astype(np.float32)
-    spec = PreprocessSpec(mean=0.4, std=0.2)
+    spec = PreprocessSpec(mean=0.4, std=0.2, clahe_clip=0.0)
     tensor = to_tensor(unit, spec)
     assert tensor.shape == (1, 1, SPEC.rows, SPEC.columns)
     assert tensor.dtype == np.float32
     np.testing.assert_allclose(tensor[0, 0] * 0.2 + 0.4, unit, atol=1e-6)
     assert to_tensor(np.full((4, 4), 0.4, np.float32), spec).max() == pytest.approx(0.0)
+
+
+def test_clahe_raises_local_contrast_of_a_faint_blob() -> None:
+    """A faint blob on a smooth ramp: equalisation makes it stand out more, deterministically."""
+    ys, xs = np.mgrid[0 : SPEC.rows, 0 : SPEC.columns]
+    ramp = (0.2 + 0.3 * xs / SPEC.columns).astype(np.float32)
+    blob = 0.02 * (((ys - 64) ** 2 + (xs - 64) ** 2) < 16)
+    unit = (ramp + blob).astype(np.float32)
+    plain = to_tensor(unit, PreprocessSpec(clahe_clip=0.0))[0, 0]
+    equalised = to_tensor(unit, SPEC)[0, 0]
+    assert SPEC.clahe_clip > 0
+    inside, around = ((ys - 64) ** 2 + (xs - 64) ** 2) < 16, np.abs(ys - 64) + np.abs(xs - 72) < 3
+
+    def contrast(t: np.ndarray) -> float:
+        return float(t[inside].mean() - t[around].mean())
+
+    assert contrast(equalised) > 1.5 * contrast(plain)
+    np.testing.assert_array_equal(equalised, to_tensor(unit, SPEC)[0, 0])
 
 
 def test_spec_round_trips_through_json() -> None:

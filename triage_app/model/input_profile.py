@@ -19,6 +19,10 @@ import numpy as np
 from triage_app.errors import ManifestError
 
 PROFILE_SIDE = 32
+# A windowed radiograph always spans its grey range (training images: std 0.20–0.35); an image
+# with almost none is blank or flat whatever the components say (a black image is close to a
+# multiple of the mean chest, so its reconstruction error alone looks typical).
+MIN_UNIT_STD = 0.05
 
 
 def _features(unit: np.ndarray) -> np.ndarray:
@@ -40,7 +44,10 @@ class InputProfile:
         residual = centred - (self.components.T @ (self.components @ centred))
         return float(np.sqrt(np.mean(residual * residual)))
 
-    def is_typical(self, score: float) -> bool:
+    def is_typical(self, score: float, unit: np.ndarray | None = None) -> bool:
+        """Within the limit, and (given the image) not blank or flat."""
+        if unit is not None and float(unit.std()) < MIN_UNIT_STD:
+            return False
         return score <= self.limit
 
     @classmethod
