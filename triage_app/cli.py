@@ -216,13 +216,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _print_demo_table(outcomes: Sequence[InputOutcome], truth: dict[str, str]) -> None:
-    print(f"{'image':<26} {'truth':<10} {'decision':<10} {'reason':<20} {'score':>6}  note")
+    print(f"{'image':<30} {'truth':<13} {'decision':<10} {'reason':<20} {'score':>6}  note")
     right = wrong = 0
     for outcome in outcomes:
         name = Path(outcome.path).name
         expected = truth.get(name, "?")
         if not isinstance(outcome, CaseResult):
-            print(f"{name:<26} {expected:<10} {'failed':<10} {outcome.code:<20}")
+            print(f"{name:<30} {expected:<13} {'failed':<10} {outcome.code:<20}")
             continue
         note = ""
         if outcome.decision in ("normal", "abnormal"):
@@ -232,7 +232,7 @@ def _print_demo_table(outcomes: Sequence[InputOutcome], truth: dict[str, str]) -
         elif outcome.escalation is not None:
             note = f"escalation {outcome.escalation.state}"
         print(
-            f"{name:<26} {expected:<10} {outcome.decision:<10} {outcome.reason:<20} "
+            f"{name:<30} {expected:<13} {outcome.decision:<10} {outcome.reason:<20} "
             f"{outcome.score:>6.3f}  {note}"
         )
     print(f"local decisions matching the truth: {right}/{right + wrong}")
