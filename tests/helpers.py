@@ -12,6 +12,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from triage_app.dicom.image import ImageInfo
 from triage_app.synthetic import PhantomConfig, phantom_to_dataset, render_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,3 +93,31 @@ def run_cli(
         check=False,
     )
     return CliRun(result.returncode, result.stdout, result.stderr)
+
+
+def image_info(**overrides: Any) -> ImageInfo:
+    """A single-frame 16-bit MONOCHROME2 image's facts; override what a test is about."""
+    fields: dict[str, Any] = {
+        "sop_class_uid": "",
+        "sop_instance_uid": "",
+        "modality": "",
+        "body_part": "",
+        "view_position": "",
+        "photometric": "MONOCHROME2",
+        "rows": 4,
+        "columns": 4,
+        "number_of_frames": 1,
+        "frame_index": 0,
+        "samples_per_pixel": 1,
+        "bits_stored": 16,
+        "bits_allocated": 16,
+        "pixel_representation": 0,
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "rescale_slope": 1.0,
+        "rescale_intercept": 0.0,
+        "window": None,
+        "has_voi_lut_sequence": False,
+        "has_modality_lut_sequence": False,
+    }
+    fields.update(overrides)
+    return ImageInfo(**fields)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from triage_app.dicom.image import ImageInfo
+from tests.helpers import image_info
 from triage_app.errors import ConfigError
 from triage_app.model.manifest import IntendedUse, ModelManifest, Thresholds
 from triage_app.model.preprocess import PreprocessSpec
@@ -36,27 +36,15 @@ CHEST_USE = IntendedUse(
     description="",
 )
 
-CHEST_DX = ImageInfo(
+CHEST_DX = image_info(
     sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
     sop_instance_uid="1.2.3.4",
     modality="DX",
     body_part="CHEST",
     view_position="PA",
-    photometric="MONOCHROME2",
     rows=2048,
     columns=2048,
-    number_of_frames=1,
-    frame_index=0,
-    samples_per_pixel=1,
     bits_stored=12,
-    bits_allocated=16,
-    pixel_representation=0,
-    transfer_syntax_uid="1.2.840.10008.1.2.1",
-    rescale_slope=1.0,
-    rescale_intercept=0.0,
-    window=None,
-    has_voi_lut_sequence=False,
-    has_modality_lut_sequence=False,
 )
 
 

@@ -30,7 +30,7 @@ from models.training.data import RUNS_DIR
 from models.training.model_card import write_model_card
 from triage_app.batch import triage_files
 from triage_app.dicom import load_image
-from triage_app.model.classifier import Classifier, softmax_with_temperature
+from triage_app.model.classifier import Classifier, make_session, softmax_with_temperature
 from triage_app.model.manifest import MANIFEST_NAME, sha256_file
 from triage_app.model.preprocess import to_tensor, to_unit_image
 from triage_app.pipeline import PipelineConfig, TriagePipeline
@@ -53,14 +53,6 @@ def held_out_folder(count: int) -> Path:
 def read_truth(folder: Path) -> dict[str, dict[str, Any]]:
     with (folder / "labels.jsonl").open(encoding="utf-8") as handle:
         return {r["file"]: r for r in map(json.loads, handle)}
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def accuracy_figures(results: list[CaseResult], truth: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -98,8 +90,8 @@ def int8_vs_fp32(
     reference = manifest.get("reference_fp32")
     if manifest["precision"] != "int8" or not reference:
         return None
-    int8 = _session(BUNDLE / manifest["file"])
-    fp32 = _session(BUNDLE / reference["file"])
+    int8 = make_session(BUNDLE / manifest["file"])
+    fp32 = make_session(BUNDLE / reference["file"])
     sample = units[:1]
     for sess in (int8, fp32):
         for _ in range(30):

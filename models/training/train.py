@@ -40,7 +40,7 @@ from models.training.calibrate import auroc, choose_thresholds, fit_temperature
 from models.training.data import RUNS_DIR, Split, build_split
 from models.training.model_card import write_model_card
 from models.training.net import EdgeNet
-from triage_app.model.classifier import softmax_with_temperature
+from triage_app.model.classifier import make_session, softmax_with_temperature
 from triage_app.model.input_profile import InputProfile
 from triage_app.model.manifest import FORMAT_VERSION, sha256_file
 from triage_app.model.preprocess import PreprocessSpec, to_tensor
@@ -172,14 +172,6 @@ def quantize(fp32: Path, int8: Path, calibration: np.ndarray) -> None:
     prepared.unlink()
 
 
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def batch_logits(sess: ort.InferenceSession, tensors: np.ndarray, batch: int = 64) -> np.ndarray:
     out = [
         sess.run(None, {"image": tensors[i : i + batch]})[0] for i in range(0, len(tensors), batch)
@@ -224,7 +216,7 @@ def build(plan: Plan) -> dict[str, Any]:
     labels = calib.labels.astype(np.int64)
     quantize(fp32_path, int8_path, calib_x[:256])
 
-    fp32, int8 = session(fp32_path), session(int8_path)
+    fp32, int8 = make_session(fp32_path), make_session(int8_path)
     logits_fp32, logits_int8 = batch_logits(fp32, calib_x), batch_logits(int8, calib_x)
     auroc_fp32 = auroc(logits_fp32[:, 1] - logits_fp32[:, 0], labels)
     auroc_int8 = auroc(logits_int8[:, 1] - logits_int8[:, 0], labels)
@@ -339,7 +331,7 @@ def recalibrate(bundle: Path, calibration_count: int) -> dict[str, Any]:
     manifest: dict[str, Any] = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
     spec = PreprocessSpec.from_json(manifest["preprocessing"])
     calib = build_split(CALIBRATION_SEED, calibration_count, spec)
-    logits = batch_logits(session(bundle / manifest["file"]), _tensors(calib, spec)[0].numpy())
+    logits = batch_logits(make_session(bundle / manifest["file"]), _tensors(calib, spec)[0].numpy())
     manifest.update(calibrate(logits, calib.labels.astype(np.int64)))
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     write_model_card(bundle, manifest)

@@ -11,7 +11,8 @@ import pytest
 from pydicom.dataset import Dataset
 
 from tests.dicom.conftest import bundled, ramp, save, synthetic
-from triage_app.dicom import ImageInfo, load_image
+from tests.helpers import image_info
+from triage_app.dicom import load_image
 from triage_app.dicom.pixels import (
     apply_modality,
     apply_voi_to_unit,
@@ -22,27 +23,8 @@ from triage_app.dicom.pixels import (
 )
 from triage_app.errors import InvalidDicomError
 
-BASE_INFO = ImageInfo(
-    sop_class_uid="",
-    sop_instance_uid="",
+BASE_INFO = image_info(
     modality="CT",
-    body_part="",
-    view_position="",
-    photometric="MONOCHROME2",
-    rows=4,
-    columns=4,
-    number_of_frames=1,
-    frame_index=0,
-    samples_per_pixel=1,
-    bits_stored=16,
-    bits_allocated=16,
-    pixel_representation=0,
-    transfer_syntax_uid="1.2.840.10008.1.2.1",
-    rescale_slope=1.0,
-    rescale_intercept=0.0,
-    window=None,
-    has_voi_lut_sequence=False,
-    has_modality_lut_sequence=False,
 )
 
 

@@ -56,7 +56,7 @@ class Classifier:
         self.bundle_dir = bundle_dir
         self.manifest: ModelManifest = verify_bundle(bundle_dir)
         self.profile = InputProfile.load(bundle_dir / self.manifest.profile_file)
-        self._session = _make_session(bundle_dir / self.manifest.onnx_file, threads)
+        self._session = make_session(bundle_dir / self.manifest.onnx_file, threads)
         self._output_name = self._session.get_outputs()[0].name
         declared = self._session.get_inputs()[0]
         if declared.name != self.manifest.input_name:
@@ -83,7 +83,8 @@ class Classifier:
         )
 
 
-def _make_session(onnx_path: Path, threads: int) -> ort.InferenceSession:
+def make_session(onnx_path: Path, threads: int = 1) -> ort.InferenceSession:
+    """The CPU session every caller uses: full graph optimisation, sequential, few threads."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
