@@ -23,6 +23,7 @@ KNOWN_CODES = {
     "unsupported_transfer_syntax",
     "corrupt_pixel_data",
     "unsupported_photometric",
+    "unprocessable_image",
 }
 
 
@@ -120,3 +121,17 @@ def test_accuracy_on_unseen_phantoms_is_sane(tmp_path):
     assert len(local) >= 0.5 * len(records)
     errors = sum(1 for label, decision in local if label != decision)
     assert errors <= max(2, 0.05 * len(local))
+
+
+def test_a_preprocessing_failure_is_refused_with_a_code_not_raised(pipeline, tmp_path, monkeypatch):
+    path = tmp_path / "chest.dcm"
+    phantom_dataset(44, 0).save_as(path, enforce_file_format=True)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("degenerate\nimage")
+
+    monkeypatch.setattr("triage_app.pipeline.to_unit_image", broken)
+    outcome = pipeline.run(path)
+    assert isinstance(outcome, FailedInput)
+    assert outcome.code == "unprocessable_image"
+    assert "\n" not in outcome.message

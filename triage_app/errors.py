@@ -71,6 +71,12 @@ class UnsupportedPhotometricError(InputError):
     code = "unsupported_photometric"
 
 
+class UnprocessableImageError(InputError):
+    """Decoded, but the pixels cannot be prepared for the model (e.g. a degenerate shape)."""
+
+    code = "unprocessable_image"
+
+
 # --- Model bundle errors: fatal at start-up, the app refuses to classify. ----------------------
 
 

@@ -18,12 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from triage_app.config import Settings
 from triage_app.dicom import load_image
 from triage_app.dicom.pseudonym import case_id_for, pseudonymous_uid
-from triage_app.errors import InputError
+from triage_app.errors import InputError, UnprocessableImageError
 from triage_app.model.classifier import Classifier
 from triage_app.model.manifest import find_bundle, verify_bundle
 from triage_app.model.preprocess import to_tensor, to_unit_image
@@ -106,8 +107,14 @@ class TriagePipeline:
             instance = _instance_key(image.info.sop_instance_uid, image.stored)
             case_id = case_id_for(pseudonymous_uid(self._secret, instance))
         with _timed(timings, "preprocess"):
-            unit = to_unit_image(image, manifest.preprocessing)
-            tensor = to_tensor(unit, manifest.preprocessing)
+            try:
+                unit = to_unit_image(image, manifest.preprocessing)
+                tensor = to_tensor(unit, manifest.preprocessing)
+            except (cv2.error, ValueError, FloatingPointError) as exc:
+                # The reader vouched for the pixels; anything left is this image's, not the batch's.
+                raise UnprocessableImageError(
+                    f"image cannot be prepared for the model: {exc}"
+                ) from exc
         with _timed(timings, "infer"):
             prediction = self.classifier.predict(tensor)
         with _timed(timings, "decide"):
