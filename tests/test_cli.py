@@ -238,29 +238,24 @@ def test_admin_field_changes_with_the_right_password_only_and_are_audited(tmp_pa
     assert "correct horse" not in config.read_text()
 
     key = "escalation.normal_below"
-    wrong = run_cli(
-        "config",
-        "set",
-        key,
-        "0.02",
-        "--admin-password-stdin",
-        *common,
-        data_dir=tmp_path,
-        stdin="nope\n",
-    )
+
+    def set_threshold(password: str):
+        return run_cli(
+            "config",
+            "set",
+            key,
+            "0.02",
+            "--admin-password-stdin",
+            *common,
+            data_dir=tmp_path,
+            stdin=f"{password}\n",
+        )
+
+    wrong = set_threshold("nope")
     assert wrong.returncode == 2
     assert "admin_auth_failed" in wrong.stderr and key in wrong.stderr
 
-    right = run_cli(
-        "config",
-        "set",
-        key,
-        "0.02",
-        "--admin-password-stdin",
-        *common,
-        data_dir=tmp_path,
-        stdin="correct horse\n",
-    )
+    right = set_threshold("correct horse")
     assert right.returncode == 0, right.stderr
     assert run_cli("config", "get", key, *common, data_dir=tmp_path).stdout.strip() == "0.02"
     with CaseStore.open(tmp_path / "cases.sqlite3") as store:

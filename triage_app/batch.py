@@ -17,9 +17,14 @@ from pathlib import Path
 
 import cv2
 
+from triage_app.config import Settings
+from triage_app.logs import configure_logging
 from triage_app.model.manifest import verify_bundle
 from triage_app.pipeline import PipelineConfig, TriagePipeline
-from triage_app.results import InputOutcome
+from triage_app.policy import ABNORMAL, NORMAL
+from triage_app.results import CaseResult, InputOutcome
+from triage_app.states import CaseEvent
+from triage_app.store import CaseStore
 
 _worker_pipeline: TriagePipeline | None = None
 
@@ -49,8 +54,7 @@ def _init_worker(config: PipelineConfig, log_level: int) -> None:
     """
     global _worker_pipeline
     cv2.setNumThreads(1)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pydicom").setLevel(logging.ERROR)  # its value checks quote PHI
+    configure_logging(log_level)
     _worker_pipeline = TriagePipeline(config)
 
 
@@ -60,20 +64,46 @@ def _run_in_worker(path: Path) -> InputOutcome:
 
 
 def triage_files(
-    files: Sequence[Path],
-    config: PipelineConfig,
-    *,
-    workers: int,
-    pipeline: TriagePipeline | None = None,
+    files: Sequence[Path], config: PipelineConfig, *, workers: int
 ) -> Iterator[InputOutcome]:
     """Yield one outcome per file, in order. One file (or one worker) runs in this process."""
     workers = max(1, min(workers, len(files)))
     if workers == 1:
-        local = pipeline or TriagePipeline(config)
-        yield from (local.run(path) for path in files)
+        pipeline = TriagePipeline(config)
+        yield from (pipeline.run(path) for path in files)
         return
     verify_bundle(config.bundle_dir)  # fail here, clearly, rather than inside every worker
     context = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
     with context.Pool(workers, initializer=_init_worker, initargs=(config, level)) as pool:
         yield from pool.imap(_run_in_worker, files, chunksize=4)
+
+
+def triage_and_record(files: Sequence[Path], settings: Settings) -> Iterator[InputOutcome]:
+    """Triage ``files`` with the configured workers and keep every outcome in the case store.
+
+    The one loop every shell (CLI, watch service, receiver) runs; it yields each outcome after
+    it is recorded, so a shell only has to show it.
+    """
+    config = PipelineConfig.from_settings(settings)
+    with CaseStore.open(settings.case_store_path) as store:
+        for outcome in triage_files(files, config, workers=settings.workers):
+            record_outcome(store, outcome)
+            yield outcome
+
+
+def record_outcome(store: CaseStore, outcome: InputOutcome) -> None:
+    """Keep every outcome: triaged cases with their state history, failures with their code."""
+    if isinstance(outcome, CaseResult):
+        store.record_result(outcome, store_event(outcome))
+    else:
+        store.record_failure(outcome)
+
+
+def store_event(result: CaseResult) -> CaseEvent:
+    """The case-store event that records where a triaged case went."""
+    if result.decision == NORMAL:
+        return CaseEvent.DECIDE_LOCAL_NORMAL
+    if result.decision == ABNORMAL:
+        return CaseEvent.DECIDE_LOCAL_ABNORMAL
+    return CaseEvent.HOLD

@@ -21,21 +21,21 @@ from pathlib import Path
 from typing import TextIO
 
 from triage_app import __version__
-from triage_app.batch import expand_inputs, triage_files
+from triage_app.admin import save_audited
+from triage_app.batch import expand_inputs, triage_and_record
 from triage_app.config import (
+    SPECS,
     Settings,
     apply_change,
     describe,
     load_settings,
-    save_settings,
     set_admin_password,
     verify_admin_password,
 )
 from triage_app.demo import demo_images
 from triage_app.errors import AdminAuthError, TriageError
-from triage_app.pipeline import PipelineConfig, record_outcome
-from triage_app.results import CaseResult, InputOutcome
-from triage_app.store import CaseStore
+from triage_app.logs import configure_logging
+from triage_app.results import CaseResult, FailedInput, InputOutcome
 
 logger = logging.getLogger("triage_app.cli")
 
@@ -134,10 +134,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool, debug: bool) -> None:
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # pydicom's value checks quote the offending value (names, UIDs) at WARNING: no PHI in logs.
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    configure_logging(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
 
 
 def _settings(args: argparse.Namespace, *, for_saving: bool = False) -> Settings:
@@ -162,20 +159,13 @@ def _settings(args: argparse.Namespace, *, for_saving: bool = False) -> Settings
 def _triage(
     settings: Settings, files: list[Path], out: TextIO, *, as_json: bool
 ) -> list[InputOutcome]:
-    config = PipelineConfig.from_settings(settings)
     outcomes: list[InputOutcome] = []
-    with CaseStore.open(settings.case_store_path) as store:
-        for outcome in triage_files(files, config, workers=settings.workers):
-            record_outcome(store, outcome)
-            outcomes.append(outcome)
-            if as_json:
-                print(json.dumps(outcome.to_json()), file=out, flush=True)
-            if not outcome.ok:
-                error = outcome.to_json()["error"]
-                print(
-                    f"triage-app: {outcome.path}: {error['code']}: {error['message']}",
-                    file=sys.stderr,
-                )
+    for outcome in triage_and_record(files, settings):
+        outcomes.append(outcome)
+        if as_json:
+            print(json.dumps(outcome.to_json()), file=out, flush=True)
+        if isinstance(outcome, FailedInput):
+            print(f"triage-app: {outcome.path}: {outcome.code}: {outcome.message}", file=sys.stderr)
     return outcomes
 
 
@@ -280,18 +270,15 @@ def _read_secret(prompt: str, from_stdin: bool) -> str:
 
 def _config_set(args: argparse.Namespace) -> int:
     settings = _settings(args, for_saving=True)
-    spec_is_admin = any(row.key == args.key and row.admin for row in describe())
+    spec = SPECS.get(args.key)
     # Without an admin password set there is nothing to ask: apply_change refuses clearly.
-    ask = spec_is_admin and settings.has_admin_password
+    ask = spec is not None and spec.admin and settings.has_admin_password
     password = _read_secret("admin password: ", args.admin_password_stdin) if ask else None
     updated, change = apply_change(settings, args.key, args.value, admin_password=password)
-    path = save_settings(updated, args.config)
-    with CaseStore.open(_settings(args).case_store_path) as store:
-        store.audit(
-            actor=_actor(),
-            action="config.set",
-            detail={"key": change.key, "old": change.old, "new": change.new, "admin": change.admin},
-        )
+    store_path = _settings(args).case_store_path
+    path = save_audited(
+        updated, args.config, store_path, actor=_actor(), action="config.set", change=change
+    )
     print(f"{change.key}: {change.old!s} -> {change.new!s} (saved to {path})")
     return EXIT_OK
 
@@ -301,15 +288,15 @@ def _config_set_admin_password(args: argparse.Namespace) -> int:
     if settings.has_admin_password:
         current = _read_secret("current admin password: ", args.stdin)
         if not verify_admin_password(settings, current):
-            print(
-                "triage-app: error: admin_auth_failed: the current admin password is wrong",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
+            raise AdminAuthError("the current admin password is wrong")
     new = _read_secret("new admin password: ", args.stdin)
-    path = save_settings(set_admin_password(settings, new), args.config)
-    with CaseStore.open(_settings(args).case_store_path) as store:
-        store.audit(actor=_actor(), action="config.admin_password_set", detail={})
+    path = save_audited(
+        set_admin_password(settings, new),
+        args.config,
+        _settings(args).case_store_path,
+        actor=_actor(),
+        action="config.admin_password_set",
+    )
     print(f"admin password set (saved to {path})")
     return EXIT_OK
 

@@ -4,13 +4,12 @@ This is the only place the steps are wired together (as MONAI Deploy's ``compose
 GUI, watch service and receiver all call :meth:`TriagePipeline.run`. It never raises for a bad
 input: a file that cannot be triaged comes back as a :class:`~triage_app.results.FailedInput`
 with a stable error code, so one bad file never stops a batch. Recording results is the caller's
-job (one writer per store; see ``batch``).
+job (one writer per store; see ``batch.triage_and_record``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from triage_app.dicom import load_image
 from triage_app.dicom.pseudonym import case_id_for, pseudonymous_uid
 from triage_app.errors import InputError, UnprocessableImageError
 from triage_app.model.classifier import Classifier
-from triage_app.model.manifest import find_bundle, verify_bundle
+from triage_app.model.manifest import find_bundle, load_manifest
 from triage_app.model.preprocess import to_tensor, to_unit_image
 from triage_app.policy import (
     ActiveThresholds,
@@ -37,10 +36,6 @@ from triage_app.policy import (
 )
 from triage_app.results import CaseResult, EscalationRef, FailedInput, InputOutcome
 from triage_app.secrets import load_or_create_site_secret
-from triage_app.states import CaseEvent
-from triage_app.store import CaseStore
-
-logger = logging.getLogger(__name__)
 
 ESCALATION_HELD = EscalationRef(
     state="held",
@@ -59,9 +54,13 @@ class PipelineConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PipelineConfig:
-        """Verify the bundle and settle the thresholds once, here, not in every worker."""
+        """Settle the thresholds once, here, not in every worker.
+
+        Only the manifest is read: the files are hash-checked where the model is loaded (or,
+        with several workers, once before they start; see ``batch``).
+        """
         bundle_dir = find_bundle(settings.model_name, settings.model_dir)
-        manifest = verify_bundle(bundle_dir)
+        manifest = load_manifest(bundle_dir)
         return cls(
             bundle_dir=bundle_dir,
             site_secret=load_or_create_site_secret(settings.data_dir),
@@ -146,20 +145,3 @@ def _instance_key(sop_instance_uid: str, stored: np.ndarray) -> str:
     if sop_instance_uid:
         return sop_instance_uid
     return "pixels:" + hashlib.sha256(np.ascontiguousarray(stored).tobytes()).hexdigest()
-
-
-def store_event(result: CaseResult) -> CaseEvent:
-    """The case-store event that records where a triaged case went."""
-    if result.decision == "normal":
-        return CaseEvent.DECIDE_LOCAL_NORMAL
-    if result.decision == "abnormal":
-        return CaseEvent.DECIDE_LOCAL_ABNORMAL
-    return CaseEvent.HOLD
-
-
-def record_outcome(store: CaseStore, outcome: InputOutcome) -> None:
-    """Keep every outcome: triaged cases with their state history, failures with their code."""
-    if isinstance(outcome, CaseResult):
-        store.record_result(outcome, store_event(outcome))
-    else:
-        store.record_failure(outcome)

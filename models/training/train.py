@@ -70,7 +70,7 @@ class Plan:
 
 def _tensors(split: Split, spec: PreprocessSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Model inputs made by the app's own ``to_tensor`` (equalisation + normalisation)."""
-    x = np.concatenate([to_tensor(unit.astype(np.float32), spec) for unit in split.units])
+    x = np.concatenate([to_tensor(unit, spec) for unit in split.units])
     return torch.from_numpy(x), torch.from_numpy(split.labels.astype(np.int64))
 
 
@@ -237,9 +237,7 @@ def build(plan: Plan) -> dict[str, Any]:
     }
     logger.info("quantization gate: %s", gate)
     calibration = calibrate(logits_int8 if int8_ships else logits_fp32, labels)
-    profile = InputProfile.fit(
-        train.units[:4000].astype(np.float32), components=min(24, len(train.units) // 4)
-    )
+    profile = InputProfile.fit(train.units[:4000], components=min(24, len(train.units) // 4))
 
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
