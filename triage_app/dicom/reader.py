@@ -120,7 +120,7 @@ def read_dataset(source: Source, *, header_only: bool = False) -> Dataset:
         head = fp.read(_HEAD)
         force = _check_signature(head, size)
         fp.seek(0)
-        with _quiet_pydicom() as caught:
+        with quiet_pydicom() as caught:
             ds = _parse(fp, force=force, header_only=header_only)
             _check_complete(ds, size, caught)
     if len(ds) == 0:
@@ -138,7 +138,7 @@ def load_image(source: Source) -> DicomImage:
     greyscale keeps the decoder's dtype. Raises an ``InputError`` subclass on any failure.
     """
     ds = read_dataset(source)
-    with _quiet_pydicom():
+    with quiet_pydicom():
         keyword = _pixel_keyword(ds)
         transfer_syntax = _transfer_syntax(ds)
         attrs = _pixel_attributes(ds, keyword)
@@ -235,7 +235,7 @@ def _looks_like_raw_dataset(head: bytes, size: int) -> bool:
 
 
 @contextmanager
-def _quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
+def quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
     """Read without pydicom's value validation and collect its remaining warnings.
 
     Validation would warn *and log* with the offending value quoted (a UID, a name: PHI), and

@@ -1,0 +1,472 @@
+"""The profile engine: one dataset through PS3.15 Annex E, in place, at every nesting depth.
+
+:class:`Deidentifier` walks the dataset (and its file meta) once. For each element it looks the
+tag up in the Annex E table (:mod:`.table`), resolves the action under the selected options and
+applies it; sequences are de-identified item by item however deep they go. What the table does
+not name is kept, but still passes the residual scrub (:mod:`.scrub`). Finally the output is
+marked (PS3.15 E.1.1: Patient Identity Removed, De-identification Method and its code sequence,
+CID 7050).
+
+Speed: elements are read through ``Dataset.get_item``, which returns pydicom's undecoded raw
+element; an element is only decoded when it must change or when the scrub's byte pre-check
+finds a candidate. Pixel data is never touched (unless a pixel-clean rule applies).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag
+
+from triage_app import __version__
+from triage_app.dicom.deidentify.burned_in import (
+    PixelCleanRule,
+    apply_rule,
+    burned_in_reasons,
+    find_rule,
+)
+from triage_app.dicom.deidentify.scrub import PatientIdentifiers, Scrubber
+from triage_app.dicom.deidentify.table import Action, ProfileOption, ProfileTable, load_table
+from triage_app.dicom.deidentify.values import dummy_value, shift_date, shift_datetime
+from triage_app.dicom.reader import quiet_pydicom
+from triage_app.dicom.pseudonym import (
+    date_shift_days,
+    patient_pseudonym,
+    pseudonymous_uid,
+    text_pseudonym,
+)
+
+log = logging.getLogger(__name__)
+
+# Identifies this software in the file meta (a fixed UUID-derived UID, nothing site-specific).
+IMPLEMENTATION_CLASS_UID = "2.25.153173212530961245786093375040297346097"
+IMPLEMENTATION_VERSION_NAME = f"TRIAGE_{__version__}"[:16]
+
+_PATIENT_NAME = 0x00100010
+_PATIENT_ID = 0x00100020
+_SOP_INSTANCE_UID = 0x00080018
+_MEDIA_STORAGE_SOP_INSTANCE_UID = 0x00020003
+# File meta elements that name the sending/receiving systems: not in the Annex E table (it
+# covers data sets), yet they leak the station, so they are removed wherever group 2 appears.
+_FILE_META_REMOVED = frozenset(
+    {
+        0x00020016,  # Source Application Entity Title
+        0x00020017,  # Sending Application Entity Title
+        0x00020018,  # Receiving Application Entity Title
+        0x00020100,  # Private Information Creator UID
+        0x00020102,  # Private Information
+    }
+)
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"}
+)
+_BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+# Character sets whose bytes contain ASCII text as ASCII: the raw pre-check is reliable.
+_ASCII_COMPATIBLE = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6", "ISO_IR 100", "ISO_IR 192"})
+
+# CID 7050 De-identification Method (PS3.16), scheme DCM.
+BASIC_PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
+CLEAN_PIXEL_DATA_CODE = ("113101", "Clean Pixel Data Option")
+OPTION_CODES = {
+    ProfileOption.CLEAN_GRAPHICS: ("113103", "Clean Graphics Option"),
+    ProfileOption.CLEAN_STRUCTURED_CONTENT: ("113104", "Clean Structured Content Option"),
+    ProfileOption.CLEAN_DESCRIPTORS: ("113105", "Clean Descriptors Option"),
+    ProfileOption.RETAIN_LONGITUDINAL_FULL_DATES: (
+        "113106",
+        "Retain Longitudinal Temporal Information Full Dates Option",
+    ),
+    ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES: (
+        "113107",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+    ),
+    ProfileOption.RETAIN_PATIENT_CHARACTERISTICS: ("113108", "Retain Patient Characteristics Option"),
+    ProfileOption.RETAIN_DEVICE_IDENTITY: ("113109", "Retain Device Identity Option"),
+    ProfileOption.RETAIN_UIDS: ("113110", "Retain UIDs Option"),
+    ProfileOption.RETAIN_SAFE_PRIVATE: ("113111", "Retain Safe Private Option"),
+    ProfileOption.RETAIN_INSTITUTION_IDENTITY: ("113112", "Retain Institution Identity Option"),
+}
+
+_SAFE_PRIVATE = re.compile(r"^\s*([0-9A-Fa-f]{4})\s*,\s*([^,]*?)\s*,\s*([0-9A-Fa-f]{2})\s*$")
+
+
+@dataclass(frozen=True, order=True)
+class SafePrivateTag:
+    """One private attribute a site considers safe: group, creator and element byte."""
+
+    group: int
+    creator: str
+    element: int  # the low byte, xx in (gggg,00xx)'s block
+
+    @classmethod
+    def parse(cls, text: str) -> SafePrivateTag:
+        """Read ``"0019,SIEMENS MR HEADER,0A"``; raises ``ValueError`` with the reason."""
+        match = _SAFE_PRIVATE.match(text)
+        if not match or not int(match.group(1), 16) & 1 or not match.group(2):
+            raise ValueError(
+                f"a safe private tag must look like GGGG,CREATOR,EE with an odd group "
+                f"(got {text!r})"
+            )
+        return cls(int(match.group(1), 16), match.group(2), int(match.group(3), 16))
+
+    def __str__(self) -> str:
+        return f"{self.group:04X},{self.creator},{self.element:02X}"
+
+
+# Private attributes PS3.15 Table E.3.10-1 lists as safe (diffusion and mosaic geometry).
+DEFAULT_SAFE_PRIVATE: tuple[str, ...] = (
+    "0019,SIEMENS MR HEADER,0A",
+    "0019,SIEMENS MR HEADER,0C",
+    "0019,SIEMENS MR HEADER,0D",
+    "0019,SIEMENS MR HEADER,0E",
+    "0019,SIEMENS MR HEADER,27",
+)
+
+
+@dataclass(frozen=True)
+class DeidConfig:
+    """What to de-identify and how; plain and picklable so worker processes can take it."""
+
+    options: frozenset[ProfileOption] = frozenset()
+    safe_private: tuple[SafePrivateTag, ...] = ()
+    pixel_rules: tuple[PixelCleanRule, ...] = ()
+
+    def describe(self) -> list[str]:
+        """The profile and options, as written into De-identification Method."""
+        return [f"PS3.15 E Basic Profile ({load_table().edition})"] + sorted(
+            option.value for option in self.options
+        )
+
+
+@dataclass(frozen=True)
+class DeidentificationReport:
+    """What was done to one instance. ``links`` hold originals: they never leave the device."""
+
+    sop_instance_uid: str  # de-identified ("" if the source had none)
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_pseudonym: str
+    method: tuple[str, ...]
+    burned_in_reasons: tuple[str, ...]
+    pixel_rule: str | None
+    links: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)  # kind, new, old
+
+    @property
+    def burned_in_risk(self) -> bool:
+        """At risk of burned-in identifiers and no pixel-clean rule covered the image."""
+        return bool(self.burned_in_reasons) and self.pixel_rule is None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "method": list(self.method),
+            "patient_pseudonym": self.patient_pseudonym,
+            "burned_in_risk": self.burned_in_risk,
+            "burned_in_reasons": list(self.burned_in_reasons),
+            "pixel_clean_rule": self.pixel_rule,
+        }
+
+
+def _vr_of(tag: BaseTag, element: DataElement | RawDataElement) -> str:
+    vr = element.VR
+    if vr:
+        return str(vr)
+    try:
+        return str(dictionary_VR(tag)).split(" or ")[0]
+    except KeyError:
+        return "UN"
+
+
+def _strings(raw: bytes) -> list[str]:
+    return raw.decode("ascii", "replace").rstrip("\x00 ").split("\\")
+
+
+class Deidentifier:
+    """De-identifies datasets in place under one site secret and one configuration."""
+
+    def __init__(
+        self, secret: bytes, config: DeidConfig | None = None, table: ProfileTable | None = None
+    ) -> None:
+        self.secret = secret
+        self.config = config or DeidConfig()
+        self._table = table or load_table()
+        options = self.config.options
+        self.actions = {tag: rule.action(options) for tag, rule in self._table.by_tag.items()}
+        self.curve_action = self._table.curve.action(options)
+        self.overlay_action = self._table.overlay_data.action(options)
+        self.overlay_comments_action = self._table.overlay_comments.action(options)
+        self.private_action = self._table.private.action(options)
+        self.safe_private = {(s.group, s.creator.upper(), s.element) for s in self.config.safe_private}
+        self.shift_dates = ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in options
+        self._method = tuple(self.config.describe())
+
+    def uid(self, uid: str) -> str:
+        """The de-identified form of ``uid`` (itself under Retain UIDs)."""
+        if ProfileOption.RETAIN_UIDS in self.config.options or not uid:
+            return uid
+        return pseudonymous_uid(self.secret, uid)
+
+    def deidentify(self, ds: Dataset) -> DeidentificationReport:
+        """De-identify ``ds`` (and its file meta) in place; the pixel data is left as it is."""
+        with quiet_pydicom():  # pydicom's value warnings would quote the (identifying) value
+            return self._deidentify(ds)
+
+    def _deidentify(self, ds: Dataset) -> DeidentificationReport:
+        identifiers = PatientIdentifiers.capture(ds)
+        reasons = burned_in_reasons(ds)
+        rule = find_rule(ds, self.config.pixel_rules) if reasons else None
+        if rule is not None:
+            apply_rule(ds, rule)
+            log.info("pixel-clean rule %r applied", rule.name)
+        originals = {
+            "study": str(ds.get("StudyInstanceUID") or ""),
+            "series": str(ds.get("SeriesInstanceUID") or ""),
+            "instance": str(ds.get("SOPInstanceUID") or ""),
+        }
+        walk = _Walk(self, identifiers, ds)
+        walk.dataset(ds, clean=False)
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None:
+            walk.dataset(meta, clean=False)
+            self._mark_file_meta(ds, meta)
+        self._mark(ds, cleaned_pixels=rule is not None)
+        report_uids = {k: self.uid(v) for k, v in originals.items()}
+        links = tuple(
+            (kind, report_uids[kind], original) for kind, original in originals.items() if original
+        )
+        if identifiers.patient_key:
+            links += (("patient", walk.patient_pseudonym, identifiers.patient_key),)
+        return DeidentificationReport(
+            sop_instance_uid=report_uids["instance"],
+            study_instance_uid=report_uids["study"],
+            series_instance_uid=report_uids["series"],
+            patient_pseudonym=walk.patient_pseudonym,
+            method=self._method,
+            burned_in_reasons=reasons,
+            pixel_rule=rule.name if rule is not None else None,
+            links=links,
+        )
+
+    def _mark_file_meta(self, ds: Dataset, meta: Dataset) -> None:
+        if "SOPInstanceUID" in ds:
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+
+    def _mark(self, ds: Dataset, *, cleaned_pixels: bool) -> None:
+        """PS3.15 E.1.1 marking, with the profile and each option as CID 7050 codes."""
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = list(self._method) if len(self._method) > 1 else self._method[0]
+        codes = [BASIC_PROFILE_CODE]
+        if cleaned_pixels:
+            codes.append(CLEAN_PIXEL_DATA_CODE)
+        codes += sorted(OPTION_CODES[o] for o in self.config.options)
+        items = []
+        for value, meaning in codes:
+            item = Dataset()
+            item.CodeValue = value
+            item.CodingSchemeDesignator = "DCM"
+            item.CodeMeaning = meaning
+            items.append(item)
+        ds.DeidentificationMethodCodeSequence = DicomSequence(items)
+        options = self.config.options
+        if ProfileOption.RETAIN_LONGITUDINAL_FULL_DATES in options:
+            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
+        elif ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in options:
+            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        else:
+            ds.LongitudinalTemporalInformationModified = "REMOVED"
+
+
+class _Walk:
+    """One dataset's de-identification: the per-instance state the element rules share."""
+
+    def __init__(self, deid: Deidentifier, identifiers: PatientIdentifiers, root: Dataset) -> None:
+        self.deid = deid
+        self.scrubber = Scrubber(identifiers)
+        key = identifiers.patient_key
+        secret = deid.secret
+        self.secret = secret
+        self.patient_pseudonym = patient_pseudonym(secret, key) if key else ""
+        self.shift_days = date_shift_days(secret, key) if deid.shift_dates else 0
+        charset = root.get("SpecificCharacterSet") or ""
+        charsets = [charset] if isinstance(charset, str) else list(charset)
+        self.raw_precheck = all(str(c).strip().upper() in _ASCII_COMPATIBLE for c in charsets)
+
+    # --- the walk ---------------------------------------------------------------------------
+
+    def dataset(self, ds: Dataset, *, clean: bool) -> None:
+        deid = self.deid
+        actions = deid.actions
+        for tag in list(ds.keys()):
+            group = tag >> 16
+            if group & 1:
+                self.private(ds, tag)
+                continue
+            if tag & 0xFFFF == 0 or tag in _FILE_META_REMOVED:  # group lengths, meta AE titles
+                del ds[tag]
+                continue
+            action = actions.get(tag)
+            if action is None and group & 0xFF01 == 0x5000:
+                action = deid.curve_action
+            elif action is None and group & 0xFF01 == 0x6000:
+                # Overlay Data decides for the whole overlay group: its rows, columns and
+                # origin are meaningless without it. Comments follow their own row.
+                element = tag & 0xFFFF
+                action = deid.overlay_comments_action if element == 0x4000 else deid.overlay_action
+            if action is Action.CLEAN and group & 0xFF01 in (0x5000, 0x6000):
+                action = Action.KEEP  # Clean Graphics keeps curves and overlays (text scrubbed)
+            if action is None:
+                self.keep(ds, tag, clean=clean)
+                continue
+            self.apply(ds, tag, action, clean=clean)
+
+    def apply(self, ds: Dataset, tag: BaseTag, action: Action, *, clean: bool) -> None:
+        element = ds.get_item(tag)
+        assert element is not None
+        vr = _vr_of(tag, element)
+        if clean and action is Action.REMOVE and vr in _TEXT_VRS:
+            action = Action.CLEAN  # inside a sequence being cleaned, text is cleaned, not lost
+        if action is Action.REMOVE:
+            del ds[tag]
+        elif vr == "SQ":
+            self.sequence(ds, tag, action, clean=clean)
+        elif action is Action.KEEP:
+            self.keep(ds, tag, clean=clean)
+        elif vr == "UI" and action is not Action.ZERO:
+            self.remap_uids(ds, tag, element)
+        elif tag in (_PATIENT_NAME, _PATIENT_ID) and action in (Action.ZERO, Action.DUMMY):
+            ds[tag] = DataElement(tag, vr, self.patient_pseudonym or None)
+        elif action is Action.ZERO:
+            ds[tag] = DataElement(tag, vr, None)
+        elif action is Action.DUMMY:
+            ds[tag] = DataElement(tag, vr, dummy_value(vr))
+        elif action is Action.CLEAN:
+            self.clean_value(ds, tag, vr)
+        else:  # UID / UID_REFERENCES on something that is neither a UID nor a sequence
+            ds[tag] = DataElement(tag, vr, dummy_value(vr))
+
+    def sequence(self, ds: Dataset, tag: BaseTag, action: Action, *, clean: bool) -> None:
+        if action is Action.ZERO:
+            ds[tag].value = DicomSequence()
+            return
+        # D, K, C and U* keep the items and de-identify what is in them; the Clean options
+        # keep free text inside their sequences (cleaned) where the profile would drop it.
+        inner_clean = clean or action is Action.CLEAN
+        for item in ds[tag].value:
+            self.dataset(item, clean=inner_clean)
+
+    def keep(self, ds: Dataset, tag: BaseTag, *, clean: bool) -> None:
+        """An attribute the profile keeps: still scrubbed for this patient's identifiers."""
+        element = ds.get_item(tag)
+        assert element is not None
+        vr = _vr_of(tag, element)
+        if vr == "SQ":
+            for item in ds[tag].value:
+                self.dataset(item, clean=clean)
+            return
+        if self.scrubber.empty or not (vr in _TEXT_VRS or vr in _BYTES_VRS or vr == "UI"):
+            return
+        if isinstance(element, RawDataElement) and self.raw_precheck:
+            raw = element.value or b""
+            if not self.scrubber.may_contain(raw):
+                return
+        if vr == "UI":
+            if self._hit(ds[tag].value):
+                self.remap_uids(ds, tag, ds.get_item(tag))
+        elif vr in _BYTES_VRS:
+            del ds[tag]  # identifiers inside bytes cannot be cut out safely
+        else:
+            self.scrub_text(ds, tag, clean=clean)
+
+    def private(self, ds: Dataset, tag: BaseTag) -> None:
+        if self.deid.private_action is Action.REMOVE or not self.deid.safe_private:
+            del ds[tag]
+            return
+        element = tag & 0xFFFF
+        group = tag >> 16
+        if 0x0010 <= element <= 0x00FF:
+            creator = str(ds[tag].value or "").strip().upper()
+            if not any(g == group and c == creator for g, c, _ in self.deid.safe_private):
+                del ds[tag]
+            return
+        creator_tag = (group << 16) | (element >> 8)
+        creator = str(ds[creator_tag].value if creator_tag in ds else "").strip().upper()
+        if element < 0x1000 or (group, creator, element & 0xFF) not in self.deid.safe_private:
+            del ds[tag]
+            return
+        self.keep(ds, tag, clean=True)  # Clean: safe values still lose this patient's IDs
+
+    # --- values -----------------------------------------------------------------------------
+
+    def _hit(self, value: object) -> bool:
+        values = value if isinstance(value, list | tuple | DicomSequence) else [value]
+        return any(str(v) != self.scrubber.scrub(str(v)) for v in values)
+
+    def remap_uids(self, ds: Dataset, tag: BaseTag, element: DataElement | RawDataElement) -> None:
+        if isinstance(element, RawDataElement):
+            values: Sequence[str] = _strings(element.value or b"")
+        else:
+            value = element.value
+            values = [str(v) for v in value] if isinstance(value, list) else [str(value or "")]
+        remapped = [self.deid.uid(v.strip()) for v in values if v.strip()]
+        if ProfileOption.RETAIN_UIDS in self.deid.config.options and self._hit(remapped):
+            remapped = [pseudonymous_uid(self.secret, v) for v in remapped]  # a UID built from an ID
+        ds[tag] = DataElement(tag, "UI", remapped[0] if len(remapped) == 1 else remapped or None)
+
+    def clean_value(self, ds: Dataset, tag: BaseTag, vr: str) -> None:
+        """The C action: a value of similar meaning that reveals nothing."""
+        if vr in ("DA", "DT", "TM"):
+            self.clean_date(ds, tag, vr)
+        elif vr == "AE":
+            values = _values(ds[tag].value)
+            new = [text_pseudonym(self.secret, "ae", v) for v in values if v]
+            ds[tag] = DataElement(tag, vr, new[0] if len(new) == 1 else new or None)
+        elif vr in _TEXT_VRS:
+            self.scrub_text(ds, tag, clean=True)
+        elif vr in _BYTES_VRS:
+            del ds[tag]  # no safe way to clean arbitrary bytes
+        else:
+            ds[tag] = DataElement(tag, vr, dummy_value(vr))
+
+    def clean_date(self, ds: Dataset, tag: BaseTag, vr: str) -> None:
+        if not self.deid.shift_dates:
+            ds[tag] = DataElement(tag, vr, dummy_value(vr))
+            return
+        if vr == "TM":  # whole-day shifts keep the time of day
+            return
+        shift = shift_date if vr == "DA" else shift_datetime
+        new = [shift(v, self.shift_days) for v in _values(ds[tag].value) if v]
+        ds[tag] = DataElement(tag, vr, new[0] if len(new) == 1 else new or None)
+
+    def scrub_text(self, ds: Dataset, tag: BaseTag, *, clean: bool) -> None:
+        element = ds[tag]
+        vr = element.VR
+        fix = self.scrubber.clean if clean else self.scrubber.scrub
+        values = _values(element.value)
+        new = [fix(v) for v in values]
+        if new == values:
+            return
+        if vr in ("DA", "DT", "TM") and any(new):  # a date cannot be half a date
+            new = [v if v == old else "" for v, old in zip(new, values, strict=True)]
+        kept = [v for v in new if v]
+        ds[tag] = DataElement(tag, vr, kept[0] if len(kept) == 1 else kept or None)
+
+
+def _values(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Iterable):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def parse_safe_private(entries: Iterable[str]) -> tuple[SafePrivateTag, ...]:
+    return tuple(sorted({SafePrivateTag.parse(entry) for entry in entries}))

@@ -1,0 +1,92 @@
+"""De-identified files: read, de-identify, encode as a Part 10 file, name it neutrally.
+
+Output names come from the *de-identified* UIDs (a digest of each), never from the source's name
+or folders, which often carry a patient's name or MRN: ``<study>/<series>/<instance>.dcm``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from triage_app.dicom.deidentify.engine import DeidentificationReport, Deidentifier
+from triage_app.dicom.reader import quiet_pydicom, read_dataset
+from triage_app.errors import InvalidDicomError
+
+_NAME_DIGITS = 16
+
+
+@dataclass(frozen=True)
+class DeidentifiedFile:
+    """One de-identified instance as Part 10 bytes, with what was done to it."""
+
+    data: bytes
+    report: DeidentificationReport
+
+    @property
+    def relative_path(self) -> Path:
+        """``<study>/<series>/<instance>.dcm`` from digests of the de-identified UIDs."""
+        report = self.report
+        instance = report.sop_instance_uid or hashlib.sha256(self.data).hexdigest()
+        return Path(
+            _digest(report.study_instance_uid or "no-study"),
+            _digest(report.series_instance_uid or "no-series"),
+            _digest(instance) + ".dcm",
+        )
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:_NAME_DIGITS]
+
+
+def encode(ds: Dataset) -> bytes:
+    """``ds`` as a Part 10 file (preamble, file meta, data set), in its own transfer syntax."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        meta = FileMetaDataset(meta or {})
+        # A data set without file meta was read as it came: implicit or explicit little endian.
+        implicit = getattr(ds, "is_implicit_VR", None)
+        if implicit is None:
+            implicit = ds.original_encoding[0] if ds.original_encoding[0] is not None else True
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        ds.file_meta = meta
+    if "SOPClassUID" in ds:
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    if "SOPInstanceUID" in ds:
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buffer = io.BytesIO()
+    try:
+        with quiet_pydicom():
+            ds.save_as(buffer, enforce_file_format=True)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise InvalidDicomError(f"de-identified data set cannot be encoded: {exc}") from exc
+    return buffer.getvalue()
+
+
+def deidentify_file(source: str | os.PathLike[str] | bytes, deid: Deidentifier) -> DeidentifiedFile:
+    """Read ``source`` and return its de-identified Part 10 bytes; input errors as for classify."""
+    ds = read_dataset(source if isinstance(source, bytes) else os.fspath(source))
+    report = deid.deidentify(ds)
+    return DeidentifiedFile(encode(ds), report)
+
+
+def write_atomically(data: bytes, path: Path) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".dcm")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
