@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -27,23 +26,6 @@ from triage_app.states import CaseEvent
 from triage_app.store import CaseStore
 
 _worker_pipeline: TriagePipeline | None = None
-
-
-def expand_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Files as given; folders recursively in sorted order, skipping hidden entries.
-
-    A path that does not exist is kept, so it is reported as unreadable instead of vanishing.
-    """
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.is_dir():
-            found.append(path)
-            continue
-        for root, dirs, files in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            found.extend(Path(root) / name for name in sorted(files) if not name.startswith("."))
-    return found
 
 
 def _init_worker(config: PipelineConfig, log_level: int) -> None:
@@ -95,6 +77,7 @@ def triage_and_record(files: Sequence[Path], settings: Settings) -> Iterator[Inp
 def record_outcome(store: CaseStore, outcome: InputOutcome) -> None:
     """Keep every outcome: triaged cases with their state history, failures with their code."""
     if isinstance(outcome, CaseResult):
+        store.record_links(outcome.links)
         store.record_result(outcome, store_event(outcome))
     else:
         store.record_failure(outcome)
@@ -106,4 +89,6 @@ def store_event(result: CaseResult) -> CaseEvent:
         return CaseEvent.DECIDE_LOCAL_NORMAL
     if result.decision == ABNORMAL:
         return CaseEvent.DECIDE_LOCAL_ABNORMAL
+    if result.escalation is not None and result.escalation.state == "blocked":
+        return CaseEvent.BLOCK
     return CaseEvent.HOLD

@@ -22,7 +22,6 @@ from typing import TextIO
 
 from triage_app import __version__
 from triage_app.admin import save_audited
-from triage_app.batch import expand_inputs, triage_and_record
 from triage_app.config import (
     SPECS,
     Settings,
@@ -32,8 +31,9 @@ from triage_app.config import (
     set_admin_password,
     verify_admin_password,
 )
-from triage_app.demo import demo_images
-from triage_app.errors import AdminAuthError, TriageError
+from triage_app.dicom.deidentify import ProfileOption
+from triage_app.errors import AdminAuthError, ConfigError, TriageError
+from triage_app.inputs import expand_inputs
 from triage_app.logs import configure_logging
 from triage_app.results import CaseResult, FailedInput, InputOutcome
 
@@ -90,6 +90,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     classify.set_defaults(handler=_classify)
 
+    deidentify = sub.add_parser(
+        "deidentify",
+        parents=[common],
+        help="de-identify DICOM files or folders into DST (PS3.15 Annex E); JSON Lines report",
+        description="Applies the PS3.15 Annex E Basic Profile (and the selected options) to "
+        "each file (folders recursively) and writes it under DST as "
+        "<study>/<series>/<instance>.dcm, names derived from the de-identified UIDs. Prints one "
+        "JSON object per input. The links from pseudonyms back to the originals are kept in the "
+        "local case store only.",
+    )
+    deidentify.add_argument("sources", nargs="+", type=Path, metavar="SRC")
+    deidentify.add_argument("destination", type=Path, metavar="DST")
+    deidentify.add_argument(
+        "--option",
+        dest="options",
+        action="append",
+        choices=[option.value for option in ProfileOption],
+        metavar="OPTION",
+        help="a profile option (repeat for several); given at least once, these replace the "
+        "deidentify.options setting. One of: "
+        + ", ".join(option.value for option in ProfileOption),
+    )
+    deidentify.add_argument(
+        "--workers", type=int, help="worker processes (default: processing.workers)"
+    )
+    deidentify.set_defaults(handler=_deidentify)
+
     demo = sub.add_parser(
         "demo",
         parents=[common],
@@ -145,6 +172,8 @@ def _settings(args: argparse.Namespace, *, for_saving: bool = False) -> Settings
         overrides["paths.model_dir"] = args.model_dir
     if getattr(args, "workers", None):
         overrides["processing.workers"] = args.workers
+    if getattr(args, "options", None):
+        overrides["deidentify.options"] = args.options
     if for_saving:
         # What is saved must be the file's own values, not the environment's or the flags';
         # the effective settings (e.g. which case store gets the audit entry) come from
@@ -159,6 +188,10 @@ def _settings(args: argparse.Namespace, *, for_saving: bool = False) -> Settings
 def _triage(
     settings: Settings, files: list[Path], out: TextIO, *, as_json: bool
 ) -> list[InputOutcome]:
+    # Imported here: ONNX Runtime and OpenCV cost a quarter of a second that the commands
+    # without a model (deidentify, config) should not pay at start-up.
+    from triage_app.batch import triage_and_record
+
     outcomes: list[InputOutcome] = []
     for outcome in triage_and_record(files, settings):
         outcomes.append(outcome)
@@ -191,6 +224,8 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from triage_app.demo import demo_images
+
     images, truth = demo_images()
     with tempfile.TemporaryDirectory(prefix="triage-demo-") as scratch:
         if not args.data_dir:
@@ -203,6 +238,42 @@ def _demo(args: argparse.Namespace) -> int:
         _print_demo_table(outcomes, truth)
     print(_summary(outcomes, seconds), file=sys.stdout if not args.json else sys.stderr)
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_SOME_FAILED
+
+
+def _deidentify(args: argparse.Namespace) -> int:
+    from triage_app.deid_batch import DeidentifiedOutput, deidentify_to_folder
+    from triage_app.pipeline import deid_config
+    from triage_app.secrets import load_or_create_site_secret
+
+    settings = _settings(args)
+    destination: Path = args.destination.absolute()
+    if destination.exists() and not destination.is_dir():
+        raise ConfigError(f"{destination}: the destination must be a folder")
+    files = [f for f in expand_inputs(args.sources) if destination not in f.absolute().parents]
+    started = time.perf_counter()
+    counts: Counter[str] = Counter()
+    for outcome in deidentify_to_folder(
+        files,
+        destination,
+        secret=load_or_create_site_secret(settings.data_dir),
+        config=deid_config(settings),
+        store_path=settings.case_store_path,
+        workers=settings.workers,
+    ):
+        print(json.dumps(outcome.to_json()), flush=True)
+        if isinstance(outcome, DeidentifiedOutput):
+            counts["done"] += 1
+            counts["burned_in_risk"] += bool(outcome.deidentification["burned_in_risk"])
+        else:
+            counts["failed"] += 1
+            print(f"triage-app: {outcome.path}: {outcome.code}: {outcome.message}", file=sys.stderr)
+    print(
+        f"{len(files)} inputs in {time.perf_counter() - started:.1f} s: {counts['done']} "
+        f"de-identified into {destination} ({counts['burned_in_risk']} at burned-in text risk), "
+        f"{counts['failed']} failed",
+        file=sys.stderr,
+    )
+    return EXIT_SOME_FAILED if counts["failed"] else EXIT_OK
 
 
 def _print_demo_table(outcomes: Sequence[InputOutcome], truth: dict[str, str]) -> None:

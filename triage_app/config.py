@@ -32,6 +32,8 @@ from typing import NamedTuple, NoReturn, cast
 
 import tomli_w
 
+from triage_app.dicom.deidentify.engine import DEFAULT_SAFE_PRIVATE
+from triage_app.dicom.deidentify.table import ProfileOption
 from triage_app.errors import AdminAuthError, ConfigError
 from triage_app.paths import (
     default_config_path,
@@ -231,6 +233,36 @@ class Optional(SettingType):
         return f"{self.inner.describe()}, or none"
 
 
+@dataclass(frozen=True)
+class TextList(SettingType):
+    """A list of ``item`` values (a TOML array); as text, items joined by ``separator``."""
+
+    item: Str
+    separator: str = ","
+
+    def check(self, value: object) -> object:
+        if not isinstance(value, list | tuple):
+            raise _InvalidValueError(f"must be a list (got {value!r})")
+        checked: list[str] = []
+        for entry in value:
+            text = self.item.check(entry.strip() if isinstance(entry, str) else entry)
+            if text not in checked:
+                checked.append(cast(str, text))
+        return tuple(checked)
+
+    def parse(self, raw: str) -> object:
+        return self.check([part for part in raw.split(self.separator) if part.strip()])
+
+    def to_toml(self, value: object) -> object:
+        return list(cast(tuple[str, ...], value))
+
+    def format(self, value: object) -> str:
+        return self.separator.join(cast(tuple[str, ...], value))
+
+    def describe(self) -> str:
+        return f"list of {self.item.describe()}, separated by '{self.separator}'"
+
+
 # --- The declaration table --------------------------------------------------------------------
 
 
@@ -278,6 +310,7 @@ class SettingSpec:
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _SCRYPT_PATTERN = r"scrypt(\$\d+){3}\$[A-Za-z0-9+/]+=*\$[A-Za-z0-9+/]+=*"
+_SAFE_PRIVATE_PATTERN = r"[0-9A-Fa-f]{3}[13579BDFbdf] *, *[^,]*[^, ][^,]* *, *[0-9A-Fa-f]{2}"
 
 SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
@@ -335,6 +368,30 @@ SETTINGS: tuple[SettingSpec, ...] = (
         None,
         "Address of the central diagnostic server; none means escalated cases are held on "
         "this device.",
+        admin=True,
+    ),
+    SettingSpec(
+        "deidentify.options",
+        TextList(Str(choices=tuple(option.value for option in ProfileOption))),
+        (),
+        "PS3.15 Annex E profile options applied on top of the Basic Profile before anything "
+        "leaves the device (none: the Basic Profile alone, the most protective).",
+        admin=True,
+    ),
+    SettingSpec(
+        "deidentify.safe_private_tags",
+        TextList(Str(_SAFE_PRIVATE_PATTERN, "GGGG,CREATOR,EE with an odd group"), ";"),
+        DEFAULT_SAFE_PRIVATE,
+        "Private attributes kept under the retain-safe-private option, as group, private "
+        "creator and element byte; every other private attribute is removed.",
+        admin=True,
+    ),
+    SettingSpec(
+        "deidentify.pixel_clean_rules",
+        Optional(FsPath()),
+        None,
+        "TOML file of rectangles to black out per device (burned-in text); images at risk of "
+        "burned-in text that no rule covers are never escalated.",
         admin=True,
     ),
     SettingSpec(
@@ -399,8 +456,19 @@ def _thresholds_ordered(values: Mapping[str, object]) -> str | None:
     return None
 
 
+def _date_options_exclusive(values: Mapping[str, object]) -> str | None:
+    try:
+        ProfileOption.parse(cast(tuple[str, ...], values["deidentify.options"]))
+    except ValueError as err:
+        return f"deidentify.options: {err}"
+    return None
+
+
 # Rules that involve more than one setting; each returns the error message or None.
-_CROSS_CHECKS: tuple[Callable[[Mapping[str, object]], str | None], ...] = (_thresholds_ordered,)
+_CROSS_CHECKS: tuple[Callable[[Mapping[str, object]], str | None], ...] = (
+    _thresholds_ordered,
+    _date_options_exclusive,
+)
 
 
 # --- The validated, frozen settings object ----------------------------------------------------
@@ -513,6 +581,18 @@ class Settings:
     def central_url(self) -> str | None:
         """None means no central server: escalated cases are held on the device."""
         return cast(str | None, self._values["escalation.central_url"])
+
+    @property
+    def deid_options(self) -> frozenset[ProfileOption]:
+        return ProfileOption.parse(cast(tuple[str, ...], self._values["deidentify.options"]))
+
+    @property
+    def safe_private_tags(self) -> tuple[str, ...]:
+        return cast(tuple[str, ...], self._values["deidentify.safe_private_tags"])
+
+    @property
+    def pixel_clean_rules(self) -> Path | None:
+        return cast(Path | None, self._values["deidentify.pixel_clean_rules"])
 
     @property
     def workers(self) -> int:

@@ -1,29 +1,47 @@
-"""One image through the chain: read → pseudonymise → preprocess → infer → decide.
+"""One image through the chain: read → deidentify → preprocess → infer → decide → gate.
 
 This is the only place the steps are wired together (as MONAI Deploy's ``compose()``); the CLI,
 GUI, watch service and receiver all call :meth:`TriagePipeline.run`. It never raises for a bad
 input: a file that cannot be triaged comes back as a :class:`~triage_app.results.FailedInput`
 with a stable error code, so one bad file never stops a batch. Recording results is the caller's
 job (one writer per store; see ``batch.triage_and_record``).
+
+The image is de-identified right after reading, before anything else sees the dataset. An
+escalated case is encoded as the de-identified file it would send, and that payload passes the
+independent PHI gate (``escalation.phi_gate``) and the burned-in text check first: a case that
+fails either is *blocked* and stays on the device for review.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
+from pydicom.dataset import Dataset
 
 from triage_app.config import Settings
 from triage_app.dicom import load_image
+from triage_app.dicom.deidentify import (
+    DeidConfig,
+    DeidentificationReport,
+    Deidentifier,
+    ProfileOption,
+    load_pixel_clean_rules,
+    parse_safe_private,
+)
+from triage_app.dicom.deidentify.files import encode
 from triage_app.dicom.pseudonym import case_id_for, pseudonymous_uid
-from triage_app.errors import InputError, UnprocessableImageError
+from triage_app.errors import ConfigError, InputError, UnprocessableImageError
+from triage_app.escalation.phi_gate import IdentifyingValues, audit_payload
 from triage_app.model.classifier import Classifier
 from triage_app.model.manifest import find_bundle, load_manifest
 from triage_app.model.preprocess import to_tensor, to_unit_image
@@ -37,10 +55,24 @@ from triage_app.policy import (
 from triage_app.results import CaseResult, EscalationRef, FailedInput, InputOutcome
 from triage_app.secrets import load_or_create_site_secret
 
-ESCALATION_HELD = EscalationRef(
-    state="held",
-    detail="no central server configured: kept on this device for review",
-)
+log = logging.getLogger(__name__)
+
+HELD_DETAIL = "no central server configured: kept on this device for review"
+BURNED_IN_RISK = "burned_in_risk"
+PHI_AUDIT = "phi_audit"
+
+
+def deid_config(settings: Settings) -> DeidConfig:
+    """The de-identification settings, checked (the pixel-clean rules file is read here)."""
+    try:
+        safe_private = parse_safe_private(settings.safe_private_tags)
+    except ValueError as err:
+        raise ConfigError(f"deidentify.safe_private_tags: {err}") from None
+    return DeidConfig(
+        options=settings.deid_options,
+        safe_private=safe_private,
+        pixel_rules=load_pixel_clean_rules(settings.pixel_clean_rules),
+    )
 
 
 @dataclass(frozen=True)
@@ -51,6 +83,7 @@ class PipelineConfig:
     site_secret: bytes
     ort_threads: int = 1
     thresholds: ActiveThresholds | None = None  # None: the model manifest's defaults
+    deid: DeidConfig = field(default_factory=DeidConfig)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PipelineConfig:
@@ -71,6 +104,7 @@ class PipelineConfig:
                 settings.normal_below,
                 settings.abnormal_at_or_above,
             ),
+            deid=deid_config(settings),
         )
 
 
@@ -89,6 +123,7 @@ class TriagePipeline:
         manifest = self.classifier.manifest
         self.thresholds = config.thresholds or ActiveThresholds(manifest.thresholds, "manifest")
         self._secret = config.site_secret
+        self.deidentifier = Deidentifier(config.site_secret, config.deid)
 
     def run(self, source: str | os.PathLike[str]) -> InputOutcome:
         path = os.fspath(source)
@@ -102,9 +137,11 @@ class TriagePipeline:
         timings: dict[str, float] = {}
         with _timed(timings, "read"):
             image = load_image(path)
-        with _timed(timings, "pseudonymise"):
-            instance = _instance_key(image.info.sop_instance_uid, image.stored)
-            case_id = case_id_for(pseudonymous_uid(self._secret, instance))
+        with _timed(timings, "deidentify"):
+            retain_uids = ProfileOption.RETAIN_UIDS in self.deidentifier.config.options
+            original = IdentifyingValues.capture(image.dataset, uids_remapped=not retain_uids)
+            report = self.deidentifier.deidentify(image.dataset)
+            case_id = self._case_id(report, image.stored)
         with _timed(timings, "preprocess"):
             try:
                 unit = to_unit_image(image, manifest.preprocessing)
@@ -124,7 +161,7 @@ class TriagePipeline:
                 findings += ("atypical_input",)
             scope = ScopeAssessment(findings, input_score, profile.limit)
             decision = decide(prediction.score, self.thresholds.thresholds, scope)
-        return CaseResult(
+        result = CaseResult(
             path=path,
             case_id=case_id,
             decision=decision.decision,
@@ -135,13 +172,50 @@ class TriagePipeline:
             thresholds=self.thresholds.to_json(),
             scope=scope.to_json(),
             image=image.info.to_json(),
-            escalation=ESCALATION_HELD if decision.is_escalation else None,
             timings_ms=timings,
+            deidentification=report.to_json(),
+            links=report.links,
         )
+        if not decision.is_escalation:
+            return result
+        with _timed(timings, "gate"):
+            escalation = self._escalation(result, report, original, image.dataset)
+        return replace(result, escalation=escalation)
 
+    def _case_id(self, report: DeidentificationReport, stored: np.ndarray) -> str:
+        """From the de-identified instance UID; for the rare file without one, its pixels."""
+        if report.sop_instance_uid:
+            return case_id_for(report.sop_instance_uid)
+        digest = hashlib.sha256(np.ascontiguousarray(stored).tobytes()).hexdigest()
+        return case_id_for(pseudonymous_uid(self._secret, "pixels:" + digest))
 
-def _instance_key(sop_instance_uid: str, stored: np.ndarray) -> str:
-    """The SOP Instance UID; for the rare file without one, a digest of its pixels."""
-    if sop_instance_uid:
-        return sop_instance_uid
-    return "pixels:" + hashlib.sha256(np.ascontiguousarray(stored).tobytes()).hexdigest()
+    def _escalation(
+        self,
+        result: CaseResult,
+        report: DeidentificationReport,
+        original: IdentifyingValues,
+        dataset: Dataset,
+    ) -> EscalationRef:
+        """Where an escalated case goes: held for sending, or blocked on the device."""
+        if report.burned_in_risk:
+            reasons = ", ".join(report.burned_in_reasons)
+            return EscalationRef(
+                state="blocked",
+                reason=BURNED_IN_RISK,
+                detail=f"may carry burned-in identifiers ({reasons}); no pixel-clean rule covers "
+                "it: kept on this device for review",
+            )
+        payload = encode(dataset)
+        sidecar = json.dumps(result.payload_json(), sort_keys=True).encode()
+        hits = audit_payload(payload, sidecar, original)
+        if hits:
+            log.error("PHI gate blocked case %s: %s found in the payload", result.case_id, hits)
+            return EscalationRef(
+                state="blocked",
+                reason=PHI_AUDIT,
+                detail=f"identifying values found in the payload ({', '.join(hits)}): "
+                "kept on this device for review",
+            )
+        return EscalationRef(
+            state="held", payload_sha256=hashlib.sha256(payload).hexdigest(), detail=HELD_DETAIL
+        )

@@ -24,12 +24,15 @@ class ModelRef:
 class EscalationRef:
     """Where an escalated case stands on its way to the central server."""
 
-    state: str
+    state: str  # held | blocked (later: queued, delivered, ...)
     payload_sha256: str | None = None
     detail: str | None = None
+    reason: str | None = None  # why a case is blocked: phi_audit | burned_in_risk
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"state": self.state, "payload_sha256": self.payload_sha256}
+        if self.reason:
+            out["reason"] = self.reason
         if self.detail:
             out["detail"] = self.detail
         return out
@@ -51,6 +54,9 @@ class CaseResult:
     image: dict[str, Any]  # non-identifying image facts: size, frames, transfer syntax
     escalation: EscalationRef | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    deidentification: dict[str, Any] = field(default_factory=dict)
+    # kind, pseudonym, original: the local link, kept in the case store and never sent or printed
+    links: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
 
     ok: bool = field(default=True, init=False)
 
@@ -68,8 +74,15 @@ class CaseResult:
             "scope": self.scope,
             "image": self.image,
             "escalation": self.escalation.to_json() if self.escalation else None,
+            "deidentification": self.deidentification,
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
         }
+
+    def payload_json(self) -> dict[str, Any]:
+        """The record as it travels with an escalated case: without the local file path."""
+        record = self.to_json()
+        del record["path"]
+        return record
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -106,6 +106,19 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """
         CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END
+        """,
+    ),
+    (
+        # The local link from each pseudonym (patient, study, series, instance) back to the
+        # original value. It identifies, so it lives only here, on the device, never in a payload.
+        """
+        CREATE TABLE pseudonym_links (
+            kind       TEXT NOT NULL,
+            pseudonym  TEXT NOT NULL,
+            original   TEXT NOT NULL,
+            first_seen TEXT NOT NULL,
+            PRIMARY KEY (kind, pseudonym)
+        )
         """,
     ),
 )
@@ -240,6 +253,27 @@ class CaseStore:
         return version
 
     # --- writes ------------------------------------------------------------------------------
+
+    def record_links(self, links: Iterable[tuple[str, str, str]]) -> None:
+        """Keep pseudonym → original links (kind, pseudonym, original); known links stay as is."""
+        rows = list(links)
+        if not rows:
+            return
+        with self._write("record pseudonym links") as at:
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO pseudonym_links (kind, pseudonym, original, first_seen) "
+                "VALUES (?, ?, ?, ?)",
+                [(kind, new, old, at) for kind, new, old in rows],
+            )
+
+    def original_for(self, kind: str, pseudonym: str) -> str | None:
+        """The original value behind a pseudonym, for display on this device only."""
+        with _sqlite_errors("read a pseudonym link"):
+            row = self._conn.execute(
+                "SELECT original FROM pseudonym_links WHERE kind = ? AND pseudonym = ?",
+                (kind, pseudonym),
+            ).fetchone()
+        return None if row is None else str(row["original"])
 
     def record_result(self, result: CaseResult, final_event: CaseEvent) -> CaseState:
         """Store a triaged case and move it to its first resting state; return that state.

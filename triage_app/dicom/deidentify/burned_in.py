@@ -106,8 +106,10 @@ def _rule(entry: object, index: int, path: Path) -> PixelCleanRule:
         boxes.append((box[0], box[1], box[2], box[3]))
     matchers = {k: entry.get(k) for k in ("modality", "manufacturer", "model", "rows", "columns")}
     if all(v is None for v in matchers.values()):
-        raise ConfigError(f"{where} ({name}): must name at least one of modality, manufacturer, "
-                          "model, rows or columns")
+        raise ConfigError(
+            f"{where} ({name}): must name at least one of modality, manufacturer, "
+            "model, rows or columns"
+        )
     for key in ("modality", "manufacturer", "model"):
         if matchers[key] is not None and not isinstance(matchers[key], str):
             raise ConfigError(f"{where} ({name}): {key} must be text")
@@ -115,7 +117,7 @@ def _rule(entry: object, index: int, path: Path) -> PixelCleanRule:
         value = matchers[key]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise ConfigError(f"{where} ({name}): {key} must be a whole number")
-    return PixelCleanRule(name=name.strip(), rectangles=tuple(boxes), **matchers)  # type: ignore[arg-type]
+    return PixelCleanRule(name=name.strip(), rectangles=tuple(boxes), **matchers)
 
 
 def load_pixel_clean_rules(path: Path | None) -> tuple[PixelCleanRule, ...]:

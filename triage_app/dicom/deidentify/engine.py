@@ -18,9 +18,10 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
-from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
@@ -35,13 +36,13 @@ from triage_app.dicom.deidentify.burned_in import (
 from triage_app.dicom.deidentify.scrub import PatientIdentifiers, Scrubber
 from triage_app.dicom.deidentify.table import Action, ProfileOption, ProfileTable, load_table
 from triage_app.dicom.deidentify.values import dummy_value, shift_date, shift_datetime
-from triage_app.dicom.reader import quiet_pydicom
 from triage_app.dicom.pseudonym import (
     date_shift_days,
     patient_pseudonym,
     pseudonymous_uid,
     text_pseudonym,
 )
+from triage_app.dicom.reader import quiet_pydicom
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,10 @@ OPTION_CODES = {
         "113107",
         "Retain Longitudinal Temporal Information Modified Dates Option",
     ),
-    ProfileOption.RETAIN_PATIENT_CHARACTERISTICS: ("113108", "Retain Patient Characteristics Option"),
+    ProfileOption.RETAIN_PATIENT_CHARACTERISTICS: (
+        "113108",
+        "Retain Patient Characteristics Option",
+    ),
     ProfileOption.RETAIN_DEVICE_IDENTITY: ("113109", "Retain Device Identity Option"),
     ProfileOption.RETAIN_UIDS: ("113110", "Retain UIDs Option"),
     ProfileOption.RETAIN_SAFE_PRIVATE: ("113111", "Retain Safe Private Option"),
@@ -139,9 +143,8 @@ class DeidConfig:
 
     def describe(self) -> list[str]:
         """The profile and options, as written into De-identification Method."""
-        return [f"PS3.15 E Basic Profile ({load_table().edition})"] + sorted(
-            option.value for option in self.options
-        )
+        basic = f"PS3.15 E Basic Profile ({load_table().edition})"
+        return [basic, *sorted(option.value for option in self.options)]
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,12 @@ def _vr_of(tag: BaseTag, element: DataElement | RawDataElement) -> str:
         return "UN"
 
 
+def _element(ds: Dataset, tag: BaseTag) -> DataElement | RawDataElement:
+    """The element as stored: undecoded (raw) until something decodes it."""
+    # pydicom's overload omits RawDataElement, which is what an unread element is.
+    return cast("DataElement | RawDataElement", ds.get_item(tag))
+
+
 def _strings(raw: bytes) -> list[str]:
     return raw.decode("ascii", "replace").rstrip("\x00 ").split("\\")
 
@@ -201,7 +210,9 @@ class Deidentifier:
         self.overlay_action = self._table.overlay_data.action(options)
         self.overlay_comments_action = self._table.overlay_comments.action(options)
         self.private_action = self._table.private.action(options)
-        self.safe_private = {(s.group, s.creator.upper(), s.element) for s in self.config.safe_private}
+        self.safe_private = {
+            (s.group, s.creator.upper(), s.element) for s in self.config.safe_private
+        }
         self.shift_dates = ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in options
         self._method = tuple(self.config.describe())
 
@@ -327,8 +338,7 @@ class _Walk:
             self.apply(ds, tag, action, clean=clean)
 
     def apply(self, ds: Dataset, tag: BaseTag, action: Action, *, clean: bool) -> None:
-        element = ds.get_item(tag)
-        assert element is not None
+        element = _element(ds, tag)
         vr = _vr_of(tag, element)
         if clean and action is Action.REMOVE and vr in _TEXT_VRS:
             action = Action.CLEAN  # inside a sequence being cleaned, text is cleaned, not lost
@@ -363,8 +373,7 @@ class _Walk:
 
     def keep(self, ds: Dataset, tag: BaseTag, *, clean: bool) -> None:
         """An attribute the profile keeps: still scrubbed for this patient's identifiers."""
-        element = ds.get_item(tag)
-        assert element is not None
+        element = _element(ds, tag)
         vr = _vr_of(tag, element)
         if vr == "SQ":
             for item in ds[tag].value:
@@ -378,7 +387,7 @@ class _Walk:
                 return
         if vr == "UI":
             if self._hit(ds[tag].value):
-                self.remap_uids(ds, tag, ds.get_item(tag))
+                self.remap_uids(ds, tag, _element(ds, tag))
         elif vr in _BYTES_VRS:
             del ds[tag]  # identifiers inside bytes cannot be cut out safely
         else:
@@ -416,7 +425,9 @@ class _Walk:
             values = [str(v) for v in value] if isinstance(value, list) else [str(value or "")]
         remapped = [self.deid.uid(v.strip()) for v in values if v.strip()]
         if ProfileOption.RETAIN_UIDS in self.deid.config.options and self._hit(remapped):
-            remapped = [pseudonymous_uid(self.secret, v) for v in remapped]  # a UID built from an ID
+            remapped = [
+                pseudonymous_uid(self.secret, v) for v in remapped
+            ]  # a UID built from an ID
         ds[tag] = DataElement(tag, "UI", remapped[0] if len(remapped) == 1 else remapped or None)
 
     def clean_value(self, ds: Dataset, tag: BaseTag, vr: str) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from triage_app.dicom.deidentify.engine import DeidentificationReport, Deidentifier
 from triage_app.dicom.reader import quiet_pydicom, read_dataset
@@ -48,25 +48,39 @@ def _digest(value: str) -> str:
 
 def encode(ds: Dataset) -> bytes:
     """``ds`` as a Part 10 file (preamble, file meta, data set), in its own transfer syntax."""
+    for keyword in ("SOPClassUID", "SOPInstanceUID"):
+        if not ds.get(keyword):
+            raise InvalidDicomError(f"cannot be written as a DICOM file: it has no {keyword}")
     meta = getattr(ds, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:
         meta = FileMetaDataset(meta or {})
-        # A data set without file meta was read as it came: implicit or explicit little endian.
-        implicit = getattr(ds, "is_implicit_VR", None)
-        if implicit is None:
-            implicit = ds.original_encoding[0] if ds.original_encoding[0] is not None else True
-        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        # A data set without file meta is written in the encoding it was read in.
+        implicit, little = ds.original_encoding
+        if little is False:
+            meta.TransferSyntaxUID = ExplicitVRBigEndian
+        else:
+            meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
         ds.file_meta = meta
-    if "SOPClassUID" in ds:
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    if "SOPInstanceUID" in ds:
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    try:
+        return _save(ds)
+    except TypeError:
+        # An implicit-VR data set under an explicit transfer syntax (a common writer bug) has
+        # raw elements without a VR: decoding them all gives each its dictionary VR.
+        for _ in ds.iterall():
+            pass
+        return _save(ds)
+
+
+def _save(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     try:
         with quiet_pydicom():
             ds.save_as(buffer, enforce_file_format=True)
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise InvalidDicomError(f"de-identified data set cannot be encoded: {exc}") from exc
+    except (ValueError, AttributeError, KeyError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidDicomError(f"cannot be written as a DICOM file: {reason}") from exc
     return buffer.getvalue()
 
 
@@ -86,7 +100,7 @@ def write_atomically(data: bytes, path: Path) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, path)
+        Path(temp).replace(path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise

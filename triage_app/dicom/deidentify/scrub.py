@@ -77,7 +77,7 @@ class PatientIdentifiers:
         parts = {p for name in names for p in _NAME_SPLIT.split(name) if len(p) >= MIN_NAME_PART}
         birth = str(ds.get("PatientBirthDate") or "")
         patient_id = str(ds.get("PatientID") or "").strip()
-        key = f"id:{patient_id}" if patient_id else f"name:{str(ds.get('PatientName') or '')}"
+        key = f"id:{patient_id}" if patient_id else f"name:{ds.get('PatientName') or ''!s}"
         return cls(
             name_parts=tuple(sorted(parts, key=lambda p: (-len(p), p))),
             ids=tuple(sorted({i.strip() for i in ids if len(i.strip()) >= MIN_ID})),
@@ -98,9 +98,7 @@ class Scrubber:
         if bounded:
             words = "|".join(re.escape(t) for t in sorted(set(bounded), key=len)[::-1])
             alternatives.append(rf"(?<![0-9A-Za-z])(?:{words})(?![0-9A-Za-z])")
-        self._pattern = (
-            re.compile("|".join(alternatives), re.IGNORECASE) if alternatives else None
-        )
+        self._pattern = re.compile("|".join(alternatives), re.IGNORECASE) if alternatives else None
         needles: set[bytes] = set()
         for token in bounded:
             for encoding in ("utf-8", "latin-1"):

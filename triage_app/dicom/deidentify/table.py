@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import enum
+import io
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -160,9 +161,8 @@ def _action(text: str) -> Action:
 
 
 def _read(name: str) -> list[dict[str, str]]:
-    source = resources.files(__package__).joinpath("annex_e", name)
-    with source.open(encoding="utf-8", newline="") as handle:
-        return list(csv.DictReader(handle))
+    text = resources.files(__package__).joinpath("annex_e", name).read_text(encoding="utf-8")
+    return list(csv.DictReader(io.StringIO(text, newline="")))
 
 
 def _vr(tag: BaseTag) -> str:

@@ -71,13 +71,13 @@ def _shift(year: str, month: str | None, day: str | None, days: int) -> str | No
 
 def shift_date(value: str, days: int) -> str:
     """A DA value (or range ``A-B``) moved by ``days``; anything unreadable becomes the dummy."""
-    parts = []
+    parts: list[str] = []
     for part in value.strip().split("-"):
         if not part:
             parts.append(part)
             continue
         match = _DA.match(part.strip())
-        shifted = _shift(*match.groups(), days) if match else None
+        shifted = _shift(match[1], match[2], match[3], days) if match else None
         parts.append(shifted if shifted is not None else str(DUMMY_BY_VR["DA"]))
     return "-".join(parts)
 

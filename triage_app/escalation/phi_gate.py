@@ -1,0 +1,140 @@
+"""The outbound PHI gate: an independent audit of every payload before it is enqueued.
+
+The de-identification engine is one piece of code; if it has a bug, this gate must not share it.
+So nothing here imports the engine, its table or its scrubber: the gate captures the original's
+identifying values itself (before de-identification), then searches the finished payload — the
+encoded de-identified file and the result JSON that travels with it — for any of them. Any hit
+blocks the upload (reason ``phi_audit``) and the case stays on the device for review.
+
+Two searches, so that neither encoding nor spelling hides a value:
+
+* the payload's bytes (without the pixel data, where any short string turns up by chance),
+  case-insensitively, for values of at least :data:`MIN_BYTES_LENGTH` characters;
+* every decoded text value of the parsed payload, for whole words of at least
+  :data:`MIN_WORD_LENGTH` characters (decoding applies the file's character set).
+
+Hits are reported by field name only: the values are PHI and never appear in results or logs.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+MIN_BYTES_LENGTH = 4
+MIN_WORD_LENGTH = 2
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PATIENT_TEXT = (
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "AccessionNumber",
+    "MedicalRecordLocator",
+)
+_INSTANCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+_NAME_PARTS = re.compile(r"[\^=\s,]+")
+_DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
+
+
+def _strings(value: object) -> Iterator[str]:
+    if value is None:
+        return
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+        if text.strip():
+            yield text.strip()
+        return
+    for item in value:
+        yield from _strings(item)
+
+
+def _written_dates(date: str) -> list[str]:
+    match = _DATE.match(date)
+    if not match:
+        return [date]
+    y, m, d = match.groups()
+    return [f"{y}{m}{d}", f"{y}-{m}-{d}", f"{d}/{m}/{y}", f"{m}/{d}/{y}", f"{d}.{m}.{y}"]
+
+
+@dataclass(frozen=True)
+class IdentifyingValues:
+    """The original's identifying values, by field; captured before de-identification."""
+
+    values: tuple[tuple[str, str], ...]  # (field, value)
+
+    @classmethod
+    def capture(cls, ds: Dataset, *, uids_remapped: bool = True) -> IdentifyingValues:
+        """Read the patient's identifiers (and, if they are remapped, the instance's UIDs)."""
+        found: set[tuple[str, str]] = set()
+        for keyword in _PATIENT_TEXT:
+            for text in _strings(ds.get(keyword)):
+                found.add((keyword, text))
+                if keyword.endswith("Name"):
+                    found.update((keyword, part) for part in _NAME_PARTS.split(text) if part)
+        for item in ds.get("OtherPatientIDsSequence") or []:
+            found.update(("OtherPatientIDsSequence", t) for t in _strings(item.get("PatientID")))
+        for text in _strings(ds.get("PatientBirthDate")):
+            found.update(("PatientBirthDate", form) for form in _written_dates(text))
+        if uids_remapped:
+            for keyword in _INSTANCE_UIDS:
+                found.update((keyword, text) for text in _strings(ds.get(keyword)))
+        return cls(tuple(sorted(v for v in found if len(v[1]) >= MIN_WORD_LENGTH)))
+
+
+def _decoded_texts(ds: Dataset) -> Iterator[str]:
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value or []:
+                yield from _decoded_texts(item)
+        elif element.keyword not in _PIXEL_KEYWORDS and element.VR not in ("OB", "OW", "UN"):
+            yield from _strings(element.value)
+
+
+def audit_payload(dicom: bytes, sidecar: bytes, original: IdentifyingValues) -> tuple[str, ...]:
+    """The fields of ``original`` found anywhere in the payload; empty means it may leave.
+
+    An unreadable payload is itself a finding: what cannot be checked is not sent.
+    """
+    try:
+        ds = pydicom.dcmread(io.BytesIO(dicom), force=True)
+        for keyword in _PIXEL_KEYWORDS:
+            if keyword in ds:
+                del ds[keyword]
+        header = io.BytesIO()
+        ds.save_as(header, enforce_file_format=False)
+    except (InvalidDicomError, ValueError, TypeError, AttributeError, EOFError, OSError):
+        return ("unreadable_payload",)
+    haystack = (header.getvalue() + b"\n" + sidecar).lower()
+    texts = [*_decoded_texts(ds), *_decoded_texts(ds.file_meta), sidecar.decode("utf-8", "replace")]
+    hits: set[str] = set()
+    for field, value in original.values:
+        if len(value) >= MIN_BYTES_LENGTH and any(
+            needle in haystack for needle in _encodings(value.lower())
+        ):
+            hits.add(field)
+            continue
+        word = re.compile(rf"(?<![0-9A-Za-z]){re.escape(value)}(?![0-9A-Za-z])", re.IGNORECASE)
+        if any(word.search(text) for text in texts):
+            hits.add(field)
+    return tuple(sorted(hits))
+
+
+def _encodings(value: str) -> set[bytes]:
+    out = set()
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            out.add(value.encode(encoding))
+        except UnicodeEncodeError:
+            continue
+    return out
