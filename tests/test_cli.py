@@ -25,6 +25,7 @@ RESULT_FIELDS = {
     "scope",
     "image",
     "escalation",
+    "deidentification",
     "timings_ms",
 }
 

@@ -23,6 +23,8 @@ from triage_app.results import CaseResult, EscalationRef, FailedInput, ModelRef
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import REPROCESSED, CaseStore
 
+LATEST_SCHEMA = len(store_module._MIGRATIONS)
+
 S = CaseState
 E = CaseEvent
 
@@ -324,7 +326,7 @@ def test_reopening_keeps_the_data(db_path: Path) -> None:
         assert case.state is S.QUEUED
         assert len(s.history("case-0001")) == 2
         assert len(s.audit_log()) == 1
-        assert s.schema_version == version == 1
+        assert s.schema_version == version == LATEST_SCHEMA
 
 
 def test_a_newer_schema_is_refused(db_path: Path) -> None:
@@ -346,7 +348,7 @@ def test_pending_migrations_run_on_open(db_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(store_module, "_MIGRATIONS", (*store_module._MIGRATIONS, *steps))
 
     with CaseStore.open(db_path) as s:
-        assert s.schema_version == 3
+        assert s.schema_version == LATEST_SCHEMA + 2
         assert s._conn.execute("SELECT site FROM cases").fetchone()[0] == "ward-3"
         assert s.get("case-0001") is not None
 
@@ -413,7 +415,7 @@ def test_open_waits_for_another_process_creating_the_file(db_path: Path) -> None
     release.start()
     try:
         with CaseStore.open(db_path, busy_timeout_s=10) as s:
-            assert s.schema_version == 1
+            assert s.schema_version == LATEST_SCHEMA
     finally:
         release.join()
         creator.close()
@@ -481,3 +483,14 @@ def test_logs_carry_no_source_path_or_result(
     assert "DOE" not in text
     assert "incoming" not in text
     assert json.dumps(make_result().to_json()["probabilities"]) not in text
+
+
+def test_pseudonym_links_stay_local_and_first_link_wins(db_path: Path) -> None:
+    with CaseStore.open(db_path) as s:
+        s.record_links([("patient", "P123", "id:MRN-1"), ("study", "2.25.1", "1.2.3")])
+        s.record_links([("patient", "P123", "id:SOMETHING-ELSE")])  # a known link never moves
+        s.record_links([])
+    with CaseStore.open(db_path) as s:
+        assert s.original_for("patient", "P123") == "id:MRN-1"
+        assert s.original_for("study", "2.25.1") == "1.2.3"
+        assert s.original_for("series", "2.25.1") is None

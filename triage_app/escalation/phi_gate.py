@@ -27,6 +27,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from triage_app.dicom.reader import quiet_pydicom
+
 MIN_BYTES_LENGTH = 4
 MIN_WORD_LENGTH = 2
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -107,16 +109,18 @@ def audit_payload(dicom: bytes, sidecar: bytes, original: IdentifyingValues) -> 
     An unreadable payload is itself a finding: what cannot be checked is not sent.
     """
     try:
-        ds = pydicom.dcmread(io.BytesIO(dicom), force=True)
-        for keyword in _PIXEL_KEYWORDS:
-            if keyword in ds:
-                del ds[keyword]
-        header = io.BytesIO()
-        ds.save_as(header, enforce_file_format=False)
+        with quiet_pydicom():  # pydicom's own warnings quote values: PHI in the logs
+            ds = pydicom.dcmread(io.BytesIO(dicom), force=True)
+            for keyword in _PIXEL_KEYWORDS:
+                if keyword in ds:
+                    del ds[keyword]
+            header = io.BytesIO()
+            ds.save_as(header, enforce_file_format=False)
+            texts = [*_decoded_texts(ds), *_decoded_texts(ds.file_meta)]
     except (InvalidDicomError, ValueError, TypeError, AttributeError, EOFError, OSError):
         return ("unreadable_payload",)
     haystack = (header.getvalue() + b"\n" + sidecar).lower()
-    texts = [*_decoded_texts(ds), *_decoded_texts(ds.file_meta), sidecar.decode("utf-8", "replace")]
+    texts.append(sidecar.decode("utf-8", "replace"))
     hits: set[str] = set()
     for field, value in original.values:
         if len(value) >= MIN_BYTES_LENGTH and any(

@@ -38,6 +38,9 @@ _CURVE_ROW = "(50XX,XXXX)"
 _OVERLAY_DATA_ROW = "(60XX,3000)"
 _OVERLAY_COMMENTS_ROW = "(60XX,4000)"
 _DATE_VRS = frozenset({"DA", "DT", "TM"})
+# For tags newer than pydicom's data dictionary, the VR of a date or time attribute is read off its
+# keyword (the standard names every DA/DT/TM attribute of the new rows this way).
+_KEYWORD_VRS = (("DateTime", "DT"), ("Date", "DA"), ("Time", "TM"))
 
 
 class Action(enum.Enum):
@@ -165,11 +168,12 @@ def _read(name: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text, newline="")))
 
 
-def _vr(tag: BaseTag) -> str:
+def _vr(tag: BaseTag, keyword: str) -> str:
+    """The attribute's VR; for a tag the installed pydicom does not know yet, from its keyword."""
     try:
         return str(dictionary_VR(tag))
     except KeyError:
-        return ""
+        return next((vr for suffix, vr in _KEYWORD_VRS if keyword.endswith(suffix)), "")
 
 
 def _inferred_options(basic: Action, vr: str) -> dict[ProfileOption, Action]:
@@ -203,7 +207,7 @@ def load_table() -> ProfileTable:
         match = _TAG_PATTERN.fullmatch(text)
         tag = Tag(int(match.group(1), 16), int(match.group(2), 16)) if match else None
         if not options and tag is not None and "2024e" not in extra.get("source_editions", ""):
-            options = _inferred_options(basic, _vr(tag))
+            options = _inferred_options(basic, _vr(tag, row["keyword"].strip()))
         rule = Rule(
             tag_text=text,
             keyword=row["keyword"].strip(),
