@@ -381,9 +381,13 @@ class _Walk:
             return
         if self.scrubber.empty or not (vr in _TEXT_VRS or vr in _BYTES_VRS or vr == "UI"):
             return
-        if isinstance(element, RawDataElement) and self.raw_precheck:
-            raw = element.value or b""
-            if not self.scrubber.may_contain(raw):
+        if isinstance(element, RawDataElement):
+            if self.raw_precheck and not self.scrubber.may_contain(element.value or b""):
+                return
+        elif vr not in _BYTES_VRS:
+            # Already decoded (read earlier, e.g. Modality): the same check on its text.
+            text = "\\".join(_values(element.value))
+            if not self.scrubber.may_contain(text.encode("utf-8", "replace")):
                 return
         if vr == "UI":
             if self._hit(ds[tag].value):

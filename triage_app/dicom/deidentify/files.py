@@ -13,9 +13,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.dataset import Dataset
 
+from triage_app.dicom.deidentify.burned_in import transfer_syntax
 from triage_app.dicom.deidentify.engine import DeidentificationReport, Deidentifier
 from triage_app.dicom.reader import quiet_pydicom, read_dataset
 from triage_app.errors import InvalidDicomError
@@ -51,16 +51,8 @@ def encode(ds: Dataset) -> bytes:
     for keyword in ("SOPClassUID", "SOPInstanceUID"):
         if not ds.get(keyword):
             raise InvalidDicomError(f"cannot be written as a DICOM file: it has no {keyword}")
-    meta = getattr(ds, "file_meta", None)
-    if meta is None or "TransferSyntaxUID" not in meta:
-        meta = FileMetaDataset(meta or {})
-        # A data set without file meta is written in the encoding it was read in.
-        implicit, little = ds.original_encoding
-        if little is False:
-            meta.TransferSyntaxUID = ExplicitVRBigEndian
-        else:
-            meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
-        ds.file_meta = meta
+    transfer_syntax(ds)  # a data set without file meta is written in the encoding it came in
+    meta = ds.file_meta
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     try:
@@ -92,14 +84,16 @@ def deidentify_file(source: str | os.PathLike[str] | bytes, deid: Deidentifier) 
 
 
 def write_atomically(data: bytes, path: Path) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never a partial file."""
+    """Write ``data`` to ``path`` through a temporary file and a rename: never a partial file.
+
+    Not fsynced: an output lost to a crash is simply de-identified again (the result is
+    deterministic), and a sync per file would cost more than the de-identification.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".dcm")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
         Path(temp).replace(path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
