@@ -68,6 +68,9 @@ _FILE_META_REMOVED = frozenset(
 _TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"}
 )
+# Free text the residual scrub searches. Coded values (CS), ages and numbers are not free text:
+# scrubbing a name part "CT" out of Modality would break the object, not protect anyone.
+_SCRUBBED_VRS = frozenset({"AE", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"})
 _BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 # Character sets whose bytes contain ASCII text as ASCII: the raw pre-check is reliable.
 _ASCII_COMPATIBLE = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6", "ISO_IR 100", "ISO_IR 192"})
@@ -176,8 +179,9 @@ class DeidentificationReport:
 
 
 def _vr_of(tag: BaseTag, element: DataElement | RawDataElement) -> str:
+    """The element's VR; implicit or explicit ``UN`` take the dictionary's VR where known."""
     vr = element.VR
-    if vr:
+    if vr and vr != "UN":
         return str(vr)
     try:
         return str(dictionary_VR(tag)).split(" or ")[0]
@@ -340,8 +344,11 @@ class _Walk:
     def apply(self, ds: Dataset, tag: BaseTag, action: Action, *, clean: bool) -> None:
         element = _element(ds, tag)
         vr = _vr_of(tag, element)
-        if clean and action is Action.REMOVE and vr in _TEXT_VRS:
-            action = Action.CLEAN  # inside a sequence being cleaned, text is cleaned, not lost
+        # Inside a sequence being cleaned, text the profile would remove is cleaned instead; if
+        # nothing is left of it, it is removed after all (an empty value may break the IOD).
+        cleaned_instead = clean and action is Action.REMOVE and vr in _TEXT_VRS
+        if cleaned_instead:
+            action = Action.CLEAN
         if action is Action.REMOVE:
             del ds[tag]
         elif vr == "SQ":
@@ -358,6 +365,8 @@ class _Walk:
             ds[tag] = DataElement(tag, vr, dummy_value(vr))
         elif action is Action.CLEAN:
             self.clean_value(ds, tag, vr)
+            if cleaned_instead and tag in ds and ds[tag].is_empty:
+                del ds[tag]
         else:  # UID / UID_REFERENCES on something that is neither a UID nor a sequence
             ds[tag] = DataElement(tag, vr, dummy_value(vr))
 
@@ -371,20 +380,33 @@ class _Walk:
         for item in ds[tag].value:
             self.dataset(item, clean=inner_clean)
 
-    def keep(self, ds: Dataset, tag: BaseTag, *, clean: bool) -> None:
-        """An attribute the profile keeps: still scrubbed for this patient's identifiers."""
+    def keep(self, ds: Dataset, tag: BaseTag, *, clean: bool, search_bytes: bool = False) -> None:
+        """An attribute the profile keeps: still scrubbed for this patient's identifiers.
+
+        Binary values are searched only when their meaning is unknown (UN, or a retained
+        private value, ``search_bytes``); pixel data, LUTs and waveforms are never searched:
+        a name part turns up in image bytes by chance.
+        """
         element = _element(ds, tag)
         vr = _vr_of(tag, element)
         if vr == "SQ":
             for item in ds[tag].value:
                 self.dataset(item, clean=clean)
             return
-        if self.scrubber.empty or not (vr in _TEXT_VRS or vr in _BYTES_VRS or vr == "UI"):
+        if self.scrubber.empty:
+            return
+        if vr in _BYTES_VRS:
+            value = element.value
+            if (search_bytes or vr == "UN") and isinstance(value, bytes):
+                if self.scrubber.may_contain(value):
+                    del ds[tag]  # identifiers inside bytes cannot be cut out safely
+            return
+        if vr not in _SCRUBBED_VRS and vr != "UI":
             return
         if isinstance(element, RawDataElement):
             if self.raw_precheck and not self.scrubber.may_contain(element.value or b""):
                 return
-        elif vr not in _BYTES_VRS:
+        else:
             # Already decoded (read earlier, e.g. Modality): the same check on its text.
             text = "\\".join(_values(element.value))
             if not self.scrubber.may_contain(text.encode("utf-8", "replace")):
@@ -392,8 +414,6 @@ class _Walk:
         if vr == "UI":
             if self._hit(ds[tag].value):
                 self.remap_uids(ds, tag, _element(ds, tag))
-        elif vr in _BYTES_VRS:
-            del ds[tag]  # identifiers inside bytes cannot be cut out safely
         else:
             self.scrub_text(ds, tag, clean=clean)
 
@@ -413,7 +433,8 @@ class _Walk:
         if element < 0x1000 or (group, creator, element & 0xFF) not in self.deid.safe_private:
             del ds[tag]
             return
-        self.keep(ds, tag, clean=True)  # Clean: safe values still lose this patient's IDs
+        # Clean: safe values still lose this patient's identifiers, bytes included.
+        self.keep(ds, tag, clean=True, search_bytes=True)
 
     # --- values -----------------------------------------------------------------------------
 
