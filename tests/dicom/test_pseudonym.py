@@ -8,7 +8,14 @@ import re
 import pytest
 from pydicom.uid import UID
 
-from triage_app.dicom.pseudonym import case_id_for, pseudonymous_uid
+from triage_app.dicom.pseudonym import (
+    MAX_DATE_SHIFT_DAYS,
+    case_id_for,
+    date_shift_days,
+    patient_pseudonym,
+    pseudonymous_uid,
+    text_pseudonym,
+)
 
 SECRET = bytes(range(32))
 OTHER_SECRET = bytes(range(1, 33))
@@ -92,3 +99,82 @@ def test_case_ids_differ_per_instance_and_per_site() -> None:
     assert case_id_for(pseudonymous_uid(SECRET, "1.2.3")) != case_id_for(
         pseudonymous_uid(OTHER_SECRET, "1.2.3")
     )
+
+
+# --- patient pseudonyms, text pseudonyms, date shifts ------------------------------------------
+
+PATIENT_KEYS = ["id:PID-7734521", "id:1", "name:Doe^Jane", "id:" + "9" * 64, "id:Müller"]
+_SH = re.compile(r"^[^\\\x00-\x1f]{1,16}$")  # SH/AE: at most 16 characters, no backslash
+
+
+@pytest.mark.parametrize("key", PATIENT_KEYS)
+def test_patient_pseudonym_is_deterministic_and_fits_sh(key: str) -> None:
+    pseudonym = patient_pseudonym(SECRET, key)
+    assert pseudonym == patient_pseudonym(bytes(SECRET), str(key))
+    assert len(pseudonym) == 16
+    assert _SH.match(pseudonym)
+    assert re.fullmatch(r"[0-9A-Z]+", pseudonym)  # also a valid LO, PN and CS value
+    assert key.split(":", 1)[1][:4] not in pseudonym
+
+
+@pytest.mark.parametrize("key", PATIENT_KEYS)
+def test_patient_pseudonym_depends_on_the_secret(key: str) -> None:
+    assert patient_pseudonym(SECRET, key) != patient_pseudonym(OTHER_SECRET, key)
+
+
+def test_patient_pseudonyms_differ_per_patient() -> None:
+    pseudonyms = {patient_pseudonym(SECRET, f"id:{n}") for n in range(2000)}
+    assert len(pseudonyms) == 2000
+
+
+def test_patient_pseudonym_is_keyed_apart_from_other_purposes() -> None:
+    # The same input under another purpose must not give the same digits.
+    key = "id:PID-7734521"
+    assert patient_pseudonym(SECRET, key)[1:] != text_pseudonym(SECRET, "ae", key)[:15]
+
+
+@pytest.mark.parametrize("length", [1, 8, 16])
+def test_text_pseudonym_has_the_asked_length_and_fits_ae(length: int) -> None:
+    pseudonym = text_pseudonym(SECRET, "ae", "CT_SCANNER_7", length)
+    assert len(pseudonym) == length
+    assert _SH.match(pseudonym)
+    assert pseudonym == pseudonym.upper()
+
+
+def test_text_pseudonym_is_deterministic_keyed_and_purpose_bound() -> None:
+    value = "CT_SCANNER_7"
+    first = text_pseudonym(SECRET, "ae", value)
+    assert first == text_pseudonym(SECRET, "ae", f"  {value} ")  # padding is not identity
+    assert len(first) == 16
+    assert first != text_pseudonym(OTHER_SECRET, "ae", value)
+    assert first != text_pseudonym(SECRET, "station", value)
+    assert first != text_pseudonym(SECRET, "ae", "CT_SCANNER_8")
+    assert "SCANNER" not in first
+
+
+@pytest.mark.parametrize("key", PATIENT_KEYS)
+def test_date_shift_is_deterministic_and_always_back(key: str) -> None:
+    days = date_shift_days(SECRET, key)
+    assert days == date_shift_days(bytes(SECRET), str(key))
+    assert -MAX_DATE_SHIFT_DAYS <= days <= -1
+
+
+def test_date_shifts_cover_the_range_and_never_zero() -> None:
+    shifts = [date_shift_days(SECRET, f"id:{n}") for n in range(20000)]
+    assert min(shifts) >= -MAX_DATE_SHIFT_DAYS
+    assert max(shifts) <= -1
+    assert 0 not in shifts
+    # Spread over the whole range, not bunched: each tenth of it is hit.
+    tenths = {(-s - 1) * 10 // MAX_DATE_SHIFT_DAYS for s in shifts}
+    assert tenths == set(range(10))
+    assert MAX_DATE_SHIFT_DAYS <= 3660  # within ten years, as documented
+
+
+def test_date_shift_depends_on_the_secret_and_the_patient() -> None:
+    keys = [f"id:{n}" for n in range(200)]
+    ours = [date_shift_days(SECRET, k) for k in keys]
+    theirs = [date_shift_days(OTHER_SECRET, k) for k in keys]
+    # Equal by chance for about 1 in 3650 patients; here for none or nearly none.
+    assert sum(a == b for a, b in zip(ours, theirs, strict=True)) <= 2
+    # 200 patients over 3650 offsets share a few by chance (about 5), never many.
+    assert len(set(ours)) > 180

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from triage_app.errors import ConfigError
 
@@ -34,13 +35,14 @@ from triage_app.errors import ConfigError
 # capture and screen captures; angiography, fluoroscopy and endoscopy add patient banners).
 RISKY_MODALITIES = frozenset({"US", "IVUS", "XA", "RF", "ES", "XC", "GM", "SM", "OP", "DOC"})
 _SC = "1.2.840.10008.5.1.4.1.1.7"
+# Matched by whole UID components: ".7" covers ".7.1" but never ".77.1.6" (whole slide imaging).
 RISKY_SOP_CLASS_PREFIXES = (
     _SC,  # secondary capture, incl. the multi-frame SC classes (.7.1 - .7.4)
-    "1.2.840.10008.5.1.4.1.1.6.",  # ultrasound (single and multi-frame)
+    "1.2.840.10008.5.1.4.1.1.6",  # ultrasound (single and multi-frame, and the retired ones)
     "1.2.840.10008.5.1.4.1.1.3.1",  # ultrasound multi-frame (retired)
-    "1.2.840.10008.5.1.4.1.1.12.",  # X-ray angiography and radiofluoroscopy
+    "1.2.840.10008.5.1.4.1.1.12",  # X-ray angiography and radiofluoroscopy
     "1.2.840.10008.5.1.4.1.1.77.1.1",  # VL endoscopic image and video endoscopic
-    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated documents (PDF, CDA)
+    "1.2.840.10008.5.1.4.1.1.104",  # encapsulated documents (PDF, CDA)
 )
 # Conversion Type: workstation, scanned document/image, drawing, synthetic image.
 RISKY_CONVERSION_TYPES = frozenset({"WSD", "SD", "SI", "DRW", "SYN"})
@@ -57,6 +59,8 @@ class PixelCleanRule:
     columns: int | None = None
 
     def matches(self, ds: Dataset) -> bool:
+        if "PixelData" not in ds:  # a rectangle cannot clean a PDF, an SR or float pixels
+            return False
         wanted: Mapping[str, object | None] = {
             "Modality": self.modality,
             "Manufacturer": self.manufacturer,
@@ -149,13 +153,14 @@ def burned_in_reasons(ds: Dataset) -> tuple[str, ...]:
         reasons.append("burned_in_annotation")
     if str(ds.get("Modality") or "").strip().upper() in RISKY_MODALITIES:
         reasons.append("modality")
-    sop_class = str(ds.get("SOPClassUID") or "")
-    if any(sop_class.startswith(prefix) for prefix in RISKY_SOP_CLASS_PREFIXES):
+    sop_class = str(ds.get("SOPClassUID") or "").strip()
+    if any(f"{sop_class}.".startswith(f"{prefix}.") for prefix in RISKY_SOP_CLASS_PREFIXES):
         reasons.append("sop_class")
     if str(ds.get("ConversionType") or "").strip().upper() in RISKY_CONVERSION_TYPES:
         reasons.append("conversion_type")
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    if "SCREEN SAVE" in " ".join(image_type):
+    image_type = ds.get("ImageType") or []
+    values = [image_type] if isinstance(image_type, str) else image_type  # VM 1 read as a str
+    if "SCREEN SAVE" in "\\".join(str(v).upper() for v in values):
         reasons.append("screen_capture")
     return tuple(reasons)
 
@@ -164,11 +169,28 @@ def find_rule(ds: Dataset, rules: Sequence[PixelCleanRule]) -> PixelCleanRule | 
     return next((rule for rule in rules if rule.matches(ds)), None)
 
 
+def transfer_syntax(ds: Dataset) -> UID:
+    """The transfer syntax of ``ds``; one read without file meta gets the encoding it came in."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        meta = ds.file_meta = FileMetaDataset(meta or {})
+        implicit, little = ds.original_encoding
+        if little is False:
+            meta.TransferSyntaxUID = ExplicitVRBigEndian
+        else:
+            meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return UID(meta.TransferSyntaxUID)
+
+
 def apply_rule(ds: Dataset, rule: PixelCleanRule) -> None:
     """Black out the rule's rectangles in every frame; compressed pixels are stored decoded."""
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.decompress()  # also updates the photometric interpretation and the transfer syntax
+    if transfer_syntax(ds).is_compressed:
+        # Also sets the photometric interpretation and the transfer syntax; the instance keeps
+        # its UID so that its pseudonym (and the case id) stay the same on every run.
+        ds.decompress(generate_instance_uid=False)
     pixels = ds.pixel_array.copy()
+    if ds.PhotometricInterpretation in ("YBR_FULL", "YBR_FULL_422"):
+        ds.PhotometricInterpretation = "RGB"  # pixel_array converts them (422 upsampled)
     view = pixels if int(ds.get("NumberOfFrames") or 1) > 1 else pixels[np.newaxis, ...]
     for x, y, width, height in rule.rectangles:
         view[:, y : y + height, x : x + width, ...] = 0

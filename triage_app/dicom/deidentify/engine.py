@@ -53,6 +53,11 @@ IMPLEMENTATION_VERSION_NAME = f"TRIAGE_{__version__}"[:16]
 _PATIENT_NAME = 0x00100010
 _PATIENT_ID = 0x00100020
 _SOP_INSTANCE_UID = 0x00080018
+_UID_KEYWORDS = {
+    "study": "StudyInstanceUID",
+    "series": "SeriesInstanceUID",
+    "instance": "SOPInstanceUID",
+}
 _MEDIA_STORAGE_SOP_INSTANCE_UID = 0x00020003
 # File meta elements that name the sending/receiving systems: not in the Annex E table (it
 # covers data sets), yet they leak the station, so they are removed wherever group 2 appears.
@@ -61,6 +66,9 @@ _FILE_META_REMOVED = frozenset(
         0x00020016,  # Source Application Entity Title
         0x00020017,  # Sending Application Entity Title
         0x00020018,  # Receiving Application Entity Title
+        0x00020026,  # Source Presentation Address (a URL naming the host)
+        0x00020027,  # Sending Presentation Address
+        0x00020028,  # Receiving Presentation Address
         0x00020100,  # Private Information Creator UID
         0x00020102,  # Private Information
     }
@@ -72,6 +80,7 @@ _TEXT_VRS = frozenset(
 # scrubbing a name part "CT" out of Modality would break the object, not protect anyone.
 _SCRUBBED_VRS = frozenset({"AE", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"})
 _BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_FREE_TEXT_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 # Character sets whose bytes contain ASCII text as ASCII: the raw pre-check is reliable.
 _ASCII_COMPATIBLE = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6", "ISO_IR 100", "ISO_IR 192"})
 
@@ -214,6 +223,11 @@ class Deidentifier:
         self.overlay_action = self._table.overlay_data.action(options)
         self.overlay_comments_action = self._table.overlay_comments.action(options)
         self.private_action = self._table.private.action(options)
+        # What some Clean option cleans (descriptions, dates): inside a sequence being cleaned
+        # these are cleaned instead of removed. IDs and names have no C and are still removed.
+        self.cleanable = frozenset(
+            tag for tag, rule in self._table.by_tag.items() if Action.CLEAN in rule.options.values()
+        )
         self.safe_private = {
             (s.group, s.creator.upper(), s.element) for s in self.config.safe_private
         }
@@ -238,11 +252,7 @@ class Deidentifier:
         if rule is not None:
             apply_rule(ds, rule)
             log.info("pixel-clean rule %r applied", rule.name)
-        originals = {
-            "study": str(ds.get("StudyInstanceUID") or ""),
-            "series": str(ds.get("SeriesInstanceUID") or ""),
-            "instance": str(ds.get("SOPInstanceUID") or ""),
-        }
+        originals = {k: str(ds.get(keyword) or "") for k, keyword in _UID_KEYWORDS.items()}
         walk = _Walk(self, identifiers, ds)
         walk.dataset(ds, clean=False)
         meta = getattr(ds, "file_meta", None)
@@ -250,7 +260,10 @@ class Deidentifier:
             walk.dataset(meta, clean=False)
             self._mark_file_meta(ds, meta)
         self._mark(ds, cleaned_pixels=rule is not None)
-        report_uids = {k: self.uid(v) for k, v in originals.items()}
+        if getattr(ds, "preamble", None):
+            ds.preamble = bytes(128)  # free bytes before the header: anything may be in them
+        # As written: under Retain UIDs a UID built from an ID is still replaced.
+        report_uids = {k: str(ds.get(keyword) or "") for k, keyword in _UID_KEYWORDS.items()}
         links = tuple(
             (kind, report_uids[kind], original) for kind, original in originals.items() if original
         )
@@ -312,6 +325,9 @@ class _Walk:
         charset = root.get("SpecificCharacterSet") or ""
         charsets = [charset] if isinstance(charset, str) else list(charset)
         self.raw_precheck = all(str(c).strip().upper() in _ASCII_COMPATIBLE for c in charsets)
+        # Inside a sequence the profile replaces with a dummy (D: Content Sequence, Verifying
+        # Observer...), free text the table does not name is replaced too, not merely scrubbed.
+        self.dummy_depth = 0
 
     # --- the walk ---------------------------------------------------------------------------
 
@@ -336,6 +352,10 @@ class _Walk:
                 action = deid.overlay_comments_action if element == 0x4000 else deid.overlay_action
             if action is Action.CLEAN and group & 0xFF01 in (0x5000, 0x6000):
                 action = Action.KEEP  # Clean Graphics keeps curves and overlays (text scrubbed)
+            if action is None and self.dummy_depth and not clean:
+                vr = _vr_of(tag, _element(ds, tag))
+                if vr in _FREE_TEXT_VRS:
+                    action = Action.DUMMY
             if action is None:
                 self.keep(ds, tag, clean=clean)
                 continue
@@ -346,7 +366,9 @@ class _Walk:
         vr = _vr_of(tag, element)
         # Inside a sequence being cleaned, text the profile would remove is cleaned instead; if
         # nothing is left of it, it is removed after all (an empty value may break the IOD).
-        cleaned_instead = clean and action is Action.REMOVE and vr in _TEXT_VRS
+        cleaned_instead = (
+            clean and action is Action.REMOVE and vr in _TEXT_VRS and tag in self.deid.cleanable
+        )
         if cleaned_instead:
             action = Action.CLEAN
         if action is Action.REMOVE:
@@ -377,8 +399,13 @@ class _Walk:
         # D, K, C and U* keep the items and de-identify what is in them; the Clean options
         # keep free text inside their sequences (cleaned) where the profile would drop it.
         inner_clean = clean or action is Action.CLEAN
-        for item in ds[tag].value:
-            self.dataset(item, clean=inner_clean)
+        dummy = action is Action.DUMMY and not inner_clean
+        self.dummy_depth += dummy
+        try:
+            for item in ds[tag].value:
+                self.dataset(item, clean=inner_clean)
+        finally:
+            self.dummy_depth -= dummy
 
     def keep(self, ds: Dataset, tag: BaseTag, *, clean: bool, search_bytes: bool = False) -> None:
         """An attribute the profile keeps: still scrubbed for this patient's identifiers.
@@ -397,9 +424,9 @@ class _Walk:
             return
         if vr in _BYTES_VRS:
             value = element.value
-            if (search_bytes or vr == "UN") and isinstance(value, bytes):
-                if self.scrubber.may_contain(value):
-                    del ds[tag]  # identifiers inside bytes cannot be cut out safely
+            searched = search_bytes or vr == "UN"
+            if searched and isinstance(value, bytes) and self.scrubber.may_contain(value):
+                del ds[tag]  # identifiers inside bytes cannot be cut out safely
             return
         if vr not in _SCRUBBED_VRS and vr != "UI":
             return

@@ -24,7 +24,7 @@ MIN_ID = 2
 # IDs at least this long are also removed inside longer tokens ("MRN12345678", UID components).
 MIN_EMBEDDED_ID = 6
 
-_NAME_SPLIT = re.compile(r"[\^=\s,.;]+")
+_NAME_SPLIT = re.compile(r"[\^=\s,.;-]+")  # "Smith-Jones" is also written "Jones"
 _ISO_DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
 # Dates written in free text, any order of day/month/year with -, / or . between.
 _FREE_TEXT_DATE = re.compile(
@@ -51,8 +51,9 @@ def _date_forms(date: str) -> list[str]:
     year, month, day = match.groups()
     forms = {f"{year}{month}{day}"}
     for sep in "-/.":
-        forms |= {f"{year}{sep}{month}{sep}{day}", f"{day}{sep}{month}{sep}{year}"}
-        forms |= {f"{month}{sep}{day}{sep}{year}"}
+        forms.add(f"{year}{sep}{month}{sep}{day}")
+        for d, m in ((day, month), (day.lstrip("0"), month.lstrip("0"))):  # "07/03", "7/3"
+            forms |= {f"{d}{sep}{m}{sep}{year}", f"{m}{sep}{d}{sep}{year}"}
     return sorted(forms)
 
 
@@ -86,6 +87,28 @@ class PatientIdentifiers:
         )
 
 
+def _needles(token: str) -> set[bytes]:
+    """Byte strings one of which is in any lowered, encoded text the scrub would hit for ``token``.
+
+    ``bytes.lower`` folds ASCII only, so a token with other letters ("MÜLLER" against "Müller")
+    is searched by its longest ASCII run; one with no ASCII at all by its usual case forms
+    (as written, lower, upper, capitalised).
+    """
+    if token.isascii():
+        return {token.lower().encode("ascii")}
+    runs = re.findall(r"[\x00-\x7f]+", token)
+    if runs:
+        return {max(runs, key=len).lower().encode("ascii")}
+    needles: set[bytes] = set()
+    for form in {token, token.lower(), token.upper(), token.capitalize()}:
+        for encoding in ("utf-8", "latin-1"):
+            try:
+                needles.add(form.encode(encoding).lower())
+            except UnicodeEncodeError:
+                continue
+    return needles
+
+
 class Scrubber:
     """Removes one patient's identifiers from text and tells whether raw bytes may hold any."""
 
@@ -98,16 +121,18 @@ class Scrubber:
         if bounded:
             words = "|".join(re.escape(t) for t in sorted(set(bounded), key=len)[::-1])
             alternatives.append(rf"(?<![0-9A-Za-z])(?:{words})(?![0-9A-Za-z])")
-        self._pattern = re.compile("|".join(alternatives), re.IGNORECASE) if alternatives else None
-        needles: set[bytes] = set()
-        for token in bounded:
-            for encoding in ("utf-8", "latin-1"):
-                try:
-                    needles.add(token.lower().encode(encoding))
-                except UnicodeEncodeError:
-                    continue
-        self._needles = tuple(needles)
-        self.empty = self._pattern is None
+        # Compiled on first use: most files never need it, and compiling costs more than the
+        # rest of the file's de-identification.
+        self._source = "|".join(alternatives)
+        self._compiled: re.Pattern[str] | None = None
+        self._needles = tuple({n for token in bounded for n in _needles(token)})
+        self.empty = not alternatives
+
+    @property
+    def _pattern(self) -> re.Pattern[str] | None:
+        if self._compiled is None and self._source:
+            self._compiled = re.compile(self._source, re.IGNORECASE)
+        return self._compiled
 
     def may_contain(self, raw: bytes) -> bool:
         """Cheap pre-check on undecoded bytes (ASCII-compatible encodings)."""

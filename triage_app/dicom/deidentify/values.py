@@ -51,7 +51,10 @@ DUMMY_BY_VR: Mapping[str, object] = MappingProxyType(
 )
 
 _DA = re.compile(r"^(\d{4})(\d{2})?(\d{2})?$")
-_DT = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(.*)$")
+# YYYY[MM[DD[HH[MM[SS[.F{1,6}]]]]]][&ZZXX] (PS3.5 Table 6.2-1): date, time of day, UTC offset.
+_DT = re.compile(
+    r"^(\d{4})(?:(\d{2})(?:(\d{2})(\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$"
+)
 
 
 def dummy_value(vr: str) -> object:
@@ -65,14 +68,17 @@ def _shift(year: str, month: str | None, day: str | None, days: int) -> str | No
         date = dt.date(int(year), int(month or 1), int(day or 1)) + dt.timedelta(days=days)
     except (ValueError, OverflowError):
         return None
-    text = f"{date:%Y%m%d}"
+    text = f"{date.year:04d}{date.month:02d}{date.day:02d}"  # strftime drops the year's zeros
     return text[: 4 + (2 if month else 0) + (2 if day else 0)]
 
 
 def shift_date(value: str, days: int) -> str:
     """A DA value (or range ``A-B``) moved by ``days``; anything unreadable becomes the dummy."""
     parts: list[str] = []
-    for part in value.strip().split("-"):
+    pieces = value.strip().split("-")
+    if len(pieces) > 2:  # neither a date nor a range (an ISO "2020-01-31", say)
+        return str(DUMMY_BY_VR["DA"])
+    for part in pieces:
         if not part:
             parts.append(part)
             continue
@@ -87,8 +93,8 @@ def shift_datetime(value: str, days: int) -> str:
     match = _DT.match(value.strip())
     if not match:
         return str(DUMMY_BY_VR["DT"])
-    year, month, day, rest = match.groups()
+    year, month, day, time, offset = match.groups()
     shifted = _shift(year, month, day, days)
     if shifted is None:
         return str(DUMMY_BY_VR["DT"])
-    return shifted + (rest if day else "")
+    return shifted + (time or "") + (offset or "")
