@@ -6,9 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
+import pydicom
 import pytest
 
-from tests.helpers import BUNDLE, run_cli, write_bad_inputs, write_phantoms
+from tests.helpers import BUNDLE, CliRun, run_cli, write_bad_inputs, write_phantoms
 from triage_app.model.manifest import load_manifest
 from triage_app.store import CaseStore
 
@@ -267,3 +268,53 @@ def test_admin_field_changes_with_the_right_password_only_and_are_audited(tmp_pa
         and change.detail["new"] == 0.02
         and change.detail["old"] is None
     )
+
+
+def test_deidentify_options_are_an_admin_setting_the_deidentify_command_follows(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "settings.toml"
+    common = ("--config", config)
+    key, value = "deidentify.options", "clean-descriptors,retain-uids"
+
+    def set_options(raw: str, password: str | None) -> CliRun:
+        extra = ("--admin-password-stdin",) if password is not None else ()
+        stdin = f"{password}\n" if password is not None else None
+        return run_cli("config", "set", key, raw, *extra, *common, data_dir=tmp_path, stdin=stdin)
+
+    unset = set_options(value, None)
+    assert unset.returncode == 2
+    assert "admin_auth_failed" in unset.stderr and key in unset.stderr
+    created = run_cli(
+        "config",
+        "set-admin-password",
+        "--stdin",
+        *common,
+        data_dir=tmp_path,
+        stdin="hunter2 hunter2\n",
+    )
+    assert created.returncode == 0, created.stderr
+    wrong = set_options(value, "wrong password")
+    assert wrong.returncode == 2 and "admin_auth_failed" in wrong.stderr
+    invalid = set_options("retain-everything", "hunter2 hunter2")
+    assert invalid.returncode == 2
+    assert "config_invalid" in invalid.stderr and key in invalid.stderr
+    right = set_options(value, "hunter2 hunter2")
+    assert right.returncode == 0, right.stderr
+    assert run_cli("config", "get", key, *common, data_dir=tmp_path).stdout.strip() == value
+    with CaseStore.open(tmp_path / "cases.sqlite3") as store:
+        change = store.audit_log()[-1]
+    assert change.action == "config.set"
+    assert change.detail["key"] == key
+    assert change.detail["new"] == ["clean-descriptors", "retain-uids"]
+
+    source = tmp_path / "in"
+    write_phantoms(source, seed=40, count=1)
+    run = run_cli("deidentify", source, tmp_path / "out", *common, data_dir=tmp_path)
+    assert run.returncode == 0, run.stderr
+    method = run.records[0]["deidentification"]["method"]
+    assert {"clean-descriptors", "retain-uids"} <= set(method)
+    out = pydicom.dcmread(tmp_path / "out" / run.records[0]["output"], stop_before_pixels=True)
+    original = pydicom.dcmread(source / "p000.dcm", stop_before_pixels=True)
+    assert out.SOPInstanceUID == original.SOPInstanceUID
+    assert "113105" in {item.CodeValue for item in out.DeidentificationMethodCodeSequence}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 import tomllib
 from pathlib import Path
@@ -27,7 +28,9 @@ from triage_app.config import (
     set_admin_password,
     verify_admin_password,
 )
+from triage_app.dicom.deidentify import DEFAULT_SAFE_PRIVATE, ProfileOption, SafePrivateTag
 from triage_app.errors import AdminAuthError, ConfigError
+from triage_app.pipeline import deid_config
 
 PASSWORD = "correct horse battery"
 
@@ -588,3 +591,134 @@ def test_password_hash_cannot_be_set_through_apply_change(admin_settings: Settin
             "scrypt$16384$8$1$AAAA$AAAA",
             admin_password=PASSWORD,
         )
+
+
+# --- De-identification settings ---------------------------------------------------------------
+
+DEID_KEYS = ("deidentify.options", "deidentify.safe_private_tags", "deidentify.pixel_clean_rules")
+DATE_OPTIONS = ("retain-longitudinal-full-dates", "retain-longitudinal-modified-dates")
+
+
+def test_deidentify_defaults_are_the_most_protective_and_admin_only() -> None:
+    settings = Settings()
+    assert settings.deid_options == frozenset()  # the Basic Profile alone
+    assert settings.safe_private_tags == DEFAULT_SAFE_PRIVATE
+    assert settings.pixel_clean_rules is None
+    assert all(SPECS[key].admin for key in DEID_KEYS)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("deidentify.options", ("retain-everything",), "must be one of retain-uids, "),
+        ("deidentify.options", "retain-uids", "must be a list (got 'retain-uids')"),
+        ("deidentify.options", (3,), "must be text (got 3)"),
+        ("deidentify.safe_private_tags", ("0018,SIEMENS,0A",), "must look like GGGG,CREATOR,EE"),
+        ("deidentify.safe_private_tags", ("0019,,0A",), "must look like GGGG,CREATOR,EE"),
+        ("deidentify.safe_private_tags", ("0019, ,0A",), "must look like GGGG,CREATOR,EE"),
+        ("deidentify.safe_private_tags", ("0019,ACME,0A1",), "must look like GGGG,CREATOR,EE"),
+        ("deidentify.safe_private_tags", ("19,ACME,0A",), "must look like GGGG,CREATOR,EE"),
+        ("deidentify.safe_private_tags", ("0019,A,B,0A",), "must look like GGGG,CREATOR,EE"),
+        ("deidentify.pixel_clean_rules", "rules.toml", "must be an absolute path"),
+    ],
+)
+def test_bad_deidentify_values_are_refused_naming_the_field(
+    key: str, value: object, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings({key: value})
+    assert str(info.value).startswith(f"{key}: {reason}")
+
+
+def test_the_two_date_options_exclude_each_other_wherever_they_come_from(tmp_path: Path) -> None:
+    pattern = r"^deidentify\.options: .*full-dates and .*modified-dates exclude each other"
+    with pytest.raises(ConfigError, match=pattern):
+        Settings({"deidentify.options": DATE_OPTIONS})
+    path = write_toml(
+        tmp_path / "settings.toml", f"[deidentify]\noptions = {json.dumps(list(DATE_OPTIONS))}\n"
+    )
+    with pytest.raises(ConfigError, match=pattern):
+        load_settings(path, env={})
+    with pytest.raises(ConfigError, match=pattern):
+        load_settings(
+            tmp_path / "none.toml", env={}, overrides={"deidentify.options": list(DATE_OPTIONS)}
+        )
+    alone = Settings({"deidentify.options": DATE_OPTIONS[:1]})
+    assert alone.deid_options == {ProfileOption.RETAIN_LONGITUDINAL_FULL_DATES}
+
+
+def test_deidentify_values_from_text_and_environment(tmp_path: Path) -> None:
+    env = {
+        "TRIAGE_APP_DEIDENTIFY__OPTIONS": "clean-descriptors, retain-uids,clean-descriptors",
+        "TRIAGE_APP_DEIDENTIFY__SAFE_PRIVATE_TAGS": "0019,SIEMENS MR HEADER,0A; 0029 , ACME , ff",
+    }
+    settings = load_settings(tmp_path / "none.toml", env=env)
+    assert settings.get("deidentify.options") == ("clean-descriptors", "retain-uids")
+    assert settings.deid_options == {ProfileOption.CLEAN_DESCRIPTORS, ProfileOption.RETAIN_UIDS}
+    assert settings.safe_private_tags == ("0019,SIEMENS MR HEADER,0A", "0029 , ACME , ff")
+    for key in DEID_KEYS[:2]:
+        assert SPECS[key].parse(settings.get_text(key)) == settings.get(key)
+    with pytest.raises(ConfigError, match=r"deidentify\.options: .*\[TRIAGE_APP_DEIDENTIFY__OPT"):
+        load_settings(tmp_path / "none.toml", env={"TRIAGE_APP_DEIDENTIFY__OPTIONS": "bogus"})
+
+
+def test_deidentify_settings_save_and_load_back(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.toml"
+    settings = Settings(
+        {
+            "deidentify.options": ("retain-uids", "retain-safe-private"),
+            "deidentify.safe_private_tags": ("0029,ACME,10",),
+            "deidentify.pixel_clean_rules": rules,
+        }
+    )
+    path = save_settings(settings, tmp_path / "settings.toml")
+    with path.open("rb") as fh:
+        assert tomllib.load(fh)["deidentify"] == {
+            "options": ["retain-uids", "retain-safe-private"],
+            "safe_private_tags": ["0029,ACME,10"],
+            "pixel_clean_rules": str(rules),
+        }
+    assert load_settings(path, env={}) == settings
+
+
+def test_every_accepted_safe_private_tag_is_one_the_engine_reads() -> None:
+    settings = Settings(
+        {
+            "deidentify.options": ("retain-safe-private",),
+            "deidentify.safe_private_tags": (
+                "0029 , acme imaging , 1a",
+                "0019,SIEMENS MR HEADER,0A",
+            ),
+        }
+    )
+    assert deid_config(settings).safe_private == (
+        SafePrivateTag(0x0019, "SIEMENS MR HEADER", 0x0A),
+        SafePrivateTag(0x0029, "acme imaging", 0x1A),
+    )
+
+
+def test_the_pixel_clean_rules_file_is_read_where_the_settings_are_used(tmp_path: Path) -> None:
+    rules = write_toml(
+        tmp_path / "rules.toml",
+        '[[rule]]\nname = "banner"\nmodality = "US"\nrectangles = [[0, 0, 10, 10]]\n',
+    )
+    loaded = deid_config(Settings({"deidentify.pixel_clean_rules": rules})).pixel_rules
+    assert [rule.name for rule in loaded] == ["banner"]
+    missing = Settings({"deidentify.pixel_clean_rules": tmp_path / "missing.toml"})
+    with pytest.raises(ConfigError, match=r"missing\.toml: cannot read the pixel-clean rules"):
+        deid_config(missing)
+
+
+def test_deidentify_options_change_only_with_the_admin_password(admin_settings: Settings) -> None:
+    key, raw = "deidentify.options", "clean-descriptors,retain-uids"
+    with pytest.raises(AdminAuthError, match="no admin password is set"):
+        apply_change(Settings(), key, raw, admin_password=None)
+    with pytest.raises(AdminAuthError, match=rf"^{key}: admin field; wrong admin password"):
+        apply_change(admin_settings, key, raw, admin_password="wrong password")
+    with pytest.raises(AdminAuthError, match=rf"^{key}: admin field; the admin password is req"):
+        apply_change(admin_settings, key, raw, admin_password=None)
+    updated, change = apply_change(admin_settings, key, raw, admin_password=PASSWORD)
+    assert updated.deid_options == {ProfileOption.CLEAN_DESCRIPTORS, ProfileOption.RETAIN_UIDS}
+    assert change == Change(key=key, old=(), new=("clean-descriptors", "retain-uids"), admin=True)
+    with pytest.raises(ConfigError, match=r"^deidentify\.options: .*exclude each other"):
+        apply_change(admin_settings, key, ",".join(DATE_OPTIONS), admin_password=PASSWORD)

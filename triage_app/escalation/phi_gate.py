@@ -8,10 +8,12 @@ blocks the upload (reason ``phi_audit``) and the case stays on the device for re
 
 Two searches, so that neither encoding nor spelling hides a value:
 
-* the payload's bytes (without the pixel data, where any short string turns up by chance),
-  case-insensitively, for values of at least :data:`MIN_BYTES_LENGTH` characters;
-* every decoded text value of the parsed payload, for whole words of at least
-  :data:`MIN_WORD_LENGTH` characters (decoding applies the file's character set).
+* the file's bytes (without the pixel data, where any short string turns up by chance),
+  case-insensitively, for values of at least :data:`MIN_BYTES_LENGTH` characters; name parts
+  only as whole words, since kept text is full of them ("PRIMARY" holds MARY);
+* every decoded text value of the parsed file and every value (not key: those are the
+  device's own field names) of the parsed JSON, for whole words of at least
+  :data:`MIN_WORD_LENGTH` characters (decoding applies the character set and JSON escapes).
 
 Hits are reported by field name only: the values are PHI and never appear in results or logs.
 """
@@ -19,6 +21,7 @@ Hits are reported by field name only: the values are PHI and never appear in res
 from __future__ import annotations
 
 import io
+import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.valuerep import PersonName
 
 from triage_app.dicom.reader import quiet_pydicom
 
@@ -52,7 +56,7 @@ _DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
 def _strings(value: object) -> Iterator[str]:
     if value is None:
         return
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+    if isinstance(value, str | bytes | PersonName) or not isinstance(value, Iterable):
         text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
         if text.strip():
             yield text.strip()
@@ -82,7 +86,7 @@ class IdentifyingValues:
         for keyword in _PATIENT_TEXT:
             for text in _strings(ds.get(keyword)):
                 found.add((keyword, text))
-                if keyword.endswith("Name"):
+                if "Name" in keyword:  # PatientName, OtherPatientNames, ...BirthName
                     found.update((keyword, part) for part in _NAME_PARTS.split(text) if part)
         for item in ds.get("OtherPatientIDsSequence") or []:
             found.update(("OtherPatientIDsSequence", t) for t in _strings(item.get("PatientID")))
@@ -103,28 +107,49 @@ def _decoded_texts(ds: Dataset) -> Iterator[str]:
             yield from _strings(element.value)
 
 
+def _json_values(value: object) -> Iterator[str]:
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _json_values(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _json_values(item)
+    elif value is not None and not isinstance(value, bool):  # flags are the device's own
+        yield str(value)
+
+
 def audit_payload(dicom: bytes, sidecar: bytes, original: IdentifyingValues) -> tuple[str, ...]:
     """The fields of ``original`` found anywhere in the payload; empty means it may leave.
 
-    An unreadable payload is itself a finding: what cannot be checked is not sent.
+    An unreadable payload is itself a finding: what cannot be checked is not sent. The file
+    must be a Part 10 file, as the payload always is: forced, any bytes would read as an empty
+    data set and pass.
     """
     try:
         with quiet_pydicom():  # pydicom's own warnings quote values: PHI in the logs
-            ds = pydicom.dcmread(io.BytesIO(dicom), force=True)
+            ds = pydicom.dcmread(io.BytesIO(dicom))
             for keyword in _PIXEL_KEYWORDS:
                 if keyword in ds:
                     del ds[keyword]
             header = io.BytesIO()
             ds.save_as(header, enforce_file_format=False)
             texts = [*_decoded_texts(ds), *_decoded_texts(ds.file_meta)]
-    except (InvalidDicomError, ValueError, TypeError, AttributeError, EOFError, OSError):
+        texts += _json_values(json.loads(sidecar))
+    except (
+        InvalidDicomError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        EOFError,
+        OSError,
+        NotImplementedError,  # an unknown VR, e.g. bytes after the data set
+    ):
         return ("unreadable_payload",)
-    haystack = (header.getvalue() + b"\n" + sidecar).lower()
-    texts.append(sidecar.decode("utf-8", "replace"))
+    haystack = header.getvalue().lower()
     hits: set[str] = set()
     for field, value in original.values:
-        if len(value) >= MIN_BYTES_LENGTH and any(
-            needle in haystack for needle in _encodings(value.lower())
+        if len(value) >= MIN_BYTES_LENGTH and _in_bytes(
+            value.lower(), haystack, whole_word="Name" in field
         ):
             hits.add(field)
             continue
@@ -132,6 +157,17 @@ def audit_payload(dicom: bytes, sidecar: bytes, original: IdentifyingValues) -> 
         if any(word.search(text) for text in texts):
             hits.add(field)
     return tuple(sorted(hits))
+
+
+def _in_bytes(value: str, haystack: bytes, *, whole_word: bool) -> bool:
+    for needle in _encodings(value):
+        if whole_word:
+            pattern = rb"(?<![0-9a-z])" + re.escape(needle) + rb"(?![0-9a-z])"
+            if re.search(pattern, haystack):
+                return True
+        elif needle in haystack:
+            return True
+    return False
 
 
 def _encodings(value: str) -> set[bytes]:
