@@ -29,8 +29,8 @@ from triage_app.config import (
     verify_admin_password,
 )
 from triage_app.dicom.deidentify import DEFAULT_SAFE_PRIVATE, ProfileOption, SafePrivateTag
+from triage_app.dicom.deidentify.configure import deid_config
 from triage_app.errors import AdminAuthError, ConfigError
-from triage_app.pipeline import deid_config
 
 PASSWORD = "correct horse battery"
 

@@ -32,7 +32,7 @@ from triage_app.config import (
     verify_admin_password,
 )
 from triage_app.dicom.deidentify import ProfileOption
-from triage_app.errors import AdminAuthError, ConfigError, TriageError
+from triage_app.errors import AdminAuthError, TriageError
 from triage_app.inputs import expand_inputs
 from triage_app.logs import configure_logging
 from triage_app.results import CaseResult, FailedInput, InputOutcome
@@ -241,25 +241,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _deidentify(args: argparse.Namespace) -> int:
-    from triage_app.deid_batch import DeidentifiedOutput, deidentify_to_folder
-    from triage_app.pipeline import deid_config
-    from triage_app.secrets import load_or_create_site_secret
+    from triage_app.deid_batch import DeidentifiedOutput, deidentify_sources
 
-    settings = _settings(args)
-    destination: Path = args.destination.absolute()
-    if destination.exists() and not destination.is_dir():
-        raise ConfigError(f"{destination}: the destination must be a folder")
-    files = [f for f in expand_inputs(args.sources) if destination not in f.absolute().parents]
     started = time.perf_counter()
     counts: Counter[str] = Counter()
-    for outcome in deidentify_to_folder(
-        files,
-        destination,
-        secret=load_or_create_site_secret(settings.data_dir),
-        config=deid_config(settings),
-        store_path=settings.case_store_path,
-        workers=settings.workers,
-    ):
+    outcomes = deidentify_sources(args.sources, args.destination, _settings(args))
+    for outcome in outcomes:
         print(json.dumps(outcome.to_json()), flush=True)
         if isinstance(outcome, DeidentifiedOutput):
             counts["done"] += 1
@@ -268,8 +255,9 @@ def _deidentify(args: argparse.Namespace) -> int:
             counts["failed"] += 1
             print(f"triage-app: {outcome.path}: {outcome.code}: {outcome.message}", file=sys.stderr)
     print(
-        f"{len(files)} inputs in {time.perf_counter() - started:.1f} s: {counts['done']} "
-        f"de-identified into {destination} ({counts['burned_in_risk']} at burned-in text risk), "
+        f"{counts['done'] + counts['failed']} inputs in {time.perf_counter() - started:.1f} s: "
+        f"{counts['done']} de-identified into {args.destination.absolute()} "
+        f"({counts['burned_in_risk']} at burned-in text risk), "
         f"{counts['failed']} failed",
         file=sys.stderr,
     )

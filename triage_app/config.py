@@ -32,7 +32,7 @@ from typing import NamedTuple, NoReturn, cast
 
 import tomli_w
 
-from triage_app.dicom.deidentify.engine import DEFAULT_SAFE_PRIVATE
+from triage_app.dicom.deidentify.engine import DEFAULT_SAFE_PRIVATE, SAFE_PRIVATE_PATTERN
 from triage_app.dicom.deidentify.table import ProfileOption
 from triage_app.errors import AdminAuthError, ConfigError
 from triage_app.paths import (
@@ -310,7 +310,6 @@ class SettingSpec:
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _SCRYPT_PATTERN = r"scrypt(\$\d+){3}\$[A-Za-z0-9+/]+=*\$[A-Za-z0-9+/]+=*"
-_SAFE_PRIVATE_PATTERN = r"[0-9A-Fa-f]{3}[13579BDFbdf] *, *[^,]*[^, ][^,]* *, *[0-9A-Fa-f]{2}"
 
 SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
@@ -380,7 +379,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     ),
     SettingSpec(
         "deidentify.safe_private_tags",
-        TextList(Str(_SAFE_PRIVATE_PATTERN, "GGGG,CREATOR,EE with an odd group"), ";"),
+        TextList(Str(SAFE_PRIVATE_PATTERN, "GGGG,CREATOR,EE with an odd group"), ";"),
         DEFAULT_SAFE_PRIVATE,
         "Private attributes kept under the retain-safe-private option, as group, private "
         "creator and element byte; every other private attribute is removed.",

@@ -19,10 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from triage_app.config import Settings
 from triage_app.dicom.deidentify import DeidConfig, Deidentifier
+from triage_app.dicom.deidentify.configure import deid_config
 from triage_app.dicom.deidentify.files import deidentify_file, write_atomically
-from triage_app.errors import InputError
+from triage_app.errors import ConfigError, InputError
+from triage_app.inputs import expand_inputs
 from triage_app.results import FailedInput
+from triage_app.secrets import load_or_create_site_secret
 from triage_app.store import CaseStore
 
 _worker: tuple[Deidentifier, Path] | None = None
@@ -78,6 +82,28 @@ def _one(path: Path) -> DeidOutcome:
         deidentification=result.report.to_json(),
         timings_ms={"deidentify": (time.perf_counter() - started) * 1e3},
         links=result.report.links,
+    )
+
+
+def deidentify_sources(
+    sources: Sequence[Path], destination: Path, settings: Settings
+) -> Iterator[DeidOutcome]:
+    """What ``triage-app deidentify`` runs: files and folders into ``destination``.
+
+    The destination is checked before anything starts, and files already inside it (a second
+    run into the same folder) are never taken as inputs.
+    """
+    destination = destination.absolute()
+    if destination.exists() and not destination.is_dir():
+        raise ConfigError(f"{destination}: the destination must be a folder")
+    files = [f for f in expand_inputs(sources) if destination not in f.absolute().parents]
+    return deidentify_to_folder(
+        files,
+        destination,
+        secret=load_or_create_site_secret(settings.data_dir),
+        config=deid_config(settings),
+        store_path=settings.case_store_path,
+        workers=settings.workers,
     )
 
 

@@ -35,12 +35,11 @@ from triage_app.dicom.deidentify import (
     DeidentificationReport,
     Deidentifier,
     ProfileOption,
-    load_pixel_clean_rules,
-    parse_safe_private,
 )
+from triage_app.dicom.deidentify.configure import deid_config
 from triage_app.dicom.deidentify.files import encode
 from triage_app.dicom.pseudonym import case_id_for, pseudonymous_uid
-from triage_app.errors import ConfigError, InputError, UnprocessableImageError
+from triage_app.errors import InputError, UnprocessableImageError
 from triage_app.escalation.phi_gate import IdentifyingValues, audit_payload
 from triage_app.model.classifier import Classifier
 from triage_app.model.manifest import find_bundle, load_manifest
@@ -60,19 +59,6 @@ log = logging.getLogger(__name__)
 HELD_DETAIL = "no central server configured: kept on this device for review"
 BURNED_IN_RISK = "burned_in_risk"
 PHI_AUDIT = "phi_audit"
-
-
-def deid_config(settings: Settings) -> DeidConfig:
-    """The de-identification settings, checked (the pixel-clean rules file is read here)."""
-    try:
-        safe_private = parse_safe_private(settings.safe_private_tags)
-    except ValueError as err:
-        raise ConfigError(f"deidentify.safe_private_tags: {err}") from None
-    return DeidConfig(
-        options=settings.deid_options,
-        safe_private=safe_private,
-        pixel_rules=load_pixel_clean_rules(settings.pixel_clean_rules),
-    )
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import numpy.typing as npt
 import pydicom
 from pydicom import config
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import BytesLengthException
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pydicom.multival import MultiValue
@@ -140,19 +140,19 @@ def load_image(source: Source) -> DicomImage:
     ds = read_dataset(source)
     with quiet_pydicom():
         keyword = _pixel_keyword(ds)
-        transfer_syntax = _transfer_syntax(ds)
+        syntax = transfer_syntax(ds)
         attrs = _pixel_attributes(ds, keyword)
         frame_index = attrs.frames // 2
-        decoded, properties = _decode(ds, transfer_syntax, frame_index)
+        decoded, properties = _decode(ds, syntax, frame_index)
         stored = _to_grey(decoded, properties, ds, attrs)
-        info = _image_info(ds, transfer_syntax, attrs, frame_index)
+        info = _image_info(ds, syntax, attrs, frame_index)
     logger.debug(
         "decoded frame %d of %d (%dx%d, %s)",
         frame_index,
         attrs.frames,
         attrs.rows,
         attrs.columns,
-        transfer_syntax.name,
+        syntax.name,
     )
     return DicomImage(info=info, stored=stored, dataset=ds)
 
@@ -330,7 +330,7 @@ def _pixel_keyword(ds: Dataset) -> str:
     return present[0]
 
 
-def _transfer_syntax(ds: Dataset) -> UID:
+def transfer_syntax(ds: Dataset) -> UID:
     """The file meta's transfer syntax, or the encoding pydicom found for a raw data set."""
     file_meta = getattr(ds, "file_meta", None)
     uid = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
@@ -342,6 +342,20 @@ def _transfer_syntax(ds: Dataset) -> UID:
     if implicit is False:
         return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
     raise UnsupportedTransferSyntaxError("transfer syntax cannot be determined")
+
+
+def ensure_file_meta(ds: Dataset) -> UID:
+    """Give a data set read without file meta the transfer syntax it was read in.
+
+    pydicom decodes and writes pixel data by the file meta's transfer syntax only; a raw data
+    set (no preamble or meta) needs it filled in first. Returns the transfer syntax.
+    """
+    syntax = transfer_syntax(ds)
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        meta = ds.file_meta = FileMetaDataset(meta or {})
+        meta.TransferSyntaxUID = syntax
+    return syntax
 
 
 def _required_int(

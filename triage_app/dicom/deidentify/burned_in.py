@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.dataset import Dataset
 
+from triage_app.dicom.reader import ensure_file_meta
 from triage_app.errors import ConfigError
 
 # Kinds of image that usually carry burned-in text (PS3.15 E.3.1 names ultrasound, secondary
@@ -169,22 +169,9 @@ def find_rule(ds: Dataset, rules: Sequence[PixelCleanRule]) -> PixelCleanRule | 
     return next((rule for rule in rules if rule.matches(ds)), None)
 
 
-def transfer_syntax(ds: Dataset) -> UID:
-    """The transfer syntax of ``ds``; one read without file meta gets the encoding it came in."""
-    meta = getattr(ds, "file_meta", None)
-    if meta is None or "TransferSyntaxUID" not in meta:
-        meta = ds.file_meta = FileMetaDataset(meta or {})
-        implicit, little = ds.original_encoding
-        if little is False:
-            meta.TransferSyntaxUID = ExplicitVRBigEndian
-        else:
-            meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
-    return UID(meta.TransferSyntaxUID)
-
-
 def apply_rule(ds: Dataset, rule: PixelCleanRule) -> None:
     """Black out the rule's rectangles in every frame; compressed pixels are stored decoded."""
-    if transfer_syntax(ds).is_compressed:
+    if ensure_file_meta(ds).is_compressed:
         # Also sets the photometric interpretation and the transfer syntax; the instance keeps
         # its UID so that its pseudonym (and the case id) stay the same on every run.
         ds.decompress(generate_instance_uid=False)

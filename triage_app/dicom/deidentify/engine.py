@@ -52,13 +52,11 @@ IMPLEMENTATION_VERSION_NAME = f"TRIAGE_{__version__}"[:16]
 
 _PATIENT_NAME = 0x00100010
 _PATIENT_ID = 0x00100020
-_SOP_INSTANCE_UID = 0x00080018
 _UID_KEYWORDS = {
     "study": "StudyInstanceUID",
     "series": "SeriesInstanceUID",
     "instance": "SOPInstanceUID",
 }
-_MEDIA_STORAGE_SOP_INSTANCE_UID = 0x00020003
 # File meta elements that name the sending/receiving systems: not in the Annex E table (it
 # covers data sets), yet they leak the station, so they are removed wherever group 2 appears.
 _FILE_META_REMOVED = frozenset(
@@ -80,7 +78,8 @@ _TEXT_VRS = frozenset(
 # scrubbing a name part "CT" out of Modality would break the object, not protect anyone.
 _SCRUBBED_VRS = frozenset({"AE", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"})
 _BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
-_FREE_TEXT_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+# Text a dummy replaces inside a dummied sequence: the scrubbed VRs that are not AE, URL or date.
+_FREE_TEXT_VRS = _SCRUBBED_VRS - {"AE", "UR", "DA", "DT", "TM"}
 # Character sets whose bytes contain ASCII text as ASCII: the raw pre-check is reliable.
 _ASCII_COMPATIBLE = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6", "ISO_IR 100", "ISO_IR 192"})
 
@@ -109,7 +108,11 @@ OPTION_CODES = {
     ProfileOption.RETAIN_INSTITUTION_IDENTITY: ("113112", "Retain Institution Identity Option"),
 }
 
-_SAFE_PRIVATE = re.compile(r"^\s*([0-9A-Fa-f]{4})\s*,\s*([^,]*?)\s*,\s*([0-9A-Fa-f]{2})\s*$")
+# "GGGG,CREATOR,EE": an odd (private) group, a non-blank creator, the element byte. The settings
+# validate with the same pattern, so a setting that passes always parses.
+SAFE_PRIVATE_PATTERN = (
+    r"\s*([0-9A-Fa-f]{3}[13579BDFbdf])\s*,\s*([^,]*?[^,\s])\s*,\s*([0-9A-Fa-f]{2})\s*"
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -123,8 +126,8 @@ class SafePrivateTag:
     @classmethod
     def parse(cls, text: str) -> SafePrivateTag:
         """Read ``"0019,SIEMENS MR HEADER,0A"``; raises ``ValueError`` with the reason."""
-        match = _SAFE_PRIVATE.match(text)
-        if not match or not int(match.group(1), 16) & 1 or not match.group(2):
+        match = re.fullmatch(SAFE_PRIVATE_PATTERN, text)
+        if not match:
             raise ValueError(
                 f"a safe private tag must look like GGGG,CREATOR,EE with an odd group "
                 f"(got {text!r})"
@@ -318,10 +321,8 @@ class _Walk:
         self.deid = deid
         self.scrubber = Scrubber(identifiers)
         key = identifiers.patient_key
-        secret = deid.secret
-        self.secret = secret
-        self.patient_pseudonym = patient_pseudonym(secret, key) if key else ""
-        self.shift_days = date_shift_days(secret, key) if deid.shift_dates else 0
+        self.patient_pseudonym = patient_pseudonym(deid.secret, key) if key else ""
+        self.shift_days = date_shift_days(deid.secret, key) if deid.shift_dates else 0
         charset = root.get("SpecificCharacterSet") or ""
         charsets = [charset] if isinstance(charset, str) else list(charset)
         self.raw_precheck = all(str(c).strip().upper() in _ASCII_COMPATIBLE for c in charsets)
@@ -477,9 +478,8 @@ class _Walk:
             values = [str(v) for v in value] if isinstance(value, list) else [str(value or "")]
         remapped = [self.deid.uid(v.strip()) for v in values if v.strip()]
         if ProfileOption.RETAIN_UIDS in self.deid.config.options and self._hit(remapped):
-            remapped = [
-                pseudonymous_uid(self.secret, v) for v in remapped
-            ]  # a UID built from an ID
+            # A UID built from an ID is replaced even under Retain UIDs.
+            remapped = [pseudonymous_uid(self.deid.secret, v) for v in remapped]
         ds[tag] = DataElement(tag, "UI", remapped[0] if len(remapped) == 1 else remapped or None)
 
     def clean_value(self, ds: Dataset, tag: BaseTag, vr: str) -> None:
@@ -488,7 +488,7 @@ class _Walk:
             self.clean_date(ds, tag, vr)
         elif vr == "AE":
             values = _values(ds[tag].value)
-            new = [text_pseudonym(self.secret, "ae", v) for v in values if v]
+            new = [text_pseudonym(self.deid.secret, "ae", v) for v in values if v]
             ds[tag] = DataElement(tag, vr, new[0] if len(new) == 1 else new or None)
         elif vr in _TEXT_VRS:
             self.scrub_text(ds, tag, clean=True)

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from triage_app.dicom.deidentify.burned_in import transfer_syntax
 from triage_app.dicom.deidentify.engine import DeidentificationReport, Deidentifier
-from triage_app.dicom.reader import quiet_pydicom, read_dataset
+from triage_app.dicom.reader import ensure_file_meta, quiet_pydicom, read_dataset
 from triage_app.errors import InvalidDicomError
 
 _NAME_DIGITS = 16
@@ -51,7 +50,7 @@ def encode(ds: Dataset) -> bytes:
     for keyword in ("SOPClassUID", "SOPInstanceUID"):
         if not ds.get(keyword):
             raise InvalidDicomError(f"cannot be written as a DICOM file: it has no {keyword}")
-    transfer_syntax(ds)  # a data set without file meta is written in the encoding it came in
+    ensure_file_meta(ds)  # a data set read without file meta is written as it came in
     meta = ds.file_meta
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
