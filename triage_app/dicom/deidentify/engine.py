@@ -33,7 +33,7 @@ from triage_app.dicom.deidentify.burned_in import (
     burned_in_reasons,
     find_rule,
 )
-from triage_app.dicom.deidentify.scrub import PatientIdentifiers, Scrubber
+from triage_app.dicom.deidentify.scrub import PatientIdentifiers, Scrubber, text_values
 from triage_app.dicom.deidentify.table import Action, ProfileOption, ProfileTable, load_table
 from triage_app.dicom.deidentify.values import dummy_value, shift_date, shift_datetime
 from triage_app.dicom.pseudonym import (
@@ -436,7 +436,7 @@ class _Walk:
                 return
         else:
             # Already decoded (read earlier, e.g. Modality): the same check on its text.
-            text = "\\".join(_values(element.value))
+            text = "\\".join(text_values(element.value))
             if not self.scrubber.may_contain(text.encode("utf-8", "replace")):
                 return
         if vr == "UI":
@@ -487,7 +487,7 @@ class _Walk:
         if vr in ("DA", "DT", "TM"):
             self.clean_date(ds, tag, vr)
         elif vr == "AE":
-            values = _values(ds[tag].value)
+            values = text_values(ds[tag].value)
             new = [text_pseudonym(self.deid.secret, "ae", v) for v in values if v]
             ds[tag] = DataElement(tag, vr, new[0] if len(new) == 1 else new or None)
         elif vr in _TEXT_VRS:
@@ -504,14 +504,14 @@ class _Walk:
         if vr == "TM":  # whole-day shifts keep the time of day
             return
         shift = shift_date if vr == "DA" else shift_datetime
-        new = [shift(v, self.shift_days) for v in _values(ds[tag].value) if v]
+        new = [shift(v, self.shift_days) for v in text_values(ds[tag].value) if v]
         ds[tag] = DataElement(tag, vr, new[0] if len(new) == 1 else new or None)
 
     def scrub_text(self, ds: Dataset, tag: BaseTag, *, clean: bool) -> None:
         element = ds[tag]
         vr = element.VR
         fix = self.scrubber.clean if clean else self.scrubber.scrub
-        values = _values(element.value)
+        values = text_values(element.value)
         new = [fix(v) for v in values]
         if new == values:
             return
@@ -519,16 +519,6 @@ class _Walk:
             new = [v if v == old else "" for v, old in zip(new, values, strict=True)]
         kept = [v for v in new if v]
         ds[tag] = DataElement(tag, vr, kept[0] if len(kept) == 1 else kept or None)
-
-
-def _values(value: object) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Iterable):
-        return [str(v) for v in value]
-    return [str(value)]
 
 
 def parse_safe_private(entries: Iterable[str]) -> tuple[SafePrivateTag, ...]:

@@ -33,7 +33,8 @@ _FREE_TEXT_DATE = re.compile(
 )
 
 
-def _text(value: object) -> list[str]:
+def text_values(value: object) -> list[str]:
+    """An element value as its list of strings; a person name is one string, not its letters."""
     if value is None:
         return []
     if isinstance(value, str | PersonName):
@@ -70,11 +71,11 @@ class PatientIdentifiers:
     def capture(cls, ds: Dataset) -> PatientIdentifiers:
         names: list[str] = []
         for keyword in ("PatientName", "OtherPatientNames", "PatientBirthName"):
-            names += _text(ds.get(keyword))
-        ids = _text(ds.get("PatientID")) + _text(ds.get("OtherPatientIDs"))
-        ids += _text(ds.get("AccessionNumber"))
+            names += text_values(ds.get(keyword))
+        ids = text_values(ds.get("PatientID")) + text_values(ds.get("OtherPatientIDs"))
+        ids += text_values(ds.get("AccessionNumber"))
         for item in ds.get("OtherPatientIDsSequence") or []:
-            ids += _text(item.get("PatientID"))
+            ids += text_values(item.get("PatientID"))
         parts = {p for name in names for p in _NAME_SPLIT.split(name) if len(p) >= MIN_NAME_PART}
         birth = str(ds.get("PatientBirthDate") or "")
         patient_id = str(ds.get("PatientID") or "").strip()
