@@ -21,7 +21,7 @@ from triage_app.logs import configure_logging
 from triage_app.model.manifest import verify_bundle
 from triage_app.pipeline import PipelineConfig, TriagePipeline
 from triage_app.policy import ABNORMAL, NORMAL
-from triage_app.results import CaseResult, InputOutcome
+from triage_app.results import BLOCKED, CaseResult, InputOutcome
 from triage_app.states import CaseEvent
 from triage_app.store import CaseStore
 
@@ -89,6 +89,6 @@ def store_event(result: CaseResult) -> CaseEvent:
         return CaseEvent.DECIDE_LOCAL_NORMAL
     if result.decision == ABNORMAL:
         return CaseEvent.DECIDE_LOCAL_ABNORMAL
-    if result.escalation is not None and result.escalation.state == "blocked":
+    if result.escalation is not None and result.escalation.state == BLOCKED:
         return CaseEvent.BLOCK
     return CaseEvent.HOLD

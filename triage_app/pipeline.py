@@ -51,7 +51,14 @@ from triage_app.policy import (
     header_scope_findings,
     resolve_thresholds,
 )
-from triage_app.results import CaseResult, EscalationRef, FailedInput, InputOutcome
+from triage_app.results import (
+    BLOCKED,
+    HELD,
+    CaseResult,
+    EscalationRef,
+    FailedInput,
+    InputOutcome,
+)
 from triage_app.secrets import load_or_create_site_secret
 
 log = logging.getLogger(__name__)
@@ -186,7 +193,7 @@ class TriagePipeline:
         if report.burned_in_risk:
             reasons = ", ".join(report.burned_in_reasons)
             return EscalationRef(
-                state="blocked",
+                state=BLOCKED,
                 reason=BURNED_IN_RISK,
                 detail=f"may carry burned-in identifiers ({reasons}); no pixel-clean rule covers "
                 "it: kept on this device for review",
@@ -197,11 +204,11 @@ class TriagePipeline:
         if hits:
             log.error("PHI gate blocked case %s: %s found in the payload", result.case_id, hits)
             return EscalationRef(
-                state="blocked",
+                state=BLOCKED,
                 reason=PHI_AUDIT,
                 detail=f"identifying values found in the payload ({', '.join(hits)}): "
                 "kept on this device for review",
             )
         return EscalationRef(
-            state="held", payload_sha256=hashlib.sha256(payload).hexdigest(), detail=HELD_DETAIL
+            state=HELD, payload_sha256=hashlib.sha256(payload).hexdigest(), detail=HELD_DETAIL
         )

@@ -20,6 +20,11 @@ class ModelRef:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
 
 
+# Escalation states before the outbox (#4): kept on the device to send later, or never to send.
+HELD = "held"
+BLOCKED = "blocked"
+
+
 @dataclass(frozen=True)
 class EscalationRef:
     """Where an escalated case stands on its way to the central server."""
