@@ -256,6 +256,18 @@ def test_names_inside_the_payloads_own_words_are_not_leaks(name: str) -> None:
     assert audit_payload(dicom, sidecar(), named.original) == ()
 
 
+def test_short_id_digits_in_the_devices_own_numbers_are_not_leaks() -> None:
+    """A three- or four-digit accession number turns up by chance in timings and in 128-bit
+    pseudonymous UIDs; neither is a leak (pydicom's own test files carry accession "134")."""
+    ds = original_dataset()
+    ds.AccessionNumber = "4321"
+    original = IdentifyingValues.capture(ds)
+    Deidentifier(SECRET).deidentify(ds)
+    ds.add_new(0x00081155, "UI", "2.25.9943210987")  # the digits inside a longer number
+    record = sidecar(timings_ms={"read": 12.4321, "infer": 4321.5}, score=0.4321)
+    assert audit_payload(encode(ds), record, original) == ()
+
+
 def test_original_uids_pass_when_they_are_kept_on_purpose(case: Case) -> None:
     """Under Retain UIDs the pipeline captures without UIDs: they are meant to survive."""
     original_ds = original_dataset()

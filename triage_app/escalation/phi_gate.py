@@ -114,8 +114,10 @@ def _json_values(value: object) -> Iterator[str]:
     elif isinstance(value, list):
         for item in value:
             yield from _json_values(item)
-    elif value is not None and not isinstance(value, bool):  # flags are the device's own
-        yield str(value)
+    elif isinstance(value, str):
+        # Numbers (scores, timings, sizes) and flags are the device's own: searching them only
+        # finds a short ID's digits by chance (accession "134" in a timing of 12.134 ms).
+        yield value
 
 
 def audit_payload(dicom: bytes, sidecar: bytes, original: IdentifyingValues) -> tuple[str, ...]:
@@ -148,9 +150,7 @@ def audit_payload(dicom: bytes, sidecar: bytes, original: IdentifyingValues) -> 
     haystack = header.getvalue().lower()
     hits: set[str] = set()
     for field, value in original.values:
-        if len(value) >= MIN_BYTES_LENGTH and _in_bytes(
-            value.lower(), haystack, whole_word="Name" in field
-        ):
+        if len(value) >= MIN_BYTES_LENGTH and _in_bytes(value.lower(), haystack):
             hits.add(field)
             continue
         word = re.compile(rf"(?<![0-9A-Za-z]){re.escape(value)}(?![0-9A-Za-z])", re.IGNORECASE)
@@ -159,15 +159,14 @@ def audit_payload(dicom: bytes, sidecar: bytes, original: IdentifyingValues) -> 
     return tuple(sorted(hits))
 
 
-def _in_bytes(value: str, haystack: bytes, *, whole_word: bool) -> bool:
-    for needle in _encodings(value):
-        if whole_word:
-            pattern = rb"(?<![0-9a-z])" + re.escape(needle) + rb"(?![0-9a-z])"
-            if re.search(pattern, haystack):
-                return True
-        elif needle in haystack:
-            return True
-    return False
+def _in_bytes(value: str, haystack: bytes) -> bool:
+    """Whole words only: a name inside "PRIMARY", or an accession number's digits inside a
+    128-bit pseudonymous UID, is chance, not a leak (a UID *built* from an ID has dots round it).
+    """
+    return any(
+        re.search(rb"(?<![0-9a-z])" + re.escape(needle) + rb"(?![0-9a-z])", haystack)
+        for needle in _encodings(value)
+    )
 
 
 def _encodings(value: str) -> set[bytes]:
