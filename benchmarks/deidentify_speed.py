@@ -11,14 +11,18 @@ What it does:
 1. Corpus. The small, valid image files that ship with pydicom (``get_testdata_files()``: under
    300 kB, read without any warning, pixel data present and decodable, Part 10 preamble, SOP
    Class/Instance UIDs; DICOMDIRs and the deliberately broken files drop out) are copied
-   round-robin to ``--files`` files in a few subfolders. Each copy gets planted identifiers
-   (name, MRN, birth date, accession number, institution, station, referring physician, a study
-   description naming the patient, Other Patient IDs Sequence, a private tag holding the MRN)
-   and fresh Study/Series/SOP Instance UIDs, from a fixed seed. Pixel bytes are not changed.
+   round-robin to ``--files`` files in a few subfolders, grouped in series of
+   ``--series-size`` instances (10 by default, as a scanner exports them; 1 makes every file
+   its own study). Each series gets one patient's planted identifiers (name, MRN, birth date,
+   accession number, institution, station, referring physician, a study description naming
+   the patient, Other Patient IDs Sequence, a private tag holding the MRN) and its own
+   Study/Series UIDs; each file a fresh SOP Instance UID; all from a fixed seed. Pixel bytes
+   are not changed.
 2. Tools, each timed by wall clock on the whole corpus, process start-up included, best of
    ``--repeat`` runs, each run into a fresh output folder, tool order rotated every round:
 
-   * ours: ``python -m triage_app deidentify SRC DST --workers N --data-dir D`` (N = 2 and 1);
+   * ours: ``python -m triage_app deidentify SRC DST --workers N --data-dir D`` (N = 2 and 1),
+     its bytecode compiled first, as the peers' was when pip installed them;
    * dicognito: ``PEER_PY -m dicognito SRC --output-directory DST`` (its ``dicognito`` console
      script is broken in 0.19.0, ``main()`` wants an argument; ``-m`` runs the same code);
    * dicom-anonymizer: its CLI reads one folder without recursion (``os.listdir``), so a small
@@ -43,6 +47,7 @@ Run from the repository root: ``.venv/bin/python benchmarks/deidentify_speed.py 
 from __future__ import annotations
 
 import argparse
+import compileall
 import hashlib
 import importlib.metadata
 import json
@@ -75,6 +80,8 @@ PEER_REQUIREMENTS = ("dicognito==0.19.0", "dicom-anonymizer==2.1.0")
 MAX_SOURCE_BYTES = 300_000
 SUBFOLDERS = 4
 DEFAULT_SEED = 20240611
+# A scanner exports series, not unrelated single images; 10 is a small series.
+DEFAULT_SERIES_SIZE = 10
 RUN_TIMEOUT_S = 900.0
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 DEFLATED_TS = "1.2.840.10008.1.2.1.99"
@@ -112,6 +119,7 @@ class Corpus:
     mrn_needles: frozenset[bytes]
     pixel_digests: frozenset[str]
     total_bytes: int
+    series_size: int
 
 
 def _sha256(data: bytes) -> str:
@@ -155,40 +163,63 @@ def select_sources() -> list[Path]:
     return sorted(chosen.values())
 
 
-def _plant(ds: Dataset, index: int, rng: random.Random, seed: int) -> tuple[bytes, bytes, bytes]:
-    """Plants identifiers and fresh UIDs in ``ds``; returns (surname, MRN, other MRN)."""
-    surname = rng.choice(SURNAMES) + "".join(rng.choices(string.ascii_uppercase, k=3))
-    given = rng.choice(GIVEN_NAMES)
-    mrn = f"MRN{rng.randrange(10**7, 10**8)}"
-    other_mrn = f"NC-{rng.randrange(10**6, 10**7)}"
-    birth = f"{rng.randrange(1930, 2006):04d}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}"
+@dataclass(frozen=True)
+class _Patient:
+    """One patient's planted identifiers, shared by every instance of their series."""
 
-    ds.PatientName = f"{surname}^{given}"
-    ds.PatientID = mrn
-    ds.PatientBirthDate = birth
-    ds.AccessionNumber = f"A{rng.randrange(10**8, 10**9)}"
-    ds.InstitutionName = rng.choice(INSTITUTIONS)
-    ds.StationName = f"SCANNER-{rng.randrange(1, 10)}"
-    ds.ReferringPhysicianName = rng.choice(PHYSICIANS)
-    ds.StudyDescription = f"FOLLOW-UP {given} {surname}"
+    surname: str
+    given: str
+    mrn: str
+    other_mrn: str
+    birth: str
+    accession: str
+    institution: str
+    station: str
+    physician: str
+
+    @classmethod
+    def draw(cls, rng: random.Random) -> _Patient:
+        return cls(
+            surname=rng.choice(SURNAMES) + "".join(rng.choices(string.ascii_uppercase, k=3)),
+            given=rng.choice(GIVEN_NAMES),
+            mrn=f"MRN{rng.randrange(10**7, 10**8)}",
+            other_mrn=f"NC-{rng.randrange(10**6, 10**7)}",
+            birth=f"{rng.randrange(1930, 2006):04d}{rng.randrange(1, 13):02d}"
+            f"{rng.randrange(1, 29):02d}",
+            accession=f"A{rng.randrange(10**8, 10**9)}",
+            institution=rng.choice(INSTITUTIONS),
+            station=f"SCANNER-{rng.randrange(1, 10)}",
+            physician=rng.choice(PHYSICIANS),
+        )
+
+
+def _plant(ds: Dataset, patient: _Patient, series: int, index: int, seed: int) -> None:
+    """Plants the patient's identifiers, the series' Study/Series UIDs and a fresh SOP UID."""
+    ds.PatientName = f"{patient.surname}^{patient.given}"
+    ds.PatientID = patient.mrn
+    ds.PatientBirthDate = patient.birth
+    ds.AccessionNumber = patient.accession
+    ds.InstitutionName = patient.institution
+    ds.StationName = patient.station
+    ds.ReferringPhysicianName = patient.physician
+    ds.StudyDescription = f"FOLLOW-UP {patient.given} {patient.surname}"
     other = Dataset()
-    other.PatientID = other_mrn
+    other.PatientID = patient.other_mrn
     other.IssuerOfPatientID = "NORTH CAMPUS"
     other.TypeOfPatientID = "TEXT"
     ds.OtherPatientIDsSequence = [other]
-    ds.private_block(0x0011, "TRIAGE BENCH", create=True).add_new(0x01, "LO", mrn)
+    ds.private_block(0x0011, "TRIAGE BENCH", create=True).add_new(0x01, "LO", patient.mrn)
 
-    def uid(kind: str) -> str:
-        return str(generate_uid(entropy_srcs=[str(seed), str(index), kind]))
+    def uid(*parts: object) -> str:
+        return str(generate_uid(entropy_srcs=[str(seed), *map(str, parts)]))
 
-    ds.StudyInstanceUID = uid("study")
-    ds.SeriesInstanceUID = uid("series")
-    ds.SOPInstanceUID = uid("sop")
+    ds.StudyInstanceUID = uid(series, "study")
+    ds.SeriesInstanceUID = uid(series, "series")
+    ds.SOPInstanceUID = uid(index, "sop")
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    return surname.encode("ascii"), mrn.encode("ascii"), other_mrn.encode("ascii")
 
 
-def build_corpus(root: Path, n_files: int, seed: int) -> Corpus:
+def build_corpus(root: Path, n_files: int, seed: int, series_size: int) -> Corpus:
     sources = select_sources()
     if not sources:
         raise SystemExit("no usable pydicom test files found")
@@ -198,17 +229,21 @@ def build_corpus(root: Path, n_files: int, seed: int) -> Corpus:
     mrns: set[bytes] = set()
     digests: set[str] = set()
     total = 0
+    patient = _Patient.draw(rng)
     for i in range(n_files):
+        series, first_of_series = divmod(i, series_size)
+        if i and first_of_series == 0:
+            patient = _Patient.draw(rng)
         source = sources[i % len(sources)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(source)
-            surname, mrn, other_mrn = _plant(ds, i, rng, seed)
-            dest = root / f"batch_{i % SUBFOLDERS}" / f"img_{i:04d}.dcm"
+            _plant(ds, patient, series, i, seed)
+            dest = root / f"batch_{series % SUBFOLDERS}" / f"img_{i:04d}.dcm"
             dest.parent.mkdir(parents=True, exist_ok=True)
             ds.save_as(dest, enforce_file_format=True)
-        names.add(surname)
-        mrns.update((mrn, other_mrn))
+        names.add(patient.surname.encode("ascii"))
+        mrns.update((patient.mrn.encode("ascii"), patient.other_mrn.encode("ascii")))
         digests.add(_sha256(bytes(ds.PixelData)))
         total += dest.stat().st_size
         files.append(dest)
@@ -220,6 +255,7 @@ def build_corpus(root: Path, n_files: int, seed: int) -> Corpus:
         mrn_needles=frozenset(mrns),
         pixel_digests=frozenset(digests),
         total_bytes=total,
+        series_size=series_size,
     )
 
 
@@ -539,7 +575,8 @@ def render_table(results: list[ToolResult], corpus: Corpus, repeat: int) -> str:
     lines += [
         "",
         f"corpus: {len(corpus.files)} files ({mb:.1f} MB) copied round-robin from "
-        f"{len(corpus.sources)} pydicom test images into {SUBFOLDERS} subfolders; "
+        f"{len(corpus.sources)} pydicom test images into {SUBFOLDERS} subfolders, "
+        f"series of {corpus.series_size} instances (one patient, study and series each); "
         f"wall clock incl. process start-up, best of {repeat}, tool order rotated per round.",
         "peers run single-process as they ship; ours uses --workers N processes.",
     ]
@@ -589,6 +626,7 @@ def to_json(results: list[ToolResult], corpus: Corpus, repeat: int, seed: int) -
             "bytes": corpus.total_bytes,
             "sources": corpus.sources,
             "subfolders": SUBFOLDERS,
+            "series_size": corpus.series_size,
             "seed": seed,
         },
         "repeat": repeat,
@@ -610,6 +648,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="folder for deidentify_speed.json/.txt")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="corpus seed")
+    parser.add_argument(
+        "--series-size",
+        type=int,
+        default=DEFAULT_SERIES_SIZE,
+        help=f"instances per patient/study/series (default {DEFAULT_SERIES_SIZE}; 1 = every "
+        "file its own study, the worst case for a per-study output tree)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (path printed)")
     args = parser.parse_args(argv)
     if args.files < 1 or args.repeat < 1:
@@ -626,11 +671,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = dict(os.environ)
         for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"):
             env[var] = str(work / "xdg" / var.lower())
-        corpus = build_corpus(work / "corpus", args.files, args.seed)
+        corpus = build_corpus(work / "corpus", args.files, args.seed, args.series_size)
         print(
             f"corpus: {len(corpus.files)} files from {len(corpus.sources)} sources in {work}",
             file=sys.stderr,
         )
+        # The peers are pip-installed, so their bytecode was compiled at install time; ours
+        # runs from the checkout, where PYTHONDONTWRITEBYTECODE would make every run compile
+        # it again (~35 ms). Compile it once, as an install would.
+        compileall.compile_dir(REPO / "triage_app", quiet=1)
         tools = make_tools(peer_python, work, env)
         results = benchmark(tools, corpus, work, args.repeat, args.keep)
         table = render_table(results, corpus, args.repeat)

@@ -117,6 +117,9 @@ def read_dataset(source: Source, *, header_only: bool = False) -> Dataset:
     is not a complete, parseable DICOM data set.
     """
     with _opened(source) as (fp, size):
+        if not header_only and not isinstance(fp, io.BytesIO):
+            # Every byte is read anyway; pydicom's many small reads are faster from memory.
+            fp = io.BytesIO(fp.read())
         head = fp.read(_HEAD)
         force = _check_signature(head, size)
         fp.seek(0)

@@ -43,6 +43,7 @@ from triage_app.dicom.pseudonym import (
     text_pseudonym,
 )
 from triage_app.dicom.reader import quiet_pydicom
+from triage_app.dicom.writer import ascii_compatible
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,6 @@ _BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 # Text a dummy replaces inside a dummied sequence: the scrubbed VRs that are not AE, URL or date.
 _FREE_TEXT_VRS = _SCRUBBED_VRS - {"AE", "UR", "DA", "DT", "TM"}
 # Character sets whose bytes contain ASCII text as ASCII: the raw pre-check is reliable.
-_ASCII_COMPATIBLE = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6", "ISO_IR 100", "ISO_IR 192"})
 
 # CID 7050 De-identification Method (PS3.16), scheme DCM.
 BASIC_PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
@@ -323,9 +323,7 @@ class _Walk:
         key = identifiers.patient_key
         self.patient_pseudonym = patient_pseudonym(deid.secret, key) if key else ""
         self.shift_days = date_shift_days(deid.secret, key) if deid.shift_dates else 0
-        charset = root.get("SpecificCharacterSet") or ""
-        charsets = [charset] if isinstance(charset, str) else list(charset)
-        self.raw_precheck = all(str(c).strip().upper() in _ASCII_COMPATIBLE for c in charsets)
+        self.raw_precheck = ascii_compatible(root)
         # Inside a sequence the profile replaces with a dummy (D: Content Sequence, Verifying
         # Observer...), free text the table does not name is replaced too, not merely scrubbed.
         self.dummy_depth = 0

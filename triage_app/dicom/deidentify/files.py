@@ -7,7 +7,6 @@ or folders, which often carry a patient's name or MRN: ``<study>/<series>/<insta
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pydicom.dataset import Dataset
 
 from triage_app.dicom.deidentify.engine import DeidentificationReport, Deidentifier
 from triage_app.dicom.reader import ensure_file_meta, quiet_pydicom, read_dataset
+from triage_app.dicom.writer import encode_part10
 from triage_app.errors import InvalidDicomError
 
 _NAME_DIGITS = 16
@@ -51,9 +51,6 @@ def encode(ds: Dataset) -> bytes:
         if not ds.get(keyword):
             raise InvalidDicomError(f"cannot be written as a DICOM file: it has no {keyword}")
     ensure_file_meta(ds)  # a data set read without file meta is written as it came in
-    meta = ds.file_meta
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     try:
         return _save(ds)
     except TypeError:
@@ -65,14 +62,12 @@ def encode(ds: Dataset) -> bytes:
 
 
 def _save(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
     try:
         with quiet_pydicom():
-            ds.save_as(buffer, enforce_file_format=True)
+            return encode_part10(ds)
     except (ValueError, AttributeError, KeyError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InvalidDicomError(f"cannot be written as a DICOM file: {reason}") from exc
-    return buffer.getvalue()
 
 
 def deidentify_file(source: str | os.PathLike[str] | bytes, deid: Deidentifier) -> DeidentifiedFile:
@@ -88,8 +83,11 @@ def write_atomically(data: bytes, path: Path) -> None:
     Not fsynced: an output lost to a crash is simply de-identified again (the result is
     deterministic), and a sync per file would cost more than the de-identification.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".dcm")
+    try:
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".dcm")
+    except FileNotFoundError:  # the first file of its series: one mkdir, not one per file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".dcm")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
