@@ -119,3 +119,82 @@ class IllegalTransitionError(StoreError):
     """A case event that is not allowed in the case's current state."""
 
     code = "illegal_transition"
+
+
+# --- Escalation: envelopes, the outbox, the transfer and the central server ---------------------
+
+
+class EscalationError(TriageError):
+    code = "escalation_error"
+
+
+class KeyFileError(ConfigError):
+    """A device or server key file is missing, damaged or readable by others."""
+
+    code = "key_invalid"
+
+
+class EnvelopeError(EscalationError):
+    """An envelope that cannot be trusted or opened; the server answers with ``code``."""
+
+    code = "envelope_invalid"
+
+
+class MalformedEnvelopeError(EnvelopeError):
+    code = "envelope_malformed"
+
+
+class EnvelopeSignatureError(EnvelopeError):
+    code = "bad_signature"
+
+
+class UnknownServerKeyError(EnvelopeError):
+    code = "unknown_server_key"
+
+
+class EnvelopeTamperedError(EnvelopeError):
+    """A chunk or the sealed key fails authentication: altered, reordered or spliced bytes."""
+
+    code = "envelope_tampered"
+
+
+class EnvelopeTruncatedError(EnvelopeError):
+    code = "envelope_truncated"
+
+
+class OutboxError(EscalationError):
+    code = "outbox_error"
+
+
+class QueueFullError(OutboxError):
+    """The outbox byte quota is reached: the new case is refused, nothing queued is dropped."""
+
+    code = "queue_full"
+
+
+class UnknownQueuedCaseError(OutboxError):
+    code = "unknown_case"
+
+
+class TransportError(EscalationError):
+    """The central server could not be reached or answered badly; the case stays queued."""
+
+    code = "transport_error"
+
+
+class CertificatePinError(TransportError):
+    """The server's certificate is not the pinned one: fail closed, never send."""
+
+    code = "certificate_pin_mismatch"
+
+
+class PermanentRejectionError(TransportError):
+    """The server refused the case for good (a 4xx other than 408/429): quarantine it."""
+
+    code = "rejected"
+
+
+class ReceiptError(EscalationError):
+    """A delivery receipt that does not verify: the local copy is kept and sent again."""
+
+    code = "receipt_invalid"
