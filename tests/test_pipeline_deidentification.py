@@ -117,6 +117,25 @@ def assert_nothing_identifying(result: CaseResult, original: Dataset) -> None:
 # --- Held ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.expect_log_warnings
+def test_an_escalated_image_that_cannot_be_a_payload_is_blocked_not_failed(
+    escalating: TriagePipeline, tmp_path: Path
+) -> None:
+    path, original = write_case(tmp_path)
+    ds = read_dataset(path)
+    del ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=False)
+
+    result = case_result(escalating.run(path))
+
+    assert result.decision == "escalate"
+    assert result.escalation is not None
+    assert (result.escalation.state, result.escalation.reason) == ("blocked", "invalid_payload")
+    assert result.escalation.payload_sha256 is None
+    assert "SOPInstanceUID" in (result.escalation.detail or "")
+    assert_nothing_identifying(result, original)
+
+
 def test_an_escalated_case_is_held_as_its_deidentified_file(
     escalating: TriagePipeline, tmp_path: Path
 ) -> None:

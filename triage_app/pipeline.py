@@ -39,7 +39,7 @@ from triage_app.dicom.deidentify import (
 from triage_app.dicom.deidentify.configure import deid_config
 from triage_app.dicom.deidentify.files import encode
 from triage_app.dicom.pseudonym import case_id_for, pseudonymous_uid
-from triage_app.errors import InputError, UnprocessableImageError
+from triage_app.errors import InputError, InvalidDicomError, UnprocessableImageError
 from triage_app.escalation.phi_gate import IdentifyingValues, audit_payload
 from triage_app.model.classifier import Classifier
 from triage_app.model.manifest import find_bundle, load_manifest
@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 HELD_DETAIL = "no central server configured: kept on this device for review"
 BURNED_IN_RISK = "burned_in_risk"
 PHI_AUDIT = "phi_audit"
+#: The image was triaged, but cannot be written as a valid DICOM payload (e.g. it has no SOP
+#: Instance UID): the server could not store it as an instance, so it stays here for review.
+INVALID_PAYLOAD = "invalid_payload"
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,15 @@ class TriagePipeline:
                 detail=f"may carry burned-in identifiers ({reasons}); no pixel-clean rule covers "
                 "it: kept on this device for review",
             )
-        payload = encode(dataset)
+        try:
+            payload = encode(dataset)
+        except InvalidDicomError as err:
+            log.warning("case %s cannot be escalated: %s", result.case_id, err.message)
+            return EscalationRef(
+                state=BLOCKED,
+                reason=INVALID_PAYLOAD,
+                detail=f"{err.message}: kept on this device for review",
+            )
         sidecar = json.dumps(result.payload_json(), sort_keys=True).encode()
         hits = audit_payload(payload, sidecar, original)
         if hits:

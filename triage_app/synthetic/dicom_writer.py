@@ -85,7 +85,6 @@ def phantom_to_dataset(phantom: Phantom) -> Dataset:
     ds.ViewPosition = acq.view_position
     ds.PatientOrientation = ["L", "F"] if acq.view_position == "AP" else ["R", "F"]
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.ConversionType = "DI" if acq.modality == "DX" else "SD"
     ds.BurnedInAnnotation = "NO"
     if acq.modality == "DX":
         ds.PresentationIntentType = "FOR PRESENTATION"

@@ -328,10 +328,6 @@ def test_clean_graphics_keeps_overlays_and_curves_with_text_scrubbed() -> None:
             assert ds[tag].value == value, f"{tag:08X}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: Clean Graphics turns C into K for 50xx/60xx, so text is only scrubbed",
-)
 def test_clean_graphics_cleans_overlay_text_like_every_clean() -> None:
     # Clean (C) text loses every written date (as Clean Descriptors does), not just the birth date.
     ds = _with_graphics()

@@ -349,8 +349,14 @@ class _Walk:
                 # origin are meaningless without it. Comments follow their own row.
                 element = tag & 0xFFFF
                 action = deid.overlay_comments_action if element == 0x4000 else deid.overlay_action
-            if action is Action.CLEAN and group & 0xFF01 in (0x5000, 0x6000):
-                action = Action.KEEP  # Clean Graphics keeps curves and overlays (text scrubbed)
+            # Clean Graphics keeps curves and overlays; only their text can be cleaned (the
+            # bitmaps and coordinates are kept as they are).
+            if (
+                action is Action.CLEAN
+                and group & 0xFF01 in (0x5000, 0x6000)
+                and _vr_of(tag, _element(ds, tag)) not in _TEXT_VRS
+            ):
+                action = Action.KEEP
             if action is None and self.dummy_depth and not clean:
                 vr = _vr_of(tag, _element(ds, tag))
                 if vr in _FREE_TEXT_VRS:
