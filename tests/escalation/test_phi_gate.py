@@ -186,6 +186,8 @@ LEAKS = [
     ("1980-02-15", "PatientBirthDate"),
     ("15/02/1980", "PatientBirthDate"),
     ("02/15/1980", "PatientBirthDate"),
+    ("15-FEB-1980", "PatientBirthDate"),
+    ("15feb1980", "PatientBirthDate"),
     ("15.02.1980", "PatientBirthDate"),
     (ACCESSION, "AccessionNumber"),
     ("<study>", "StudyInstanceUID"),

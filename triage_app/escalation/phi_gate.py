@@ -65,12 +65,33 @@ def _strings(value: object) -> Iterator[str]:
         yield from _strings(item)
 
 
+_MONTH_ABBREVIATIONS = (
+    "JAN",
+    "FEB",
+    "MAR",
+    "APR",
+    "MAY",
+    "JUN",
+    "JUL",
+    "AUG",
+    "SEP",
+    "OCT",
+    "NOV",
+    "DEC",
+)
+
+
 def _written_dates(date: str) -> list[str]:
+    """The common written forms; the gate matches case-insensitively as whole words."""
     match = _DATE.match(date)
     if not match:
         return [date]
     y, m, d = match.groups()
-    return [f"{y}{m}{d}", f"{y}-{m}-{d}", f"{d}/{m}/{y}", f"{m}/{d}/{y}", f"{d}.{m}.{y}"]
+    forms = [f"{y}{m}{d}", f"{y}-{m}-{d}", f"{d}/{m}/{y}", f"{m}/{d}/{y}", f"{d}.{m}.{y}"]
+    if 1 <= int(m) <= 12:
+        mon = _MONTH_ABBREVIATIONS[int(m) - 1]
+        forms += [f"{d}-{mon}-{y}", f"{d}{mon}{y}", f"{d} {mon} {y}"]
+    return forms
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,13 @@ def test_name_parts_are_only_removed_as_whole_words(scrubber: Scrubber) -> None:
         "7/3/1965",  # without leading zeros
         "3/7/1965",
         "7.3.1965",
+        "07/03/65",  # two-digit year
+        "3/7/65",
+        "7 March 1965",  # the month by name
+        "07-MAR-1965",
+        "07MAR1965",
+        "Mar 7, 1965",
+        "march 7 1965",
     ],
 )
 def test_scrub_removes_the_birth_date_in_every_written_form(
@@ -115,7 +122,7 @@ def test_scrub_removes_the_birth_date_in_every_written_form(
 
 
 def test_scrub_keeps_other_dates_and_numbers(scrubber: Scrubber) -> None:
-    text = "Study 2021-05-06, 19650308, 1965, 07/03/1966, slice 7/3"
+    text = "Study 2021-05-06, 19650308, 1965, 07/03/1966, 07/03/66, 8 March 1965, slice 7/3"
     assert scrubber.scrub(text) == text
 
 

@@ -44,8 +44,19 @@ def text_values(value: object) -> list[str]:
     return [str(value)]
 
 
+_MONTHS = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
+
+
 def _date_forms(date: str) -> list[str]:
-    """A DA value in the ways people write it (ISO, European, US; with -, / or .)."""
+    """A DA value in the ways people write it.
+
+    ISO, European and US orders with -, / or . (also with two-digit years: "07/03/65"), and
+    with the month's name or its three letters ("7 March 1965", "07-MAR-1965", "07MAR1965",
+    "Mar 7, 1965"). Matching ignores case.
+    """
     match = _ISO_DATE.match(date.strip())
     if not match:
         return [date.strip()] if date.strip() else []
@@ -54,7 +65,19 @@ def _date_forms(date: str) -> list[str]:
     for sep in "-/.":
         forms.add(f"{year}{sep}{month}{sep}{day}")
         for d, m in ((day, month), (day.lstrip("0"), month.lstrip("0"))):  # "07/03", "7/3"
-            forms |= {f"{d}{sep}{m}{sep}{year}", f"{m}{sep}{d}{sep}{year}"}
+            for y in (year, year[2:]):
+                forms |= {f"{d}{sep}{m}{sep}{y}", f"{m}{sep}{d}{sep}{y}"}
+    if 1 <= int(month) <= 12:
+        full = _MONTHS[int(month) - 1]
+        for name in (full, full[:3]):
+            for d in {day, day.lstrip("0")}:
+                forms |= {
+                    f"{d} {name} {year}",
+                    f"{d}-{name}-{year}",
+                    f"{d}{name}{year}",
+                    f"{name} {d}, {year}",
+                    f"{name} {d} {year}",
+                }
     return sorted(forms)
 
 
