@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 import tomllib
 from pathlib import Path
@@ -159,7 +160,7 @@ def test_out_of_bounds_values_are_refused_naming_field_and_reason(
         ("escalation.abnormal_at_or_above", 1.0),
         ("display.theme", "light"),
         ("escalation.thresholds_model", "chest-dx-demo@1.2.0"),
-        ("escalation.central_url", "https://central.example.org:8443/api"),
+        ("escalation.central_url", "http://127.0.0.1:8443/api"),
         ("model.name", "my_model.v2"),
     ],
 )
@@ -287,7 +288,7 @@ def test_get_refuses_unknown_keys_with_a_suggestion() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "text"),
     [
-        ("escalation.central_url", "https://c.example/", "https://c.example/"),
+        ("escalation.central_url", "http://localhost/", "http://localhost/"),
         ("escalation.central_url", None, "none"),
         ("processing.workers", 3, "3"),
         ("paths.model_dir", Path("/opt/m"), "/opt/m"),
@@ -406,7 +407,7 @@ def test_environment_is_parsed_by_type(
 ) -> None:
     path = write_toml(
         tmp_path / "settings.toml",
-        '[escalation]\nnormal_below = 0.05\ncentral_url = "https://file.example"\n',
+        '[escalation]\nnormal_below = 0.05\ncentral_url = "http://127.0.0.1:1"\n',
     )
     assert load_settings(path, env={variable: raw}).get(key) == expected
 
@@ -722,3 +723,53 @@ def test_deidentify_options_change_only_with_the_admin_password(admin_settings: 
     assert change == Change(key=key, old=(), new=("clean-descriptors", "retain-uids"), admin=True)
     with pytest.raises(ConfigError, match=r"^deidentify\.options: .*exclude each other"):
         apply_change(admin_settings, key, ",".join(DATE_OPTIONS), admin_password=PASSWORD)
+
+
+PIN = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"escalation.central_url": "https://c.example/"}, "set escalation.tls_pin or"),
+        ({"escalation.central_url": "http://c.example/"}, "plain http is allowed only to"),
+        (
+            {
+                "escalation.central_url": "https://c.example/",
+                "escalation.tls_pin": PIN,
+                "escalation.client_cert": Path("/etc/c.pem"),
+            },
+            "set together with escalation.client_key",
+        ),
+    ],
+)
+def test_a_central_server_whose_certificate_cannot_be_verified_is_refused(
+    values: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings(values)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"escalation.central_url": "https://c.example/", "escalation.tls_pin": PIN},
+        {
+            "escalation.central_url": "https://c.example/",
+            "escalation.tls_pin": ":".join(["AB"] * 32),
+        },
+        {"escalation.central_url": "https://c.example/", "escalation.ca_file": Path("/etc/ca.pem")},
+        {"escalation.central_url": "http://[::1]:8443/"},
+    ],
+)
+def test_a_verifiable_central_server_is_accepted(values: dict[str, object]) -> None:
+    assert Settings(values).central_url == values["escalation.central_url"]
+
+
+@pytest.mark.parametrize(
+    ("key", "bad"),
+    [("escalation.tls_pin", "ab" * 31), ("escalation.server_public_key", "not-base64")],
+)
+def test_keys_and_pins_are_checked_for_shape(key: str, bad: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        SPECS[key].parse(bad)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple, NoReturn, cast
+from urllib.parse import urlsplit
 
 import tomli_w
 
@@ -310,6 +311,8 @@ class SettingSpec:
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _SCRYPT_PATTERN = r"scrypt(\$\d+){3}\$[A-Za-z0-9+/]+=*\$[A-Za-z0-9+/]+=*"
+_SHA256_PIN = r"[0-9A-Fa-f]{2}(:?[0-9A-Fa-f]{2}){31}"
+_B64_KEY = r"[A-Za-z0-9+/]{43}="
 
 SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
@@ -368,6 +371,88 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "Address of the central diagnostic server; none means escalated cases are held on "
         "this device.",
         admin=True,
+    ),
+    SettingSpec(
+        "escalation.tls_pin",
+        Optional(Str(_SHA256_PIN, "64 hex digits (colons allowed)")),
+        None,
+        "SHA-256 of the central server's TLS certificate; when set, only that certificate is "
+        "accepted, whatever the system's certificate authorities say.",
+        admin=True,
+    ),
+    SettingSpec(
+        "escalation.ca_file",
+        Optional(FsPath()),
+        None,
+        "Certificate authority file that signs the central server's certificate (instead of, "
+        "or together with, the certificate pin).",
+        admin=True,
+    ),
+    SettingSpec(
+        "escalation.client_cert",
+        Optional(FsPath()),
+        None,
+        "Client certificate this device presents to the central server (mutual TLS), if the "
+        "server asks for one.",
+        admin=True,
+    ),
+    SettingSpec(
+        "escalation.client_key",
+        Optional(FsPath()),
+        None,
+        "Private key of the client certificate.",
+        admin=True,
+    ),
+    SettingSpec(
+        "escalation.server_public_key",
+        Optional(Str(_B64_KEY, "a base64 32-byte key")),
+        None,
+        "The central server's X25519 encryption key; none means it is fetched once from the "
+        "server over the verified connection and kept in the data folder.",
+        admin=True,
+    ),
+    SettingSpec(
+        "escalation.receipt_public_key",
+        Optional(Str(_B64_KEY, "a base64 32-byte key")),
+        None,
+        "The central server's Ed25519 receipt key; none means it is fetched like the "
+        "encryption key.",
+        admin=True,
+    ),
+    SettingSpec(
+        "escalation.queue_quota_mb",
+        Int(1, 10_000_000),
+        2048,
+        "Disk space the outbox may use; when full, new escalations are refused loudly and "
+        "nothing queued is ever dropped.",
+        admin=True,
+    ),
+    SettingSpec(
+        "escalation.connect_timeout_s",
+        Float(0.1, 120.0),
+        5.0,
+        "Seconds to wait for a connection to the central server.",
+        admin=True,
+    ),
+    SettingSpec(
+        "escalation.read_timeout_s",
+        Float(0.5, 600.0),
+        60.0,
+        "Seconds to wait for the central server's answer once connected.",
+        admin=True,
+    ),
+    SettingSpec(
+        "escalation.retry_cap_s",
+        Float(1.0, 3600.0),
+        60.0,
+        "Longest wait between two delivery attempts (full-jitter exponential backoff).",
+        admin=True,
+    ),
+    SettingSpec(
+        "escalation.verdict_poll_s",
+        Float(1.0, 3600.0),
+        15.0,
+        "How often the device asks the central server for verdicts it is waiting for.",
     ),
     SettingSpec(
         "deidentify.options",
@@ -444,6 +529,9 @@ def _spec(key: str, source: str | None = None) -> SettingSpec:
         raise _unknown(key, source) from None
 
 
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
 def _thresholds_ordered(values: Mapping[str, object]) -> str | None:
     low = values["escalation.normal_below"]
     high = values["escalation.abnormal_at_or_above"]
@@ -463,10 +551,33 @@ def _date_options_exclusive(values: Mapping[str, object]) -> str | None:
     return None
 
 
+def _central_connection_verified(values: Mapping[str, object]) -> str | None:
+    url = values["escalation.central_url"]
+    if not isinstance(url, str):
+        return None
+    host = urlsplit(url).hostname or ""
+    if url.startswith("http://") and host not in _LOOPBACK_HOSTS:
+        return (
+            "escalation.central_url: plain http is allowed only to this machine (loopback); "
+            "use https"
+        )
+    if url.startswith("https://") and not (
+        values["escalation.tls_pin"] or values["escalation.ca_file"]
+    ):
+        return (
+            "escalation.central_url: set escalation.tls_pin or escalation.ca_file "
+            "first, so the server's certificate can be verified"
+        )
+    if bool(values["escalation.client_cert"]) != bool(values["escalation.client_key"]):
+        return "escalation.client_cert: set together with escalation.client_key"
+    return None
+
+
 # Rules that involve more than one setting; each returns the error message or None.
 _CROSS_CHECKS: tuple[Callable[[Mapping[str, object]], str | None], ...] = (
     _thresholds_ordered,
     _date_options_exclusive,
+    _central_connection_verified,
 )
 
 
@@ -580,6 +691,55 @@ class Settings:
     def central_url(self) -> str | None:
         """None means no central server: escalated cases are held on the device."""
         return cast(str | None, self._values["escalation.central_url"])
+
+    @property
+    def tls_pin_sha256(self) -> str | None:
+        return cast(str | None, self._values["escalation.tls_pin"])
+
+    @property
+    def ca_file(self) -> Path | None:
+        return cast(Path | None, self._values["escalation.ca_file"])
+
+    @property
+    def client_cert(self) -> Path | None:
+        return cast(Path | None, self._values["escalation.client_cert"])
+
+    @property
+    def client_key(self) -> Path | None:
+        return cast(Path | None, self._values["escalation.client_key"])
+
+    @property
+    def server_public_key(self) -> str | None:
+        return cast(str | None, self._values["escalation.server_public_key"])
+
+    @property
+    def receipt_public_key(self) -> str | None:
+        return cast(str | None, self._values["escalation.receipt_public_key"])
+
+    @property
+    def queue_quota_bytes(self) -> int:
+        return cast(int, self._values["escalation.queue_quota_mb"]) * 1024 * 1024
+
+    @property
+    def connect_timeout_s(self) -> float:
+        return cast(float, self._values["escalation.connect_timeout_s"])
+
+    @property
+    def read_timeout_s(self) -> float:
+        return cast(float, self._values["escalation.read_timeout_s"])
+
+    @property
+    def retry_cap_s(self) -> float:
+        return cast(float, self._values["escalation.retry_cap_s"])
+
+    @property
+    def verdict_poll_s(self) -> float:
+        return cast(float, self._values["escalation.verdict_poll_s"])
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Where sealed envelopes wait for delivery (0700)."""
+        return self.data_dir / "outbox"
 
     @property
     def deid_options(self) -> frozenset[ProfileOption]:
