@@ -494,3 +494,26 @@ def test_pseudonym_links_stay_local_and_first_link_wins(db_path: Path) -> None:
         assert s.original_for("patient", "P123") == "id:MRN-1"
         assert s.original_for("study", "2.25.1") == "1.2.3"
         assert s.original_for("series", "2.25.1") is None
+
+
+def test_a_verdict_is_kept_once_the_case_is_delivered(store: CaseStore) -> None:
+    store.record_result(make_result(), E.ENQUEUE)
+    verdict = {"verdict": "abnormal", "score": 0.91, "model": {"name": "central"}}
+    with pytest.raises(IllegalTransitionError):
+        store.record_verdict("case-0001", verdict)  # still queued
+    store.apply("case-0001", E.START_SEND)
+    store.apply("case-0001", E.DELIVER)
+    assert store.record_verdict("case-0001", verdict) is S.VERDICT_RECEIVED
+    case = store.get("case-0001")
+    assert case is not None
+    assert case.verdict == verdict
+    assert store.history("case-0001")[-1].event == E.RECEIVE_VERDICT
+    with pytest.raises(StoreError, match="unknown case id"):
+        store.record_verdict("ghost", verdict)
+
+
+def test_cases_without_a_verdict_read_as_none(store: CaseStore) -> None:
+    store.record_result(make_result(), E.ENQUEUE)
+    case = store.get("case-0001")
+    assert case is not None
+    assert case.verdict is None

@@ -121,6 +121,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    (
+        # The central server's verdict on an escalated case (JSON), once it has come back.
+        "ALTER TABLE cases ADD COLUMN verdict_json TEXT",
+    ),
 )
 
 
@@ -139,6 +143,7 @@ class StoredCase:
     created_at: str
     updated_at: str
     result: dict[str, Any]
+    verdict: dict[str, Any] | None = None  # the central server's, for escalated cases
 
 
 @dataclass(frozen=True)
@@ -385,6 +390,28 @@ class CaseStore:
         log.info("case %s: %s -(%s)-> %s", case_id, before, event, after)
         return after
 
+    def record_verdict(self, case_id: str, verdict: Mapping[str, object]) -> CaseState:
+        """Keep the central server's verdict and move the case to ``verdict_received``.
+
+        Raises ``IllegalTransitionError`` unless the case is ``delivered``; nothing changes then.
+        """
+        verdict_json = json.dumps(dict(verdict), sort_keys=True)
+        with self._write(f"record the verdict of case {case_id}") as at:
+            row = self._conn.execute(
+                "SELECT state FROM cases WHERE case_id = ?", (case_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"case store: unknown case id {case_id}")
+            before = CaseState(row["state"])
+            after = next_state(before, CaseEvent.RECEIVE_VERDICT)
+            self._conn.execute(
+                "UPDATE cases SET state = ?, updated_at = ?, verdict_json = ? WHERE case_id = ?",
+                (after, at, verdict_json, case_id),
+            )
+            self._add_event(case_id, before, after, CaseEvent.RECEIVE_VERDICT, at, None)
+        log.info("case %s: central verdict received", case_id)
+        return after
+
     def audit(self, actor: str, action: str, detail: Mapping[str, object]) -> None:
         """Append to the audit log (admin changes, acknowledgements...). Entries are permanent.
 
@@ -552,4 +579,5 @@ def _stored_case(row: sqlite3.Row) -> StoredCase:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         result=json.loads(row["result_json"]),
+        verdict=json.loads(row["verdict_json"]) if row["verdict_json"] else None,
     )
