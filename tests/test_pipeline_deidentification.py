@@ -28,6 +28,7 @@ from triage_app.dicom.deidentify import (
 )
 from triage_app.dicom.deidentify.files import encode
 from triage_app.dicom.pseudonym import case_id_for, patient_pseudonym, pseudonymous_uid
+from triage_app.escalation.envelope import Payload
 from triage_app.model.manifest import Thresholds
 from triage_app.pipeline import PipelineConfig, TriagePipeline
 from triage_app.policy import ActiveThresholds
@@ -97,6 +98,19 @@ def expected_payload(path: Path, config: DeidConfig) -> tuple[bytes, Deidentific
     return encode(ds), report
 
 
+def assert_payload_is(result: CaseResult, dicom: bytes) -> None:
+    """The held payload frames this result's JSON and ``dicom``; its digest is the reference."""
+    assert result.payload is not None
+    assert result.escalation is not None
+    assert result.escalation.payload_sha256 == hashlib.sha256(result.payload).hexdigest()
+    framed = Payload.from_bytes(result.payload)
+    assert framed.dicom == dicom
+    sidecar = json.loads(framed.result_json)
+    assert sidecar["case_id"] == result.case_id
+    assert "path" not in sidecar
+    assert sidecar["escalation"] is None  # written before the escalation is known
+
+
 def assert_nothing_identifying(result: CaseResult, original: Dataset) -> None:
     text = json.dumps(result.to_json())
     for value in (
@@ -111,7 +125,7 @@ def assert_nothing_identifying(result: CaseResult, original: Dataset) -> None:
         assert value.lower() not in text.lower(), value
     payload = result.payload_json()
     assert "path" not in payload
-    assert payload == {k: v for k, v in result.to_json().items() if k != "path"}
+    assert payload == {k: v for k, v in result.to_json().items() if k not in ("path", "timings_ms")}
 
 
 # --- Held ---------------------------------------------------------------------------------------
@@ -146,7 +160,7 @@ def test_an_escalated_case_is_held_as_its_deidentified_file(
     assert result.escalation is not None
     assert (result.escalation.state, result.escalation.reason) == ("held", None)
     payload, report = expected_payload(path, DeidConfig())
-    assert result.escalation.payload_sha256 == hashlib.sha256(payload).hexdigest()
+    assert_payload_is(result, payload)
     assert result.deidentification == report.to_json()
     assert result.deidentification["patient_pseudonym"] == patient_pseudonym(
         SECRET, f"id:{PATIENT_ID}"
@@ -236,7 +250,7 @@ def test_a_pixel_clean_rule_lets_the_masked_image_be_held(
     assert result.deidentification["burned_in_risk"] is False
     assert reason in result.deidentification["burned_in_reasons"]
     payload, _ = expected_payload(path, deid)
-    assert result.escalation.payload_sha256 == hashlib.sha256(payload).hexdigest()
+    assert_payload_is(result, payload)
     sent = read_dataset(payload)
     assert not np.any(sent.pixel_array[0:16, 0:64])  # the held payload is the masked one
     assert np.any(sent.pixel_array[16:, 64:])

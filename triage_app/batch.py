@@ -12,18 +12,23 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
 
 from triage_app.config import Settings
+from triage_app.errors import QueueFullError
+from triage_app.escalation.queueing import EscalationQueue
 from triage_app.logs import configure_logging
 from triage_app.model.manifest import verify_bundle
 from triage_app.pipeline import PipelineConfig, TriagePipeline
 from triage_app.policy import ABNORMAL, NORMAL
-from triage_app.results import BLOCKED, CaseResult, InputOutcome
-from triage_app.states import CaseEvent
+from triage_app.results import BLOCKED, QUEUED, CaseResult, EscalationRef, InputOutcome
+from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore
+
+log = logging.getLogger(__name__)
 
 _worker_pipeline: TriagePipeline | None = None
 
@@ -61,26 +66,51 @@ def triage_files(
         yield from pool.imap(_run_in_worker, files, chunksize=4)
 
 
-def triage_and_record(files: Sequence[Path], settings: Settings) -> Iterator[InputOutcome]:
+def triage_and_record(
+    files: Sequence[Path], settings: Settings, *, queue: EscalationQueue | None = None
+) -> Iterator[InputOutcome]:
     """Triage ``files`` with the configured workers and keep every outcome in the case store.
 
     The one loop every shell (CLI, watch service, receiver) runs; it yields each outcome after
-    it is recorded, so a shell only has to show it.
+    it is recorded (and, with a ``queue``, an escalated case after it is durably queued), so a
+    shell only has to show it.
     """
     config = PipelineConfig.from_settings(settings)
     with CaseStore.open(settings.case_store_path) as store:
         for outcome in triage_files(files, config, workers=settings.workers):
-            record_outcome(store, outcome)
-            yield outcome
+            yield record_outcome(store, outcome, queue=queue)
 
 
-def record_outcome(store: CaseStore, outcome: InputOutcome) -> None:
-    """Keep every outcome: triaged cases with their state history, failures with their code."""
-    if isinstance(outcome, CaseResult):
-        store.record_links(outcome.links)
-        store.record_result(outcome, store_event(outcome))
-    else:
+def record_outcome(
+    store: CaseStore, outcome: InputOutcome, *, queue: EscalationQueue | None = None
+) -> InputOutcome:
+    """Keep every outcome: triaged cases with their state history, failures with their code.
+
+    A held escalation goes into the outbox when a ``queue`` is given; the returned outcome
+    says where the case now stands.
+    """
+    if not isinstance(outcome, CaseResult):
         store.record_failure(outcome)
+        return outcome
+    store.record_links(outcome.links)
+    state = store.record_result(outcome, store_event(outcome))
+    if queue is None or state is not CaseState.ESCALATION_HELD or outcome.payload is None:
+        return outcome
+    return _enqueue(store, outcome, queue)
+
+
+def _enqueue(store: CaseStore, result: CaseResult, queue: EscalationQueue) -> CaseResult:
+    """Seal and queue a held case; a full outbox leaves it held, loudly."""
+    assert result.escalation is not None and result.payload is not None
+    try:
+        item = queue.enqueue(result.case_id, result.payload, reason=result.reason)
+    except QueueFullError as err:
+        log.error("ALARM: %s; case %s stays held on this device", err.message, result.case_id)
+        held = replace(result.escalation, detail=f"{err.message}: held on this device")
+        return replace(result, escalation=held)
+    store.apply(result.case_id, CaseEvent.ENQUEUE, f"outbox priority {item.priority}")
+    queued = EscalationRef(state=QUEUED, payload_sha256=item.payload_sha256)
+    return replace(result, escalation=queued)
 
 
 def store_event(result: CaseResult) -> CaseEvent:

@@ -40,6 +40,7 @@ from triage_app.dicom.deidentify.configure import deid_config
 from triage_app.dicom.deidentify.files import encode
 from triage_app.dicom.pseudonym import case_id_for, pseudonymous_uid
 from triage_app.errors import InputError, InvalidDicomError, UnprocessableImageError
+from triage_app.escalation.envelope import Payload
 from triage_app.escalation.phi_gate import IdentifyingValues, audit_payload
 from triage_app.model.classifier import Classifier
 from triage_app.model.manifest import find_bundle, load_manifest
@@ -175,8 +176,8 @@ class TriagePipeline:
         if not decision.is_escalation:
             return result
         with _timed(timings, "gate"):
-            escalation = self._escalation(result, report, original, image.dataset)
-        return replace(result, escalation=escalation)
+            escalation, payload = self._escalation(result, report, original, image.dataset)
+        return replace(result, escalation=escalation, payload=payload)
 
     def _case_id(self, report: DeidentificationReport, stored: np.ndarray) -> str:
         """From the de-identified instance UID; for the rare file without one, its pixels."""
@@ -191,8 +192,8 @@ class TriagePipeline:
         report: DeidentificationReport,
         original: IdentifyingValues,
         dataset: Dataset,
-    ) -> EscalationRef:
-        """Where an escalated case goes: held for sending, or blocked on the device."""
+    ) -> tuple[EscalationRef, bytes | None]:
+        """Where an escalated case goes: held for sending (with its payload), or blocked."""
         if report.burned_in_risk:
             reasons = ", ".join(report.burned_in_reasons)
             return EscalationRef(
@@ -200,7 +201,7 @@ class TriagePipeline:
                 reason=BURNED_IN_RISK,
                 detail=f"may carry burned-in identifiers ({reasons}); no pixel-clean rule covers "
                 "it: kept on this device for review",
-            )
+            ), None
         try:
             payload = encode(dataset)
         except InvalidDicomError as err:
@@ -209,7 +210,7 @@ class TriagePipeline:
                 state=BLOCKED,
                 reason=INVALID_PAYLOAD,
                 detail=f"{err.message}: kept on this device for review",
-            )
+            ), None
         sidecar = json.dumps(result.payload_json(), sort_keys=True).encode()
         hits = audit_payload(payload, sidecar, original)
         if hits:
@@ -219,7 +220,8 @@ class TriagePipeline:
                 reason=PHI_AUDIT,
                 detail=f"identifying values found in the payload ({', '.join(hits)}): "
                 "kept on this device for review",
-            )
+            ), None
+        framed = Payload(result_json=sidecar, dicom=payload).to_bytes()
         return EscalationRef(
-            state=HELD, payload_sha256=hashlib.sha256(payload).hexdigest(), detail=HELD_DETAIL
-        )
+            state=HELD, payload_sha256=hashlib.sha256(framed).hexdigest(), detail=HELD_DETAIL
+        ), framed

@@ -23,6 +23,8 @@ class ModelRef:
 # Escalation states before the outbox (#4): kept on the device to send later, or never to send.
 HELD = "held"
 BLOCKED = "blocked"
+# ...and after: sealed in the outbox (the uploader takes it from there).
+QUEUED = "queued"
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,9 @@ class CaseResult:
     deidentification: dict[str, Any] = field(default_factory=dict)
     # kind, pseudonym, original: the local link, kept in the case store and never sent or printed
     links: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
+    # The escalation payload (result JSON + de-identified DICOM, envelope framing) of a held
+    # case, for the outbox to seal; never printed or stored in the clear.
+    payload: bytes | None = field(default=None, repr=False, compare=False)
 
     ok: bool = field(default=True, init=False)
 
@@ -84,9 +89,14 @@ class CaseResult:
         }
 
     def payload_json(self) -> dict[str, Any]:
-        """The record as it travels with an escalated case: without the local file path."""
+        """The record as it travels with an escalated case.
+
+        Without the local file path (it may name the patient) and without timings, so the
+        same image and model always give the same payload: a case triaged twice is one case.
+        """
         record = self.to_json()
         del record["path"]
+        del record["timings_ms"]
         return record
 
 

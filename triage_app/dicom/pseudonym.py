@@ -50,4 +50,4 @@ def case_id_for(deidentified_sop_instance_uid: str) -> str:
     Anyone holding the de-identified instance — the central server included — derives the same
     id, and it reveals nothing the de-identified UID does not.
     """
-    return hashlib.sha256(deidentified_sop_instance_uid.encode()).hexdigest()[:32]
+    return hashlib.sha256(deidentified_sop_instance_uid.encode()).hexdigest()

@@ -1,0 +1,633 @@
+"""The outbox on real SQLite files and spool folders, with real processes and real SIGKILLs."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.escalation.outbox_crash_child import (
+    case_id_for,
+    enqueue_case,
+    envelope_for,
+    reason_for,
+)
+from triage_app.errors import OutboxError, QueueFullError, UnknownQueuedCaseError
+from triage_app.escalation.outbox import (
+    ESCALATION_PRIORITY,
+    Outbox,
+    OutboxItem,
+    OutboxState,
+)
+from triage_app.store import CaseStore
+
+CHILD = Path(__file__).with_name("outbox_crash_child.py")
+ROOT = Path(__file__).resolve().parents[2]
+T0 = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC)
+QUOTA = 10_000_000
+RECEIPT = json.dumps({"receipt": {"deliveries": 1}, "signature": "c2ln"})
+
+
+def cid(n: int) -> str:
+    return hashlib.sha256(f"case-{n}".encode()).hexdigest()[:32]
+
+
+def env(n: int, size: int = 100) -> bytes:
+    return (f"envelope-{n}-".encode() * size)[:size]
+
+
+def enqueue(
+    outbox: Outbox, n: int, *, size: int = 100, reason: str = "uncertain", at: datetime = T0
+) -> OutboxItem:
+    data = env(n, size)
+    return outbox.enqueue(
+        cid(n), data, reason=reason, payload_sha256=hashlib.sha256(data).hexdigest(), now=at
+    )
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "cases.sqlite"
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "outbox"
+
+
+@pytest.fixture
+def outbox(db: Path, spool: Path) -> Iterator[Outbox]:
+    with Outbox.open(db, spool, quota_bytes=QUOTA) as box:
+        yield box
+
+
+def spool_names(spool: Path) -> set[str]:
+    return {p.name for p in spool.iterdir()}
+
+
+def state_of(outbox: Outbox, n: int) -> OutboxState:
+    item = outbox.get(cid(n))
+    assert item is not None
+    return item.state
+
+
+def claim_all(outbox: Outbox, at: datetime = T0) -> list[str]:
+    out: list[str] = []
+    while (item := outbox.claim_next("w", 60, now=at)) is not None:
+        out.append(item.case_id)
+    return out
+
+
+# --- the basic flow ------------------------------------------------------------------------------
+
+
+def test_enqueue_writes_a_private_spool_file_and_a_pending_row(outbox: Outbox, spool: Path, db):
+    item = enqueue(outbox, 1, size=5000, reason="out_of_scope")
+
+    path = spool / f"{cid(1)}.env"
+    assert path.read_bytes() == env(1, 5000)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(spool.stat().st_mode) == 0o700
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    assert spool_names(spool) == {path.name}  # no temporary file left
+    assert item.state is OutboxState.PENDING
+    assert (item.case_id, item.reason, item.size_bytes, item.attempts) == (
+        cid(1),
+        "out_of_scope",
+        5000,
+        0,
+    )
+    assert item.priority == ESCALATION_PRIORITY["out_of_scope"]
+    assert item.payload_sha256 == hashlib.sha256(env(1, 5000)).hexdigest()
+    assert item.enqueued_at == item.next_attempt_at == "2026-11-22T10:00:00.000+00:00"
+    assert item.lease_owner is item.lease_until is item.delivered_at is item.receipt is None
+    assert outbox.get(cid(1)) == item
+    assert outbox.envelope(item) == outbox.envelope(cid(1)) == env(1, 5000)
+
+
+def test_the_outbox_shares_the_case_store_file_without_touching_its_schema(db: Path, spool):
+    with Outbox.open(db, spool, quota_bytes=QUOTA) as first:
+        enqueue(first, 1)
+    with CaseStore.open(db) as store:
+        version = store.schema_version
+        assert version > 0
+    with Outbox.open(db, spool, quota_bytes=QUOTA) as again, CaseStore.open(db) as store:
+        assert [i.case_id for i in again.items()] == [cid(1)]
+        assert store.schema_version == version
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT value FROM outbox_meta").fetchall() == [(1,)]
+    finally:
+        conn.close()
+
+
+def test_claim_then_deliver_keeps_the_row_and_deletes_the_file(outbox: Outbox, spool: Path):
+    enqueue(outbox, 1)
+
+    claimed = outbox.claim_next("uploader-1", 30, now=T0)
+    assert claimed is not None
+    assert claimed.state is OutboxState.IN_FLIGHT
+    assert claimed.lease_owner == "uploader-1"
+    assert claimed.lease_until == "2026-11-22T10:00:30.000+00:00"
+    assert outbox.claim_next("uploader-2", 30, now=T0) is None
+    assert outbox.envelope(claimed) == env(1)
+
+    outbox.mark_delivered(cid(1), RECEIPT, now=T0 + timedelta(seconds=2))
+
+    done = outbox.get(cid(1))
+    assert done is not None
+    assert done.state is OutboxState.DELIVERED
+    assert done.receipt == RECEIPT
+    assert done.delivered_at == "2026-11-22T10:00:02.000+00:00"
+    assert done.lease_owner is None
+    assert spool_names(spool) == set()
+    assert [i.case_id for i in outbox.items()] == [cid(1)]  # history stays
+    with pytest.raises(OutboxError, match="delivered"):
+        outbox.envelope(cid(1))
+    assert outbox.claim_next("uploader-1", 30, now=T0 + timedelta(days=1)) is None
+
+
+def test_to_json_is_what_queue_list_prints(outbox: Outbox):
+    item = enqueue(outbox, 1)
+    record = item.to_json()
+    assert json.loads(json.dumps(record)) == record
+    assert record["case_id"] == cid(1)
+    assert record["state"] == "pending"
+    assert record["attempts"] == 0
+    assert record["payload_sha256"] == item.payload_sha256
+    assert record["enqueued_at"] == record["next_attempt_at"] == item.enqueued_at
+    assert {"delivered_at", "last_error", "reason"} <= record.keys()
+    assert "receipt" not in record
+
+
+# --- state rules ---------------------------------------------------------------------------------
+
+
+def test_outcomes_need_an_in_flight_case(outbox: Outbox):
+    enqueue(outbox, 1)
+    with pytest.raises(OutboxError, match="pending, not in_flight"):
+        outbox.mark_delivered(cid(1), RECEIPT)
+    with pytest.raises(OutboxError, match="pending, not in_flight"):
+        outbox.mark_failed(cid(1), "timeout", T0)
+    with pytest.raises(OutboxError, match="not quarantined"):
+        outbox.retry(cid(1))
+    outbox.claim_next("w", 60, now=T0)
+    outbox.mark_delivered(cid(1), RECEIPT)
+    with pytest.raises(OutboxError, match="delivered, not in_flight"):
+        outbox.mark_delivered(cid(1), RECEIPT)
+    with pytest.raises(OutboxError, match="delivered"):
+        outbox.quarantine(cid(1), "late")
+    assert state_of(outbox, 1) is OutboxState.DELIVERED
+
+
+def test_unknown_cases_are_refused(outbox: Outbox):
+    unknown = cid(99)
+    assert outbox.get(unknown) is None
+    for call in (
+        lambda: outbox.mark_delivered(unknown, RECEIPT),
+        lambda: outbox.mark_failed(unknown, "x", T0),
+        lambda: outbox.quarantine(unknown, "x"),
+        lambda: outbox.retry(unknown),
+        lambda: outbox.envelope(unknown),
+    ):
+        with pytest.raises(UnknownQueuedCaseError):
+            call()
+
+
+def test_bad_arguments_are_refused_before_anything_is_written(outbox: Outbox, spool: Path):
+    sha = "0" * 64
+    with pytest.raises(OutboxError, match="unknown escalation reason"):
+        outbox.enqueue(cid(1), b"x", reason="confident_normal", payload_sha256=sha)
+    with pytest.raises(ValueError, match="case_id"):
+        outbox.enqueue("../../etc/passwd", b"x", reason="uncertain", payload_sha256=sha)
+    with pytest.raises(ValueError, match="payload_sha256"):
+        outbox.enqueue(cid(1), b"x", reason="uncertain", payload_sha256="abc")
+    with pytest.raises(ValueError, match="timezone"):
+        outbox.enqueue(
+            cid(1), b"x", reason="uncertain", payload_sha256=sha, now=datetime(2026, 1, 1)
+        )
+    with pytest.raises(ValueError, match="lease_s"):
+        outbox.claim_next("w", 0)
+    assert outbox.items() == []
+    assert spool_names(spool) == set()
+    enqueue(outbox, 1)
+    outbox.claim_next("w", 60, now=T0)
+    with pytest.raises(OutboxError, match="not JSON"):
+        outbox.mark_delivered(cid(1), "{not json")
+    assert state_of(outbox, 1) is OutboxState.IN_FLIGHT
+
+
+def test_enqueue_is_idempotent(outbox: Outbox, spool: Path):
+    first = enqueue(outbox, 1)
+    path = spool / f"{cid(1)}.env"
+    inode = path.stat().st_ino
+
+    again = outbox.enqueue(
+        cid(1), b"a re-sealed envelope", reason="out_of_scope", payload_sha256="1" * 64
+    )
+
+    assert again == first
+    assert path.stat().st_ino == inode
+    assert path.read_bytes() == env(1)
+    assert len(outbox.items()) == 1
+    assert spool_names(spool) == {path.name}
+    outbox.claim_next("w", 60, now=T0)
+    outbox.mark_delivered(cid(1), RECEIPT)
+    # Delivered is still "already queued": nothing is sent twice.
+    assert enqueue(outbox, 1).state is OutboxState.DELIVERED
+    assert spool_names(spool) == set()
+
+
+# --- order, backoff, leases ----------------------------------------------------------------------
+
+
+def test_priority_first_then_fifo(outbox: Outbox):
+    assert ESCALATION_PRIORITY["uncertain"] < ESCALATION_PRIORITY["out_of_scope"]
+    reasons = ["out_of_scope", "uncertain", "out_of_scope", "uncertain", "uncertain"]
+    for n, reason in enumerate(reasons):
+        # Later enqueue times on the out-of-scope cases cannot matter: order is by sequence.
+        enqueue(outbox, n, reason=reason, at=T0 - timedelta(seconds=n))
+
+    expected = [cid(1), cid(3), cid(4), cid(0), cid(2)]
+    assert [i.case_id for i in outbox.items()] == expected
+    assert claim_all(outbox) == expected
+
+
+def claimed_id(outbox: Outbox, at: datetime) -> str | None:
+    item = outbox.claim_next("w", 3600, now=at)
+    return None if item is None else item.case_id
+
+
+def test_backoff_is_respected(outbox: Outbox):
+    enqueue(outbox, 1)
+    enqueue(outbox, 2)
+    assert claimed_id(outbox, T0) == cid(1)
+    retry_at = T0 + timedelta(minutes=5)
+
+    outbox.mark_failed(cid(1), "HTTP 503\nservice   unavailable", retry_at, now=T0)
+
+    failed = outbox.get(cid(1))
+    assert failed is not None
+    assert failed.state is OutboxState.PENDING
+    assert failed.attempts == 1
+    assert failed.last_error == "HTTP 503 service unavailable"
+    assert failed.next_attempt_at == "2026-11-22T10:05:00.000+00:00"
+    assert failed.lease_owner is None
+    # The other case goes meanwhile; the failed one waits for its time.
+    assert claimed_id(outbox, T0) == cid(2)
+    assert claimed_id(outbox, retry_at - timedelta(milliseconds=1)) is None
+    again = outbox.claim_next("w", 60, now=retry_at)
+    assert again is not None
+    assert (again.case_id, again.attempts) == (cid(1), 1)
+    outbox.mark_failed(cid(1), "timeout", retry_at, now=retry_at)
+    assert [i.attempts for i in outbox.items()] == [2, 0]
+
+
+def test_expired_lease_is_reclaimed(outbox: Outbox):
+    enqueue(outbox, 1)
+    first = outbox.claim_next("dead-sender", 30, now=T0)
+    assert first is not None
+
+    assert outbox.claim_next("other", 30, now=T0 + timedelta(seconds=29)) is None
+    reclaimed = outbox.claim_next("other", 30, now=T0 + timedelta(seconds=30))
+
+    assert reclaimed is not None
+    assert reclaimed.case_id == cid(1)
+    assert reclaimed.lease_owner == "other"
+    assert reclaimed.lease_until == "2026-11-22T10:01:00.000+00:00"
+    assert reclaimed.attempts == 1
+    assert reclaimed.last_error is not None and "lease expired" in reclaimed.last_error
+    # The dead sender's late report still lands (the server treats repeats as the same case).
+    outbox.mark_delivered(cid(1), RECEIPT)
+    assert state_of(outbox, 1) is OutboxState.DELIVERED
+
+
+@pytest.mark.expect_log_warnings
+def test_quarantine_and_admin_retry(outbox: Outbox, spool: Path, caplog):
+    enqueue(outbox, 1)
+    enqueue(outbox, 2)
+    outbox.claim_next("w", 60, now=T0)
+    outbox.mark_failed(cid(1), "timeout", T0, now=T0)
+    assert claimed_id(outbox, T0) == cid(1)
+
+    outbox.quarantine(cid(1), "rejected: case_conflict\n(409)", now=T0)
+
+    item = outbox.get(cid(1))
+    assert item is not None
+    assert item.state is OutboxState.QUARANTINED
+    assert item.quarantine_reason == "rejected: case_conflict (409)"
+    assert item.last_error == "timeout"
+    assert item.lease_owner is None
+    assert (spool / f"{cid(1)}.env").exists()  # kept for the admin
+    assert claimed_id(outbox, T0) == cid(2)  # the queue goes on without it
+    assert claimed_id(outbox, T0 + timedelta(minutes=1)) is None
+    with pytest.raises(OutboxError, match="quarantined"):
+        outbox.quarantine(cid(1), "again")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        f"outbox: case {cid(1)} quarantined: rejected: case_conflict (409)"
+    ]
+
+    back = outbox.retry(cid(1), now=T0 + timedelta(hours=1))
+
+    assert back.state is OutboxState.PENDING
+    assert back.attempts == 0
+    assert back.quarantine_reason is None
+    assert back.last_error == "timeout"
+    assert outbox.claim_next("w", 60, now=T0 + timedelta(hours=1)) == outbox.get(cid(1))
+    # A pending case can be quarantined too (an admin holding it back).
+    enqueue(outbox, 3)
+    outbox.quarantine(cid(3), "held by admin")
+    assert outbox.status().quarantined == 1
+
+
+# --- quota and status ----------------------------------------------------------------------------
+
+
+@pytest.mark.expect_log_warnings
+def test_a_full_queue_refuses_new_cases_and_keeps_everything(db: Path, spool: Path):
+    with Outbox.open(db, spool, quota_bytes=1000) as outbox:
+        enqueue(outbox, 1, size=400)
+        enqueue(outbox, 2, size=300)
+        before_items, before_files = outbox.items(), spool_names(spool)
+
+        with pytest.raises(QueueFullError, match=r"700 of 1000 bytes \(70%\)") as caught:
+            enqueue(outbox, 3, size=301)
+
+        assert "2 undelivered cases" in str(caught.value)
+        assert outbox.items() == before_items
+        assert spool_names(spool) == before_files
+        assert outbox.get(cid(3)) is None
+        enqueue(outbox, 3, size=300)  # exactly up to the quota fits
+        assert outbox.status().full
+        with pytest.raises(QueueFullError):
+            enqueue(outbox, 4, size=1)
+
+        # Quarantined envelopes still take room (their files stay); delivered ones free it.
+        outbox.claim_next("w", 60, now=T0)
+        outbox.quarantine(cid(1), "rejected")
+        with pytest.raises(QueueFullError):
+            enqueue(outbox, 4, size=1)
+        outbox.claim_next("w", 60, now=T0)
+        outbox.mark_delivered(cid(2), RECEIPT)
+        assert not outbox.status().full
+        enqueue(outbox, 4, size=300)
+        with pytest.raises(QueueFullError):
+            enqueue(outbox, 5, size=1001)
+        assert {i.case_id for i in outbox.items()} == {cid(1), cid(2), cid(3), cid(4)}
+        assert len(spool_names(spool)) == 3
+
+
+def test_status_counts_and_ages(outbox: Outbox):
+    empty = outbox.status(now=T0)
+    assert (empty.pending, empty.queued_bytes, empty.oldest_pending_age_s) == (0, 0, None)
+    assert empty.quota_bytes == QUOTA and not empty.full
+    for n in range(4):
+        enqueue(outbox, n, size=100 * (n + 1), at=T0 + timedelta(seconds=n))
+    outbox.claim_next("w", 60, now=T0 + timedelta(minutes=1))
+    outbox.claim_next("w", 60, now=T0 + timedelta(minutes=1))
+    outbox.mark_delivered(cid(1), RECEIPT)
+
+    status = outbox.status(now=T0 + timedelta(minutes=2))
+
+    assert (status.pending, status.in_flight, status.delivered, status.quarantined) == (2, 1, 1, 0)
+    assert status.queued_bytes == 100 + 300 + 400
+    assert status.oldest_pending_age_s == 120.0  # case 0 is in flight but not yet delivered
+    assert json.loads(json.dumps(status.to_json()))["queued_bytes"] == 800
+
+
+# --- open: clean-up after crashes, refusals ------------------------------------------------------
+
+
+def test_open_removes_orphans_and_dead_writers_temp_files(db: Path, spool: Path):
+    with Outbox.open(db, spool, quota_bytes=QUOTA) as outbox:
+        enqueue(outbox, 1)
+        enqueue(outbox, 2)
+        outbox.claim_next("w", 60, now=T0)
+        outbox.mark_delivered(cid(1), RECEIPT)
+    # What crashes leave: a file renamed into place whose row never committed, a delivered
+    # case's file not yet removed, a temporary file of a dead writer. Plus one live writer's.
+    (spool / f"{cid(3)}.env").write_bytes(b"orphan")
+    (spool / f"{cid(1)}.env").write_bytes(env(1))
+    (spool / f".{cid(4)}.env.0123456789abcdef.tmp").write_bytes(b"half")
+    live = spool / f".{cid(5)}.env.fedcba9876543210.tmp"
+    fd = os.open(live, os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    (spool / "README").write_text("not ours")
+    try:
+        with Outbox.open(db, spool, quota_bytes=QUOTA) as outbox:
+            assert spool_names(spool) == {f"{cid(2)}.env", live.name, "README"}
+            assert [i.state for i in outbox.items()] == [OutboxState.DELIVERED, OutboxState.PENDING]
+    finally:
+        os.close(fd)
+    with Outbox.open(db, spool, quota_bytes=QUOTA):
+        assert spool_names(spool) == {f"{cid(2)}.env", "README"}
+
+
+@pytest.mark.expect_log_warnings
+def test_open_quarantines_a_case_whose_file_was_lost(db: Path, spool: Path, caplog):
+    with Outbox.open(db, spool, quota_bytes=QUOTA) as outbox:
+        enqueue(outbox, 1)
+        enqueue(outbox, 2)
+    (spool / f"{cid(1)}.env").unlink()
+
+    with Outbox.open(db, spool, quota_bytes=QUOTA) as outbox:
+        lost = outbox.get(cid(1))
+        assert lost is not None
+        assert lost.state is OutboxState.QUARANTINED
+        assert lost.quarantine_reason == "spool file missing or damaged"
+        assert state_of(outbox, 2) is OutboxState.PENDING
+        with pytest.raises(OutboxError, match="cannot be read"):
+            outbox.retry(cid(1))
+        assert state_of(outbox, 1) is OutboxState.QUARANTINED
+    assert any("quarantined" in r.getMessage() for r in caplog.records)
+
+
+def test_a_damaged_spool_file_is_never_sent(outbox: Outbox, spool: Path):
+    enqueue(outbox, 1)
+    path = spool / f"{cid(1)}.env"
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(OutboxError, match="damaged"):
+        outbox.envelope(cid(1))
+
+
+def test_open_refuses_a_spool_folder_others_can_read(db: Path, spool: Path):
+    spool.mkdir(parents=True, mode=0o755)
+    spool.chmod(0o755)
+    with pytest.raises(OutboxError, match="0700"):
+        Outbox.open(db, spool, quota_bytes=QUOTA)
+
+
+def test_open_refuses_a_newer_outbox_schema(db: Path, spool: Path):
+    Outbox.open(db, spool, quota_bytes=QUOTA).close()
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE outbox_meta SET value = 99 WHERE key = 'schema_version'")
+    conn.close()
+    with pytest.raises(OutboxError, match="newer"):
+        Outbox.open(db, spool, quota_bytes=QUOTA)
+
+
+def test_logs_name_cases_but_never_contents(outbox: Outbox, caplog):
+    secret = b"DOE^JANE"
+    outbox.enqueue(cid(1), secret * 10, reason="uncertain", payload_sha256="2" * 64)
+    outbox.claim_next("w", 60)
+    outbox.mark_failed(cid(1), "timeout", T0)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("triage_app")]
+    assert any(cid(1) in m and "queued" in m for m in messages)
+    assert not any("DOE" in m or "2222" in m for m in messages)
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name.startswith("triage"))
+
+
+# --- several processes ---------------------------------------------------------------------------
+
+
+def run_child(*args: object, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(CHILD), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_concurrent_claimers_never_get_the_same_case(db: Path, spool: Path, tmp_path: Path):
+    count = 150
+    with Outbox.open(db, spool, quota_bytes=QUOTA) as outbox:
+        for n in range(count):
+            # Due now by the children's clock: they claim without a ``now``.
+            enqueue(outbox, n, reason=("uncertain", "out_of_scope")[n % 2], at=datetime.now(UTC))
+    go = tmp_path / "go"
+    owners = [f"claimer-{k}" for k in range(3)]
+    children = [
+        subprocess.Popen(
+            [sys.executable, str(CHILD), "claim", str(db), str(spool), owner, str(go)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for owner in owners
+    ]
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"ready-{owner}").exists() for owner in owners):
+        assert time.monotonic() < deadline, "the claimers did not start"
+        time.sleep(0.005)
+    go.touch()  # all at once, so that they compete
+    claims: dict[str, list[str]] = {}
+    for owner, child in zip(owners, children, strict=True):
+        out, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+        claims[owner] = json.loads(out)
+
+    everything = [c for got in claims.values() for c in got]
+    assert len(everything) == len(set(everything)) == count
+    assert set(everything) == {cid(n) for n in range(count)}
+    assert sum(1 for got in claims.values() if got) >= 2, "no competition took place"
+    with Outbox.open(db, spool, quota_bytes=QUOTA) as outbox:
+        for owner, got in claims.items():
+            for case_id in got:
+                item = outbox.get(case_id)
+                assert item is not None
+                assert (item.state, item.lease_owner) == (OutboxState.IN_FLIGHT, owner)
+
+
+def test_concurrent_enqueues_of_the_same_cases_make_one_entry_each(db: Path, spool: Path):
+    count = 40
+    children = [
+        subprocess.Popen(
+            [sys.executable, str(CHILD), "enqueue", str(db), str(spool), str(count)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    for child in children:
+        _, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+    check_spool_matches_rows(db, spool, count)
+
+
+# --- crashes -------------------------------------------------------------------------------------
+
+
+def check_spool_matches_rows(db: Path, spool: Path, expected_rows: int | None = None) -> int:
+    """After a crash and reopen: every row's file is whole, and there is nothing else."""
+    index = {case_id_for(n): n for n in range(200)}
+    with Outbox.open(db, spool, quota_bytes=1 << 30) as outbox:
+        items = outbox.items()
+        for item in items:
+            assert item.state is OutboxState.PENDING
+            assert outbox.envelope(item) == envelope_for(index[item.case_id])
+            assert item.reason == reason_for(index[item.case_id])
+        assert spool_names(spool) == {f"{i.case_id}.env" for i in items}
+        for path in spool.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    if expected_rows is not None:
+        assert len(items) == expected_rows
+    return len(items)
+
+
+def recover_and_requeue(db: Path, spool: Path, count: int) -> None:
+    """What the pipeline does after a crash: queue every case again; each ends up once."""
+    with Outbox.open(db, spool, quota_bytes=1 << 30) as outbox:
+        for n in range(count):
+            enqueue_case(outbox, n)
+    check_spool_matches_rows(db, spool, count)
+
+
+@pytest.mark.parametrize(
+    ("point", "rows_kept"),
+    [("after_temp_write", 3), ("after_rename", 3), ("at_commit", 3), ("after_commit", 4)],
+)
+def test_a_kill_at_each_step_of_an_enqueue_leaves_a_consistent_queue(
+    db: Path, spool: Path, point: str, rows_kept: int
+):
+    count = 8
+    result = run_child("enqueue", db, spool, count, "--kill-at", point, "--kill-case", 3)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    files_left = {p.name for p in spool.iterdir()}
+    if point == "after_temp_write":
+        assert any(name.endswith(".tmp") for name in files_left)
+    if point in ("after_rename", "at_commit"):
+        assert f"{case_id_for(3)}.env" in files_left  # the file made it, the row did not
+
+    assert check_spool_matches_rows(db, spool) == rows_kept
+    recover_and_requeue(db, spool, count)
+
+
+def test_kills_at_random_moments_never_leave_a_broken_entry(tmp_path: Path):
+    count = 40
+    rng = random.Random(20261122)
+    killed = 0
+    for round_ in range(6):
+        db, spool = tmp_path / f"r{round_}" / "cases.sqlite", tmp_path / f"r{round_}" / "outbox"
+        case, delay = rng.randrange(count - 10), rng.uniform(0, 0.004)
+        args = ("--kill-case", case, "--kill-after-s", delay)
+        result = run_child("enqueue", db, spool, count, *args)
+        assert result.returncode in (0, -signal.SIGKILL), result.stderr
+        killed += result.returncode == -signal.SIGKILL
+        assert check_spool_matches_rows(db, spool) >= case
+        recover_and_requeue(db, spool, count)
+    assert killed >= 3, "the child finished before its kill too often to test anything"

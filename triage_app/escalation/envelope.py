@@ -1,0 +1,565 @@
+"""The escalation envelope, format version 1 (docs/escalation-protocol.md, "Envelope").
+
+An escalated case waits in the device outbox and then crosses networks and proxies nobody here
+controls, so the bytes themselves carry the protection, not the connection:
+
+* only the server can read them: a fresh data key per envelope, sealed with HPKE to the server's
+  X25519 key, encrypts the payload in AES-256-GCM chunks;
+* only the device can have made them: its Ed25519 key signs the header;
+* no change goes unnoticed: every chunk is bound to the signed header (AAD) and to its position
+  and finality (nonce), and the header fixes how many chunks of which sizes follow, so reordered,
+  dropped, duplicated, spliced or appended bytes all fail.
+
+Opening runs the checks in the protocol's order, each with its own error class, so the server
+answers with a precise code. Error messages are one line and never quote payload content.
+Absurd sizes in a header are refused before anything is allocated for them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import NamedTuple
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from triage_app.errors import (
+    EnvelopeSignatureError,
+    EnvelopeTamperedError,
+    EnvelopeTruncatedError,
+    MalformedEnvelopeError,
+    UnknownServerKeyError,
+)
+from triage_app.escalation.keys import DeviceIdentity, ServerPublicKey, device_id_for
+
+FORMAT_VERSION = 1
+MAGIC = b"TRGENV\x00\x01"
+_MAGIC_FAMILY = MAGIC[:6]
+LENGTH_BYTES = 4
+PREFIX_BYTES = len(MAGIC) + LENGTH_BYTES
+SIGNATURE_BYTES = 64
+TAG_BYTES = 16
+DATA_KEY_BYTES = 32
+# HPKE single shot with X25519 and AES-256-GCM: 32-byte encapsulated key || sealed key || tag.
+SEALED_KEY_BYTES = 32 + DATA_KEY_BYTES + TAG_BYTES
+MAX_HEADER_BYTES = 64 * 1024
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 1 << 20
+# The nonce holds a 4-byte chunk counter.
+MAX_CHUNK_COUNT = 1 << 32
+HPKE_INFO_LABEL = b"triage-envelope-v1\x00"
+
+_SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
+_DEVICE_ID = re.compile(r"dev-[0-9a-f]{16}")
+_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+_TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+HEADER_FIELDS = frozenset(
+    {
+        "version",
+        "case_id",
+        "device_id",
+        "server_key_id",
+        "envelope_id",
+        "created_at",
+        "sealed_key",
+        "payload_sha256",
+        "payload_bytes",
+        "chunk_size",
+        "chunk_count",
+    }
+)
+
+
+# --- Shared encodings (also used by receipts) ---------------------------------------------------
+
+
+def canonical_json(value: object) -> bytes:
+    """The protocol's canonical JSON: UTF-8, sorted keys, separators ``,`` and ``:``."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def format_timestamp(moment: datetime) -> str:
+    """``YYYY-MM-DDTHH:MM:SSZ`` in UTC (sub-second digits dropped)."""
+    if moment.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return moment.astimezone(UTC).strftime(_TIMESTAMP_FORMAT)
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Parse exactly ``YYYY-MM-DDTHH:MM:SSZ`` into an aware UTC datetime; ``ValueError`` if not."""
+    if not _TIMESTAMP.fullmatch(text):
+        raise ValueError("not a YYYY-MM-DDTHH:MM:SSZ timestamp")
+    return datetime.strptime(text, _TIMESTAMP_FORMAT).replace(tzinfo=UTC)
+
+
+def is_case_id(text: str) -> bool:
+    """Whether ``text`` has the shape of a case id (64 lowercase hex)."""
+    return _HEX64.fullmatch(text) is not None
+
+
+# --- Payload ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class Payload:
+    """What an envelope carries: the result JSON and the de-identified DICOM file."""
+
+    result_json: bytes
+    dicom: bytes
+
+    def __repr__(self) -> str:
+        # Sizes only: the content has no business in logs or tracebacks.
+        return (
+            f"Payload(result_json=<{len(self.result_json)} bytes>, dicom=<{len(self.dicom)} bytes>)"
+        )
+
+    def to_bytes(self) -> bytes:
+        """``4-byte big-endian length of result JSON || result JSON || DICOM bytes``."""
+        if len(self.result_json) >= 1 << (8 * LENGTH_BYTES):
+            raise ValueError("the result JSON is too large for the payload format")
+        return len(self.result_json).to_bytes(LENGTH_BYTES, "big") + self.result_json + self.dicom
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Payload:
+        """Split a payload; ``MalformedEnvelopeError`` if its structure is impossible."""
+        if len(data) < LENGTH_BYTES:
+            raise MalformedEnvelopeError("payload is shorter than its length field")
+        json_len = int.from_bytes(data[:LENGTH_BYTES], "big")
+        if json_len > len(data) - LENGTH_BYTES:
+            raise MalformedEnvelopeError("payload result JSON length exceeds the payload")
+        result_json = bytes(data[LENGTH_BYTES : LENGTH_BYTES + json_len])
+        try:
+            result_json.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MalformedEnvelopeError("payload result JSON is not UTF-8") from None
+        return cls(result_json=result_json, dicom=bytes(data[LENGTH_BYTES + json_len :]))
+
+
+# --- Header -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnvelopeHeader:
+    """The signed header fields. ``created_at`` is aware UTC; ``sealed_key`` is the raw bytes."""
+
+    version: int
+    case_id: str
+    device_id: str
+    server_key_id: str
+    envelope_id: str
+    created_at: datetime
+    sealed_key: bytes
+    payload_sha256: str
+    payload_bytes: int
+    chunk_size: int
+    chunk_count: int
+
+    def to_dict(self) -> dict[str, int | str]:
+        return {
+            "version": self.version,
+            "case_id": self.case_id,
+            "device_id": self.device_id,
+            "server_key_id": self.server_key_id,
+            "envelope_id": self.envelope_id,
+            "created_at": format_timestamp(self.created_at),
+            "sealed_key": base64.b64encode(self.sealed_key).decode("ascii"),
+            "payload_sha256": self.payload_sha256,
+            "payload_bytes": self.payload_bytes,
+            "chunk_size": self.chunk_size,
+            "chunk_count": self.chunk_count,
+        }
+
+    def to_bytes(self) -> bytes:
+        """The header as it is signed: canonical JSON."""
+        return canonical_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, value: object) -> EnvelopeHeader:
+        """Validate a parsed header; ``MalformedEnvelopeError`` names the first bad field."""
+        if not isinstance(value, dict):
+            raise MalformedEnvelopeError("envelope header is not a JSON object")
+        missing = HEADER_FIELDS - value.keys()
+        if missing:
+            raise MalformedEnvelopeError(
+                f"envelope header lacks field(s): {', '.join(sorted(missing))}"
+            )
+        if len(value) != len(HEADER_FIELDS):
+            extra = len(value) - len(HEADER_FIELDS)
+            raise MalformedEnvelopeError(f"envelope header has {extra} unknown field(s)")
+        version = _int_field(value, "version")
+        if version != FORMAT_VERSION:
+            raise MalformedEnvelopeError(f"envelope header version must be {FORMAT_VERSION}")
+        created_text = _str_field(value, "created_at", _TIMESTAMP, "a YYYY-MM-DDTHH:MM:SSZ time")
+        try:
+            created_at = parse_timestamp(created_text)
+        except ValueError:
+            raise MalformedEnvelopeError("envelope header field created_at is not a date") from None
+        sealed_text = value["sealed_key"]
+        try:
+            if not isinstance(sealed_text, str):
+                raise ValueError
+            sealed_key = base64.b64decode(sealed_text, validate=True)
+        except (binascii.Error, ValueError):
+            raise MalformedEnvelopeError(
+                "envelope header field sealed_key must be base64"
+            ) from None
+        if len(sealed_key) != SEALED_KEY_BYTES:
+            raise MalformedEnvelopeError(
+                f"envelope header field sealed_key must hold {SEALED_KEY_BYTES} bytes"
+            )
+        payload_bytes = _int_field(value, "payload_bytes")
+        chunk_size = _int_field(value, "chunk_size")
+        chunk_count = _int_field(value, "chunk_count")
+        if payload_bytes < 0:
+            raise MalformedEnvelopeError("envelope header field payload_bytes is negative")
+        if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+            raise MalformedEnvelopeError(
+                f"envelope header field chunk_size must be 1 to {MAX_CHUNK_SIZE}"
+            )
+        if chunk_count != chunk_count_for(payload_bytes, chunk_size):
+            raise MalformedEnvelopeError(
+                "envelope header field chunk_count does not fit payload_bytes and chunk_size"
+            )
+        if chunk_count > MAX_CHUNK_COUNT:
+            raise MalformedEnvelopeError(f"envelope has more than {MAX_CHUNK_COUNT} chunks")
+        return cls(
+            version=version,
+            case_id=_str_field(value, "case_id", _HEX64, "64 lowercase hex characters"),
+            device_id=_str_field(value, "device_id", _DEVICE_ID, "dev- and 16 lowercase hex"),
+            server_key_id=_str_field(value, "server_key_id", _KEY_ID, "16 lowercase hex"),
+            envelope_id=_str_field(value, "envelope_id", _HEX32, "32 lowercase hex characters"),
+            created_at=created_at,
+            sealed_key=sealed_key,
+            payload_sha256=_str_field(
+                value, "payload_sha256", _HEX64, "64 lowercase hex characters"
+            ),
+            payload_bytes=payload_bytes,
+            chunk_size=chunk_size,
+            chunk_count=chunk_count,
+        )
+
+    def chunk_plaintext_bytes(self, index: int) -> int:
+        """How many plaintext bytes chunk ``index`` (0-based) holds."""
+        if index < self.chunk_count - 1:
+            return self.chunk_size
+        return self.payload_bytes - (self.chunk_count - 1) * self.chunk_size
+
+    def body_bytes(self) -> int:
+        """How many bytes of chunks (length prefixes included) follow the signature."""
+        return self.chunk_count * (LENGTH_BYTES + TAG_BYTES) + self.payload_bytes
+
+
+def chunk_count_for(payload_bytes: int, chunk_size: int) -> int:
+    """Chunks for a plaintext: ceil(payload_bytes / chunk_size), and one empty chunk if empty."""
+    return max(1, -(-payload_bytes // chunk_size))
+
+
+def _int_field(value: dict[str, object], name: str) -> int:
+    item = value[name]
+    if type(item) is not int:  # bool is an int subclass and not a count
+        raise MalformedEnvelopeError(f"envelope header field {name} must be an integer")
+    return item
+
+
+def _str_field(value: dict[str, object], name: str, pattern: re.Pattern[str], shape: str) -> str:
+    item = value[name]
+    if not isinstance(item, str) or not pattern.fullmatch(item):
+        raise MalformedEnvelopeError(f"envelope header field {name} must be {shape}")
+    return item
+
+
+@dataclass(frozen=True)
+class OpenedEnvelope:
+    header: EnvelopeHeader
+    payload: Payload
+
+
+class _Prefix(NamedTuple):
+    header: EnvelopeHeader
+    signed: bytes  # magic || hlen || header
+    signature: bytes
+    body_offset: int
+
+
+# --- Sealing ------------------------------------------------------------------------------------
+
+
+def seal(
+    payload: Payload,
+    *,
+    case_id: str,
+    device: DeviceIdentity,
+    server_key: ServerPublicKey,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    now: datetime | None = None,
+) -> bytes:
+    """Seal ``payload`` for ``server_key``, signed by ``device``: the envelope bytes."""
+    return seal_bytes(
+        payload.to_bytes(),
+        case_id=case_id,
+        device=device,
+        server_key=server_key,
+        chunk_size=chunk_size,
+        now=now,
+    )
+
+
+def seal_bytes(
+    plaintext: bytes,
+    *,
+    case_id: str,
+    device: DeviceIdentity,
+    server_key: ServerPublicKey,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    now: datetime | None = None,
+) -> bytes:
+    """Seal an already encoded payload (see :meth:`Payload.to_bytes`)."""
+    if not is_case_id(case_id):
+        raise ValueError("case_id must be 64 lowercase hex characters")
+    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be 1 to {MAX_CHUNK_SIZE}")
+    chunk_count = chunk_count_for(len(plaintext), chunk_size)
+    if chunk_count > MAX_CHUNK_COUNT:
+        raise ValueError("payload too large for the envelope format at this chunk size")
+    created_at = datetime.now(UTC) if now is None else now
+    data_key = AESGCM.generate_key(bit_length=8 * DATA_KEY_BYTES)
+    sealed_key = _SUITE.encrypt(
+        data_key,
+        server_key.public_key,
+        info=_hpke_info(case_id, device.device_id, server_key.key_id),
+    )
+    header = EnvelopeHeader(
+        version=FORMAT_VERSION,
+        case_id=case_id,
+        device_id=device.device_id,
+        server_key_id=server_key.key_id,
+        envelope_id=secrets.token_hex(16),
+        created_at=parse_timestamp(format_timestamp(created_at)),
+        sealed_key=sealed_key,
+        payload_sha256=hashlib.sha256(plaintext).hexdigest(),
+        payload_bytes=len(plaintext),
+        chunk_size=chunk_size,
+        chunk_count=chunk_count,
+    )
+    header_bytes = header.to_bytes()
+    signed = MAGIC + len(header_bytes).to_bytes(LENGTH_BYTES, "big") + header_bytes
+    parts = [signed, device.signing_key.sign(signed)]
+    aad = hashlib.sha256(signed).digest()
+    aead = AESGCM(data_key)
+    view = memoryview(plaintext)
+    for index in range(chunk_count):
+        chunk = view[index * chunk_size : (index + 1) * chunk_size]
+        sealed = aead.encrypt(_nonce(index, last=index == chunk_count - 1), chunk, aad)
+        parts.append(len(sealed).to_bytes(LENGTH_BYTES, "big"))
+        parts.append(sealed)
+    return b"".join(parts)
+
+
+# --- Reading and opening ------------------------------------------------------------------------
+
+
+def read_header(data: bytes) -> EnvelopeHeader:
+    """Parse and validate the header WITHOUT checking the signature.
+
+    For the server to learn which device's key to verify with; trust nothing in it until
+    :func:`verify_header` or :func:`open_envelope` has run. Raises ``MalformedEnvelopeError`` or
+    ``EnvelopeTruncatedError`` (the data ends before the signature does).
+    """
+    return _read_prefix(data).header
+
+
+def verify_header(data: bytes, device_public_key: Ed25519PublicKey) -> EnvelopeHeader:
+    """Parse the header and check the device signature over it (chunks are not checked)."""
+    prefix = _read_prefix(data)
+    _verify_signature(prefix, device_public_key)
+    return prefix.header
+
+
+def open_envelope(
+    data: bytes,
+    *,
+    device_public_key: Ed25519PublicKey,
+    server_keys: Mapping[str, X25519PrivateKey],
+) -> OpenedEnvelope:
+    """Check and decrypt an envelope; the checks and their errors follow the protocol's order.
+
+    Raises ``MalformedEnvelopeError``, ``EnvelopeSignatureError``, ``UnknownServerKeyError``,
+    ``EnvelopeTamperedError`` or ``EnvelopeTruncatedError``, and nothing else for any ``data``.
+    """
+    header, plaintext = open_bytes(
+        data, device_public_key=device_public_key, server_keys=server_keys
+    )
+    return OpenedEnvelope(header=header, payload=Payload.from_bytes(plaintext))
+
+
+def open_bytes(
+    data: bytes,
+    *,
+    device_public_key: Ed25519PublicKey,
+    server_keys: Mapping[str, X25519PrivateKey],
+) -> tuple[EnvelopeHeader, bytes]:
+    """As :func:`open_envelope`, but return the plaintext without splitting it into a payload."""
+    prefix = _read_prefix(data)
+    _verify_signature(prefix, device_public_key)
+    header = prefix.header
+    private_key = server_keys.get(header.server_key_id)
+    if private_key is None:
+        raise UnknownServerKeyError(
+            f"envelope is sealed to server key {header.server_key_id}, which is not held here"
+        )
+    try:
+        data_key = _SUITE.decrypt(
+            header.sealed_key,
+            private_key,
+            info=_hpke_info(header.case_id, header.device_id, header.server_key_id),
+        )
+    except InvalidTag:
+        raise EnvelopeTamperedError(
+            "envelope data key does not open (sealed key altered)"
+        ) from None
+    if len(data_key) != DATA_KEY_BYTES:
+        raise EnvelopeTamperedError("envelope data key has the wrong length")
+    expected_end = prefix.body_offset + header.body_bytes()
+    if len(data) > expected_end:
+        raise EnvelopeTamperedError(
+            f"envelope has {len(data) - expected_end} bytes after its last chunk"
+        )
+    plaintext = _open_chunks(data, header, AESGCM(data_key), prefix)
+    if len(plaintext) != header.payload_bytes:
+        raise EnvelopeTamperedError("envelope payload length does not match its header")
+    if hashlib.sha256(plaintext).hexdigest() != header.payload_sha256:
+        raise EnvelopeTamperedError("envelope payload hash does not match its header")
+    return header, plaintext
+
+
+def _open_chunks(data: bytes, header: EnvelopeHeader, aead: AESGCM, prefix: _Prefix) -> bytes:
+    aad = hashlib.sha256(prefix.signed).digest()
+    view = memoryview(data)
+    offset = prefix.body_offset
+    count = header.chunk_count
+    parts: list[bytes] = []
+    for index in range(count):
+        if len(data) - offset < LENGTH_BYTES:
+            raise EnvelopeTruncatedError(f"envelope ends before chunk {index + 1} of {count}")
+        sealed_len = int.from_bytes(view[offset : offset + LENGTH_BYTES], "big")
+        expected_len = header.chunk_plaintext_bytes(index) + TAG_BYTES
+        if sealed_len != expected_len:
+            raise EnvelopeTamperedError(
+                f"envelope chunk {index + 1} of {count} has length {sealed_len}, "
+                f"the header implies {expected_len}"
+            )
+        offset += LENGTH_BYTES
+        if len(data) - offset < sealed_len:
+            raise EnvelopeTruncatedError(f"envelope ends inside chunk {index + 1} of {count}")
+        try:
+            parts.append(
+                aead.decrypt(
+                    _nonce(index, last=index == count - 1),
+                    view[offset : offset + sealed_len],
+                    aad,
+                )
+            )
+        except InvalidTag:
+            raise EnvelopeTamperedError(
+                f"envelope chunk {index + 1} of {count} fails authentication"
+            ) from None
+        offset += sealed_len
+    return b"".join(parts)
+
+
+def _read_prefix(data: bytes) -> _Prefix:
+    size = len(data)
+    if size < len(MAGIC):
+        if MAGIC.startswith(bytes(data)):
+            raise EnvelopeTruncatedError("envelope ends inside its magic number")
+        raise MalformedEnvelopeError("not a triage envelope (bad magic number)")
+    magic = bytes(data[: len(MAGIC)])
+    if magic != MAGIC:
+        if magic.startswith(_MAGIC_FAMILY):
+            raise MalformedEnvelopeError("unsupported envelope format version")
+        raise MalformedEnvelopeError("not a triage envelope (bad magic number)")
+    if size < PREFIX_BYTES:
+        raise EnvelopeTruncatedError("envelope ends inside its header length")
+    header_len = int.from_bytes(data[len(MAGIC) : PREFIX_BYTES], "big")
+    if not 0 < header_len <= MAX_HEADER_BYTES:
+        raise MalformedEnvelopeError(
+            f"envelope header length {header_len} is outside 1 to {MAX_HEADER_BYTES}"
+        )
+    header_end = PREFIX_BYTES + header_len
+    if size < header_end:
+        raise EnvelopeTruncatedError("envelope ends inside its header")
+    header_bytes = bytes(data[PREFIX_BYTES:header_end])
+    header = _parse_header(header_bytes)
+    signature_end = header_end + SIGNATURE_BYTES
+    if size < signature_end:
+        raise EnvelopeTruncatedError("envelope ends inside its signature")
+    return _Prefix(
+        header=header,
+        signed=bytes(data[:header_end]),
+        signature=bytes(data[header_end:signature_end]),
+        body_offset=signature_end,
+    )
+
+
+def _parse_header(raw: bytes) -> EnvelopeHeader:
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise MalformedEnvelopeError("envelope header is not UTF-8 JSON") from None
+    header = EnvelopeHeader.from_dict(value)
+    if header.to_bytes() != raw:
+        raise MalformedEnvelopeError(
+            "envelope header is not canonical JSON (sorted keys, no spaces)"
+        )
+    return header
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _verify_signature(prefix: _Prefix, device_public_key: Ed25519PublicKey) -> None:
+    if prefix.header.device_id != device_id_for(device_public_key):
+        raise EnvelopeSignatureError(
+            f"envelope names device {prefix.header.device_id}, not the device whose key was given"
+        )
+    try:
+        device_public_key.verify(prefix.signature, prefix.signed)
+    except InvalidSignature:
+        raise EnvelopeSignatureError(
+            f"envelope signature does not verify for device {prefix.header.device_id}"
+        ) from None
+
+
+def _hpke_info(case_id: str, device_id: str, server_key_id: str) -> bytes:
+    return (
+        HPKE_INFO_LABEL
+        + case_id.encode("ascii")
+        + b"\x00"
+        + device_id.encode("ascii")
+        + b"\x00"
+        + server_key_id.encode("ascii")
+    )
+
+
+def _nonce(index: int, *, last: bool) -> bytes:
+    """7 zero bytes || 4-byte big-endian chunk counter || last-chunk flag."""
+    return bytes(7) + index.to_bytes(4, "big") + (b"\x01" if last else b"\x00")

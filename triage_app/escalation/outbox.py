@@ -1,0 +1,821 @@
+"""The durable outbox: escalated cases waiting to be sent to the central server (DESIGN 4.4).
+
+Why this shape:
+
+* **Envelope bytes in a spool file, bookkeeping in SQLite.** Envelopes are large; the rows that
+  say what to send, in which order and how it went live in table ``outbox`` of the case store
+  file (WAL, ``synchronous=FULL``). The outbox manages its own table and version row
+  (``outbox_meta``) and never touches the case store's ``PRAGMA user_version``.
+* **File first, row second.** An enqueue writes ``<spool_dir>/<case_id>.env`` (0600, in a 0700
+  folder) through a temporary file that is fsynced, renamed into place and the folder fsynced,
+  all *before* the row commits. So every committed row has a complete file, and a crash leaves at
+  worst a file without a row: :meth:`Outbox.open` **removes** such orphans (it does not adopt
+  them: the caller never got an answer, retries with the same deterministic case id, and only it
+  knows the escalation reason).
+* **Renames into place only under the write lock.** The rename and the insert run inside one
+  ``BEGIN IMMEDIATE`` transaction, so a final file without a row can only be the debris of a dead
+  enqueue, and the clean-up (also under the write lock) can never delete a file another process
+  is about to commit. Temporary files are written outside the lock (the slow part) while their
+  writer holds an ``flock`` on them; the clean-up removes only temporary files it can lock, i.e.
+  those whose writer has died.
+* **Nothing is ever dropped.** A full queue refuses the new case (:class:`QueueFullError`);
+  nothing is deleted by age; delivered cases keep their row as history, only their spool file goes.
+* **Leases.** :meth:`Outbox.claim_next` hands a case to one sender for ``lease_s`` seconds. If the
+  sender dies, the lease runs out and the case can be claimed again; that reclaim counts as a
+  failed attempt, so a case that keeps killing its sender shows a growing ``attempts``. The
+  ``mark_*`` calls do not check the owner: whoever finishes reports the outcome (the server treats
+  a repeated delivery as the same case).
+
+Privacy: rows hold case ids, hashes, sizes and one-line error texts, never payload; the log says
+case ids and states only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import stat
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Any, Final, Self
+
+from triage_app.errors import OutboxError, QueueFullError, UnknownQueuedCaseError
+
+__all__ = [
+    "ESCALATION_PRIORITY",
+    "Outbox",
+    "OutboxItem",
+    "OutboxState",
+    "OutboxStatus",
+]
+
+log = logging.getLogger(__name__)
+
+#: Escalation reason → priority (lower is sent sooner; FIFO within a priority). ``uncertain``
+#: goes first: the model saw something between normal and abnormal in an image it is made for,
+#: so a finding is likely; an ``out_of_scope`` image carries no such signal.
+ESCALATION_PRIORITY: Final[Mapping[str, int]] = MappingProxyType(
+    {"uncertain": 0, "out_of_scope": 1}
+)
+
+SPOOL_SUFFIX: Final = ".env"
+_TMP_SUFFIX: Final = ".tmp"
+_DEFAULT_BUSY_TIMEOUT_S = 10.0
+_MAX_TEXT = 500  # error and quarantine texts: one line, short (never payload)
+# Case ids are SHA-256 based hex (DESIGN 4.2); they become file names, so nothing else is allowed.
+_CASE_ID = re.compile(r"[0-9a-f]{32}(?:[0-9a-f]{32})?")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+# Forward migrations of the outbox tables: entry ``i`` takes ``outbox_meta.schema_version`` from
+# ``i`` to ``i + 1``. Append new steps, never edit released ones.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE outbox (
+            seq               INTEGER PRIMARY KEY AUTOINCREMENT,
+            case_id           TEXT NOT NULL UNIQUE,
+            state             TEXT NOT NULL
+                CHECK (state IN ('pending', 'in_flight', 'delivered', 'quarantined')),
+            priority          INTEGER NOT NULL,
+            reason            TEXT NOT NULL,
+            payload_sha256    TEXT NOT NULL,
+            envelope_sha256   TEXT NOT NULL,
+            size_bytes        INTEGER NOT NULL CHECK (size_bytes >= 0),
+            attempts          INTEGER NOT NULL DEFAULT 0,
+            enqueued_at       TEXT NOT NULL,
+            updated_at        TEXT NOT NULL,
+            next_attempt_at   TEXT NOT NULL,
+            last_error        TEXT,
+            lease_owner       TEXT,
+            lease_until       TEXT,
+            delivered_at      TEXT,
+            receipt_json      TEXT,
+            quarantined_at    TEXT,
+            quarantine_reason TEXT
+        )
+        """,
+        "CREATE INDEX outbox_queue ON outbox (state, priority, seq)",
+    ),
+)
+
+
+class OutboxState(StrEnum):
+    """Where a queued case stands. Stored in the database; never rename the values."""
+
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    DELIVERED = "delivered"
+    QUARANTINED = "quarantined"
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """One queued case as the outbox holds it; timestamps are UTC ISO strings."""
+
+    case_id: str
+    state: OutboxState
+    priority: int
+    reason: str
+    payload_sha256: str
+    envelope_sha256: str
+    size_bytes: int
+    attempts: int
+    enqueued_at: str
+    updated_at: str
+    next_attempt_at: str
+    last_error: str | None
+    lease_owner: str | None
+    lease_until: str | None
+    delivered_at: str | None
+    receipt: str | None
+    quarantined_at: str | None
+    quarantine_reason: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``triage-app queue list --json`` prints for the case (no receipt, no payload)."""
+        return {
+            "case_id": self.case_id,
+            "payload_sha256": self.payload_sha256,
+            "state": self.state.value,
+            "reason": self.reason,
+            "priority": self.priority,
+            "size_bytes": self.size_bytes,
+            "attempts": self.attempts,
+            "enqueued_at": self.enqueued_at,
+            "updated_at": self.updated_at,
+            "next_attempt_at": self.next_attempt_at,
+            "lease_owner": self.lease_owner,
+            "lease_until": self.lease_until,
+            "delivered_at": self.delivered_at,
+            "quarantined_at": self.quarantined_at,
+            "quarantine_reason": self.quarantine_reason,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    """Counts per state and how much of the byte quota the queued envelopes use."""
+
+    pending: int
+    in_flight: int
+    delivered: int
+    quarantined: int
+    queued_bytes: int  # envelopes still on disk: pending, in flight and quarantined
+    quota_bytes: int
+    oldest_pending_age_s: float | None  # oldest case not yet delivered nor quarantined
+    full: bool  # queued_bytes has reached the quota: the next enqueue will be refused
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pending": self.pending,
+            "in_flight": self.in_flight,
+            "delivered": self.delivered,
+            "quarantined": self.quarantined,
+            "queued_bytes": self.queued_bytes,
+            "quota_bytes": self.quota_bytes,
+            "oldest_pending_age_s": self.oldest_pending_age_s,
+            "full": self.full,
+        }
+
+
+def _utc(moment: datetime) -> datetime:
+    """Refuse naive times: a local clock time stored as UTC would reorder the queue."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("outbox times must be timezone-aware")
+    return moment.astimezone(UTC)
+
+
+def _iso(moment: datetime) -> str:
+    """UTC, ISO-8601, milliseconds (as the case store): sorts as text, so SQL can compare it."""
+    return _utc(moment).isoformat(timespec="milliseconds")
+
+
+def _one_line(text: str) -> str:
+    """Error texts end up in ``queue list`` and the GUI: one line, bounded length."""
+    line = " ".join(text.split())
+    return line if len(line) <= _MAX_TEXT else line[: _MAX_TEXT - 1] + "…"
+
+
+@contextmanager
+def _sqlite_errors(what: str) -> Iterator[None]:
+    """Turn ``sqlite3.Error`` and ``OSError`` into a one-line :class:`OutboxError`."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise OutboxError(f"outbox: could not {what}: {exc}") from exc
+    except OSError as exc:
+        raise OutboxError(f"outbox: could not {what}: {exc.strerror or exc}") from exc
+
+
+class Outbox:
+    """The queue of envelopes to send, shared by any number of processes on the device.
+
+    Open with :meth:`open` and close with :meth:`close` (or use it as a context manager). One
+    instance per process and thread.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, spool_dir: Path, quota_bytes: int) -> None:
+        """Wrap an already configured connection; use :meth:`open` instead."""
+        self._conn = conn
+        self._spool = spool_dir
+        self._quota = quota_bytes
+
+    @classmethod
+    def open(
+        cls,
+        db_path: Path,
+        spool_dir: Path,
+        *,
+        quota_bytes: int,
+        busy_timeout_s: float = _DEFAULT_BUSY_TIMEOUT_S,
+    ) -> Outbox:
+        """Open the outbox in the SQLite file ``db_path`` (the case store) with its spool folder.
+
+        Creates what is missing (file 0600, folders 0700), brings the outbox tables up to date and
+        tidies the spool: temporary files of dead writers and files without a live row go.
+        """
+        if quota_bytes <= 0:
+            raise ValueError(f"quota_bytes must be > 0, not {quota_bytes}")
+        db_path, spool_dir = Path(db_path), Path(spool_dir)
+        with _sqlite_errors(f"create {spool_dir}"):
+            db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with suppress(FileExistsError):
+                db_path.touch(mode=0o600, exist_ok=False)
+            spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # A new spool folder's own name must survive a power cut as much as its files do.
+            _fsync_dir(spool_dir.parent)
+            mode = stat.S_IMODE(spool_dir.stat().st_mode)
+        if mode & 0o077:
+            raise OutboxError(
+                f"outbox: spool folder {spool_dir} is open to other users (mode {mode:o});"
+                " make it 0700"
+            )
+        with _sqlite_errors(f"open {db_path}"):
+            # isolation_level=None: no implicit transactions; we issue BEGIN IMMEDIATE ourselves.
+            conn = sqlite3.connect(db_path, timeout=busy_timeout_s, isolation_level=None)
+            try:
+                conn.row_factory = sqlite3.Row
+                journal = _enable_wal(conn, busy_timeout_s)
+                if journal != "wal":
+                    raise OutboxError(f"outbox: {db_path} cannot use WAL mode (got {journal!r})")
+                conn.execute("PRAGMA synchronous=FULL")
+                outbox = cls(conn, spool_dir, quota_bytes)
+                outbox._migrate()
+                outbox._tidy_spool()
+            except BaseException:
+                conn.close()
+                raise
+        return outbox
+
+    def close(self) -> None:
+        with _sqlite_errors("close the database"):
+            self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def spool_dir(self) -> Path:
+        return self._spool
+
+    @property
+    def quota_bytes(self) -> int:
+        return self._quota
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        case_id: str,
+        envelope: bytes,
+        *,
+        reason: str,
+        payload_sha256: str,
+        now: datetime | None = None,
+    ) -> OutboxItem:
+        """Queue ``envelope`` for ``case_id``; a case already queued is returned unchanged.
+
+        Idempotent so that a caller that crashed or timed out can simply call again: the case id
+        is deterministic and the first committed envelope wins.
+
+        Raises
+        ------
+        QueueFullError
+            If the envelope does not fit in the quota; nothing changes, nothing is dropped.
+        OutboxError
+            If the reason is unknown, or the database or spool folder fails (nothing is queued).
+        """
+        _check_case_id(case_id)
+        if not _SHA256.fullmatch(payload_sha256):
+            raise ValueError("payload_sha256 must be 64 lowercase hex characters")
+        if reason not in ESCALATION_PRIORITY:
+            known = ", ".join(sorted(ESCALATION_PRIORITY))
+            raise OutboxError(f"outbox: unknown escalation reason {reason!r} (known: {known})")
+        existing = self.get(case_id)
+        if existing is not None:
+            return existing
+        size = len(envelope)
+        with _sqlite_errors("check the quota"):
+            self._check_quota(size)  # refuse early, before writing anything
+        at = _iso(now or datetime.now(UTC))
+        final = self._path(case_id)
+        with _sqlite_errors(f"write the envelope of case {case_id}"):
+            tmp, fd = _write_locked_temp(self._spool, final.name, envelope)
+        try:
+            published = False
+            with _sqlite_errors(f"enqueue case {case_id}"):
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    row = self._row(case_id)
+                    if row is not None:  # another process queued it since our first look
+                        self._conn.execute("ROLLBACK")
+                        return _item(row)
+                    self._check_quota(size)
+                    published = True  # from here on, ``final`` may be our file
+                    _publish(tmp, final)
+                    self._conn.execute(
+                        "INSERT INTO outbox (case_id, state, priority, reason, payload_sha256,"
+                        " envelope_sha256, size_bytes, enqueued_at, updated_at, next_attempt_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            case_id,
+                            OutboxState.PENDING,
+                            ESCALATION_PRIORITY[reason],
+                            reason,
+                            payload_sha256,
+                            hashlib.sha256(envelope).hexdigest(),
+                            size,
+                            at,
+                            at,
+                            at,
+                        ),
+                    )
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    # Remove our file only while we still hold the write lock: once the lock is
+                    # gone another process may have put its own file under this name. If SQLite
+                    # already rolled back, the file stays as an orphan for the next open.
+                    if self._conn.in_transaction:
+                        if published:
+                            with suppress(OSError):
+                                final.unlink(missing_ok=True)
+                        self._conn.execute("ROLLBACK")
+                    raise
+        finally:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+        log.info("outbox: case %s queued (%s, %d bytes)", case_id, reason, size)
+        return self._get(case_id)
+
+    def claim_next(
+        self, owner: str, lease_s: float, now: datetime | None = None
+    ) -> OutboxItem | None:
+        """Hand the next case to send to ``owner`` for ``lease_s`` seconds, or ``None``.
+
+        The next case is, by priority then enqueue order, a pending one whose ``next_attempt_at``
+        has come, or an in-flight one whose lease has run out (its sender died; this counts as a
+        failed attempt). The read and the update are one ``BEGIN IMMEDIATE`` transaction, so two
+        processes never get the same case.
+        """
+        if not owner or owner != _one_line(owner):
+            raise ValueError("owner must be a non-empty single line")
+        if lease_s <= 0:
+            raise ValueError(f"lease_s must be > 0, not {lease_s}")
+        moment = now or datetime.now(UTC)
+        at = _iso(moment)
+        until = _iso(moment + timedelta(seconds=lease_s))
+        with self._write("claim the next case"):
+            row = self._conn.execute(
+                "SELECT * FROM outbox"
+                " WHERE (state = ? AND next_attempt_at <= ?) OR (state = ? AND lease_until <= ?)"
+                " ORDER BY priority, seq LIMIT 1",
+                (OutboxState.PENDING, at, OutboxState.IN_FLIGHT, at),
+            ).fetchone()
+            if row is None:
+                return None
+            expired = row["state"] == OutboxState.IN_FLIGHT
+            self._conn.execute(
+                "UPDATE outbox SET state = ?, lease_owner = ?, lease_until = ?, updated_at = ?,"
+                " attempts = attempts + ?, last_error = ? WHERE case_id = ?",
+                (
+                    OutboxState.IN_FLIGHT,
+                    owner,
+                    until,
+                    at,
+                    1 if expired else 0,
+                    "lease expired before the sender reported" if expired else row["last_error"],
+                    row["case_id"],
+                ),
+            )
+            item = _item(self._row(row["case_id"]))
+        log.info("outbox: case %s claimed%s", item.case_id, " (expired lease)" if expired else "")
+        return item
+
+    def mark_delivered(
+        self, case_id: str, receipt_json: str, *, now: datetime | None = None
+    ) -> None:
+        """Record the verified receipt of an in-flight case, then delete its spool file.
+
+        The row stays as history; the file goes only after the commit, so a crash in between
+        leaves a file that the next :meth:`open` removes.
+        """
+        try:
+            json.loads(receipt_json)
+        except ValueError as exc:
+            raise OutboxError(f"outbox: the receipt for case {case_id} is not JSON") from exc
+        at = _iso(now or datetime.now(UTC))
+        with self._write(f"mark case {case_id} delivered"):
+            self._require(case_id, OutboxState.IN_FLIGHT, "deliver")
+            self._conn.execute(
+                "UPDATE outbox SET state = ?, delivered_at = ?, receipt_json = ?, updated_at = ?,"
+                " lease_owner = NULL, lease_until = NULL WHERE case_id = ?",
+                (OutboxState.DELIVERED, at, receipt_json, at, case_id),
+            )
+        # Delivered is committed; a file that cannot be removed now is removed by the next open.
+        with suppress(OSError):
+            self._path(case_id).unlink(missing_ok=True)
+        log.info("outbox: case %s delivered", case_id)
+
+    def mark_failed(
+        self, case_id: str, error: str, retry_at: datetime, *, now: datetime | None = None
+    ) -> None:
+        """Put an in-flight case back in the queue until ``retry_at`` (backoff); attempts + 1.
+
+        ``error`` is kept as ``last_error`` (one line; it must not contain payload).
+        """
+        retry = _iso(retry_at)
+        at = _iso(now or datetime.now(UTC))
+        with self._write(f"mark case {case_id} failed"):
+            self._require(case_id, OutboxState.IN_FLIGHT, "mark failed")
+            self._conn.execute(
+                "UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?,"
+                " next_attempt_at = ?, updated_at = ?, lease_owner = NULL, lease_until = NULL"
+                " WHERE case_id = ?",
+                (OutboxState.PENDING, _one_line(error), retry, at, case_id),
+            )
+        log.info("outbox: case %s failed, retry at %s", case_id, retry)
+
+    def quarantine(self, case_id: str, reason: str, *, now: datetime | None = None) -> None:
+        """Take a pending or in-flight case out of the queue for good (until an admin retries).
+
+        For envelopes the server refused permanently; the file is kept for the admin.
+        """
+        text = _one_line(reason)
+        at = _iso(now or datetime.now(UTC))
+        with self._write(f"quarantine case {case_id}"):
+            self._require(case_id, (OutboxState.PENDING, OutboxState.IN_FLIGHT), "quarantine")
+            self._conn.execute(
+                "UPDATE outbox SET state = ?, quarantined_at = ?, quarantine_reason = ?,"
+                " updated_at = ?, lease_owner = NULL, lease_until = NULL WHERE case_id = ?",
+                (OutboxState.QUARANTINED, at, text, at, case_id),
+            )
+        log.warning("outbox: case %s quarantined: %s", case_id, text)
+
+    def retry(self, case_id: str, *, now: datetime | None = None) -> OutboxItem:
+        """Admin action: put a quarantined case back in the queue, due now, attempts reset.
+
+        ``last_error`` is kept for the record; the quarantine reason is cleared.
+        """
+        at = _iso(now or datetime.now(UTC))
+        with self._write(f"retry case {case_id}"):
+            row = self._require(case_id, OutboxState.QUARANTINED, "retry")
+            self._check_file(_item(row))
+            self._conn.execute(
+                "UPDATE outbox SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ?,"
+                " quarantined_at = NULL, quarantine_reason = NULL WHERE case_id = ?",
+                (OutboxState.PENDING, at, at, case_id),
+            )
+            item = _item(self._row(case_id))
+        log.info("outbox: case %s put back in the queue", case_id)
+        return item
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def get(self, case_id: str) -> OutboxItem | None:
+        """The case's entry, or ``None`` if it was never queued (as ``CaseStore.get``)."""
+        with _sqlite_errors(f"read case {case_id}"):
+            row = self._row(case_id)
+        return None if row is None else _item(row)
+
+    def envelope(self, item_or_case_id: OutboxItem | str) -> bytes:
+        """The envelope bytes to send, checked against the hash recorded at enqueue.
+
+        Raises :class:`OutboxError` for a delivered case (its file is gone) or a damaged file.
+        """
+        case_id = (
+            item_or_case_id.case_id if isinstance(item_or_case_id, OutboxItem) else item_or_case_id
+        )
+        item = self._get(case_id)
+        if item.state is OutboxState.DELIVERED:
+            raise OutboxError(f"outbox: case {case_id} was delivered; its envelope is deleted")
+        return self._check_file(item)
+
+    def items(self) -> list[OutboxItem]:
+        """Every case ever queued, delivered ones included, in queue order (priority, FIFO)."""
+        with _sqlite_errors("list the queue"):
+            rows = self._conn.execute("SELECT * FROM outbox ORDER BY priority, seq").fetchall()
+        return [_item(r) for r in rows]
+
+    def status(self, now: datetime | None = None) -> OutboxStatus:
+        """Counts per state, bytes against the quota, and how long the oldest case has waited."""
+        moment = _utc(now or datetime.now(UTC))
+        with _sqlite_errors("read the queue status"):
+            counts = {s: 0 for s in OutboxState}
+            for row in self._conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state"):
+                counts[OutboxState(row[0])] = row[1]
+            queued = self._queued_bytes()
+            oldest = self._conn.execute(
+                "SELECT MIN(enqueued_at) FROM outbox WHERE state IN (?, ?)",
+                (OutboxState.PENDING, OutboxState.IN_FLIGHT),
+            ).fetchone()[0]
+        age = None if oldest is None else (moment - datetime.fromisoformat(oldest)).total_seconds()
+        return OutboxStatus(
+            pending=counts[OutboxState.PENDING],
+            in_flight=counts[OutboxState.IN_FLIGHT],
+            delivered=counts[OutboxState.DELIVERED],
+            quarantined=counts[OutboxState.QUARANTINED],
+            queued_bytes=queued,
+            quota_bytes=self._quota,
+            oldest_pending_age_s=age,
+            full=queued >= self._quota,
+        )
+
+    # --- internals ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[None]:
+        """One ``BEGIN IMMEDIATE`` transaction. Rolls back on any error."""
+        with _sqlite_errors(what):
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._conn.execute("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back by itself (e.g. disk full).
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    def _path(self, case_id: str) -> Path:
+        return self._spool / f"{case_id}{SPOOL_SUFFIX}"
+
+    def _row(self, case_id: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._conn.execute(
+            "SELECT * FROM outbox WHERE case_id = ?", (case_id,)
+        ).fetchone()
+        return row
+
+    def _get(self, case_id: str) -> OutboxItem:
+        item = self.get(case_id)
+        if item is None:
+            raise UnknownQueuedCaseError(f"outbox: case {case_id} is not in the queue")
+        return item
+
+    def _require(
+        self, case_id: str, states: OutboxState | tuple[OutboxState, ...], action: str
+    ) -> sqlite3.Row:
+        """The case's row, inside the current transaction, if its state allows ``action``."""
+        allowed = states if isinstance(states, tuple) else (states,)
+        row = self._row(case_id)
+        if row is None:
+            raise UnknownQueuedCaseError(f"outbox: case {case_id} is not in the queue")
+        if row["state"] not in allowed:
+            wanted = " or ".join(s.value for s in allowed)
+            raise OutboxError(
+                f"outbox: cannot {action} case {case_id}: it is {row['state']}, not {wanted}"
+            )
+        return row
+
+    def _queued_bytes(self) -> int:
+        """Bytes of the envelopes still on disk (everything but delivered cases)."""
+        total: int = self._conn.execute(
+            "SELECT COALESCE(SUM(size_bytes), 0) FROM outbox WHERE state != ?",
+            (OutboxState.DELIVERED,),
+        ).fetchone()[0]
+        return total
+
+    def _check_quota(self, size: int) -> None:
+        used = self._queued_bytes()
+        if used + size > self._quota:
+            count = self._conn.execute(
+                "SELECT COUNT(*) FROM outbox WHERE state != ?", (OutboxState.DELIVERED,)
+            ).fetchone()[0]
+            raise QueueFullError(
+                f"outbox full: {used} of {self._quota} bytes ({100 * used / self._quota:.0f}%)"
+                f" used by {count} undelivered cases; this case needs {size} more"
+            )
+
+    def _check_file(self, item: OutboxItem) -> bytes:
+        """The spool file's bytes if they are the ones enqueued; else :class:`OutboxError`."""
+        try:
+            data = self._path(item.case_id).read_bytes()
+        except OSError as exc:
+            raise OutboxError(
+                f"outbox: the envelope of case {item.case_id} cannot be read: {exc.strerror or exc}"
+            ) from exc
+        if len(data) != item.size_bytes or hashlib.sha256(data).hexdigest() != (
+            item.envelope_sha256
+        ):
+            raise OutboxError(f"outbox: the envelope of case {item.case_id} is damaged")
+        return data
+
+    def _migrate(self) -> None:
+        """Apply the pending outbox migrations, one transaction each, with the version row."""
+        target = len(_MIGRATIONS)
+        while True:
+            with self._write("migrate the outbox schema"):
+                self._conn.execute(
+                    "CREATE TABLE IF NOT EXISTS outbox_meta"
+                    " (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+                )
+                row = self._conn.execute(
+                    "SELECT value FROM outbox_meta WHERE key = 'schema_version'"
+                ).fetchone()
+                version = 0 if row is None else int(row[0])
+                if version > target:
+                    raise OutboxError(
+                        f"outbox: schema version {version} is newer than this app supports"
+                        f" ({target}); upgrade the app"
+                    )
+                if version == target:
+                    return
+                for statement in _MIGRATIONS[version]:
+                    self._conn.execute(statement)
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO outbox_meta (key, value) VALUES ('schema_version', ?)",
+                    (version + 1,),
+                )
+            log.info("outbox schema migrated to version %d", version + 1)
+
+    def _tidy_spool(self) -> None:
+        """Remove what crashes leave behind, and quarantine rows whose file has been lost.
+
+        Runs under the write lock, during which no other process can rename a file into place.
+        Only undelivered rows are read: the history of delivered cases grows without bound.
+        """
+        for path in self._spool.iterdir():
+            if path.name.startswith(".") and path.name.endswith(_TMP_SUFFIX):
+                _remove_if_abandoned(path)
+        lost: list[str] = []
+        removed = 0
+        with self._write("tidy the spool folder"):
+            queued = {
+                r["case_id"]: (r["state"], r["size_bytes"])
+                for r in self._conn.execute(
+                    "SELECT case_id, state, size_bytes FROM outbox WHERE state != ?",
+                    (OutboxState.DELIVERED,),
+                )
+            }
+            sizes = {}
+            for path in self._spool.glob(f"*{SPOOL_SUFFIX}"):
+                case_id = path.name.removesuffix(SPOOL_SUFFIX)
+                if not _CASE_ID.fullmatch(case_id):
+                    continue  # not ours: leave it alone
+                if case_id in queued:
+                    sizes[case_id] = path.stat().st_size
+                else:  # never committed, or delivered before the file could go
+                    path.unlink(missing_ok=True)
+                    removed += 1
+            at = _iso(datetime.now(UTC))
+            for case_id, (state, size) in queued.items():
+                if state == OutboxState.QUARANTINED or sizes.get(case_id) == size:
+                    continue
+                lost.append(case_id)
+                self._conn.execute(
+                    "UPDATE outbox SET state = ?, quarantined_at = ?, quarantine_reason = ?,"
+                    " updated_at = ?, lease_owner = NULL, lease_until = NULL WHERE case_id = ?",
+                    (OutboxState.QUARANTINED, at, "spool file missing or damaged", at, case_id),
+                )
+        if removed:
+            log.info("outbox: removed %d spool files without a queued case", removed)
+        for case_id in lost:
+            log.warning("outbox: case %s quarantined: spool file missing or damaged", case_id)
+
+
+def _check_case_id(case_id: str) -> None:
+    if not _CASE_ID.fullmatch(case_id):
+        raise ValueError("case_id must be 32 or 64 lowercase hex characters")
+
+
+def _write_locked_temp(folder: Path, name: str, data: bytes) -> tuple[Path, int]:
+    """Write ``data`` to a new private temporary file in ``folder``, fsynced.
+
+    Returns its path and the open descriptor, which holds an exclusive ``flock`` until the caller
+    closes it: that is how the spool clean-up tells a live writer's file from a dead one's.
+    """
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(8)}{_TMP_SUFFIX}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink == 0:
+                # A clean-up took it for debris in the instant before we locked it: start over.
+                os.close(fd)
+                continue
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp, fd
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete temporary file into place and make the new name durable."""
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX keeps directory entries separately)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_if_abandoned(path: Path) -> None:
+    """Delete a temporary spool file if its writer is gone (nobody holds its lock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # renamed into place or removed meanwhile
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # a live writer
+        with suppress(FileNotFoundError):
+            if path.stat().st_ino == os.fstat(fd).st_ino:
+                path.unlink()
+    finally:
+        os.close(fd)
+
+
+def _enable_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
+    """Switch to WAL and return the journal mode now in force.
+
+    Why the loop: when several processes open a new file at once, SQLite reports "database is
+    locked" for this pragma at once instead of calling the busy handler, so we wait ourselves.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            mode: str = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+        else:
+            return mode
+
+
+def _item(row: sqlite3.Row | None) -> OutboxItem:
+    if row is None:
+        raise OutboxError("outbox: a queued case vanished during the transaction")
+    return OutboxItem(
+        case_id=row["case_id"],
+        state=OutboxState(row["state"]),
+        priority=row["priority"],
+        reason=row["reason"],
+        payload_sha256=row["payload_sha256"],
+        envelope_sha256=row["envelope_sha256"],
+        size_bytes=row["size_bytes"],
+        attempts=row["attempts"],
+        enqueued_at=row["enqueued_at"],
+        updated_at=row["updated_at"],
+        next_attempt_at=row["next_attempt_at"],
+        last_error=row["last_error"],
+        lease_owner=row["lease_owner"],
+        lease_until=row["lease_until"],
+        delivered_at=row["delivered_at"],
+        receipt=row["receipt_json"],
+        quarantined_at=row["quarantined_at"],
+        quarantine_reason=row["quarantine_reason"],
+    )

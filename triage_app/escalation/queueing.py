@@ -1,0 +1,41 @@
+"""Held escalations become sealed envelopes in the outbox.
+
+The one place where a triaged case's plaintext payload is turned into ciphertext: the payload
+(result JSON + de-identified DICOM, already through the PHI gate) is sealed to the central
+server's key and signed by this device, and only the envelope is written to disk. The outbox
+makes the write durable before its row commits, so once :meth:`EscalationQueue.enqueue`
+returns, the case survives a crash, and a second call for the same case changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from triage_app.escalation.envelope import seal_bytes
+from triage_app.escalation.keys import DeviceIdentity, ServerPublicKey
+from triage_app.escalation.outbox import Outbox, OutboxItem
+
+
+@dataclass(frozen=True)
+class EscalationQueue:
+    """Seals payloads for one server key and queues them in one outbox."""
+
+    outbox: Outbox
+    device: DeviceIdentity
+    server_key: ServerPublicKey
+
+    def enqueue(self, case_id: str, payload: bytes, *, reason: str) -> OutboxItem:
+        """Queue ``payload`` for ``case_id`` (idempotent: a queued case is never sealed again).
+
+        Raises ``QueueFullError`` when the outbox quota is reached; nothing changes then.
+        """
+        existing = self.outbox.get(case_id)
+        if existing is not None:
+            return existing
+        payload_sha256 = hashlib.sha256(payload).hexdigest()
+        envelope = seal_bytes(
+            payload, case_id=case_id, device=self.device, server_key=self.server_key
+        )
+        # If another process queued the case in between, the outbox keeps the first envelope.
+        return self.outbox.enqueue(case_id, envelope, reason=reason, payload_sha256=payload_sha256)
