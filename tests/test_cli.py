@@ -198,6 +198,12 @@ def test_demo_runs_on_bundled_images(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "decided locally" in run.stdout
     assert "other_ct_slice.dcm" in run.stdout and "out_of_scope" in run.stdout
+    # The escalated cases went through a real central server on loopback, once each.
+    escalated = run.stdout.count(" escalate ")
+    assert escalated >= 1
+    rows = [line for line in run.stdout.splitlines() if " escalate " in line]
+    assert all((" delivered " in r or " verdict_received " in r) for r in rows), rows
+    assert f"{escalated} delivered exactly once ({escalated} first deliveries)" in run.stdout
 
 
 def test_config_show_lists_settings_and_set_requires_admin_password(tmp_path):

@@ -8,26 +8,31 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from triage_app import __version__
+from triage_app import __version__, cli_central, cli_queue
 from triage_app.admin import save_audited
+from triage_app.cli_common import (
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_USAGE,
+    actor,
+    read_secret,
+    settings_from_args,
+)
 from triage_app.config import (
     SPECS,
     Settings,
     apply_change,
     describe,
-    load_settings,
     set_admin_password,
     verify_admin_password,
 )
@@ -38,8 +43,6 @@ from triage_app.logs import configure_logging
 from triage_app.results import CaseResult, FailedInput, InputOutcome
 
 logger = logging.getLogger("triage_app.cli")
-
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,6 +130,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print JSON Lines instead of a table")
     demo.set_defaults(handler=_demo)
 
+    cli_queue.register(sub, common)
+    cli_central.register(sub, common)
+    device = sub.add_parser(
+        "device",
+        parents=[common],
+        help="this device's id and public key (to register it with the central server)",
+    )
+    device.set_defaults(handler=_device)
+
     config = sub.add_parser("config", help="show, check or change settings")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_sub.add_parser(
@@ -164,24 +176,6 @@ def _configure_logging(verbose: bool, debug: bool) -> None:
     configure_logging(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
 
 
-def _settings(args: argparse.Namespace, *, for_saving: bool = False) -> Settings:
-    overrides: dict[str, object] = {}
-    if getattr(args, "data_dir", None):
-        overrides["paths.data_dir"] = args.data_dir
-    if getattr(args, "model_dir", None):
-        overrides["paths.model_dir"] = args.model_dir
-    if getattr(args, "workers", None):
-        overrides["processing.workers"] = args.workers
-    if getattr(args, "options", None):
-        overrides["deidentify.options"] = args.options
-    if for_saving:
-        # What is saved must be the file's own values, not the environment's or the flags';
-        # the effective settings (e.g. which case store gets the audit entry) come from
-        # a second call without ``for_saving``.
-        return load_settings(args.config, env={})
-    return load_settings(args.config, overrides=overrides)
-
-
 # --- classify and demo -------------------------------------------------------------------------
 
 
@@ -215,7 +209,7 @@ def _summary(outcomes: Sequence[InputOutcome], seconds: float) -> str:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from_args(args)
     files = expand_inputs(args.paths)
     started = time.perf_counter()
     outcomes = _triage(settings, files, sys.stdout, as_json=True)
@@ -224,20 +218,34 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from triage_app.demo import demo_images
+    from triage_app.demo import run_demo
+    from triage_app.demo_data import demo_images
 
-    images, truth = demo_images()
+    _, truth = demo_images()
     with tempfile.TemporaryDirectory(prefix="triage-demo-") as scratch:
-        if not args.data_dir:
-            args.data_dir = Path(scratch)
-        settings = _settings(args)
+        data_dir = args.data_dir or Path(scratch)
         started = time.perf_counter()
-        outcomes = _triage(settings, images, sys.stdout, as_json=args.json)
+        run = run_demo(data_dir)
         seconds = time.perf_counter() - started
-    if not args.json:
-        _print_demo_table(outcomes, truth)
-    print(_summary(outcomes, seconds), file=sys.stdout if not args.json else sys.stderr)
-    return EXIT_OK if all(o.ok for o in outcomes) else EXIT_SOME_FAILED
+    if args.json:
+        for outcome in run.outcomes:
+            record = outcome.to_json()
+            if isinstance(outcome, CaseResult) and outcome.case_id in run.verdicts:
+                record["central_verdict"] = run.verdicts[outcome.case_id]
+            print(json.dumps(record))
+    else:
+        _print_demo_table(run.outcomes, truth, run.verdicts, run.states)
+    out = sys.stderr if args.json else sys.stdout
+    print(_summary(run.outcomes, seconds), file=out)
+    delivered = [a for a in run.attempts if a.outcome == "delivered"]
+    print(
+        f"central server {run.server_url} (model: {run.central_model or 'none'}): "
+        f"{len(delivered)} delivered exactly once "
+        f"({sum(a.deliveries == 1 for a in delivered)} first deliveries), "
+        f"{len(run.verdicts)} verdicts back",
+        file=out,
+    )
+    return EXIT_OK if all(o.ok for o in run.outcomes) else EXIT_SOME_FAILED
 
 
 def _deidentify(args: argparse.Namespace) -> int:
@@ -245,7 +253,7 @@ def _deidentify(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     counts: Counter[str] = Counter()
-    outcomes = deidentify_sources(args.sources, args.destination, _settings(args))
+    outcomes = deidentify_sources(args.sources, args.destination, settings_from_args(args))
     for outcome in outcomes:
         print(json.dumps(outcome.to_json()), flush=True)
         if isinstance(outcome, DeidentifiedOutput):
@@ -264,34 +272,55 @@ def _deidentify(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if counts["failed"] else EXIT_OK
 
 
-def _print_demo_table(outcomes: Sequence[InputOutcome], truth: dict[str, str]) -> None:
-    print(f"{'image':<30} {'truth':<13} {'decision':<10} {'reason':<20} {'score':>6}  note")
+def _print_demo_table(
+    outcomes: Sequence[InputOutcome],
+    truth: dict[str, str],
+    verdicts: dict[str, dict[str, Any]],
+    states: dict[str, str],
+) -> None:
+    print(
+        f"{'image':<30} {'truth':<13} {'decision':<10} {'reason':<19} {'score':>6}  "
+        f"{'escalation':<18} central"
+    )
     right = wrong = 0
     for outcome in outcomes:
         name = Path(outcome.path).name
         expected = truth.get(name, "?")
         if not isinstance(outcome, CaseResult):
-            print(f"{name:<30} {expected:<13} {'failed':<10} {outcome.code:<20}")
+            print(f"{name:<30} {expected:<13} {'failed':<10} {outcome.code:<19}")
             continue
-        note = ""
+        escalation = central = ""
         if outcome.decision in ("normal", "abnormal"):
             agrees = outcome.decision == expected
             right, wrong = right + agrees, wrong + (not agrees)
-            note = "" if agrees else "LOCAL ERROR"
+            central = "" if agrees else "LOCAL ERROR"
         elif outcome.escalation is not None:
-            note = f"escalation {outcome.escalation.state}"
+            escalation = states.get(outcome.case_id, outcome.escalation.state)
+            verdict = verdicts.get(outcome.case_id)
+            if verdict is not None:
+                central = f"{verdict['verdict']} ({float(verdict['score']):.3f})"
+            elif outcome.escalation.reason:
+                central = f"not sent: {outcome.escalation.reason}"
         print(
-            f"{name:<30} {expected:<13} {outcome.decision:<10} {outcome.reason:<20} "
-            f"{outcome.score:>6.3f}  {note}"
+            f"{name:<30} {expected:<13} {outcome.decision:<10} {outcome.reason:<19} "
+            f"{outcome.score:>6.3f}  {escalation:<18} {central}"
         )
     print(f"local decisions matching the truth: {right}/{right + wrong}")
+
+
+def _device(args: argparse.Namespace) -> int:
+    from triage_app.escalation.keys import load_or_create_device_identity
+
+    identity = load_or_create_device_identity(settings_from_args(args).data_dir)
+    print(json.dumps({"device_id": identity.device_id, "public_key": identity.public_key_b64()}))
+    return EXIT_OK
 
 
 # --- config ------------------------------------------------------------------------------------
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from_args(args)
     rows = describe()
     if args.json:
         doc = {row.key: settings.get_text(row.key) for row in rows}
@@ -305,66 +334,48 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _config_get(args: argparse.Namespace) -> int:
-    print(_settings(args).get_text(args.key))
+    print(settings_from_args(args).get_text(args.key))
     return EXIT_OK
 
 
 def _config_validate(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from_args(args)
     changed = settings.changed_keys()
     print(f"settings are valid ({len(changed)} differ from the defaults)")
     return EXIT_OK
 
 
-def _read_secret(prompt: str, from_stdin: bool) -> str:
-    if from_stdin:
-        return sys.stdin.readline().rstrip("\n")
-    if not sys.stdin.isatty():
-        raise AdminAuthError("no terminal to ask for the password on; pipe it with --*-stdin")
-    try:
-        return getpass.getpass(prompt)
-    except EOFError:
-        return ""
-
-
 def _config_set(args: argparse.Namespace) -> int:
-    settings = _settings(args, for_saving=True)
+    settings = settings_from_args(args, for_saving=True)
     spec = SPECS.get(args.key)
     # Without an admin password set there is nothing to ask: apply_change refuses clearly.
     ask = spec is not None and spec.admin and settings.has_admin_password
-    password = _read_secret("admin password: ", args.admin_password_stdin) if ask else None
+    password = read_secret("admin password: ", args.admin_password_stdin) if ask else None
     updated, change = apply_change(settings, args.key, args.value, admin_password=password)
-    store_path = _settings(args).case_store_path
+    store_path = settings_from_args(args).case_store_path
     path = save_audited(
-        updated, args.config, store_path, actor=_actor(), action="config.set", change=change
+        updated, args.config, store_path, actor=actor(), action="config.set", change=change
     )
     print(f"{change.key}: {change.old!s} -> {change.new!s} (saved to {path})")
     return EXIT_OK
 
 
 def _config_set_admin_password(args: argparse.Namespace) -> int:
-    settings = _settings(args, for_saving=True)
+    settings = settings_from_args(args, for_saving=True)
     if settings.has_admin_password:
-        current = _read_secret("current admin password: ", args.stdin)
+        current = read_secret("current admin password: ", args.stdin)
         if not verify_admin_password(settings, current):
             raise AdminAuthError("the current admin password is wrong")
-    new = _read_secret("new admin password: ", args.stdin)
+    new = read_secret("new admin password: ", args.stdin)
     path = save_audited(
         set_admin_password(settings, new),
         args.config,
-        _settings(args).case_store_path,
-        actor=_actor(),
+        settings_from_args(args).case_store_path,
+        actor=actor(),
         action="config.admin_password_set",
     )
     print(f"admin password set (saved to {path})")
     return EXIT_OK
-
-
-def _actor() -> str:
-    try:
-        return os.getlogin()
-    except OSError:
-        return os.environ.get("USER", "unknown")
 
 
 if __name__ == "__main__":

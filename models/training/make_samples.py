@@ -16,7 +16,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from triage_app.demo import demo_data_dir
+from triage_app.demo_data import demo_data_dir
 from triage_app.synthetic import PhantomConfig, phantom_to_dataset, render_phantom
 
 SAMPLE_SEED = 7777

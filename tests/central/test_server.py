@@ -1,0 +1,212 @@
+"""The server as a whole: health, keys, metrics, TLS, restarts on the same data, ``serve``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.central.conftest import (
+    ROOT,
+    Central,
+    StartCentral,
+    make_case,
+    new_device,
+    seal_case,
+)
+from tests.central.test_api import assert_refused, receipt_key_of
+from tests.tls import ServerMaterial, make_self_signed_server
+from triage_app.central.config import CentralConfig
+from triage_app.central.server import ServerThread, bind_socket
+from triage_app.central.storage import DICOM_FILE, CentralStore
+from triage_app.errors import ConfigError
+from triage_app.escalation.keys import ServerPublicKey
+from triage_app.escalation.receipt import verify_receipt
+
+
+def test_health_answers_with_the_case_count(central: Central) -> None:
+    assert central.get("/v1/health").json() == {"status": "ok", "cases": 0, "model": None}
+    device = central.register(new_device())
+    case = make_case(30)
+    central.post(case.case_id, central.seal(case, device))
+
+    assert central.get("/v1/health").json()["cases"] == 1
+
+
+def test_keys_are_what_a_device_needs_to_seal_and_check_receipts(central: Central) -> None:
+    keys = central.get("/v1/keys").json()
+
+    assert set(keys) == {
+        "server_key_id",
+        "server_public_key",
+        "retired_key_ids",
+        "server_id",
+        "receipt_public_key",
+    }
+    server_key = ServerPublicKey.from_b64(keys["server_public_key"])
+    assert server_key.key_id == keys["server_key_id"] == central.key_ring.active.key_id
+    assert keys["retired_key_ids"] == []
+    assert keys["server_id"] == central.key_ring.server_id
+    device = central.register(new_device())
+    case = make_case(31)
+    response = central.post(case.case_id, seal_case(case, device, server_key))
+    assert response.status_code == 201
+
+
+def test_metrics_count_cases_duplicates_and_refusals(central: Central) -> None:
+    device = central.register(new_device())
+    case = make_case(32)
+    body = central.seal(case, device)
+    central.post(case.case_id, body)
+    central.post(case.case_id, body)
+    central.post(case.case_id, central.seal(case, new_device()))  # unknown device
+
+    response = central.get("/metrics")
+
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    lines = set(response.text.splitlines())
+    assert "triage_central_cases_received_total 1.0" in lines
+    assert "triage_central_duplicate_deliveries_total 1.0" in lines
+    assert 'triage_central_rejections_total{code="unknown_device"} 1.0' in lines
+    assert "triage_central_stored_cases 1.0" in lines
+    assert (
+        'triage_central_request_seconds_count{method="POST",route="/v1/cases/{case_id}"} 3.0'
+        in lines
+    )
+    assert case.case_id not in response.text  # labelled by route template, not by case
+
+
+def test_two_servers_in_one_process_keep_their_own_metrics(start_central: StartCentral) -> None:
+    one = start_central()
+    other = start_central(one.thread.config.data_dir.parent / "other")
+    device = one.register(new_device())
+    case = make_case(33)
+    one.post(case.case_id, one.seal(case, device))
+
+    assert "triage_central_cases_received_total 1.0" in one.get("/metrics").text
+    assert "triage_central_cases_received_total 0.0" in other.get("/metrics").text
+
+
+def test_a_restart_on_the_same_data_keeps_cases_keys_and_receipts(
+    start_central: StartCentral, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "server"
+    first = start_central(data_dir)
+    device = first.register(new_device())
+    case = make_case(34)
+    body = first.seal(case, device)
+    receipt = first.post(case.case_id, body).json()["receipt"]
+    receipt_key = receipt_key_of(first)
+    first.thread.stop()
+
+    second = start_central(data_dir)
+    again = second.post(case.case_id, body)
+
+    assert again.status_code == 200, again.text
+    verified = verify_receipt(
+        again.json(),
+        receipt_key,
+        case_id=case.case_id,
+        device_id=device.device_id,
+        payload_sha256=receipt["payload_sha256"],
+    )
+    assert verified.deliveries == 2
+    assert again.json()["receipt"] == receipt | {"deliveries": 2}
+    assert second.get("/v1/health").json()["cases"] == 1
+    assert (second.store.case_dir(case.case_id) / DICOM_FILE).read_bytes() == case.payload.dicom
+
+
+def test_tls_is_required_and_verified(central: Central, tmp_path: Path) -> None:
+    plain = central.url.replace("https://", "http://")
+    with requests.Session() as session:
+        session.trust_env = False
+        with pytest.raises(requests.ConnectionError):
+            session.get(plain + "/v1/health", timeout=10)
+        stranger = make_self_signed_server(tmp_path / "stranger")
+        session.verify = str(stranger.ca_cert)
+        with pytest.raises(requests.exceptions.SSLError):
+            session.get(central.url + "/v1/health", timeout=10)
+
+
+def test_a_taken_port_is_a_config_error(central: Central, tls: ServerMaterial) -> None:
+    with pytest.raises(ConfigError, match="cannot listen"):
+        bind_socket("127.0.0.1", central.thread.port or 0)
+
+
+def test_server_thread_owns_and_closes_what_it_opened(tmp_path: Path, tls: ServerMaterial) -> None:
+    config = CentralConfig(
+        tmp_path / "server", port=0, tls_cert=tls.server_cert, tls_key=tls.server_key
+    )
+    with ServerThread(config) as server:
+        assert server.port is not None and server.port > 0
+        assert server.url == f"https://127.0.0.1:{server.port}"
+    with CentralStore.for_config(config) as store:  # the file is closed and reopens cleanly
+        assert store.count() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def test_serve_runs_in_the_foreground_and_stops_gracefully_on_sigterm(
+    tmp_path: Path, tls: ServerMaterial, http: requests.Session
+) -> None:
+    port = _free_port()
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from triage_app.central.config import CentralConfig
+        from triage_app.central.server import serve
+        serve(CentralConfig(Path({str(tmp_path / "server")!r}), port={port},
+                            tls_cert=Path({str(tls.server_cert)!r}),
+                            tls_key=Path({str(tls.server_key)!r})))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = http.get(f"https://127.0.0.1:{port}/v1/health", timeout=5)
+                break
+            except requests.ConnectionError:
+                assert process.poll() is None, process.communicate()[1]
+                assert time.monotonic() < deadline, "serve() did not start listening"
+                time.sleep(0.1)
+        assert health.json()["status"] == "ok"
+        health.close()  # the response holds the socket open until it is closed
+        http.close()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    # uvicorn re-raises the signal it handled once shutdown is complete (for service managers).
+    assert process.returncode in (0, -signal.SIGTERM), stderr
+    assert "Traceback" not in stderr
+    assert (tmp_path / "server" / "central" / "central.sqlite3").is_file()
+
+
+def test_unknown_paths_are_refused_in_the_error_shape(central: Central) -> None:
+    assert_refused(central.get("/"), 404, "not_found")

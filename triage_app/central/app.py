@@ -1,0 +1,438 @@
+"""The central API (docs/escalation-protocol.md, "Central API") as a FastAPI application.
+
+Why the checks run in this order on ``POST /v1/cases/{case_id}``: the cheapest refusal first and
+nothing decrypted for a sender the server does not trust. The body is read with a hard limit
+(413 from ``Content-Length`` before reading, and again while streaming); then the header is
+parsed, the device looked up (401/403), its signature checked, the URL's case id compared with
+the signed one, the age checked, and only then is the envelope opened with the key ring's private
+keys and stored. Every refusal is ``{"error": {"code", "message"}}`` with the protocol's status,
+so the device can tell "retry" (408, 429, 5xx) from "quarantine" (other 4xx).
+
+Privacy: requests are logged with case ids, device ids and codes only; payloads never are.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from triage_app.central.config import MAX_CLOCK_SKEW, CentralConfig
+from triage_app.central.errors import (
+    BodyTooLargeError,
+    CaseConflictError,
+    CaseIdMismatchError,
+    DeviceRevokedError,
+    ReplayedEnvelopeError,
+    StaleEnvelopeError,
+    UnknownDeviceError,
+)
+from triage_app.central.registry import DeviceRecord
+from triage_app.central.storage import CentralStore, Verdict
+from triage_app.central.verdicts import CentralModel, VerdictWorker
+from triage_app.errors import (
+    EnvelopeError,
+    EnvelopeSignatureError,
+    EnvelopeTamperedError,
+    EnvelopeTruncatedError,
+    MalformedEnvelopeError,
+    StoreError,
+    UnknownServerKeyError,
+)
+from triage_app.escalation.envelope import (
+    EnvelopeHeader,
+    open_envelope,
+    parse_timestamp,
+    read_header,
+    verify_header,
+)
+from triage_app.escalation.keys import ServerKeyRing
+from triage_app.escalation.receipt import Receipt, sign_receipt, verify_request_signature
+
+log = logging.getLogger(__name__)
+
+#: The HTTP status of every refusal code (protocol, "Central API").
+STATUS_BY_CODE: dict[str, int] = {
+    MalformedEnvelopeError.code: 400,
+    CaseIdMismatchError.code: 400,
+    UnknownDeviceError.code: 401,
+    EnvelopeSignatureError.code: 401,
+    DeviceRevokedError.code: 403,
+    ReplayedEnvelopeError.code: 409,
+    CaseConflictError.code: 409,
+    StaleEnvelopeError.code: 409,
+    BodyTooLargeError.code: 413,
+    UnknownServerKeyError.code: 422,
+    EnvelopeTamperedError.code: 422,
+    EnvelopeTruncatedError.code: 422,
+}
+_CASE_ID = re.compile(r"[0-9a-f]{64}")
+_LOGGABLE_ID = re.compile(r"[0-9a-f]{64}|dev-[0-9a-f]{16}")
+#: Seconds a device should wait before retrying after a 503 (storage failed).
+RETRY_AFTER_S = 30
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The protocol's error body, one line of message."""
+    body = {"error": {"code": code, "message": " ".join(message.split())}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@dataclass(frozen=True)
+class CentralMetrics:
+    """The server's Prometheus metrics, in a registry of their own (never the global one), so
+    that several apps in one process (tests, the demo) do not collide."""
+
+    registry: CollectorRegistry
+    received: Counter
+    duplicates: Counter
+    rejections: Counter
+    verdicts: Counter
+    stored_cases: Gauge
+    request_seconds: Histogram
+
+    @classmethod
+    def create(cls, store: CentralStore) -> CentralMetrics:
+        registry = CollectorRegistry(auto_describe=True)
+        stored = Gauge(
+            "triage_central_stored_cases", "Cases stored on this server.", registry=registry
+        )
+        stored.set_function(lambda: float(store.count()))
+        return cls(
+            registry=registry,
+            received=Counter(
+                "triage_central_cases_received",
+                "Cases stored for the first time.",
+                registry=registry,
+            ),
+            duplicates=Counter(
+                "triage_central_duplicate_deliveries",
+                "Repeated deliveries of stored cases (answered 200 with the same receipt).",
+                registry=registry,
+            ),
+            rejections=Counter(
+                "triage_central_rejections",
+                "Refused requests, by error code.",
+                ["code"],
+                registry=registry,
+            ),
+            verdicts=Counter(
+                "triage_central_verdicts",
+                "Verdicts of the central model, by label.",
+                ["verdict"],
+                registry=registry,
+            ),
+            stored_cases=stored,
+            request_seconds=Histogram(
+                "triage_central_request_seconds",
+                "Time to answer a request, by method and route.",
+                ["method", "route"],
+                registry=registry,
+            ),
+        )
+
+
+class CaseReceiver:
+    """The synchronous part of ``POST /v1/cases/{case_id}``: check, open, store, sign.
+
+    Runs in a worker thread (crypto and fsync must not block the event loop).
+    """
+
+    def __init__(
+        self,
+        config: CentralConfig,
+        key_ring: ServerKeyRing,
+        store: CentralStore,
+        now: Callable[[], datetime] | None = None,
+    ) -> None:
+        self._config = config
+        self._key_ring = key_ring
+        self._store = store
+        self._now = now or (lambda: datetime.now(UTC))
+
+    def receive(self, path_case_id: str, body: bytes) -> tuple[dict[str, Any], bool]:
+        """Return the signed receipt and whether this is the case's first delivery.
+
+        Raises an :class:`~triage_app.errors.EnvelopeError` (a refusal with its code) or a
+        :class:`~triage_app.errors.StoreError` (retryable).
+        """
+        try:
+            header = read_header(body)
+        except EnvelopeError as err:
+            log.info("refused case %s: %s", loggable(path_case_id), err.code)
+            raise
+        try:
+            return self._receive(path_case_id, body, header)
+        except EnvelopeError as err:
+            log.info(
+                "refused case %s from device %s: %s",
+                loggable(path_case_id),
+                header.device_id,
+                err.code,
+            )
+            raise
+
+    def _receive(
+        self, path_case_id: str, body: bytes, header: EnvelopeHeader
+    ) -> tuple[dict[str, Any], bool]:
+        device = self.trusted_device(header.device_id)
+        verify_header(body, device.public_key())
+        if header.case_id != path_case_id:
+            raise CaseIdMismatchError(
+                "the case id in the URL is not the one in the signed envelope header"
+            )
+        self._check_age(header.created_at)
+        opened = open_envelope(
+            body,
+            device_public_key=device.public_key(),
+            server_keys=self._key_ring.private_keys,
+        )
+        delivery, first = self._store.accept(opened.header, opened.payload, body)
+        receipt = Receipt(
+            case_id=delivery.case_id,
+            device_id=delivery.device_id,
+            envelope_id=delivery.envelope_id,
+            payload_sha256=delivery.payload_sha256,
+            received_at=parse_timestamp(delivery.received_at),
+            server_id=self._key_ring.server_id,
+            deliveries=delivery.deliveries,
+        )
+        return sign_receipt(receipt, self._key_ring.receipt_key), first
+
+    def trusted_device(self, device_id: str) -> DeviceRecord:
+        """The registered, unrevoked device ``device_id``, or the refusal the protocol names."""
+        if not device_id:
+            raise UnknownDeviceError("the request does not say which device sends it")
+        device = self._store.registry.get(device_id)
+        if device is None:
+            raise UnknownDeviceError(f"device {device_id} is not registered with this server")
+        if device.revoked:
+            raise DeviceRevokedError(f"device {device_id} was revoked")
+        return device
+
+    def _check_age(self, created: datetime) -> None:
+        now = self._now()
+        if created < now - self._config.max_envelope_age:
+            raise StaleEnvelopeError(
+                f"the envelope was created more than {_days(self._config.max_envelope_age)} ago"
+            )
+        if created > now + MAX_CLOCK_SKEW:
+            raise StaleEnvelopeError(
+                f"the envelope was created more than {MAX_CLOCK_SKEW.seconds} s in the future"
+            )
+
+
+def create_app(
+    config: CentralConfig,
+    *,
+    key_ring: ServerKeyRing,
+    store: CentralStore,
+    now: Callable[[], datetime] | None = None,
+) -> FastAPI:
+    """The central API over an open store and a loaded key ring.
+
+    The central model (``config.model_dir``) is loaded and hash-checked here, so a bad bundle
+    stops the server before it listens; its worker thread runs while the app runs (lifespan).
+    ``now`` replaces the clock for age and signature checks (tests).
+    """
+    clock = now or (lambda: datetime.now(UTC))
+    metrics = CentralMetrics.create(store)
+    model = None if config.model_dir is None else CentralModel(config.model_dir)
+
+    def on_verdict(verdict: Verdict) -> None:
+        metrics.verdicts.labels(verdict=verdict.verdict).inc()
+
+    worker = VerdictWorker(store, model, on_verdict=on_verdict)
+    receiver = CaseReceiver(config, key_ring, store, clock)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(worker.stop)
+
+    app = FastAPI(
+        title="triage central server",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.worker = worker
+    app.state.metrics = metrics
+    app.add_middleware(_TimingMiddleware, histogram=metrics.request_seconds)
+
+    def reject(err: EnvelopeError) -> JSONResponse:
+        metrics.rejections.labels(code=err.code).inc()
+        status = STATUS_BY_CODE.get(err.code, 400)
+        headers = {"Connection": "close"} if status == 413 else None
+        return error_response(status, err.code, err.message, headers)
+
+    @app.post("/v1/cases/{case_id}")
+    async def post_case(case_id: str, request: Request) -> Response:
+        try:
+            body = await _read_limited(request, config.max_body_bytes)
+            signed, first = await run_in_threadpool(receiver.receive, case_id, body)
+        except BodyTooLargeError as err:
+            log.info("refused case %s: %s", loggable(case_id), err.code)
+            return reject(err)
+        except EnvelopeError as err:
+            return reject(err)
+        except StoreError as err:
+            metrics.rejections.labels(code=err.code).inc()
+            log.error("case %s not stored (%s): answering 503", loggable(case_id), err.code)
+            return error_response(
+                503,
+                err.code,
+                "the case could not be stored; retry later",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
+        if first:
+            metrics.received.inc()
+            worker.submit(case_id)
+        else:
+            metrics.duplicates.inc()
+        return JSONResponse(signed, status_code=201 if first else 200)
+
+    @app.get("/v1/cases/{case_id}/verdict")
+    def get_verdict(case_id: str, request: Request) -> Response:
+        device_id = request.headers.get("x-device-id", "")
+        try:
+            device = receiver.trusted_device(device_id)
+            verify_request_signature(
+                device.public_key(),
+                "GET",
+                request.url.path,
+                request.headers,
+                int(clock().timestamp()),
+            )
+        except EnvelopeError as err:
+            log.info(
+                "refused verdict poll for case %s by device %s: %s",
+                loggable(case_id),
+                loggable(device_id),
+                err.code,
+            )
+            return reject(err)
+        case = store.get_case(case_id) if _looks_like_case_id(case_id) else None
+        if case is None or case.device_id != device.device_id:
+            # Another device's case is "unknown" too: its existence is not this device's business.
+            return error_response(404, "unknown_case", f"no case {case_id} from this device")
+        if case.verdict is not None:
+            return JSONResponse(case.verdict.to_json())
+        failure = store.get_verdict_failure(case_id)
+        if failure is not None:
+            return error_response(422, failure.code, failure.message)
+        return JSONResponse({"case_id": case_id, "status": "pending"}, status_code=202)
+
+    @app.get("/v1/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "cases": store.count(), "model": worker.model_info}
+
+    @app.get("/v1/keys")
+    def keys() -> dict[str, Any]:
+        return dict(key_ring.public_info())
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(400, "bad_request", "the request is not valid")
+
+    @app.exception_handler(StoreError)
+    async def store_error(_: Request, exc: StoreError) -> Response:
+        log.error("central store failed: %s", exc.code)
+        return error_response(
+            503,
+            exc.code,
+            "storage is unavailable; retry later",
+            {"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    return app
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The whole body, refusing one over ``limit`` before reading it (Content-Length) or as
+    soon as the streamed bytes pass the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLargeError(f"the body is {declared} bytes; this server accepts {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLargeError(f"the body is larger than this server accepts ({limit} bytes)")
+    return bytes(body)
+
+
+def _looks_like_case_id(case_id: str) -> bool:
+    return _CASE_ID.fullmatch(case_id) is not None
+
+
+def loggable(identifier: str) -> str:
+    """A case or device id as it may be logged; anything else a client sent is not echoed."""
+    return identifier if _LOGGABLE_ID.fullmatch(identifier) else "<invalid id>"
+
+
+def _days(age: timedelta) -> str:
+    return f"{age.days} days" if age.days else f"{int(age.total_seconds())} s"
+
+
+_Scope = MutableMapping[str, Any]
+_Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+_Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class _TimingMiddleware:
+    """Observe each HTTP request's duration, labelled by route template (never by case id)."""
+
+    def __init__(
+        self, app: Callable[[_Scope, _Receive, _Send], Awaitable[None]], histogram: Histogram
+    ) -> None:
+        self._app = app
+        self._histogram = histogram
+
+    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self._histogram.labels(method=scope["method"], route=template).observe(
+                time.perf_counter() - started
+            )

@@ -1,0 +1,115 @@
+"""The central server's settings, checked once when they are made.
+
+A frozen value object rather than entries in the device's settings file: the server runs on
+another machine with its own data folder, and one object handed to ``create_app`` and ``serve``
+keeps every limit in one place. Files (TLS certificate and key) are checked when the server
+starts, not here, so that ``central cases`` can build a config just to find the data folder.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from triage_app.errors import ConfigError
+
+MIB = 1024 * 1024
+DEFAULT_PORT = 8443
+DEFAULT_MAX_BODY_BYTES = 256 * MIB
+DEFAULT_MAX_ENVELOPE_AGE = timedelta(days=30)
+#: How far in the future a ``created_at`` (or a signed request's timestamp) may lie.
+MAX_CLOCK_SKEW = timedelta(seconds=300)
+
+
+@dataclass(frozen=True)
+class CentralConfig:
+    """Where the server keeps its data, where it listens, and what it accepts.
+
+    ``tls_cert``/``tls_key`` are both set or both ``None``; ``None`` is only for a loopback host
+    with ``allow_plain_http=True`` (a development aid: devices always pin a TLS certificate).
+    ``model_dir`` is the central model bundle; ``None`` runs no model, so verdicts stay pending.
+    """
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_envelope_age: timedelta = DEFAULT_MAX_ENVELOPE_AGE
+    model_dir: Path | None = None
+    allow_plain_http: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data_dir, Path):
+            raise ConfigError(f"central.data_dir: must be a path (got {self.data_dir!r})")
+        if not self.host or any(c.isspace() for c in self.host):
+            raise ConfigError(f"central.host: must be a host name or address (got {self.host!r})")
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            raise ConfigError(f"central.port: must be an integer (got {self.port!r})")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"central.port: must be between 0 and 65535 (got {self.port})")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("central.tls_cert/tls_key: give both the certificate and its key")
+        if self.tls_cert is None and not self.allow_plain_http:
+            raise ConfigError("central.tls_cert: required (the server only speaks HTTPS)")
+        if self.tls_cert is None and not _is_loopback(self.host):
+            raise ConfigError(
+                f"central.host: plain HTTP is allowed on loopback only (got {self.host!r})"
+            )
+        if isinstance(self.max_body_bytes, bool) or not isinstance(self.max_body_bytes, int):
+            raise ConfigError(
+                f"central.max_body_bytes: must be an integer (got {self.max_body_bytes!r})"
+            )
+        if self.max_body_bytes < 1024:
+            raise ConfigError(
+                f"central.max_body_bytes: must be at least 1024 (got {self.max_body_bytes})"
+            )
+        if not isinstance(self.max_envelope_age, timedelta):
+            raise ConfigError(
+                f"central.max_envelope_age: must be a duration (got {self.max_envelope_age!r})"
+            )
+        if self.max_envelope_age <= timedelta(0):
+            raise ConfigError(
+                f"central.max_envelope_age: must be positive (got {self.max_envelope_age})"
+            )
+        if self.model_dir is not None and not isinstance(self.model_dir, Path):
+            raise ConfigError(f"central.model_dir: must be a path or None (got {self.model_dir!r})")
+
+    @property
+    def central_dir(self) -> Path:
+        """The server's own folder under the data folder (keys, database, cases)."""
+        return self.data_dir / "central"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.central_dir / "keys"
+
+    @property
+    def db_path(self) -> Path:
+        return self.central_dir / "central.sqlite3"
+
+    @property
+    def cases_dir(self) -> Path:
+        return self.central_dir / "cases"
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def check_tls_files(self) -> None:
+        """Refuse to start with a certificate or key that is not a readable file."""
+        for name, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"central.{name}: no such file: {path}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

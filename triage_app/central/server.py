@@ -1,0 +1,234 @@
+"""Running the central API under uvicorn: in the foreground (``serve``) or in a thread.
+
+Why we bind the listening socket ourselves: a port that is taken becomes one clear
+``ConfigError`` instead of uvicorn's ``sys.exit``, and port 0 (tests, the demo) yields the real
+port before the first request. TLS is always on except for the explicit loopback development
+flag, with TLS 1.2 as the floor. Shutdown is uvicorn's graceful one (SIGINT/SIGTERM in the
+foreground, ``stop()`` for a thread): open requests finish, the verdict worker stops after its
+current case, and the database is closed last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from datetime import datetime
+from types import TracebackType
+from typing import Self
+
+import uvicorn
+from fastapi import FastAPI
+
+from triage_app.central.app import create_app
+from triage_app.central.config import CentralConfig
+from triage_app.central.storage import CentralStore
+from triage_app.errors import ConfigError
+from triage_app.escalation.keys import ServerKeyRing
+
+log = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_S = 30
+_START_TIMEOUT_S = 30.0
+_CLOSE_GRACE_S = 1.0
+
+
+def load_key_ring(config: CentralConfig) -> ServerKeyRing:
+    """The server's keys under ``<data>/central/keys/``, created on first run."""
+    return ServerKeyRing.load_or_create(config.central_dir)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0 = any free port), or a one-line ConfigError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as exc:
+        raise ConfigError(f"central: cannot listen on {host}:{port} ({exc.strerror})") from None
+
+
+def uvicorn_config(app: FastAPI, config: CentralConfig, *, graceful_s: int) -> uvicorn.Config:
+    """uvicorn's settings for our app: TLS files, no access log, no logging setup of its own
+    (the entry point configures logging)."""
+    config.check_tls_files()
+    return uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        ssl_certfile=config.tls_cert,
+        ssl_keyfile=config.tls_key,
+        ssl_context_factory=_tls12_floor if config.uses_tls else None,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=graceful_s,
+        server_header=False,
+    )
+
+
+def _tls12_floor(_: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    context = default()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def serve(config: CentralConfig) -> None:
+    """Run the central server in the foreground until SIGINT or SIGTERM.
+
+    Loads (or creates) the key ring, opens the store and loads the central model before it
+    listens, so every configuration error surfaces at once as a ``TriageError``.
+    """
+    config.check_tls_files()
+    key_ring = load_key_ring(config)
+    with CentralStore.for_config(config) as store:
+        app = create_app(config, key_ring=key_ring, store=store)
+        sock = bind_socket(config.host, config.port)
+        server = uvicorn.Server(uvicorn_config(app, config, graceful_s=GRACEFUL_SHUTDOWN_S))
+        log.info(
+            "central server %s listening on %s:%d (%s)",
+            key_ring.server_id,
+            config.host,
+            sock.getsockname()[1],
+            "https" if config.uses_tls else "plain http",
+        )
+        try:
+            asyncio.run(run_server(server, sock))
+        finally:
+            sock.close()
+    log.info("central server stopped")
+
+
+async def run_server(server: uvicorn.Server, sock: socket.socket) -> None:
+    """uvicorn's ``serve`` on ``sock``, with idle TLS connections reaped once it stops."""
+    reaper = asyncio.create_task(_reap_closed_connections(server))
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        reaper.cancel()
+        with suppress(asyncio.CancelledError):
+            await reaper
+
+
+async def _reap_closed_connections(server: uvicorn.Server) -> None:
+    """Abort connections the server closed but whose TLS shutdown still waits for the client.
+
+    Why: on shutdown uvicorn closes idle keep-alive connections, and a TLS close waits for the
+    client's close_notify, which a client holding a pooled connection never sends; the graceful
+    shutdown would then wait its full timeout. Requests in progress are not touched (their
+    transports are not closing), and a closed one gets a grace period to flush its last bytes.
+    """
+    loop = asyncio.get_running_loop()
+    closing_since: dict[int, float] = {}
+    while True:
+        await asyncio.sleep(0.2)
+        if not server.should_exit:
+            continue
+        now = loop.time()
+        for connection in list(server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if not isinstance(transport, asyncio.Transport) or not transport.is_closing():
+                continue
+            if now - closing_since.setdefault(id(connection), now) >= _CLOSE_GRACE_S:
+                transport.abort()
+
+
+class ServerThread:
+    """The real server under uvicorn in a background thread, for tests and the demo.
+
+    ``start()`` returns the bound port (``config.port`` 0 picks a free one). A key ring or store
+    passed in stays the caller's; otherwise they are loaded from ``config`` and the store is
+    closed by ``stop()``. Signal handlers are left alone (uvicorn installs none off the main
+    thread).
+    """
+
+    def __init__(
+        self,
+        config: CentralConfig,
+        *,
+        key_ring: ServerKeyRing | None = None,
+        store: CentralStore | None = None,
+        now: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.config = config
+        self.key_ring = key_ring if key_ring is not None else load_key_ring(config)
+        self._owns_store = store is None
+        self.store = store if store is not None else CentralStore.for_config(config)
+        self.app = create_app(config, key_ring=self.key_ring, store=self.store, now=now)
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL, e.g. ``https://127.0.0.1:41234``."""
+        if self.port is None:
+            raise RuntimeError("the server is not started")
+        scheme = "https" if self.config.uses_tls else "http"
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"{scheme}://{host}:{self.port}"
+
+    def start(self, timeout_s: float = _START_TIMEOUT_S) -> int:
+        """Start serving and return the port once the server accepts connections."""
+        if self._thread is not None:
+            raise RuntimeError("the server is already started")
+        sock = bind_socket(self.config.host, self.config.port)
+        port: int = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn_config(self.app, self.config, graceful_s=5))
+        self._server = server
+        self._thread = threading.Thread(
+            target=self._run, args=(server, sock), name=f"central-server-{port}", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() >= deadline:
+                self.stop()
+                raise ConfigError(
+                    f"central: the server on port {port} did not start"
+                    + (f" ({self._error})" if self._error else "")
+                )
+            time.sleep(0.01)
+        self.port = port
+        log.info("central server thread listening on %s:%d", self.config.host, port)
+        return port
+
+    def _run(self, server: uvicorn.Server, sock: socket.socket) -> None:
+        try:
+            asyncio.run(run_server(server, sock))
+        except SystemExit as exc:
+            # uvicorn exits this way when the app's startup fails; start() reports it.
+            self._error = exc
+        finally:
+            sock.close()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Shut down gracefully (requests in progress finish), then close the store if ours."""
+        server, thread = self._server, self._thread
+        self._server, self._thread = None, None
+        if server is not None and thread is not None:
+            server.should_exit = True
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.error("central server thread did not stop within %.0f s", timeout_s)
+        self.port = None
+        if self._owns_store:
+            self.store.close()
+            self._owns_store = False
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

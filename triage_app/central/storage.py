@@ -1,0 +1,418 @@
+"""Received cases, stored exactly once: files in a cases folder, facts in the central database.
+
+Why this order: the de-identified DICOM, the result JSON and the envelope are written (temporary
+file, fsync, rename, folder fsync) *before* the row commits, and the server answers 201 only after
+the commit. So a receipt always means the files are on disk, and a crash in between leaves files
+without a row, which the next delivery of that case simply overwrites.
+
+Exactly-once is by ``case_id`` (DESIGN 4.2: a re-sent image is the same case): a repeat from the
+same device with the same ``payload_sha256`` only counts another delivery and keeps the first
+``received_at``; the same case from another device or with another payload is a conflict; an
+``envelope_id`` already used for another case is a replay. The checks and the writes run inside
+one ``BEGIN IMMEDIATE`` transaction, so two deliveries of one case cannot both be "first".
+
+Privacy: the payload is de-identified on the device, but this module still logs case ids,
+device ids and counts only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from triage_app.central.config import CentralConfig
+from triage_app.central.db import CentralDB
+from triage_app.central.errors import CaseConflictError, ReplayedEnvelopeError
+from triage_app.central.registry import DeviceRegistry
+from triage_app.errors import StoreError
+from triage_app.escalation.envelope import EnvelopeHeader, Payload, format_timestamp
+from triage_app.paths import write_private_file
+from triage_app.results import ModelRef
+
+log = logging.getLogger(__name__)
+
+DICOM_FILE = "image.dcm"
+RESULT_FILE = "result.json"
+ENVELOPE_FILE = "envelope.bin"
+
+_CASE_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def utc_now_text() -> str:
+    """UTC to the second, as the protocol writes times (``YYYY-MM-DDTHH:MM:SSZ``)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a receipt states about a stored case (all but the server's id and signature)."""
+
+    case_id: str
+    device_id: str
+    envelope_id: str  # of the first delivery: a repeat gets the same receipt
+    payload_sha256: str
+    received_at: str  # the first arrival
+    deliveries: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The central model's answer for one case."""
+
+    case_id: str
+    verdict: str  # a label of the model, "normal" or "abnormal" for the chest models
+    score: float  # calibrated probability of the model's positive label
+    probabilities: dict[str, float]
+    model: ModelRef
+    decided_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The body of ``GET /v1/cases/{case_id}/verdict`` (protocol, "Central API")."""
+        return {
+            "case_id": self.case_id,
+            "verdict": self.verdict,
+            "score": round(self.score, 6),
+            "model": self.model.to_json(),
+            "decided_at": self.decided_at,
+        }
+
+
+@dataclass(frozen=True)
+class VerdictFailure:
+    """Why the central model could not decide a case (an input error code and its message)."""
+
+    case_id: str
+    code: str
+    message: str
+    at: str
+
+
+@dataclass(frozen=True)
+class CentralCase:
+    """A received case as ``central cases --json`` lists it."""
+
+    case_id: str
+    device_id: str
+    payload_sha256: str
+    payload_bytes: int
+    received_at: str
+    last_received_at: str
+    deliveries: int
+    verdict: Verdict | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "case_id": self.case_id,
+            "device_id": self.device_id,
+            "payload_sha256": self.payload_sha256,
+            "payload_bytes": self.payload_bytes,
+            "received_at": self.received_at,
+            "last_received_at": self.last_received_at,
+            "deliveries": self.deliveries,
+            "verdict": None if self.verdict is None else self.verdict.verdict,
+            "score": None if self.verdict is None else round(self.verdict.score, 6),
+            "model": None if self.verdict is None else self.verdict.model.to_json(),
+            "decided_at": None if self.verdict is None else self.verdict.decided_at,
+        }
+
+
+class CentralStore:
+    """The central database (cases, envelopes, verdicts, devices) and the cases folder.
+
+    Thread-safe: the API's request threads and the verdict worker share one instance.
+    """
+
+    def __init__(self, db: CentralDB, cases_dir: Path) -> None:
+        """Use :meth:`open` instead."""
+        self._db = db
+        self.cases_dir = cases_dir
+        self.registry = DeviceRegistry(db)
+
+    @classmethod
+    def open(cls, db_path: Path, cases_dir: Path) -> CentralStore:
+        """Open (or create) the database and the cases folder (0700)."""
+        try:
+            cases_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"central store: could not create {cases_dir}: {exc}") from exc
+        return cls(CentralDB.open(db_path), cases_dir)
+
+    @classmethod
+    def for_config(cls, config: CentralConfig) -> CentralStore:
+        """The store in the server's data folder."""
+        return cls.open(config.db_path, config.cases_dir)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    def accept(
+        self, header: EnvelopeHeader, payload: Payload, envelope: bytes
+    ) -> tuple[Delivery, bool]:
+        """Store an opened, verified envelope once; return its delivery facts and whether it
+        is the first delivery of this case.
+
+        Raises
+        ------
+        ReplayedEnvelopeError
+            ``header.envelope_id`` was accepted before for another case.
+        CaseConflictError
+            The case is stored from another device or with another payload.
+        StoreError
+            A file or the database could not be written: nothing was committed, retry later.
+        """
+        case_id = _checked_case_id(header.case_id)
+        with self._db.write(f"store case {case_id}") as conn:
+            seen = conn.execute(
+                "SELECT case_id FROM envelopes WHERE envelope_id = ?", (header.envelope_id,)
+            ).fetchone()
+            if seen is not None and seen["case_id"] != case_id:
+                raise ReplayedEnvelopeError(
+                    f"envelope {header.envelope_id} was already delivered for another case"
+                )
+            row = conn.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+            now = utc_now_text()
+            if row is not None:
+                if row["device_id"] != header.device_id:
+                    raise CaseConflictError(f"case {case_id} was received from another device")
+                if row["payload_sha256"] != header.payload_sha256:
+                    raise CaseConflictError(f"case {case_id} was received with another payload")
+                conn.execute(
+                    "UPDATE cases SET deliveries = deliveries + 1, last_received_at = ? "
+                    "WHERE case_id = ?",
+                    (now, case_id),
+                )
+                self._note_envelope(conn, header.envelope_id, case_id, now, seen is None)
+                delivery = _delivery(
+                    conn.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+                )
+                first = False
+            else:
+                self._write_files(case_id, payload, envelope)
+                conn.execute(
+                    """
+                    INSERT INTO cases (case_id, device_id, envelope_id, payload_sha256,
+                                       payload_bytes, server_key_id, created_at, received_at,
+                                       last_received_at, deliveries)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1)
+                    """,
+                    (
+                        case_id,
+                        header.device_id,
+                        header.envelope_id,
+                        header.payload_sha256,
+                        header.payload_bytes,
+                        header.server_key_id,
+                        format_timestamp(header.created_at),
+                        now,
+                        now,
+                    ),
+                )
+                self._note_envelope(conn, header.envelope_id, case_id, now, True)
+                delivery = Delivery(
+                    case_id,
+                    header.device_id,
+                    header.envelope_id,
+                    header.payload_sha256,
+                    now,
+                    1,
+                )
+                first = True
+        if first:
+            log.info("case %s stored (device %s)", case_id, header.device_id)
+        else:
+            log.info(
+                "case %s delivered again (device %s, delivery %d)",
+                case_id,
+                header.device_id,
+                delivery.deliveries,
+            )
+        return delivery, first
+
+    @staticmethod
+    def _note_envelope(
+        conn: sqlite3.Connection, envelope_id: str, case_id: str, at: str, new: bool
+    ) -> None:
+        if new:
+            conn.execute(
+                "INSERT INTO envelopes (envelope_id, case_id, received_at) VALUES (?, ?, ?)",
+                (envelope_id, case_id, at),
+            )
+
+    def _write_files(self, case_id: str, payload: Payload, envelope: bytes) -> None:
+        """Write the case's files durably; any failure is a retryable :class:`StoreError`."""
+        folder = self.case_dir(case_id)
+        try:
+            created = not folder.exists()
+            folder.mkdir(mode=0o700, exist_ok=True)
+            if created:
+                _fsync_dir(self.cases_dir)
+            write_private_file(folder / DICOM_FILE, payload.dicom)
+            write_private_file(folder / RESULT_FILE, payload.result_json)
+            write_private_file(folder / ENVELOPE_FILE, envelope)
+        except OSError as exc:
+            log.error("case %s: could not write its files: %s", case_id, exc.strerror)
+            raise StoreError(f"central store: could not write the files of case {case_id}") from exc
+
+    # --- verdicts ----------------------------------------------------------------------------
+
+    def set_verdict(self, verdict: Verdict) -> None:
+        """Keep the model's verdict for a stored case (the latest one wins)."""
+        with self._db.write(f"store the verdict of case {verdict.case_id}") as conn:
+            conn.execute(
+                """
+                INSERT OR REPLACE INTO verdicts (case_id, verdict, score, probabilities_json,
+                                                 model_name, model_version, model_sha256,
+                                                 decided_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                """,
+                (
+                    verdict.case_id,
+                    verdict.verdict,
+                    verdict.score,
+                    json.dumps(verdict.probabilities, sort_keys=True),
+                    verdict.model.name,
+                    verdict.model.version,
+                    verdict.model.sha256,
+                    verdict.decided_at,
+                ),
+            )
+        log.info("case %s: verdict %s", verdict.case_id, verdict.verdict)
+
+    def set_verdict_failure(self, failure: VerdictFailure) -> None:
+        """Keep why a case cannot be decided, so that it is answered rather than left pending."""
+        with self._db.write(f"store the verdict failure of case {failure.case_id}") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO verdict_failures (case_id, code, message, at) "
+                "VALUES (?, ?, ?, ?)",
+                (failure.case_id, failure.code, failure.message, failure.at),
+            )
+
+    def get_verdict_failure(self, case_id: str) -> VerdictFailure | None:
+        with self._db.read(f"read the verdict failure of case {case_id}") as conn:
+            row = conn.execute(
+                "SELECT * FROM verdict_failures WHERE case_id = ?", (case_id,)
+            ).fetchone()
+        return None if row is None else VerdictFailure(**dict(row))
+
+    def get_verdict(self, case_id: str) -> Verdict | None:
+        with self._db.read(f"read the verdict of case {case_id}") as conn:
+            row = conn.execute("SELECT * FROM verdicts WHERE case_id = ?", (case_id,)).fetchone()
+        return None if row is None else _verdict(row)
+
+    def without_verdict(self) -> list[str]:
+        """Case ids still waiting for the model, oldest first (to resume after a restart)."""
+        with self._db.read("list cases without a verdict") as conn:
+            rows = conn.execute(
+                "SELECT c.case_id FROM cases c"
+                " LEFT JOIN verdicts v USING (case_id)"
+                " LEFT JOIN verdict_failures f USING (case_id)"
+                " WHERE v.case_id IS NULL AND f.case_id IS NULL"
+                " ORDER BY c.received_at, c.rowid"
+            ).fetchall()
+        return [r["case_id"] for r in rows]
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def case_dir(self, case_id: str) -> Path:
+        return self.cases_dir / _checked_case_id(case_id)
+
+    def read_dicom(self, case_id: str) -> bytes:
+        """The stored de-identified DICOM of a case (for the central model)."""
+        try:
+            return (self.case_dir(case_id) / DICOM_FILE).read_bytes()
+        except OSError as exc:
+            raise StoreError(f"central store: could not read the image of case {case_id}") from exc
+
+    def get_case(self, case_id: str) -> CentralCase | None:
+        with self._db.read(f"read case {case_id}") as conn:
+            row = conn.execute(f"{_CASES_SELECT} WHERE c.case_id = ?", (case_id,)).fetchone()
+        return None if row is None else _central_case(row)
+
+    def cases(self) -> list[CentralCase]:
+        """Every received case, oldest first."""
+        with self._db.read("list cases") as conn:
+            rows = conn.execute(f"{_CASES_SELECT} ORDER BY c.received_at, c.rowid").fetchall()
+        return [_central_case(r) for r in rows]
+
+    def count(self) -> int:
+        with self._db.read("count cases") as conn:
+            n: int = conn.execute("SELECT COUNT(*) FROM cases").fetchone()[0]
+        return n
+
+
+_CASES_SELECT = (
+    "SELECT c.*, v.verdict, v.score, v.probabilities_json, v.model_name, v.model_version, "
+    "v.model_sha256, v.decided_at FROM cases c LEFT JOIN verdicts v USING (case_id)"
+)
+
+
+def _checked_case_id(case_id: str) -> str:
+    """Refuse anything but 64 lower-case hex: the id becomes a folder name."""
+    if not _CASE_ID.fullmatch(case_id):
+        raise StoreError("central store: a case id must be 64 lower-case hex characters")
+    return case_id
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a new entry in ``path`` durable (POSIX keeps directory entries separately)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _delivery(row: sqlite3.Row) -> Delivery:
+    return Delivery(
+        case_id=row["case_id"],
+        device_id=row["device_id"],
+        envelope_id=row["envelope_id"],
+        payload_sha256=row["payload_sha256"],
+        received_at=row["received_at"],
+        deliveries=row["deliveries"],
+    )
+
+
+def _verdict(row: sqlite3.Row) -> Verdict:
+    return Verdict(
+        case_id=row["case_id"],
+        verdict=row["verdict"],
+        score=row["score"],
+        probabilities=json.loads(row["probabilities_json"]),
+        model=ModelRef(row["model_name"], row["model_version"], row["model_sha256"]),
+        decided_at=row["decided_at"],
+    )
+
+
+def _central_case(row: sqlite3.Row) -> CentralCase:
+    return CentralCase(
+        case_id=row["case_id"],
+        device_id=row["device_id"],
+        payload_sha256=row["payload_sha256"],
+        payload_bytes=row["payload_bytes"],
+        received_at=row["received_at"],
+        last_received_at=row["last_received_at"],
+        deliveries=row["deliveries"],
+        verdict=None if row["verdict"] is None else _verdict(row),
+    )

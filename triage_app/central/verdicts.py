@@ -1,0 +1,165 @@
+"""The central model: a verdict for each stored case, computed off the request path.
+
+Why a worker thread with a queue: a device's POST must be answered as soon as the case is stored
+(its receipt is what lets the device delete its copy), and the model may be much slower than the
+transfer. The worker is fed new cases by the API and, on start, every stored case that has no
+verdict yet, so a restart never loses one. It reuses the app's own model loading (hash-checked
+bundle, ONNX Runtime session) and preprocessing, so the central model sees images exactly as its
+training code prepared them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+from triage_app.central.storage import CentralStore, Verdict, VerdictFailure, utc_now_text
+from triage_app.dicom import load_image
+from triage_app.errors import InputError, ModelError, StoreError, UnprocessableImageError
+from triage_app.model.classifier import Classifier
+from triage_app.model.preprocess import to_tensor, to_unit_image
+from triage_app.results import ModelRef
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CentralModel", "Verdict", "VerdictWorker"]
+
+
+class CentralModel:
+    """A verified model bundle that turns a stored DICOM into a verdict."""
+
+    def __init__(self, bundle_dir: Path, *, threads: int = 1) -> None:
+        self.classifier = Classifier(bundle_dir, threads=threads)
+
+    @property
+    def ref(self) -> ModelRef:
+        return self.classifier.ref
+
+    def decide(self, case_id: str, dicom: bytes) -> Verdict:
+        """The verdict is the label with the highest calibrated probability.
+
+        Raises an :class:`~triage_app.errors.InputError` subclass for an image the model
+        cannot read or prepare.
+        """
+        spec = self.classifier.manifest.preprocessing
+        image = load_image(dicom)
+        try:
+            tensor = to_tensor(to_unit_image(image, spec), spec)
+        except (cv2.error, ValueError, FloatingPointError) as exc:
+            raise UnprocessableImageError(f"image cannot be prepared for the model: {exc}") from exc
+        prediction = self.classifier.predict(tensor)
+        label = max(prediction.probabilities, key=prediction.probabilities.__getitem__)
+        return Verdict(
+            case_id=case_id,
+            verdict=label,
+            score=prediction.score,
+            probabilities=prediction.probabilities,
+            model=self.ref,
+            decided_at=utc_now_text(),
+        )
+
+
+class VerdictWorker:
+    """One background thread that runs the central model on queued case ids.
+
+    Without a model (``model is None``) it does nothing: verdicts stay pending.
+    """
+
+    def __init__(
+        self,
+        store: CentralStore,
+        model: CentralModel | None,
+        *,
+        on_verdict: Callable[[Verdict], None] | None = None,
+    ) -> None:
+        self._store = store
+        self.model = model
+        self._on_verdict = on_verdict
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def model_info(self) -> dict[str, Any] | None:
+        """The model's name, version and sha256 for ``/v1/health``; ``None`` without a model."""
+        return None if self.model is None else self.model.ref.to_json()
+
+    def start(self) -> None:
+        """Start the thread and queue every stored case that still lacks a verdict."""
+        if self.model is None or self._thread is not None:
+            return
+        pending = self._store.without_verdict()
+        for case_id in pending:
+            self._queue.put(case_id)
+        self._thread = threading.Thread(target=self._run, name="central-verdicts", daemon=True)
+        self._thread.start()
+        log.info("verdict worker started (%d stored cases pending)", len(pending))
+
+    def submit(self, case_id: str) -> None:
+        """Queue a newly stored case (ignored without a model)."""
+        if self.model is not None:
+            self._queue.put(case_id)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every queued case is decided; False if ``timeout_s`` passed first."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish the case in hand, then stop; cases still queued are resumed on next start."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._queue.put(None)
+        thread.join(timeout_s)
+        if thread.is_alive():
+            log.error("verdict worker did not stop within %.0f s", timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            case_id = self._queue.get()
+            try:
+                if case_id is None:
+                    return
+                self._decide(case_id)
+            except StoreError as err:
+                log.error(
+                    "case %s: verdict not stored (%s); retried on the next start", case_id, err
+                )
+            finally:
+                self._queue.task_done()
+
+    def _decide(self, case_id: str) -> None:
+        model = self.model
+        if model is None:
+            return
+        if self._store.get_verdict(case_id) is not None:
+            return
+        try:
+            verdict = model.decide(case_id, self._store.read_dicom(case_id))
+        except InputError as err:
+            log.warning("case %s: the central model cannot read it (%s)", case_id, err.code)
+            self._store.set_verdict_failure(
+                VerdictFailure(case_id, err.code, err.message, utc_now_text())
+            )
+            return
+        except (ModelError, StoreError) as err:
+            log.error("case %s: no verdict (%s); retried on the next start", case_id, err.code)
+            return
+        except Exception:
+            # ONNX Runtime raises its own exception types; one case must not stop the worker.
+            log.exception("case %s: the central model failed; retried on the next start", case_id)
+            return
+        self._store.set_verdict(verdict)
+        if self._on_verdict is not None:
+            self._on_verdict(verdict)

@@ -1,0 +1,197 @@
+"""``triage-app central ...``: run and administer the central diagnostic server (DESIGN 4.1).
+
+The server's modules (FastAPI, uvicorn, the central model) are imported by the handlers only,
+so the device's commands never load them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from triage_app.cli_common import EXIT_OK
+
+if TYPE_CHECKING:
+    from triage_app.central.config import CentralConfig
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``central`` command and its actions to the top-level subparsers."""
+    central = sub.add_parser("central", help="the central diagnostic server")
+    actions = central.add_subparsers(dest="central_command", required=True, metavar="ACTION")
+
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument(
+        "--data-dir", type=Path, required=True, help="the server's data folder (keys, cases)"
+    )
+    server.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    server.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+
+    serve = actions.add_parser(
+        "serve",
+        parents=[server],
+        help="receive escalated cases over HTTPS and return verdicts",
+        description="Runs the central API (POST /v1/cases/{id}, GET /v1/cases/{id}/verdict, "
+        "/v1/health, /v1/keys, /metrics) over TLS until SIGINT or SIGTERM. Keys are created "
+        "in the data folder on first run.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8443)
+    serve.add_argument("--tls-cert", type=Path, required=True, help="server certificate (PEM)")
+    serve.add_argument("--tls-key", type=Path, required=True, help="its private key (PEM)")
+    serve.add_argument(
+        "--model-dir",
+        type=Path,
+        help="the central model bundle (default: models/central-dx-demo if present)",
+    )
+    serve.add_argument(
+        "--max-queue-age-days",
+        type=int,
+        default=30,
+        help="oldest envelope accepted, and how long retired keys are kept (default 30)",
+    )
+    serve.set_defaults(handler=_serve)
+
+    add = actions.add_parser("add-device", parents=[server], help="register a device's public key")
+    add.add_argument("public_key", help="the device's Ed25519 key, as `triage-app device` prints")
+    add.add_argument("--label", default="", help="a name for people (site, room)")
+    add.set_defaults(handler=_add_device)
+
+    revoke = actions.add_parser(
+        "revoke-device", parents=[server], help="refuse everything a device sends from now on"
+    )
+    revoke.add_argument("device_id")
+    revoke.set_defaults(handler=_revoke_device)
+
+    devices = actions.add_parser("devices", parents=[server], help="list registered devices")
+    devices.set_defaults(handler=_devices)
+
+    cases = actions.add_parser(
+        "cases", parents=[server], help="received cases with deliveries and verdicts"
+    )
+    cases.add_argument("--json", action="store_true", help="one JSON object per case")
+    cases.set_defaults(handler=_cases)
+
+    cert = actions.add_parser(
+        "make-cert",
+        parents=[server],
+        help="a self-signed TLS certificate for the server, and the pin devices need",
+        description="Writes <data-dir>/central/tls/server-cert.pem and server-key.pem (0600) "
+        "and prints the SHA-256 devices put in escalation.tls_pin.",
+    )
+    cert.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        help="a name or address the server is reached by (repeat; default: loopback names)",
+    )
+    cert.set_defaults(handler=_make_cert)
+
+    keys = actions.add_parser("keys", parents=[server], help="the public keys devices need (JSON)")
+    keys.add_argument("--rotate", action="store_true", help="make a new active encryption key")
+    keys.add_argument(
+        "--prune-days",
+        type=int,
+        help="delete retired keys retired longer than this (the longest queue age)",
+    )
+    keys.set_defaults(handler=_keys)
+
+
+def _offline_config(args: argparse.Namespace) -> CentralConfig:
+    """A configuration for the administrative actions, which do not listen."""
+    from triage_app.central.config import CentralConfig
+
+    return CentralConfig(data_dir=args.data_dir, allow_plain_http=True)
+
+
+def default_central_model() -> Path | None:
+    """The central model shipped with the project, if it is there."""
+    bundle = Path(__file__).resolve().parents[1] / "models" / "central-dx-demo"
+    return bundle if (bundle / "manifest.json").is_file() else None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from triage_app.central.config import CentralConfig
+    from triage_app.central.server import serve
+
+    config = CentralConfig(
+        data_dir=args.data_dir,
+        host=args.host,
+        port=args.port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        model_dir=args.model_dir or default_central_model(),
+        max_envelope_age=timedelta(days=args.max_queue_age_days),
+    )
+    serve(config)
+    return EXIT_OK
+
+
+def _add_device(args: argparse.Namespace) -> int:
+    from triage_app.central.storage import CentralStore
+
+    with CentralStore.for_config(_offline_config(args)) as store:
+        record = store.registry.add_device(args.public_key, args.label)
+    print(json.dumps(record.to_json()))
+    return EXIT_OK
+
+
+def _revoke_device(args: argparse.Namespace) -> int:
+    from triage_app.central.storage import CentralStore
+
+    with CentralStore.for_config(_offline_config(args)) as store:
+        record = store.registry.revoke_device(args.device_id)
+    print(json.dumps(record.to_json()))
+    return EXIT_OK
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from triage_app.central.storage import CentralStore
+
+    with CentralStore.for_config(_offline_config(args)) as store:
+        for record in store.registry.list_devices():
+            print(json.dumps(record.to_json()))
+    return EXIT_OK
+
+
+def _cases(args: argparse.Namespace) -> int:
+    from triage_app.central.storage import CentralStore
+
+    with CentralStore.for_config(_offline_config(args)) as store:
+        cases = store.cases()
+    if args.json:
+        for case in cases:
+            print(json.dumps(case.to_json()))
+        return EXIT_OK
+    print(f"{'case_id':<16} {'device':<20} {'deliveries':>10}  {'verdict':<9} received")
+    for case in cases:
+        verdict = case.verdict.verdict if case.verdict is not None else "pending"
+        print(
+            f"{case.case_id[:16]:<16} {case.device_id:<20} {case.deliveries:>10}  "
+            f"{verdict:<9} {case.received_at}"
+        )
+    return EXIT_OK
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from triage_app.central.server import load_key_ring
+
+    ring = load_key_ring(_offline_config(args))
+    if args.rotate:
+        ring.rotate()
+    if args.prune_days is not None:
+        ring.prune(timedelta(days=args.prune_days))
+    print(json.dumps(ring.public_info(), indent=2))
+    return EXIT_OK
+
+
+def _make_cert(args: argparse.Namespace) -> int:
+    from triage_app.central.certificates import DEFAULT_HOSTS, make_self_signed
+
+    config = _offline_config(args)
+    made = make_self_signed(config.central_dir / "tls", args.hosts or DEFAULT_HOSTS)
+    print(json.dumps({"cert": str(made.cert), "key": str(made.key), "tls_pin": made.sha256}))
+    return EXIT_OK

@@ -1,0 +1,186 @@
+"""``triage-app queue list|status|retry|drain``: the outbox of escalated cases (DESIGN 4.1).
+
+The escalation modules (requests, cryptography, SQLite outbox) are imported by the handlers,
+not here: every ``triage-app`` command builds this parser, and ``deidentify`` or ``config``
+should not pay for them at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from triage_app.cli_common import EXIT_OK, EXIT_SOME_FAILED, actor, read_secret, settings_from_args
+from triage_app.config import Settings, verify_admin_password
+from triage_app.errors import AdminAuthError, ConfigError
+
+if TYPE_CHECKING:
+    from triage_app.escalation.outbox import OutboxItem
+    from triage_app.escalation.uploader import Attempt
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``queue`` command and its actions to the top-level subparsers."""
+    queue = sub.add_parser("queue", help="the outbox of escalated cases")
+    actions = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+
+    listing = actions.add_parser(
+        "list", parents=[common], help="every case ever queued, in queue order"
+    )
+    listing.add_argument("--json", action="store_true", help="one JSON object per case")
+    listing.set_defaults(handler=_list)
+
+    status = actions.add_parser("status", parents=[common], help="counts, bytes, oldest age")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=_status)
+
+    retry = actions.add_parser(
+        "retry",
+        parents=[common],
+        help="put quarantined cases back in the queue (admin)",
+        description="Quarantined cases (refused by the central server) go back to pending. "
+        "Needs the admin password; every retry is written to the audit log.",
+    )
+    retry.add_argument("case_ids", nargs="*", metavar="CASE_ID")
+    retry.add_argument("--all", action="store_true", help="every quarantined case")
+    retry.add_argument(
+        "--admin-password-stdin", action="store_true", help="read the admin password from stdin"
+    )
+    retry.set_defaults(handler=_retry)
+
+    drain = actions.add_parser(
+        "drain",
+        parents=[common],
+        help="deliver queued cases to the central server",
+        description="Sends every case that is due now, once, and exits (1 if some remain). "
+        "With --follow it keeps running, sending as cases arrive and retries come due and "
+        "fetching the central verdicts, until interrupted (SIGINT or SIGTERM).",
+    )
+    drain.add_argument("--follow", action="store_true", help="keep running")
+    drain.set_defaults(handler=_drain)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from triage_app.escalation.service import open_outbox
+
+    with open_outbox(settings_from_args(args)) as outbox:
+        items = outbox.items()
+    if args.json:
+        for item in items:
+            print(json.dumps(item.to_json()))
+        return EXIT_OK
+    print(f"{'case_id':<16} {'state':<12} {'reason':<13} {'tries':>5} {'bytes':>10}  since")
+    for item in items:
+        print(
+            f"{item.case_id[:16]:<16} {item.state.value:<12} {item.reason:<13} "
+            f"{item.attempts:>5} {item.size_bytes:>10}  {item.enqueued_at}"
+            + (f"  {_note(item)}" if _note(item) else "")
+        )
+    return EXIT_OK
+
+
+def _note(item: OutboxItem) -> str:
+    from triage_app.escalation.outbox import OutboxState
+
+    if item.state is OutboxState.QUARANTINED:
+        return f"refused: {item.quarantine_reason}"
+    return f"last error: {item.last_error}" if item.last_error else ""
+
+
+def _status(args: argparse.Namespace) -> int:
+    from triage_app.escalation.service import open_outbox
+
+    with open_outbox(settings_from_args(args)) as outbox:
+        status = outbox.status()
+    if args.json:
+        print(json.dumps(status.to_json()))
+        return EXIT_OK
+    used = 100 * status.queued_bytes / status.quota_bytes if status.quota_bytes else 0.0
+    oldest = status.oldest_pending_age_s
+    print(
+        f"pending {status.pending}, in flight {status.in_flight}, delivered {status.delivered}, "
+        f"quarantined {status.quarantined}; {status.queued_bytes} bytes queued ({used:.1f}% of "
+        f"the quota){'; FULL: new escalations are refused' if status.full else ''}"
+        + (f"; oldest waiting {oldest:.0f} s" if oldest is not None else "")
+    )
+    return EXIT_OK
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from triage_app.escalation.outbox import OutboxState
+    from triage_app.escalation.service import open_outbox
+    from triage_app.states import CaseEvent
+    from triage_app.store import CaseStore
+
+    settings = settings_from_args(args)
+    _require_admin(settings, args.admin_password_stdin)
+    with open_outbox(settings) as outbox, CaseStore.open(settings.case_store_path) as store:
+        wanted = list(args.case_ids)
+        if args.all:
+            wanted += [i.case_id for i in outbox.items() if i.state is OutboxState.QUARANTINED]
+        if not wanted:
+            raise ConfigError("queue retry: name the case ids to retry, or give --all")
+        for case_id in dict.fromkeys(wanted):
+            outbox.retry(case_id)
+            if store.get(case_id) is not None:
+                store.apply(case_id, CaseEvent.ADMIN_RETRY, f"by {actor()}")
+            store.audit(actor(), "queue.retry", {"case_id": case_id})
+            print(f"{case_id}: back in the queue")
+    return EXIT_OK
+
+
+def _require_admin(settings: Settings, from_stdin: bool) -> None:
+    if not settings.has_admin_password:
+        raise AdminAuthError("no admin password is set; set one with config set-admin-password")
+    if not verify_admin_password(settings, read_secret("admin password: ", from_stdin)):
+        raise AdminAuthError("the admin password is wrong")
+
+
+def _print_attempt(attempt: Attempt) -> None:
+    print(
+        json.dumps(
+            {
+                "case_id": attempt.case_id,
+                "outcome": attempt.outcome,
+                "detail": attempt.detail,
+                "deliveries": attempt.deliveries,
+            }
+        ),
+        flush=True,
+    )
+
+
+def _drain(args: argparse.Namespace) -> int:
+    from triage_app.escalation.service import open_escalation
+
+    settings = settings_from_args(args)
+    link = open_escalation(settings)
+    if link is None:
+        raise ConfigError("queue drain: no central server is configured (escalation.central_url)")
+    with link, link.uploader() as uploader:
+        if not args.follow:
+            for attempt in uploader.drain():
+                _print_attempt(attempt)
+            uploader.poll_verdicts()
+            status = link.outbox.status()
+            waiting = status.pending + status.in_flight
+            print(
+                f"{status.delivered} delivered, {waiting} waiting, "
+                f"{status.quarantined} quarantined",
+                file=sys.stderr,
+            )
+            return EXIT_SOME_FAILED if waiting else EXIT_OK
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        uploader.run(stop, on_attempt=_print_attempt)
+    return EXIT_OK

@@ -1,0 +1,281 @@
+"""Drains the outbox to the central server and brings the verdicts back.
+
+Runs in the background of the GUI, the watch service and the receiver, or alone as
+``triage-app queue drain [--follow]``. Each attempt claims one envelope with a lease (so a
+crashed sender's case is picked up again, and two senders never send the same one), posts it,
+and acts on the answer:
+
+* a receipt that verifies → the outbox marks the case delivered and deletes the envelope;
+* 408/429/5xx, a network error, or a receipt that does not verify → back to pending with a
+  full-jitter delay (never shorter than ``Retry-After``);
+* any other 4xx → quarantined with an alarm, until an admin retries it;
+* a certificate that is not the pinned one → nothing is sent, the case stays queued, alarm.
+
+The outbox is the truth about delivery; the case store mirrors it as state history for the
+GUI, and is brought back in line at start if a crash fell between the two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from triage_app.errors import (
+    CertificatePinError,
+    IllegalTransitionError,
+    PermanentRejectionError,
+    ReceiptError,
+    StoreError,
+    TransportError,
+)
+from triage_app.escalation.backoff import next_delay
+from triage_app.escalation.connectivity import ConnectivityState
+from triage_app.escalation.keys import DeviceIdentity
+from triage_app.escalation.outbox import Outbox, OutboxItem, OutboxState
+from triage_app.escalation.receipt import sign_request, verify_receipt
+from triage_app.escalation.server_keys import CentralKeys
+from triage_app.escalation.transport import CentralClient, retry_after_of
+from triage_app.states import CaseEvent, CaseState
+from triage_app.store import CaseStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_S = 300.0
+# Events that bring a case in the store to SENDING from where a crash may have left it.
+_TO_SENDING: dict[CaseState, tuple[CaseEvent, ...]] = {
+    CaseState.ESCALATION_HELD: (CaseEvent.ENQUEUE, CaseEvent.START_SEND),
+    CaseState.QUEUED: (CaseEvent.START_SEND,),
+    CaseState.SEND_FAILED_RETRYING: (CaseEvent.RETRY, CaseEvent.START_SEND),
+    CaseState.SENDING: (CaseEvent.SEND_FAILED, CaseEvent.RETRY, CaseEvent.START_SEND),
+}
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one delivery attempt did (for the CLI's progress lines and for tests)."""
+
+    case_id: str
+    outcome: str  # delivered | retry | quarantined | pin_mismatch
+    detail: str
+    deliveries: int | None = None  # the server's count, once delivered
+
+
+@dataclass(frozen=True)
+class UploaderConfig:
+    retry_cap_s: float = 60.0
+    lease_s: float = DEFAULT_LEASE_S
+    verdict_poll_s: float = 15.0
+
+
+class Uploader:
+    """One sender: claims, posts, verifies receipts, records states, polls verdicts."""
+
+    def __init__(
+        self,
+        *,
+        outbox: Outbox,
+        client: CentralClient,
+        device: DeviceIdentity,
+        keys: CentralKeys,
+        store_path: Path | None,
+        config: UploaderConfig | None = None,
+        connectivity: ConnectivityState | None = None,
+        owner: str | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.client = client
+        self.device = device
+        self.keys = keys
+        self.store_path = store_path
+        self.config = config or UploaderConfig()
+        self.connectivity = connectivity or ConnectivityState()
+        self.owner = owner or f"uploader-{threading.get_native_id()}-{random.getrandbits(32):08x}"
+        self._rng = rng or random.Random()
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._store: CaseStore | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> Uploader:
+        if self.store_path is not None:
+            self._store = CaseStore.open(self.store_path)
+            self.reconcile()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def reconcile(self) -> None:
+        """Bring the case store in line with the outbox after a crash between the two."""
+        for item in self.outbox.items():
+            if item.state is OutboxState.DELIVERED:
+                self._store_to(item.case_id, CaseState.DELIVERED)
+            elif item.state is OutboxState.QUARANTINED:
+                self._store_to(item.case_id, CaseState.QUARANTINED)
+
+    # --- one attempt ----------------------------------------------------------------------------
+
+    def send_next(self) -> Attempt | None:
+        """Deliver the next due envelope, if any; None when nothing is due."""
+        item = self.outbox.claim_next(self.owner, self.config.lease_s, now=self._clock())
+        if item is None:
+            return None
+        self._store_sending(item)
+        try:
+            outcome = self.client.post_case(item.case_id, self.outbox.envelope(item))
+            receipt = verify_receipt(
+                outcome.body,
+                self.keys.receipt_key,
+                case_id=item.case_id,
+                device_id=self.device.device_id,
+                payload_sha256=item.payload_sha256,
+            )
+        except CertificatePinError as err:
+            log.error("ALARM: central server certificate is not the pinned one: %s", err.message)
+            return self._retry(item, err, "pin_mismatch")
+        except PermanentRejectionError as err:
+            self.connectivity.mark_success(self._clock())  # the server answered
+            return self._quarantine(item, err)
+        except (TransportError, ReceiptError) as err:
+            return self._retry(item, err, "retry")
+        self.outbox.mark_delivered(
+            item.case_id, json.dumps(outcome.body, sort_keys=True), now=self._clock()
+        )
+        self._store_event(item.case_id, CaseEvent.DELIVER, f"receipt from {receipt.server_id}")
+        self.connectivity.mark_success(self._clock())
+        log.info("case %s delivered (server count %d)", item.case_id, receipt.deliveries)
+        return Attempt(item.case_id, "delivered", receipt.server_id, receipt.deliveries)
+
+    def _retry(self, item: OutboxItem, err: TransportError | ReceiptError, kind: str) -> Attempt:
+        now = self._clock()
+        if not isinstance(err, ReceiptError):
+            self.connectivity.mark_failure(err.code, err.message, now)
+        delay = next_delay(
+            item.attempts, retry_after_of(err), cap_s=self.config.retry_cap_s, rng=self._rng
+        )
+        self.outbox.mark_failed(
+            item.case_id, f"{err.code}: {err.message}", now + timedelta(seconds=delay), now=now
+        )
+        self._store_event(item.case_id, CaseEvent.SEND_FAILED, err.code)
+        self._store_event(item.case_id, CaseEvent.RETRY, f"next attempt in {delay:.1f} s")
+        log.info(
+            "case %s not delivered (%s); next attempt in %.1f s", item.case_id, err.code, delay
+        )
+        return Attempt(item.case_id, kind, f"{err.code}: {err.message}")
+
+    def _quarantine(self, item: OutboxItem, err: PermanentRejectionError) -> Attempt:
+        code = str(getattr(err, "server_code", err.code))
+        reason = f"{code}: {getattr(err, 'server_message', err.message)}"
+        self.outbox.quarantine(item.case_id, reason, now=self._clock())
+        self._store_event(item.case_id, CaseEvent.QUARANTINE, reason)
+        log.warning("ALARM: case %s refused by the central server and quarantined (%s)",
+                    item.case_id, code)  # fmt: skip
+        return Attempt(item.case_id, "quarantined", reason)
+
+    # --- loops ----------------------------------------------------------------------------------
+
+    def drain(self, *, stop: threading.Event | None = None) -> list[Attempt]:
+        """Try every envelope that is due now, once each; what remains waits for its time."""
+        attempts: list[Attempt] = []
+        seen: set[str] = set()
+        while stop is None or not stop.is_set():
+            attempt = self.send_next()
+            if attempt is None or attempt.case_id in seen:
+                break
+            seen.add(attempt.case_id)
+            attempts.append(attempt)
+        return attempts
+
+    def run(
+        self,
+        stop: threading.Event,
+        *,
+        on_attempt: Callable[[Attempt], None] | None = None,
+        idle_s: float = 1.0,
+    ) -> None:
+        """Send and poll until ``stop`` is set (``queue drain --follow``, background threads)."""
+        next_poll = 0.0
+        while not stop.is_set():
+            attempt = self.send_next()
+            if attempt is not None:
+                if on_attempt is not None:
+                    on_attempt(attempt)
+                continue
+            if time.monotonic() >= next_poll:
+                self.poll_verdicts()
+                next_poll = time.monotonic() + self.config.verdict_poll_s
+            stop.wait(min(idle_s, self._seconds_to_next_due()))
+
+    def _seconds_to_next_due(self) -> float:
+        now = self._clock()
+        due = [
+            (datetime.fromisoformat(item.next_attempt_at) - now).total_seconds()
+            for item in self.outbox.items()
+            if item.state is OutboxState.PENDING
+        ]
+        return max(0.05, min(due, default=3600.0))
+
+    # --- verdicts -------------------------------------------------------------------------------
+
+    def poll_verdicts(self) -> int:
+        """Ask for the verdict of every delivered case that has none yet; return how many came."""
+        if self._store is None:
+            return 0
+        received = 0
+        for case in self._store.list_cases(state=CaseState.DELIVERED):
+            path = f"/v1/cases/{case.case_id}/verdict"
+            headers = sign_request(self.device, "GET", path, int(self._clock().timestamp()))
+            try:
+                answer = self.client.get_verdict(case.case_id, headers)
+            except TransportError as err:
+                self.connectivity.mark_failure(err.code, err.message, self._clock())
+                log.info("verdict poll failed (%s); will try again", err.code)
+                return received
+            self.connectivity.mark_success(self._clock())
+            if answer.status == 200:
+                self._store.record_verdict(case.case_id, answer.body)
+                received += 1
+        return received
+
+    # --- the case store mirror ------------------------------------------------------------------
+
+    def _store_sending(self, item: OutboxItem) -> None:
+        case = self._store.get(item.case_id) if self._store is not None else None
+        if case is None:
+            return
+        for event in _TO_SENDING.get(case.state, ()):
+            self._store_event(item.case_id, event, "resumed" if event is not CaseEvent.START_SEND
+                              else f"attempt {item.attempts + 1}")  # fmt: skip
+
+    def _store_to(self, case_id: str, target: CaseState) -> None:
+        """Apply the events that lead from where the store stands to ``target``."""
+        case = self._store.get(case_id) if self._store is not None else None
+        if case is None or case.state is target or case.state is CaseState.VERDICT_RECEIVED:
+            return
+        path = [*_TO_SENDING.get(case.state, ())]
+        path.append(CaseEvent.DELIVER if target is CaseState.DELIVERED else CaseEvent.QUARANTINE)
+        for event in path:
+            self._store_event(case_id, event, "reconciled with the outbox")
+
+    def _store_event(self, case_id: str, event: CaseEvent, detail: str | None) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.apply(case_id, event, detail)
+        except IllegalTransitionError as err:
+            log.warning("case store out of step with the outbox for case %s: %s", case_id, err)
+        except StoreError as err:
+            if self._store.get(case_id) is not None:
+                raise
+            log.debug("case %s is not in this case store (%s)", case_id, err.message)
