@@ -185,14 +185,26 @@ def _triage(
     # Imported here: ONNX Runtime and OpenCV cost a quarter of a second that the commands
     # without a model (deidentify, config) should not pay at start-up.
     from triage_app.batch import triage_and_record
+    from triage_app.escalation.service import open_escalation
 
     outcomes: list[InputOutcome] = []
-    for outcome in triage_and_record(files, settings):
-        outcomes.append(outcome)
-        if as_json:
-            print(json.dumps(outcome.to_json()), file=out, flush=True)
-        if isinstance(outcome, FailedInput):
-            print(f"triage-app: {outcome.path}: {outcome.code}: {outcome.message}", file=sys.stderr)
+    # With a central server configured, escalated cases are sealed into the outbox here;
+    # `queue drain` (or the GUI / watch service) sends them.
+    link = open_escalation(settings)
+    try:
+        queue = link.queue if link is not None else None
+        for outcome in triage_and_record(files, settings, queue=queue):
+            outcomes.append(outcome)
+            if as_json:
+                print(json.dumps(outcome.to_json()), file=out, flush=True)
+            if isinstance(outcome, FailedInput):
+                print(
+                    f"triage-app: {outcome.path}: {outcome.code}: {outcome.message}",
+                    file=sys.stderr,
+                )
+    finally:
+        if link is not None:
+            link.close()
     return outcomes
 
 
@@ -297,7 +309,9 @@ def _print_demo_table(
         elif outcome.escalation is not None:
             escalation = states.get(outcome.case_id, outcome.escalation.state)
             verdict = verdicts.get(outcome.case_id)
-            if verdict is not None:
+            if verdict is not None and verdict.get("error"):
+                central = f"no verdict: {verdict['error']['code']}"
+            elif verdict is not None:
                 central = f"{verdict['verdict']} ({float(verdict['score']):.3f})"
             elif outcome.escalation.reason:
                 central = f"not sent: {outcome.escalation.reason}"

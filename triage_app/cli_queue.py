@@ -174,7 +174,7 @@ def _drain(args: argparse.Namespace) -> int:
                 f"{status.quarantined} quarantined",
                 file=sys.stderr,
             )
-            return EXIT_SOME_FAILED if waiting else EXIT_OK
+            return EXIT_SOME_FAILED if waiting or status.quarantined else EXIT_OK
         stop = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -85,6 +85,10 @@ def serve(config: CentralConfig) -> None:
     """
     config.check_tls_files()
     key_ring = load_key_ring(config)
+    # A retired key is kept as long as an envelope sealed to it can still be accepted: envelopes
+    # older than the maximum queue age are refused as stale anyway.
+    for key_id in key_ring.prune(config.max_envelope_age):
+        log.info("retired server key %s pruned (older than the maximum queue age)", key_id)
     with CentralStore.for_config(config) as store:
         app = create_app(config, key_ring=key_ring, store=store)
         sock = bind_socket(config.host, config.port)

@@ -389,14 +389,20 @@ class Outbox:
         return self._get(case_id)
 
     def claim_next(
-        self, owner: str, lease_s: float, now: datetime | None = None
+        self,
+        owner: str,
+        lease_s: float,
+        now: datetime | None = None,
+        *,
+        due_by: datetime | None = None,
     ) -> OutboxItem | None:
         """Hand the next case to send to ``owner`` for ``lease_s`` seconds, or ``None``.
 
         The next case is, by priority then enqueue order, a pending one whose ``next_attempt_at``
-        has come, or an in-flight one whose lease has run out (its sender died; this counts as a
-        failed attempt). The read and the update are one ``BEGIN IMMEDIATE`` transaction, so two
-        processes never get the same case.
+        has come (by ``due_by``, default ``now``: a drain passes its start time, so a case that
+        failed during the drain is not sent twice in it), or an in-flight one whose lease has run
+        out (its sender died; this counts as a failed attempt). The read and the update are one
+        ``BEGIN IMMEDIATE`` transaction, so two processes never get the same case.
         """
         if not owner or owner != _one_line(owner):
             raise ValueError("owner must be a non-empty single line")
@@ -404,13 +410,14 @@ class Outbox:
             raise ValueError(f"lease_s must be > 0, not {lease_s}")
         moment = now or datetime.now(UTC)
         at = _iso(moment)
+        due = _iso(min(due_by, moment)) if due_by is not None else at
         until = _iso(moment + timedelta(seconds=lease_s))
         with self._write("claim the next case"):
             row = self._conn.execute(
                 "SELECT * FROM outbox"
                 " WHERE (state = ? AND next_attempt_at <= ?) OR (state = ? AND lease_until <= ?)"
                 " ORDER BY priority, seq LIMIT 1",
-                (OutboxState.PENDING, at, OutboxState.IN_FLIGHT, at),
+                (OutboxState.PENDING, due, OutboxState.IN_FLIGHT, due),
             ).fetchone()
             if row is None:
                 return None

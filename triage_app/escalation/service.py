@@ -74,6 +74,7 @@ class EscalationLink:
                 "the central server's keys are not known yet: it has not been reachable"
             )
         settings = self.settings
+        pinned_keys = bool(settings.server_public_key and settings.receipt_public_key)
         return Uploader(
             outbox=self.outbox,
             client=self.client,
@@ -83,7 +84,13 @@ class EscalationLink:
             config=UploaderConfig(
                 retry_cap_s=settings.retry_cap_s, verdict_poll_s=settings.verdict_poll_s
             ),
+            refresh_keys=None if pinned_keys else self._refresh_keys,
         )
+
+    def _refresh_keys(self) -> CentralKeys:
+        """Fetch the server's keys again; later enqueues on this link use the new ones."""
+        self.keys = fetch_central_keys(self.client, self.settings.data_dir)
+        return self.keys
 
     def close(self) -> None:
         self.client.close()

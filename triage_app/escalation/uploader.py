@@ -30,6 +30,7 @@ from pathlib import Path
 from triage_app.errors import (
     CertificatePinError,
     IllegalTransitionError,
+    OutboxError,
     PermanentRejectionError,
     ReceiptError,
     StoreError,
@@ -52,6 +53,8 @@ DEFAULT_LEASE_S = 300.0
 _TO_SENDING: dict[CaseState, tuple[CaseEvent, ...]] = {
     CaseState.ESCALATION_HELD: (CaseEvent.ENQUEUE, CaseEvent.START_SEND),
     CaseState.QUEUED: (CaseEvent.START_SEND,),
+    # An admin retry that reached the outbox but not the case store (crash in between).
+    CaseState.QUARANTINED: (CaseEvent.ADMIN_RETRY, CaseEvent.START_SEND),
     CaseState.SEND_FAILED_RETRYING: (CaseEvent.RETRY, CaseEvent.START_SEND),
     CaseState.SENDING: (CaseEvent.SEND_FAILED, CaseEvent.RETRY, CaseEvent.START_SEND),
 }
@@ -72,6 +75,7 @@ class UploaderConfig:
     retry_cap_s: float = 60.0
     lease_s: float = DEFAULT_LEASE_S
     verdict_poll_s: float = 15.0
+    key_refresh_s: float = 3600.0  # how often a following uploader asks for the server's keys
 
 
 class Uploader:
@@ -90,6 +94,7 @@ class Uploader:
         owner: str | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], datetime] | None = None,
+        refresh_keys: Callable[[], CentralKeys] | None = None,
     ) -> None:
         self.outbox = outbox
         self.client = client
@@ -102,6 +107,7 @@ class Uploader:
         self._rng = rng or random.Random()
         self._clock = clock or (lambda: datetime.now(UTC))
         self._store: CaseStore | None = None
+        self._refresh_keys = refresh_keys
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -126,14 +132,25 @@ class Uploader:
 
     # --- one attempt ----------------------------------------------------------------------------
 
-    def send_next(self) -> Attempt | None:
-        """Deliver the next due envelope, if any; None when nothing is due."""
-        item = self.outbox.claim_next(self.owner, self.config.lease_s, now=self._clock())
+    def send_next(self, *, due_by: datetime | None = None) -> Attempt | None:
+        """Deliver the next envelope due (by ``due_by``, default now), if any; else None."""
+        item = self.outbox.claim_next(
+            self.owner, self.config.lease_s, now=self._clock(), due_by=due_by
+        )
         if item is None:
             return None
         self._store_sending(item)
         try:
-            outcome = self.client.post_case(item.case_id, self.outbox.envelope(item))
+            envelope = self.outbox.envelope(item)
+        except OutboxError as err:
+            # A damaged spool file cannot be sent or repaired here; set it aside for the admin
+            # instead of stopping the queue behind it.
+            self.outbox.quarantine(item.case_id, f"damaged envelope: {err.message}")
+            self._store_event(item.case_id, CaseEvent.QUARANTINE, "damaged envelope")
+            log.error("ALARM: the envelope of case %s is damaged; quarantined", item.case_id)
+            return Attempt(item.case_id, "quarantined", f"{err.code}: {err.message}")
+        try:
+            outcome = self.client.post_case(item.case_id, envelope)
             receipt = verify_receipt(
                 outcome.body,
                 self.keys.receipt_key,
@@ -147,7 +164,11 @@ class Uploader:
         except PermanentRejectionError as err:
             self.connectivity.mark_success(self._clock())  # the server answered
             return self._quarantine(item, err)
-        except (TransportError, ReceiptError) as err:
+        except ReceiptError as err:
+            log.error("ALARM: the receipt for case %s does not verify: %s", item.case_id,
+                      err.message)  # fmt: skip
+            return self._retry(item, err, "retry")
+        except TransportError as err:
             return self._retry(item, err, "retry")
         self.outbox.mark_delivered(
             item.case_id, json.dumps(outcome.body, sort_keys=True), now=self._clock()
@@ -188,12 +209,11 @@ class Uploader:
     def drain(self, *, stop: threading.Event | None = None) -> list[Attempt]:
         """Try every envelope that is due now, once each; what remains waits for its time."""
         attempts: list[Attempt] = []
-        seen: set[str] = set()
+        started = self._clock()
         while stop is None or not stop.is_set():
-            attempt = self.send_next()
-            if attempt is None or attempt.case_id in seen:
+            attempt = self.send_next(due_by=started)
+            if attempt is None:
                 break
-            seen.add(attempt.case_id)
             attempts.append(attempt)
         return attempts
 
@@ -205,8 +225,11 @@ class Uploader:
         idle_s: float = 1.0,
     ) -> None:
         """Send and poll until ``stop`` is set (``queue drain --follow``, background threads)."""
-        next_poll = 0.0
+        next_poll = next_refresh = 0.0
         while not stop.is_set():
+            if self._refresh_keys is not None and time.monotonic() >= next_refresh:
+                self._refresh()
+                next_refresh = time.monotonic() + self.config.key_refresh_s
             attempt = self.send_next()
             if attempt is not None:
                 if on_attempt is not None:
@@ -216,6 +239,18 @@ class Uploader:
                 self.poll_verdicts()
                 next_poll = time.monotonic() + self.config.verdict_poll_s
             stop.wait(min(idle_s, self._seconds_to_next_due()))
+
+    def _refresh(self) -> None:
+        """Follow a server key rotation, so new envelopes are sealed to the active key."""
+        assert self._refresh_keys is not None
+        try:
+            keys = self._refresh_keys()
+        except TransportError as err:
+            log.info("server keys not refreshed (%s); will try again", err.code)
+            return
+        if keys.server_key.key_id != self.keys.server_key.key_id:
+            log.info("central server key is now %s", keys.server_key.key_id)
+        self.keys = keys
 
     def _seconds_to_next_due(self) -> float:
         now = self._clock()
@@ -238,6 +273,16 @@ class Uploader:
             headers = sign_request(self.device, "GET", path, int(self._clock().timestamp()))
             try:
                 answer = self.client.get_verdict(case.case_id, headers)
+            except PermanentRejectionError as err:
+                # The server cannot give this case a verdict (e.g. its model cannot read it):
+                # record that as the answer, so the clinician sees it, and go on with the others.
+                code = str(getattr(err, "server_code", err.code))
+                message = str(getattr(err, "server_message", err.message))
+                self._store.record_verdict(
+                    case.case_id, {"verdict": None, "error": {"code": code, "message": message}}
+                )
+                log.warning("central server gives case %s no verdict (%s)", case.case_id, code)
+                continue
             except TransportError as err:
                 self.connectivity.mark_failure(err.code, err.message, self._clock())
                 log.info("verdict poll failed (%s); will try again", err.code)

@@ -1,0 +1,85 @@
+"""The uploader thread the GUI, watch service and receiver run: it delivers, follows, stops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.escalation.conftest import (
+    Device,
+    StartCentral,
+    link_for,
+    queue_cases,
+    wait_until,
+)
+from tests.fault_proxy import FaultProxy
+from triage_app.escalation.background import BackgroundUploader
+from triage_app.escalation.outbox import OutboxState
+from triage_app.escalation.server_keys import central_keys_path
+from triage_app.states import CaseState
+from triage_app.store import CaseStore
+
+
+def test_the_background_uploader_delivers_what_is_queued_and_fetches_verdicts(
+    start_central: StartCentral, device: Device, tmp_path: Path
+) -> None:
+    central = start_central(model=True)
+    central.register(device.identity)
+    settings = device.settings(central).with_values(escalation__verdict_poll_s=1.0)
+    with link_for(settings) as link:
+        cases = queue_cases(link, tmp_path / "scans", (0, 1))
+    uploader = BackgroundUploader(settings)
+    uploader.start()
+    try:
+
+        def all_have_verdicts() -> bool:
+            with CaseStore.open(settings.case_store_path) as store:
+                return all(
+                    (c := store.get(case.case_id)) is not None
+                    and c.state is CaseState.VERDICT_RECEIVED
+                    for case in cases
+                )
+
+        wait_until(all_have_verdicts, timeout_s=60, what="every verdict")
+        assert uploader.snapshot().online is True
+    finally:
+        uploader.stop()
+    assert not uploader.running
+    assert central.deliveries() == {case.case_id: 1 for case in cases}
+
+
+@pytest.mark.expect_log_warnings
+def test_the_background_uploader_waits_for_an_unreachable_server_and_then_delivers(
+    start_central: StartCentral, device: Device, tmp_path: Path
+) -> None:
+    central = start_central()
+    central.register(device.identity)
+    with FaultProxy("127.0.0.1", central.port) as proxy:
+        proxy.refuse()
+        settings = device.settings(central, url=f"https://127.0.0.1:{proxy.port}").with_values(
+            escalation__retry_cap_s=1.0
+        )
+        uploader = BackgroundUploader(settings)
+        uploader.start()
+        try:
+            wait_until(lambda: uploader.snapshot().online is False, what="the offline state")
+            assert uploader.snapshot().offline_since is not None
+            assert not central_keys_path(settings.data_dir).exists()  # keys not known yet
+            proxy.pass_through()
+            wait_until(
+                lambda: central_keys_path(settings.data_dir).exists(),
+                timeout_s=30,
+                what="the server's keys",
+            )
+            with link_for(settings) as link:
+                cases = queue_cases(link, tmp_path / "scans", (0,))
+
+                def delivered() -> bool:
+                    item = link.outbox.get(cases[0].case_id)
+                    return item is not None and item.state is OutboxState.DELIVERED
+
+                wait_until(delivered, timeout_s=30, what="the delivery")
+        finally:
+            uploader.stop()
+    assert central.deliveries() == {cases[0].case_id: 1}

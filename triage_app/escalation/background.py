@@ -1,0 +1,70 @@
+"""The uploader in a thread of its own, for the GUI, the watch service and the receiver.
+
+SQLite connections and HTTP sessions belong to the thread that made them, so the thread opens
+its own outbox, case store and client. When the server's keys are not known yet (the server
+was never reachable), it keeps asking for them with backoff instead of giving up: cases stay
+held or queued, and the connectivity state says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+
+from triage_app.config import Settings
+from triage_app.errors import TransportError
+from triage_app.escalation.backoff import full_jitter_delay
+from triage_app.escalation.connectivity import ConnectivitySnapshot, ConnectivityState
+from triage_app.escalation.server_keys import fetch_central_keys
+from triage_app.escalation.service import open_escalation
+
+log = logging.getLogger(__name__)
+
+
+class BackgroundUploader:
+    """Start it once; ``stop()`` lets the attempt in progress finish and joins the thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
+        self.connectivity = ConnectivityState()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error("the uploader did not stop within %.0f s", timeout_s)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def snapshot(self) -> ConnectivitySnapshot:
+        return self.connectivity.snapshot()
+
+    def _run(self) -> None:
+        link = open_escalation(self._settings, fetch_keys=False)
+        if link is None:
+            log.info("no central server configured: the uploader does not run")
+            return
+        with link:
+            attempt = 0
+            while link.keys is None and not self._stop.is_set():
+                try:
+                    link.keys = fetch_central_keys(link.client, self._settings.data_dir)
+                except TransportError as err:
+                    self.connectivity.mark_failure(err.code, err.message, datetime.now(UTC))
+                    delay = full_jitter_delay(attempt, cap_s=self._settings.retry_cap_s)
+                    attempt += 1
+                    self._stop.wait(delay)
+            if self._stop.is_set():
+                return
+            uploader = link.uploader()
+            uploader.connectivity = self.connectivity
+            with uploader:
+                uploader.run(self._stop)
