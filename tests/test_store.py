@@ -302,7 +302,7 @@ def test_a_file_that_cannot_use_wal_is_refused(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # E.g. a network file system without shared memory: SQLite keeps the old journal mode.
-    monkeypatch.setattr(store_module, "_enable_wal", lambda conn, timeout_s: "delete")
+    monkeypatch.setattr(store_module, "enable_wal", lambda conn, timeout_s: "delete")
     with pytest.raises(StoreError, match="cannot use WAL mode"):
         CaseStore.open(db_path)
 

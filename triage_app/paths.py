@@ -59,12 +59,12 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool = True) -> No
     finally:
         # Gone after a replace; the spare name after a link; the debris after a failure.
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename or link in ``path`` durable (POSIX keeps directory entries separately)."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

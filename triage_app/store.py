@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any, Self
 
 from triage_app.errors import StoreError
 from triage_app.results import CaseResult, FailedInput
+from triage_app.sqlite_wal import enable_wal
 from triage_app.states import CaseEvent, CaseState, next_state
 
 __all__ = [
@@ -223,7 +223,7 @@ class CaseStore:
             conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
             try:
                 conn.row_factory = sqlite3.Row
-                mode = _enable_wal(conn, busy_timeout_s)
+                mode = enable_wal(conn, busy_timeout_s)
                 if mode != "wal":
                     raise StoreError(f"case store: {path} cannot use WAL mode (got {mode!r})")
                 conn.execute("PRAGMA synchronous=FULL")
@@ -545,25 +545,6 @@ class CaseStore:
                 # PRAGMA takes no parameters; version is an int from SQLite itself.
                 self._conn.execute(f"PRAGMA user_version = {version + 1}")
             log.info("case store schema migrated to version %d", version + 1)
-
-
-def _enable_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
-    """Switch to WAL and return the journal mode now in force.
-
-    Why the loop: when several processes open a new file at once, SQLite reports "database is
-    locked" for this pragma at once instead of calling the busy handler, so we wait ourselves.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            mode: str = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        except sqlite3.OperationalError as exc:
-            busy = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-            if not busy or time.monotonic() >= deadline:
-                raise
-            time.sleep(0.01)
-        else:
-            return mode
 
 
 def _stored_case(row: sqlite3.Row) -> StoredCase:

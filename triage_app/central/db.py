@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -20,6 +19,7 @@ from types import TracebackType
 from typing import Self
 
 from triage_app.errors import StoreError
+from triage_app.sqlite_wal import enable_wal
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class CentralDB:
             )
             try:
                 conn.row_factory = sqlite3.Row
-                mode = _enable_wal(conn, _BUSY_TIMEOUT_S)
+                mode = enable_wal(conn, _BUSY_TIMEOUT_S)
                 if mode != "wal":
                     raise StoreError(f"central store: {path} cannot use WAL mode (got {mode!r})")
                 conn.execute("PRAGMA synchronous=FULL")
@@ -189,18 +189,3 @@ class CentralDB:
                 # PRAGMA takes no parameters; version is an int from SQLite itself.
                 conn.execute(f"PRAGMA user_version = {version + 1}")
             log.info("central store schema migrated to version %d", version + 1)
-
-
-def _enable_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
-    """Switch to WAL, waiting out a concurrent opener (SQLite does not retry this pragma)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            mode: str = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        except sqlite3.OperationalError as exc:
-            busy = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-            if not busy or time.monotonic() >= deadline:
-                raise
-            time.sleep(0.01)
-        else:
-            return mode

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sqlite3
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from triage_app.central.errors import CaseConflictError, ReplayedEnvelopeError
 from triage_app.central.registry import DeviceRegistry
 from triage_app.errors import StoreError
 from triage_app.escalation.envelope import EnvelopeHeader, Payload, format_timestamp
-from triage_app.paths import write_private_file
+from triage_app.paths import fsync_dir, write_private_file
 from triage_app.results import ModelRef
 
 log = logging.getLogger(__name__)
@@ -266,7 +265,7 @@ class CentralStore:
             created = not folder.exists()
             folder.mkdir(mode=0o700, exist_ok=True)
             if created:
-                _fsync_dir(self.cases_dir)
+                fsync_dir(self.cases_dir)
             write_private_file(folder / DICOM_FILE, payload.dicom)
             write_private_file(folder / RESULT_FILE, payload.result_json)
             write_private_file(folder / ENVELOPE_FILE, envelope)
@@ -372,15 +371,6 @@ def _checked_case_id(case_id: str) -> str:
     if not _CASE_ID.fullmatch(case_id):
         raise StoreError("central store: a case id must be 64 lower-case hex characters")
     return case_id
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a new entry in ``path`` durable (POSIX keeps directory entries separately)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _delivery(row: sqlite3.Row) -> Delivery:

@@ -41,7 +41,6 @@ import re
 import secrets
 import sqlite3
 import stat
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -52,6 +51,8 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Final, Self
 
 from triage_app.errors import OutboxError, QueueFullError, UnknownQueuedCaseError
+from triage_app.paths import fsync_dir
+from triage_app.sqlite_wal import enable_wal
 
 __all__ = [
     "ESCALATION_PRIORITY",
@@ -256,7 +257,7 @@ class Outbox:
                 db_path.touch(mode=0o600, exist_ok=False)
             spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             # A new spool folder's own name must survive a power cut as much as its files do.
-            _fsync_dir(spool_dir.parent)
+            fsync_dir(spool_dir.parent)
             mode = stat.S_IMODE(spool_dir.stat().st_mode)
         if mode & 0o077:
             raise OutboxError(
@@ -268,7 +269,7 @@ class Outbox:
             conn = sqlite3.connect(db_path, timeout=busy_timeout_s, isolation_level=None)
             try:
                 conn.row_factory = sqlite3.Row
-                journal = _enable_wal(conn, busy_timeout_s)
+                journal = enable_wal(conn, busy_timeout_s)
                 if journal != "wal":
                     raise OutboxError(f"outbox: {db_path} cannot use WAL mode (got {journal!r})")
                 conn.execute("PRAGMA synchronous=FULL")
@@ -754,16 +755,7 @@ def _write_locked_temp(folder: Path, name: str, data: bytes) -> tuple[Path, int]
 def _publish(tmp: Path, final: Path) -> None:
     """Rename the complete temporary file into place and make the new name durable."""
     tmp.rename(final)
-    _fsync_dir(final.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (POSIX keeps directory entries separately)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(final.parent)
 
 
 def _remove_if_abandoned(path: Path) -> None:
@@ -782,25 +774,6 @@ def _remove_if_abandoned(path: Path) -> None:
                 path.unlink()
     finally:
         os.close(fd)
-
-
-def _enable_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
-    """Switch to WAL and return the journal mode now in force.
-
-    Why the loop: when several processes open a new file at once, SQLite reports "database is
-    locked" for this pragma at once instead of calling the busy handler, so we wait ourselves.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            mode: str = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        except sqlite3.OperationalError as exc:
-            busy = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-            if not busy or time.monotonic() >= deadline:
-                raise
-            time.sleep(0.01)
-        else:
-            return mode
 
 
 def _item(row: sqlite3.Row | None) -> OutboxItem:
