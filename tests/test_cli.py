@@ -63,7 +63,7 @@ def test_classify_mixed_folder_reports_every_file_and_exits_1(mixed_folder, tmp_
             assert record["decision"] in {"normal", "abnormal", "escalate"}
             assert abs(sum(record["probabilities"].values()) - 1) < 1e-4
             assert record["score"] == record["probabilities"]["abnormal"]
-            assert len(record["case_id"]) == 32
+            assert len(record["case_id"]) == 64
             assert set(record["timings_ms"]) >= {"read", "preprocess", "infer"}
             assert record["model"]["sha256"] == load_manifest(BUNDLE).sha256
     assert "Traceback" not in run.stderr
