@@ -8,8 +8,10 @@ import pytest
 
 from tests.escalation.conftest import (
     Device,
+    FakeClock,
     StartCentral,
     link_for,
+    make_uploader,
     queue_cases,
     wait_until,
 )
@@ -83,3 +85,33 @@ def test_the_background_uploader_waits_for_an_unreachable_server_and_then_delive
         finally:
             uploader.stop()
     assert central.deliveries() == {cases[0].case_id: 1}
+
+
+def test_when_the_link_comes_back_waiting_cases_go_without_waiting_out_their_backoff(
+    start_central: StartCentral, device: Device, tmp_path: Path
+) -> None:
+    central = start_central()
+    central.register(device.identity)
+    clock = FakeClock()  # stands still: no backoff runs out by itself in this test
+    with FaultProxy("127.0.0.1", central.port) as proxy:
+        settings = device.settings(
+            central, url=f"https://127.0.0.1:{proxy.port}", **central.public_keys()
+        )
+        with link_for(settings) as link:
+            cases = queue_cases(link, tmp_path / "scans", (0, 1))
+            clock.advance(1)  # just after they were queued
+            proxy.refuse()
+            with make_uploader(link, clock=clock, retry_cap_s=3600.0) as uploader:
+                assert [a.outcome for a in uploader.drain()] == ["retry", "retry"]
+                assert uploader.send_next() is None  # both wait out their backoff
+                assert uploader.probe() is False  # still down
+                assert uploader.connectivity.snapshot().online is False
+
+                proxy.pass_through()
+                assert uploader.probe() is True
+                delivered = uploader.drain()
+
+    assert sorted(a.case_id for a in delivered if a.outcome == "delivered") == sorted(
+        c.case_id for c in cases
+    )
+    assert central.deliveries() == {c.case_id: 1 for c in cases}

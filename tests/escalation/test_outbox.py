@@ -317,6 +317,39 @@ def test_expired_lease_is_reclaimed(outbox: Outbox):
     assert state_of(outbox, 1) is OutboxState.DELIVERED
 
 
+def test_a_dead_senders_lease_is_released_at_once(outbox: Outbox):
+    enqueue(outbox, 1)
+    enqueue(outbox, 2)
+    outbox.claim_next("host:111:dead", 300, now=T0)
+    outbox.claim_next("host:222:alive", 300, now=T0)
+
+    released = outbox.release_leases(lambda owner: owner.endswith(":dead"), now=T0)
+
+    assert released == [cid(1)]
+    assert claimed_id(outbox, T0) == cid(1)  # due again, without waiting out 300 s
+    taken_back = outbox.get(cid(1))
+    assert taken_back is not None and taken_back.attempts == 1
+    assert claimed_id(outbox, T0) is None  # the live sender keeps its case
+
+
+@pytest.mark.expect_log_warnings
+def test_due_now_cuts_short_the_backoff_of_waiting_cases_only(outbox: Outbox):
+    enqueue(outbox, 1)
+    enqueue(outbox, 2)
+    enqueue(outbox, 3)
+    outbox.claim_next("w", 60, now=T0)
+    outbox.mark_failed(cid(1), "offline", T0 + timedelta(minutes=1), now=T0)
+    outbox.claim_next("w", 60, now=T0)
+    outbox.mark_failed(cid(2), "offline", T0 + timedelta(minutes=1), now=T0)
+    outbox.claim_next("w", 60, now=T0)
+    outbox.quarantine(cid(3), "refused", now=T0)
+
+    assert outbox.due_now(now=T0 + timedelta(seconds=1)) == 2
+
+    assert claim_all(outbox, T0 + timedelta(seconds=1)) == [cid(1), cid(2)]
+    assert state_of(outbox, 3) is OutboxState.QUARANTINED
+
+
 @pytest.mark.expect_log_warnings
 def test_quarantine_and_admin_retry(outbox: Outbox, spool: Path, caplog):
     enqueue(outbox, 1)

@@ -41,7 +41,7 @@ import re
 import secrets
 import sqlite3
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -517,6 +517,44 @@ class Outbox:
             item = _item(self._row(case_id))
         log.info("outbox: case %s put back in the queue", case_id)
         return item
+
+    def release_leases(
+        self, is_dead: Callable[[str], bool], *, now: datetime | None = None
+    ) -> list[str]:
+        """End the leases whose owner ``is_dead`` says is gone; return their case ids.
+
+        A sender killed mid-upload would otherwise hold its case for the whole lease; a
+        restarted sender on the same machine knows the old one's process is gone and takes the
+        case back at once (the lost attempt counts, as for an expired lease).
+        """
+        at = _iso(now or datetime.now(UTC))
+        released: list[str] = []
+        with self._write("release the leases of dead senders"):
+            rows = self._conn.execute(
+                "SELECT case_id, lease_owner FROM outbox WHERE state = ? AND lease_until > ?",
+                (OutboxState.IN_FLIGHT, at),
+            ).fetchall()
+            for row in rows:
+                if row["lease_owner"] and is_dead(row["lease_owner"]):
+                    self._conn.execute(
+                        "UPDATE outbox SET lease_until = ?, updated_at = ? WHERE case_id = ?",
+                        (at, at, row["case_id"]),
+                    )
+                    released.append(row["case_id"])
+        for case_id in released:
+            log.info("outbox: case %s released from a dead sender's lease", case_id)
+        return released
+
+    def due_now(self, *, now: datetime | None = None) -> int:
+        """Make every waiting case due at once (the link is back: no point waiting out backoff)."""
+        at = _iso(now or datetime.now(UTC))
+        with self._write("make waiting cases due"):
+            changed = self._conn.execute(
+                "UPDATE outbox SET next_attempt_at = ?, updated_at = ?"
+                " WHERE state = ? AND next_attempt_at > ?",
+                (at, at, OutboxState.PENDING, at),
+            ).rowcount
+        return int(changed)
 
     # --- reads -------------------------------------------------------------------------------
 

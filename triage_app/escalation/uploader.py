@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -76,6 +78,9 @@ class UploaderConfig:
     lease_s: float = DEFAULT_LEASE_S
     verdict_poll_s: float = 15.0
     key_refresh_s: float = 3600.0  # how often a following uploader asks for the server's keys
+    # While offline, how often to ask the server's health: when the link is back, waiting
+    # cases go at once instead of each waiting out its backoff (up to the retry cap).
+    probe_s: float = 5.0
 
 
 class Uploader:
@@ -103,7 +108,7 @@ class Uploader:
         self.store_path = store_path
         self.config = config or UploaderConfig()
         self.connectivity = connectivity or ConnectivityState()
-        self.owner = owner or f"uploader-{threading.get_native_id()}-{random.getrandbits(32):08x}"
+        self.owner = owner or _owner_name()
         self._rng = rng or random.Random()
         self._clock = clock or (lambda: datetime.now(UTC))
         self._store: CaseStore | None = None
@@ -123,7 +128,9 @@ class Uploader:
             self._store = None
 
     def reconcile(self) -> None:
-        """Bring the case store in line with the outbox after a crash between the two."""
+        """After a crash: take back the cases a dead sender held, and bring the case store in
+        line with the outbox where the crash fell between the two."""
+        self.outbox.release_leases(_owner_is_dead, now=self._clock())
         for item in self.outbox.items():
             if item.state is OutboxState.DELIVERED:
                 self._store_to(item.case_id, CaseState.DELIVERED)
@@ -225,7 +232,7 @@ class Uploader:
         idle_s: float = 1.0,
     ) -> None:
         """Send and poll until ``stop`` is set (``queue drain --follow``, background threads)."""
-        next_poll = next_refresh = 0.0
+        next_poll = next_refresh = next_probe = 0.0
         while not stop.is_set():
             if self._refresh_keys is not None and time.monotonic() >= next_refresh:
                 self._refresh()
@@ -235,10 +242,26 @@ class Uploader:
                 if on_attempt is not None:
                     on_attempt(attempt)
                 continue
+            if self.connectivity.snapshot().online is False and time.monotonic() >= next_probe:
+                next_probe = time.monotonic() + self.config.probe_s
+                if self.probe():
+                    continue
             if time.monotonic() >= next_poll:
                 self.poll_verdicts()
                 next_poll = time.monotonic() + self.config.verdict_poll_s
             stop.wait(min(idle_s, self._seconds_to_next_due()))
+
+    def probe(self) -> bool:
+        """Ask the server's health; when it answers, make every waiting case due now."""
+        try:
+            self.client.health()
+        except TransportError as err:
+            self.connectivity.mark_failure(err.code, err.message, self._clock())
+            return False
+        self.connectivity.mark_success(self._clock())
+        due = self.outbox.due_now(now=self._clock())
+        log.info("central server reachable again; %d waiting case(s) due now", due)
+        return True
 
     def _refresh(self) -> None:
         """Follow a server key rotation, so new envelopes are sealed to the active key."""
@@ -324,3 +347,29 @@ class Uploader:
             if self._store.get(case_id) is not None:
                 raise
             log.debug("case %s is not in this case store (%s)", case_id, err.message)
+
+
+def _owner_name() -> str:
+    """Who holds a lease: this machine, process and thread, so a restart can tell it is dead."""
+    return (
+        f"{socket.gethostname()}:{os.getpid()}:{threading.get_native_id()}:"
+        f"{random.getrandbits(32):08x}"
+    )
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """A lease owner on this machine whose process no longer exists."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
