@@ -37,13 +37,16 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
-def write_private_file(path: Path, data: bytes, *, overwrite: bool = True) -> None:
+def write_private_file(
+    path: Path, data: bytes, *, overwrite: bool = True, sync_folder: bool = True
+) -> None:
     """Write ``data`` to ``path`` atomically, readable and writable by this user only (0600).
 
     The bytes go to a temporary file in the same folder, are fsync-ed, and the file is then
     renamed over ``path`` (``overwrite=True``) or hard-linked to ``path`` (``overwrite=False``,
     which raises ``FileExistsError`` instead of replacing a file another process created first).
-    The folder is fsync-ed too, so the new name survives a power cut.
+    The folder is fsync-ed too, so the new name survives a power cut (``sync_folder=False``
+    when the caller writes several files there and syncs the folder once after the last).
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -59,7 +62,8 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool = True) -> No
     finally:
         # Gone after a replace; the spare name after a link; the debris after a failure.
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    if sync_folder:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:

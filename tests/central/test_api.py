@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tests.central import envelope_bytes as eb
 from tests.central.conftest import Central, StartCentral, make_case, new_device, seal_case
-from triage_app.central.storage import DICOM_FILE, ENVELOPE_FILE, RESULT_FILE
+from triage_app.central.storage import DICOM_FILE, RESULT_FILE, SIGNED_HEADER_FILE
 from triage_app.escalation import envelope as envelope_module
-from triage_app.escalation.envelope import LENGTH_BYTES, PREFIX_BYTES
+from triage_app.escalation.envelope import LENGTH_BYTES, PREFIX_BYTES, verify_header
 from triage_app.escalation.keys import ServerPublicKey, ed25519_public_key_from_b64
 from triage_app.escalation.receipt import Receipt, verify_receipt
 
@@ -60,8 +60,10 @@ def test_first_delivery_is_stored_once_and_receipted(central: Central) -> None:
     folder = central.store.case_dir(case.case_id)
     assert (folder / DICOM_FILE).read_bytes() == case.payload.dicom
     assert (folder / RESULT_FILE).read_bytes() == case.payload.result_json
-    assert (folder / ENVELOPE_FILE).read_bytes() == body
-    for name in (DICOM_FILE, RESULT_FILE, ENVELOPE_FILE):
+    evidence = (folder / SIGNED_HEADER_FILE).read_bytes()
+    assert body.startswith(evidence)  # the signed part, not a second copy of the ciphertext
+    assert verify_header(evidence, device.public_key()).case_id == case.case_id
+    for name in (DICOM_FILE, RESULT_FILE, SIGNED_HEADER_FILE):
         assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]

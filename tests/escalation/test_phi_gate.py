@@ -248,6 +248,9 @@ def test_pixel_data_is_not_searched(case: Case) -> None:
         "READ^MODEL",  # record keys: timings_ms.read, model
         "WANG^MING",  # in the key timings_ms
         "NGUYEN^TIEN",  # in the key patient_pseudonym
+        "DEMO^ALICE",  # in the model name chest-dx-demo (whole word between hyphens)
+        "BASIC^BOB",  # a whole word of the De-identification Method
+        "ESCALATE^EVE",  # the decision word
     ],
 )
 def test_names_inside_the_payloads_own_words_are_not_leaks(name: str) -> None:

@@ -32,7 +32,12 @@ from triage_app.central.db import CentralDB
 from triage_app.central.errors import CaseConflictError, ReplayedEnvelopeError
 from triage_app.central.registry import DeviceRegistry
 from triage_app.errors import StoreError
-from triage_app.escalation.envelope import EnvelopeHeader, Payload, format_timestamp
+from triage_app.escalation.envelope import (
+    EnvelopeHeader,
+    Payload,
+    format_timestamp,
+    signed_header,
+)
 from triage_app.paths import fsync_dir, write_private_file
 from triage_app.results import ModelRef
 
@@ -40,7 +45,7 @@ log = logging.getLogger(__name__)
 
 DICOM_FILE = "image.dcm"
 RESULT_FILE = "result.json"
-ENVELOPE_FILE = "envelope.bin"
+SIGNED_HEADER_FILE = "signed_header.bin"  # the envelope's signed part: proof of the sender
 
 _CASE_ID = re.compile(r"[0-9a-f]{64}")
 
@@ -266,9 +271,11 @@ class CentralStore:
             folder.mkdir(mode=0o700, exist_ok=True)
             if created:
                 fsync_dir(self.cases_dir)
-            write_private_file(folder / DICOM_FILE, payload.dicom)
-            write_private_file(folder / RESULT_FILE, payload.result_json)
-            write_private_file(folder / ENVELOPE_FILE, envelope)
+            # One copy of the image (the largest part) and the signed header as evidence; the
+            # folder is synced once, after the last file.
+            write_private_file(folder / DICOM_FILE, payload.dicom, sync_folder=False)
+            write_private_file(folder / RESULT_FILE, payload.result_json, sync_folder=False)
+            write_private_file(folder / SIGNED_HEADER_FILE, signed_header(envelope))
         except OSError as exc:
             log.error("case %s: could not write its files: %s", case_id, exc.strerror)
             raise StoreError(f"central store: could not write the files of case {case_id}") from exc

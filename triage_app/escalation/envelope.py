@@ -376,6 +376,16 @@ def seal_bytes(
 # --- Reading and opening ------------------------------------------------------------------------
 
 
+def signed_header(data: bytes) -> bytes:
+    """The envelope's signed part (magic, header, signature): evidence of what was sent.
+
+    The device's signature covers ``payload_sha256``, so this prefix with the opened payload
+    proves the delivery without keeping a second full copy of the ciphertext.
+    """
+    prefix = _read_prefix(data)
+    return prefix.signed + prefix.signature
+
+
 def read_header(data: bytes) -> EnvelopeHeader:
     """Parse and validate the header WITHOUT checking the signature.
 

@@ -128,6 +128,28 @@ def _decoded_texts(ds: Dataset) -> Iterator[str]:
             yield from _strings(element.value)
 
 
+# What the device itself writes from fixed vocabularies, never from the image: the model's
+# name and version, the decision words, the de-identification method. A patient called "Demo"
+# or "Basic" is not leaked by "chest-dx-demo" or "Basic Application Confidentiality Profile".
+_OWN_MARKING_KEYWORDS = (
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "PatientIdentityRemoved",
+    "LongitudinalTemporalInformationModified",
+)
+_OWN_RECORD_KEYS = ("model", "decision", "reason", "thresholds")
+
+
+def _without_own_vocabulary(record: object) -> object:
+    if not isinstance(record, dict):
+        return record
+    kept = {k: v for k, v in record.items() if k not in _OWN_RECORD_KEYS}
+    deid = kept.get("deidentification")
+    if isinstance(deid, dict):
+        kept["deidentification"] = {k: v for k, v in deid.items() if k != "method"}
+    return kept
+
+
 def _json_values(value: object) -> Iterator[str]:
     if isinstance(value, dict):
         for item in value.values():
@@ -151,13 +173,13 @@ def audit_payload(dicom: bytes, sidecar: bytes, original: IdentifyingValues) -> 
     try:
         with quiet_pydicom():  # pydicom's own warnings quote values: PHI in the logs
             ds = pydicom.dcmread(io.BytesIO(dicom))
-            for keyword in _PIXEL_KEYWORDS:
+            for keyword in (*_PIXEL_KEYWORDS, *_OWN_MARKING_KEYWORDS):
                 if keyword in ds:
                     del ds[keyword]
             header = io.BytesIO()
             ds.save_as(header, enforce_file_format=False)
             texts = [*_decoded_texts(ds), *_decoded_texts(ds.file_meta)]
-        texts += _json_values(json.loads(sidecar))
+        texts += _json_values(_without_own_vocabulary(json.loads(sidecar)))
     except (
         InvalidDicomError,
         ValueError,

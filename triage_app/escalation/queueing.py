@@ -9,10 +9,9 @@ returns, the case survives a crash, and a second call for the same case changes 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
-from triage_app.escalation.envelope import seal_bytes
+from triage_app.escalation.envelope import read_header, seal_bytes
 from triage_app.escalation.keys import DeviceIdentity, ServerPublicKey
 from triage_app.escalation.outbox import Outbox, OutboxItem
 
@@ -33,9 +32,9 @@ class EscalationQueue:
         existing = self.outbox.get(case_id)
         if existing is not None:
             return existing
-        payload_sha256 = hashlib.sha256(payload).hexdigest()
         envelope = seal_bytes(
             payload, case_id=case_id, device=self.device, server_key=self.server_key
         )
+        payload_sha256 = read_header(envelope).payload_sha256  # hashed once, while sealing
         # If another process queued the case in between, the outbox keeps the first envelope.
         return self.outbox.enqueue(case_id, envelope, reason=reason, payload_sha256=payload_sha256)

@@ -181,7 +181,11 @@ class Uploader:
             item.case_id, json.dumps(outcome.body, sort_keys=True), now=self._clock()
         )
         self._store_event(item.case_id, CaseEvent.DELIVER, f"receipt from {receipt.server_id}")
+        was_offline = self.connectivity.snapshot().online is False
         self.connectivity.mark_success(self._clock())
+        if was_offline:
+            # The link is back: the cases still waiting out their backoff go now too.
+            self.outbox.due_now(now=self._clock())
         log.info("case %s delivered (server count %d)", item.case_id, receipt.deliveries)
         return Attempt(item.case_id, "delivered", receipt.server_id, receipt.deliveries)
 
