@@ -107,10 +107,18 @@ def _offline_config(args: argparse.Namespace) -> CentralConfig:
     return CentralConfig(data_dir=args.data_dir, allow_plain_http=True)
 
 
+CENTRAL_MODEL_NAME = "central-dx-demo"
+
+
 def default_central_model() -> Path | None:
-    """The central model shipped with the project, if it is there."""
-    bundle = Path(__file__).resolve().parents[1] / "models" / "central-dx-demo"
-    return bundle if (bundle / "manifest.json").is_file() else None
+    """The central model shipped with the project, if it is installed."""
+    from triage_app.errors import ModelNotFoundError
+    from triage_app.model.manifest import find_bundle
+
+    try:
+        return find_bundle(CENTRAL_MODEL_NAME)
+    except ModelNotFoundError:
+        return None
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -47,9 +47,8 @@ from triage_app.model.manifest import find_bundle, load_manifest
 from triage_app.model.preprocess import to_tensor, to_unit_image
 from triage_app.policy import (
     ActiveThresholds,
-    ScopeAssessment,
+    assess_scope,
     decide,
-    header_scope_findings,
     resolve_thresholds,
 )
 from triage_app.results import (
@@ -151,12 +150,7 @@ class TriagePipeline:
         with _timed(timings, "infer"):
             prediction = self.classifier.predict(tensor)
         with _timed(timings, "decide"):
-            profile = self.classifier.profile
-            input_score = profile.score(unit)
-            findings = header_scope_findings(image.info, manifest.intended_use)
-            if not profile.is_typical(input_score, unit):
-                findings += ("atypical_input",)
-            scope = ScopeAssessment(findings, input_score, profile.limit)
+            scope = assess_scope(image.info, unit, manifest.intended_use, self.classifier.profile)
             decision = decide(prediction.score, self.thresholds.thresholds, scope)
         result = CaseResult(
             path=path,

@@ -18,13 +18,17 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from triage_app.dicom.image import ImageInfo
 from triage_app.errors import ConfigError
+from triage_app.model.input_profile import InputProfile
 from triage_app.model.manifest import IntendedUse, ModelManifest, Thresholds
 
 logger = logging.getLogger(__name__)
 
 NORMAL, ABNORMAL, ESCALATE = "normal", "abnormal", "escalate"
+OUT_OF_SCOPE = "out_of_scope"
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,20 @@ def header_scope_findings(info: ImageInfo, use: IntendedUse) -> tuple[str, ...]:
     return tuple(findings)
 
 
+def assess_scope(
+    info: ImageInfo, unit: np.ndarray, use: IntendedUse, profile: InputProfile
+) -> ScopeAssessment:
+    """The header checks plus the input-distribution check on the prepared image."""
+    input_score = profile.score(unit)
+    findings = header_scope_findings(info, use)
+    if not profile.is_typical(input_score, unit):
+        findings += ("atypical_input",)
+    return ScopeAssessment(findings, input_score, profile.limit)
+
+
 def decide(score: float, thresholds: Thresholds, scope: ScopeAssessment) -> Decision:
     if not scope.in_scope:
-        return Decision(ESCALATE, "out_of_scope")
+        return Decision(ESCALATE, OUT_OF_SCOPE)
     if score < thresholds.normal_below:
         return Decision(NORMAL, "confident_normal")
     if score >= thresholds.abnormal_at_or_above:

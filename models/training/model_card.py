@@ -18,12 +18,39 @@ MONOCHROME1 and 2; varied size and positioning. Abnormal: 1–3 nodules (8–30 
 (20–70 mm) with contrast drawn log-uniformly from faint to obvious; normal images may carry
 look-alikes (nipple shadows, end-on vessels)."""
 
+CENTRAL_DISCLAIMER = """\
+> **Not for clinical use.** This model was trained and evaluated only on synthetic chest
+> phantoms that the project renders itself (no clinical data set can be downloaded where it is
+> built). It exists to demonstrate and test the escalation path end to end: the central server's
+> second look at the cases edge devices do not decide themselves. Its figures say how it does on
+> the phantoms, nothing about real radiographs."""
+
+CENTRAL_ROLE = """\
+Edge devices run the small INT8 model (`chest-dx-demo`) and escalate what they are unsure of.
+This model is what the central diagnostic server runs on those escalated cases: the same design
+(plain 3×3 convolutions, a lesion map supervised by the phantoms' lesion masks, a soft-OR image
+score), 1.5× wider, on a 1.5× larger input, with the last two stages' convolutions dilated so that
+its receptive field spans about the same share of the image, and in FP32 because the server has
+the compute. It is trained by the same script (`python -m models.training.train --target
+central`) on the same generator and seeds, through the app's own reader and preprocessing at its
+own input size; the convolutions run under bfloat16 autocast in training only (the weights and
+the shipped graph are FP32)."""
+
 LIMITATIONS = """\
 ## Limitations
 
 - Synthetic data only: performance on real radiographs is unknown and must not be assumed.
 - Two finding types only; no devices, fractures, effusions, pneumothorax or lateral views.
 - The input profile flags images unlike the phantoms; it is not a guarantee of validity.
+"""
+
+CENTRAL_LIMITATIONS = """\
+- Temperature and thresholds are fitted on the whole calibration split, not on the escalated
+  cases alone. On those harder cases the probabilities are less well calibrated than overall, and
+  the thresholds do not hold the error budget there (`central_confident_error_rate` above): a
+  server that decides escalated cases automatically needs thresholds chosen on escalated cases.
+- The escalated cases are the edge model's uncertain band at its manifest defaults; a site that
+  approves other thresholds escalates a different mix.
 """
 
 
@@ -37,8 +64,66 @@ def _table(title: str, block: dict[str, Any]) -> list[str]:
     return [title, "", "| figure | value |", "|---|---|", _rows(block), ""]
 
 
+def _versus_table(title: str, block: dict[str, Any]) -> list[str]:
+    """Rows with an edge and a central value side by side; single values as a list after it."""
+    pairs = {
+        k: v for k, v in block.items() if isinstance(v, dict) and set(v) == {"edge", "central"}
+    }
+    rows = [f"| {key} | {value['edge']} | {value['central']} |" for key, value in pairs.items()]
+    notes = [f"- {key}: {value}" for key, value in block.items() if key not in pairs]
+    return [title, "", "| figure | edge | central |", "|---|---|---|", *rows, "", *notes, ""]
+
+
+CENTRAL_DATA_NOTE = (
+    "A data time of a few seconds means the rendered splits were read from the cache in "
+    "`models/training/runs`; rendering them from scratch takes minutes."
+)
+
+
+def _central_role(manifest: dict[str, Any]) -> list[str]:
+    architecture = manifest["architecture"]
+    return [
+        "## Role",
+        "",
+        CENTRAL_ROLE,
+        "",
+        f"- Architecture: `{architecture['class']}`, {architecture['parameters']:,} parameters, "
+        f"lesion map of {architecture['lesion_grid'][0]}×{architecture['lesion_grid'][1]} cells; "
+        f"trained with {architecture['torch_threads']} torch thread(s).",
+        f"- Role in the manifest: {manifest['role']}.",
+        "",
+    ]
+
+
+def _central_comparison(versus: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Compared with the edge model on the same images",
+        "",
+        f"Edge model: {versus['edge_model']}, with its manifest's thresholds. Scores are each "
+        "model's calibrated probability of abnormal; `_at_0.5` figures call abnormal at ≥ 0.5.",
+        "",
+    ]
+    lines += _versus_table("### All held-out images", versus["all_images"])
+    lines += _versus_table(
+        "### The cases the edge model escalates (its uncertain band and atypical inputs)",
+        versus["edge_escalated"],
+    )
+    lines += [
+        "Differences are central − edge, with 95 % paired bootstrap intervals. "
+        "`central_confident_*`: the share of these cases the central model would decide with its "
+        "own thresholds, and its error rate on them.",
+        "",
+    ]
+    lines += _versus_table(
+        "### Two tiers: the edge decides what it is sure of, the named model answers the rest",
+        versus["two_tier"],
+    )
+    return lines
+
+
 def write_model_card(bundle: Path, manifest: dict[str, Any]) -> None:
     evaluation = manifest.get("evaluation") or {}
+    central = manifest.get("role") is not None
     accuracy = evaluation.get("accuracy", {})
     quant = evaluation.get("int8_vs_fp32") or manifest.get("quantization", {})
     thresholds = manifest["thresholds"]
@@ -49,7 +134,7 @@ def write_model_card(bundle: Path, manifest: dict[str, Any]) -> None:
     lines = [
         f"# Model card: {manifest['name']} {manifest['version']}",
         "",
-        DISCLAIMER,
+        CENTRAL_DISCLAIMER if central else DISCLAIMER,
         "",
         "## What it does",
         "",
@@ -67,6 +152,7 @@ def write_model_card(bundle: Path, manifest: dict[str, Any]) -> None:
         f"- Precision shipped: **{manifest['precision']}** "
         f"(ONNX, sha256 `{manifest['sha256'][:16]}…`).",
         "",
+        *(_central_role(manifest) if central else []),
         "## Training data",
         "",
         f"{training['data']}; {training['epochs']} epochs. {PHANTOMS}",
@@ -74,6 +160,7 @@ def write_model_card(bundle: Path, manifest: dict[str, Any]) -> None:
         f"Built in {training['total_seconds']} s on 2 CPU cores "
         f"(data {training['data_seconds']} s, "
         f"training {training['train_seconds']} s).",
+        *([CENTRAL_DATA_NOTE] if central else []),
         "",
         "## Default thresholds",
         "",
@@ -85,14 +172,21 @@ def write_model_card(bundle: Path, manifest: dict[str, Any]) -> None:
     ]
     if accuracy:
         lines += [evaluation["data"], ""]
-        lines += _table("### Accuracy", accuracy)
+        title = "### Deciding alone with its own thresholds" if central else "### Accuracy"
+        lines += _table(title, accuracy)
         lines += [f"Decisions by reason: {accuracy['reasons']}", ""]
     else:
-        lines += ["Not evaluated yet: run `python -m models.training.evaluate`.", ""]
+        tool = "evaluate_central" if central else "evaluate"
+        lines += [f"Not evaluated yet: run `python -m models.training.{tool}`.", ""]
+    if evaluation.get("versus_edge"):
+        lines += _central_comparison(evaluation["versus_edge"])
     if quant:
         lines += _table("## INT8 versus FP32", quant)
+    if evaluation.get("latency"):
+        title = f"## Speed ({evaluation['machine']}, {evaluation['measured']})"
+        lines += _versus_table(title, evaluation["latency"])
     if evaluation.get("throughput"):
         speed = {**evaluation["throughput"], **evaluation["cold_start"]}
         lines += _table(f"## Speed ({evaluation['machine']}, {evaluation['measured']})", speed)
-    lines.append(LIMITATIONS)
+    lines.append(LIMITATIONS + (CENTRAL_LIMITATIONS if central else ""))
     (bundle / "MODEL_CARD.md").write_text("\n".join(lines), encoding="utf-8")

@@ -2,6 +2,7 @@
 
     python -m models.training.train            # the shipped bundle (~20 min on 2 cores)
     python -m models.training.train --quick    # a small smoke run into a scratch directory
+    python -m models.training.train --target central   # the central server's FP32 model (~35 min)
 
 Steps: render synthetic phantoms (training seed and a separate calibration seed) through the
 app's own reader and preprocessing; train the CNN; export ONNX; quantize to static INT8 (QDQ,
@@ -9,6 +10,12 @@ per-channel, uint8 activations) and keep it only if it passes the gate (≥ 1.5�
 drop ≤ 0.005 on the calibration split); fit the temperature and the default thresholds on the
 calibration split with the model that ships; fit the input profile; write the bundle. Figures on
 an unseen seed come from ``models.training.evaluate``, never from the data used here.
+
+``--target central`` builds the larger model the central diagnostic server runs on escalated
+cases: ``CentralNet`` at 192×192, trained the same way on the same generator and seeds, shipped
+in FP32 without the quantization step, into ``models/central-dx-demo``. Its figures, side by
+side with the edge model's on the same unseen images, come from
+``models.training.evaluate_central``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import logging
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,7 +47,7 @@ from torch.nn import functional
 from models.training.calibrate import auroc, choose_thresholds, fit_temperature
 from models.training.data import RUNS_DIR, Split, build_split
 from models.training.model_card import write_model_card
-from models.training.net import EdgeNet
+from models.training.net import CentralNet, EdgeNet
 from triage_app.model.classifier import make_session, softmax_with_temperature
 from triage_app.model.input_profile import InputProfile
 from triage_app.model.manifest import FORMAT_VERSION, sha256_file
@@ -57,6 +65,59 @@ INT8_MAX_AUROC_DROP = 0.005
 
 
 @dataclass(frozen=True)
+class Target:
+    """What is built: architecture, input size, precision policy, destination and defaults."""
+
+    name: str  # bundle folder under models/ and the manifest's name
+    side: int  # square model input, rows = columns
+    make_net: Callable[[], EdgeNet]
+    quantize: bool  # try static INT8 behind the gate, or ship FP32 as trained
+    train_count: int
+    calibration_count: int
+    epochs: int
+    threads: int  # torch intra-op threads in ``main``
+    channels_last: bool  # NHWC in training: ~1.3× faster for the wider net on one thread
+    # bfloat16 autocast for the convolutions in training (weights, loss and the exported graph
+    # stay FP32): ~2× faster on CPUs with AVX512-BF16, which buys the wider net its epochs.
+    mixed_precision: bool
+    work_dir: Path  # intermediate ONNX files
+    role: str | None = None  # written to the manifest when set
+
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec(rows=self.side, columns=self.side)
+
+
+EDGE = Target(
+    name=MODEL_NAME,
+    side=128,
+    make_net=EdgeNet,
+    quantize=True,
+    train_count=18000,
+    calibration_count=4000,
+    epochs=16,
+    threads=2,
+    channels_last=False,
+    mixed_precision=False,
+    work_dir=RUNS_DIR / "build",
+)
+CENTRAL = Target(
+    name="central-dx-demo",
+    side=192,
+    make_net=CentralNet,
+    quantize=False,
+    train_count=12000,
+    calibration_count=4000,
+    epochs=14,
+    threads=1,
+    channels_last=True,
+    mixed_precision=True,
+    work_dir=RUNS_DIR / "build-central",
+    role="central: classifies the cases edge devices escalate (their uncertain band)",
+)
+TARGETS = {"edge": EDGE, "central": CENTRAL}
+
+
+@dataclass(frozen=True)
 class Plan:
     train_count: int
     calibration_count: int
@@ -66,6 +127,7 @@ class Plan:
     version: str
     work_dir: Path = RUNS_DIR / "build"  # intermediate ONNX files
     cache: bool = True  # keep rendered splits in RUNS_DIR for the next run
+    target: Target = field(default=EDGE)
 
 
 def _tensors(split: Split, spec: PreprocessSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +141,9 @@ def train_model(train: Split, spec: PreprocessSpec, plan: Plan) -> EdgeNet:
     torch.manual_seed(0)
     x, y = _tensors(train, spec)
     masks = torch.from_numpy(train.masks.astype(np.float32))[:, None]
-    model = EdgeNet()
+    model = plan.target.make_net()
+    layout = torch.channels_last if plan.target.channels_last else torch.contiguous_format
+    _set_layout(model, layout)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = plan.epochs * ((len(x) + plan.batch - 1) // plan.batch)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -92,7 +156,9 @@ def train_model(train: Split, spec: PreprocessSpec, plan: Plan) -> EdgeNet:
         started, total = time.perf_counter(), 0.0
         for idx in torch.randperm(len(x), generator=generator).split(plan.batch):
             images, cell_masks = _augment(x[idx], masks[idx], generator)
-            cells = model.lesion_map(images)
+            images = images.contiguous(memory_format=layout)
+            with torch.autocast("cpu", torch.bfloat16, enabled=plan.target.mixed_precision):
+                cells = model.lesion_map(images).float()
             targets = functional.adaptive_max_pool2d(cell_masks, cells.shape[-2:])
             loss = functional.binary_cross_entropy_with_logits(
                 cells, targets, pos_weight=cell_weight
@@ -111,7 +177,15 @@ def train_model(train: Split, spec: PreprocessSpec, plan: Plan) -> EdgeNet:
             total / len(x),
             time.perf_counter() - started,
         )
+    _set_layout(model, torch.contiguous_format)
     return model.eval()
+
+
+def _set_layout(model: EdgeNet, layout: torch.memory_format) -> None:
+    """Convolution weights in ``layout`` (what ``Module.to(memory_format=…)`` does)."""
+    for param in model.parameters():
+        if param.dim() == 4:
+            param.data = param.data.contiguous(memory_format=layout)
 
 
 def _augment(
@@ -196,26 +270,14 @@ def alternating_latency(
     return float(np.median(times_a) * 1e3), float(np.median(times_b) * 1e3)
 
 
-def build(plan: Plan) -> dict[str, Any]:
-    spec = PreprocessSpec()
-    started = time.perf_counter()
-    train = build_split(TRAIN_SEED, plan.train_count, spec, cache=plan.cache)
-    calib = build_split(CALIBRATION_SEED, plan.calibration_count, spec, cache=plan.cache)
-    data_seconds = time.perf_counter() - started
-    logger.info("data ready in %.0f s", data_seconds)
+def quantization_gate(
+    fp32_path: Path, int8_path: Path, calib_x: np.ndarray, labels: np.ndarray
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Quantize to static INT8 and decide, on the calibration split, which precision ships.
 
-    model = train_model(train, spec, plan)
-    train_seconds = time.perf_counter() - started - data_seconds
-
-    work = plan.work_dir
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    fp32_path, int8_path = work / "model.fp32.onnx", work / "model.int8.onnx"
-    export_onnx(model, spec, fp32_path)
-    calib_x = _tensors(calib, spec)[0].numpy()
-    labels = calib.labels.astype(np.int64)
+    Returns the gate's record and the calibration logits of the model that ships.
+    """
     quantize(fp32_path, int8_path, calib_x[:256])
-
     fp32, int8 = make_session(fp32_path), make_session(int8_path)
     logits_fp32, logits_int8 = batch_logits(fp32, calib_x), batch_logits(int8, calib_x)
     auroc_fp32 = auroc(logits_fp32[:, 1] - logits_fp32[:, 0], labels)
@@ -236,7 +298,34 @@ def build(plan: Plan) -> dict[str, Any]:
         "measured_on": f"calibration split, seed {CALIBRATION_SEED}, n={len(labels)}",
     }
     logger.info("quantization gate: %s", gate)
-    calibration = calibrate(logits_int8 if int8_ships else logits_fp32, labels)
+    return gate, logits_int8 if int8_ships else logits_fp32
+
+
+def build(plan: Plan) -> dict[str, Any]:
+    target = plan.target
+    spec = target.spec()
+    started = time.perf_counter()
+    train = build_split(TRAIN_SEED, plan.train_count, spec, cache=plan.cache)
+    calib = build_split(CALIBRATION_SEED, plan.calibration_count, spec, cache=plan.cache)
+    data_seconds = time.perf_counter() - started
+    logger.info("data ready in %.0f s", data_seconds)
+
+    model = train_model(train, spec, plan)
+    train_seconds = time.perf_counter() - started - data_seconds
+
+    work = plan.work_dir
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    fp32_path, int8_path = work / "model.fp32.onnx", work / "model.int8.onnx"
+    export_onnx(model, spec, fp32_path)
+    calib_x = _tensors(calib, spec)[0].numpy()
+    labels = calib.labels.astype(np.int64)
+    if target.quantize:
+        gate, shipped_logits = quantization_gate(fp32_path, int8_path, calib_x, labels)
+    else:
+        gate, shipped_logits = None, batch_logits(make_session(fp32_path), calib_x)
+    int8_ships = gate is not None and gate["shipped"] == "int8"
+    calibration = calibrate(shipped_logits, labels)
     profile = InputProfile.fit(train.units[:4000], components=min(24, len(train.units) // 4))
 
     out = plan.out_dir
@@ -248,14 +337,30 @@ def build(plan: Plan) -> dict[str, Any]:
         # The FP32 original stays beside it so the INT8-vs-FP32 figures can be re-measured.
         shutil.copyfile(fp32_path, out / "model.fp32.onnx")
     profile.save(out / "input_profile.npz")
+    with torch.no_grad():
+        grid = list(model.lesion_map(torch.zeros(1, 1, spec.rows, spec.columns)).shape[-2:])
+    central = (
+        {
+            "role": target.role,
+            "architecture": {
+                "class": type(model).__name__,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "lesion_grid": grid,
+                "torch_threads": torch.get_num_threads(),
+            },
+        }
+        if target.role
+        else {}
+    )
     manifest = {
         "format_version": FORMAT_VERSION,
-        "name": MODEL_NAME,
+        "name": target.name,
         "version": plan.version,
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "file": "model.onnx",
         "sha256": sha256_file(out / "model.onnx"),
-        "precision": gate["shipped"],
+        "precision": "int8" if int8_ships else "fp32",
+        **central,
         "input": {"name": "image", "shape": [1, 1, spec.rows, spec.columns], "dtype": "float32"},
         "output": {"name": "logits", "kind": "logits, one per label"},
         "preprocessing": spec.to_json(),
@@ -340,11 +445,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--target",
+        choices=sorted(TARGETS),
+        default="edge",
+        help="edge: the INT8 128×128 device model (default); central: the FP32 192×192 server "
+        "model for escalated cases",
+    )
     parser.add_argument("--quick", action="store_true", help="small smoke run into runs/quick")
-    parser.add_argument("--train-count", type=int, default=18000)
-    parser.add_argument("--calibration-count", type=int, default=4000)
-    parser.add_argument("--epochs", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=MODELS_DIR / MODEL_NAME)
+    parser.add_argument("--train-count", type=int, help="default: 18000 edge, 12000 central")
+    parser.add_argument("--calibration-count", type=int, help="default: 4000")
+    parser.add_argument("--epochs", type=int, help="default: 16 edge, 14 central")
+    parser.add_argument("--out", type=Path, help="default: models/<the target's bundle name>")
     parser.add_argument("--version", default="1.0.0")
     parser.add_argument(
         "--recalibrate",
@@ -352,16 +464,38 @@ def main(argv: list[str] | None = None) -> int:
         help="only re-fit temperature and thresholds of the bundle in --out",
     )
     args = parser.parse_args(argv)
+    target = TARGETS[args.target]
+    out: Path = MODELS_DIR / target.name if args.out is None else args.out
+    calibration_count: int = (
+        target.calibration_count if args.calibration_count is None else args.calibration_count
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(2)
+    torch.set_num_threads(target.threads)
     if args.recalibrate:
-        recalibrate(args.out, args.calibration_count)
+        recalibrate(out, calibration_count)
         return 0
     if args.quick:
-        plan = Plan(600, 300, 1, 64, RUNS_DIR / "quick", args.version + "-quick")
+        quick = RUNS_DIR / ("quick" if target is EDGE else f"quick-{args.target}")
+        plan = Plan(
+            600,
+            300,
+            1,
+            64,
+            quick,
+            args.version + "-quick",
+            work_dir=target.work_dir,
+            target=target,
+        )
     else:
         plan = Plan(
-            args.train_count, args.calibration_count, args.epochs, 32, args.out, args.version
+            target.train_count if args.train_count is None else args.train_count,
+            calibration_count,
+            target.epochs if args.epochs is None else args.epochs,
+            32,
+            out,
+            args.version,
+            work_dir=target.work_dir,
+            target=target,
         )
     build(plan)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
@@ -84,7 +85,6 @@ def test_the_central_model_decides_as_the_edge_pipeline_would(
     assert f'triage_central_verdicts_total{{verdict="{body["verdict"]}"}} 1.0' in metrics
 
 
-@pytest.mark.skipif(not CENTRAL_MODEL.is_dir(), reason="the central model is not trained yet")
 def test_the_larger_central_model_gives_a_verdict(start_central: StartCentral) -> None:
     central = start_central(model_dir=CENTRAL_MODEL)
     device = central.register(new_device())
@@ -161,3 +161,27 @@ def test_central_model_on_stored_bytes() -> None:
     assert 0.0 <= verdict.score <= 1.0
     assert sum(verdict.probabilities.values()) == pytest.approx(1.0)
     assert verdict.model == model.ref
+
+
+@pytest.mark.parametrize(
+    ("change", "finding"),
+    [
+        ({"Modality": "CT"}, "modality"),  # outside the intended use, by the header
+        ({"BodyPartExamined": "HEAD"}, "body part"),
+    ],
+)
+def test_an_image_outside_the_central_models_intended_use_gets_no_label(
+    change: dict[str, str], finding: str
+) -> None:
+    """As on the device: a CT slice gets "out_of_scope", not a chest label from its pixels."""
+    model = CentralModel(CENTRAL_MODEL)
+    ds = phantom_dataset(26, 0)
+    for keyword, value in change.items():
+        setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+
+    verdict = model.decide("c" * 64, buffer.getvalue())
+
+    assert verdict.verdict == "out_of_scope", finding
+    assert 0.0 <= verdict.score <= 1.0  # the model's score is still reported

@@ -25,6 +25,7 @@ from triage_app.dicom import load_image
 from triage_app.errors import InputError, ModelError, StoreError, UnprocessableImageError
 from triage_app.model.classifier import Classifier
 from triage_app.model.preprocess import to_tensor, to_unit_image
+from triage_app.policy import OUT_OF_SCOPE, assess_scope
 from triage_app.results import ModelRef
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,19 @@ class CentralModel:
         spec = self.classifier.manifest.preprocessing
         image = load_image(dicom)
         try:
-            tensor = to_tensor(to_unit_image(image, spec), spec)
+            unit = to_unit_image(image, spec)
+            tensor = to_tensor(unit, spec)
         except (cv2.error, ValueError, FloatingPointError) as exc:
             raise UnprocessableImageError(f"image cannot be prepared for the model: {exc}") from exc
         prediction = self.classifier.predict(tensor)
         label = max(prediction.probabilities, key=prediction.probabilities.__getitem__)
+        scope = assess_scope(
+            image.info, unit, self.classifier.manifest.intended_use, self.classifier.profile
+        )
+        if not scope.in_scope:
+            # The central model's intended use is checked as on the device: a CT slice or an
+            # image unlike its training data gets no label, whatever the score says.
+            label = OUT_OF_SCOPE
         return Verdict(
             case_id=case_id,
             verdict=label,
