@@ -202,8 +202,8 @@ def test_serve_runs_in_the_foreground_and_stops_gracefully_on_sigterm(
         if process.poll() is None:
             process.kill()
             process.communicate()
-    # uvicorn re-raises the signal it handled once shutdown is complete (for service managers).
-    assert process.returncode in (0, -signal.SIGTERM), stderr
+    # A clean stop: the store closed and "stopped" logged (uvicorn's re-raised signal is absorbed).
+    assert process.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert (tmp_path / "server" / "central" / "central.sqlite3").is_file()
 

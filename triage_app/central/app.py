@@ -35,6 +35,7 @@ from prometheus_client import (
 )
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from triage_app.central.config import MAX_CLOCK_SKEW, CentralConfig
 from triage_app.central.errors import (
@@ -296,6 +297,10 @@ def create_app(
         try:
             body = await _read_limited(request, config.max_body_bytes)
             signed, first = await run_in_threadpool(receiver.receive, case_id, body)
+        except ClientDisconnect:
+            # The link dropped mid-upload: nothing was stored, and the device will send again.
+            log.info("upload of case %s cut off by the client", loggable(case_id))
+            return Response(status_code=400)
         except BodyTooLargeError as err:
             log.info("refused case %s: %s", loggable(case_id), err.code)
             return reject(err)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import ssl
 import threading
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from datetime import datetime
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Self
 
 import uvicorn
@@ -36,6 +37,13 @@ log = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN_S = 30
 _START_TIMEOUT_S = 30.0
 _CLOSE_GRACE_S = 1.0
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    """Stand-in handler while uvicorn owns shutdown (see :func:`serve`)."""
 
 
 def load_key_ring(config: CentralConfig) -> ServerKeyRing:
@@ -100,10 +108,16 @@ def serve(config: CentralConfig) -> None:
             sock.getsockname()[1],
             "https" if config.uses_tls else "plain http",
         )
+        # uvicorn re-raises SIGINT/SIGTERM once it has shut down gracefully; with the default
+        # handlers that would end the process before the store is closed. No-op handlers turn
+        # the re-raise into a return, so the cleanup below runs and the exit code is 0.
+        previous = {sig: signal.signal(sig, _ignore_signal) for sig in _STOP_SIGNALS}
         try:
             asyncio.run(run_server(server, sock))
         finally:
             sock.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     log.info("central server stopped")
 
 

@@ -246,7 +246,9 @@ class Uploader:
                 if on_attempt is not None:
                     on_attempt(attempt)
                 continue
-            if self.connectivity.snapshot().online is False and time.monotonic() >= next_probe:
+            # Offline, or just started (unknown): a sender restarted after an outage must not
+            # leave cases waiting out backoffs drawn while the link was down.
+            if self.connectivity.snapshot().online is not True and time.monotonic() >= next_probe:
                 next_probe = time.monotonic() + self.config.probe_s
                 if self.probe():
                     continue
