@@ -67,9 +67,15 @@ def test_device_key_is_created_0600_pkcs8_in_a_0700_folder(tmp_path: Path) -> No
     assert device_key_path(tmp_path / "data") == path
     assert mode(path) == 0o600
     assert mode(path.parent) == 0o700
-    assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----\n")
     loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     assert isinstance(loaded, Ed25519PrivateKey)
+    # Unencrypted PKCS8 PEM, byte for byte.
+    pkcs8 = loaded.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    assert path.read_bytes() == pkcs8
     assert loaded.public_key().public_bytes_raw() == identity.public_key_bytes()
 
 
