@@ -63,7 +63,9 @@ from triage_app.secrets import load_or_create_site_secret
 
 log = logging.getLogger(__name__)
 
-HELD_DETAIL = "no central server configured: kept on this device for review"
+HELD_DETAIL = (
+    "not queued: no central server configured, or its keys not known yet; kept on this device"
+)
 BURNED_IN_RISK = "burned_in_risk"
 PHI_AUDIT = "phi_audit"
 #: The image was triaged, but cannot be written as a valid DICOM payload (e.g. it has no SOP

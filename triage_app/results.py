@@ -20,21 +20,21 @@ class ModelRef:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
 
 
-# Escalation states before the outbox (#4): kept on the device to send later, or never to send.
+# Where an escalated case goes: sealed in the outbox (the uploader takes it from there), kept on
+# the device because no central server can take it yet, or kept because it must never leave.
+QUEUED = "queued"
 HELD = "held"
 BLOCKED = "blocked"
-# ...and after: sealed in the outbox (the uploader takes it from there).
-QUEUED = "queued"
 
 
 @dataclass(frozen=True)
 class EscalationRef:
     """Where an escalated case stands on its way to the central server."""
 
-    state: str  # held | blocked (later: queued, delivered, ...)
+    state: str  # queued | held | blocked (the case store follows it further: sending, ...)
     payload_sha256: str | None = None
     detail: str | None = None
-    reason: str | None = None  # why a case is blocked: phi_audit | burned_in_risk
+    reason: str | None = None  # why a case is blocked: phi_audit | burned_in_risk | invalid_payload
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"state": self.state, "payload_sha256": self.payload_sha256}
