@@ -18,6 +18,7 @@ import base64
 import difflib
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import re
@@ -529,7 +530,14 @@ def _spec(key: str, source: str | None = None) -> SettingSpec:
         raise _unknown(key, source) from None
 
 
-_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address: the only place plain HTTP is allowed."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _thresholds_ordered(values: Mapping[str, object]) -> str | None:
@@ -556,7 +564,7 @@ def _central_connection_verified(values: Mapping[str, object]) -> str | None:
     if not isinstance(url, str):
         return None
     host = urlsplit(url).hostname or ""
-    if url.startswith("http://") and host not in _LOOPBACK_HOSTS:
+    if url.startswith("http://") and not is_loopback_host(host):
         return (
             "escalation.central_url: plain http is allowed only to this machine (loopback); "
             "use https"

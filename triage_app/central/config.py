@@ -8,11 +8,11 @@ starts, not here, so that ``central cases`` can build a config just to find the 
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from triage_app.config import is_loopback_host
 from triage_app.errors import ConfigError
 
 MIB = 1024 * 1024
@@ -55,7 +55,7 @@ class CentralConfig:
             raise ConfigError("central.tls_cert/tls_key: give both the certificate and its key")
         if self.tls_cert is None and not self.allow_plain_http:
             raise ConfigError("central.tls_cert: required (the server only speaks HTTPS)")
-        if self.tls_cert is None and not _is_loopback(self.host):
+        if self.tls_cert is None and not is_loopback_host(self.host):
             raise ConfigError(
                 f"central.host: plain HTTP is allowed on loopback only (got {self.host!r})"
             )
@@ -104,12 +104,3 @@ class CentralConfig:
         for name, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
             if path is not None and not path.is_file():
                 raise ConfigError(f"central.{name}: no such file: {path}")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

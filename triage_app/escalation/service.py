@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from triage_app.config import Settings
+from triage_app.config import Settings, is_loopback_host
 from triage_app.errors import TransportError
 from triage_app.escalation.keys import DeviceIdentity, load_or_create_device_identity
 from triage_app.escalation.outbox import Outbox
@@ -23,8 +23,6 @@ from triage_app.escalation.transport import CentralClient, TransportConfig
 from triage_app.escalation.uploader import Uploader, UploaderConfig
 
 log = logging.getLogger(__name__)
-
-_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def transport_config(settings: Settings) -> TransportConfig | None:
@@ -40,7 +38,7 @@ def transport_config(settings: Settings) -> TransportConfig | None:
         client_key=settings.client_key,
         connect_timeout_s=settings.connect_timeout_s,
         read_timeout_s=settings.read_timeout_s,
-        allow_http_for_loopback=(urlsplit(url).hostname or "") in _LOOPBACK,
+        allow_http_for_loopback=is_loopback_host(urlsplit(url).hostname or ""),
     )
 
 

@@ -38,6 +38,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import SSLError as Urllib3SSLError
 
+from triage_app.config import is_loopback_host
 from triage_app.errors import (
     CertificatePinError,
     ConfigError,
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 #: Answers are small JSON documents (receipts, verdicts, keys); anything bigger is refused so a
 #: broken or hostile server cannot exhaust the device's memory.
 MAX_ANSWER_BYTES: Final = 1 << 20
@@ -150,7 +150,7 @@ class TransportConfig:
         if parts.query or parts.fragment:
             raise ConfigError("base_url must not have a query or fragment")
         if scheme == "http":
-            if not (self.allow_http_for_loopback and host in LOOPBACK_HOSTS):
+            if not (self.allow_http_for_loopback and is_loopback_host(host)):
                 raise ConfigError(
                     "base_url must use https (plain http is allowed only for a loopback host "
                     "with allow_http_for_loopback)"
