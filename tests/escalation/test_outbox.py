@@ -317,6 +317,18 @@ def test_expired_lease_is_reclaimed(outbox: Outbox):
     assert state_of(outbox, 1) is OutboxState.DELIVERED
 
 
+def test_next_attempt_at_is_the_earliest_pending_due_time(outbox: Outbox):
+    assert outbox.next_attempt_at() is None
+    enqueue(outbox, 1)
+    enqueue(outbox, 2)
+    outbox.claim_next("w", 60, now=T0)
+    outbox.mark_failed(cid(1), "offline", T0 + timedelta(minutes=5), now=T0)
+    assert outbox.next_attempt_at() == T0  # case 2 is due at once
+    outbox.claim_next("w", 60, now=T0)
+    outbox.mark_delivered(cid(2), RECEIPT)
+    assert outbox.next_attempt_at() == T0 + timedelta(minutes=5)
+
+
 def test_a_dead_senders_lease_is_released_at_once(outbox: Outbox):
     enqueue(outbox, 1)
     enqueue(outbox, 2)

@@ -583,6 +583,15 @@ class Outbox:
             rows = self._conn.execute("SELECT * FROM outbox ORDER BY priority, seq").fetchall()
         return [_item(r) for r in rows]
 
+    def next_attempt_at(self) -> datetime | None:
+        """When the next pending case is due (None when nothing waits): reads the pending rows
+        only, so a waiting sender does not load the whole delivered history every second."""
+        with _sqlite_errors("read the next due time"):
+            row = self._conn.execute(
+                "SELECT MIN(next_attempt_at) FROM outbox WHERE state = ?", (OutboxState.PENDING,)
+            ).fetchone()
+        return None if row is None or row[0] is None else datetime.fromisoformat(row[0])
+
     def status(self, now: datetime | None = None) -> OutboxStatus:
         """Counts per state, bytes against the quota, and how long the oldest case has waited."""
         moment = _utc(now or datetime.now(UTC))

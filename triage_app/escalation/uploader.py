@@ -282,13 +282,10 @@ class Uploader:
         self.keys = keys
 
     def _seconds_to_next_due(self) -> float:
-        now = self._clock()
-        due = [
-            (datetime.fromisoformat(item.next_attempt_at) - now).total_seconds()
-            for item in self.outbox.items()
-            if item.state is OutboxState.PENDING
-        ]
-        return max(0.05, min(due, default=3600.0))
+        due = self.outbox.next_attempt_at()
+        if due is None:
+            return 3600.0
+        return max(0.05, (due - self._clock()).total_seconds())
 
     # --- verdicts -------------------------------------------------------------------------------
 
