@@ -61,6 +61,7 @@ from triage_app.errors import (
 )
 from triage_app.escalation.envelope import (
     EnvelopeHeader,
+    is_case_id,
     open_envelope,
     parse_timestamp,
     read_header,
@@ -86,7 +87,6 @@ STATUS_BY_CODE: dict[str, int] = {
     EnvelopeTamperedError.code: 422,
     EnvelopeTruncatedError.code: 422,
 }
-_CASE_ID = re.compile(r"[0-9a-f]{64}")
 _LOGGABLE_ID = re.compile(r"[0-9a-f]{64}|dev-[0-9a-f]{16}")
 #: Seconds a device should wait before retrying after a 503 (storage failed).
 RETRY_AFTER_S = 30
@@ -342,7 +342,7 @@ def create_app(
                 err.code,
             )
             return reject(err)
-        case = store.get_case(case_id) if _looks_like_case_id(case_id) else None
+        case = store.get_case(case_id) if is_case_id(case_id) else None
         if case is None or case.device_id != device.device_id:
             # Another device's case is "unknown" too: its existence is not this device's business.
             return error_response(404, "unknown_case", f"no case {case_id} from this device")
@@ -399,10 +399,6 @@ async def _read_limited(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise BodyTooLargeError(f"the body is larger than this server accepts ({limit} bytes)")
     return bytes(body)
-
-
-def _looks_like_case_id(case_id: str) -> bool:
-    return _CASE_ID.fullmatch(case_id) is not None
 
 
 def loggable(identifier: str) -> str:

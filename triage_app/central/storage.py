@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ from triage_app.escalation.envelope import (
     EnvelopeHeader,
     Payload,
     format_timestamp,
+    is_case_id,
     signed_header,
 )
 from triage_app.paths import fsync_dir, write_private_file
@@ -46,8 +46,6 @@ log = logging.getLogger(__name__)
 DICOM_FILE = "image.dcm"
 RESULT_FILE = "result.json"
 SIGNED_HEADER_FILE = "signed_header.bin"  # the envelope's signed part: proof of the sender
-
-_CASE_ID = re.compile(r"[0-9a-f]{64}")
 
 
 def utc_now_text() -> str:
@@ -375,7 +373,7 @@ _CASES_SELECT = (
 
 def _checked_case_id(case_id: str) -> str:
     """Refuse anything but 64 lower-case hex: the id becomes a folder name."""
-    if not _CASE_ID.fullmatch(case_id):
+    if not is_case_id(case_id):
         raise StoreError("central store: a case id must be 64 lower-case hex characters")
     return case_id
 
