@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,6 +65,46 @@ def triage_files(
     level = logging.getLogger().getEffectiveLevel()
     with context.Pool(workers, initializer=_init_worker, initargs=(config, level)) as pool:
         yield from pool.imap(_run_in_worker, files, chunksize=4)
+
+
+class TriagePool:
+    """Long-lived worker processes for a service: submit files as they arrive, one future each.
+
+    Unlike :func:`triage_files` it keeps its workers between files, so a service pays the model
+    load once. A worker that dies (a decoder crash on a hostile file) breaks the pool; the
+    caller replaces it with :meth:`restart` and decides what to do with the files it held.
+    """
+
+    def __init__(self, config: PipelineConfig, *, workers: int) -> None:
+        verify_bundle(config.bundle_dir)  # fail here, clearly, rather than inside every worker
+        self._config = config
+        self._workers = max(1, workers)
+        self._executor = self._new_executor()
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        level = logging.getLogger().getEffectiveLevel()
+        return ProcessPoolExecutor(
+            self._workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(self._config, level),
+        )
+
+    @property
+    def workers(self) -> int:
+        return self._workers
+
+    def submit(self, path: Path) -> Future[InputOutcome]:
+        return self._executor.submit(_run_in_worker, path)
+
+    def restart(self) -> None:
+        """Replace a broken pool; futures of the old one have already failed."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._new_executor()
+
+    def close(self) -> None:
+        """Wait for submitted work, then stop the workers."""
+        self._executor.shutdown(wait=True)
 
 
 def triage_and_record(

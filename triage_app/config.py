@@ -314,6 +314,8 @@ _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _SCRYPT_PATTERN = r"scrypt(\$\d+){3}\$[A-Za-z0-9+/]+=*\$[A-Za-z0-9+/]+=*"
 _SHA256_PIN = r"[0-9A-Fa-f]{2}(:?[0-9A-Fa-f]{2}){31}"
 _B64_KEY = r"[A-Za-z0-9+/]{43}="
+# PS3.5 AE: default repertoire without backslash; no leading/trailing space (ours: simpler).
+_AE_TITLE = r"[A-Za-z0-9_.-](?:[A-Za-z0-9 _.-]{0,14}[A-Za-z0-9_.-])?"
 
 SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
@@ -490,6 +492,115 @@ SETTINGS: tuple[SettingSpec, ...] = (
         Int(1, 16),
         1,
         "Threads each worker gives the model; 1 is fastest when the workers fill the CPU cores.",
+    ),
+    SettingSpec(
+        "watch.inbox_dir",
+        Optional(FsPath()),
+        None,
+        "Folder the watch service takes images from; none means watch/inbox in the data folder.",
+    ),
+    SettingSpec(
+        "watch.done_dir",
+        Optional(FsPath()),
+        None,
+        "Where the watch service moves each processed image, next to its JSON result; none "
+        "means watch/done in the data folder.",
+    ),
+    SettingSpec(
+        "watch.quarantine_dir",
+        Optional(FsPath()),
+        None,
+        "Where files that cannot be triaged go, in one folder per error code with a JSON "
+        "reason file; none means watch/quarantine in the data folder.",
+    ),
+    SettingSpec(
+        "watch.settle_s",
+        Float(0.05, 3600.0),
+        2.0,
+        "A file is read only after its size and modification time have not changed for this "
+        "many seconds (a scanner or share may still be writing it).",
+    ),
+    SettingSpec(
+        "watch.incomplete_timeout_s",
+        Float(1.0, 86400.0),
+        300.0,
+        "A settled file that is still cut short after this many seconds is quarantined as "
+        "truncated instead of waited for.",
+    ),
+    SettingSpec(
+        "watch.rescan_s",
+        Float(0.5, 3600.0),
+        30.0,
+        "Seconds between full rescans of the inbox, which catch files whose events a network "
+        "share dropped.",
+    ),
+    SettingSpec(
+        "receiver.ae_title",
+        Str(_AE_TITLE, "1-16 characters: letters, digits, space, '_', '-' or '.'"),
+        "TRIAGE",
+        "The DICOM AE title the receiver answers to (the called AE the scanner sends to).",
+        admin=True,
+    ),
+    SettingSpec(
+        "receiver.bind_address",
+        Str(r"[0-9A-Za-z.:_-]+", "an IP address or host name"),
+        "0.0.0.0",
+        "Network address the DICOM receiver listens on (0.0.0.0: every interface).",
+        admin=True,
+    ),
+    SettingSpec(
+        "receiver.port",
+        Int(1, 65535),
+        11112,
+        "TCP port of the DICOM receiver.",
+        admin=True,
+    ),
+    SettingSpec(
+        "receiver.allowed_calling_aes",
+        TextList(Str(_AE_TITLE, "1-16 characters: letters, digits, space, '_', '-' or '.'")),
+        (),
+        "Calling AE titles (scanners) allowed to send; empty means any calling AE.",
+        admin=True,
+    ),
+    SettingSpec(
+        "receiver.storage_dir",
+        Optional(FsPath()),
+        None,
+        "Where received images are kept (incoming, done, quarantine); none means receiver/ in "
+        "the data folder.",
+    ),
+    SettingSpec(
+        "receiver.study_quiet_s",
+        Float(0.05, 3600.0),
+        5.0,
+        "A study is triaged once no instance of it has arrived for this many seconds.",
+    ),
+    SettingSpec(
+        "receiver.min_free_mb",
+        Int(0, 10_000_000),
+        1024,
+        "Free disk space the receiver keeps in reserve; below it, stores are refused with Out "
+        "of Resources (0xA700) and an alarm.",
+        admin=True,
+    ),
+    SettingSpec(
+        "receiver.max_associations",
+        Int(1, 256),
+        10,
+        "Scanners that may send at the same time.",
+        admin=True,
+    ),
+    SettingSpec(
+        "metrics.watch_port",
+        Int(0, 65535),
+        9464,
+        "Port on 127.0.0.1 where the watch service serves /metrics and /health; 0 turns it off.",
+    ),
+    SettingSpec(
+        "metrics.receive_port",
+        Int(0, 65535),
+        9465,
+        "Port on 127.0.0.1 where the DICOM receiver serves /metrics and /health; 0 turns it off.",
     ),
     SettingSpec(
         "display.theme",
@@ -675,8 +786,7 @@ class Settings:
     @property
     def case_store_path(self) -> Path:
         """The case database file, with the default already resolved."""
-        explicit = cast(Path | None, self._values["paths.case_store"])
-        return explicit if explicit is not None else self.data_dir / "cases.sqlite3"
+        return self._path_or("paths.case_store", self.data_dir / "cases.sqlite3")
 
     @property
     def model_name(self) -> str:
@@ -768,6 +878,77 @@ class Settings:
     @property
     def ort_threads_per_worker(self) -> int:
         return cast(int, self._values["processing.ort_threads_per_worker"])
+
+    @property
+    def watch_inbox(self) -> Path:
+        return self._path_or("watch.inbox_dir", self.data_dir / "watch" / "inbox")
+
+    @property
+    def watch_done(self) -> Path:
+        return self._path_or("watch.done_dir", self.data_dir / "watch" / "done")
+
+    @property
+    def watch_quarantine(self) -> Path:
+        return self._path_or("watch.quarantine_dir", self.data_dir / "watch" / "quarantine")
+
+    @property
+    def watch_settle_s(self) -> float:
+        return cast(float, self._values["watch.settle_s"])
+
+    @property
+    def watch_incomplete_timeout_s(self) -> float:
+        return cast(float, self._values["watch.incomplete_timeout_s"])
+
+    @property
+    def watch_rescan_s(self) -> float:
+        return cast(float, self._values["watch.rescan_s"])
+
+    @property
+    def receiver_ae_title(self) -> str:
+        return cast(str, self._values["receiver.ae_title"])
+
+    @property
+    def receiver_bind_address(self) -> str:
+        return cast(str, self._values["receiver.bind_address"])
+
+    @property
+    def receiver_port(self) -> int:
+        return cast(int, self._values["receiver.port"])
+
+    @property
+    def receiver_allowed_calling_aes(self) -> tuple[str, ...]:
+        """Empty means any calling AE may send."""
+        return cast(tuple[str, ...], self._values["receiver.allowed_calling_aes"])
+
+    @property
+    def receiver_storage(self) -> Path:
+        return self._path_or("receiver.storage_dir", self.data_dir / "receiver")
+
+    @property
+    def receiver_study_quiet_s(self) -> float:
+        return cast(float, self._values["receiver.study_quiet_s"])
+
+    @property
+    def receiver_min_free_bytes(self) -> int:
+        return cast(int, self._values["receiver.min_free_mb"]) * 1024 * 1024
+
+    @property
+    def receiver_max_associations(self) -> int:
+        return cast(int, self._values["receiver.max_associations"])
+
+    @property
+    def metrics_watch_port(self) -> int:
+        """0 means no metrics endpoint."""
+        return cast(int, self._values["metrics.watch_port"])
+
+    @property
+    def metrics_receive_port(self) -> int:
+        """0 means no metrics endpoint."""
+        return cast(int, self._values["metrics.receive_port"])
+
+    def _path_or(self, key: str, fallback: Path) -> Path:
+        explicit = cast(Path | None, self._values[key])
+        return explicit if explicit is not None else fallback
 
     @property
     def theme(self) -> str:

@@ -1,0 +1,340 @@
+"""Files that arrive on their own (watch folder, DICOM receiver): triaged, recorded, filed.
+
+Each file takes one path: triage in a worker process → outcome in the case store (and an
+escalated case in the outbox) → JSON sidecar → the file itself moved to ``done/`` or to
+``quarantine/<error_code>/``. The move comes last, so a crash anywhere leaves the file in the
+inbox and it is simply triaged again on restart; the case store is idempotent on the case id,
+so that second pass adds a ``reprocessed`` history row, never a second case. An input is never
+removed before its outcome is durably recorded.
+
+The watch service and the receiver differ only in how they decide that a file is ready; both
+hand it to an :class:`Intake`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+
+from triage_app.batch import TriagePool, record_outcome
+from triage_app.config import Settings
+from triage_app.escalation.queueing import EscalationQueue
+from triage_app.paths import ensure_private_dir, fsync_dir, write_private_file
+from triage_app.pipeline import PipelineConfig
+from triage_app.results import FailedInput, InputOutcome
+from triage_app.store import CaseStore
+
+log = logging.getLogger(__name__)
+
+# Outcomes that mean "not all there yet" while a writer may still be busy (watch folder only).
+INCOMPLETE_CODES = frozenset({"truncated", "empty_file"})
+# A file whose worker died this many times is quarantined rather than tried again.
+MAX_WORKER_CRASHES = 3
+WORKER_CRASHED = "worker_crashed"
+SIDECAR_SUFFIX = ".json"
+REASON_SUFFIX = ".reason.json"
+
+
+@dataclass(frozen=True)
+class IntakeLayout:
+    """The three folders of a service: where files arrive, where they end, where bad ones go."""
+
+    inbox: Path
+    done: Path
+    quarantine: Path
+
+    @classmethod
+    def for_watch(cls, settings: Settings) -> IntakeLayout:
+        return cls(settings.watch_inbox, settings.watch_done, settings.watch_quarantine)
+
+    @classmethod
+    def for_receiver(cls, settings: Settings) -> IntakeLayout:
+        root = settings.receiver_storage
+        return cls(root / "incoming", root / "done", root / "quarantine")
+
+    def create(self) -> None:
+        for folder in (self.inbox, self.done, self.quarantine):
+            ensure_private_dir(folder)
+
+    def relative(self, path: Path) -> Path:
+        """``path`` inside the inbox; raises ``ValueError`` for a path outside it."""
+        return path.relative_to(self.inbox)
+
+
+@dataclass(frozen=True)
+class FiledOutcome:
+    """One file done with: its outcome and where the file now lives.
+
+    ``deferred`` means the file looked cut short while its writer may still be busy: it stays
+    in the inbox and nothing was recorded; the caller offers it again once it settles.
+    """
+
+    source: Path
+    outcome: InputOutcome
+    filed_as: Path | None
+    submitted_at: float  # time.monotonic() when the file was handed over
+    finished_at: float
+    deferred: bool = False
+
+    @property
+    def quarantined(self) -> bool:
+        return not self.deferred and isinstance(self.outcome, FailedInput)
+
+
+class Intake:
+    """Triage files in worker processes and file them; create and collect in one thread.
+
+    :meth:`submit` may be called from any thread (the receiver's association threads, a
+    watchdog observer); :meth:`collect` records the outcomes and must run in the thread that
+    created the intake (the case store's SQLite connection belongs to it).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        layout: IntakeLayout,
+        *,
+        queue: Callable[[], EscalationQueue | None] | None = None,
+        incomplete_timeout_s: float = 0.0,
+        pool: TriagePool | None = None,
+    ) -> None:
+        layout.create()
+        self.layout = layout
+        self._queue = queue or (lambda: None)
+        self._incomplete_timeout_s = incomplete_timeout_s
+        self._store = CaseStore.open(settings.case_store_path)
+        self._pool = pool or TriagePool(
+            PipelineConfig.from_settings(settings), workers=settings.workers
+        )
+        self._lock = threading.Lock()
+        self._futures: dict[Future[InputOutcome], Path] = {}
+        self._pending: dict[Path, float] = {}  # path → time.monotonic() of its hand-over
+        self._crashes: dict[Path, int] = {}  # kept across hand-overs until the file is filed
+        self._closed = False
+
+    # --- hand-over ------------------------------------------------------------------------------
+
+    def submit(self, paths: Iterable[Path]) -> int:
+        """Hand files over for triage; files already being triaged are skipped. Returns how
+        many were taken."""
+        taken = 0
+        with self._lock:
+            if self._closed:
+                return 0
+            for path in paths:
+                self.layout.relative(path)  # a file outside the inbox is a programming error
+                if path in self._pending:
+                    continue
+                self._pending[path] = time.monotonic()
+                self._futures[self._pool.submit(path)] = path
+                taken += 1
+        return taken
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def is_in_flight(self, path: Path) -> bool:
+        with self._lock:
+            return path in self._pending
+
+    # --- results --------------------------------------------------------------------------------
+
+    def collect(self, timeout_s: float = 0.0) -> list[FiledOutcome]:
+        """Record and file every outcome that is ready (waiting up to ``timeout_s`` for one)."""
+        with self._lock:
+            futures = list(self._futures)
+        if not futures:
+            if timeout_s > 0:
+                time.sleep(timeout_s)  # nothing to wait for; keep the caller's loop paced
+            return []
+        done, _ = wait(futures, timeout=timeout_s, return_when=FIRST_COMPLETED)
+        filed: list[FiledOutcome] = []
+        crashed: list[Path] = []
+        for future in done:
+            with self._lock:
+                path = self._futures.pop(future, None)
+            if path is None:
+                continue  # a future of a pool that broke and was replaced
+            try:
+                outcome = future.result()
+            except BrokenProcessPool:
+                crashed.append(path)
+                continue
+            filed.append(self._file(path, outcome))
+        if crashed:
+            filed.extend(self._after_crash(crashed))
+        return filed
+
+    def drain(self) -> list[FiledOutcome]:
+        """Wait for every file handed over so far and file it."""
+        filed: list[FiledOutcome] = []
+        while self.in_flight:
+            filed.extend(self.collect(timeout_s=1.0))
+        return filed
+
+    def close(self) -> list[FiledOutcome]:
+        """Take no more files, finish the ones in flight, stop the workers."""
+        with self._lock:
+            self._closed = True
+        try:
+            return self.drain()
+        finally:
+            self._pool.close()
+            self._store.close()
+
+    def __enter__(self) -> Intake:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- filing ---------------------------------------------------------------------------------
+
+    def _file(self, path: Path, outcome: InputOutcome) -> FiledOutcome:
+        submitted_at = self._forget(path)
+        if self._still_being_written(outcome, path):
+            log.info("a file is not complete yet; it will be read again once it settles")
+            return FiledOutcome(path, outcome, None, submitted_at, time.monotonic(), deferred=True)
+        self._crashes.pop(path, None)
+        recorded = record_outcome(self._store, outcome, queue=self._queue())
+        if isinstance(recorded, FailedInput):
+            filed_as = self._quarantine(path, recorded)
+        else:
+            filed_as = self._move_to_done(path, recorded.to_json())
+        return FiledOutcome(path, recorded, filed_as, submitted_at, time.monotonic())
+
+    def _still_being_written(self, outcome: InputOutcome, path: Path) -> bool:
+        """A cut-short file changed within the incomplete timeout may still be growing.
+
+        Judged by the file's modification time, not by when this process first saw it, so a
+        restart does not start the wait again.
+        """
+        if not isinstance(outcome, FailedInput) or outcome.code not in INCOMPLETE_CODES:
+            return False
+        try:
+            age_s = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return age_s < self._incomplete_timeout_s
+
+    def _after_crash(self, crashed: list[Path]) -> list[FiledOutcome]:
+        """A worker died: replace the pool and hand every file it held over again.
+
+        Which file killed the worker is unknown, so each file in flight counts one crash; a
+        file that was in flight at ``MAX_WORKER_CRASHES`` crashes is quarantined.
+        """
+        log.error("a triage worker process died; its files will be triaged again")
+        self._pool.restart()
+        with self._lock:
+            crashed.extend(self._futures.values())  # their futures fail with the old pool
+            self._futures.clear()
+        filed: list[FiledOutcome] = []
+        again: list[Path] = []
+        for path in crashed:
+            submitted_at = self._forget(path)
+            crashes = self._crashes.get(path, 0) + 1
+            self._crashes[path] = crashes
+            if crashes < MAX_WORKER_CRASHES:
+                again.append(path)
+                continue
+            message = f"the triage worker died {crashes} times while reading this file"
+            failure = FailedInput(str(path), WORKER_CRASHED, message)
+            self._pending[path] = submitted_at
+            filed.append(self._file(path, failure))
+        self.submit(again)
+        return filed
+
+    def _forget(self, path: Path) -> float:
+        with self._lock:
+            return self._pending.pop(path)
+
+    def _move_to_done(self, path: Path, record: Mapping[str, object]) -> Path:
+        target = _free_name(self.layout.done / self.layout.relative(path))
+        sidecar = target.with_name(target.name + SIDECAR_SUFFIX)
+        ensure_private_dir(target.parent)
+        write_private_file(sidecar, _json_bytes(record), sync_folder=False)
+        move_durably(path, target)
+        return target
+
+    def _quarantine(self, path: Path, failure: FailedInput) -> Path:
+        folder = self.layout.quarantine / failure.code
+        target = _free_name(folder / self.layout.relative(path))
+        reason = {
+            "code": failure.code,
+            "message": failure.message,
+            "source": str(self.layout.relative(path)),
+            "quarantined_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        ensure_private_dir(target.parent)
+        write_private_file(
+            target.with_name(target.name + REASON_SUFFIX), _json_bytes(reason), sync_folder=False
+        )
+        move_durably(path, target)
+        log.info("a file went to quarantine: %s", failure.code)
+        return target
+
+
+def _json_bytes(record: Mapping[str, object]) -> bytes:
+    return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _free_name(target: Path) -> Path:
+    """``target``, or ``name~N.ext`` when a different file already took that name.
+
+    A sidecar without its image is the debris of a crash between the two writes, so its name
+    counts as free.
+    """
+    candidate = target
+    n = 0
+    while candidate.exists():
+        n += 1
+        candidate = target.with_name(f"{target.stem}~{n}{target.suffix}")
+    return candidate
+
+
+def move_durably(source: Path, target: Path) -> None:
+    """Move a file so that, after a power cut, it is in one place or the other, never lost.
+
+    A rename within one filesystem is atomic; across filesystems (an inbox on a network share)
+    the bytes are copied and fsynced under a temporary name first, and the source is removed
+    only after the copy is durable.
+    """
+    try:
+        source.rename(target)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        tmp = target.with_name(f".{target.name}.partial")
+        shutil.copyfile(source, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.rename(target)
+        fsync_dir(target.parent)
+        source.unlink()
+        fsync_dir(source.parent)
+        return
+    fsync_dir(target.parent)
+    if source.parent != target.parent:
+        fsync_dir(source.parent)

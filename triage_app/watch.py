@@ -1,0 +1,222 @@
+"""The watch-folder service: images a scanner or a share drops in the inbox are triaged.
+
+A file is handed over only once it has settled: its size and modification time unchanged for
+``watch.settle_s`` (a scanner or a share copy may still be writing). Change events (watchdog)
+make that fast; a periodic full rescan catches files whose events a network share dropped. A
+settled file that still parses as cut short is read again later, and quarantined as truncated
+only after ``watch.incomplete_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+
+from triage_app.config import Settings
+from triage_app.escalation.queueing import EscalationQueue
+from triage_app.intake import FiledOutcome, Intake, IntakeLayout
+
+log = logging.getLogger(__name__)
+
+# Names a writer uses while a file is not finished yet (rsync, browsers, scanners, editors).
+_UNFINISHED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", "~")
+
+
+def is_candidate(name: str) -> bool:
+    """Whether a file name can be an image to triage (not hidden, not a writer's temp file)."""
+    return not name.startswith(".") and not name.lower().endswith(_UNFINISHED_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class _Signature:
+    size: int
+    mtime_ns: int
+
+
+class SettleTracker:
+    """Which files in the inbox have stopped changing. Thread-safe: events arrive on the
+    observer's thread, the service loop asks for settled files on its own."""
+
+    def __init__(
+        self,
+        settle_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settle_s = settle_s
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._lock = threading.Lock()
+        # path → (last signature seen, since when it has been seen unchanged); None: not stat-ed
+        self._seen: dict[Path, tuple[_Signature, float] | None] = {}
+
+    def note(self, path: Path) -> None:
+        """A file appeared or changed: track it (again) from now."""
+        if is_candidate(path.name):
+            with self._lock:
+                self._seen[path] = None
+
+    def note_all(self, paths: Iterator[Path]) -> None:
+        with self._lock:
+            for path in paths:
+                self._seen.setdefault(path, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._seen)
+
+    def settled(self, limit: int, skip: Callable[[Path], bool]) -> list[Path]:
+        """Up to ``limit`` settled files, no longer tracked; the rest stay tracked.
+
+        A file seen for the first time with a modification time older than the settle time
+        counts as settled at once (a restart or ``--once`` need not wait); a file that is gone
+        is forgotten.
+        """
+        now = self._clock()
+        with self._lock:
+            paths = list(self._seen)
+        ready: list[Path] = []
+        for path in paths:
+            if len(ready) >= limit:
+                break
+            if skip(path):
+                continue
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                with self._lock:
+                    self._seen.pop(path, None)
+                continue
+            signature = _Signature(stat.st_size, stat.st_mtime_ns)
+            with self._lock:
+                previous = self._seen.get(path)
+                if previous is None:
+                    age = self._wall_clock() - stat.st_mtime_ns / 1e9
+                    since = now - self._settle_s if age >= self._settle_s else now
+                elif previous[0] != signature:
+                    since = now
+                else:
+                    since = previous[1]
+                if now - since >= self._settle_s:
+                    del self._seen[path]
+                    ready.append(path)
+                else:
+                    self._seen[path] = (signature, since)
+        return ready
+
+
+def inbox_files(inbox: Path) -> Iterator[Path]:
+    """Every candidate file under ``inbox`` (recursively); symlinks are not followed."""
+    for root, dirs, files in os.walk(inbox):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if is_candidate(name):
+                yield Path(root) / name
+
+
+class _InboxEvents(FileSystemEventHandler):
+    def __init__(self, tracker: SettleTracker) -> None:
+        self._tracker = tracker
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory or event.event_type in {"deleted", "opened", "closed_no_write"}:
+            return
+        target = getattr(event, "dest_path", "") or event.src_path
+        self._tracker.note(Path(os.fsdecode(target)))
+
+
+@dataclass
+class WatchSummary:
+    """What one run of the service did (``--once`` prints it)."""
+
+    triaged: int = 0
+    quarantined: int = 0
+    left_incomplete: int = 0
+
+
+class WatchService:
+    """The service loop; ``run`` returns when ``stop`` is set (or, with ``once``, when the
+    inbox has been worked through), after the files in flight are finished and filed."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        queue: Callable[[], EscalationQueue | None] | None = None,
+        on_filed: Callable[[FiledOutcome], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.layout = IntakeLayout.for_watch(settings)
+        self._queue = queue
+        self._on_filed = on_filed or (lambda _filed: None)
+        self._on_tick = on_tick or (lambda: None)
+        self.tracker = SettleTracker(settings.watch_settle_s)
+
+    def run(self, stop: threading.Event, *, once: bool = False) -> WatchSummary:
+        settings = self.settings
+        summary = WatchSummary()
+        # Short ticks keep the drop-to-result time near the settle time.
+        tick_s = min(0.25, max(0.02, settings.watch_settle_s / 4))
+        intake = Intake(
+            settings,
+            self.layout,
+            queue=self._queue,
+            incomplete_timeout_s=settings.watch_incomplete_timeout_s,
+        )
+        observer = None if once else self._start_observer()
+        try:
+            log.info("watching the inbox (%d workers)", settings.workers)
+            self.tracker.note_all(inbox_files(self.layout.inbox))
+            next_rescan = time.monotonic() + settings.watch_rescan_s
+            capacity = 2 * settings.workers  # a small backlog: SIGTERM need not wait for more
+            while not stop.is_set():
+                room = capacity - intake.in_flight
+                if room > 0:
+                    intake.submit(self.tracker.settled(room, intake.is_in_flight))
+                for filed in intake.collect(timeout_s=tick_s):
+                    self._account(filed, summary, once=once)
+                self._on_tick()
+                if once and not len(self.tracker) and not intake.in_flight:
+                    break
+                if time.monotonic() >= next_rescan:
+                    self.tracker.note_all(inbox_files(self.layout.inbox))
+                    next_rescan = time.monotonic() + settings.watch_rescan_s
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=10)
+            log.info("stopping: finishing %d file(s) in flight", intake.in_flight)
+            for filed in intake.close():
+                self._account(filed, summary, once=True)
+        return summary
+
+    def _start_observer(self) -> BaseObserver:
+        observer = Observer()
+        observer.schedule(_InboxEvents(self.tracker), str(self.layout.inbox), recursive=True)
+        observer.daemon = True
+        observer.start()
+        return observer
+
+    def _account(self, filed: FiledOutcome, summary: WatchSummary, *, once: bool) -> None:
+        if filed.deferred:
+            if once:
+                summary.left_incomplete += 1  # stays in the inbox for the next run
+            else:
+                self.tracker.note(filed.source)
+            return
+        if filed.quarantined:
+            summary.quarantined += 1
+        else:
+            summary.triaged += 1
+        self._on_filed(filed)
