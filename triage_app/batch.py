@@ -51,6 +51,10 @@ def _run_in_worker(path: Path) -> InputOutcome:
     return _worker_pipeline.run(path)
 
 
+def _warm_up() -> None:
+    """Nothing: the worker's initializer has loaded the model by the time this runs."""
+
+
 def triage_files(
     files: Sequence[Path], config: PipelineConfig, *, workers: int
 ) -> Iterator[InputOutcome]:
@@ -83,12 +87,16 @@ class TriagePool:
 
     def _new_executor(self) -> ProcessPoolExecutor:
         level = logging.getLogger().getEffectiveLevel()
-        return ProcessPoolExecutor(
+        executor = ProcessPoolExecutor(
             self._workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
             initargs=(self._config, level),
         )
+        # Start the workers (and load the model) now, not when the first image arrives.
+        for _ in range(self._workers):
+            executor.submit(_warm_up)
+        return executor
 
     @property
     def workers(self) -> int:

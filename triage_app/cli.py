@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from triage_app import __version__, cli_central, cli_queue
+from triage_app import __version__, cli_central, cli_queue, cli_services
 from triage_app.admin import save_audited
 from triage_app.cli_common import (
     EXIT_OK,
@@ -48,7 +48,7 @@ logger = logging.getLogger("triage_app.cli")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose, args.debug)
+    _configure_logging(args)
     try:
         result: int = args.handler(args)
         return result
@@ -130,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print JSON Lines instead of a table")
     demo.set_defaults(handler=_demo)
 
+    cli_services.register(sub, common)
     cli_queue.register(sub, common)
     cli_central.register(sub, common)
     device = sub.add_parser(
@@ -172,8 +173,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: bool, debug: bool) -> None:
-    configure_logging(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+def _configure_logging(args: argparse.Namespace) -> None:
+    # A service's log is its only voice, so services log progress without -v.
+    service = hasattr(args, "log_format")
+    level = logging.INFO if args.verbose or service else logging.WARNING
+    configure_logging(
+        logging.DEBUG if args.debug else level,
+        json_lines=getattr(args, "log_format", "text") == "json",
+    )
 
 
 # --- classify and demo -------------------------------------------------------------------------

@@ -198,3 +198,12 @@ class ReceiptError(EscalationError):
     """A delivery receipt that does not verify: the local copy is kept and sent again."""
 
     code = "receipt_invalid"
+
+
+# --- The DICOM receiver -------------------------------------------------------------------------
+
+
+class ReceiverError(TriageError):
+    """The DICOM receiver cannot start: its address is taken or its storage folder unusable."""
+
+    code = "receiver_error"

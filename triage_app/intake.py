@@ -14,6 +14,7 @@ hand it to an :class:`Intake`.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -122,6 +123,10 @@ class Intake:
         self._futures: dict[Future[InputOutcome], Path] = {}
         self._pending: dict[Path, float] = {}  # path → time.monotonic() of its hand-over
         self._crashes: dict[Path, int] = {}  # kept across hand-overs until the file is filed
+        # Taken but not yet given to the pool: files wait here while the files that were in
+        # flight at a worker crash (the suspects) are tried again one at a time.
+        self._held: list[Path] = []
+        self._suspects: set[Path] = set()
         self._closed = False
 
     # --- hand-over ------------------------------------------------------------------------------
@@ -138,9 +143,17 @@ class Intake:
                 if path in self._pending:
                     continue
                 self._pending[path] = time.monotonic()
-                self._futures[self._pool.submit(path)] = path
+                self._held.append(path)
                 taken += 1
+            self._dispatch_locked()
         return taken
+
+    def _dispatch_locked(self) -> None:
+        """Give held files to the pool: all at once, or one at a time while suspects remain
+        (a file alone in the pool when a worker dies is the file that killed it)."""
+        while self._held and not (self._suspects and self._futures):
+            path = self._held.pop(0)
+            self._futures[self._pool.submit(path)] = path
 
     @property
     def in_flight(self) -> int:
@@ -177,6 +190,8 @@ class Intake:
             filed.append(self._file(path, outcome))
         if crashed:
             filed.extend(self._after_crash(crashed))
+        with self._lock:
+            self._dispatch_locked()  # the next suspect, or the files held back for them
         return filed
 
     def drain(self) -> list[FiledOutcome]:
@@ -215,12 +230,20 @@ class Intake:
             log.info("a file is not complete yet; it will be read again once it settles")
             return FiledOutcome(path, outcome, None, submitted_at, time.monotonic(), deferred=True)
         self._crashes.pop(path, None)
-        recorded = record_outcome(self._store, outcome, queue=self._queue())
-        if isinstance(recorded, FailedInput):
-            filed_as = self._quarantine(path, recorded)
+        # The record names where the file will live, so the store and the GUI can find it.
+        relative = self.layout.relative(path)
+        if isinstance(outcome, FailedInput):
+            target = _free_name(path, self.layout.quarantine / outcome.code / relative)
         else:
-            filed_as = self._move_to_done(path, recorded.to_json())
-        return FiledOutcome(path, recorded, filed_as, submitted_at, time.monotonic())
+            target = _free_name(path, self.layout.done / relative)
+        recorded = record_outcome(
+            self._store, replace(outcome, path=str(target)), queue=self._queue()
+        )
+        if isinstance(recorded, FailedInput):
+            self._quarantine(path, target, recorded)
+        else:
+            _file_with_note(path, target, SIDECAR_SUFFIX, recorded.to_json())
+        return FiledOutcome(path, recorded, target, submitted_at, time.monotonic())
 
     def _still_being_written(self, outcome: InputOutcome, path: Path) -> bool:
         """A cut-short file changed within the incomplete timeout may still be growing.
@@ -237,10 +260,13 @@ class Intake:
         return age_s < self._incomplete_timeout_s
 
     def _after_crash(self, crashed: list[Path]) -> list[FiledOutcome]:
-        """A worker died: replace the pool and hand every file it held over again.
+        """A worker died: replace the pool and try every file it held again.
 
-        Which file killed the worker is unknown, so each file in flight counts one crash; a
-        file that was in flight at ``MAX_WORKER_CRASHES`` crashes is quarantined.
+        A dead worker breaks the whole pool, so which file killed it is unknown while several
+        were in flight: those become suspects, tried again one at a time, ahead of the files
+        held back meanwhile (an innocent large file next to a hostile one must not share its
+        fate). A file alone in the pool counts the crash; at ``MAX_WORKER_CRASHES`` it is
+        quarantined.
         """
         log.error("a triage worker process died; its files will be triaged again")
         self._pool.restart()
@@ -250,65 +276,69 @@ class Intake:
         filed: list[FiledOutcome] = []
         again: list[Path] = []
         for path in crashed:
-            submitted_at = self._forget(path)
-            crashes = self._crashes.get(path, 0) + 1
+            crashes = self._crashes.get(path, 0) + (len(crashed) == 1)
             self._crashes[path] = crashes
             if crashes < MAX_WORKER_CRASHES:
                 again.append(path)
                 continue
             message = f"the triage worker died {crashes} times while reading this file"
-            failure = FailedInput(str(path), WORKER_CRASHED, message)
-            self._pending[path] = submitted_at
-            filed.append(self._file(path, failure))
-        self.submit(again)
+            filed.append(self._file(path, FailedInput(str(path), WORKER_CRASHED, message)))
+        with self._lock:
+            self._suspects.update(again)
+            self._held[:0] = again
+            self._dispatch_locked()
         return filed
 
     def _forget(self, path: Path) -> float:
         with self._lock:
+            self._suspects.discard(path)
             return self._pending.pop(path)
 
-    def _move_to_done(self, path: Path, record: Mapping[str, object]) -> Path:
-        target = _free_name(self.layout.done / self.layout.relative(path))
-        sidecar = target.with_name(target.name + SIDECAR_SUFFIX)
-        ensure_private_dir(target.parent)
-        write_private_file(sidecar, _json_bytes(record), sync_folder=False)
-        move_durably(path, target)
-        return target
-
-    def _quarantine(self, path: Path, failure: FailedInput) -> Path:
-        folder = self.layout.quarantine / failure.code
-        target = _free_name(folder / self.layout.relative(path))
+    def _quarantine(self, path: Path, target: Path, failure: FailedInput) -> None:
         reason = {
             "code": failure.code,
             "message": failure.message,
             "source": str(self.layout.relative(path)),
             "quarantined_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        ensure_private_dir(target.parent)
-        write_private_file(
-            target.with_name(target.name + REASON_SUFFIX), _json_bytes(reason), sync_folder=False
-        )
-        move_durably(path, target)
+        _file_with_note(path, target, REASON_SUFFIX, reason)
         log.info("a file went to quarantine: %s", failure.code)
-        return target
 
 
-def _json_bytes(record: Mapping[str, object]) -> bytes:
-    return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+def _file_with_note(path: Path, target: Path, suffix: str, note: Mapping[str, object]) -> None:
+    """Write the JSON note next to ``target``, then move the file there (the move is last)."""
+    ensure_private_dir(target.parent)
+    text = json.dumps(note, indent=2, sort_keys=True) + "\n"
+    write_private_file(target.with_name(target.name + suffix), text.encode(), sync_folder=False)
+    move_durably(path, target)
 
 
-def _free_name(target: Path) -> Path:
+def _free_name(source: Path, target: Path) -> Path:
     """``target``, or ``name~N.ext`` when a different file already took that name.
 
-    A sidecar without its image is the debris of a crash between the two writes, so its name
-    counts as free.
+    A file with the same bytes (a scanner sending a study again) takes the place of its twin
+    instead of piling up copies. A sidecar without its image is the debris of a crash between
+    the two writes, so its name counts as free.
     """
     candidate = target
     n = 0
-    while candidate.exists():
+    while candidate.exists() and not _same_bytes(source, candidate):
         n += 1
         candidate = target.with_name(f"{target.stem}~{n}{target.suffix}")
     return candidate
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        with a.open("rb") as fa, b.open("rb") as fb:
+            return (
+                hashlib.file_digest(fa, "sha256").digest()
+                == hashlib.file_digest(fb, "sha256").digest()
+            )
+    except OSError:
+        return False
 
 
 def move_durably(source: Path, target: Path) -> None:

@@ -2,16 +2,69 @@
 
 Library modules only log (``logging.getLogger(__name__)``); this is the one place that decides
 format and levels, so a worker process logs exactly like the command that started it.
+
+A service under systemd logs JSON Lines (``json_lines=True``): the journal and log shippers
+then get fields (level, logger, the ``extra`` of a call such as an error code) without parsing
+free text.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+from datetime import UTC, datetime
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
+# Attributes every LogRecord has: anything else on a record came from a call's ``extra``.
+_STANDARD_ATTRIBUTES = frozenset(
+    logging.LogRecord("", logging.INFO, "", 0, "", None, None).__dict__
+) | {"message", "asctime", "taskName"}
+# Fields of the JSON object itself; an ``extra`` of the same name does not replace them.
+_OWN_FIELDS = frozenset({"ts", "level", "logger", "message", "exc", "stack"})
 
-def configure_logging(level: int) -> None:
-    logging.basicConfig(level=level, format=FORMAT)
+
+class JsonLinesFormatter(logging.Formatter):
+    """One JSON object per record, always on one line.
+
+    ``ts`` (ISO-8601, UTC, milliseconds), ``level``, ``logger``, ``message``, then each
+    ``extra`` field whose value is a plain scalar (text, number, bool, None); other values
+    are left out rather than turned into text nobody checked for identifying data.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key in _STANDARD_ATTRIBUTES or key in _OWN_FIELDS or key.startswith("_"):
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                out[key] = str(value)  # JSON has no NaN or infinity
+            elif value is None or isinstance(value, str | int | float | bool):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        # ASCII escapes: no U+2028 or the like that some readers take for a line break.
+        return json.dumps(out)
+
+
+def configure_logging(level: int, *, json_lines: bool = False) -> None:
+    """Log to stderr at ``level``, as text lines or (``json_lines``) JSON Lines."""
+    if json_lines:
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonLinesFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(level=level, format=FORMAT)
     # pydicom's value checks quote the offending value (names, UIDs) at WARNING: no PHI in logs.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    # pynetdicom logs every association at INFO and dumps data sets (UIDs, names) at DEBUG; the
+    # receiver logs what an admin needs itself.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)

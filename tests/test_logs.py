@@ -1,0 +1,143 @@
+"""Log formats: JSON Lines for the services, text for the commands; pydicom kept quiet."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from triage_app.logs import JsonLinesFormatter
+
+
+def record(
+    level: int = logging.INFO,
+    msg: str = "triaged %d files",
+    args: tuple[object, ...] = (3,),
+    extra: dict[str, Any] | None = None,
+    exc_info: Any = None,
+) -> logging.LogRecord:
+    return logging.getLogger("triage_app.watch").makeRecord(
+        "triage_app.watch", level, __file__, 10, msg, args, exc_info, extra=extra
+    )
+
+
+def formatted(rec: logging.LogRecord) -> dict[str, Any]:
+    line = JsonLinesFormatter().format(rec)
+    assert "\n" not in line
+    parsed: dict[str, Any] = json.loads(line)
+    return parsed
+
+
+def test_a_record_is_one_json_object_with_time_level_logger_and_message() -> None:
+    before = datetime.now(UTC)
+    out = formatted(record())
+    assert set(out) == {"ts", "level", "logger", "message"}
+    assert out["level"] == "INFO"
+    assert out["logger"] == "triage_app.watch"
+    assert out["message"] == "triaged 3 files"
+    ts = datetime.fromisoformat(out["ts"])
+    assert ts.utcoffset() == timedelta(0)
+    assert before - timedelta(seconds=1) <= ts <= datetime.now(UTC)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", out["ts"])
+
+
+@pytest.mark.parametrize(
+    ("level", "name"),
+    [
+        (logging.DEBUG, "DEBUG"),
+        (logging.INFO, "INFO"),
+        (logging.WARNING, "WARNING"),
+        (logging.ERROR, "ERROR"),
+        (logging.CRITICAL, "CRITICAL"),
+    ],
+)
+def test_level_names(level: int, name: str) -> None:
+    assert formatted(record(level))["level"] == name
+
+
+def test_scalar_extra_fields_are_kept_and_others_left_out() -> None:
+    extra = {
+        "code": "truncated",
+        "count": 3,
+        "ratio": 0.25,
+        "ok": False,
+        "case_id": None,
+        "folder": object(),  # not a scalar: left out, not str()-ed
+        "tags": ["a", "b"],
+        "nan": float("nan"),
+    }
+    out = formatted(record(extra=extra))
+    assert out["code"] == "truncated"
+    assert out["count"] == 3
+    assert out["ratio"] == 0.25
+    assert out["ok"] is False
+    assert out["case_id"] is None
+    assert out["nan"] == "nan"
+    assert "folder" not in out
+    assert "tags" not in out
+
+
+def test_an_extra_cannot_replace_the_records_own_fields() -> None:
+    out = formatted(record(extra={"level": "fake", "ts": "then", "logger": "x"}))
+    assert out["level"] == "INFO"
+    assert out["logger"] == "triage_app.watch"
+    assert out["ts"] != "then"
+
+
+def test_a_multi_line_message_and_a_traceback_stay_on_one_line() -> None:
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError:
+        exc_info = sys.exc_info()
+    out = formatted(record(logging.ERROR, "first\nsecond\u2028third", (), exc_info=exc_info))
+    assert out["message"] == "first\nsecond\u2028third"
+    assert out["exc"].startswith("Traceback")
+    assert "ValueError: bad" in out["exc"]
+    assert "\u2028" not in JsonLinesFormatter().format(record(msg="a\u2028b", args=()))
+
+
+def run_logging(json_lines: bool) -> list[str]:
+    """configure_logging in a fresh interpreter (basicConfig is once per process)."""
+    code = textwrap.dedent(
+        f"""
+        import logging
+        from triage_app.logs import configure_logging
+        configure_logging(logging.INFO, json_lines={json_lines})
+        logging.getLogger("triage_app.receiver").info(
+            "stored %d instances", 2, extra={{"code": "stored"}}
+        )
+        logging.getLogger("triage_app.receiver").debug("below the level")
+        logging.getLogger("pydicom").warning("Invalid value for VR PN: 'DOE^JANE'")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout == ""
+    return result.stderr.splitlines()
+
+
+def test_configure_logging_json_lines_writes_json_to_stderr_and_silences_pydicom() -> None:
+    lines = run_logging(json_lines=True)
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert out["message"] == "stored 2 instances"
+    assert out["code"] == "stored"
+    assert out["level"] == "INFO"
+    assert out["logger"] == "triage_app.receiver"
+
+
+def test_configure_logging_keeps_text_lines_by_default() -> None:
+    lines = run_logging(json_lines=False)
+    assert len(lines) == 1
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO triage_app.receiver: stored 2 instances",
+        lines[0],
+    )

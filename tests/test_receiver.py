@@ -1,0 +1,510 @@
+"""The DICOM receiver: dcmtk's ``storescu`` plays the scanner on loopback, files are real.
+
+Unit tests drive :class:`StudyGrouper` with made-up times and call ``DicomReceiver.store``
+directly with Part 10 bytes; the system tests send a generated 300-slice CT series through the
+real network stack and read back what landed in the spool.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pynetdicom import AE
+
+from tests import dcmtk
+from tests.ct_series import CtSeries, ct_dataset, write_ct_series
+from triage_app import receiver as receiver_module
+from triage_app.config import Settings
+from triage_app.errors import ReceiverError
+from triage_app.intake import FiledOutcome
+from triage_app.receiver import (
+    CANNOT_UNDERSTAND,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    DicomReceiver,
+    StudyGrouper,
+    run_receiver,
+    spool_key,
+)
+from triage_app.store import REPROCESSED, CaseStore
+
+AE_TITLE = "TRIAGE_TEST"
+MB = 1024 * 1024
+SERIES_SIZE = 300
+
+MakeReceiver = Callable[..., DicomReceiver]
+
+
+# --- fixtures and helpers ---------------------------------------------------------------------
+
+
+def receiver_settings(storage: Path, **overrides: Any) -> Settings:
+    values: dict[str, object] = {
+        "receiver.storage_dir": storage,
+        "receiver.ae_title": AE_TITLE,
+        "receiver.bind_address": dcmtk.HOST,
+        "receiver.port": dcmtk.free_port(),
+        "receiver.study_quiet_s": 0.3,
+        "receiver.min_free_mb": 0,
+        "paths.data_dir": storage.parent / "data",
+    }
+    values.update({key.replace("__", "."): value for key, value in overrides.items()})
+    return Settings(values)
+
+
+@pytest.fixture
+def make_receiver(tmp_path: Path) -> Iterator[MakeReceiver]:
+    """Start receivers on free loopback ports (``receiver__key=value`` overrides settings)."""
+    started: list[DicomReceiver] = []
+
+    def make(**overrides: Any) -> DicomReceiver:
+        receiver = DicomReceiver(receiver_settings(tmp_path / "receiver", **overrides))
+        receiver.start()
+        started.append(receiver)
+        return receiver
+
+    yield make
+    for receiver in started:
+        receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> CtSeries:
+    return write_ct_series(tmp_path_factory.mktemp("ct300"), SERIES_SIZE, seed=11)
+
+
+@pytest.fixture
+def small_series(tmp_path: Path) -> CtSeries:
+    return write_ct_series(tmp_path / "ct3", 3, seed=12)
+
+
+def part10(seed: int = 3, index: int = 0, **changes: object) -> tuple[bytes, pydicom.Dataset]:
+    """One small CT instance as the bytes a C-STORE handler gets (file meta + data set)."""
+    ds = ct_dataset(seed, index, 1, np.zeros((512, 512), dtype=np.uint16))
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue(), ds
+
+
+def spooled(receiver: DicomReceiver) -> list[Path]:
+    return sorted(receiver.incoming.rglob("*.dcm"))
+
+
+def dataset_bytes(data: bytes) -> bytes:
+    """A Part 10 file's data set, after the preamble and the file meta group."""
+    assert data[128:132] == b"DICM"
+    meta_length = int.from_bytes(data[140:144], "little")
+    return data[144 + meta_length :]
+
+
+def port_of(receiver: DicomReceiver) -> int:
+    return receiver.address[1]
+
+
+def sent_ok(result: Any) -> None:
+    assert result.returncode == 0, f"storescu failed:\n{result.stdout}\n{result.stderr}"
+
+
+def wait_for_studies(
+    receiver: DicomReceiver, count: int = 1, timeout_s: float = 10.0
+) -> list[list[Path]]:
+    """The next ``count`` studies the quiet timer releases (fails the test if they do not come)."""
+    studies: list[list[Path]] = []
+    deadline = time.monotonic() + timeout_s
+    while len(studies) < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{len(studies)} of {count} studies went quiet within {timeout_s} s")
+        time.sleep(0.05)
+        studies.extend(receiver.quiet_studies())
+    return studies
+
+
+def spool_path(receiver: DicomReceiver, study_uid: str, sop_uid: str) -> Path:
+    return receiver.incoming / spool_key(study_uid) / f"{spool_key(sop_uid)}.dcm"
+
+
+# --- StudyGrouper -----------------------------------------------------------------------------
+
+
+def test_a_study_is_released_once_quiet_and_not_before() -> None:
+    grouper = StudyGrouper(quiet_s=5.0)
+    grouper.add("s1", Path("a.dcm"), at=100.0)
+    grouper.add("s1", Path("b.dcm"), at=103.0)
+
+    assert grouper.pop_quiet(107.9) == []  # 4.9 s after the last instance
+    assert grouper.pop_quiet(108.0) == [[Path("a.dcm"), Path("b.dcm")]]
+    assert grouper.pop_quiet(200.0) == []  # handed over once
+    assert not grouper.is_pending("s1")
+
+
+def test_each_new_instance_restarts_its_own_study_timer_only() -> None:
+    grouper = StudyGrouper(quiet_s=2.0)
+    grouper.add("busy", Path("1.dcm"), at=0.0)
+    grouper.add("idle", Path("x.dcm"), at=0.5)
+    grouper.add("busy", Path("2.dcm"), at=1.9)
+
+    assert grouper.pop_quiet(2.6) == [[Path("x.dcm")]]
+    assert grouper.is_pending("busy")
+    assert grouper.pop_quiet(3.9) == [[Path("1.dcm"), Path("2.dcm")]]
+
+
+def test_a_resent_instance_is_listed_once_per_study() -> None:
+    grouper = StudyGrouper(quiet_s=1.0)
+    for at in (0.0, 0.1, 0.2):
+        grouper.add("s", Path("same.dcm"), at=at)
+    grouper.add("s", Path("other.dcm"), at=0.3)
+
+    assert grouper.pop_quiet(1.3) == [[Path("same.dcm"), Path("other.dcm")]]
+
+
+def test_an_instance_after_hand_over_starts_a_new_group() -> None:
+    grouper = StudyGrouper(quiet_s=1.0)
+    grouper.add("s", Path("a.dcm"), at=0.0)
+    assert grouper.pop_quiet(1.0) == [[Path("a.dcm")]]
+    grouper.add("s", Path("late.dcm"), at=5.0)
+    assert grouper.pop_quiet(5.5) == []
+    assert grouper.pop_quiet(6.0) == [[Path("late.dcm")]]
+
+
+# --- storing one instance (no network) --------------------------------------------------------
+
+
+def test_an_instance_is_spooled_byte_for_byte_under_hashed_names(
+    make_receiver: MakeReceiver,
+) -> None:
+    receiver = make_receiver()
+    data, ds = part10()
+
+    assert receiver.store(data) == SUCCESS
+
+    path = (
+        receiver.incoming / spool_key(ds.StudyInstanceUID) / f"{spool_key(ds.SOPInstanceUID)}.dcm"
+    )
+    assert spooled(receiver) == [path]
+    assert path.read_bytes() == data
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ds.StudyInstanceUID not in str(path) and ds.SOPInstanceUID not in str(path)
+    assert len(path.stem) == 32
+    assert receiver.instances_stored == 1
+    assert not list(receiver.incoming.rglob("*.tmp"))
+
+
+def test_storing_the_same_instance_again_replaces_it(make_receiver: MakeReceiver) -> None:
+    receiver = make_receiver()
+    data, _ = part10()
+
+    assert [receiver.store(data) for _ in range(3)] == [SUCCESS] * 3
+
+    assert len(spooled(receiver)) == 1
+    assert receiver.instances_stored == 3
+
+
+@pytest.mark.expect_log_warnings
+def test_below_the_disk_reserve_stores_are_refused_with_one_alarm_per_episode(
+    make_receiver: MakeReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    free = {"bytes": 50 * MB}
+    monkeypatch.setattr(receiver_module, "free_disk_bytes", lambda path: free["bytes"])
+    receiver = make_receiver(receiver__min_free_mb=100)
+    data, _ = part10()
+
+    def alarms() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith("ALARM:")]
+
+    assert receiver.store(data) == OUT_OF_RESOURCES
+    assert receiver.store(data) == OUT_OF_RESOURCES
+    assert receiver.low_disk
+    assert len(alarms()) == 1
+    assert alarms()[0].levelno == logging.ERROR
+    assert "0xA700" in alarms()[0].getMessage()
+    assert receiver.instances_refused == {"low_disk": 2}
+    assert spooled(receiver) == []
+
+    free["bytes"] = 100 * MB + len(data)  # exactly the reserve left after this instance
+    assert receiver.store(data) == SUCCESS
+    assert (receiver.low_disk, receiver.instances_stored) == (False, 1)
+
+    free["bytes"] = 99 * MB
+    assert receiver.store(data) == OUT_OF_RESOURCES
+    assert len(alarms()) == 2  # a new episode, a new alarm
+
+
+@pytest.mark.expect_log_warnings
+def test_a_failed_write_is_refused_as_out_of_resources(make_receiver: MakeReceiver) -> None:
+    receiver = make_receiver()
+    data, ds = part10()
+    # A plain file where the study's folder should go: the write fails for real (ENOTDIR).
+    (receiver.incoming / spool_key(ds.StudyInstanceUID)).write_bytes(b"")
+
+    assert receiver.store(data) == OUT_OF_RESOURCES
+
+    assert receiver.instances_refused == {"write_failed": 1}
+    assert receiver.instances_stored == 0
+    assert not receiver.low_disk
+
+
+@pytest.mark.expect_log_warnings
+def test_unreadable_or_incomplete_data_sets_are_refused(
+    make_receiver: MakeReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = make_receiver()
+    no_study, ds = part10(StudyInstanceUID=None)
+    truncated = part10()[0][:600]  # ends inside the header
+
+    assert receiver.store(b"this is not DICOM" * 40) == CANNOT_UNDERSTAND
+    assert receiver.store(truncated) == CANNOT_UNDERSTAND
+    assert receiver.store(no_study) == DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+    assert receiver.instances_refused == {"invalid_dataset": 3}
+    assert spooled(receiver) == []
+    logged = caplog.text
+    assert ds.SOPInstanceUID not in logged and "SYNTHETIC" not in logged
+
+
+def test_files_left_by_a_crash_are_handed_over_at_start(tmp_path: Path) -> None:
+    settings = receiver_settings(tmp_path / "receiver")
+    study = settings.receiver_storage / "incoming" / ("a" * 32)
+    study.mkdir(parents=True)
+    left = [study / "1.dcm", study / "2.dcm"]
+    for path in left:
+        path.write_bytes(part10()[0])
+    debris = study / ".3.dcm.0123456789abcdef.tmp"
+    debris.write_bytes(b"half an image")
+
+    with DicomReceiver(settings) as receiver:
+        assert receiver.quiet_studies() == [left]  # at once, without waiting for the timer
+
+    assert not debris.exists()
+    assert all(path.exists() for path in left)
+
+
+def test_empty_study_folders_are_pruned_unless_the_study_is_open(
+    make_receiver: MakeReceiver,
+) -> None:
+    receiver = make_receiver(receiver__study_quiet_s=3600.0)
+    data, ds = part10(seed=1)
+    assert receiver.store(data) == SUCCESS
+    done = receiver.incoming / ("b" * 32)
+    done.mkdir()
+
+    receiver.prune_empty_studies()
+
+    assert not done.exists()
+    assert (receiver.incoming / spool_key(ds.StudyInstanceUID)).is_dir()
+
+
+def test_a_port_in_use_is_a_clear_receiver_error(tmp_path: Path) -> None:
+    settings = receiver_settings(tmp_path / "receiver")
+
+    with DicomReceiver(settings), pytest.raises(ReceiverError, match="cannot listen") as caught:
+        DicomReceiver(settings).start()
+    assert caught.value.code == "receiver_error"
+
+
+# --- dcmtk storescu as the scanner ------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_a_300_instance_series_is_stored_once_and_a_resend_adds_nothing(
+    make_receiver: MakeReceiver, series: CtSeries
+) -> None:
+    receiver = make_receiver()
+
+    sent_ok(dcmtk.storescu(port_of(receiver), series.folder, called=AE_TITLE))
+
+    files = spooled(receiver)
+    assert len(files) == SERIES_SIZE
+    assert {f.parent.name for f in files} == {spool_key(series.study_uid)}
+    stored_uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    assert sorted(stored_uids) == sorted(series.sop_uids)
+    # Kept as received: the data set bytes of every file are exactly the ones sent.
+    originals = {uid: path for uid, path in zip(series.sop_uids, series.files, strict=True)}
+    for uid, path in zip(stored_uids, files, strict=True):
+        assert dataset_bytes(path.read_bytes()) == dataset_bytes(originals[uid].read_bytes())
+    assert [sorted(study) for study in wait_for_studies(receiver)] == [files]
+
+    sent_ok(dcmtk.storescu(port_of(receiver), series.folder, called=AE_TITLE))
+
+    assert spooled(receiver) == files
+    assert receiver.instances_stored == 2 * SERIES_SIZE
+    assert receiver.instances_refused == {}
+    assert [sorted(study) for study in wait_for_studies(receiver)] == [files]
+
+
+@pytest.mark.expect_log_warnings
+@pytest.mark.timeout(60)
+def test_a_wrong_called_ae_title_is_rejected_and_nothing_stored(
+    make_receiver: MakeReceiver, small_series: CtSeries, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = make_receiver()
+
+    result = dcmtk.storescu(port_of(receiver), small_series.folder, called="NOT_TRIAGE")
+
+    assert result.returncode != 0
+    assert "Called AE Title Not Recognized" in result.stdout + result.stderr
+    assert spooled(receiver) == []
+    assert receiver.associations_rejected == 1
+    assert "called AE title is not ours" in caplog.text
+
+
+@pytest.mark.expect_log_warnings
+@pytest.mark.timeout(60)
+def test_only_allowed_calling_ae_titles_may_send(
+    make_receiver: MakeReceiver, small_series: CtSeries, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = make_receiver(receiver__allowed_calling_aes=("CT_ROOM_1", "MR_ROOM_2"))
+    port = port_of(receiver)
+
+    refused = dcmtk.storescu(port, small_series.folder, called=AE_TITLE, calling="INTRUDER")
+    assert refused.returncode != 0
+    assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+    assert spooled(receiver) == []
+    assert "not in receiver.allowed_calling_aes" in caplog.text
+
+    sent_ok(dcmtk.storescu(port, small_series.folder, called=AE_TITLE, calling="CT_ROOM_1"))
+    assert len(spooled(receiver)) == 3
+    assert receiver.associations_rejected == 1
+
+
+@pytest.mark.timeout(60)
+def test_echoscu_gets_an_answer(make_receiver: MakeReceiver) -> None:
+    receiver = make_receiver()
+
+    result = dcmtk.echoscu(port_of(receiver), called=AE_TITLE)
+
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.expect_log_warnings
+@pytest.mark.timeout(60)
+def test_the_scanner_sees_out_of_resources_when_the_disk_is_low(
+    make_receiver: MakeReceiver, small_series: CtSeries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(receiver_module, "free_disk_bytes", lambda path: 10 * MB)
+    receiver = make_receiver(receiver__min_free_mb=20)
+
+    result = dcmtk.storescu(port_of(receiver), small_series.folder, called=AE_TITLE, verbose=True)
+
+    assert result.returncode != 0
+    assert "Received Store Response (Refused: OutOfResources)" in result.stdout + result.stderr
+    assert spooled(receiver) == []
+    assert receiver.low_disk
+
+
+@pytest.mark.timeout(60)
+def test_two_scanners_at_once_make_two_studies(make_receiver: MakeReceiver, tmp_path: Path) -> None:
+    receiver = make_receiver()
+    first = write_ct_series(tmp_path / "a", 20, seed=21)
+    second = write_ct_series(tmp_path / "b", 20, seed=22)
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = [
+            pool.submit(dcmtk.storescu, port_of(receiver), s.folder, called=AE_TITLE, calling=ae)
+            for s, ae in ((first, "CT_ROOM_1"), (second, "CT_ROOM_2"))
+        ]
+        for run in runs:
+            sent_ok(run.result())
+
+    studies = sorted(sorted(study) for study in wait_for_studies(receiver, count=2))
+    expected = sorted(
+        sorted(spool_path(receiver, s.study_uid, uid) for uid in s.sop_uids)
+        for s in (first, second)
+    )
+    assert studies == expected
+
+
+@pytest.mark.expect_log_warnings
+@pytest.mark.timeout(60)
+def test_beyond_the_association_limit_a_scanner_is_told_to_retry_later(
+    make_receiver: MakeReceiver, small_series: CtSeries, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = make_receiver(receiver__max_associations=1)
+    holder = AE(ae_title="HOLDER")
+    holder.add_requested_context("1.2.840.10008.1.1")  # Verification
+    held = holder.associate(dcmtk.HOST, port_of(receiver), ae_title=AE_TITLE)
+    assert held.is_established
+    try:
+        result = dcmtk.storescu(port_of(receiver), small_series.folder, called=AE_TITLE)
+    finally:
+        held.release()
+
+    assert result.returncode != 0
+    assert "Local Limit Exceeded" in result.stdout + result.stderr
+    assert "too many associations" in caplog.text
+    assert spooled(receiver) == []
+
+
+# --- the service: receiver + intake + case store ---------------------------------------------
+
+
+def wait_for(
+    predicate: Callable[[], bool], service: Future[None], timeout_s: float, what: str
+) -> None:
+    """Poll ``predicate``; fail at the time-out, or at once if the service has stopped."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if service.done():
+            service.result()  # raises what stopped it
+            pytest.fail(f"the service returned while waiting for {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_service_makes_one_case_per_instance_and_a_resend_makes_none(
+    tmp_path: Path, series: CtSeries
+) -> None:
+    settings = receiver_settings(tmp_path / "receiver")
+    port = settings.receiver_port
+    filed: list[FiledOutcome] = []
+    listening = threading.Event()
+    stop = threading.Event()
+
+    with ThreadPoolExecutor(1) as pool:
+        service = pool.submit(
+            run_receiver, settings, stop, on_filed=filed.append, on_tick=lambda _: listening.set()
+        )
+        try:
+            wait_for(listening.is_set, service, 60, "the receiver to listen")
+            sent_ok(dcmtk.storescu(port, series.folder, called=AE_TITLE))
+            wait_for(lambda: len(filed) >= SERIES_SIZE, service, 150, "the series' triage")
+            sent_ok(dcmtk.storescu(port, series.folder, called=AE_TITLE))
+            wait_for(lambda: len(filed) >= 2 * SERIES_SIZE, service, 150, "the re-sent series")
+        finally:
+            stop.set()
+        service.result(timeout=60)
+
+    assert len(filed) == 2 * SERIES_SIZE
+    assert not [f for f in filed if f.quarantined or f.deferred]
+    with CaseStore.open(settings.case_store_path) as store:
+        cases = store.list_cases()
+        assert len(cases) == SERIES_SIZE
+        assert all(
+            [t.event for t in store.history(case.case_id)].count(REPROCESSED) == 1 for case in cases
+        )
+    # The re-sent copies took their twins' places instead of piling up beside them.
+    assert len(list((settings.receiver_storage / "done").rglob("*.dcm"))) == SERIES_SIZE
+    incoming = settings.receiver_storage / "incoming"
+    assert list(incoming.rglob("*.dcm")) == []
+    assert list(incoming.iterdir()) == []  # the study's spool folder was pruned

@@ -1,0 +1,1 @@
+"""The clinician desktop app (PySide6): widgets only, over the Qt-free core."""

@@ -1,0 +1,449 @@
+"""The DICOM C-STORE receiver: a scanner pushes images, the receiver spools them for triage.
+
+Why it is built this way:
+
+* **Ack only what is durable, and ack fast.** A scanner deletes or forgets an image once it has
+  a success status, so each instance is written as received (no decode, no re-encode) to a
+  temp file, fsync-ed, renamed into place and its folder fsync-ed before ``0x0000`` goes back.
+  Triage runs later, elsewhere: the answer never waits for the model.
+* **Idempotent spool names.** ``incoming/<study-key>/<sop-key>.dcm``, the keys being a hash of
+  the UIDs (names on disk should not carry identifiers). A re-sent instance replaces itself, so
+  a re-sent study never doubles the spool, and the case store is idempotent on ``case_id``
+  further down, so it never doubles a case either.
+* **Studies, not single images.** Instances are grouped per study until no new one has arrived
+  for ``receiver.study_quiet_s`` (:class:`StudyGrouper`); files left in the spool by a crash are
+  handed over again at start-up.
+* **A disk reserve.** Below ``receiver.min_free_mb`` the receiver refuses with Out of Resources
+  (0xA700), which scanners retry later, and logs one ``ALARM`` per low-disk episode, instead of
+  filling the disk that the case store and the outbox also need.
+
+Logs name counts, statuses, AE titles and peer addresses, never UIDs or header values.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import shutil
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Self, cast
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.events import Event
+
+from triage_app.config import Settings
+from triage_app.dicom.reader import read_dataset
+from triage_app.errors import InputError, ReceiverError
+from triage_app.escalation.queueing import EscalationQueue
+from triage_app.intake import FiledOutcome, Intake, IntakeLayout
+from triage_app.paths import ensure_private_dir, fsync_dir, write_private_file
+
+__all__ = [
+    "TRANSFER_SYNTAXES",
+    "DicomReceiver",
+    "StudyGrouper",
+    "free_disk_bytes",
+    "run_receiver",
+    "spool_key",
+]
+
+log = logging.getLogger(__name__)
+
+# C-STORE response statuses (PS3.4 B.2.3).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+
+VERIFICATION = "1.2.840.10008.1.1"  # the SOP class of C-ECHO
+
+# Refusal reasons, as counted in ``instances_refused``.
+LOW_DISK = "low_disk"
+WRITE_FAILED = "write_failed"
+INVALID_DATASET = "invalid_dataset"
+
+#: What the receiver accepts for every storage SOP class: uncompressed, deflated and the common
+#: compressed syntaxes (the pipeline decodes all of them).
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+
+# A peer that stalls is dropped instead of holding one of the few association slots for ever.
+ACSE_TIMEOUT_S = 30.0
+DIMSE_TIMEOUT_S = 60.0
+NETWORK_TIMEOUT_S = 60.0
+
+SPOOL_SUFFIX = ".dcm"
+
+
+def spool_key(uid: str) -> str:
+    """The on-disk name for a UID: the first 32 hex digits of its SHA-256, never the UID."""
+    return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:32]
+
+
+def free_disk_bytes(path: Path) -> int:
+    """Bytes an unprivileged process may still write on the file system holding ``path``."""
+    return shutil.disk_usage(path).free
+
+
+class StudyGrouper:
+    """Stored files per study until the study has been quiet for ``quiet_s`` seconds.
+
+    Thread-safe: association threads add, the service loop pops. Times are passed in (any
+    monotonic clock), so tests drive it without sleeping.
+    """
+
+    def __init__(self, quiet_s: float) -> None:
+        self._quiet_s = quiet_s
+        self._lock = threading.Lock()
+        # study key -> (time of the last instance, its files in arrival order, no duplicates)
+        self._studies: dict[str, tuple[float, dict[Path, None]]] = {}
+
+    def add(self, study_key: str, path: Path, at: float) -> None:
+        """Record ``path`` as part of ``study_key``, arrived at time ``at``."""
+        with self._lock:
+            last, paths = self._studies.get(study_key, (at, {}))
+            paths[path] = None
+            self._studies[study_key] = (max(last, at), paths)
+
+    def pop_quiet(self, now: float) -> list[list[Path]]:
+        """Remove and return every study with no new instance for ``quiet_s`` before ``now``."""
+        with self._lock:
+            quiet = [k for k, (last, _) in self._studies.items() if now - last >= self._quiet_s]
+            return [list(self._studies.pop(key)[1]) for key in quiet]
+
+    def is_pending(self, study_key: str) -> bool:
+        with self._lock:
+            return study_key in self._studies
+
+
+class DicomReceiver:
+    """The storage SCP: accepts associations, spools instances durably, groups them by study.
+
+    Usable on its own (``start``/``stop`` or ``with``); :func:`run_receiver` joins it to the
+    triage intake. Counters (``instances_stored``, ``instances_refused``,
+    ``associations_rejected``, ``low_disk``) are for metrics and health.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._incoming = settings.receiver_storage / "incoming"
+        self._grouper = StudyGrouper(settings.receiver_study_quiet_s)
+        self._lock = threading.Lock()
+        # The reader switches pydicom's process-wide validation and warning filters while it
+        # parses: one association thread at a time (a header takes well under a millisecond).
+        self._parse_lock = threading.Lock()
+        self._stored = 0
+        self._refused: Counter[str] = Counter()
+        self._rejected = 0
+        self._low_disk = False
+        self._ae: AE | None = None
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Hand over what a previous run left in the spool, then listen for associations."""
+        address = self.address
+        try:
+            ensure_private_dir(self._incoming)
+            leftovers = self._recover_spool()
+        except OSError as exc:
+            raise ReceiverError(
+                f"cannot use the receiver's storage folder {self._incoming} ({exc.strerror})"
+            ) from exc
+        if leftovers:
+            log.info("found %d spooled instance(s) from a previous run", leftovers)
+        # pynetdicom's standard handlers log every DIMSE message, UIDs included at debug level,
+        # and cost time per message: this process logs its own, PHI-free lines instead.
+        _config.LOG_HANDLER_LEVEL = "none"
+        ae = self._make_ae()
+        try:
+            ae.start_server(
+                address,
+                block=False,
+                evt_handlers=[
+                    (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_REJECTED, self._on_rejected),
+                ],
+            )
+        except OSError as exc:
+            raise ReceiverError(
+                f"cannot listen for DICOM on {address[0]}:{address[1]} ({exc.strerror})"
+            ) from exc
+        self._ae = ae
+        log.info("DICOM receiver %r listening on %s:%d", self._settings.receiver_ae_title, *address)
+
+    def stop(self) -> None:
+        """Stop listening and abort open associations (their unacknowledged images are re-sent)."""
+        if self._ae is not None:
+            self._ae.shutdown()
+            self._ae = None
+            log.info("DICOM receiver stopped")
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the receiver listens: (bind address, TCP port)."""
+        return self._settings.receiver_bind_address, self._settings.receiver_port
+
+    @property
+    def incoming(self) -> Path:
+        """The spool folder: one sub-folder per study."""
+        return self._incoming
+
+    # --- counters -------------------------------------------------------------------------------
+
+    @property
+    def instances_stored(self) -> int:
+        with self._lock:
+            return self._stored
+
+    @property
+    def instances_refused(self) -> dict[str, int]:
+        """Refused C-STOREs by reason: ``low_disk``, ``write_failed``, ``invalid_dataset``."""
+        with self._lock:
+            return dict(self._refused)
+
+    @property
+    def associations_rejected(self) -> int:
+        with self._lock:
+            return self._rejected
+
+    @property
+    def low_disk(self) -> bool:
+        """True while free disk space is below the reserve (stores are refused)."""
+        with self._lock:
+            return self._low_disk
+
+    # --- storing --------------------------------------------------------------------------------
+
+    def store(self, part10: bytes) -> int:
+        """Spool one received instance (Part 10 bytes) durably; returns the C-STORE status."""
+        if not self._has_room(len(part10)):
+            return self._refuse(LOW_DISK, OUT_OF_RESOURCES)
+        try:
+            with self._parse_lock:
+                header = read_dataset(part10, header_only=True)
+        except InputError as exc:
+            log.warning("refused a received instance that cannot be read (%s)", exc.code)
+            return self._refuse(INVALID_DATASET, CANNOT_UNDERSTAND)
+        sop_uid = str(header.file_meta.get("MediaStorageSOPInstanceUID", ""))
+        study_uid = str(header.get("StudyInstanceUID", ""))
+        if not sop_uid or not study_uid:
+            log.warning("refused a received instance without a SOP Instance or Study UID")
+            return self._refuse(INVALID_DATASET, DATASET_DOES_NOT_MATCH_SOP_CLASS)
+        study_key = spool_key(study_uid)
+        path = self._incoming / study_key / (spool_key(sop_uid) + SPOOL_SUFFIX)
+        try:
+            self._write(path, part10)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                self._enter_low_disk(free_disk_bytes(self._incoming))
+                return self._refuse(LOW_DISK, OUT_OF_RESOURCES)
+            log.error("could not spool a received instance: %s", exc.strerror or type(exc).__name__)
+            return self._refuse(WRITE_FAILED, OUT_OF_RESOURCES)
+        self._grouper.add(study_key, path, time.monotonic())
+        with self._lock:
+            self._stored += 1
+        return SUCCESS
+
+    def quiet_studies(self) -> list[list[Path]]:
+        """Studies complete by the quiet timer (and spool leftovers), each a list of files."""
+        return self._grouper.pop_quiet(time.monotonic())
+
+    def prune_empty_studies(self) -> None:
+        """Remove spool folders of studies that are fully handed over and processed."""
+        for folder in self._incoming.iterdir():
+            if folder.is_dir() and not self._grouper.is_pending(folder.name):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    continue  # not empty: still being processed, or a new instance arrived
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self._settings.receiver_ae_title)
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(self._settings.receiver_allowed_calling_aes)
+        ae.maximum_associations = self._settings.receiver_max_associations
+        ae.acse_timeout = ACSE_TIMEOUT_S
+        ae.dimse_timeout = DIMSE_TIMEOUT_S
+        ae.network_timeout = NETWORK_TIMEOUT_S
+        # As an acceptor pynetdicom has no 128-context limit: offer every storage SOP class.
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(cast(str, context.abstract_syntax), list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(VERIFICATION)
+        return ae
+
+    def _on_store(self, event: Event) -> int:
+        return self.store(event.encoded_dataset())
+
+    def _on_rejected(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        calling = requestor.ae_title
+        called = requestor.primitive.called_ae_title if requestor.primitive else ""
+        allowed = self._settings.receiver_allowed_calling_aes
+        if called != self._settings.receiver_ae_title:
+            reason = "called AE title is not ours"
+        elif allowed and calling not in allowed:
+            reason = "calling AE title is not in receiver.allowed_calling_aes"
+        else:
+            reason = "too many associations"
+        with self._lock:
+            self._rejected += 1
+        log.warning(
+            "rejected an association from %s (calling AE %r, called AE %r): %s",
+            requestor.address,
+            calling,
+            called,
+            reason,
+        )
+
+    def _write(self, path: Path, data: bytes) -> None:
+        """Write ``data`` to ``path`` durably; a new study folder is made durable first."""
+        folder = path.parent
+        for attempt in (1, 2):
+            try:
+                folder.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+            else:
+                fsync_dir(self._incoming)
+            try:
+                write_private_file(path, data)
+                return
+            except FileNotFoundError:
+                # prune_empty_studies removed the folder between mkdir and write: make it again.
+                if attempt == 2:
+                    raise
+
+    def _has_room(self, size: int) -> bool:
+        """Check the disk reserve; logs the alarm when an episode starts and when it ends."""
+        free = free_disk_bytes(self._incoming)
+        if free - size < self._settings.receiver_min_free_bytes:
+            self._enter_low_disk(free)
+            return False
+        with self._lock:
+            was_low, self._low_disk = self._low_disk, False
+        if was_low:
+            log.info("free disk space is above the receiver's reserve again: accepting images")
+        return True
+
+    def _enter_low_disk(self, free: int) -> None:
+        with self._lock:
+            was_low, self._low_disk = self._low_disk, True
+        if not was_low:
+            log.error(
+                "ALARM: free disk space for received images is below the reserve "
+                "(%d MB free, %d MB kept free): refusing images with Out of Resources (0xA700)",
+                free // (1024 * 1024),
+                self._settings.receiver_min_free_bytes // (1024 * 1024),
+            )
+
+    def _refuse(self, reason: str, status: int) -> int:
+        with self._lock:
+            self._refused[reason] += 1
+        return status
+
+    def _recover_spool(self) -> int:
+        """Queue what a previous run stored but did not hand over; drop half-written temp files."""
+        count = 0
+        for folder in sorted(p for p in self._incoming.iterdir() if p.is_dir()):
+            for path in sorted(folder.iterdir()):
+                if path.name.startswith(".") and path.name.endswith(".tmp"):
+                    path.unlink(missing_ok=True)
+                elif path.suffix == SPOOL_SUFFIX:
+                    # -inf: already quiet, handed over on the first poll.
+                    self._grouper.add(folder.name, path, float("-inf"))
+                    count += 1
+        return count
+
+
+def run_receiver(
+    settings: Settings,
+    stop: threading.Event,
+    *,
+    queue: Callable[[], EscalationQueue | None] | None = None,
+    on_filed: Callable[[FiledOutcome], None] | None = None,
+    on_tick: Callable[[DicomReceiver], None] | None = None,
+) -> None:
+    """``triage-app receive``: receive, group and triage until ``stop`` is set.
+
+    Quiet studies go to the :class:`~triage_app.intake.Intake` a few files at a time (two per
+    worker in flight), so a stop waits for a handful of files, not a whole study: the rest stay
+    in the spool and are handed over on the next start. ``on_filed`` sees every filed file,
+    ``on_tick`` the receiver once per loop (metrics, health).
+    """
+    tick_s = min(0.25, max(0.02, settings.receiver_study_quiet_s / 4))
+    capacity = 2 * settings.workers
+    backlog: deque[Path] = deque()
+    notify = on_filed or (lambda _filed: None)
+    intake = Intake(settings, IntakeLayout.for_receiver(settings), queue=queue)
+    try:
+        with DicomReceiver(settings) as receiver:
+            while not stop.is_set():
+                for study in receiver.quiet_studies():
+                    backlog.extend(study)
+                batch: list[Path] = []
+                while backlog and len(batch) < capacity - intake.in_flight:
+                    path = backlog.popleft()
+                    # Re-sent while its first copy was in flight: that copy may be filed already.
+                    if path.exists():
+                        batch.append(path)
+                intake.submit(batch)
+                filed = intake.collect(timeout_s=tick_s)
+                for outcome in filed:
+                    notify(outcome)
+                if filed:
+                    receiver.prune_empty_studies()
+                if on_tick is not None:
+                    on_tick(receiver)
+    finally:
+        log.info("stopping: finishing %d file(s) in flight", intake.in_flight)
+        for outcome in intake.close():
+            notify(outcome)
