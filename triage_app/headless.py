@@ -89,7 +89,8 @@ class ServiceRuntime:
         self._status_lock = threading.Lock()
 
     def __enter__(self) -> ServiceRuntime:
-        self.link = open_escalation(self.settings, fetch_keys=False)
+        # Fetched now if the server answers, so the first cases are queued, not held.
+        self.link = open_escalation(self.settings)
         if self.link is not None and self._with_uploader:
             self.uploader = BackgroundUploader(self.settings)
             self.uploader.start()

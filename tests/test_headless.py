@@ -1,0 +1,128 @@
+"""The services' shared runtime, end to end: ``triage-app watch`` as a service manager runs it,
+with the real central server on loopback, its metrics and health over HTTP.
+
+The watch service escalates every phantom (the device thresholds send them all), so its
+background uploader has to deliver each one exactly once and bring the verdicts back, while
+``/metrics`` and ``triage-app health`` report what happened.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.dcmtk import free_port
+from tests.escalation.conftest import (
+    Central,
+    Device,
+    device_identity,
+    start_central_server,
+    wait_until,
+    write_identified_phantoms,
+)
+from tests.helpers import run_cli
+from triage_app.central.certificates import make_self_signed
+from triage_app.config import save_settings
+from triage_app.metrics import probe_health
+from triage_app.states import CaseState
+from triage_app.store import CaseStore
+
+
+@pytest.fixture
+def central(tmp_path: Path) -> Iterator[Central]:
+    server = start_central_server(
+        tmp_path / "central", make_self_signed(tmp_path / "tls"), model=True
+    )
+    yield server
+    server.thread.stop()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every sample of the service's /metrics, by name and labels."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_watch_service_delivers_its_escalations_and_reports_them(
+    central: Central, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "device"
+    device = Device(data_dir, device_identity(data_dir))
+    central.register(device.identity)
+    port = free_port()
+    settings = device.settings(central).with_values(
+        **{"watch.settle_s": 0.2, "metrics.watch_port": port, "escalation.retry_cap_s": 2.0}
+    )
+    config = save_settings(settings, tmp_path / "settings.toml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    service = subprocess.Popen(
+        [sys.executable, "-m", "triage_app", "watch", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: probe_health(port, 1.0)[0] == 0,
+            timeout_s=60,
+            interval_s=0.2,
+            what="the service's health endpoint",
+        )
+        staging = tmp_path / "staging"
+        written = write_identified_phantoms(staging, range(4))
+        for path, _ in written:  # as a scanner does: write elsewhere, rename into the inbox
+            path.rename(settings.watch_inbox / path.name)
+
+        def verdicts_back() -> bool:
+            with CaseStore.open(settings.case_store_path) as store:
+                cases = store.list_cases()
+            return len(cases) == 4 and all(c.state is CaseState.VERDICT_RECEIVED for c in cases)
+
+        wait_until(verdicts_back, timeout_s=120, interval_s=0.2, what="the four verdicts")
+        samples = scrape(port)
+        code, line = probe_health(port, 5.0)
+    finally:
+        service.send_signal(signal.SIGTERM)
+        _, stderr = service.communicate(timeout=60)
+
+    assert service.returncode == 0, stderr
+    assert sorted(central.deliveries().values()) == [1, 1, 1, 1]
+    assert samples["triage_cases_total{decision=escalate,reason=uncertain}"] == 4
+    assert samples["triage_escalations_total{state=queued}"] == 4
+    assert samples["triage_processing_seconds_count{}"] == 4
+    assert samples["triage_central_online{}"] == 1
+    assert samples["triage_outbox_depth{}"] == 0
+    assert code == 0 and line.startswith("ok"), line
+    assert sorted(p.name for p in settings.watch_done.iterdir()) == sorted(
+        [f"scan{i}.dcm" for i in range(4)] + [f"scan{i}.dcm.json" for i in range(4)]
+    )
+    for _, original in written:  # nothing identifying in the service's log
+        assert str(original.PatientName) not in stderr
+        assert str(original.PatientID) not in stderr
+        assert str(original.SOPInstanceUID) not in stderr
+    health = run_cli(
+        "health", "watch", data_dir=data_dir, env={"TRIAGE_APP_METRICS__WATCH_PORT": str(port)}
+    )
+    assert health.returncode == 1, "a stopped service is reported failing"
+    assert "unreachable" in health.stdout
