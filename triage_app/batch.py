@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -117,7 +117,7 @@ class TriagePool:
 
 def triage_and_record(
     files: Sequence[Path], settings: Settings, *, queue: EscalationQueue | None = None
-) -> Iterator[InputOutcome]:
+) -> Generator[InputOutcome, None, None]:
     """Triage ``files`` with the configured workers and keep every outcome in the case store.
 
     The one loop every shell (CLI, watch service, receiver) runs; it yields each outcome after

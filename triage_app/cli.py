@@ -37,7 +37,7 @@ from triage_app.config import (
     verify_admin_password,
 )
 from triage_app.dicom.deidentify import ProfileOption
-from triage_app.errors import AdminAuthError, TriageError
+from triage_app.errors import AdminAuthError, ConfigError, TriageError
 from triage_app.inputs import expand_inputs
 from triage_app.logs import configure_logging
 from triage_app.results import CaseResult, FailedInput, InputOutcome
@@ -130,6 +130,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print JSON Lines instead of a table")
     demo.set_defaults(handler=_demo)
 
+    gui = sub.add_parser(
+        "gui",
+        parents=[common],
+        help="the clinician desktop app: worklist, viewer, import",
+        description="Opens the desktop app on the local case store: the worklist (most urgent "
+        "first), the image viewer with the device's result as a separate layer, and import of "
+        "files or folders. Needs the 'gui' extra (PySide6).",
+    )
+    gui.set_defaults(handler=_gui)
     cli_services.register(sub, common)
     cli_queue.register(sub, common)
     cli_central.register(sub, common)
@@ -225,6 +234,16 @@ def _summary(outcomes: Sequence[InputOutcome], seconds: float) -> str:
         f"({decisions['normal']} normal, {decisions['abnormal']} abnormal), "
         f"{decisions['escalate']} escalated, {failed} failed"
     )
+
+
+def _gui(args: argparse.Namespace) -> int:
+    try:
+        from triage_app.gui.app import run_gui
+    except ImportError as err:
+        raise ConfigError(
+            f"the desktop app needs PySide6 (pip install 'triage-app[gui]'): {err}"
+        ) from None
+    return run_gui(settings_from_args(args))
 
 
 def _classify(args: argparse.Namespace) -> int:

@@ -609,6 +609,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "Colour theme of the desktop app.",
     ),
     SettingSpec(
+        "display.font_scale",
+        Float(0.75, 3.0),
+        1.0,
+        "Text size of the desktop app relative to the system's (1.5: half as large again), for "
+        "large reading-room screens and low-vision readers.",
+    ),
+    SettingSpec(
         ADMIN_PASSWORD_KEY,
         Optional(Str(_SCRYPT_PATTERN, "scrypt$n$r$p$salt$hash")),
         None,
@@ -953,6 +960,10 @@ class Settings:
     @property
     def theme(self) -> str:
         return cast(str, self._values["display.theme"])
+
+    @property
+    def font_scale(self) -> float:
+        return cast(float, self._values["display.font_scale"])
 
     @property
     def has_admin_password(self) -> bool:

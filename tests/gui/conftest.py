@@ -1,0 +1,58 @@
+"""GUI test setup: Qt runs offscreen, and generated inputs are shared across the tests.
+
+``QT_QPA_PLATFORM`` must be set before Qt is first imported, hence at the top of this file
+(pytest imports conftest files before the test modules).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pytestqt.qtbot import QtBot
+
+from tests.helpers import write_bad_inputs, write_phantoms
+from triage_app.config import Settings
+from triage_app.gui.qt_main_window import QtMainWindow
+
+PHANTOM_SEED = 21
+FOLDER_COUNT = 12
+
+
+@pytest.fixture(scope="session")
+def phantom_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dozen phantoms and one file that is not DICOM."""
+    folder = tmp_path_factory.mktemp("open-folder")
+    write_phantoms(folder, PHANTOM_SEED, FOLDER_COUNT)
+    (folder / "notes.txt").write_text("not an image\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """Thirty phantoms and one file per failure mode; returns the folder and expected codes."""
+    folder = tmp_path_factory.mktemp("mixed")
+    write_phantoms(folder, PHANTOM_SEED + 1, 30)
+    return folder, write_bad_inputs(folder)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    # One worker: in-process, no start-up cost for the small imports of most tests.
+    return Settings({"paths.data_dir": tmp_path / "data", "processing.workers": 1})
+
+
+@pytest.fixture
+def window(qtbot: QtBot, settings: Settings) -> Iterator[QtMainWindow]:
+    main = QtMainWindow(settings)
+    qtbot.addWidget(main)
+    main.resize(1200, 800)
+    main.show()
+    qtbot.waitExposed(main)
+    yield main
+    main.close()

@@ -1,0 +1,89 @@
+"""Display rules without Qt: initial window, presets, rendering, the AI result text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from triage_app.gui.viewer_model import (
+    DISCLAIMER,
+    PRESETS,
+    AiResult,
+    ViewerImage,
+    Window,
+    initial_window,
+    presets_for,
+    render,
+    resolve_preset,
+)
+
+RAMP = np.tile(np.arange(1000, dtype=np.float32), (10, 1))
+
+
+def _image(window: tuple[float, float] | None, photometric: str = "MONOCHROME2") -> ViewerImage:
+    return ViewerImage((RAMP,), "DX", photometric, window, selected_frame=0)
+
+
+def test_header_window_wins_and_percentiles_are_the_fallback() -> None:
+    assert initial_window(_image((500.0, 200.0))) == Window(500.0, 200.0, "header")
+    auto = initial_window(_image(None))
+    assert auto.source == "auto"
+    assert auto.center == pytest.approx(499.5, abs=1)
+    assert auto.width == pytest.approx(990, abs=2)  # 0.5..99.5 percentiles of 0..999
+
+
+def test_presets_are_data_per_modality() -> None:
+    ct = [(p.name, p.center, p.width) for p in PRESETS["CT"]]
+    assert ct == [
+        ("Soft tissue", 40, 400),
+        ("Lung", -600, 1500),
+        ("Liver", 90, 150),
+        ("Bone", 480, 2500),
+        ("Brain", 40, 80),
+    ]
+    assert len(presets_for("DX")) == 5 and presets_for("dx") == presets_for("CR")
+    assert presets_for("MR") == presets_for("DX")
+    full = resolve_preset(presets_for("DX")[1], RAMP)
+    assert (full.center, full.width, full.source) == (499.5, 999.0, "Full range")
+    assert resolve_preset(PRESETS["CT"][1], RAMP) == Window(-600, 1500, "Lung")
+
+
+def test_render_windows_and_inverts() -> None:
+    window = Window(500.0, 200.0)
+    pixels = render(RAMP, window, monochrome1=False, invert=False)
+    assert pixels.dtype == np.uint8
+    assert pixels[0, 0] == 0 and pixels[0, 999] == 255 and 100 < pixels[0, 500] < 155
+    inverted = render(RAMP, window, monochrome1=False, invert=True)
+    assert np.array_equal(inverted, 255 - pixels)
+    # MONOCHROME1 is shown inverted, and inverting it again shows the stored order.
+    assert np.array_equal(render(RAMP, window, monochrome1=True, invert=False), inverted)
+    assert np.array_equal(render(RAMP, window, monochrome1=True, invert=True), pixels)
+
+
+def test_window_drag_never_goes_below_width_one() -> None:
+    assert Window(10, 5).adjusted(3, -100) == Window(13, 1.0, "manual")
+
+
+@pytest.mark.parametrize(
+    ("decision", "text"),
+    [
+        ("normal", "normal below 0.040"),
+        ("abnormal", "abnormal at or above 0.990"),
+        ("escalate", "escalated between 0.040 and 0.990"),
+    ],
+)
+def test_ai_result_lines(decision: str, text: str) -> None:
+    result = AiResult.from_result(
+        {
+            "decision": decision,
+            "reason": "uncertain",
+            "score": 0.5,
+            "thresholds": {"normal_below": 0.04, "abnormal_at_or_above": 0.99},
+            "model": {"name": "chest-dx-demo", "version": "1.0.0"},
+        }
+    )
+    lines = result.lines()
+    assert lines[0] == DISCLAIMER == "AI result – not for diagnostic use"
+    assert f"Threshold: {text}" in lines
+    assert "Model: chest-dx-demo 1.0.0" in lines
+    assert AiResult.from_result({}).threshold == "not recorded"

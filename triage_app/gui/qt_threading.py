@@ -1,0 +1,71 @@
+"""Run a plain function off the UI thread and get its result back on it (napari's workers).
+
+The function runs in Qt's global thread pool; its result or exception comes back through a
+signal, which Qt delivers in the UI thread. Workers are kept referenced until they finish, so
+Python does not collect one while Qt still runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
+
+__all__ = ["FunctionWorker", "run_in_thread"]
+
+log = logging.getLogger(__name__)
+
+_running: set[FunctionWorker] = set()
+
+
+class _Signals(QObject):
+    finished = Signal(object)
+    errored = Signal(object)
+
+
+class FunctionWorker(QRunnable):
+    def __init__(self, function: Callable[[], Any]) -> None:
+        super().__init__()
+        self.setAutoDelete(False)
+        self._function = function
+        self.signals = _Signals()
+
+    def run(self) -> None:
+        # Any exception is handed to the UI thread's error handler: nothing escapes a pool thread.
+        try:
+            result = self._function()
+        except Exception as exc:  # noqa: BLE001
+            self.signals.errored.emit(exc)
+        else:
+            self.signals.finished.emit(result)
+
+
+def run_in_thread(
+    function: Callable[[], Any],
+    on_done: Callable[[Any], None],
+    on_error: Callable[[BaseException], None],
+) -> FunctionWorker:
+    """Start ``function`` in the pool; ``on_done``/``on_error`` run in the UI thread."""
+    worker = FunctionWorker(function)
+
+    def done(result: object) -> None:
+        _running.discard(worker)
+        on_done(result)
+
+    def failed(exc: object) -> None:
+        _running.discard(worker)
+        assert isinstance(exc, BaseException)
+        on_error(exc)
+
+    worker.signals.finished.connect(done)
+    worker.signals.errored.connect(failed)
+    _running.add(worker)
+    QThreadPool.globalInstance().start(worker)
+    return worker
+
+
+def wait_for_workers(timeout_ms: int = 10_000) -> bool:
+    """Block until the pool is idle (on shutdown and in tests)."""
+    return QThreadPool.globalInstance().waitForDone(timeout_ms)

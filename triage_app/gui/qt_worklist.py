@@ -1,0 +1,479 @@
+"""The worklist: a sortable, filterable, searchable table of cases that updates itself.
+
+The rows come from :mod:`triage_app.worklist` (no Qt). A poller object in its own thread reads
+the case store once a second (the watch service, receiver and uploader write to it from other
+processes), and the table model applies only what changed, so the selection and scroll position
+survive and the UI thread never touches SQLite or a DICOM header.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import (
+    QAbstractTableModel,
+    QItemSelectionModel,
+    QModelIndex,
+    QObject,
+    QPersistentModelIndex,
+    QSortFilterProxyModel,
+    Qt,
+    QThread,
+    QTimer,
+    Signal,
+)
+from PySide6.QtGui import QColor
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
+
+from triage_app.errors import StoreError
+from triage_app.gui.theme import decision_icon, decision_style
+from triage_app.worklist import Urgency, WorklistRow, WorklistSource
+
+__all__ = ["Column", "QtWorklist", "WorklistFilter", "WorklistTableModel"]
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_MS = 1000
+_Index = QModelIndex | QPersistentModelIndex
+
+
+class Column(IntEnum):
+    PRIORITY = 0
+    DECISION = 1
+    SCORE = 2
+    PATIENT = 3
+    PATIENT_ID = 4
+    TIME = 5
+    MODALITY = 6
+    ESCALATION = 7
+    VERDICT = 8
+
+
+# Column widths from typical content: sizing columns to their rows costs ~100 ms of UI time
+# with a few hundred rows, every time rows arrive.
+_TYPICAL = {
+    Column.PRIORITY: "⚠ Centre disagrees",
+    Column.DECISION: "[] Uncertain",
+    Column.SCORE: "0.000",
+    Column.PATIENT: "SAMPLE-PATIENT, FIRSTNAME",
+    Column.PATIENT_ID: "MRN00000000",
+    Column.TIME: "2000-01-01 00:00:00",
+    Column.MODALITY: "Modality",
+    Column.ESCALATION: "verdict received",
+}
+
+_HEADERS = {
+    Column.PRIORITY: "Priority",
+    Column.PATIENT: "Patient",
+    Column.PATIENT_ID: "Patient ID",
+    Column.TIME: "Received",
+    Column.MODALITY: "Modality",
+    Column.DECISION: "Device result",
+    Column.SCORE: "Score",
+    Column.ESCALATION: "Escalation",
+    Column.VERDICT: "Central verdict",
+}
+
+_SORT_KEYS: dict[Column, Callable[[WorklistRow], Any]] = {
+    Column.PRIORITY: lambda r: r.sort_key,
+    Column.PATIENT: lambda r: (r.patient.name.casefold(), r.sort_key),
+    Column.PATIENT_ID: lambda r: (r.patient.patient_id, r.sort_key),
+    Column.TIME: lambda r: (r.received_at, r.case_id),
+    Column.MODALITY: lambda r: (r.modality, r.sort_key),
+    Column.DECISION: lambda r: (decision_style(r.decision).text, r.sort_key),
+    Column.SCORE: lambda r: (r.score, r.case_id),
+    Column.ESCALATION: lambda r: (r.escalation, r.sort_key),
+    Column.VERDICT: lambda r: (verdict_text(r), r.sort_key),
+}
+
+_URGENCY_COLOURS = {
+    Urgency.CENTRE_DISAGREES: "#ff9e57",
+    Urgency.ABNORMAL: "#ff6b5e",
+    Urgency.ESCALATED: "#f2c14e",
+    Urgency.NORMAL: "#b8bcc2",
+}
+
+
+def verdict_text(row: WorklistRow) -> str:
+    if row.verdict_error is not None:
+        return f"no verdict: {row.verdict_error}"
+    if row.verdict is None:
+        return ""
+    score = "" if row.verdict_score is None else f" ({row.verdict_score:.3f})"
+    marker = " – disagrees with device" if row.centre_disagrees else ""
+    return f"{row.verdict}{score}{marker}"
+
+
+def _priority_text(row: WorklistRow) -> str:
+    prefix = "⚠ " if row.urgency <= Urgency.ABNORMAL else ""
+    return prefix + row.urgency.label
+
+
+class WorklistTableModel(QAbstractTableModel):
+    """Rows in arrival order; the proxy sorts. Updates touch only the rows that changed."""
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._rows: list[WorklistRow] = []
+        self._index: dict[str, int] = {}
+
+    def rowCount(self, parent: _Index = QModelIndex()) -> int:  # noqa: B008, N802
+        return 0 if parent.isValid() else len(self._rows)
+
+    def columnCount(self, parent: _Index = QModelIndex()) -> int:  # noqa: B008, N802
+        return 0 if parent.isValid() else len(Column)
+
+    def row_at(self, row: int) -> WorklistRow:
+        return self._rows[row]
+
+    def row_for(self, case_id: str) -> int | None:
+        return self._index.get(case_id)
+
+    def headerData(  # noqa: N802
+        self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole
+    ) -> Any:
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return _HEADERS[Column(section)]
+        return None
+
+    def data(self, index: _Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid():
+            return None
+        row = self._rows[index.row()]
+        column = Column(index.column())
+        if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.AccessibleTextRole):
+            text = self._text(row, column)
+            if role == Qt.ItemDataRole.AccessibleTextRole and not text:
+                return "none"
+            return text
+        if role == Qt.ItemDataRole.DecorationRole and column is Column.DECISION:
+            return decision_icon(row.decision)
+        if role == Qt.ItemDataRole.ForegroundRole:
+            if column is Column.DECISION:
+                return QColor(decision_style(row.decision).colour)
+            if column is Column.PRIORITY:
+                return QColor(_URGENCY_COLOURS[row.urgency])
+        if role == Qt.ItemDataRole.ToolTipRole and column is Column.DECISION:
+            return f"{decision_style(row.decision).text}: {row.reason.replace('_', ' ')}"
+        if role == Qt.ItemDataRole.TextAlignmentRole and column is Column.SCORE:
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+    @staticmethod
+    def _text(row: WorklistRow, column: Column) -> str:
+        if column is Column.PRIORITY:
+            return _priority_text(row)
+        if column is Column.PATIENT:
+            return row.patient.name or "(not available)"
+        if column is Column.PATIENT_ID:
+            return row.patient.patient_id
+        if column is Column.TIME:
+            return row.received_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        if column is Column.MODALITY:
+            return row.modality
+        if column is Column.DECISION:
+            return decision_style(row.decision).text
+        if column is Column.SCORE:
+            return f"{row.score:.3f}"
+        if column is Column.ESCALATION:
+            return row.escalation
+        return verdict_text(row)
+
+    def set_rows(self, rows: Sequence[WorklistRow]) -> int:
+        """Apply a fresh snapshot; returns how many rows were added or changed."""
+        fresh = {row.case_id: row for row in rows}
+        if any(case_id not in fresh for case_id in self._index):
+            # Cases are never deleted in normal use; a reset is simplest for the rare case.
+            self.beginResetModel()
+            self._rows = list(rows)
+            self._index = {row.case_id: i for i, row in enumerate(self._rows)}
+            self.endResetModel()
+            return len(self._rows)
+        changed = 0
+        last_column = len(Column) - 1
+        for case_id, row in fresh.items():
+            position = self._index.get(case_id)
+            if position is None or _same(self._rows[position], row):
+                continue
+            self._rows[position] = row
+            changed += 1
+            self.dataChanged.emit(self.index(position, 0), self.index(position, last_column))
+        new = [row for row in rows if row.case_id not in self._index]
+        if new:
+            start = len(self._rows)
+            self.beginInsertRows(QModelIndex(), start, start + len(new) - 1)
+            for row in new:
+                self._index[row.case_id] = len(self._rows)
+                self._rows.append(row)
+            self.endInsertRows()
+        return changed + len(new)
+
+
+def _same(old: WorklistRow, new: WorklistRow) -> bool:
+    return (old.updated_at, old.state, old.verdict, old.patient) == (
+        new.updated_at,
+        new.state,
+        new.verdict,
+        new.patient,
+    )
+
+
+class WorklistFilter(IntEnum):
+    ALL = 0
+    URGENT = 1
+    ABNORMAL = 2
+    UNCERTAIN = 3
+    NORMAL = 4
+    DISAGREES = 5
+
+
+_FILTER_LABELS = {
+    WorklistFilter.ALL: "All cases",
+    WorklistFilter.URGENT: "Urgent (abnormal or centre disagrees)",
+    WorklistFilter.ABNORMAL: "Abnormal",
+    WorklistFilter.UNCERTAIN: "Uncertain (escalated)",
+    WorklistFilter.NORMAL: "Normal",
+    WorklistFilter.DISAGREES: "Centre disagrees",
+}
+
+
+def _matches_filter(row: WorklistRow, which: WorklistFilter) -> bool:
+    if which is WorklistFilter.URGENT:
+        return row.urgency <= Urgency.ABNORMAL
+    if which is WorklistFilter.ABNORMAL:
+        return row.decision == "abnormal"
+    if which is WorklistFilter.UNCERTAIN:
+        return row.decision == "escalate"
+    if which is WorklistFilter.NORMAL:
+        return row.decision == "normal"
+    if which is WorklistFilter.DISAGREES:
+        return row.centre_disagrees
+    return True
+
+
+class WorklistProxy(QSortFilterProxyModel):
+    """Sorting by Python keys (urgency first by default), a decision filter and free search."""
+
+    def __init__(self, source: WorklistTableModel, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._source = source
+        self._search = ""
+        self._filter = WorklistFilter.ALL
+        self.setSourceModel(source)
+        self.setDynamicSortFilter(True)
+
+    def set_search(self, text: str) -> None:
+        self.beginFilterChange()
+        self._search = text.strip().casefold()
+        self.endFilterChange(QSortFilterProxyModel.Direction.Rows)
+
+    def set_filter(self, which: WorklistFilter) -> None:
+        self.beginFilterChange()
+        self._filter = which
+        self.endFilterChange(QSortFilterProxyModel.Direction.Rows)
+
+    def row_at(self, proxy_row: int) -> WorklistRow:
+        source = self.mapToSource(self.index(proxy_row, 0))
+        return self._source.row_at(source.row())
+
+    def lessThan(self, left: _Index, right: _Index) -> bool:  # noqa: N802
+        key = _SORT_KEYS[Column(left.column())]
+        result: bool = key(self._source.row_at(left.row())) < key(self._source.row_at(right.row()))
+        return result
+
+    def filterAcceptsRow(self, source_row: int, source_parent: _Index) -> bool:  # noqa: N802
+        row = self._source.row_at(source_row)
+        if not _matches_filter(row, self._filter):
+            return False
+        if not self._search:
+            return True
+        haystack = " ".join(
+            (
+                row.patient.name,
+                row.patient.patient_id,
+                row.case_id,
+                row.modality,
+                decision_style(row.decision).text,
+                row.escalation,
+                row.verdict or "",
+            )
+        ).casefold()
+        return all(word in haystack for word in self._search.split())
+
+
+class StorePoller(QObject):
+    """Lives in a worker thread: reads a snapshot of the rows when asked."""
+
+    rows_ready = Signal(object)  # list[WorklistRow]
+    failed = Signal(str)
+
+    def __init__(self, store_path: Path) -> None:
+        super().__init__()
+        self._source = WorklistSource(store_path)
+
+    def poll(self) -> None:
+        try:
+            rows = self._source.rows()
+        except StoreError as err:
+            log.error("worklist: %s", err.message)
+            self.failed.emit(err.message)
+            return
+        self.rows_ready.emit(rows)
+
+    def close(self) -> None:
+        self._source.close()
+
+
+class QtWorklist(QWidget):
+    """Search box, decision filter, case count and the table; emits the case to show."""
+
+    case_selected = Signal(object)  # WorklistRow
+    poll_requested = Signal()
+    refreshed = Signal(int)  # rows added or changed by the last refresh
+
+    def __init__(self, store_path: Path, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.model = WorklistTableModel(self)
+        self.proxy = WorklistProxy(self.model, self)
+
+        self.search = QLineEdit(self)
+        self.search.setPlaceholderText("Search patient, ID, case, modality…")
+        self.search.setClearButtonEnabled(True)
+        self.search.setAccessibleName("Search worklist")
+        self.search.textChanged.connect(self._search_changed)
+
+        self.filter = QComboBox(self)
+        self.filter.setAccessibleName("Filter by result")
+        for which, label in _FILTER_LABELS.items():
+            self.filter.addItem(label, int(which))
+        self.filter.currentIndexChanged.connect(self._filter_changed)
+
+        self.count = QLabel(self)
+        self.count.setAccessibleName("Number of cases shown")
+
+        self.table = QTableView(self)
+        self.table.setAccessibleName("Worklist")
+        self.table.setModel(self.proxy)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setAlternatingRowColors(True)
+        self.table.setTabKeyNavigation(False)  # Tab leaves the table (keyboard users)
+        self.table.verticalHeader().hide()
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self._size_columns()
+        self.table.setSortingEnabled(True)
+        # Qt 6 sorts descending as soon as sorting is enabled: ask for urgency, ascending.
+        self.table.sortByColumn(Column.PRIORITY, Qt.SortOrder.AscendingOrder)
+        self.table.selectionModel().currentRowChanged.connect(self._current_changed)
+
+        bar = QHBoxLayout()
+        bar.addWidget(self.search, 3)
+        bar.addWidget(self.filter, 2)
+        bar.addWidget(self.count)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(bar)
+        layout.addWidget(self.table)
+
+        self._busy = False
+        self._thread = QThread(self)
+        self._thread.setObjectName("worklist-poller")
+        self._poller = StorePoller(store_path)
+        self._poller.moveToThread(self._thread)
+        self.poll_requested.connect(self._poller.poll)
+        self._poller.rows_ready.connect(self._apply)
+        self._poller.failed.connect(self._poll_failed)
+        # finished is emitted from the worker thread itself: close SQLite there.
+        self._thread.finished.connect(self._poller.close, Qt.ConnectionType.DirectConnection)
+        self._thread.start()
+
+        self._timer = QTimer(self)
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.timeout.connect(self.refresh)
+        self._timer.start()
+        self.refresh()
+        self._update_count()
+
+    def _size_columns(self) -> None:
+        metrics = self.table.fontMetrics()
+        header = self.table.horizontalHeader()
+        for column, sample in _TYPICAL.items():
+            width = max(
+                metrics.horizontalAdvance(sample), metrics.horizontalAdvance(_HEADERS[column])
+            )
+            header.resizeSection(column, width + 28)
+
+    def refresh(self) -> None:
+        """Ask for a fresh snapshot unless one is already being read."""
+        if self._busy or not self._thread.isRunning():
+            return
+        self._busy = True
+        self.poll_requested.emit()
+
+    def stop(self) -> None:
+        """Stop polling and close the store (in its thread); call before the app quits."""
+        self._timer.stop()
+        if self._thread.isRunning():
+            self._thread.quit()
+            self._thread.wait()
+
+    def current_row(self) -> WorklistRow | None:
+        index = self.table.currentIndex()
+        return self.proxy.row_at(index.row()) if index.isValid() else None
+
+    def select_case(self, case_id: str) -> bool:
+        position = self.model.row_for(case_id)
+        if position is None:
+            return False
+        index = self.proxy.mapFromSource(self.model.index(position, 0))
+        if not index.isValid():
+            return False
+        self.table.selectionModel().setCurrentIndex(
+            index,
+            QItemSelectionModel.SelectionFlag.ClearAndSelect
+            | QItemSelectionModel.SelectionFlag.Rows,
+        )
+        return True
+
+    def visible_rows(self) -> list[WorklistRow]:
+        return [self.proxy.row_at(i) for i in range(self.proxy.rowCount())]
+
+    def _apply(self, rows: list[WorklistRow]) -> None:
+        self._busy = False
+        changed = self.model.set_rows(rows)
+        if changed:
+            self._update_count()
+        self.refreshed.emit(changed)
+
+    def _poll_failed(self, _message: str) -> None:
+        self._busy = False
+
+    def _search_changed(self, text: str) -> None:
+        self.proxy.set_search(text)
+        self._update_count()
+
+    def _filter_changed(self, _position: int) -> None:
+        self.proxy.set_filter(WorklistFilter(int(self.filter.currentData())))
+        self._update_count()
+
+    def _update_count(self) -> None:
+        self.count.setText(f"{self.proxy.rowCount():,} of {self.model.rowCount():,} cases")
+
+    def _current_changed(self, current: QModelIndex, _previous: QModelIndex) -> None:
+        if current.isValid():
+            self.case_selected.emit(self.proxy.row_at(current.row()))

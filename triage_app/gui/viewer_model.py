@@ -1,0 +1,253 @@
+"""What the viewer shows, without Qt: frames, window/level, presets and the AI result layer.
+
+Kept free of Qt (napari's model/view split) so the display rules are plain functions: the
+initial window comes from the header with a percentile fallback, presets are data per
+modality, and rendering is windowing plus inversion on numpy arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from triage_app.config import Settings
+from triage_app.dicom import DicomImage, load_image
+from triage_app.dicom.pixels import apply_modality, window_to_unit
+from triage_app.dicom.reader import quiet_pydicom
+from triage_app.model.classifier import Classifier
+from triage_app.model.manifest import find_bundle
+from triage_app.model.saliency import SaliencyMap, occlusion_map
+
+__all__ = [
+    "DISCLAIMER",
+    "PRESETS",
+    "AiResult",
+    "Preset",
+    "SaliencyService",
+    "ViewerImage",
+    "Window",
+    "auto_window",
+    "initial_window",
+    "load_viewer_image",
+    "presets_for",
+    "render",
+    "resolve_preset",
+]
+
+log = logging.getLogger(__name__)
+
+DISCLAIMER = "AI result – not for diagnostic use"
+_AUTO_LOW, _AUTO_HIGH = 0.5, 99.5
+
+
+@dataclass(frozen=True)
+class Window:
+    """A VOI window in modality units (e.g. HU); ``source`` says where it came from."""
+
+    center: float
+    width: float
+    source: str = "manual"  # header | auto | preset name | manual
+
+    def adjusted(self, d_center: float, d_width: float) -> Window:
+        return Window(self.center + d_center, max(1.0, self.width + d_width), "manual")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A window preset: fixed values (CT, in HU) or percentiles of the image (DX/CR/other).
+
+    Projection radiographs have no absolute unit (the stored values depend on the detector and
+    processing), so their presets are ranges of the image's own histogram.
+    """
+
+    name: str
+    center: float = 0.0
+    width: float = 0.0
+    low_pct: float | None = None
+    high_pct: float | None = None
+    width_factor: float = 1.0
+
+
+_CT = (
+    Preset("Soft tissue", 40, 400),
+    Preset("Lung", -600, 1500),
+    Preset("Liver", 90, 150),
+    Preset("Bone", 480, 2500),
+    Preset("Brain", 40, 80),
+)
+_PROJECTION = (
+    Preset("Default", low_pct=_AUTO_LOW, high_pct=_AUTO_HIGH),
+    Preset("Full range", low_pct=0.0, high_pct=100.0),
+    Preset("High contrast", low_pct=5.0, high_pct=95.0),
+    Preset("Low contrast", low_pct=_AUTO_LOW, high_pct=_AUTO_HIGH, width_factor=1.6),
+    Preset("Dense detail", low_pct=40.0, high_pct=99.9),
+)
+#: Presets on keys 1–5, by modality; any other modality uses the projection presets.
+PRESETS: Mapping[str, tuple[Preset, ...]] = {"CT": _CT, "DX": _PROJECTION, "CR": _PROJECTION}
+
+
+def presets_for(modality: str) -> tuple[Preset, ...]:
+    return PRESETS.get(modality.upper(), _PROJECTION)
+
+
+@dataclass(frozen=True, eq=False)
+class ViewerImage:
+    """Every frame of one file in modality units, with what the display needs to know."""
+
+    frames: tuple[npt.NDArray[np.float32], ...]
+    modality: str
+    photometric: str
+    header_window: tuple[float, float] | None
+    selected_frame: int  # the frame the triage used
+
+    @property
+    def monochrome1(self) -> bool:
+        return self.photometric.strip().upper() == "MONOCHROME1"
+
+
+def load_viewer_image(path: str | Path) -> ViewerImage:
+    """Decode a file for display; every frame when there are several greyscale ones.
+
+    Raises an ``InputError`` subclass when the file cannot be read (as the pipeline does).
+    """
+    image = load_image(path)
+    info = image.info
+    frames = _all_frames(image)
+    values = tuple(apply_modality(frame, info, image.dataset) for frame in frames)
+    selected = info.frame_index if len(values) == info.number_of_frames else 0
+    return ViewerImage(
+        frames=values,
+        modality=info.modality,
+        photometric=info.photometric,
+        header_window=info.window,
+        selected_frame=selected,
+    )
+
+
+def _all_frames(image: DicomImage) -> Sequence[npt.NDArray[Any]]:
+    """All frames of a multi-frame greyscale image, else the one the reader decoded."""
+    info = image.info
+    if info.number_of_frames <= 1 or info.samples_per_pixel != 1:
+        return (image.stored,)
+    with quiet_pydicom():
+        stack = np.asarray(image.dataset.pixel_array)
+    if stack.ndim != 3 or stack.shape[0] != info.number_of_frames:
+        log.debug("multi-frame stack has an unexpected shape; showing one frame")
+        return (image.stored,)
+    return tuple(stack)
+
+
+def auto_window(values: npt.NDArray[np.float32], low_pct: float, high_pct: float) -> Window:
+    """The window spanning two percentiles of the finite values."""
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    if finite.size == 0:
+        return Window(0.0, 1.0, "auto")
+    low, high = (float(v) for v in np.percentile(finite, [low_pct, high_pct]))
+    if high <= low:
+        low, high = float(finite.min()), float(finite.max())
+    return Window((low + high) / 2.0, max(1.0, high - low), "auto")
+
+
+def initial_window(image: ViewerImage, frame: int | None = None) -> Window:
+    """The header's window when it has one, else the 0.5–99.5 percentile range."""
+    if image.header_window is not None:
+        center, width = image.header_window
+        return Window(center, width, "header")
+    index = image.selected_frame if frame is None else frame
+    return auto_window(image.frames[index], _AUTO_LOW, _AUTO_HIGH)
+
+
+def resolve_preset(preset: Preset, values: npt.NDArray[np.float32]) -> Window:
+    """The window a preset gives for this frame."""
+    if preset.low_pct is None or preset.high_pct is None:
+        return Window(preset.center, preset.width, preset.name)
+    auto = auto_window(values, preset.low_pct, preset.high_pct)
+    return Window(auto.center, max(1.0, auto.width * preset.width_factor), preset.name)
+
+
+def render(
+    values: npt.NDArray[np.float32], window: Window, *, monochrome1: bool, invert: bool
+) -> npt.NDArray[np.uint8]:
+    """Greyscale 8-bit display pixels: window, then MONOCHROME1 and user inversion."""
+    unit = window_to_unit(values, window.center, max(window.width, 1.0))
+    if monochrome1 != invert:
+        unit = 1.0 - unit
+    out: npt.NDArray[np.uint8] = np.ascontiguousarray(
+        np.rint(unit * 255.0).astype(np.uint8, copy=False)
+    )
+    return out
+
+
+@dataclass(frozen=True)
+class AiResult:
+    """The local result layer: what the device decided and on which terms."""
+
+    label: str
+    score: float
+    threshold: str
+    model: str
+
+    @classmethod
+    def from_result(cls, result: Mapping[str, Any]) -> AiResult:
+        decision = str(result.get("decision", ""))
+        reason = str(result.get("reason", ""))
+        score = float(result.get("score", 0.0))
+        thresholds = result.get("thresholds") or {}
+        model = result.get("model") or {}
+        return cls(
+            label=f"{decision} ({reason.replace('_', ' ')})" if reason else decision,
+            score=score,
+            threshold=_threshold_text(decision, score, thresholds),
+            model=f"{model.get('name', '?')} {model.get('version', '?')}",
+        )
+
+    def lines(self) -> list[str]:
+        return [
+            DISCLAIMER,
+            f"Result: {self.label}",
+            f"Score: {self.score:.3f}",
+            f"Threshold: {self.threshold}",
+            f"Model: {self.model}",
+        ]
+
+
+def _threshold_text(decision: str, score: float, thresholds: Mapping[str, Any]) -> str:
+    """The threshold that applied, e.g. ``normal below 0.037``."""
+    normal_below = thresholds.get("normal_below")
+    abnormal_at = thresholds.get("abnormal_at_or_above")
+    if normal_below is None or abnormal_at is None:
+        return "not recorded"
+    if decision == "normal":
+        return f"normal below {float(normal_below):.3f}"
+    if decision == "abnormal":
+        return f"abnormal at or above {float(abnormal_at):.3f}"
+    return f"escalated between {float(normal_below):.3f} and {float(abnormal_at):.3f}"
+
+
+class SaliencyService:
+    """Occlusion maps on demand; the model is loaded once, on first use, in a worker thread.
+
+    ONNX Runtime sessions may be run from several threads, so one classifier serves all.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._classifier: Classifier | None = None
+
+    def classifier(self) -> Classifier:
+        with self._lock:
+            if self._classifier is None:
+                bundle = find_bundle(self._settings.model_name, self._settings.model_dir)
+                self._classifier = Classifier(bundle, threads=1)
+            return self._classifier
+
+    def __call__(self, path: str, cancel: threading.Event) -> SaliencyMap:
+        return occlusion_map(self.classifier(), load_image(path), cancel=cancel)
