@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from triage_app.errors import IllegalTransitionError, StoreError
-from triage_app.states import TRANSITIONS, CaseEvent, CaseState, next_state
+from triage_app.states import TRANSITIONS, CaseEvent, CaseState, Feedback, next_state
 
 S = CaseState
 E = CaseEvent
@@ -143,3 +143,7 @@ def test_unreadable_input_fails_from_received_only() -> None:
 def test_table_is_read_only() -> None:
     with pytest.raises(TypeError):
         TRANSITIONS[(S.ACKNOWLEDGED, E.ANALYSE)] = S.RECEIVED  # type: ignore[index]
+
+
+def test_feedback_values_are_the_stored_words() -> None:
+    assert [f.value for f in Feedback] == ["accept", "reject", "acknowledge"]

@@ -20,7 +20,7 @@ import pytest
 from triage_app import store as store_module
 from triage_app.errors import IllegalTransitionError, StoreError
 from triage_app.results import CaseResult, EscalationRef, FailedInput, ModelRef
-from triage_app.states import CaseEvent, CaseState
+from triage_app.states import CaseEvent, CaseState, Feedback
 from triage_app.store import REPROCESSED, CaseStore
 
 LATEST_SCHEMA = len(store_module._MIGRATIONS)
@@ -517,3 +517,49 @@ def test_cases_without_a_verdict_read_as_none(store: CaseStore) -> None:
     case = store.get("case-0001")
     assert case is not None
     assert case.verdict is None
+
+
+@pytest.mark.parametrize("kind", list(Feedback))
+def test_feedback_acknowledges_the_case_with_user_time_and_audit(
+    store: CaseStore, kind: Feedback
+) -> None:
+    store.record_result(make_result(), E.DECIDE_LOCAL_NORMAL)
+    record = store.record_feedback("case-0001", "dr.grey", kind, "  looks   fine ")
+    assert (record.kind, record.actor, record.comment) == (kind, "dr.grey", "looks fine")
+    assert ISO_MS_UTC.match(record.at)
+    case = store.get("case-0001")
+    assert case is not None and case.state is S.ACKNOWLEDGED
+    last = store.history("case-0001")[-1]
+    assert (last.from_state, last.to_state, last.event, last.at) == (
+        S.LOCAL_NORMAL,
+        S.ACKNOWLEDGED,
+        E.ACKNOWLEDGE,
+        record.at,
+    )
+    assert last.detail == f"{kind} by dr.grey: looks fine"
+    assert store.feedback("case-0001") == [record]
+    entry = store.audit_log()[-1]
+    assert (entry.at, entry.actor, entry.action) == (record.at, "dr.grey", "case.feedback")
+    assert entry.detail == {"case_id": "case-0001", "kind": kind.value, "comment": "looks fine"}
+
+
+def test_feedback_the_table_does_not_allow_changes_nothing(store: CaseStore) -> None:
+    store.record_result(make_result(decision="escalate", reason="uncertain"), E.ENQUEUE)
+    with pytest.raises(IllegalTransitionError):
+        store.record_feedback("case-0001", "dr.grey", Feedback.ACCEPT)
+    store.record_result(make_result("case-0002"), E.DECIDE_LOCAL_NORMAL)
+    store.record_feedback("case-0002", "dr.grey", Feedback.REJECT)
+    with pytest.raises(IllegalTransitionError):  # acknowledged is terminal
+        store.record_feedback("case-0002", "dr.grey", Feedback.ACCEPT)
+    assert store.feedback("case-0001") == []
+    assert [f.kind for f in store.feedback("case-0002")] == [Feedback.REJECT]
+    assert [e.action for e in store.audit_log()] == ["case.feedback"]
+
+
+def test_feedback_needs_a_known_case_and_a_user(store: CaseStore) -> None:
+    with pytest.raises(StoreError, match="unknown case id"):
+        store.record_feedback("missing", "dr.grey", Feedback.ACKNOWLEDGE)
+    store.record_result(make_result(), E.DECIDE_LOCAL_NORMAL)
+    with pytest.raises(StoreError, match="name of the user"):
+        store.record_feedback("case-0001", " ", Feedback.ACKNOWLEDGE)
+    assert store.get("case-0001").state is S.LOCAL_NORMAL  # type: ignore[union-attr]

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import signal
+import threading
+import time
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
@@ -41,9 +45,26 @@ def _init_worker(config: PipelineConfig, log_level: int) -> None:
     CPU, so each worker computes single-threaded and the workers are the parallelism.
     """
     global _worker_pipeline
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group: the parent decides
+    # when to stop and lets the workers finish the files they hold.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _exit_with_parent(os.getppid())
     cv2.setNumThreads(1)
     configure_logging(log_level)
     _worker_pipeline = TriagePipeline(config)
+
+
+def _exit_with_parent(parent: int, interval_s: float = 1.0) -> None:
+    """A worker whose parent was killed (SIGKILL, OOM) exits instead of waiting for work
+    forever with a model in memory."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _run_in_worker(path: Path) -> InputOutcome:

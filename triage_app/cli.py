@@ -243,7 +243,7 @@ def _gui(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"the desktop app needs PySide6 (pip install 'triage-app[gui]'): {err}"
         ) from None
-    return run_gui(settings_from_args(args))
+    return run_gui(settings_from_args(args), config_path=args.config)
 
 
 def _classify(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import threading
 import time
@@ -152,8 +153,11 @@ class Intake:
         """Give held files to the pool: all at once, or one at a time while suspects remain
         (a file alone in the pool when a worker dies is the file that killed it)."""
         while self._held and not (self._suspects and self._futures):
-            path = self._held.pop(0)
-            self._futures[self._pool.submit(path)] = path
+            try:
+                future = self._pool.submit(self._held[0])
+            except BrokenProcessPool:
+                return  # the files stay held; collect() replaces the pool
+            self._futures[future] = self._held.pop(0)
 
     @property
     def in_flight(self) -> int:
@@ -170,6 +174,15 @@ class Intake:
         """Record and file every outcome that is ready (waiting up to ``timeout_s`` for one)."""
         with self._lock:
             futures = list(self._futures)
+            stalled = not futures and bool(self._held)
+        if stalled:
+            # A worker died while no file was in flight (killed from outside): nothing was
+            # lost, but the pool refuses work until it is replaced.
+            log.error("a triage worker process died while idle; starting new ones")
+            self._pool.restart()
+            with self._lock:
+                self._dispatch_locked()
+                futures = list(self._futures)
         if not futures:
             if timeout_s > 0:
                 time.sleep(timeout_s)  # nothing to wait for; keep the caller's loop paced
@@ -344,27 +357,29 @@ def _same_bytes(a: Path, b: Path) -> bool:
 def move_durably(source: Path, target: Path) -> None:
     """Move a file so that, after a power cut, it is in one place or the other, never lost.
 
-    A rename within one filesystem is atomic; across filesystems (an inbox on a network share)
-    the bytes are copied and fsynced under a temporary name first, and the source is removed
-    only after the copy is durable.
+    The file is hard-linked into the target folder, renamed into place, and only then removed
+    from the inbox; a crash in between leaves it in both places, and the inbox copy is simply
+    triaged again (same case, same bytes). Not a rename out of the inbox: watchdog holds every
+    "moved out" event for half a second waiting for its pair, and all the inbox's later events
+    wait behind it, so a busy inbox would be seen late. Where links are impossible (another
+    filesystem, a share without them) the bytes are copied and fsynced under a temporary name.
     """
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
     try:
-        source.rename(target)
+        os.link(source, tmp)
     except OSError as err:
-        if err.errno != errno.EXDEV:
+        if err.errno == errno.ENOENT:
             raise
-        tmp = target.with_name(f".{target.name}.partial")
         shutil.copyfile(source, tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        tmp.rename(target)
-        fsync_dir(target.parent)
-        source.unlink()
-        fsync_dir(source.parent)
-        return
+    try:
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
     fsync_dir(target.parent)
-    if source.parent != target.parent:
-        fsync_dir(source.parent)
+    source.unlink()
+    fsync_dir(source.parent)

@@ -13,7 +13,7 @@ from types import MappingProxyType
 
 from triage_app.errors import IllegalTransitionError
 
-__all__ = ["TRANSITIONS", "CaseEvent", "CaseState", "next_state"]
+__all__ = ["TRANSITIONS", "CaseEvent", "CaseState", "Feedback", "next_state"]
 
 
 class CaseState(StrEnum):
@@ -59,6 +59,18 @@ class CaseEvent(StrEnum):
     QUARANTINE = "quarantine"
     ADMIN_RETRY = "admin_retry"
     ACKNOWLEDGE = "acknowledge"
+
+
+class Feedback(StrEnum):
+    """A clinician's answer to a result, as IHE's AI results profiles record it.
+
+    Each one ends in the ``acknowledge`` event; which one it was is kept with the case's feedback
+    and history. Stored in the case store; never rename the values.
+    """
+
+    ACCEPT = "accept"  # the reader agrees with the result
+    REJECT = "reject"  # the reader disagrees with it
+    ACKNOWLEDGE = "acknowledge"  # seen, without a judgement of the result
 
 
 _S = CaseState

@@ -26,7 +26,7 @@ from typing import Any, Self
 from triage_app.errors import StoreError
 from triage_app.results import CaseResult, FailedInput
 from triage_app.sqlite_wal import enable_wal
-from triage_app.states import CaseEvent, CaseState, next_state
+from triage_app.states import CaseEvent, CaseState, Feedback, next_state
 
 __all__ = [
     "REPROCESSED",
@@ -34,6 +34,7 @@ __all__ = [
     "CaseStore",
     "CaseTransition",
     "FailureRecord",
+    "FeedbackRecord",
     "StoredCase",
 ]
 
@@ -125,6 +126,20 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # The central server's verdict on an escalated case (JSON), once it has come back.
         "ALTER TABLE cases ADD COLUMN verdict_json TEXT",
     ),
+    (
+        # A clinician's accept / reject / acknowledge of a case's result, with who and when.
+        """
+        CREATE TABLE feedback (
+            id      INTEGER PRIMARY KEY,
+            case_id TEXT NOT NULL REFERENCES cases (case_id),
+            kind    TEXT NOT NULL,
+            actor   TEXT NOT NULL,
+            at      TEXT NOT NULL,
+            comment TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX feedback_by_case ON feedback (case_id, id)",
+    ),
 )
 
 
@@ -165,6 +180,17 @@ class FailureRecord:
     code: str
     message: str
     at: str
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """A clinician's feedback on a case's result (also in its history and the audit log)."""
+
+    case_id: str
+    kind: Feedback
+    actor: str
+    at: str
+    comment: str
 
 
 @dataclass(frozen=True)
@@ -412,6 +438,53 @@ class CaseStore:
         log.info("case %s: central verdict received", case_id)
         return after
 
+    def record_feedback(
+        self, case_id: str, actor: str, kind: Feedback, comment: str = ""
+    ) -> FeedbackRecord:
+        """Record a clinician's accept, reject or acknowledge and move the case to acknowledged.
+
+        The state change, its history row (``"<kind> by <actor>[: comment]"``), the feedback row
+        and the audit entry are one transaction: a result is never acknowledged without a record
+        of who did it, or the other way round.
+
+        Raises
+        ------
+        IllegalTransitionError
+            If the case cannot be acknowledged now (e.g. still on its way to the central server,
+            or already acknowledged); nothing changes.
+        StoreError
+            If ``case_id`` is unknown, ``actor`` is empty, or the database fails.
+        """
+        kind = Feedback(kind)
+        if not actor.strip():
+            raise StoreError("case store: feedback needs the name of the user giving it")
+        comment = " ".join(comment.split())
+        detail = f"{kind} by {actor}" + (f": {comment}" if comment else "")
+        audit_json = json.dumps({"case_id": case_id, "kind": kind.value, "comment": comment})
+        with self._write(f"record feedback on case {case_id}") as at:
+            row = self._conn.execute(
+                "SELECT state FROM cases WHERE case_id = ?", (case_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"case store: unknown case id {case_id}")
+            before = CaseState(row["state"])
+            after = next_state(before, CaseEvent.ACKNOWLEDGE)
+            self._conn.execute(
+                "UPDATE cases SET state = ?, updated_at = ? WHERE case_id = ?",
+                (after, at, case_id),
+            )
+            self._add_event(case_id, before, after, CaseEvent.ACKNOWLEDGE, at, detail)
+            self._conn.execute(
+                "INSERT INTO feedback (case_id, kind, actor, at, comment) VALUES (?, ?, ?, ?, ?)",
+                (case_id, kind, actor, at, comment),
+            )
+            self._conn.execute(
+                "INSERT INTO audit (at, actor, action, detail_json) VALUES (?, ?, ?, ?)",
+                (at, actor, "case.feedback", audit_json),
+            )
+        log.info("case %s: %s recorded", case_id, kind)
+        return FeedbackRecord(case_id, kind, actor, at, comment)
+
     def audit(self, actor: str, action: str, detail: Mapping[str, object]) -> None:
         """Append to the audit log (admin changes, acknowledgements...). Entries are permanent.
 
@@ -448,6 +521,18 @@ class CaseStore:
                 at=r["at"],
                 detail=r["detail"],
             )
+            for r in rows
+        ]
+
+    def feedback(self, case_id: str) -> list[FeedbackRecord]:
+        """The clinicians' feedback on a case, oldest first."""
+        with _sqlite_errors(f"read the feedback on case {case_id}"):
+            rows = self._conn.execute(
+                "SELECT kind, actor, at, comment FROM feedback WHERE case_id = ? ORDER BY id",
+                (case_id,),
+            ).fetchall()
+        return [
+            FeedbackRecord(case_id, Feedback(r["kind"]), r["actor"], r["at"], r["comment"])
             for r in rows
         ]
 

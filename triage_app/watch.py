@@ -66,6 +66,17 @@ class SettleTracker:
             with self._lock:
                 self._seen[path] = None
 
+    def defer(self, path: Path) -> None:
+        """A settled file turned out cut short: track it again, ready only once it has stayed
+        unchanged for another full settle time (``note`` would find its modification time old
+        and hand it over again at once, every tick)."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return
+        with self._lock:
+            self._seen[path] = (_Signature(stat.st_size, stat.st_mtime_ns), self._clock())
+
     def note_all(self, paths: Iterator[Path]) -> None:
         with self._lock:
             for path in paths:
@@ -78,9 +89,9 @@ class SettleTracker:
     def settled(self, limit: int, skip: Callable[[Path], bool]) -> list[Path]:
         """Up to ``limit`` settled files, no longer tracked; the rest stay tracked.
 
-        A file seen for the first time with a modification time older than the settle time
-        counts as settled at once (a restart or ``--once`` need not wait); a file that is gone
-        is forgotten.
+        A file seen for the first time has been unchanged since its modification time: one
+        older than the settle time counts as settled at once (a restart or ``--once`` need not
+        wait), a younger one waits only the rest; a file that is gone is forgotten.
         """
         now = self._clock()
         with self._lock:
@@ -101,8 +112,11 @@ class SettleTracker:
             with self._lock:
                 previous = self._seen.get(path)
                 if previous is None:
+                    # Unchanged since its modification time: that time counts (up to the
+                    # settle time), so a late event (watchdog holds every event behind a
+                    # move out of the inbox for up to 0.5 s) does not add to the wait.
                     age = self._wall_clock() - stat.st_mtime_ns / 1e9
-                    since = now - self._settle_s if age >= self._settle_s else now
+                    since = now - min(max(age, 0.0), self._settle_s)
                 elif previous[0] != signature:
                     since = now
                 else:
@@ -213,7 +227,7 @@ class WatchService:
             if once:
                 summary.left_incomplete += 1  # stays in the inbox for the next run
             else:
-                self.tracker.note(filed.source)
+                self.tracker.defer(filed.source)
             return
         if filed.quarantined:
             summary.quarantined += 1

@@ -48,8 +48,14 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def window(qtbot: QtBot, settings: Settings) -> Iterator[QtMainWindow]:
-    main = QtMainWindow(settings)
+def config_path(tmp_path: Path) -> Path:
+    """The settings file the window's settings dialog saves to (never the user's own)."""
+    return tmp_path / "config" / "settings.toml"
+
+
+@pytest.fixture
+def window(qtbot: QtBot, settings: Settings, config_path: Path) -> Iterator[QtMainWindow]:
+    main = QtMainWindow(settings, config_path=config_path)
     qtbot.addWidget(main)
     main.resize(1200, 800)
     main.show()

@@ -1,9 +1,10 @@
-"""Entry point of the desktop app: ``run_gui(settings)`` (``triage-app gui`` calls it)."""
+"""Entry point of the desktop app: ``run_gui(settings, config_path)`` (``triage-app gui``)."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from PySide6.QtWidgets import QApplication
 
@@ -16,8 +17,11 @@ __all__ = ["run_gui"]
 log = logging.getLogger(__name__)
 
 
-def run_gui(settings: Settings) -> int:
-    """Show the main window and run the event loop; returns the exit code."""
+def run_gui(settings: Settings, config_path: Path | None = None) -> int:
+    """Show the main window and run the event loop; returns the exit code.
+
+    ``config_path`` is the settings file the settings dialog saves to (None: the default).
+    """
     existing = QApplication.instance()
     if existing is None:
         prepare_high_dpi()
@@ -25,6 +29,6 @@ def run_gui(settings: Settings) -> int:
     app.setApplicationName("triage-app")
     app.setApplicationDisplayName("Triage")
     apply_theme(app, settings.theme, settings.font_scale)
-    window = QtMainWindow(settings)
+    window = QtMainWindow(settings, config_path=config_path)
     window.show()
     return app.exec()

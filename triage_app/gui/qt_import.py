@@ -114,7 +114,8 @@ class ImportController(QObject):
 
     def __init__(self, settings: Settings, parent: QWidget) -> None:
         super().__init__(parent)
-        self._settings = settings
+        #: Read at each start, so saved settings (e.g. new thresholds) apply to the next import.
+        self.settings = settings
         self._parent = parent
         self._thread: QThread | None = None
         self._worker: _ImportWorker | None = None
@@ -132,7 +133,7 @@ class ImportController(QObject):
         """Import ``paths`` (files and folders); False if an import is already running."""
         if self.running or not paths:
             return False
-        self._run = ImportRun(paths, self._settings)
+        self._run = ImportRun(paths, self.settings)
         self.last_progress = None
         self.last_summary = None
         self.summary_box = None

@@ -1,8 +1,10 @@
 """The main window: menus and shortcuts from the command table, worklist beside the viewer.
 
-It wires widgets to each other and to the core (importer, case store, saliency) and holds no
-triage logic. Window-wide commands work from anywhere; image commands only while the image
-has the keyboard focus, so the arrow keys keep moving through the worklist when it has it.
+It wires widgets to each other and to the core (importer, case store, saliency, outbox,
+uploader, settings) and holds no triage logic. Like the services, it runs the uploader in a
+background thread when a central server is configured. Window-wide commands work from
+anywhere; image commands only while the image has the keyboard focus, so the arrow keys keep
+moving through the worklist when it has it.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
+    QDockWidget,
     QFileDialog,
     QMainWindow,
     QMessageBox,
@@ -25,16 +28,25 @@ from PySide6.QtWidgets import (
 )
 
 from triage_app.config import Settings
+from triage_app.errors import ConfigError, TriageError
+from triage_app.escalation.background import BackgroundUploader
+from triage_app.gui.qt_history import QtCaseHistory
 from triage_app.gui.qt_import import ImportController
+from triage_app.gui.qt_queue import QtQueueDialog
+from triage_app.gui.qt_settings import QtSettingsDialog
 from triage_app.gui.qt_shortcut_overlay import QtShortcutOverlay, key_text
+from triage_app.gui.qt_status_monitor import ConnectivitySource, QtStatusMonitor
 from triage_app.gui.qt_statusbar import QtStatusBar
-from triage_app.gui.qt_threading import wait_for_workers
+from triage_app.gui.qt_threading import run_in_thread, wait_for_workers
 from triage_app.gui.qt_viewer import QtViewer
 from triage_app.gui.qt_worklist import QtWorklist
+from triage_app.gui.settings_model import AppliedChanges, current_user
 from triage_app.gui.shortcuts import COMMANDS, MENUS, Command
 from triage_app.gui.theme import font_scale, set_font_scale
 from triage_app.gui.viewer_model import AiResult, SaliencyService
 from triage_app.importer import ImportProgress, ImportSummary
+from triage_app.states import Feedback
+from triage_app.store import CaseStore, FeedbackRecord
 from triage_app.worklist import Urgency, WorklistRow
 
 __all__ = ["QtMainWindow"]
@@ -43,11 +55,35 @@ log = logging.getLogger(__name__)
 
 FONT_STEP = 0.1
 
+_FEEDBACK_DONE = {
+    Feedback.ACCEPT: "Result accepted",
+    Feedback.REJECT: "Result rejected",
+    Feedback.ACKNOWLEDGE: "Result acknowledged",
+}
+
 
 class QtMainWindow(QMainWindow):
-    def __init__(self, settings: Settings, parent: QWidget | None = None) -> None:
+    """The clinician's window.
+
+    ``config_path`` is the settings file the settings dialog saves to (None: the default one);
+    ``connectivity`` replaces the window's own uploader as the source of the link status (the
+    uploader is started only without it, and only when a central server is configured).
+    """
+
+    feedback_recorded = Signal(object)  # FeedbackRecord
+    settings_saved = Signal(object)  # AppliedChanges
+
+    def __init__(
+        self,
+        settings: Settings,
+        parent: QWidget | None = None,
+        *,
+        config_path: Path | None = None,
+        connectivity: ConnectivitySource | None = None,
+    ) -> None:
         super().__init__(parent)
         self.settings = settings
+        self.config_path = config_path
         self.setWindowTitle("Triage – clinician workstation")
         self.setAccessibleName("Triage main window")
         self.setAcceptDrops(True)
@@ -67,10 +103,26 @@ class QtMainWindow(QMainWindow):
         self.setTabOrder(self.worklist.filter, self.worklist.table)
         self.setTabOrder(self.worklist.table, self.viewer)
 
+        self.history = QtCaseHistory(settings.case_store_path, self)
+        self.history_dock = QDockWidget("Case history", self)
+        self.history_dock.setObjectName("history_dock")
+        self.history_dock.setWidget(self.history)
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.history_dock)
+        self.history.feedback_requested.connect(self.give_feedback)
+
         self.status = QtStatusBar(self)
         self.setStatusBar(self.status)
         self.overlay = QtShortcutOverlay(splitter)
         self.importer = ImportController(settings, self)
+        self.uploader: BackgroundUploader | None = None
+        if connectivity is None and settings.central_url is not None:
+            self.uploader = BackgroundUploader(settings)
+            self.uploader.start()
+            connectivity = self.uploader.snapshot
+        self.monitor = QtStatusMonitor(settings, connectivity, self)
+        self.monitor.updated.connect(self.status.set_reading)
+        self.queue_dialog: QtQueueDialog | None = None
+        self.settings_dialog: QtSettingsDialog | None = None
 
         self.actions_by_command: dict[str, QAction] = {}
         self._build_menus()
@@ -111,6 +163,12 @@ class QtMainWindow(QMainWindow):
             "toggle_heatmap": v.toggle_heatmap,
             "heatmap_less": v.heatmap_less,
             "heatmap_more": v.heatmap_more,
+            "accept_result": partial(self.give_feedback, Feedback.ACCEPT),
+            "reject_result": partial(self.give_feedback, Feedback.REJECT),
+            "acknowledge_result": partial(self.give_feedback, Feedback.ACKNOWLEDGE),
+            "show_history": self._toggle_history,
+            "show_queue": self.show_queue,
+            "admin_settings": self.show_settings,
             "show_shortcuts": self.overlay.toggle,
             "about": self._about,
         }
@@ -191,6 +249,71 @@ class QtMainWindow(QMainWindow):
         self.worklist.search.setFocus(Qt.FocusReason.ShortcutFocusReason)
         self.worklist.search.selectAll()
 
+    def give_feedback(self, kind: Feedback) -> None:
+        """Record the clinician's feedback on the selected case (off the UI thread)."""
+        row = self.worklist.current_row()
+        if row is None:
+            self.status.showMessage("Select a case first", 4000)
+            return
+        store_path, case_id = self.settings.case_store_path, row.case_id
+        user, comment = current_user(), self.history.comment.text()
+
+        def work() -> FeedbackRecord:
+            with CaseStore.open(store_path) as store:
+                return store.record_feedback(case_id, user, kind, comment)
+
+        run_in_thread(work, self._feedback_done, self._feedback_failed, owner=self)
+
+    def _feedback_done(self, record: FeedbackRecord) -> None:
+        self.history.comment.clear()
+        self.status.showMessage(f"{_FEEDBACK_DONE[record.kind]} by {record.actor}", 6000)
+        if self.history.case_id == record.case_id:
+            self.history.show_case(record.case_id)
+        self.worklist.refresh()
+        self.feedback_recorded.emit(record)
+
+    def _feedback_failed(self, exc: BaseException) -> None:
+        message = exc.message if isinstance(exc, TriageError) else type(exc).__name__
+        log.info("feedback not recorded: %s", message)
+        self.status.showMessage(f"Feedback not recorded: {message}", 8000)
+
+    def _toggle_history(self) -> None:
+        self.history_dock.setVisible(not self.history_dock.isVisible())
+
+    def show_queue(self) -> None:
+        if self.queue_dialog is None:
+            self.queue_dialog = QtQueueDialog(self.settings, self)
+            self.queue_dialog.retried.connect(lambda _case_id: self.monitor.refresh())
+        else:
+            self.queue_dialog.refresh()
+        self.queue_dialog.show()
+        self.queue_dialog.raise_()
+
+    def show_settings(self) -> None:
+        if self.settings_dialog is None:
+            try:
+                self.settings_dialog = QtSettingsDialog(self.settings, self.config_path, self)
+            except ConfigError as err:
+                self.status.showMessage(f"Settings file unusable: {err.message}", 8000)
+                return
+            self.settings_dialog.saved.connect(self._settings_saved)
+            self.settings_dialog.finished.connect(self._settings_closed)
+        self.settings_dialog.show()
+        self.settings_dialog.raise_()
+
+    def _settings_closed(self, _result: int) -> None:
+        self.settings_dialog = None
+
+    def _settings_saved(self, applied: AppliedChanges) -> None:
+        """The running app takes the new values too (command-line overrides stay)."""
+        try:
+            self.settings = self.settings.with_values(**{c.key: c.new for c in applied.changes})
+        except ConfigError as err:
+            self.status.showMessage(f"Saved; restart to apply: {err.message}", 8000)
+            return
+        self.importer.settings = self.settings
+        self.settings_saved.emit(applied)
+
     def _about(self) -> None:
         box = QMessageBox(self)
         box.setWindowTitle("About")
@@ -204,6 +327,7 @@ class QtMainWindow(QMainWindow):
 
     def _show_case(self, row: WorklistRow) -> None:
         self.viewer.show_case(row.case_id, row.path, AiResult.from_result(row.result))
+        self.history.show_case(row.case_id)
 
     def _update_counts(self, _changed: int) -> None:
         rows = self.worklist.model.rowCount()
@@ -235,6 +359,9 @@ class QtMainWindow(QMainWindow):
         self.importer.cancel()
         self.importer.wait()
         self.worklist.stop()
+        self.monitor.stop()
+        if self.uploader is not None:
+            self.uploader.stop()
         self.viewer.shutdown()
         wait_for_workers()
         super().closeEvent(event)

@@ -2,7 +2,8 @@
 
 The function runs in Qt's global thread pool; its result or exception comes back through a
 signal, which Qt delivers in the UI thread. Workers are kept referenced until they finish, so
-Python does not collect one while Qt still runs it.
+Python does not collect one while Qt still runs it; a result whose ``owner`` widget has been
+deleted meanwhile (a dialog closed during a slow job) is dropped.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import shiboken6
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
 
 __all__ = ["FunctionWorker", "run_in_thread"]
@@ -46,18 +48,28 @@ def run_in_thread(
     function: Callable[[], Any],
     on_done: Callable[[Any], None],
     on_error: Callable[[BaseException], None],
+    *,
+    owner: QObject | None = None,
 ) -> FunctionWorker:
-    """Start ``function`` in the pool; ``on_done``/``on_error`` run in the UI thread."""
+    """Start ``function`` in the pool; ``on_done``/``on_error`` run in the UI thread.
+
+    With ``owner``, neither runs once the owner's C++ object is gone.
+    """
     worker = FunctionWorker(function)
+
+    def wanted() -> bool:
+        return owner is None or shiboken6.isValid(owner)
 
     def done(result: object) -> None:
         _running.discard(worker)
-        on_done(result)
+        if wanted():
+            on_done(result)
 
     def failed(exc: object) -> None:
         _running.discard(worker)
         assert isinstance(exc, BaseException)
-        on_error(exc)
+        if wanted():
+            on_error(exc)
 
     worker.signals.finished.connect(done)
     worker.signals.errored.connect(failed)

@@ -25,7 +25,7 @@ class Command:
     name: str
     label: str
     keys: tuple[str, ...]
-    menu: str  # File | View | Image | Help
+    menu: str  # one of MENUS
     scope: str = "window"
     description: str = ""
 
@@ -41,6 +41,28 @@ COMMANDS: tuple[Command, ...] = (
     Command("focus_viewer", "Go to image", ("F7",), "View"),
     Command("zoom_font_in", "Larger text", ("Ctrl+=",), "View"),
     Command("zoom_font_out", "Smaller text", ("Ctrl+-",), "View"),
+    Command(
+        "accept_result",
+        "Accept result",
+        ("Ctrl+Shift+A",),
+        "Case",
+        description="Record that you agree with the selected case's result",
+    ),
+    Command(
+        "reject_result",
+        "Reject result",
+        ("Ctrl+Shift+R",),
+        "Case",
+        description="Record that you disagree with the selected case's result",
+    ),
+    Command(
+        "acknowledge_result",
+        "Acknowledge result",
+        ("Ctrl+Shift+K",),
+        "Case",
+        description="Record that you have seen the result, without judging it",
+    ),
+    Command("show_history", "Case history", ("Ctrl+H",), "Case", description="States and feedback"),
     Command("preset_1", "Window preset 1", ("1",), "Image", "viewer"),
     Command("preset_2", "Window preset 2", ("2",), "Image", "viewer"),
     Command("preset_3", "Window preset 3", ("3",), "Image", "viewer"),
@@ -59,6 +81,20 @@ COMMANDS: tuple[Command, ...] = (
     Command("toggle_heatmap", "Show saliency heatmap", ("H",), "Image", "viewer"),
     Command("heatmap_less", "Heatmap more transparent", ("[",), "Image", "viewer"),
     Command("heatmap_more", "Heatmap more opaque", ("]",), "Image", "viewer"),
+    Command(
+        "show_queue",
+        "Upload queue…",
+        ("Ctrl+Shift+U",),
+        "Admin",
+        description="Escalated cases waiting for the central server; retry refused ones",
+    ),
+    Command(
+        "admin_settings",
+        "Settings…",
+        ("Ctrl+,",),
+        "Admin",
+        description="All settings; admins change them with the admin password",
+    ),
     Command("show_shortcuts", "Keyboard shortcuts", ("?", "F1"), "Help"),
     Command("about", "About", (), "Help"),
 )
@@ -71,7 +107,7 @@ MOUSE: tuple[tuple[str, str], ...] = (
 )
 
 _BY_NAME: Mapping[str, Command] = MappingProxyType({c.name: c for c in COMMANDS})
-MENUS = ("File", "View", "Image", "Help")
+MENUS = ("File", "View", "Case", "Image", "Admin", "Help")
 
 
 def command(name: str) -> Command:

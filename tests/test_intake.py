@@ -1,0 +1,596 @@
+"""Intake: files triaged in real worker processes, recorded in a real case store, then filed.
+
+Every test works on real files in a temporary inbox. Most share one module-wide worker pool
+(the model loads once); the crash tests use a pool of their own whose workers die, for real, on
+a file of a given name.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import phantom_dataset, write_bad_inputs, write_phantoms
+from triage_app.batch import TriagePool, _run_in_worker
+from triage_app.config import Settings
+from triage_app.intake import (
+    MAX_WORKER_CRASHES,
+    REASON_SUFFIX,
+    SIDECAR_SUFFIX,
+    WORKER_CRASHED,
+    FiledOutcome,
+    Intake,
+    IntakeLayout,
+    move_durably,
+)
+from triage_app.pipeline import PipelineConfig
+from triage_app.results import CaseResult, FailedInput, InputOutcome
+from triage_app.store import REPROCESSED, CaseStore
+
+pytestmark = pytest.mark.timeout(120)
+
+KILLER_PREFIX = "kill-worker"
+KILL_ONCE_PREFIX = "kill-once"
+SLOW_PREFIX = "slow"  # a large image: its decode takes a while (JPEG 2000: ~0.7 s, DESIGN §7)
+SLOW_DECODE_S = 1.0
+
+
+# --- worker pools ---------------------------------------------------------------------------------
+
+
+class SharedPool(TriagePool):
+    """Workers kept for the whole module: an intake's ``close`` leaves them running."""
+
+    def close(self) -> None:
+        pass
+
+    def really_close(self) -> None:
+        super().close()
+
+
+def died_marker(path: Path) -> Path:
+    return path.parent.parent / f"{path.name}.died"
+
+
+def started_marker(path: Path) -> Path:
+    return path.parent.parent / f"{path.name}.started"
+
+
+def _wait_for(folder: Path, pattern: str, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not any(folder.glob(pattern)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _die_on_killer(path: Path) -> InputOutcome:
+    """Runs in a worker process: a file named ``kill-worker*`` kills it every time, as a
+    decoder crash would; ``kill-once*`` only the first time; ``slow*`` takes a second longer.
+    A killer and a slow file that are both in flight wait for each other to start, so the
+    crash always catches the slow file in flight. Markers beside the inbox (``.started``)
+    say what ran. Every other file is triaged as usual."""
+    beside_inbox = path.parent.parent
+    started_marker(path).touch()
+    if path.name.startswith(SLOW_PREFIX):
+        _wait_for(beside_inbox, f"{KILLER_PREFIX}*.started")
+        time.sleep(SLOW_DECODE_S)
+    if path.name.startswith(KILLER_PREFIX):
+        _wait_for(beside_inbox, f"{SLOW_PREFIX}*.started")
+        os._exit(70)
+    if path.name.startswith(KILL_ONCE_PREFIX):
+        try:
+            os.close(os.open(died_marker(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            pass
+        else:
+            os._exit(70)
+    return _run_in_worker(path)
+
+
+class KillerPool(TriagePool):
+    """A real pool whose worker process exits hard on a ``kill-worker*`` file."""
+
+    def submit(self, path: Path) -> Future[InputOutcome]:
+        return self._executor.submit(_die_on_killer, path)
+
+
+@pytest.fixture(scope="module")
+def pipeline_config(tmp_path_factory: pytest.TempPathFactory) -> PipelineConfig:
+    data = tmp_path_factory.mktemp("pool-data")
+    return PipelineConfig.from_settings(Settings({"paths.data_dir": data}))
+
+
+@pytest.fixture(scope="module")
+def shared_pool(pipeline_config: PipelineConfig) -> Iterator[SharedPool]:
+    pool = SharedPool(pipeline_config, workers=1)
+    yield pool
+    pool.really_close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings({"paths.data_dir": tmp_path / "data", "processing.workers": 1})
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> IntakeLayout:
+    return IntakeLayout(tmp_path / "inbox", tmp_path / "done", tmp_path / "quarantine")
+
+
+@pytest.fixture
+def make_intake(settings: Settings, layout: IntakeLayout, shared_pool: SharedPool) -> Iterator[Any]:
+    """``make_intake(incomplete_timeout_s=...)``: an intake on the shared pool, closed after."""
+    made: list[Intake] = []
+
+    def make(**kwargs: Any) -> Intake:
+        kwargs.setdefault("pool", shared_pool)
+        made.append(Intake(settings, layout, **kwargs))
+        return made[-1]
+
+    yield make
+    for intake in made:
+        intake.close()
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def file_all(intake: Intake, paths: list[Path]) -> dict[str, FiledOutcome]:
+    """Hand ``paths`` over and wait until each is filed (or deferred); by file name."""
+    assert intake.submit(paths) == len(paths)
+    filed = intake.drain()
+    by_name = {f.source.name: f for f in filed}
+    assert len(by_name) == len(filed) == len(paths), [f.source for f in filed]
+    return by_name
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+
+def write_phantom(path: Path, seed: int, index: int = 0) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    phantom_dataset(seed, index).save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+def set_age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+# --- good and bad files ---------------------------------------------------------------------------
+
+
+def test_a_triaged_file_moves_to_done_beside_a_sidecar_equal_to_its_case_record(
+    make_intake: Any, layout: IntakeLayout, settings: Settings
+) -> None:
+    write_phantoms(layout.inbox, seed=21, count=2)
+    originals = {p.name: p.read_bytes() for p in layout.inbox.iterdir()}
+    intake = make_intake()
+
+    filed = file_all(intake, sorted(layout.inbox.iterdir()))
+
+    assert list(layout.inbox.iterdir()) == []
+    with CaseStore.open(settings.case_store_path) as store:
+        assert len(store.list_cases()) == 2
+        for name, outcome in filed.items():
+            assert isinstance(outcome.outcome, CaseResult)
+            assert not outcome.deferred and not outcome.quarantined
+            assert outcome.filed_as == layout.done / name
+            assert outcome.filed_as.read_bytes() == originals[name]
+            sidecar = read_json(layout.done / (name + SIDECAR_SUFFIX))
+            stored = store.get(outcome.outcome.case_id)
+            assert stored is not None
+            assert sidecar == stored.result
+            assert sidecar["ok"] is True
+            assert sidecar["path"] == str(layout.done / name)  # where the file now lives
+            assert sidecar["case_id"] == outcome.outcome.case_id
+            assert outcome.submitted_at <= outcome.finished_at
+        assert store.failures() == []
+    assert files_under(layout.quarantine) == []
+
+
+def test_a_bad_file_goes_to_quarantine_under_its_code_with_a_reason_file(
+    make_intake: Any, layout: IntakeLayout, settings: Settings
+) -> None:
+    expected = write_bad_inputs(layout.inbox / "bad")
+    intake = make_intake()  # incomplete timeout 0: a cut-short file is refused at once
+
+    filed = file_all(intake, sorted((layout.inbox / "bad").iterdir()))
+
+    assert files_under(layout.inbox) == []
+    assert files_under(layout.done) == []
+    for name, code in expected.items():
+        outcome = filed[name]
+        assert outcome.quarantined
+        assert isinstance(outcome.outcome, FailedInput)
+        assert outcome.outcome.code == code
+        target = layout.quarantine / code / "bad" / name
+        assert outcome.filed_as == target
+        assert target.is_file()
+        reason = read_json(target.with_name(name + REASON_SUFFIX))
+        assert reason["code"] == code
+        assert reason["message"] == outcome.outcome.message
+        assert reason["message"]
+        assert reason["source"] == f"bad/{name}"
+        assert "quarantined_at" in reason
+    with CaseStore.open(settings.case_store_path) as store:
+        assert store.list_cases() == []
+        assert sorted(f.code for f in store.failures()) == sorted(expected.values())
+
+
+def test_a_second_file_of_the_same_name_is_filed_beside_the_first(
+    make_intake: Any, layout: IntakeLayout, settings: Settings
+) -> None:
+    intake = make_intake()
+    first = write_phantom(layout.inbox / "scan.dcm", seed=31)
+    file_all(intake, [layout.inbox / "scan.dcm"])
+    first_sidecar = (layout.done / "scan.dcm.json").read_bytes()
+    second = write_phantom(layout.inbox / "scan.dcm", seed=32)
+    assert second != first
+
+    again = file_all(intake, [layout.inbox / "scan.dcm"])["scan.dcm"]
+
+    assert again.filed_as == layout.done / "scan~1.dcm"
+    assert (layout.done / "scan.dcm").read_bytes() == first
+    assert (layout.done / "scan~1.dcm").read_bytes() == second
+    assert (layout.done / "scan.dcm.json").read_bytes() == first_sidecar
+    assert isinstance(again.outcome, CaseResult)
+    assert read_json(layout.done / "scan~1.dcm.json")["case_id"] == again.outcome.case_id
+    assert files_under(layout.done) == [
+        Path("scan.dcm"),
+        Path("scan.dcm.json"),
+        Path("scan~1.dcm"),
+        Path("scan~1.dcm.json"),
+    ]
+    with CaseStore.open(settings.case_store_path) as store:
+        assert len(store.list_cases()) == 2
+
+    # The same for quarantine: the second reason file sits beside the second file.
+    for text in ("first note\n", "second note\n"):
+        (layout.inbox / "note.txt").write_text(text, encoding="utf-8")
+        file_all(intake, [layout.inbox / "note.txt"])
+    folder = layout.quarantine / "not_dicom"
+    assert (folder / "note.txt").read_text(encoding="utf-8") == "first note\n"
+    assert (folder / "note~1.txt").read_text(encoding="utf-8") == "second note\n"
+    assert read_json(folder / ("note~1.txt" + REASON_SUFFIX))["code"] == "not_dicom"
+    assert (folder / ("note.txt" + REASON_SUFFIX)).is_file()
+
+
+def test_the_same_image_sent_again_takes_its_twins_place_as_the_same_case(
+    make_intake: Any, layout: IntakeLayout, settings: Settings
+) -> None:
+    data = write_phantom(layout.inbox / "scan.dcm", seed=33)
+    intake = make_intake()
+    first = file_all(intake, [layout.inbox / "scan.dcm"])["scan.dcm"]
+    (layout.inbox / "scan.dcm").write_bytes(data)  # the scanner sends the study again
+
+    again = file_all(intake, [layout.inbox / "scan.dcm"])["scan.dcm"]
+
+    assert again.filed_as == layout.done / "scan.dcm"
+    assert files_under(layout.done) == [Path("scan.dcm"), Path("scan.dcm.json")]
+    assert isinstance(first.outcome, CaseResult) and isinstance(again.outcome, CaseResult)
+    assert again.outcome.case_id == first.outcome.case_id
+    with CaseStore.open(settings.case_store_path) as store:
+        cases = store.list_cases()
+        assert [c.case_id for c in cases] == [first.outcome.case_id]
+        assert [t.event for t in store.history(first.outcome.case_id)].count(REPROCESSED) == 1
+        assert read_json(layout.done / "scan.dcm.json") == cases[0].result
+
+
+def test_a_file_recorded_before_a_crash_is_triaged_again_into_the_same_case(
+    make_intake: Any, layout: IntakeLayout, settings: Settings
+) -> None:
+    """A crash after the case was recorded and the sidecar written, before the move: on
+    restart the file is still in the inbox and a stale sidecar sits in done/."""
+    write_phantom(layout.inbox / "scan.dcm", seed=41)
+    first = file_all(make_intake(), [layout.inbox / "scan.dcm"])["scan.dcm"]
+    assert isinstance(first.outcome, CaseResult)
+    (layout.done / "scan.dcm").rename(layout.inbox / "scan.dcm")  # as if never moved
+    assert (layout.done / "scan.dcm.json").is_file()
+
+    again = file_all(make_intake(), [layout.inbox / "scan.dcm"])["scan.dcm"]
+
+    assert isinstance(again.outcome, CaseResult)
+    assert again.outcome.case_id == first.outcome.case_id
+    # The sidecar without its image was crash debris: the name is taken over, not "~1".
+    assert again.filed_as == layout.done / "scan.dcm"
+    assert files_under(layout.done) == [Path("scan.dcm"), Path("scan.dcm.json")]
+    assert files_under(layout.inbox) == []
+    with CaseStore.open(settings.case_store_path) as store:
+        cases = store.list_cases()
+        assert [c.case_id for c in cases] == [first.outcome.case_id]
+        events = [t.event for t in store.history(first.outcome.case_id)]
+        assert events.count(REPROCESSED) == 1
+        assert events[-1] == REPROCESSED
+        assert read_json(layout.done / "scan.dcm.json") == cases[0].result
+
+
+# --- files still being written --------------------------------------------------------------------
+
+
+def test_a_cut_short_file_is_deferred_while_recent_and_quarantined_once_old(
+    make_intake: Any, layout: IntakeLayout, settings: Settings
+) -> None:
+    expected = write_bad_inputs(layout.inbox)
+    incomplete = sorted(n for n, code in expected.items() if code in {"truncated", "empty_file"})
+    assert incomplete == ["empty.dcm", "truncated.dcm"]
+    paths = [layout.inbox / n for n in incomplete]
+    intake = make_intake(incomplete_timeout_s=60.0)
+
+    deferred = file_all(intake, paths)
+
+    for name, outcome in deferred.items():
+        assert outcome.deferred
+        assert not outcome.quarantined
+        assert outcome.filed_as is None
+        assert isinstance(outcome.outcome, FailedInput)
+        assert outcome.outcome.code == expected[name]
+        assert (layout.inbox / name).is_file()
+    assert not intake.is_in_flight(paths[0])
+    assert files_under(layout.quarantine) == []
+    with CaseStore.open(settings.case_store_path) as store:
+        assert store.failures() == []
+        assert store.list_cases() == []
+
+    # The writer never came back: once older than the timeout, the file is refused.
+    for path in paths:
+        set_age(path, 120)
+    refused = file_all(intake, paths)
+
+    for name, outcome in refused.items():
+        assert outcome.quarantined
+        assert outcome.filed_as == layout.quarantine / expected[name] / name
+        reason = read_json(layout.quarantine / expected[name] / (name + REASON_SUFFIX))
+        assert reason["code"] == expected[name]
+    with CaseStore.open(settings.case_store_path) as store:
+        assert sorted(f.code for f in store.failures()) == ["empty_file", "truncated"]
+
+
+def test_a_file_that_is_complete_when_read_again_is_triaged(
+    make_intake: Any, layout: IntakeLayout, settings: Settings
+) -> None:
+    whole = phantom_dataset(43, 0)
+    path = layout.inbox / "growing.dcm"
+    layout.inbox.mkdir(parents=True, exist_ok=True)
+    whole.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    intake = make_intake(incomplete_timeout_s=60.0)
+    assert file_all(intake, [path])["growing.dcm"].deferred
+
+    path.write_bytes(data)  # the writer finished
+    outcome = file_all(intake, [path])["growing.dcm"]
+
+    assert isinstance(outcome.outcome, CaseResult)
+    assert (layout.done / "growing.dcm").read_bytes() == data
+    with CaseStore.open(settings.case_store_path) as store:
+        assert [c.case_id for c in store.list_cases()] == [outcome.outcome.case_id]
+        assert REPROCESSED not in [t.event for t in store.history(outcome.outcome.case_id)]
+        assert store.failures() == []
+
+
+def test_a_file_in_flight_is_not_taken_twice_and_a_closed_intake_takes_nothing(
+    make_intake: Any, layout: IntakeLayout, settings: Settings
+) -> None:
+    write_phantom(layout.inbox / "scan.dcm", seed=44)
+    path = layout.inbox / "scan.dcm"
+    intake = make_intake()
+    assert intake.submit([path, path]) == 1
+    assert intake.is_in_flight(path)
+    assert intake.submit([path]) == 0
+
+    filed = intake.close()
+
+    assert [f.source for f in filed] == [path]
+    assert intake.in_flight == 0
+    assert not intake.is_in_flight(path)
+    write_phantom(layout.inbox / "late.dcm", seed=45)
+    assert intake.submit([layout.inbox / "late.dcm"]) == 0
+    assert (layout.inbox / "late.dcm").is_file()
+    with CaseStore.open(settings.case_store_path) as store:
+        assert len(store.list_cases()) == 1
+
+
+def test_a_path_outside_the_inbox_is_refused(make_intake: Any, tmp_path: Path) -> None:
+    intake = make_intake()
+    with pytest.raises(ValueError, match=r"subpath|inbox"):
+        intake.submit([tmp_path / "elsewhere.dcm"])
+    assert intake.in_flight == 0
+
+
+# --- moving files ---------------------------------------------------------------------------------
+
+
+def test_move_durably_links_within_one_filesystem(tmp_path: Path) -> None:
+    source = tmp_path / "a" / "scan.dcm"
+    source.parent.mkdir()
+    source.write_bytes(b"DICM-ish bytes")
+    target = tmp_path / "b" / "scan.dcm"
+    target.parent.mkdir()
+    inode = source.stat().st_ino
+
+    move_durably(source, target)
+
+    assert not source.exists()
+    assert target.read_bytes() == b"DICM-ish bytes"
+    assert target.stat().st_ino == inode  # linked, not copied
+
+
+def test_move_durably_copies_then_removes_across_a_simulated_filesystem_boundary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "share" / "scan.dcm"
+    source.parent.mkdir()
+    payload = os.urandom(300_000)
+    source.write_bytes(payload)
+    target = tmp_path / "done" / "scan.dcm"
+    target.parent.mkdir()
+    real_link = os.link
+    refused: list[str] = []
+
+    def link(src: Any, dst: Any) -> None:
+        if Path(src) == source:
+            refused.append(str(src))
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", link)
+    move_durably(source, target)
+
+    assert refused == [str(source)]
+    assert not source.exists()
+    assert target.read_bytes() == payload
+    assert sorted(p.name for p in target.parent.iterdir()) == ["scan.dcm"]  # no .partial
+
+
+@pytest.mark.skipif(
+    not Path("/dev/shm").is_dir(), reason="needs a second file system (tmpfs at /dev/shm)"
+)
+def test_move_durably_moves_across_a_real_filesystem_boundary(tmp_path: Path) -> None:
+    other = Path("/dev/shm")
+    if other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("/dev/shm is on the same file system as the temporary folder")
+    folder = other / f"triage-intake-test-{os.getpid()}-{time.monotonic_ns()}"
+    folder.mkdir()
+    try:
+        source = folder / "scan.dcm"
+        payload = os.urandom(200_000)
+        source.write_bytes(payload)
+        with pytest.raises(OSError) as raised:
+            os.link(source, tmp_path / "probe")  # the premise: these are two file systems
+        assert raised.value.errno == errno.EXDEV
+        target = tmp_path / "scan.dcm"
+
+        move_durably(source, target)
+
+        assert not source.exists()
+        assert target.read_bytes() == payload
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.dcm"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_move_durably_keeps_the_source_when_the_move_fails(tmp_path: Path) -> None:
+    source = tmp_path / "scan.dcm"
+    source.write_bytes(b"keep me")
+    with pytest.raises(FileNotFoundError):
+        move_durably(source, tmp_path / "missing-folder" / "scan.dcm")
+    assert source.read_bytes() == b"keep me"
+
+
+# --- worker crashes -------------------------------------------------------------------------------
+
+
+@pytest.mark.expect_log_warnings
+def test_a_file_that_kills_its_worker_is_quarantined_and_an_innocent_one_still_triaged(
+    settings: Settings,
+    layout: IntakeLayout,
+    pipeline_config: PipelineConfig,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The innocent file is large (slow to decode) and in flight in the other worker when the
+    hostile one kills its own: a dead worker breaks the pool under both."""
+    innocent = layout.inbox / f"{SLOW_PREFIX}-large.dcm"
+    killer = layout.inbox / f"{KILLER_PREFIX}.dcm"
+    write_phantom(innocent, seed=52)
+    write_phantom(killer, seed=51)
+    pool = KillerPool(pipeline_config, workers=2)
+
+    with Intake(settings, layout, pool=pool) as intake:
+        filed = file_all(intake, [innocent, killer])
+
+    outcome = filed[killer.name]
+    assert outcome.quarantined
+    assert isinstance(outcome.outcome, FailedInput)
+    assert outcome.outcome.code == WORKER_CRASHED
+    assert f"died {MAX_WORKER_CRASHES} times" in outcome.outcome.message
+    target = layout.quarantine / WORKER_CRASHED / killer.name
+    assert outcome.filed_as == target
+    assert read_json(target.with_name(target.name + REASON_SUFFIX))["code"] == WORKER_CRASHED
+    assert started_marker(innocent).is_file()  # it was in flight when the pool broke
+    assert isinstance(filed[innocent.name].outcome, CaseResult), filed[innocent.name].outcome
+    assert files_under(layout.done) == [Path(innocent.name), Path(innocent.name + SIDECAR_SUFFIX)]
+    crashes = [
+        r
+        for r in caplog.get_records("call")
+        if r.levelno == logging.ERROR and "worker process died" in r.getMessage()
+    ]
+    assert len(crashes) >= MAX_WORKER_CRASHES
+    with CaseStore.open(settings.case_store_path) as store:
+        assert [f.code for f in store.failures()] == [WORKER_CRASHED]
+        assert len(store.list_cases()) == 1
+    assert files_under(layout.inbox) == []
+
+
+@pytest.mark.expect_log_warnings
+def test_files_in_flight_when_a_worker_dies_once_are_triaged_again(
+    settings: Settings,
+    layout: IntakeLayout,
+    pipeline_config: PipelineConfig,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    write_phantoms(layout.inbox, seed=53, count=3)
+    once = layout.inbox / f"{KILL_ONCE_PREFIX}.dcm"
+    write_phantom(once, seed=54)
+    pool = KillerPool(pipeline_config, workers=2)
+
+    with Intake(settings, layout, pool=pool) as intake:
+        filed = file_all(intake, sorted(layout.inbox.iterdir()))
+
+    assert died_marker(once).is_file()  # the worker did die on it
+    assert any("worker process died" in r.getMessage() for r in caplog.get_records("call"))
+    assert set(filed) == {once.name, "p000.dcm", "p001.dcm", "p002.dcm"}
+    assert all(isinstance(f.outcome, CaseResult) for f in filed.values())
+    assert files_under(layout.done) == sorted(
+        Path(n + suffix) for n in filed for suffix in ("", SIDECAR_SUFFIX)
+    )
+    with CaseStore.open(settings.case_store_path) as store:
+        assert len(store.list_cases()) == 4
+        assert store.failures() == []
+
+
+@pytest.mark.expect_log_warnings
+def test_a_worker_that_died_while_idle_is_replaced_at_the_next_hand_over(
+    settings: Settings, layout: IntakeLayout, pipeline_config: PipelineConfig
+) -> None:
+    """The pool breaks with nothing in flight (a worker killed from outside): the next file
+    handed over must not fail the caller, nor hang the intake."""
+    write_phantoms(layout.inbox, seed=55, count=2)
+    first, second = sorted(layout.inbox.iterdir())
+    pool = KillerPool(pipeline_config, workers=1)
+
+    with Intake(settings, layout, pool=pool) as intake:
+        file_all(intake, [first])
+        executor = pool._executor
+        for pid in list(executor._processes):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while not executor._broken and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert executor._broken, "the pool did not notice its dead worker"
+
+        filed = file_all(intake, [second])
+
+    assert isinstance(filed[second.name].outcome, CaseResult)
+    assert files_under(layout.inbox) == []
+    with CaseStore.open(settings.case_store_path) as store:
+        assert len(store.list_cases()) == 2
+        assert store.failures() == []

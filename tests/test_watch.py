@@ -1,0 +1,640 @@
+"""The watch-folder service.
+
+Unit tests drive :class:`SettleTracker` with made-up clocks over real files. The system tests
+run the real ``triage-app watch`` in its own process (settings through ``TRIAGE_APP_*``
+variables, as a service manager passes them) and drop real DICOM files into its inbox the way a
+scanner or a share copy does: written under another name and renamed in, or written slowly
+under the final name. What they check is on disk: the done and quarantine folders, the
+sidecars, and the case store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import phantom_dataset, write_phantoms
+from triage_app.config import Settings
+from triage_app.intake import REASON_SUFFIX, SIDECAR_SUFFIX
+from triage_app.store import REPROCESSED, CaseStore
+from triage_app.watch import SettleTracker, WatchService, inbox_files, is_candidate
+
+SETTLE_S = 0.3
+WATCH = (sys.executable, "-m", "triage_app", "watch")
+WALL = 1_700_000_000.0  # the made-up wall clock's "now"
+
+
+# --- SettleTracker, with made-up clocks -----------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clocks() -> tuple[FakeClock, FakeClock]:
+    """(monotonic, wall) clocks that move only when a test moves them."""
+    return FakeClock(100.0), FakeClock(WALL)
+
+
+def tracker_with(clocks: tuple[FakeClock, FakeClock], settle_s: float = 2.0) -> SettleTracker:
+    mono, wall = clocks
+    return SettleTracker(settle_s, clock=mono, wall_clock=wall)
+
+
+def make_file(path: Path, data: bytes, *, modified: float) -> Path:
+    """A file whose modification time is ``modified`` (on the made-up wall clock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.utime(path, (modified, modified))
+    return path
+
+
+def never(_path: Path) -> bool:
+    return False
+
+
+def test_a_new_file_is_ready_once_unchanged_for_the_settle_time(
+    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+) -> None:
+    mono, _ = clocks
+    tracker = tracker_with(clocks)
+    path = make_file(tmp_path / "a.dcm", b"x" * 10, modified=WALL)
+    tracker.note(path)
+
+    assert tracker.settled(10, never) == []
+    mono.now += 1.9
+    assert tracker.settled(10, never) == []
+    mono.now += 0.1
+    assert tracker.settled(10, never) == [path]
+    assert len(tracker) == 0  # handed over: no longer tracked
+    assert tracker.settled(10, never) == []
+
+
+def test_a_change_of_size_or_modification_time_starts_the_wait_again(
+    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+) -> None:
+    mono, _ = clocks
+    tracker = tracker_with(clocks)
+    path = make_file(tmp_path / "a.dcm", b"x" * 10, modified=WALL)
+    tracker.note(path)
+    assert tracker.settled(10, never) == []
+
+    mono.now += 1.5
+    make_file(path, b"x" * 20, modified=WALL)  # it grew
+    assert tracker.settled(10, never) == []
+    mono.now += 1.5  # 3 s since first seen, 1.5 s since the change
+    assert tracker.settled(10, never) == []
+
+    make_file(path, b"y" * 20, modified=WALL + 1)  # same size, rewritten
+    assert tracker.settled(10, never) == []
+    mono.now += 1.99
+    assert tracker.settled(10, never) == []
+    mono.now += 0.01
+    assert tracker.settled(10, never) == [path]
+
+
+def test_a_file_already_older_than_the_settle_time_is_ready_at_first_sight(
+    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+) -> None:
+    tracker = tracker_with(clocks)
+    old = make_file(tmp_path / "old.dcm", b"x", modified=WALL - 2.0)
+    young = make_file(tmp_path / "young.dcm", b"x", modified=WALL - 1.9)
+    tracker.note_all(iter([old, young]))
+
+    assert tracker.settled(10, never) == [old]
+    assert len(tracker) == 1
+
+
+def test_a_file_first_seen_part_way_through_its_settle_time_waits_only_the_rest(
+    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+) -> None:
+    """Its modification time says how long it has been unchanged: a late event (watchdog
+    holds events behind a move out of the inbox for up to 0.5 s) does not add to the wait."""
+    mono, _ = clocks
+    tracker = tracker_with(clocks)
+    path = make_file(tmp_path / "late.dcm", b"x", modified=WALL - 1.5)
+    future = make_file(tmp_path / "skewed.dcm", b"x", modified=WALL + 30)  # a share's clock
+    tracker.note_all(iter([path, future]))
+
+    assert tracker.settled(10, never) == []
+    mono.now += 0.49
+    assert tracker.settled(10, never) == []
+    mono.now += 0.01
+    assert tracker.settled(10, never) == [path]
+    mono.now += 1.49  # a modification time in the future earns nothing: the full wait
+    assert tracker.settled(10, never) == []
+    mono.now += 0.01
+    assert tracker.settled(10, never) == [future]
+
+
+def test_no_more_than_the_limit_is_handed_over_and_skipped_files_stay_tracked(
+    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+) -> None:
+    tracker = tracker_with(clocks)
+    paths = [make_file(tmp_path / f"f{i}.dcm", b"x", modified=WALL - 60) for i in range(5)]
+    busy = paths[0]
+    tracker.note_all(iter(paths))
+
+    first = tracker.settled(2, lambda p: p == busy)
+    assert len(first) == 2
+    assert busy not in first
+    assert len(tracker) == 3
+    rest = tracker.settled(10, lambda p: p == busy)
+    assert sorted(first + rest) == sorted(paths[1:])
+    assert len(tracker) == 1  # the busy one, until it is no longer busy
+    assert tracker.settled(10, never) == [busy]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [".hidden.dcm", "scan.dcm.part", "scan.tmp", "scan.TMP", "scan.crdownload", "scan.dcm~"],
+)
+def test_hidden_and_unfinished_names_are_ignored(
+    tmp_path: Path, clocks: tuple[FakeClock, FakeClock], name: str
+) -> None:
+    tracker = tracker_with(clocks)
+    path = make_file(tmp_path / name, b"x", modified=WALL - 60)
+    assert not is_candidate(name)
+    tracker.note(path)
+    assert len(tracker) == 0
+    assert list(inbox_files(tmp_path)) == []
+
+
+def test_the_inbox_scan_is_recursive_sorted_and_skips_hidden_folders(tmp_path: Path) -> None:
+    for rel in ["b.dcm", "a.dcm", "sub/c.dcm", "sub/.d.dcm", ".cache/e.dcm", "sub/f.partial"]:
+        make_file(tmp_path / rel, b"x", modified=WALL)
+    found = [p.relative_to(tmp_path).as_posix() for p in inbox_files(tmp_path)]
+    assert found == ["a.dcm", "b.dcm", "sub/c.dcm"]
+    assert is_candidate("a.dcm")
+
+
+def test_a_file_that_vanished_is_forgotten(
+    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+) -> None:
+    tracker = tracker_with(clocks)
+    path = make_file(tmp_path / "a.dcm", b"x", modified=WALL - 60)
+    tracker.note(path)
+    path.unlink()
+    assert tracker.settled(10, never) == []
+    assert len(tracker) == 0
+
+
+def test_a_deferred_file_waits_a_full_settle_time_again_even_when_old(
+    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+) -> None:
+    mono, _ = clocks
+    tracker = tracker_with(clocks)
+    path = make_file(tmp_path / "cut.dcm", b"x", modified=WALL - 60)
+    tracker.note(path)
+    assert tracker.settled(10, never) == [path]  # old: ready at first sight
+
+    tracker.defer(path)  # it was cut short: read it again later, not at the next tick
+    assert tracker.settled(10, never) == []
+    mono.now += 1.9
+    assert tracker.settled(10, never) == []
+    mono.now += 0.1
+    assert tracker.settled(10, never) == [path]
+    path.unlink()
+    tracker.defer(path)  # gone meanwhile: nothing to track
+    assert len(tracker) == 0
+
+
+# --- the service in this process ------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(60)
+def test_a_cut_short_file_that_stopped_growing_is_read_again_once_per_settle_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    timeout_s, settle_s = 3.0, 0.2
+    settings = Settings(
+        {
+            "paths.data_dir": tmp_path / "data",
+            "processing.workers": 1,
+            "watch.settle_s": settle_s,
+            "watch.incomplete_timeout_s": timeout_s,
+            "watch.rescan_s": 0.5,
+        }
+    )
+    settings.watch_inbox.mkdir(parents=True)
+    data = part10_bytes(71)
+    cut = settings.watch_inbox / "cut.dcm"
+    cut.write_bytes(data[: len(data) // 2])  # the writer died half-way
+    quarantined = settings.watch_quarantine / "truncated" / "cut.dcm"
+    stop = threading.Event()
+
+    with ThreadPoolExecutor(1) as thread:
+        running = thread.submit(WatchService(settings).run, stop)
+        try:
+            wait_until(quarantined.exists, 30, "the cut-short file to be quarantined")
+        finally:
+            stop.set()
+        summary = running.result(timeout=30)
+
+    reads = [r for r in caplog.get_records("call") if "not complete yet" in r.getMessage()]
+    # Read when it settled, then again every settle time until the timeout: not every tick.
+    assert 1 <= len(reads) <= timeout_s / settle_s + 2
+    assert summary.quarantined == 1
+    assert (quarantined.parent / ("cut.dcm" + REASON_SUFFIX)).is_file()
+    with CaseStore.open(settings.case_store_path) as store:
+        assert [f.code for f in store.failures()] == ["truncated"]  # deferrals record nothing
+
+
+# --- the real service, in its own process ---------------------------------------------------------
+
+
+def part10_bytes(seed: int, index: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    phantom_dataset(seed, index).save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class WatchProcess:
+    """``triage-app watch`` running in its own session (so the test can reap its workers)."""
+
+    def __init__(self, args: list[str], data_dir: Path, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [*WATCH, *args, "--data-dir", str(data_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def wait_ready(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while "watching the inbox" not in self.output():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the service exited with {self.proc.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the service did not start in {timeout_s} s:\n{self.output()}")
+            time.sleep(0.05)
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            pytest.fail(f"the service exited with {self.proc.returncode}:\n{self.output()}")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout_s: float = 30) -> int:
+        """Signal the service's main process (only) and wait, bounded, for it to exit."""
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the service did not exit within {timeout_s} s of {sig.name}")
+
+    def reap(self) -> None:
+        """Kill whatever is left of the service's session: after a SIGKILL its worker
+        processes outlive it, as they would until a service manager cleans up."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=10)
+
+
+class WatchEnv:
+    """One data folder, the service's folders in it, and how to start the service on it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.data_dir = tmp_path / "data"
+        settings = Settings({"paths.data_dir": self.data_dir})
+        self.inbox = settings.watch_inbox
+        self.done = settings.watch_done
+        self.quarantine = settings.watch_quarantine
+        self.case_store = settings.case_store_path
+        self.staging = tmp_path / "staging"  # where a "scanner" writes before renaming in
+        self.staging.mkdir()
+        self.inbox.mkdir(parents=True)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+        self.env.update(
+            {
+                "TRIAGE_APP_WATCH__SETTLE_S": str(SETTLE_S),
+                "TRIAGE_APP_WATCH__RESCAN_S": "1.0",
+                "TRIAGE_APP_PROCESSING__WORKERS": "2",
+                "TRIAGE_APP_METRICS__WATCH_PORT": "0",
+                "XDG_CONFIG_HOME": str(tmp_path / "config"),  # no settings file of this user
+            }
+        )
+        self.started: list[WatchProcess] = []
+
+    def start(self, *args: str, ready: bool = True) -> WatchProcess:
+        log = self.tmp_path / f"watch-{len(self.started)}.log"
+        service = WatchProcess(list(args), self.data_dir, self.env, log)
+        self.started.append(service)
+        if ready:
+            service.wait_ready()
+        return service
+
+    def run_once(self, *args: str, timeout_s: float = 120) -> tuple[int, str]:
+        result = subprocess.run(
+            [*WATCH, *args, "--once", "--data-dir", str(self.data_dir)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout_s,
+            check=False,
+        )
+        return result.returncode, result.stderr
+
+    def stage(self, sources: list[Path]) -> list[Path]:
+        """Copies in the staging folder, ready to be renamed into the inbox."""
+        staged = []
+        for source in sources:
+            staged.append(self.staging / source.name)
+            shutil.copyfile(source, staged[-1])
+        return staged
+
+    def drop(self, staged: list[Path]) -> None:
+        for path in staged:
+            path.rename(self.inbox / path.name)
+
+    def done_images(self) -> list[str]:
+        return image_names(self.done)
+
+    def inbox_images(self) -> list[str]:
+        return image_names(self.inbox)
+
+
+def image_names(folder: Path) -> list[str]:
+    """The images (not sidecars, not hidden temporary files) under ``folder``."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".json")
+    )
+
+
+def sidecar(folder: Path, name: str) -> dict[str, Any]:
+    data = json.loads((folder / (name + SIDECAR_SUFFIX)).read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def summary_counts(output: str) -> tuple[int, int]:
+    match = re.search(r"triage-app watch: (\d+) triaged, (\d+) quarantined", output)
+    assert match, output
+    return int(match[1]), int(match[2])
+
+
+def assert_one_case_per_done_image(env: WatchEnv, names: list[str]) -> None:
+    """Each image in done/ has its sidecar; the case store holds exactly those cases, each
+    recorded once (no ``reprocessed`` row), and the sidecar is the stored record."""
+    with CaseStore.open(env.case_store) as store:
+        cases = {c.case_id: c for c in store.list_cases()}
+        sidecars = {name: sidecar(env.done, name) for name in names}
+        assert sorted(s["case_id"] for s in sidecars.values()) == sorted(cases)
+        for name, record in sidecars.items():
+            assert record["ok"] is True, (name, record)
+            assert record["path"] == str(env.done / name)
+            assert record == cases[record["case_id"]].result
+            events = [t.event for t in store.history(record["case_id"])]
+            assert REPROCESSED not in events, (name, events)
+        assert store.failures() == []
+
+
+@pytest.fixture
+def watch_env(tmp_path: Path) -> Iterator[WatchEnv]:
+    env = WatchEnv(tmp_path)
+    yield env
+    for service in env.started:
+        service.reap()
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """50 distinct phantom images (distinct cases), generated once for the module."""
+    folder = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(folder, seed=61, count=50)
+    return sorted(folder.iterdir())
+
+
+@pytest.mark.timeout(120)
+def test_fifty_dropped_files_and_one_written_slowly_are_each_triaged_once(
+    watch_env: WatchEnv, phantoms: list[Path]
+) -> None:
+    slow_bytes = part10_bytes(62)
+    chunks = 30
+    step = -(-len(slow_bytes) // chunks)
+    staged = watch_env.stage(phantoms)
+    service = watch_env.start()
+    slow = watch_env.inbox / "slow.dcm"
+
+    def write_slowly() -> None:
+        """Directly under the final name, in chunks, over about three seconds."""
+        with slow.open("wb") as out:
+            for offset in range(0, len(slow_bytes), step):
+                out.write(slow_bytes[offset : offset + step])
+                out.flush()
+                time.sleep(0.1)
+
+    with ThreadPoolExecutor(1) as thread:
+        writing = thread.submit(write_slowly)
+        for burst in range(5):  # dropped while the slow file is being written
+            watch_env.drop(staged[burst * 10 : burst * 10 + 10])
+            time.sleep(0.5)
+        writing.result(timeout=30)
+    expected = sorted([p.name for p in phantoms] + ["slow.dcm"])
+
+    def all_done() -> bool:
+        service.check_alive()
+        return watch_env.done_images() == expected
+
+    wait_until(all_done, 90, "51 files in done/")
+    assert service.stop() == 0
+
+    assert watch_env.inbox_images() == []
+    assert image_names(watch_env.quarantine) == []
+    assert (watch_env.done / "slow.dcm").read_bytes() == slow_bytes
+    assert sidecar(watch_env.done, "slow.dcm")["ok"] is True
+    assert_one_case_per_done_image(watch_env, expected)
+    with CaseStore.open(watch_env.case_store) as store:
+        assert len(store.list_cases()) == 51
+    assert summary_counts(service.output()) == (51, 0)
+
+
+@pytest.mark.timeout(90)
+def test_a_text_file_goes_to_quarantine_and_the_service_keeps_going(
+    watch_env: WatchEnv, phantoms: list[Path]
+) -> None:
+    service = watch_env.start()
+    note = watch_env.staging / "notes.txt"
+    note.write_text("Patient notes: not an image\n", encoding="utf-8")
+    watch_env.drop([note])
+    quarantined = watch_env.quarantine / "not_dicom" / "notes.txt"
+    wait_until(quarantined.exists, 60, "the text file in quarantine/not_dicom/")
+
+    watch_env.drop(watch_env.stage(phantoms[:1]))  # still at work afterwards
+    wait_until(lambda: watch_env.done_images() == [phantoms[0].name], 60, "the image in done/")
+    service.check_alive()
+    assert service.stop() == 0  # a service stopped on purpose ends well
+
+    reason = json.loads(
+        (quarantined.parent / ("notes.txt" + REASON_SUFFIX)).read_text(encoding="utf-8")
+    )
+    assert reason["code"] == "not_dicom"
+    assert reason["source"] == "notes.txt"
+    assert reason["message"]
+    assert quarantined.read_text(encoding="utf-8") == "Patient notes: not an image\n"
+    assert watch_env.inbox_images() == []
+    assert_one_case_per_done_image_but_failures(watch_env, [phantoms[0].name], ["not_dicom"])
+    assert summary_counts(service.output()) == (1, 1)
+
+
+def assert_one_case_per_done_image_but_failures(
+    env: WatchEnv, names: list[str], failure_codes: list[str]
+) -> None:
+    with CaseStore.open(env.case_store) as store:
+        assert sorted(f.code for f in store.failures()) == sorted(failure_codes)
+        assert len(store.list_cases()) == len(names)
+        for name in names:
+            record = sidecar(env.done, name)
+            assert store.get(record["case_id"]) is not None
+
+
+@pytest.mark.timeout(120)
+def test_after_a_sigkill_mid_batch_a_restart_files_every_input_exactly_once(
+    watch_env: WatchEnv, phantoms: list[Path]
+) -> None:
+    sources = phantoms[:40]
+    names = sorted(p.name for p in sources)
+    staged = watch_env.stage(sources)
+    service = watch_env.start()
+    watch_env.drop(staged)
+
+    def some_done() -> bool:
+        service.check_alive()
+        return len(watch_env.done_images()) >= 3
+
+    wait_until(some_done, 60, "the first files in done/")
+    os.kill(service.proc.pid, signal.SIGKILL)
+    service.proc.wait(timeout=10)
+    done_at_kill = watch_env.done_images()
+    service.reap()  # its orphaned workers, as a service manager would
+
+    # Nothing is lost, nothing is in two places, and nothing reached done/ unrecorded.
+    assert 3 <= len(done_at_kill) < len(names), "the kill did not land mid-batch"
+    in_inbox = watch_env.inbox_images()
+    assert sorted(done_at_kill + in_inbox) == names
+    with CaseStore.open(watch_env.case_store) as store:
+        recorded = {c.case_id for c in store.list_cases()}
+    for name in done_at_kill:
+        assert sidecar(watch_env.done, name)["case_id"] in recorded
+
+    code, output = watch_env.run_once()
+
+    assert code == 0, output
+    assert watch_env.done_images() == names  # each exactly once: no "~1" copies
+    assert watch_env.inbox_images() == []
+    assert image_names(watch_env.quarantine) == []
+    with CaseStore.open(watch_env.case_store) as store:
+        cases = {c.case_id: c for c in store.list_cases()}
+        assert store.failures() == []
+        for name in names:
+            record = sidecar(watch_env.done, name)
+            assert record["ok"] is True
+            assert record == cases[record["case_id"]].result
+        assert len(cases) == len(names)
+        assert len({sidecar(watch_env.done, n)["case_id"] for n in names}) == len(names)
+
+
+@pytest.mark.timeout(120)
+def test_once_exits_0_on_a_clean_inbox_and_1_when_something_was_quarantined(
+    watch_env: WatchEnv, phantoms: list[Path], tmp_path: Path
+) -> None:
+    watch_env.drop(watch_env.stage(phantoms[:3]))
+    code, output = watch_env.run_once()
+    assert code == 0, output
+    assert watch_env.done_images() == sorted(p.name for p in phantoms[:3])
+    assert watch_env.inbox_images() == []
+    assert "3 triaged, 0 quarantined" in output
+
+    # An inbox given on the command line; one file there is not an image.
+    other = tmp_path / "scanner-share"
+    other.mkdir()
+    shutil.copyfile(phantoms[3], other / phantoms[3].name)
+    (other / "readme.txt").write_text("not an image\n", encoding="utf-8")
+    code, output = watch_env.run_once(str(other))
+    assert code == 1, output
+    assert image_names(other) == []
+    assert (watch_env.quarantine / "not_dicom" / "readme.txt").is_file()
+    assert phantoms[3].name in watch_env.done_images()
+    assert "1 triaged, 1 quarantined" in output
+
+    code, output = watch_env.run_once()  # nothing left: a clean run
+    assert code == 0, output
+    assert "0 triaged, 0 quarantined" in output
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_while_busy_finishes_the_files_in_flight_and_leaves_the_rest(
+    watch_env: WatchEnv, phantoms: list[Path]
+) -> None:
+    sources = phantoms[:30]
+    names = sorted(p.name for p in sources)
+    staged = watch_env.stage(sources)
+    service = watch_env.start()
+    watch_env.drop(staged)
+
+    def busy() -> bool:
+        service.check_alive()
+        return len(watch_env.done_images()) >= 2
+
+    wait_until(busy, 60, "the service to be busy")
+    signalled = time.monotonic()
+    assert service.stop(signal.SIGTERM, timeout_s=30) == 0
+    took_s = time.monotonic() - signalled
+
+    output = service.output()
+    in_flight = re.search(r"stopping: finishing (\d+) file\(s\) in flight", output)
+    assert in_flight, output
+    done, left = watch_env.done_images(), watch_env.inbox_images()
+    assert sorted(done + left) == names, "a file was lost or filed twice"
+    assert left, f"SIGTERM came too late to leave files untouched ({took_s:.1f} s)"
+    # What was in flight was finished: every case recorded has its file in done/ with its
+    # sidecar, and the summary counts exactly those.
+    assert_one_case_per_done_image(watch_env, done)
+    assert summary_counts(output) == (len(done), 0)
+
+    # The next run takes the rest; nothing is triaged twice.
+    code, rest_output = watch_env.run_once()
+    assert code == 0, rest_output
+    assert watch_env.done_images() == names
+    assert watch_env.inbox_images() == []
+    assert_one_case_per_done_image(watch_env, names)
