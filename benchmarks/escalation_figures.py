@@ -10,20 +10,21 @@ What it measures:
 
 1. **A 20 MB case, sealed + queued + uploaded + receipt-verified, against a plain HTTPS PUT of
    the same bytes** (target: ours <= 1.5x the PUT). Ours is what a device does with an
-   escalated case: ``seal_bytes`` (with the payload hash that ``EscalationQueue`` computes),
-   ``Outbox.enqueue`` (file written, fsynced and renamed, row committed) and
-   ``Uploader.send_next`` (claim, read and check the spool file, POST, the server's header
-   check, decryption, three fsynced files and commit, receipt verification, delivered). The
-   payload is a ~20 MB DICOM-looking body (128-byte preamble, ``DICM``, random bytes: the
-   server runs no model, it only stores it) behind a small result JSON. The baseline sends the
-   same payload bytes with a session from ``make_session`` (same pinned TLS) as a ``PUT`` to a
-   minimal FastAPI app of this file, run with the same uvicorn settings and certificate
-   (``uvicorn_config``), that reads the body and writes it durably (temporary file, fsync,
-   rename, folder fsync) before it answers 201. So the ratio is what our protocol adds on top
-   of "send it and make it durable once". One untimed warm-up round first (connections, caches),
-   then ``--repeat`` rounds, the two sides alternating which goes first; medians.
-   Below it, each step of ours is timed alone on the same bytes (median of ``--repeat``): where
-   the time goes.
+   escalated case, step for step as ``EscalationQueue.enqueue`` does it: ``seal_bytes`` (which
+   hashes the payload for the header) and ``read_header`` for that hash, ``Outbox.enqueue``
+   (file written, hashed, fsynced and renamed, row committed) and ``Uploader.send_next`` (claim,
+   read the spool file and check its header, signature and chunk lengths, POST, the server's
+   header check, decryption, three fsynced files and commit, receipt verification,
+   delivered). The payload is a ~20 MB DICOM-looking body (128-byte preamble, ``DICM``, random
+   bytes: the server runs no model, it only stores it) behind a small result JSON. The
+   baseline sends the same payload bytes with a session from ``make_session`` (same pinned
+   TLS) as a ``PUT`` to a minimal FastAPI app of this file, run with the same uvicorn settings
+   and certificate (``uvicorn_config``), that reads the body and writes it durably (temporary
+   file, fsync, rename, folder fsync) before it answers 201. So the ratio is what our protocol
+   adds on top of "send it and make it durable once". One untimed warm-up round first
+   (connections, caches), then ``--repeat`` rounds, the two sides alternating which goes first;
+   medians and minima (``--upload-only`` runs this figure alone). Below it, each step of ours
+   is timed alone on the same bytes (median of ``--repeat``): where the time goes.
 2. **Durable enqueues per second**: ``Outbox.enqueue`` of 200 sealed envelopes (40 with
    ``--quick``) of 50 kB each into a fresh outbox, as shipped (``synchronous=FULL``, fsync of
    the file and of the folder). For scale, the same with the file fsyncs switched off
@@ -59,10 +60,13 @@ column is the server's own time for the request (its request-duration metric for
 handler's clock for the PUT), so "total - server" is the client and the wire; the line under
 the ratio gives ``send_next`` alone against the PUT (sealing and queueing happen when a case is
 triaged, the upload later). fsync costs depend on the disk and on what else writes to it, so
-section 1 varies from run to run on a shared machine: read the min column too.
+section 1 varies from run to run on a shared machine: read the min column too. Both servers
+listen on ``bind_socket``'s socket, without ``TCP_NODELAY``: most answers then wait ~40 ms for
+the client's delayed ACK (headers and body are two writes), in both totals alike.
 
 Run from the repository root: ``.venv/bin/python benchmarks/escalation_figures.py [--repeat 5]
-[--out DIR] [--quick] [--keep]``; ``--quick`` shrinks every size for a smoke run.
+[--out DIR] [--quick] [--keep] [--upload-only]``; ``--quick`` shrinks every size for a smoke run,
+``--upload-only`` measures figure 1 alone (a quick way to compare changes to the upload path).
 """
 
 from __future__ import annotations
@@ -104,14 +108,16 @@ from triage_app.batch import triage_and_record
 from triage_app.central.certificates import ServerCertificate, make_self_signed
 from triage_app.central.config import CentralConfig
 from triage_app.central.server import ServerThread, bind_socket, run_server, uvicorn_config
+from triage_app.central.storage import DICOM_FILE, RESULT_FILE, SIGNED_HEADER_FILE, StagedFiles
 from triage_app.config import Settings
 from triage_app.escalation.background import BackgroundUploader
 from triage_app.escalation.envelope import (
     DEFAULT_CHUNK_SIZE,
     Payload,
+    check_sealed,
     open_envelope,
+    read_header,
     seal_bytes,
-    signed_header,
     verify_header,
 )
 from triage_app.escalation.keys import ServerPublicKey, load_or_create_device_identity
@@ -489,6 +495,12 @@ class UploadResult:
         return ours / plain if ours and plain else None
 
     @property
+    def min_ratio(self) -> float | None:
+        """Best round against best round: the least disturbed by a noisy machine."""
+        ours, plain = min(self.ours_total_s, default=None), min(self.plain_total_s, default=None)
+        return ours / plain if ours and plain else None
+
+    @property
     def send_ratio(self) -> float | None:
         """``send_next`` alone (what crosses the wire, without sealing and queueing)."""
         ours, plain = _median(self.ours_send_s), _median(self.plain_total_s)
@@ -519,10 +531,11 @@ def measure_upload(world: World, case_bytes: int, repeat: int, seed: int) -> Upl
                 case_id = _case_id()
                 server_before = world.server_post_seconds()
                 t0 = time.perf_counter()
-                payload_sha256 = hashlib.sha256(payload).hexdigest()
+                # As EscalationQueue.enqueue: the payload is hashed once, while sealing.
                 envelope = seal_bytes(
                     payload, case_id=case_id, device=link.device, server_key=server_key
                 )
+                payload_sha256 = read_header(envelope).payload_sha256
                 t1 = time.perf_counter()
                 link.outbox.enqueue(
                     case_id, envelope, reason="uncertain", payload_sha256=payload_sha256
@@ -578,7 +591,7 @@ def measure_components(
     device, server_key = link.device, link.keys.server_key
     case_id = _case_id()
     envelope = seal_bytes(payload, case_id=case_id, device=device, server_key=server_key)
-    payload_sha256 = hashlib.sha256(payload).hexdigest()
+    payload_sha256 = read_header(envelope).payload_sha256
     link.outbox.enqueue(case_id, envelope, reason="out_of_scope", payload_sha256=payload_sha256)
     scratch = world.work / "components"
     scratch.mkdir(mode=0o700, exist_ok=True)
@@ -592,22 +605,31 @@ def measure_components(
             aead.encrypt(bytes(12), view[index : index + DEFAULT_CHUNK_SIZE], b"aad")
 
     def server_files() -> None:
-        write_private_file(scratch / "image.dcm", opened.payload.dicom, sync_folder=False)
-        write_private_file(scratch / "result.json", opened.payload.result_json, sync_folder=False)
-        write_private_file(scratch / "signed_header.bin", signed_header(envelope))
+        staged = StagedFiles(scratch, case_id)
+        staged.write(
+            {
+                DICOM_FILE: opened.dicom,
+                RESULT_FILE: opened.result_json,
+                SIGNED_HEADER_FILE: opened.signed_header,
+            }
+        )
+        staged.publish()
 
     steps: list[tuple[Component, Callable[[], object]]] = [
         (
-            Component("device: SHA-256 of the payload", "EscalationQueue.enqueue"),
-            lambda: hashlib.sha256(payload).hexdigest(),
+            Component("device: seal (SHA-256 of the payload, HPKE, sign, AES-GCM)", "seal_bytes"),
+            lambda: seal_bytes(payload, case_id=case_id, device=device, server_key=server_key),
         ),
         (
-            Component("device: seal (HPKE, sign, AES-GCM, SHA-256, join)", "seal_bytes"),
-            lambda: seal_bytes(payload, case_id=case_id, device=device, server_key=server_key),
+            Component("  of which SHA-256 of the payload", "seal_bytes"),
+            lambda: hashlib.sha256(payload).hexdigest(),
         ),
         (Component("  of which AES-256-GCM, 1 MiB chunks", "seal_bytes"), aes_only),
         (
-            Component("device: SHA-256 of the envelope", "Outbox.enqueue"),
+            Component(
+                "device: SHA-256 of the envelope (a helper thread, during the write)",
+                "Outbox.enqueue",
+            ),
             lambda: hashlib.sha256(envelope).hexdigest(),
         ),
         (
@@ -615,23 +637,27 @@ def measure_components(
             lambda: write_private_file(scratch / "spool.env", envelope),
         ),
         (
-            Component("device: read + SHA-256 check of the spool file", "Outbox.envelope"),
-            lambda: link.outbox.envelope(case_id),
+            Component(
+                "device: read + check of the spool file (header, signature, chunk lengths)",
+                "Uploader._envelope",
+            ),
+            lambda: check_sealed(link.outbox.envelope(case_id), device.public_key()),
         ),
         (
             Component("server: header + signature check", "read_header, verify_header"),
             lambda: verify_header(envelope, device.public_key()),
         ),
         (
-            Component("server: open (HPKE, AES-GCM, join, SHA-256, split)", "open_envelope"),
+            Component("server: open (HPKE, AES-GCM in place, SHA-256)", "EnvelopeOpener"),
             lambda: open_envelope(
                 envelope, device_public_key=device.public_key(), server_keys=server_keys
             ),
         ),
         (
             Component(
-                "server: durable writes of image.dcm + result.json + signed header",
-                "CentralStore._write_files",
+                "server: durable writes of image.dcm + result.json + signed header "
+                "(the SHA-256 above runs meanwhile)",
+                "StagedFiles",
             ),
             server_files,
         ),
@@ -1002,16 +1028,9 @@ def verdict_recovery(link: LinkResult) -> str:
     )
 
 
-def render_report(
-    upload: UploadResult,
-    enqueues: list[EnqueueResult],
-    link: LinkResult,
-    holdout: HoldoutResult,
-    header: list[str],
-) -> str:
-    lines = list(header)
-    # 1
-    lines += [
+def render_upload(upload: UploadResult) -> list[str]:
+    """Figure 1's lines."""
+    lines = [
         "",
         f"1. One case of {_mb(upload.payload_bytes)} (envelope {_mb(upload.envelope_bytes)}): "
         f"sealed + queued + uploaded + receipt verified, against a plain HTTPS PUT + durable "
@@ -1026,7 +1045,7 @@ def render_report(
             _ms(_median(upload.ours_server_s)),
         ),
         (
-            "  seal (payload SHA-256 + seal_bytes)",
+            "  seal (seal_bytes, which hashes the payload)",
             _ms(_median(upload.ours_seal_s)),
             _ms(min(upload.ours_seal_s, default=None)),
             _ms(max(upload.ours_seal_s, default=None)),
@@ -1057,7 +1076,11 @@ def render_report(
     lines += _table(("step", "median ms", "min ms", "max ms", "server ms"), rows)
     ratio = upload.ratio
     send_ratio = upload.send_ratio
-    lines.append(f"  ratio ours / plain PUT: {'-' if ratio is None else f'{ratio:.2f}×'}")
+    min_ratio = upload.min_ratio
+    lines.append(
+        f"  ratio ours / plain PUT: {'-' if ratio is None else f'{ratio:.2f}×'} (medians), "
+        f"{'-' if min_ratio is None else f'{min_ratio:.2f}×'} (minima)"
+    )
     lines.append(
         "  (send_next alone / plain PUT: "
         f"{'-' if send_ratio is None else f'{send_ratio:.2f}×'}; sealing and queueing happen "
@@ -1067,6 +1090,17 @@ def render_report(
               f"{upload.rounds}"]  # fmt: skip
     rows = [(c.what, _ms(c.median_s), c.product) for c in upload.components]
     lines += _table(("step", "ms", "product code"), rows, indent="    ", align="lrl")
+    return lines
+
+
+def render_report(
+    upload: UploadResult,
+    enqueues: list[EnqueueResult],
+    link: LinkResult,
+    holdout: HoldoutResult,
+    header: list[str],
+) -> str:
+    lines = [*header, *render_upload(upload)]
     # 2
     first = enqueues[0] if enqueues else None
     lines += [
@@ -1157,14 +1191,8 @@ def render_report(
     return "\n".join(lines)
 
 
-def to_json(
-    upload: UploadResult,
-    enqueues: list[EnqueueResult],
-    link: LinkResult,
-    holdout: HoldoutResult,
-    sizes: Sizes,
-    tls: str,
-) -> dict[str, Any]:
+def upload_json(upload: UploadResult, sizes: Sizes, tls: str) -> dict[str, Any]:
+    """The machine and figure 1 (all of ``--upload-only``'s JSON)."""
     return {
         "benchmark": "escalation_figures",
         "machine": {
@@ -1178,10 +1206,25 @@ def to_json(
         "upload": {
             **asdict(upload),
             "ratio": upload.ratio,
+            "min_ratio": upload.min_ratio,
             "send_ratio": upload.send_ratio,
             "ours_median_s": _median(upload.ours_total_s),
             "plain_median_s": _median(upload.plain_total_s),
         },
+        "verdicts": [verdict_ratio(upload)],
+    }
+
+
+def to_json(
+    upload: UploadResult,
+    enqueues: list[EnqueueResult],
+    link: LinkResult,
+    holdout: HoldoutResult,
+    sizes: Sizes,
+    tls: str,
+) -> dict[str, Any]:
+    return {
+        **upload_json(upload, sizes, tls),
         "enqueue": [{**asdict(r), "per_s": r.per_s, "mb_per_s": r.mb_per_s} for r in enqueues],
         "link": {
             **asdict(link),
@@ -1214,6 +1257,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"phantom seed of the hold-out set (default {DEFAULT_HOLDOUT_SEED})",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (path printed)")
+    parser.add_argument(
+        "--upload-only", action="store_true", help="figure 1 (the 20 MB case against a PUT) alone"
+    )
     args = parser.parse_args(argv)
     if args.repeat is not None and args.repeat < 1:
         parser.error("--repeat must be positive")
@@ -1252,9 +1298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="escalation-bench-"))
     try:
-        # Rendering forks worker processes: done first, before any server or proxy thread.
-        files, render_s = write_holdout(work / "holdout", args.seed, sizes.images)
-        print(f"  [4] {len(files)} phantoms written in {render_s:.1f} s", file=sys.stderr)
+        if args.upload_only:
+            files, render_s = [], 0.0
+        else:
+            # Rendering forks worker processes: done first, before any server or proxy thread.
+            files, render_s = write_holdout(work / "holdout", args.seed, sizes.images)
+            print(f"  [4] {len(files)} phantoms written in {render_s:.1f} s", file=sys.stderr)
         with central_server(work) as world:
             assert world.central.port is not None
             tls = tls_description(world.central.port)
@@ -1267,14 +1316,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; TLS: {tls}",
             ]
             upload = measure_upload(world, sizes.case_bytes, sizes.repeat, args.seed)
-            enqueues = measure_enqueues(world, sizes.enqueues, args.seed)
-            link = measure_link_recovery(world, sizes.link_trials, args.seed)
-            holdout = measure_holdout(world, files, args.seed, render_s)
-        report = render_report(upload, enqueues, link, holdout, header)
+            if args.upload_only:
+                report = "\n".join([*header, *render_upload(upload), "", verdict_ratio(upload)])
+                data = upload_json(upload, sizes, tls)
+            else:
+                enqueues = measure_enqueues(world, sizes.enqueues, args.seed)
+                link = measure_link_recovery(world, sizes.link_trials, args.seed)
+                holdout = measure_holdout(world, files, args.seed, render_s)
+                report = render_report(upload, enqueues, link, holdout, header)
+                data = to_json(upload, enqueues, link, holdout, sizes, tls)
         print(report)
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            data = to_json(upload, enqueues, link, holdout, sizes, tls)
             (args.out / "escalation_figures.json").write_text(
                 json.dumps(data, indent=2) + "\n", encoding="utf-8"
             )

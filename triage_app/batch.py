@@ -38,18 +38,20 @@ log = logging.getLogger(__name__)
 _worker_pipeline: TriagePipeline | None = None
 
 
-def _init_worker(config: PipelineConfig, log_level: int) -> None:
+def _init_worker(config: PipelineConfig, log_level: int, service: bool = False) -> None:
     """Set up one worker: the parent's logging, one OpenCV thread, its own model session.
 
     OpenCV starts a thread per core by default; with one worker per core that oversubscribes the
     CPU, so each worker computes single-threaded and the workers are the parallelism.
     """
     global _worker_pipeline
-    # Ctrl-C and a service manager's SIGTERM reach the whole process group: the parent decides
-    # when to stop and lets the workers finish the files they hold.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _exit_with_parent(os.getppid())
+    if service:
+        # Ctrl-C and a service manager's SIGTERM reach the whole process group: the service
+        # decides when to stop and lets its workers finish the files they hold. (Not for
+        # ``triage_files``: multiprocessing.Pool stops its workers with SIGTERM.)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _exit_with_parent(os.getppid())
     cv2.setNumThreads(1)
     configure_logging(log_level)
     _worker_pipeline = TriagePipeline(config)
@@ -112,7 +114,7 @@ class TriagePool:
             self._workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self._config, level),
+            initargs=(self._config, level, True),
         )
         # Start the workers (and load the model) now, not when the first image arrives.
         for _ in range(self._workers):

@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from triage_app import __version__, cli_central, cli_queue, cli_services
-from triage_app.admin import save_audited
+from triage_app.admin import current_user, save_audited
 from triage_app.cli_common import (
     EXIT_OK,
     EXIT_SOME_FAILED,
     EXIT_USAGE,
-    actor,
     read_secret,
     settings_from_args,
 )
@@ -394,7 +393,7 @@ def _config_set(args: argparse.Namespace) -> int:
     updated, change = apply_change(settings, args.key, args.value, admin_password=password)
     store_path = settings_from_args(args).case_store_path
     path = save_audited(
-        updated, args.config, store_path, actor=actor(), action="config.set", change=change
+        updated, args.config, store_path, actor=current_user(), action="config.set", change=change
     )
     print(f"{change.key}: {change.old!s} -> {change.new!s} (saved to {path})")
     return EXIT_OK
@@ -411,7 +410,7 @@ def _config_set_admin_password(args: argparse.Namespace) -> int:
         set_admin_password(settings, new),
         args.config,
         settings_from_args(args).case_store_path,
-        actor=actor(),
+        actor=current_user(),
         action="config.admin_password_set",
     )
     print(f"admin password set (saved to {path})")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import sys
 
 from triage_app.config import Settings, load_settings
@@ -40,10 +39,3 @@ def read_secret(prompt: str, from_stdin: bool) -> str:
         return getpass.getpass(prompt)
     except EOFError:
         return ""
-
-
-def actor() -> str:
-    try:
-        return os.getlogin()
-    except OSError:
-        return os.environ.get("USER", "unknown")

@@ -15,9 +15,10 @@ import threading
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from triage_app.cli_common import EXIT_OK, EXIT_SOME_FAILED, actor, read_secret, settings_from_args
-from triage_app.config import Settings, verify_admin_password
-from triage_app.errors import AdminAuthError, ConfigError
+from triage_app.admin import current_user, require_admin, retry_queued_case
+from triage_app.cli_common import EXIT_OK, EXIT_SOME_FAILED, read_secret, settings_from_args
+from triage_app.config import Settings
+from triage_app.errors import ConfigError
 
 if TYPE_CHECKING:
     from triage_app.escalation.outbox import OutboxItem
@@ -114,7 +115,6 @@ def _status(args: argparse.Namespace) -> int:
 def _retry(args: argparse.Namespace) -> int:
     from triage_app.escalation.outbox import OutboxState
     from triage_app.escalation.service import open_outbox
-    from triage_app.states import CaseEvent
     from triage_app.store import CaseStore
 
     settings = settings_from_args(args)
@@ -126,19 +126,13 @@ def _retry(args: argparse.Namespace) -> int:
         if not wanted:
             raise ConfigError("queue retry: name the case ids to retry, or give --all")
         for case_id in dict.fromkeys(wanted):
-            outbox.retry(case_id)
-            if store.get(case_id) is not None:
-                store.apply(case_id, CaseEvent.ADMIN_RETRY, f"by {actor()}")
-            store.audit(actor(), "queue.retry", {"case_id": case_id})
+            retry_queued_case(outbox, store, case_id, current_user())
             print(f"{case_id}: back in the queue")
     return EXIT_OK
 
 
 def _require_admin(settings: Settings, from_stdin: bool) -> None:
-    if not settings.has_admin_password:
-        raise AdminAuthError("no admin password is set; set one with config set-admin-password")
-    if not verify_admin_password(settings, read_secret("admin password: ", from_stdin)):
-        raise AdminAuthError("the admin password is wrong")
+    require_admin(settings, read_secret("admin password: ", from_stdin))
 
 
 def _print_attempt(attempt: Attempt) -> None:

@@ -77,13 +77,15 @@ def seal_case(
     *,
     now: datetime | None = None,
 ) -> bytes:
-    return seal(
-        case.payload,
-        case_id=case.case_id,
-        device=device,
-        server_key=server_key,
-        chunk_size=CHUNK_SIZE,
-        now=now,
+    return bytes(
+        seal(
+            case.payload,
+            case_id=case.case_id,
+            device=device,
+            server_key=server_key,
+            chunk_size=CHUNK_SIZE,
+            now=now,
+        )
     )
 
 

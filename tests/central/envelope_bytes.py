@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from triage_app.escalation.envelope import (
+    HPKE_INFO_LABEL,
     LENGTH_BYTES,
     MAGIC,
     PREFIX_BYTES,
@@ -82,3 +89,32 @@ def resigned(
     raw = canonical_json(header)
     signed = MAGIC + len(raw).to_bytes(LENGTH_BYTES, "big") + raw
     return signed + device.signing_key.sign(signed) + b"".join(parts.chunks)
+
+
+def reencrypted(
+    envelope: bytes,
+    device: DeviceIdentity,
+    server_key: X25519PrivateKey,
+    change: Callable[[dict[str, Any]], None],
+) -> bytes:
+    """Change the header, sign it and encrypt every chunk again under it: a device that lies
+    consistently (or a buggy one), which only the payload checks can catch."""
+    parts = split(envelope)
+    header = parts.header
+    info = HPKE_INFO_LABEL + "\x00".join(
+        str(header[name]) for name in ("case_id", "device_id", "server_key_id")
+    ).encode("ascii")
+    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    aead = AESGCM(suite.decrypt(base64.b64decode(header["sealed_key"]), server_key, info))
+    old_aad = hashlib.sha256(parts.signed).digest()
+    change(header)
+    raw = canonical_json(header)
+    signed = MAGIC + len(raw).to_bytes(LENGTH_BYTES, "big") + raw
+    aad = hashlib.sha256(signed).digest()
+    chunks = []
+    for index, chunk in enumerate(parts.chunks):
+        nonce = bytes(7) + index.to_bytes(4, "big") + bytes([index == len(parts.chunks) - 1])
+        plain = aead.decrypt(nonce, chunk[LENGTH_BYTES:], old_aad)
+        sealed = aead.encrypt(nonce, plain, aad)
+        chunks.append(len(sealed).to_bytes(LENGTH_BYTES, "big") + sealed)
+    return signed + device.signing_key.sign(signed) + b"".join(chunks)

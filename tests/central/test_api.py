@@ -249,6 +249,28 @@ def test_revoked_device_is_refused_even_for_a_stored_case(central: Central) -> N
     assert central.store.cases()[0].deliveries == 1
 
 
+def test_a_payload_that_is_not_the_one_its_header_hashes_is_tampered_and_leaves_nothing(
+    central: Central,
+) -> None:
+    """The payload hash is checked while the files are written: they never take their place."""
+    device = central.register(new_device())
+    case = make_case(12)
+    body = central.seal(case, device)
+    [server_key] = central.key_ring.private_keys.values()
+
+    def lie(header: dict[str, Any]) -> None:
+        header["payload_sha256"] = "0" * 64
+
+    lying = eb.reencrypted(body, device, server_key, lie)
+    assert_refused(central.post(case.case_id, lying), 422, "envelope_tampered")
+
+    assert central.store.count() == 0
+    assert not central.store.case_dir(case.case_id).exists()
+    assert central.post(case.case_id, body).status_code == 201
+    honest = eb.reencrypted(body, device, server_key, lambda header: None)
+    assert central.post(case.case_id, honest).status_code == 200  # the helper itself is sound
+
+
 @pytest.fixture
 def fixed_envelope_id(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Make the device's sealer reuse one envelope id (as a replaying attacker would)."""

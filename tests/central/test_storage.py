@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +14,18 @@ from triage_app.central.errors import CaseConflictError, ReplayedEnvelopeError
 from triage_app.central.storage import (
     DICOM_FILE,
     RESULT_FILE,
+    SIGNED_HEADER_FILE,
     CentralStore,
     Verdict,
     VerdictFailure,
 )
 from triage_app.errors import StoreError
-from triage_app.escalation.envelope import EnvelopeHeader, Payload, open_envelope
+from triage_app.escalation.envelope import (
+    EnvelopeHeader,
+    OpenedEnvelope,
+    Payload,
+    open_envelope,
+)
 from triage_app.escalation.keys import DeviceIdentity, ServerKeyRing
 from triage_app.results import ModelRef
 
@@ -47,14 +54,9 @@ def device(store: CentralStore) -> DeviceIdentity:
     return device
 
 
-def sealed(
-    ring: ServerKeyRing, case: TestCase, device: DeviceIdentity
-) -> tuple[EnvelopeHeader, Payload, bytes]:
+def sealed(ring: ServerKeyRing, case: TestCase, device: DeviceIdentity) -> OpenedEnvelope:
     body = seal_case(case, device, ring.active)
-    opened = open_envelope(
-        body, device_public_key=device.public_key(), server_keys=ring.private_keys
-    )
-    return opened.header, opened.payload, body
+    return open_envelope(body, device_public_key=device.public_key(), server_keys=ring.private_keys)
 
 
 def verdict_for(case_id: str, label: str = "normal") -> Verdict:
@@ -67,12 +69,13 @@ def test_a_case_is_stored_once_and_repeats_are_counted(
     store: CentralStore, ring: ServerKeyRing, device: DeviceIdentity
 ) -> None:
     case = make_case(40)
-    header, payload, body = sealed(ring, case, device)
-    header2, payload2, body2 = sealed(ring, case, device)  # sealed again: new envelope id
+    opened = sealed(ring, case, device)
+    header = opened.header
+    resealed_envelope = sealed(ring, case, device)  # sealed again: new envelope id
 
-    first, is_first = store.accept(header, payload, body)
-    again, again_first = store.accept(header, payload, body)
-    resealed, resealed_first = store.accept(header2, payload2, body2)
+    first, is_first = store.accept(opened)
+    again, again_first = store.accept(opened)
+    resealed, resealed_first = store.accept(resealed_envelope)
 
     assert (is_first, again_first, resealed_first) == (True, False, False)
     assert [first.deliveries, again.deliveries, resealed.deliveries] == [1, 2, 3]
@@ -92,19 +95,20 @@ def test_conflicts_and_replays_are_refused_without_a_trace(
     other = new_device()
     store.registry.add_device(other.public_key_b64())
     case, second = make_case(41), make_case(42)
-    header, payload, body = sealed(ring, case, device)
-    store.accept(header, payload, body)
+    opened = sealed(ring, case, device)
+    store.accept(opened)
 
-    from_other = sealed(ring, case, other)
     with pytest.raises(CaseConflictError, match="another device"):
-        store.accept(*from_other)
+        store.accept(sealed(ring, case, other))
     changed = TestCase(case.case_id, Payload(b"{}", case.payload.dicom))
     with pytest.raises(CaseConflictError, match="another payload"):
-        store.accept(*sealed(ring, changed, device))
-    replay_header, replay_payload, replay_body = sealed(ring, second, device)
-    replay = EnvelopeHeader(**{**vars(replay_header), "envelope_id": header.envelope_id})
+        store.accept(sealed(ring, changed, device))
+    replay = sealed(ring, second, device)
+    replay_header = EnvelopeHeader(
+        **{**vars(replay.header), "envelope_id": opened.header.envelope_id}
+    )
     with pytest.raises(ReplayedEnvelopeError):
-        store.accept(replay, replay_payload, replay_body)
+        store.accept(dataclasses.replace(replay, header=replay_header))
 
     assert [c.case_id for c in store.cases()] == [case.case_id]
     assert store.cases()[0].deliveries == 1
@@ -112,20 +116,51 @@ def test_conflicts_and_replays_are_refused_without_a_trace(
     assert not store.case_dir(second.case_id).exists()
 
 
+def test_staged_files_take_their_place_only_with_the_row(
+    store: CentralStore, ring: ServerKeyRing, device: DeviceIdentity
+) -> None:
+    opened, other = sealed(ring, make_case(47), device), sealed(ring, make_case(48), device)
+    payload = (opened.result_json, opened.dicom)
+    folder = store.case_dir(opened.header.case_id)
+
+    with store.stage(opened.header.case_id, opened.signed_header, payload) as staged:
+        assert staged is not None
+        assert folder.is_dir()
+        names = sorted(path.name for path in folder.iterdir())
+        assert len(names) == 3 and all(name.endswith(".tmp") for name in names)
+    assert not folder.exists()  # not put in place (say the payload hash was wrong): gone
+
+    with store.stage(opened.header.case_id, opened.signed_header, payload) as staged:
+        assert store.accept(opened, staged)[1] is True
+    assert sorted(path.name for path in folder.iterdir()) == sorted(
+        [DICOM_FILE, RESULT_FILE, SIGNED_HEADER_FILE]
+    )
+    assert (folder / DICOM_FILE).read_bytes() == opened.dicom
+    assert (folder / SIGNED_HEADER_FILE).read_bytes() == opened.signed_header
+
+    # A repeat delivery writes nothing; neither does a payload of impossible structure.
+    with store.stage(opened.header.case_id, opened.signed_header, payload) as staged:
+        assert staged is None
+        assert store.accept(opened, staged)[1] is False
+    with store.stage(other.header.case_id, other.signed_header, None) as staged:
+        assert staged is None
+    assert not store.case_dir(other.header.case_id).exists()
+
+
 @pytest.mark.expect_log_warnings
 def test_a_file_that_cannot_be_written_leaves_no_row(
     store: CentralStore, ring: ServerKeyRing, device: DeviceIdentity
 ) -> None:
     case = make_case(43)
-    header, payload, body = sealed(ring, case, device)
+    opened = sealed(ring, case, device)
     store.case_dir(case.case_id).write_bytes(b"")
 
     with pytest.raises(StoreError):
-        store.accept(header, payload, body)
+        store.accept(opened)
 
     assert store.count() == 0
     store.case_dir(case.case_id).unlink()
-    assert store.accept(header, payload, body)[1] is True
+    assert store.accept(opened)[1] is True
 
 
 def test_everything_survives_reopening(
@@ -133,7 +168,7 @@ def test_everything_survives_reopening(
 ) -> None:
     decided, failed, waiting = make_case(44), make_case(45), make_case(46)
     for case in (decided, failed, waiting):
-        store.accept(*sealed(ring, case, device))
+        store.accept(sealed(ring, case, device))
     store.set_verdict(verdict_for(decided.case_id))
     failure = VerdictFailure(failed.case_id, "not_dicom", "not DICOM", "2026-01-01T00:00:00Z")
     store.set_verdict_failure(failure)

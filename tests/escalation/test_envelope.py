@@ -30,12 +30,16 @@ from triage_app.errors import (
     UnknownServerKeyError,
 )
 from triage_app.escalation.envelope import (
+    HPKE_INFO_LABEL,
+    LENGTH_BYTES,
     MAGIC,
     MAX_CHUNK_SIZE,
     MAX_HEADER_BYTES,
     EnvelopeHeader,
+    EnvelopeOpener,
     Payload,
     canonical_json,
+    check_sealed,
     open_bytes,
     open_envelope,
     read_header,
@@ -64,13 +68,23 @@ def plaintext(size: int) -> bytes:
 
 
 def seal_small(data: bytes, *, chunk_size: int = CHUNK, case_id: str = CASE_ID) -> bytes:
-    return seal_bytes(
-        data, case_id=case_id, device=DEVICE, server_key=SERVER_KEY, chunk_size=chunk_size, now=NOW
+    return bytes(
+        seal_bytes(
+            data,
+            case_id=case_id,
+            device=DEVICE,
+            server_key=SERVER_KEY,
+            chunk_size=chunk_size,
+            now=NOW,
+        )
     )
 
 
 def open_small(envelope: bytes) -> tuple[EnvelopeHeader, bytes]:
-    return open_bytes(envelope, device_public_key=DEVICE.public_key(), server_keys=SERVER_KEYS)
+    header, plain = open_bytes(
+        envelope, device_public_key=DEVICE.public_key(), server_keys=SERVER_KEYS
+    )
+    return header, bytes(plain)
 
 
 @dataclass(frozen=True)
@@ -86,7 +100,7 @@ class Layout:
         return envelope[start:end]
 
 
-def layout(envelope: bytes) -> Layout:
+def layout(envelope: bytes | bytearray) -> Layout:
     header_end = 12 + int.from_bytes(envelope[8:12], "big")
     signature_end = header_end + 64
     chunks = []
@@ -99,7 +113,7 @@ def layout(envelope: bytes) -> Layout:
     return Layout(header_end, signature_end, chunks)
 
 
-def header_dict(envelope: bytes) -> dict[str, object]:
+def header_dict(envelope: bytes | bytearray) -> dict[str, object]:
     value = json.loads(envelope[12 : layout(envelope).header_end])
     assert isinstance(value, dict)
     return value
@@ -189,7 +203,7 @@ def test_payload_round_trip(payload: Payload) -> None:
         payload, case_id=CASE_ID, device=DEVICE, server_key=SERVER_KEY, chunk_size=CHUNK, now=NOW
     )
     opened = open_envelope(envelope, device_public_key=DEVICE.public_key(), server_keys=SERVER_KEYS)
-    assert opened.payload == payload
+    assert (opened.result_json, bytes(opened.dicom)) == (payload.result_json, payload.dicom)
     assert opened.header.payload_bytes == len(payload.to_bytes())
     assert Payload.from_bytes(payload.to_bytes()) == payload
 
@@ -225,7 +239,7 @@ def test_the_envelope_never_contains_the_plaintext(chunk_size: int) -> None:
         assert marker not in envelope
         assert base64.b64encode(marker)[:16] not in envelope
     opened = open_envelope(envelope, device_public_key=DEVICE.public_key(), server_keys=SERVER_KEYS)
-    assert DICOM_MARKER in opened.payload.dicom  # the search above could have found it
+    assert DICOM_MARKER in bytes(opened.dicom)  # the search above could have found it
 
 
 def test_payload_repr_shows_sizes_not_content() -> None:
@@ -308,6 +322,30 @@ def test_every_altered_byte_is_caught_by_its_regions_check(mask: int) -> None:
         assert_one_line(caught.value)
         seen.add(type(caught.value))
     assert {MalformedEnvelopeError, EnvelopeSignatureError, EnvelopeTamperedError} <= seen
+
+
+def test_the_senders_check_catches_every_altered_byte_but_the_ciphertexts() -> None:
+    envelope = seal_small(plaintext(150))
+    lay = layout(envelope)
+    header = read_header(envelope)
+    assert check_sealed(envelope, DEVICE.public_key()) == header
+    length_fields = {start + i for start, _, _ in lay.chunks for i in range(LENGTH_BYTES)}
+    for offset in range(len(envelope)):
+        altered = bytearray(envelope)
+        altered[offset] ^= 0x01
+        if offset >= lay.signature_end and offset not in length_fields:
+            # Only the server can tell (AES-GCM), and does: see the test above.
+            assert check_sealed(altered, DEVICE.public_key()) == header
+        else:
+            with pytest.raises(expected_errors(lay, offset)):
+                check_sealed(altered, DEVICE.public_key())
+    for size in range(len(envelope)):
+        with pytest.raises(EnvelopeTruncatedError):
+            check_sealed(envelope[:size], DEVICE.public_key())
+    with pytest.raises(EnvelopeTamperedError, match="after its last chunk"):
+        check_sealed(envelope + b"x", DEVICE.public_key())
+    with pytest.raises(EnvelopeSignatureError):
+        check_sealed(envelope, OTHER_DEVICE.public_key())
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
@@ -589,6 +627,87 @@ def test_an_impossible_payload_is_malformed(data: bytes, match: str) -> None:
         open_envelope(
             seal_small(data), device_public_key=DEVICE.public_key(), server_keys=SERVER_KEYS
         )
+
+
+def reencrypted(envelope: bytes | bytearray, mutate: Callable[[dict[str, object]], None]) -> bytes:
+    """Change the header, re-sign it and re-encrypt every chunk under it, as a device that lies
+    consistently would (or a buggy one): only the payload checks can tell."""
+    header = header_dict(envelope)
+    lay = layout(envelope)
+    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    info = HPKE_INFO_LABEL + "\x00".join(
+        str(header[name]) for name in ("case_id", "device_id", "server_key_id")
+    ).encode("ascii")
+    aead = AESGCM(suite.decrypt(base64.b64decode(str(header["sealed_key"])), SERVER_PRIVATE, info))
+    old_aad = hashlib.sha256(envelope[: lay.header_end]).digest()
+    mutate(header)
+    header_bytes = canonical_json(header)
+    signed = MAGIC + len(header_bytes).to_bytes(4, "big") + header_bytes
+    aad = hashlib.sha256(signed).digest()
+    body = b""
+    for index, (_, start, end) in enumerate(lay.chunks):
+        nonce = bytes(7) + index.to_bytes(4, "big") + bytes([index == len(lay.chunks) - 1])
+        sealed = aead.encrypt(nonce, aead.decrypt(nonce, envelope[start:end], old_aad), aad)
+        body += len(sealed).to_bytes(4, "big") + sealed
+    return signed + DEVICE.signing_key.sign(signed) + body
+
+
+def wrong_payload_hash(header: dict[str, object]) -> None:
+    header["payload_sha256"] = "0" * 64
+
+
+def test_a_payload_that_is_not_the_one_the_header_hashes_is_tampering() -> None:
+    payload = Payload(b'{"a":1}', b"DICM" + plaintext(300))
+    envelope = seal(
+        payload, case_id=CASE_ID, device=DEVICE, server_key=SERVER_KEY, chunk_size=CHUNK
+    )
+    honest = open_envelope(
+        reencrypted(envelope, lambda header: None),
+        device_public_key=DEVICE.public_key(),
+        server_keys=SERVER_KEYS,
+    )
+    assert bytes(honest.dicom) == payload.dicom  # the helper itself keeps a good envelope good
+    lying = reencrypted(envelope, wrong_payload_hash)
+    with pytest.raises(EnvelopeTamperedError, match="payload hash"):
+        open_envelope(lying, device_public_key=DEVICE.public_key(), server_keys=SERVER_KEYS)
+    # Before the hash is checked, the payload is there to be written to temporary files only.
+    opener = EnvelopeOpener(lying, device_public_key=DEVICE.public_key(), server_keys=SERVER_KEYS)
+    with pytest.raises(RuntimeError):
+        opener.plaintext()
+    opener.open_chunks()
+    unchecked = opener.unchecked_payload()
+    assert unchecked is not None
+    assert (unchecked[0], bytes(unchecked[1])) == (payload.result_json, payload.dicom)
+    with pytest.raises(EnvelopeTamperedError, match="payload hash"):
+        opener.opened()
+
+
+def test_the_payload_hash_is_checked_before_the_payloads_structure() -> None:
+    impossible = b"\x00\x00\x00\x09{}"  # the result JSON would be longer than the payload
+    lying = reencrypted(seal_small(impossible), wrong_payload_hash)
+    opener = EnvelopeOpener(lying, device_public_key=DEVICE.public_key(), server_keys=SERVER_KEYS)
+    opener.open_chunks()
+    assert opener.unchecked_payload() is None
+    with pytest.raises(EnvelopeTamperedError, match="payload hash"):
+        opener.opened()
+    with pytest.raises(MalformedEnvelopeError):
+        open_envelope(
+            reencrypted(seal_small(impossible), lambda header: None),
+            device_public_key=DEVICE.public_key(),
+            server_keys=SERVER_KEYS,
+        )
+
+
+def test_an_opened_envelope_keeps_its_signed_part_and_shows_no_content() -> None:
+    payload = Payload(JSON_MARKER, DICOM_MARKER)
+    envelope = seal(
+        payload, case_id=CASE_ID, device=DEVICE, server_key=SERVER_KEY, chunk_size=CHUNK
+    )
+    opened = open_envelope(envelope, device_public_key=DEVICE.public_key(), server_keys=SERVER_KEYS)
+    assert opened.signed_header == envelope[: layout(envelope).signature_end]
+    assert opened.dicom.readonly
+    assert JSON_MARKER.decode() not in repr(opened)
+    assert DICOM_MARKER.decode() not in repr(opened)
 
 
 @pytest.mark.parametrize(

@@ -503,14 +503,34 @@ def test_open_quarantines_a_case_whose_file_was_lost(db: Path, spool: Path, capl
     assert any("quarantined" in r.getMessage() for r in caplog.records)
 
 
-def test_a_damaged_spool_file_is_never_sent(outbox: Outbox, spool: Path):
+def test_a_spool_file_of_the_wrong_size_is_never_sent(outbox: Outbox, spool: Path):
     enqueue(outbox, 1)
     path = spool / f"{cid(1)}.env"
-    data = bytearray(path.read_bytes())
-    data[10] ^= 0xFF
-    path.write_bytes(bytes(data))
+    path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(OutboxError, match="damaged"):
         outbox.envelope(cid(1))
+
+
+@pytest.mark.parametrize("size", [5000, (1 << 20) + 3], ids=["hashed-at-once", "hashed-meanwhile"])
+@pytest.mark.expect_log_warnings  # the quarantine
+def test_the_hash_kept_at_enqueue_is_the_files_and_guards_an_admin_retry(
+    outbox: Outbox, spool: Path, size: int
+):
+    envelope = bytearray(random.Random(size).randbytes(size))  # any buffer will do
+    item = outbox.enqueue(cid(1), envelope, reason="uncertain", payload_sha256="0" * 64)
+    path = spool / f"{cid(1)}.env"
+    assert path.read_bytes() == envelope
+    assert item.envelope_sha256 == hashlib.sha256(envelope).hexdigest()
+    outbox.quarantine(cid(1), "refused by the server")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # bit rot: same size
+    path.write_bytes(bytes(data))
+    with pytest.raises(OutboxError, match="damaged"):
+        outbox.retry(cid(1))
+    assert state_of(outbox, 1) is OutboxState.QUARANTINED
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert outbox.retry(cid(1)).state is OutboxState.PENDING
 
 
 def test_open_refuses_a_spool_folder_others_can_read(db: Path, spool: Path):

@@ -717,7 +717,8 @@ def test_nothing_identifying_is_written_at_rest_and_the_server_opens_exactly_the
                 server_keys=central.key_ring.private_keys,
             )
             assert opened.header.case_id == case.case_id
-            assert opened.payload.to_bytes() == case.payload
+            sent = Payload.from_bytes(case.payload)
+            assert (opened.result_json, bytes(opened.dicom)) == (sent.result_json, sent.dicom)
             assert opened.header.payload_sha256 == hashlib.sha256(case.payload).hexdigest()
 
         with make_uploader(link) as uploader:
@@ -772,14 +773,65 @@ def test_a_damaged_envelope_is_set_aside_and_the_rest_of_the_queue_is_delivered(
         damaged, healthy = queue_cases(link, tmp_path / "in", (1, 2))
         spooled = spool_file(link, damaged.case_id)
         data = bytearray(spooled.read_bytes())
-        data[len(data) // 2] ^= 0xFF  # bit rot: same size, so opening the outbox misses it
+        data[len(data) // 2] ^= 0xFF  # bit rot in the ciphertext: only the server can find it
         spooled.write_bytes(bytes(data))
         with make_uploader(link) as uploader:
             attempts = uploader.drain()
 
         outcomes = {a.case_id: a.outcome for a in attempts}
         assert outcomes[healthy.case_id] == "delivered"
-        assert item_of(link, damaged.case_id).state is OutboxState.QUARANTINED
+        quarantined = item_of(link, damaged.case_id)
+        assert quarantined.state is OutboxState.QUARANTINED
+        assert (quarantined.quarantine_reason or "").startswith("envelope_tampered")
+    assert central.store.get_case(damaged.case_id) is None
+
+
+@pytest.mark.parametrize("region", ["header", "signature", "chunk length"])
+@pytest.mark.expect_log_warnings
+def test_a_damaged_header_or_layout_is_set_aside_without_sending_it(
+    central: Central, device: Device, tmp_path: Path, region: str
+) -> None:
+    central.register(device.identity)
+    settings = device.settings(central, **central.public_keys())
+    with link_for(settings) as link:
+        [case] = queue_cases(link, tmp_path / "in", (1,))
+        spooled = spool_file(link, case.case_id)
+        data = bytearray(spooled.read_bytes())
+        header_end = 12 + int.from_bytes(data[8:12], "big")
+        position = {"header": 40, "signature": header_end + 10, "chunk length": header_end + 66}
+        data[position[region]] ^= 0x01
+        spooled.write_bytes(bytes(data))
+        with make_uploader(link) as uploader:
+            [attempt] = uploader.drain()
+
+        assert attempt.outcome == "quarantined"
+        quarantined = item_of(link, case.case_id)
+        assert quarantined.state is OutboxState.QUARANTINED
+        assert (quarantined.quarantine_reason or "").startswith("damaged envelope")
+    assert central.store.count() == 0
+
+
+@pytest.mark.expect_log_warnings
+def test_another_cases_envelope_in_the_spool_file_is_set_aside_without_sending_it(
+    central: Central, device: Device
+) -> None:
+    central.register(device.identity)
+    settings = device.settings(central, **central.public_keys())
+    with link_for(settings) as link:
+        queue = link.queue
+        assert queue is not None
+        first, second = hashlib.sha256(b"first").hexdigest(), hashlib.sha256(b"second").hexdigest()
+        for case_id in (first, second):  # same sizes, so only the header tells them apart
+            payload = Payload(b'{"reason": "uncertain"}', case_id.encode() * 8).to_bytes()
+            queue.enqueue(case_id, payload, reason="uncertain")
+        spool_file(link, first).write_bytes(spool_file(link, second).read_bytes())
+        with make_uploader(link) as uploader:
+            attempts = {a.case_id: a for a in uploader.drain()}
+
+        assert attempts[first].outcome == "quarantined"
+        assert "not the one queued" in attempts[first].detail
+        assert attempts[second].outcome == "delivered"
+    assert [case.case_id for case in central.store.cases()] == [second]
 
 
 @pytest.mark.expect_log_warnings  # the central model cannot read the broken image

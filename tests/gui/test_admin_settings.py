@@ -11,6 +11,7 @@ from pytestqt.qtbot import QtBot
 
 from tests.helpers import write_phantoms
 from triage_app import config
+from triage_app.admin import current_user
 from triage_app.config import (
     ADMIN_PASSWORD_KEY,
     Bool,
@@ -21,7 +22,7 @@ from triage_app.config import (
     set_admin_password,
 )
 from triage_app.gui.qt_settings import QtSettingsDialog
-from triage_app.gui.settings_model import current_user, describe_figures, form_specs
+from triage_app.gui.settings_model import describe_figures, form_specs
 from triage_app.model.manifest import Thresholds, find_bundle, load_manifest
 from triage_app.policy import ESCALATE, decide
 from triage_app.store import AuditEntry, CaseStore

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from pytestqt.qtbot import QtBot
 
+from triage_app.admin import current_user
 from triage_app.config import Settings, set_admin_password
 from triage_app.escalation.connectivity import ConnectivityState
 from triage_app.escalation.outbox import OutboxState
 from triage_app.escalation.service import open_outbox
 from triage_app.gui.qt_main_window import QtMainWindow
 from triage_app.gui.qt_queue import QtQueueDialog
-from triage_app.gui.settings_model import current_user
 from triage_app.pipeline import PipelineConfig, TriagePipeline
 from triage_app.results import CaseResult
 from triage_app.states import CaseEvent, CaseState, Feedback

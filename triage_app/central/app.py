@@ -60,9 +60,10 @@ from triage_app.errors import (
     UnknownServerKeyError,
 )
 from triage_app.escalation.envelope import (
+    BytesLike,
     EnvelopeHeader,
+    EnvelopeOpener,
     is_case_id,
-    open_envelope,
     parse_timestamp,
     read_header,
     verify_header,
@@ -172,7 +173,7 @@ class CaseReceiver:
         self._store = store
         self._now = now or (lambda: datetime.now(UTC))
 
-    def receive(self, path_case_id: str, body: bytes) -> tuple[dict[str, Any], bool]:
+    def receive(self, path_case_id: str, body: BytesLike) -> tuple[dict[str, Any], bool]:
         """Return the signed receipt and whether this is the case's first delivery.
 
         Raises an :class:`~triage_app.errors.EnvelopeError` (a refusal with its code) or a
@@ -195,7 +196,7 @@ class CaseReceiver:
             raise
 
     def _receive(
-        self, path_case_id: str, body: bytes, header: EnvelopeHeader
+        self, path_case_id: str, body: BytesLike, header: EnvelopeHeader
     ) -> tuple[dict[str, Any], bool]:
         device = self.trusted_device(header.device_id)
         verify_header(body, device.public_key())
@@ -204,12 +205,16 @@ class CaseReceiver:
                 "the case id in the URL is not the one in the signed envelope header"
             )
         self._check_age(header.created_at)
-        opened = open_envelope(
-            body,
-            device_public_key=device.public_key(),
-            server_keys=self._key_ring.private_keys,
+        opener = EnvelopeOpener(
+            body, device_public_key=device.public_key(), server_keys=self._key_ring.private_keys
         )
-        delivery, first = self._store.accept(opened.header, opened.payload, body)
+        opener.open_chunks()
+        # The payload is hashed in a helper thread meanwhile: its files are written and
+        # fsynced under temporary names, and take their place only once the hash is right.
+        payload = opener.unchecked_payload()
+        with self._store.stage(header.case_id, opener.signed_header, payload) as staged:
+            opened = opener.opened()
+            delivery, first = self._store.accept(opened, staged)
         receipt = Receipt(
             case_id=delivery.case_id,
             device_id=delivery.device_id,
@@ -387,9 +392,10 @@ def create_app(
     return app
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
+async def _read_limited(request: Request, limit: int) -> bytearray:
     """The whole body, refusing one over ``limit`` before reading it (Content-Length) or as
-    soon as the streamed bytes pass the limit."""
+    soon as the streamed bytes pass the limit. Returned as read, without a copy into ``bytes``
+    (the envelope functions take any bytes-like object)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLargeError(f"the body is {declared} bytes; this server accepts {limit}")
@@ -398,7 +404,7 @@ async def _read_limited(request: Request, limit: int) -> bytes:
         body += chunk
         if len(body) > limit:
             raise BodyTooLargeError(f"the body is larger than this server accepts ({limit} bytes)")
-    return bytes(body)
+    return body
 
 
 def loggable(identifier: str) -> str:

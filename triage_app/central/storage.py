@@ -1,9 +1,12 @@
 """Received cases, stored exactly once: files in a cases folder, facts in the central database.
 
-Why this order: the de-identified DICOM, the result JSON and the envelope are written (temporary
-file, fsync, rename, folder fsync) *before* the row commits, and the server answers 201 only after
-the commit. So a receipt always means the files are on disk, and a crash in between leaves files
-without a row, which the next delivery of that case simply overwrites.
+Why this order: the de-identified DICOM, the result JSON and the envelope's signed header are
+written (temporary files, fsync, rename, folder fsync) *before* the row commits, and the server
+answers 201 only after the commit. So a receipt always means the files are on disk, and a crash in
+between leaves files without a row, which the next delivery of that case simply overwrites. The
+temporary files can be written before the checks are done (:meth:`CentralStore.stage`: the
+server writes and fsyncs a 20 MB image while the payload hash is being checked); they take their
+place only with the row, and are removed otherwise.
 
 Exactly-once is by ``case_id`` (DESIGN 4.2: a re-sent image is the same case): a repeat from the
 same device with the same ``payload_sha256`` only counts another delivery and keeps the first
@@ -19,12 +22,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 from triage_app.central.config import CentralConfig
 from triage_app.central.db import CentralDB
@@ -32,13 +40,12 @@ from triage_app.central.errors import CaseConflictError, ReplayedEnvelopeError
 from triage_app.central.registry import DeviceRegistry
 from triage_app.errors import StoreError
 from triage_app.escalation.envelope import (
-    EnvelopeHeader,
-    Payload,
+    BytesLike,
+    OpenedEnvelope,
     format_timestamp,
     is_case_id,
-    signed_header,
 )
-from triage_app.paths import fsync_dir, write_private_file
+from triage_app.paths import fsync_dir
 from triage_app.results import ModelRef
 
 log = logging.getLogger(__name__)
@@ -168,11 +175,45 @@ class CentralStore:
 
     # --- receiving ---------------------------------------------------------------------------
 
+    @contextmanager
+    def stage(
+        self, case_id: str, signed_header: bytes, payload: tuple[bytes, memoryview] | None
+    ) -> Iterator[StagedFiles | None]:
+        """Write a new case's files (``payload`` is its result JSON and image) durably under
+        temporary names, for :meth:`accept` to put in place with the row; whatever is not put
+        in place is removed on leaving. Nothing is written for a case stored already (a repeat
+        delivery) or without a payload. Raises a retryable :class:`StoreError`.
+        """
+        case_id = _checked_case_id(case_id)
+        with self._db.read(f"read case {case_id}") as conn:
+            stored = conn.execute("SELECT 1 FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+        if stored is not None or payload is None:
+            yield None
+            return
+        with self._staged(case_id, signed_header, *payload) as staged:
+            yield staged
+
+    @contextmanager
+    def _staged(
+        self, case_id: str, signed_header: bytes, result_json: bytes, dicom: memoryview
+    ) -> Iterator[StagedFiles]:
+        staged = StagedFiles(self.cases_dir, case_id)
+        try:
+            staged.write(
+                {DICOM_FILE: dicom, RESULT_FILE: result_json, SIGNED_HEADER_FILE: signed_header}
+            )
+            yield staged
+        finally:
+            staged.discard()
+
     def accept(
-        self, header: EnvelopeHeader, payload: Payload, envelope: bytes
+        self, opened: OpenedEnvelope, staged: StagedFiles | None = None
     ) -> tuple[Delivery, bool]:
         """Store an opened, verified envelope once; return its delivery facts and whether it
         is the first delivery of this case.
+
+        ``staged`` holds the case's files from :meth:`stage`; without them, a new case's files
+        are written here.
 
         Raises
         ------
@@ -183,6 +224,7 @@ class CentralStore:
         StoreError
             A file or the database could not be written: nothing was committed, retry later.
         """
+        header = opened.header
         case_id = _checked_case_id(header.case_id)
         with self._db.write(f"store case {case_id}") as conn:
             seen = conn.execute(
@@ -210,7 +252,13 @@ class CentralStore:
                 )
                 first = False
             else:
-                self._write_files(case_id, payload, envelope)
+                if staged is None:
+                    with self._staged(
+                        case_id, opened.signed_header, opened.result_json, opened.dicom
+                    ) as written:
+                        written.publish()
+                else:
+                    staged.publish()
                 conn.execute(
                     """
                     INSERT INTO cases (case_id, device_id, envelope_id, payload_sha256,
@@ -260,23 +308,6 @@ class CentralStore:
                 "INSERT INTO envelopes (envelope_id, case_id, received_at) VALUES (?, ?, ?)",
                 (envelope_id, case_id, at),
             )
-
-    def _write_files(self, case_id: str, payload: Payload, envelope: bytes) -> None:
-        """Write the case's files durably; any failure is a retryable :class:`StoreError`."""
-        folder = self.case_dir(case_id)
-        try:
-            created = not folder.exists()
-            folder.mkdir(mode=0o700, exist_ok=True)
-            if created:
-                fsync_dir(self.cases_dir)
-            # One copy of the image (the largest part) and the signed header as evidence; the
-            # folder is synced once, after the last file.
-            write_private_file(folder / DICOM_FILE, payload.dicom, sync_folder=False)
-            write_private_file(folder / RESULT_FILE, payload.result_json, sync_folder=False)
-            write_private_file(folder / SIGNED_HEADER_FILE, signed_header(envelope))
-        except OSError as exc:
-            log.error("case %s: could not write its files: %s", case_id, exc.strerror)
-            raise StoreError(f"central store: could not write the files of case {case_id}") from exc
 
     # --- verdicts ----------------------------------------------------------------------------
 
@@ -369,6 +400,98 @@ _CASES_SELECT = (
     "SELECT c.*, v.verdict, v.score, v.probabilities_json, v.model_name, v.model_version, "
     "v.model_sha256, v.decided_at FROM cases c LEFT JOIN verdicts v USING (case_id)"
 )
+
+
+class StagedFiles:
+    """A case's files written and fsynced under temporary names in its folder, until
+    :meth:`publish` renames them into place (and syncs the folder) or :meth:`discard` removes
+    them. Any failure to write is a retryable :class:`StoreError`.
+    """
+
+    def __init__(self, cases_dir: Path, case_id: str) -> None:
+        self.case_id = case_id
+        self._cases_dir = cases_dir
+        self._folder = cases_dir / case_id
+        self._created = False
+        self._pending: dict[Path, Path] = {}  # temporary name -> final name
+
+    def write(self, files: dict[str, BytesLike]) -> None:
+        """Write every file, then fsync them all at once (see :func:`_fsync_together`)."""
+        descriptors: list[int] = []
+        try:
+            self._created = not self._folder.exists()
+            self._folder.mkdir(mode=0o700, exist_ok=True)
+            for name, data in files.items():
+                tmp = self._folder / f".{name}.{secrets.token_hex(8)}.tmp"
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                descriptors.append(os.open(tmp, flags, 0o600))
+                self._pending[tmp] = self._folder / name
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(descriptors[-1], view) :]
+            _fsync_together(descriptors)
+        except OSError as exc:
+            self._failed(exc)
+        finally:
+            for fd in descriptors:
+                os.close(fd)
+
+    def publish(self) -> None:
+        """Rename every file into place and make the names durable (and the folder's own)."""
+        try:
+            for tmp, final in list(self._pending.items()):
+                tmp.replace(final)
+                del self._pending[tmp]
+            fsync_dir(self._folder)
+            # Whoever made the folder (another delivery of the case may have), its name too.
+            fsync_dir(self._cases_dir)
+            self._created = False  # the folder is the case's now
+        except OSError as exc:
+            self._failed(exc)
+
+    def discard(self) -> None:
+        """Remove what was not put in place, and the folder if this made it and it is empty."""
+        for tmp in self._pending:
+            with suppress(OSError):
+                tmp.unlink()
+        self._pending.clear()
+        if self._created:
+            with suppress(OSError):  # not empty: another delivery of the case uses it
+                self._folder.rmdir()
+
+    def _failed(self, exc: OSError) -> NoReturn:
+        log.error("case %s: could not write its files: %s", self.case_id, exc.strerror)
+        raise StoreError(
+            f"central store: could not write the files of case {self.case_id}"
+        ) from exc
+
+
+def _fsync_together(descriptors: list[int]) -> None:
+    """fsync the files at once, the first here and the others in helper threads.
+
+    Why: one after the other, each fsync waits for a journal commit of its own; issued together,
+    the filesystem makes them durable in one (ext4: a 20 MB image and two small files take about
+    the time of the image's alone). Durability is the same: each call returns once its file is.
+    """
+    errors: list[OSError] = []
+
+    def sync(fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            errors.append(exc)
+
+    helpers = [threading.Thread(target=sync, args=(fd,), daemon=True) for fd in descriptors[1:]]
+    for helper in helpers:
+        helper.start()
+    try:
+        if descriptors:
+            os.fsync(descriptors[0])
+    finally:
+        for helper in helpers:
+            helper.join()
+    if errors:
+        raise errors[0]
 
 
 def _checked_case_id(case_id: str) -> str:

@@ -13,6 +13,10 @@ controls, so the bytes themselves carry the protection, not the connection:
 Opening runs the checks in the protocol's order, each with its own error class, so the server
 answers with a precise code. Error messages are one line and never quote payload content.
 Absurd sizes in a header are refused before anything is allocated for them.
+
+Envelopes carry whole images (tens of MB), so sealing and opening work in place: chunks are
+encrypted into, and decrypted into, one preallocated buffer, and the functions take any bytes-like
+object, so neither side copies a case more often than the cryptography needs.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import base64
 import binascii
 import hashlib
 import json
+import queue
 import re
 import secrets
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple
@@ -59,6 +65,9 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 # The nonce holds a 4-byte chunk counter.
 MAX_CHUNK_COUNT = 1 << 32
 HPKE_INFO_LABEL = b"triage-envelope-v1\x00"
+
+#: What sealing and opening read: a received body, a spool file's bytes, a view into either.
+BytesLike = bytes | bytearray | memoryview
 
 _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 
@@ -138,19 +147,25 @@ class Payload:
         return len(self.result_json).to_bytes(LENGTH_BYTES, "big") + self.result_json + self.dicom
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Payload:
+    def from_bytes(cls, data: BytesLike) -> Payload:
         """Split a payload; ``MalformedEnvelopeError`` if its structure is impossible."""
-        if len(data) < LENGTH_BYTES:
-            raise MalformedEnvelopeError("payload is shorter than its length field")
-        json_len = int.from_bytes(data[:LENGTH_BYTES], "big")
-        if json_len > len(data) - LENGTH_BYTES:
-            raise MalformedEnvelopeError("payload result JSON length exceeds the payload")
-        result_json = bytes(data[LENGTH_BYTES : LENGTH_BYTES + json_len])
-        try:
-            result_json.decode("utf-8")
-        except UnicodeDecodeError:
-            raise MalformedEnvelopeError("payload result JSON is not UTF-8") from None
-        return cls(result_json=result_json, dicom=bytes(data[LENGTH_BYTES + json_len :]))
+        result_json, dicom = _split_payload(memoryview(data))
+        return cls(result_json=result_json, dicom=bytes(dicom))
+
+
+def _split_payload(data: memoryview) -> tuple[bytes, memoryview]:
+    """The result JSON (a copy: it is small) and a view of the DICOM bytes (not copied)."""
+    if len(data) < LENGTH_BYTES:
+        raise MalformedEnvelopeError("payload is shorter than its length field")
+    json_len = int.from_bytes(data[:LENGTH_BYTES], "big")
+    if json_len > len(data) - LENGTH_BYTES:
+        raise MalformedEnvelopeError("payload result JSON length exceeds the payload")
+    result_json = bytes(data[LENGTH_BYTES : LENGTH_BYTES + json_len])
+    try:
+        result_json.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedEnvelopeError("payload result JSON is not UTF-8") from None
+    return result_json, data[LENGTH_BYTES + json_len :]
 
 
 # --- Header -------------------------------------------------------------------------------------
@@ -286,10 +301,25 @@ def _str_field(value: dict[str, object], name: str, pattern: re.Pattern[str], sh
     return item
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class OpenedEnvelope:
+    """A checked, decrypted envelope: the header, its signed bytes and the payload's two parts.
+
+    ``dicom`` is a read-only view into the decrypted plaintext, not a copy: the server writes a
+    20 MB image from where it was decrypted. Use :meth:`Payload.from_bytes` for an own copy.
+    """
+
     header: EnvelopeHeader
-    payload: Payload
+    signed_header: bytes  # magic, header and signature: the evidence of who sent the payload
+    result_json: bytes
+    dicom: memoryview
+
+    def __repr__(self) -> str:
+        # Sizes only, as for Payload: the content has no business in logs or tracebacks.
+        return (
+            f"OpenedEnvelope(case_id={self.header.case_id}, result_json=<{len(self.result_json)}"
+            f" bytes>, dicom=<{len(self.dicom)} bytes>)"
+        )
 
 
 class _Prefix(NamedTuple):
@@ -310,7 +340,7 @@ def seal(
     server_key: ServerPublicKey,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     now: datetime | None = None,
-) -> bytes:
+) -> bytearray:
     """Seal ``payload`` for ``server_key``, signed by ``device``: the envelope bytes."""
     return seal_bytes(
         payload.to_bytes(),
@@ -323,15 +353,19 @@ def seal(
 
 
 def seal_bytes(
-    plaintext: bytes,
+    plaintext: BytesLike,
     *,
     case_id: str,
     device: DeviceIdentity,
     server_key: ServerPublicKey,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     now: datetime | None = None,
-) -> bytes:
-    """Seal an already encoded payload (see :meth:`Payload.to_bytes`)."""
+) -> bytearray:
+    """Seal an already encoded payload (see :meth:`Payload.to_bytes`).
+
+    The envelope is one buffer sized from the header, each chunk encrypted into its place: no
+    list of chunks to join, and no copy into an immutable ``bytes``.
+    """
     if not is_case_id(case_id):
         raise ValueError("case_id must be 64 lowercase hex characters")
     if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
@@ -361,32 +395,34 @@ def seal_bytes(
     )
     header_bytes = header.to_bytes()
     signed = MAGIC + len(header_bytes).to_bytes(LENGTH_BYTES, "big") + header_bytes
-    parts = [signed, device.signing_key.sign(signed)]
+    body_offset = len(signed) + SIGNATURE_BYTES
+    envelope = bytearray(body_offset + header.body_bytes())
+    target = memoryview(envelope)
+    target[: len(signed)] = signed
+    target[len(signed) : body_offset] = device.signing_key.sign(signed)
     aad = hashlib.sha256(signed).digest()
     aead = AESGCM(data_key)
-    view = memoryview(plaintext)
+    source = memoryview(plaintext)
+    offset = body_offset
     for index in range(chunk_count):
-        chunk = view[index * chunk_size : (index + 1) * chunk_size]
-        sealed = aead.encrypt(_nonce(index, last=index == chunk_count - 1), chunk, aad)
-        parts.append(len(sealed).to_bytes(LENGTH_BYTES, "big"))
-        parts.append(sealed)
-    return b"".join(parts)
+        chunk = source[index * chunk_size : (index + 1) * chunk_size]
+        sealed_len = len(chunk) + TAG_BYTES
+        target[offset : offset + LENGTH_BYTES] = sealed_len.to_bytes(LENGTH_BYTES, "big")
+        offset += LENGTH_BYTES
+        aead.encrypt_into(
+            _nonce(index, last=index == chunk_count - 1),
+            chunk,
+            aad,
+            target[offset : offset + sealed_len],
+        )
+        offset += sealed_len
+    return envelope
 
 
 # --- Reading and opening ------------------------------------------------------------------------
 
 
-def signed_header(data: bytes) -> bytes:
-    """The envelope's signed part (magic, header, signature): evidence of what was sent.
-
-    The device's signature covers ``payload_sha256``, so this prefix with the opened payload
-    proves the delivery without keeping a second full copy of the ciphertext.
-    """
-    prefix = _read_prefix(data)
-    return prefix.signed + prefix.signature
-
-
-def read_header(data: bytes) -> EnvelopeHeader:
+def read_header(data: BytesLike) -> EnvelopeHeader:
     """Parse and validate the header WITHOUT checking the signature.
 
     For the server to learn which device's key to verify with; trust nothing in it until
@@ -396,7 +432,7 @@ def read_header(data: bytes) -> EnvelopeHeader:
     return _read_prefix(data).header
 
 
-def verify_header(data: bytes, device_public_key: Ed25519PublicKey) -> EnvelopeHeader:
+def verify_header(data: BytesLike, device_public_key: Ed25519PublicKey) -> EnvelopeHeader:
     """Parse the header and check the device signature over it (chunks are not checked)."""
     prefix = _read_prefix(data)
     _verify_signature(prefix, device_public_key)
@@ -404,7 +440,7 @@ def verify_header(data: bytes, device_public_key: Ed25519PublicKey) -> EnvelopeH
 
 
 def open_envelope(
-    data: bytes,
+    data: BytesLike,
     *,
     device_public_key: Ed25519PublicKey,
     server_keys: Mapping[str, X25519PrivateKey],
@@ -414,62 +450,177 @@ def open_envelope(
     Raises ``MalformedEnvelopeError``, ``EnvelopeSignatureError``, ``UnknownServerKeyError``,
     ``EnvelopeTamperedError`` or ``EnvelopeTruncatedError``, and nothing else for any ``data``.
     """
-    header, plaintext = open_bytes(
-        data, device_public_key=device_public_key, server_keys=server_keys
-    )
-    return OpenedEnvelope(header=header, payload=Payload.from_bytes(plaintext))
+    opener = EnvelopeOpener(data, device_public_key=device_public_key, server_keys=server_keys)
+    opener.open_chunks()
+    return opener.opened()
 
 
 def open_bytes(
-    data: bytes,
+    data: BytesLike,
     *,
     device_public_key: Ed25519PublicKey,
     server_keys: Mapping[str, X25519PrivateKey],
-) -> tuple[EnvelopeHeader, bytes]:
+) -> tuple[EnvelopeHeader, bytearray]:
     """As :func:`open_envelope`, but return the plaintext without splitting it into a payload."""
-    prefix = _read_prefix(data)
+    opener = EnvelopeOpener(data, device_public_key=device_public_key, server_keys=server_keys)
+    opener.open_chunks()
+    return opener.header, opener.plaintext()
+
+
+class EnvelopeOpener:
+    """Opens an envelope in steps, so that the server can write the payload to disk while its
+    hash is being checked (the hash of 20 MB takes about as long as its fsync).
+
+    The constructor runs the checks before the chunks, :meth:`open_chunks` authenticates and
+    decrypts every chunk into one buffer while a helper thread hashes the decrypted ones
+    (hashlib releases the GIL), :meth:`opened` waits for the hash and checks it. Until then the
+    payload is only chunk-authenticated: :meth:`unchecked_payload` is for writing it to
+    temporary files, nothing else. The checks, their order and errors are the protocol's.
+    """
+
+    def __init__(
+        self,
+        data: BytesLike,
+        *,
+        device_public_key: Ed25519PublicKey,
+        server_keys: Mapping[str, X25519PrivateKey],
+    ) -> None:
+        """Check the header, signature, server key, data key and length of ``data``."""
+        self._data = memoryview(data)
+        prefix = _read_prefix(self._data)
+        _verify_signature(prefix, device_public_key)
+        header = prefix.header
+        private_key = server_keys.get(header.server_key_id)
+        if private_key is None:
+            raise UnknownServerKeyError(
+                f"envelope is sealed to server key {header.server_key_id}, which is not held here"
+            )
+        try:
+            data_key = _SUITE.decrypt(
+                header.sealed_key,
+                private_key,
+                info=_hpke_info(header.case_id, header.device_id, header.server_key_id),
+            )
+        except InvalidTag:
+            raise EnvelopeTamperedError(
+                "envelope data key does not open (sealed key altered)"
+            ) from None
+        if len(data_key) != DATA_KEY_BYTES:
+            raise EnvelopeTamperedError("envelope data key has the wrong length")
+        expected_end = prefix.body_offset + header.body_bytes()
+        if len(self._data) > expected_end:
+            raise EnvelopeTamperedError(
+                f"envelope has {len(self._data) - expected_end} bytes after its last chunk"
+            )
+        self.header = header
+        self.signed_header = prefix.signed + prefix.signature
+        self._aead = AESGCM(data_key)
+        self._aad = hashlib.sha256(prefix.signed).digest()
+        self._body_offset = prefix.body_offset
+        # Allocated only when the data is as long as the header says: a header claiming an
+        # absurd size over a short body fails on its chunks without allocating for it.
+        self._complete = len(self._data) == expected_end
+        self._plaintext = bytearray(header.payload_bytes if self._complete else 0)
+        self._digest = ""
+        self._hashing: threading.Thread | None = None
+
+    def open_chunks(self) -> None:
+        """Authenticate and decrypt every chunk, in order, each then hashed by the helper."""
+        header = self.header
+        count = header.chunk_count
+        target = memoryview(self._plaintext)
+        decrypted: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._hashing = threading.Thread(
+            target=self._hash, args=(decrypted,), name="envelope-sha256", daemon=True
+        )
+        self._hashing.start()
+        try:
+            for index, sealed in _chunks(self._data, header, self._body_offset):
+                nonce = _nonce(index, last=index == count - 1)
+                start = index * header.chunk_size
+                piece = target[start : start + len(sealed) - TAG_BYTES]
+                try:
+                    if self._complete:
+                        self._aead.decrypt_into(nonce, sealed, self._aad, piece)
+                    else:  # a short envelope: it fails on a later chunk, nothing to keep
+                        self._aead.decrypt(nonce, sealed, self._aad)
+                except InvalidTag:
+                    raise EnvelopeTamperedError(
+                        f"envelope chunk {index + 1} of {count} fails authentication"
+                    ) from None
+                decrypted.put(piece)
+        finally:
+            decrypted.put(None)
+
+    def _hash(self, decrypted: queue.SimpleQueue[memoryview | None]) -> None:
+        payload_hash = hashlib.sha256()
+        while (piece := decrypted.get()) is not None:
+            payload_hash.update(piece)
+        self._digest = payload_hash.hexdigest()
+
+    def unchecked_payload(self) -> tuple[bytes, memoryview] | None:
+        """The decrypted result JSON and image while the payload hash is still being checked,
+        for temporary files only; None if the payload's structure is impossible (:meth:`opened`
+        says so, after the hash, as the protocol orders the checks)."""
+        try:
+            return _split_payload(memoryview(self._plaintext).toreadonly())
+        except MalformedEnvelopeError:
+            return None
+
+    def plaintext(self) -> bytearray:
+        """The plaintext, once :meth:`open_chunks` has run and its hash is checked."""
+        if self._hashing is None:
+            raise RuntimeError("open_chunks() has not run")
+        self._hashing.join()
+        # A short envelope has failed on its chunks; this guards the buffer all the same.
+        if len(self._plaintext) != self.header.payload_bytes:
+            raise EnvelopeTamperedError("envelope payload length does not match its header")
+        if self._digest != self.header.payload_sha256:
+            raise EnvelopeTamperedError("envelope payload hash does not match its header")
+        return self._plaintext
+
+    def opened(self) -> OpenedEnvelope:
+        """The checked payload, split (see :meth:`plaintext`)."""
+        result_json, dicom = _split_payload(memoryview(self.plaintext()).toreadonly())
+        return OpenedEnvelope(
+            header=self.header,
+            signed_header=self.signed_header,
+            result_json=result_json,
+            dicom=dicom,
+        )
+
+
+def check_sealed(data: BytesLike, device_public_key: Ed25519PublicKey) -> EnvelopeHeader:
+    """What the sender can check of an envelope it sealed without the data key or hashing it:
+    the header and the device's signature over it, and that the chunks' length fields account
+    for exactly the bytes there are. The ciphertext itself only the server can check (AES-GCM,
+    each chunk bound to the signed header). Raises the protocol's error classes.
+    """
+    view = memoryview(data)
+    prefix = _read_prefix(view)
     _verify_signature(prefix, device_public_key)
     header = prefix.header
-    private_key = server_keys.get(header.server_key_id)
-    if private_key is None:
-        raise UnknownServerKeyError(
-            f"envelope is sealed to server key {header.server_key_id}, which is not held here"
-        )
-    try:
-        data_key = _SUITE.decrypt(
-            header.sealed_key,
-            private_key,
-            info=_hpke_info(header.case_id, header.device_id, header.server_key_id),
-        )
-    except InvalidTag:
-        raise EnvelopeTamperedError(
-            "envelope data key does not open (sealed key altered)"
-        ) from None
-    if len(data_key) != DATA_KEY_BYTES:
-        raise EnvelopeTamperedError("envelope data key has the wrong length")
     expected_end = prefix.body_offset + header.body_bytes()
-    if len(data) > expected_end:
+    if len(view) > expected_end:
         raise EnvelopeTamperedError(
-            f"envelope has {len(data) - expected_end} bytes after its last chunk"
+            f"envelope has {len(view) - expected_end} bytes after its last chunk"
         )
-    plaintext = _open_chunks(data, header, AESGCM(data_key), prefix)
-    if len(plaintext) != header.payload_bytes:
-        raise EnvelopeTamperedError("envelope payload length does not match its header")
-    if hashlib.sha256(plaintext).hexdigest() != header.payload_sha256:
-        raise EnvelopeTamperedError("envelope payload hash does not match its header")
-    return header, plaintext
+    for _ in _chunks(view, header, prefix.body_offset):
+        pass
+    return header
 
 
-def _open_chunks(data: bytes, header: EnvelopeHeader, aead: AESGCM, prefix: _Prefix) -> bytes:
-    aad = hashlib.sha256(prefix.signed).digest()
-    view = memoryview(data)
-    offset = prefix.body_offset
+def _chunks(
+    data: memoryview, header: EnvelopeHeader, offset: int
+) -> Iterator[tuple[int, memoryview]]:
+    """Each chunk's index and sealed bytes, in order, once its length field is checked against
+    the header: ``EnvelopeTamperedError`` if it differs, ``EnvelopeTruncatedError`` where the
+    data ends early."""
     count = header.chunk_count
-    parts: list[bytes] = []
     for index in range(count):
         if len(data) - offset < LENGTH_BYTES:
             raise EnvelopeTruncatedError(f"envelope ends before chunk {index + 1} of {count}")
-        sealed_len = int.from_bytes(view[offset : offset + LENGTH_BYTES], "big")
+        sealed_len = int.from_bytes(data[offset : offset + LENGTH_BYTES], "big")
         expected_len = header.chunk_plaintext_bytes(index) + TAG_BYTES
         if sealed_len != expected_len:
             raise EnvelopeTamperedError(
@@ -479,23 +630,11 @@ def _open_chunks(data: bytes, header: EnvelopeHeader, aead: AESGCM, prefix: _Pre
         offset += LENGTH_BYTES
         if len(data) - offset < sealed_len:
             raise EnvelopeTruncatedError(f"envelope ends inside chunk {index + 1} of {count}")
-        try:
-            parts.append(
-                aead.decrypt(
-                    _nonce(index, last=index == count - 1),
-                    view[offset : offset + sealed_len],
-                    aad,
-                )
-            )
-        except InvalidTag:
-            raise EnvelopeTamperedError(
-                f"envelope chunk {index + 1} of {count} fails authentication"
-            ) from None
+        yield index, data[offset : offset + sealed_len]
         offset += sealed_len
-    return b"".join(parts)
 
 
-def _read_prefix(data: bytes) -> _Prefix:
+def _read_prefix(data: BytesLike) -> _Prefix:
     size = len(data)
     if size < len(MAGIC):
         if MAGIC.startswith(bytes(data)):

@@ -6,6 +6,13 @@ Why this shape:
   say what to send, in which order and how it went live in table ``outbox`` of the case store
   file (WAL, ``synchronous=FULL``). The outbox manages its own table and version row
   (``outbox_meta``) and never touches the case store's ``PRAGMA user_version``.
+* **Hashed once, while it is written.** The spool file's SHA-256 goes into its row; a helper
+  thread computes it while the file is written and fsynced (hashlib releases the GIL). It is
+  checked before an admin puts a quarantined case back in the queue. Before each send only the
+  size is checked here: hashing 20 MB again for every attempt costs more CPU than the upload
+  itself and adds no protection the envelope lacks. The uploader checks the header, the
+  device's signature and the chunk lengths; the server authenticates every byte (AES-GCM per
+  chunk) and refuses a damaged envelope for good, which quarantines it.
 * **File first, row second.** An enqueue writes ``<spool_dir>/<case_id>.env`` (0600, in a 0700
   folder) through a temporary file that is fsynced, renamed into place and the folder fsynced,
   all *before* the row commits. So every committed row has a complete file, and a crash leaves at
@@ -41,6 +48,7 @@ import re
 import secrets
 import sqlite3
 import stat
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -75,6 +83,7 @@ SPOOL_SUFFIX: Final = ".env"
 _TMP_SUFFIX: Final = ".tmp"
 _DEFAULT_BUSY_TIMEOUT_S = 10.0
 _MAX_TEXT = 500  # error and quarantine texts: one line, short (never payload)
+_HASH_IN_THREAD_BYTES = 1 << 20  # smaller envelopes are hashed before they are written
 # Case ids are SHA-256 based hex (DESIGN 4.2); they become file names, so nothing else is allowed.
 _CASE_ID = re.compile(r"[0-9a-f]{32}(?:[0-9a-f]{32})?")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -221,6 +230,45 @@ def _sqlite_errors(what: str) -> Iterator[None]:
         raise OutboxError(f"outbox: could not {what}: {exc.strerror or exc}") from exc
 
 
+class _Sha256Thread:
+    """The SHA-256 of a buffer, computed by a helper thread while the caller does its I/O.
+
+    hashlib releases the GIL while it hashes a large buffer, so a 20 MB envelope (about 11 ms)
+    is hashed on another core while this thread writes and fsyncs it; a small one is hashed at
+    once, a thread would cost more. The buffer must not change until the hash is done: leaving
+    the ``with`` block waits for it.
+    """
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._data = data
+        self._hexdigest = ""
+        self._thread: threading.Thread | None = None
+        if len(data) < _HASH_IN_THREAD_BYTES:
+            self._run()
+        else:
+            self._thread = threading.Thread(target=self._run, name="outbox-sha256", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        self._hexdigest = hashlib.sha256(self._data).hexdigest()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._wait()
+
+    def hexdigest(self) -> str:
+        self._wait()
+        if not self._hexdigest:  # the thread died (out of memory); threading reported why
+            raise OutboxError("outbox: an envelope could not be hashed")
+        return self._hexdigest
+
+    def _wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
 class Outbox:
     """The queue of envelopes to send, shared by any number of processes on the device.
 
@@ -309,7 +357,7 @@ class Outbox:
     def enqueue(
         self,
         case_id: str,
-        envelope: bytes,
+        envelope: bytes | bytearray | memoryview,
         *,
         reason: str,
         payload_sha256: str,
@@ -341,9 +389,13 @@ class Outbox:
             self._check_quota(size)  # refuse early, before writing anything
         at = _iso(now or datetime.now(UTC))
         final = self._path(case_id)
-        with _sqlite_errors(f"write the envelope of case {case_id}"):
+        with (
+            _Sha256Thread(envelope) as envelope_hash,
+            _sqlite_errors(f"write the envelope of case {case_id}"),
+        ):
             tmp, fd = _write_locked_temp(self._spool, final.name, envelope)
         try:
+            envelope_sha256 = envelope_hash.hexdigest()
             published = False
             with _sqlite_errors(f"enqueue case {case_id}"):
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -365,7 +417,7 @@ class Outbox:
                             ESCALATION_PRIORITY[reason],
                             reason,
                             payload_sha256,
-                            hashlib.sha256(envelope).hexdigest(),
+                            envelope_sha256,
                             size,
                             at,
                             at,
@@ -565,9 +617,10 @@ class Outbox:
         return None if row is None else _item(row)
 
     def envelope(self, item_or_case_id: OutboxItem | str) -> bytes:
-        """The envelope bytes to send, checked against the hash recorded at enqueue.
+        """The envelope bytes to send (their size checked; see the module notes for the rest).
 
-        Raises :class:`OutboxError` for a delivered case (its file is gone) or a damaged file.
+        Raises :class:`OutboxError` for a delivered case (its file is gone) or a file that cannot
+        be read or has the wrong size.
         """
         case_id = (
             item_or_case_id.case_id if isinstance(item_or_case_id, OutboxItem) else item_or_case_id
@@ -575,7 +628,7 @@ class Outbox:
         item = self._get(case_id)
         if item.state is OutboxState.DELIVERED:
             raise OutboxError(f"outbox: case {case_id} was delivered; its envelope is deleted")
-        return self._check_file(item)
+        return self._read_file(item)
 
     def items(self) -> list[OutboxItem]:
         """Every case ever queued, delivered ones included, in queue order (priority, FIFO)."""
@@ -681,19 +734,22 @@ class Outbox:
                 f" used by {count} undelivered cases; this case needs {size} more"
             )
 
-    def _check_file(self, item: OutboxItem) -> bytes:
-        """The spool file's bytes if they are the ones enqueued; else :class:`OutboxError`."""
+    def _read_file(self, item: OutboxItem) -> bytes:
+        """The spool file's bytes if it has the size enqueued; else :class:`OutboxError`."""
         try:
             data = self._path(item.case_id).read_bytes()
         except OSError as exc:
             raise OutboxError(
                 f"outbox: the envelope of case {item.case_id} cannot be read: {exc.strerror or exc}"
             ) from exc
-        if len(data) != item.size_bytes or hashlib.sha256(data).hexdigest() != (
-            item.envelope_sha256
-        ):
+        if len(data) != item.size_bytes:
             raise OutboxError(f"outbox: the envelope of case {item.case_id} is damaged")
         return data
+
+    def _check_file(self, item: OutboxItem) -> None:
+        """:class:`OutboxError` unless the spool file's bytes are the ones enqueued."""
+        if hashlib.sha256(self._read_file(item)).hexdigest() != item.envelope_sha256:
+            raise OutboxError(f"outbox: the envelope of case {item.case_id} is damaged")
 
     def _migrate(self) -> None:
         """Apply the pending outbox migrations, one transaction each, with the version row."""
@@ -773,7 +829,9 @@ def _check_case_id(case_id: str) -> None:
         raise ValueError("case_id must be 32 or 64 lowercase hex characters")
 
 
-def _write_locked_temp(folder: Path, name: str, data: bytes) -> tuple[Path, int]:
+def _write_locked_temp(
+    folder: Path, name: str, data: bytes | bytearray | memoryview
+) -> tuple[Path, int]:
     """Write ``data`` to a new private temporary file in ``folder``, fsynced.
 
     Returns its path and the open descriptor, which holds an exclusive ``flock`` until the caller

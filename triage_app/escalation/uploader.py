@@ -31,6 +31,7 @@ from pathlib import Path
 
 from triage_app.errors import (
     CertificatePinError,
+    EnvelopeError,
     IllegalTransitionError,
     OutboxError,
     PermanentRejectionError,
@@ -40,6 +41,7 @@ from triage_app.errors import (
 )
 from triage_app.escalation.backoff import next_delay
 from triage_app.escalation.connectivity import ConnectivityState
+from triage_app.escalation.envelope import check_sealed
 from triage_app.escalation.keys import DeviceIdentity
 from triage_app.escalation.outbox import Outbox, OutboxItem, OutboxState
 from triage_app.escalation.receipt import sign_request, verify_receipt
@@ -148,8 +150,8 @@ class Uploader:
             return None
         self._store_sending(item)
         try:
-            envelope = self.outbox.envelope(item)
-        except OutboxError as err:
+            envelope = self._envelope(item)
+        except (OutboxError, EnvelopeError) as err:
             # A damaged spool file cannot be sent or repaired here; set it aside for the admin
             # instead of stopping the queue behind it.
             self.outbox.quarantine(item.case_id, f"damaged envelope: {err.message}")
@@ -205,6 +207,15 @@ class Uploader:
             "case %s not delivered (%s); next attempt in %.1f s", item.case_id, err.code, delay
         )
         return Attempt(item.case_id, kind, f"{err.code}: {err.message}")
+
+    def _envelope(self, item: OutboxItem) -> bytes:
+        """The case's envelope, if it is this device's envelope for this case and payload and
+        whole: what can be checked without hashing it (the server checks every byte)."""
+        envelope = self.outbox.envelope(item)
+        header = check_sealed(envelope, self.device.public_key())
+        if header.case_id != item.case_id or header.payload_sha256 != item.payload_sha256:
+            raise OutboxError(f"outbox: the envelope of case {item.case_id} is not the one queued")
+        return envelope
 
     def _quarantine(self, item: OutboxItem, err: PermanentRejectionError) -> Attempt:
         code = str(getattr(err, "server_code", err.code))

@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from triage_app.admin import current_user
 from triage_app.config import Settings
 from triage_app.errors import ConfigError, TriageError
 from triage_app.escalation.background import BackgroundUploader
@@ -40,7 +41,7 @@ from triage_app.gui.qt_statusbar import QtStatusBar
 from triage_app.gui.qt_threading import run_in_thread, wait_for_workers
 from triage_app.gui.qt_viewer import QtViewer
 from triage_app.gui.qt_worklist import QtWorklist
-from triage_app.gui.settings_model import AppliedChanges, current_user
+from triage_app.gui.settings_model import AppliedChanges
 from triage_app.gui.shortcuts import COMMANDS, MENUS, Command
 from triage_app.gui.theme import font_scale, set_font_scale
 from triage_app.gui.viewer_model import AiResult, SaliencyService

@@ -25,13 +25,12 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from triage_app.config import Settings, verify_admin_password
+from triage_app.admin import current_user, require_admin, retry_queued_case
+from triage_app.config import Settings
 from triage_app.errors import AdminAuthError, TriageError
 from triage_app.escalation.outbox import OutboxItem, OutboxState
 from triage_app.escalation.service import open_outbox
 from triage_app.gui.qt_threading import run_in_thread
-from triage_app.gui.settings_model import current_user
-from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore
 
 __all__ = ["QtQueueDialog", "read_queue", "retry_quarantined"]
@@ -47,24 +46,10 @@ def read_queue(settings: Settings) -> list[OutboxItem]:
 
 
 def retry_quarantined(settings: Settings, case_id: str, password: str, actor: str) -> OutboxItem:
-    """Admin action: put a refused case back in the queue, with its state change and audit.
-
-    Raises
-    ------
-    AdminAuthError
-        Without a correct admin password; nothing changes.
-    """
-    if not settings.has_admin_password:
-        raise AdminAuthError("no admin password is set; set one with config set-admin-password")
-    if not verify_admin_password(settings, password):
-        raise AdminAuthError("the admin password is wrong")
+    """Admin action (off the UI thread): check the password, then the core's retry."""
+    require_admin(settings, password)
     with open_outbox(settings) as outbox, CaseStore.open(settings.case_store_path) as store:
-        item = outbox.retry(case_id)
-        case = store.get(case_id)
-        if case is not None and case.state is CaseState.QUARANTINED:
-            store.apply(case_id, CaseEvent.ADMIN_RETRY, f"by {actor}")
-        store.audit(actor, "queue.retry", {"case_id": case_id})
-    return item
+        return retry_queued_case(outbox, store, case_id, actor)
 
 
 def _note(item: OutboxItem) -> str:

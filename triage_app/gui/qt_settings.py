@@ -36,6 +36,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from triage_app.admin import current_user
 from triage_app.config import (
     Bool,
     Float,
@@ -52,7 +53,6 @@ from triage_app.gui.qt_threading import run_in_thread
 from triage_app.gui.settings_model import (
     AppliedChanges,
     apply_form,
-    current_user,
     describe_figures,
     form_specs,
     save_changes,

@@ -9,7 +9,6 @@ saved with its audit entry by :func:`~triage_app.admin.save_audited`, as ``confi
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,21 +22,12 @@ from triage_app.threshold_preview import PreviewFigures
 __all__ = [
     "AppliedChanges",
     "apply_form",
-    "current_user",
     "describe_figures",
     "form_specs",
     "save_changes",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def current_user() -> str:
-    """The login name recorded with feedback and admin actions (as the CLI records it)."""
-    try:
-        return os.getlogin()
-    except OSError:
-        return os.environ.get("USER", "unknown")
 
 
 def form_specs() -> list[SettingSpec]:
