@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import Qt, QTimer
-from PySide6.QtGui import QColor
+from PySide6.QtCore import QMimeData, QPointF, Qt, QTimer, QUrl
+from PySide6.QtGui import QColor, QDropEvent
 from PySide6.QtTest import QTest
 from PySide6.QtWidgets import QFileDialog, QMenu
 from pytestqt.qtbot import QtBot
@@ -270,3 +270,26 @@ def test_ui_stays_responsive_during_a_200_image_import(
         f"\n200-image import: {elapsed:.2f} s; largest event-loop gap {largest_ms:.1f} ms "
         f"over {len(ticks)} ticks of a 10 ms timer"
     )
+
+
+def test_files_dropped_on_the_window_are_imported(
+    qtbot: QtBot, window: QtMainWindow, phantom_folder: Path
+) -> None:
+    dropped = sorted(phantom_folder.glob("*.dcm"))[:3]
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(path)) for path in dropped])
+    drop = QDropEvent(
+        QPointF(window.rect().center()),
+        Qt.DropAction.CopyAction,
+        mime,
+        Qt.MouseButton.LeftButton,
+        Qt.KeyboardModifier.NoModifier,
+    )
+
+    summary = _import_and_wait(qtbot, window, lambda: window.dropEvent(drop))
+
+    assert summary.imported == len(dropped)
+    _wait_rows(qtbot, window, len(dropped))
+    assert sorted(row.path for row in window.worklist.visible_rows()) == [
+        str(path) for path in dropped
+    ]
