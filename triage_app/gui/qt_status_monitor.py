@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from PySide6.QtCore import QObject, Qt, QThread, QTimer, Signal
+from PySide6.QtCore import QObject, Signal
 from PySide6.QtWidgets import QWidget
 
 from triage_app.config import Settings
@@ -23,6 +23,7 @@ from triage_app.errors import TriageError
 from triage_app.escalation.connectivity import ConnectivitySnapshot
 from triage_app.escalation.outbox import Outbox, OutboxStatus
 from triage_app.escalation.service import open_outbox
+from triage_app.gui.qt_threading import QtPoller
 
 __all__ = [
     "ConnectivitySource",
@@ -165,7 +166,6 @@ class QtStatusMonitor(QObject):
     """Emits :attr:`updated` with a fresh reading every two seconds (and on :meth:`refresh`)."""
 
     updated = Signal(object)  # StatusReading
-    poll_requested = Signal()
 
     def __init__(
         self,
@@ -175,34 +175,18 @@ class QtStatusMonitor(QObject):
     ) -> None:
         super().__init__(parent)
         self.last: StatusReading | None = None
-        self._busy = False
-        self._thread = QThread(self)
-        self._thread.setObjectName("status-poller")
-        self._poller = _StatusPoller(settings, connectivity)
-        self._poller.moveToThread(self._thread)
-        self.poll_requested.connect(self._poller.poll)
-        self._poller.read.connect(self._apply)
-        self._thread.finished.connect(self._poller.close, Qt.ConnectionType.DirectConnection)
-        self._thread.start()
-        self._timer = QTimer(self)
-        self._timer.setInterval(POLL_INTERVAL_MS)
-        self._timer.timeout.connect(self.refresh)
-        self._timer.start()
+        reader = _StatusPoller(settings, connectivity)
+        reader.read.connect(self._apply)
+        self._poller = QtPoller(reader, "status-poller", POLL_INTERVAL_MS, self)
         self.refresh()
 
     def refresh(self) -> None:
-        if self._busy or not self._thread.isRunning():
-            return
-        self._busy = True
-        self.poll_requested.emit()
+        self._poller.refresh()
 
     def stop(self) -> None:
-        self._timer.stop()
-        if self._thread.isRunning():
-            self._thread.quit()
-            self._thread.wait()
+        self._poller.stop()
 
     def _apply(self, reading: StatusReading) -> None:
-        self._busy = False
+        self._poller.ready()
         self.last = reading
         self.updated.emit(reading)

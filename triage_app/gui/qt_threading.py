@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import shiboken6
-from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
+from PySide6.QtCore import QObject, QRunnable, Qt, QThread, QThreadPool, QTimer, Signal
 
-__all__ = ["FunctionWorker", "run_in_thread"]
+__all__ = ["FunctionWorker", "QtPoller", "run_in_thread"]
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +81,48 @@ def run_in_thread(
 def wait_for_workers(timeout_ms: int = 10_000) -> bool:
     """Block until the pool is idle (on shutdown and in tests)."""
     return QThreadPool.globalInstance().waitForDone(timeout_ms)
+
+
+class QtPoller(QObject):
+    """Calls ``worker.poll`` in a thread of its own every ``interval_ms``, one read at a time.
+
+    ``worker`` is a QObject with ``poll`` and ``close`` slots (it may hold a SQLite connection,
+    which must be opened, used and closed in one thread: ``close`` runs in that thread when it
+    stops). The owner connects the worker's result signal and calls :meth:`ready` once a
+    result (or failure) has arrived, so a slow read never piles up requests.
+    """
+
+    requested = Signal()
+
+    def __init__(self, worker: QObject, name: str, interval_ms: int, parent: QObject) -> None:
+        super().__init__(parent)
+        self._busy = False
+        self._worker = worker  # a parentless QObject lives as long as Python holds it
+        self._thread = QThread(self)
+        self._thread.setObjectName(name)
+        worker.moveToThread(self._thread)
+        self.requested.connect(worker.poll)  # type: ignore[attr-defined]
+        # finished is emitted from the worker thread itself: the worker closes there.
+        self._thread.finished.connect(worker.close, Qt.ConnectionType.DirectConnection)  # type: ignore[attr-defined]
+        self._thread.start()
+        self._timer = QTimer(self)
+        self._timer.setInterval(interval_ms)
+        self._timer.timeout.connect(self.refresh)
+        self._timer.start()
+
+    def refresh(self) -> None:
+        """Ask for a fresh read unless one is already under way."""
+        if self._busy or not self._thread.isRunning():
+            return
+        self._busy = True
+        self.requested.emit()
+
+    def ready(self) -> None:
+        self._busy = False
+
+    def stop(self) -> None:
+        """Stop polling and let the worker close in its thread; call before the app quits."""
+        self._timer.stop()
+        if self._thread.isRunning():
+            self._thread.quit()
+            self._thread.wait()

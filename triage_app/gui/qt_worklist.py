@@ -22,8 +22,6 @@ from PySide6.QtCore import (
     QPersistentModelIndex,
     QSortFilterProxyModel,
     Qt,
-    QThread,
-    QTimer,
     Signal,
 )
 from PySide6.QtGui import QColor
@@ -40,6 +38,7 @@ from PySide6.QtWidgets import (
 )
 
 from triage_app.errors import StoreError
+from triage_app.gui.qt_threading import QtPoller
 from triage_app.gui.theme import decision_icon, decision_style
 from triage_app.worklist import Urgency, WorklistRow, WorklistSource
 
@@ -342,7 +341,6 @@ class QtWorklist(QWidget):
     """Search box, decision filter, case count and the table; emits the case to show."""
 
     case_selected = Signal(object)  # WorklistRow
-    poll_requested = Signal()
     refreshed = Signal(int)  # rows added or changed by the last refresh
 
     def __init__(self, store_path: Path, parent: QWidget | None = None) -> None:
@@ -390,22 +388,10 @@ class QtWorklist(QWidget):
         layout.addLayout(bar)
         layout.addWidget(self.table)
 
-        self._busy = False
-        self._thread = QThread(self)
-        self._thread.setObjectName("worklist-poller")
-        self._poller = StorePoller(store_path)
-        self._poller.moveToThread(self._thread)
-        self.poll_requested.connect(self._poller.poll)
-        self._poller.rows_ready.connect(self._apply)
-        self._poller.failed.connect(self._poll_failed)
-        # finished is emitted from the worker thread itself: close SQLite there.
-        self._thread.finished.connect(self._poller.close, Qt.ConnectionType.DirectConnection)
-        self._thread.start()
-
-        self._timer = QTimer(self)
-        self._timer.setInterval(POLL_INTERVAL_MS)
-        self._timer.timeout.connect(self.refresh)
-        self._timer.start()
+        reader = StorePoller(store_path)
+        reader.rows_ready.connect(self._apply)
+        reader.failed.connect(self._poll_failed)
+        self._poller = QtPoller(reader, "worklist-poller", POLL_INTERVAL_MS, self)
         self.refresh()
         self._update_count()
 
@@ -420,17 +406,11 @@ class QtWorklist(QWidget):
 
     def refresh(self) -> None:
         """Ask for a fresh snapshot unless one is already being read."""
-        if self._busy or not self._thread.isRunning():
-            return
-        self._busy = True
-        self.poll_requested.emit()
+        self._poller.refresh()
 
     def stop(self) -> None:
         """Stop polling and close the store (in its thread); call before the app quits."""
-        self._timer.stop()
-        if self._thread.isRunning():
-            self._thread.quit()
-            self._thread.wait()
+        self._poller.stop()
 
     def current_row(self) -> WorklistRow | None:
         index = self.table.currentIndex()
@@ -454,14 +434,14 @@ class QtWorklist(QWidget):
         return [self.proxy.row_at(i) for i in range(self.proxy.rowCount())]
 
     def _apply(self, rows: list[WorklistRow]) -> None:
-        self._busy = False
+        self._poller.ready()
         changed = self.model.set_rows(rows)
         if changed:
             self._update_count()
         self.refreshed.emit(changed)
 
     def _poll_failed(self, _message: str) -> None:
-        self._busy = False
+        self._poller.ready()
 
     def _search_changed(self, text: str) -> None:
         self.proxy.set_search(text)
