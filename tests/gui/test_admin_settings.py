@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PySide6.QtWidgets import QFileDialog
 from pytestqt.qtbot import QtBot
 
 from tests.helpers import write_phantoms
@@ -24,8 +25,10 @@ from triage_app.config import (
 from triage_app.gui.qt_settings import QtSettingsDialog
 from triage_app.gui.settings_model import describe_figures, form_specs
 from triage_app.model.manifest import Thresholds, find_bundle, load_manifest
+from triage_app.pipeline import PipelineConfig
 from triage_app.policy import ESCALATE, decide
 from triage_app.store import AuditEntry, CaseStore
+from triage_app.threshold_preview import figures, score_folder
 
 PASSWORD = "correct horse battery"
 
@@ -206,6 +209,13 @@ def test_moving_a_threshold_shows_the_core_figures_and_saves_them_for_this_model
         assert (page.escalated.text(), page.errors.text()) == describe_figures(expected)
         assert page.plot.point == (expected.coverage, expected.local_error_rate)
 
+    # Dragging a slider moves the threshold (and the figures) too.
+    page.sliders["Normal below"].setValue(1500)
+    assert page.low.value() == 0.15
+    assert page.figures is not None and page.figures.thresholds.normal_below == 0.15
+    page.high.setValue(0.75)
+    assert page.sliders["Abnormal at or above"].value() == 7500
+
     page.low.setValue(0.01)
     page.high.setValue(0.95)
     model_key = load_manifest(find_bundle(settings.model_name, settings.model_dir)).key
@@ -244,3 +254,31 @@ def test_the_admin_menu_opens_the_settings(qtbot: QtBot, window, config_path: Pa
     assert window.settings.font_scale == 1.25
     assert window.importer.settings.font_scale == 1.25
     assert load_settings(config_path, env={}).font_scale == 1.25
+
+
+def test_an_admin_can_preview_on_a_folder_of_their_own(
+    qtbot: QtBot,
+    dialog: QtSettingsDialog,
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    page = dialog.thresholds
+    qtbot.waitUntil(lambda: page.scored_folder is not None, timeout=30_000)
+    site = tmp_path / "site-validation"
+    truth = write_phantoms(site, 77, 10)
+    (site / "truth.json").write_text(json.dumps(truth), encoding="utf-8")
+    monkeypatch.setattr(
+        QFileDialog, "getExistingDirectory", staticmethod(lambda *a, **k: str(site))
+    )
+
+    with qtbot.waitSignal(page.scored, timeout=30_000):
+        page.choose_folder.click()
+
+    assert page.scored_folder is not None and page.scored_folder.folder == site
+    assert "site-validation — 10 images" in page.source.text()
+    expected = figures(
+        score_folder(site, PipelineConfig.from_settings(settings)).cases,
+        Thresholds(page.low.value(), page.high.value()),
+    )
+    assert page.figures == expected

@@ -24,12 +24,14 @@ from PySide6.QtWidgets import (
     QComboBox,
     QDialog,
     QDoubleSpinBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QPushButton,
     QScrollArea,
+    QSlider,
     QSpinBox,
     QTabWidget,
     QVBoxLayout,
@@ -196,6 +198,10 @@ def make_editor(spec: SettingSpec, parent: QWidget) -> FieldEditor:
 # --- Thresholds page --------------------------------------------------------------------------
 
 
+# Slider resolution: 1/10,000 (the spin boxes show 4 decimals).
+_SLIDER_STEPS = 10_000
+
+
 class QtThresholdsPage(QWidget):
     """Two thresholds for the current model, their preview figures and the risk–coverage plot."""
 
@@ -215,6 +221,7 @@ class QtThresholdsPage(QWidget):
         self.scored_folder: ScoredFolder | None = None
         self.figures: PreviewFigures | None = None
 
+        self.sliders: dict[str, QSlider] = {}
         self.model_label = QLabel(self)
         self.model_label.setAccessibleName("Model the thresholds apply to")
         self.low = self._spin("Normal below")
@@ -249,14 +256,24 @@ class QtThresholdsPage(QWidget):
         self.errors = QLabel("", self)
         self.errors.setAccessibleName("Error rate among local decisions")
         self.plot = QtRiskCoveragePlot(self)
+        self.choose_folder = QPushButton("Choose validation folder…", self)
+        self.choose_folder.setAccessibleName("Choose a labelled validation folder")
+        self.choose_folder.setToolTip(
+            "DICOM files with labels.jsonl or truth.json (name → normal, abnormal or "
+            "out_of_scope); the synthetic hold-out is used until one is chosen."
+        )
+        self.choose_folder.clicked.connect(self._choose_folder)
 
         spins = QFormLayout()
-        spins.addRow("Normal below", self.low)
-        spins.addRow("Abnormal at or above", self.high)
+        spins.addRow("Normal below", self._with_slider(self.low))
+        spins.addRow("Abnormal at or above", self._with_slider(self.high))
         layout = QVBoxLayout(self)
         layout.addWidget(self.model_label)
         layout.addLayout(spins)
-        layout.addWidget(self.source)
+        source_row = QHBoxLayout()
+        source_row.addWidget(self.source, 1)
+        source_row.addWidget(self.choose_folder)
+        layout.addLayout(source_row)
         layout.addWidget(self.escalated)
         layout.addWidget(self.errors)
         layout.addWidget(self.plot, 1)
@@ -270,6 +287,26 @@ class QtThresholdsPage(QWidget):
         spin.setKeyboardTracking(False)
         return spin
 
+    def _with_slider(self, spin: QDoubleSpinBox) -> QHBoxLayout:
+        """A slider to drag the threshold, kept in step with its spin box (the exact value)."""
+        slider = QSlider(Qt.Orientation.Horizontal, self)
+        slider.setRange(0, _SLIDER_STEPS)
+        slider.setAccessibleName(f"{spin.accessibleName()} (slider)")
+        slider.setValue(round(spin.value() * _SLIDER_STEPS))
+        slider.valueChanged.connect(lambda step: spin.setValue(step / _SLIDER_STEPS))
+
+        def follow(value: float) -> None:
+            slider.blockSignals(True)
+            slider.setValue(round(value * _SLIDER_STEPS))
+            slider.blockSignals(False)
+
+        spin.valueChanged.connect(follow)
+        self.sliders[spin.accessibleName()] = slider
+        row = QHBoxLayout()
+        row.addWidget(slider, 3)
+        row.addWidget(spin, 1)
+        return row
+
     def thresholds(self) -> Thresholds | None:
         """The thresholds shown; None while they are out of order."""
         try:
@@ -280,6 +317,8 @@ class QtThresholdsPage(QWidget):
     def set_editable(self, editable: bool) -> None:
         self.low.setReadOnly(not editable)
         self.high.setReadOnly(not editable)
+        for slider in self.sliders.values():
+            slider.setEnabled(editable)
 
     def start_scoring(self) -> None:
         """Score the validation folder in a worker thread (rendering the hold-out on first use)."""
@@ -297,6 +336,17 @@ class QtThresholdsPage(QWidget):
             return score_folder(target, PipelineConfig.from_settings(settings))
 
         run_in_thread(work, self._scored, self._scoring_failed, owner=self)
+
+    def use_folder(self, folder: Path) -> None:
+        """Preview on ``folder`` (a site's own labelled images) instead of the hold-out."""
+        self._folder = folder
+        self.scored_folder = None
+        self.start_scoring()
+
+    def _choose_folder(self) -> None:
+        chosen = QFileDialog.getExistingDirectory(self, "Labelled validation folder")
+        if chosen:
+            self.use_folder(Path(chosen))
 
     def _scored(self, result: ScoredFolder) -> None:
         self.scored_folder = result
