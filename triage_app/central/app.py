@@ -14,6 +14,7 @@ Privacy: requests are logged with case ids, device ids and codes only; payloads 
 from __future__ import annotations
 
 import logging
+import queue
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -48,7 +50,13 @@ from triage_app.central.errors import (
     UnknownDeviceError,
 )
 from triage_app.central.registry import DeviceRecord
-from triage_app.central.storage import CentralStore, Verdict
+from triage_app.central.storage import (
+    DICOM_FILE,
+    RESULT_FILE,
+    SIGNED_HEADER_FILE,
+    CentralStore,
+    Verdict,
+)
 from triage_app.central.verdicts import CentralModel, VerdictWorker
 from triage_app.errors import (
     EnvelopeError,
@@ -62,11 +70,11 @@ from triage_app.errors import (
 from triage_app.escalation.envelope import (
     BytesLike,
     EnvelopeHeader,
-    EnvelopeOpener,
+    EnvelopeStream,
+    OpenedEnvelope,
+    PayloadSplitter,
     is_case_id,
     parse_timestamp,
-    read_header,
-    verify_header,
 )
 from triage_app.escalation.keys import ServerKeyRing
 from triage_app.escalation.receipt import Receipt, sign_receipt, verify_request_signature
@@ -174,18 +182,33 @@ class CaseReceiver:
         self._now = now or (lambda: datetime.now(UTC))
 
     def receive(self, path_case_id: str, body: BytesLike) -> tuple[dict[str, Any], bool]:
-        """Return the signed receipt and whether this is the case's first delivery.
+        """Check, open and store a whole body: :meth:`receive_stream` with one piece."""
+        pieces = iter((body, None))
+        return self.receive_stream(path_case_id, lambda: next(pieces))
 
+    def receive_stream(
+        self, path_case_id: str, next_piece: Callable[[], BytesLike | None]
+    ) -> tuple[dict[str, Any], bool]:
+        """Check, open and store the body that ``next_piece`` hands out as it arrives (None at
+        its end); return the signed receipt and whether this is the case's first delivery.
+
+        Every check the signed header decides runs once its bytes are in, before another piece
+        is asked for; then each chunk is decrypted, hashed and its image bytes written to a
+        temporary file as it arrives. Nothing takes its place before the payload hash is right.
         Raises an :class:`~triage_app.errors.EnvelopeError` (a refusal with its code) or a
-        :class:`~triage_app.errors.StoreError` (retryable).
+        :class:`~triage_app.errors.StoreError` (retryable), or whatever ``next_piece`` raises.
         """
+        stream = EnvelopeStream()
         try:
-            header = read_header(body)
+            header = None
+            while header is None:
+                piece = next_piece()
+                header = stream.end_of_header() if piece is None else stream.feed_header(piece)
         except EnvelopeError as err:
             log.info("refused case %s: %s", loggable(path_case_id), err.code)
             raise
         try:
-            return self._receive(path_case_id, body, header)
+            return self._receive(path_case_id, stream, header, next_piece)
         except EnvelopeError as err:
             log.info(
                 "refused case %s from device %s: %s",
@@ -196,24 +219,46 @@ class CaseReceiver:
             raise
 
     def _receive(
-        self, path_case_id: str, body: BytesLike, header: EnvelopeHeader
+        self,
+        path_case_id: str,
+        stream: EnvelopeStream,
+        header: EnvelopeHeader,
+        next_piece: Callable[[], BytesLike | None],
     ) -> tuple[dict[str, Any], bool]:
         device = self.trusted_device(header.device_id)
-        verify_header(body, device.public_key())
+        stream.verify(device.public_key())
         if header.case_id != path_case_id:
             raise CaseIdMismatchError(
                 "the case id in the URL is not the one in the signed envelope header"
             )
         self._check_age(header.created_at)
-        opener = EnvelopeOpener(
-            body, device_public_key=device.public_key(), server_keys=self._key_ring.private_keys
-        )
-        opener.open_chunks()
-        # The payload is hashed in a helper thread meanwhile: its files are written and
-        # fsynced under temporary names, and take their place only once the hash is right.
-        payload = opener.unchecked_payload()
-        with self._store.stage(header.case_id, opener.signed_header, payload) as staged:
-            opened = opener.opened()
+        stream.unseal(self._key_ring.private_keys)
+        self._store.check_new_envelope(header.case_id, header.device_id, header.envelope_id)
+        # The image goes to a temporary file chunk by chunk; it and the small files are
+        # fsynced together once the payload hash is right, and renamed with the row's commit.
+        with self._store.stage_stream(header.case_id) as staged:
+            if staged is None:  # stored already: the payload is checked, not written again
+                splitter = PayloadSplitter(header.payload_bytes, _discard)
+            else:
+                image_fd = staged.begin(DICOM_FILE)
+                splitter = PayloadSplitter(
+                    header.payload_bytes,
+                    lambda piece: staged.append(image_fd, piece, start_writeback=True),
+                )
+            piece: BytesLike | None = b""  # the bytes after the signature are buffered
+            while piece is not None:
+                stream.feed(piece, splitter)
+                piece = next_piece()
+            stream.finish()
+            result_json = splitter.result_json()
+            if staged is not None:
+                staged.write({RESULT_FILE: result_json, SIGNED_HEADER_FILE: stream.signed_header})
+            opened = OpenedEnvelope(
+                header=header,
+                signed_header=stream.signed_header,
+                result_json=result_json,
+                dicom=memoryview(b""),  # on disk already; accept() writes nothing for a repeat
+            )
             delivery, first = self._store.accept(opened, staged)
         receipt = Receipt(
             case_id=delivery.case_id,
@@ -300,8 +345,7 @@ def create_app(
     @app.post("/v1/cases/{case_id}")
     async def post_case(case_id: str, request: Request) -> Response:
         try:
-            body = await _read_limited(request, config.max_body_bytes)
-            signed, first = await run_in_threadpool(receiver.receive, case_id, body)
+            signed, first = await _receive_streaming(request, receiver, case_id, config)
         except ClientDisconnect:
             # The link dropped mid-upload: nothing was stored, and the device will send again.
             log.info("upload of case %s cut off by the client", loggable(case_id))
@@ -392,19 +436,79 @@ def create_app(
     return app
 
 
-async def _read_limited(request: Request, limit: int) -> bytearray:
-    """The whole body, refusing one over ``limit`` before reading it (Content-Length) or as
-    soon as the streamed bytes pass the limit. Returned as read, without a copy into ``bytes``
-    (the envelope functions take any bytes-like object)."""
+class _BodyAbortedError(Exception):
+    """The body stopped arriving (too large, cut off): the receiving thread gives up."""
+
+
+_ABORT = object()
+
+
+async def _receive_streaming(
+    request: Request, receiver: CaseReceiver, case_id: str, config: CentralConfig
+) -> tuple[dict[str, Any], bool]:
+    """Hand the body to :meth:`CaseReceiver.receive_stream` in a worker thread as it arrives
+    (crypto and fsync must not block the event loop), refusing it over the size limit before
+    reading it (``Content-Length``) or as soon as the streamed bytes pass the limit.
+
+    Once the worker has refused the envelope (a bad signature, say, right after the header), the
+    rest of the body is read and dropped unprocessed before the answer: a client still sending
+    would otherwise see the connection reset instead of the refusal, and retry it.
+    """
+    limit = config.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLargeError(f"the body is {declared} bytes; this server accepts {limit}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLargeError(f"the body is larger than this server accepts ({limit} bytes)")
-    return body
+    pieces: queue.SimpleQueue[object] = queue.SimpleQueue()
+
+    def next_piece() -> BytesLike | None:
+        item = pieces.get()
+        if item is _ABORT:
+            raise _BodyAbortedError
+        assert item is None or isinstance(item, bytes | bytearray | memoryview)
+        return item
+
+    outcome: list[tuple[dict[str, Any], bool] | BaseException] = []
+    done = anyio.Event()
+
+    async def work() -> None:
+        try:
+            outcome.append(await run_in_threadpool(receiver.receive_stream, case_id, next_piece))
+        except Exception as exc:  # noqa: BLE001 - re-raised below, outside the task group
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(work)
+        ended = False
+        try:
+            total = 0
+            async for piece in request.stream():
+                total += len(piece)
+                if total > limit:
+                    raise BodyTooLargeError(
+                        f"the body is larger than this server accepts ({limit} bytes)"
+                    )
+                if piece and not done.is_set():
+                    pieces.put(piece)
+            pieces.put(None)
+            ended = True
+        except (BodyTooLargeError, ClientDisconnect) as exc:
+            failure = exc
+        finally:
+            if not ended:
+                pieces.put(_ABORT)
+    if failure is not None:
+        raise failure
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _discard(_: memoryview) -> None:
+    """The image sink of a repeat delivery: its bytes are checked, not kept."""
 
 
 def loggable(identifier: str) -> str:

@@ -206,6 +206,42 @@ class CentralStore:
         finally:
             staged.discard()
 
+    @contextmanager
+    def stage_stream(self, case_id: str) -> Iterator[StagedFiles | None]:
+        """As :meth:`stage`, for a payload that is still arriving: the caller writes the files
+        (:meth:`StagedFiles.begin`, :meth:`StagedFiles.append`, :meth:`StagedFiles.write`)
+        before :meth:`accept`; None for a case stored already (nothing to write)."""
+        case_id = _checked_case_id(case_id)
+        with self._db.read(f"read case {case_id}") as conn:
+            stored = conn.execute("SELECT 1 FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+        if stored is not None:
+            yield None
+            return
+        staged = StagedFiles(self.cases_dir, case_id)
+        try:
+            yield staged
+        finally:
+            staged.discard()
+
+    def check_new_envelope(self, case_id: str, device_id: str, envelope_id: str) -> None:
+        """The refusals :meth:`accept` would give that the signed header alone decides: a
+        replayed ``envelope_id``, or the case stored from another device. For refusing before
+        the body is read; :meth:`accept` checks again in its transaction."""
+        case_id = _checked_case_id(case_id)
+        with self._db.read(f"read case {case_id}") as conn:
+            seen = conn.execute(
+                "SELECT case_id FROM envelopes WHERE envelope_id = ?", (envelope_id,)
+            ).fetchone()
+            row = conn.execute(
+                "SELECT device_id FROM cases WHERE case_id = ?", (case_id,)
+            ).fetchone()
+        if seen is not None and seen["case_id"] != case_id:
+            raise ReplayedEnvelopeError(
+                f"envelope {envelope_id} was already delivered for another case"
+            )
+        if row is not None and row["device_id"] != device_id:
+            raise CaseConflictError(f"case {case_id} was received from another device")
+
     def accept(
         self, opened: OpenedEnvelope, staged: StagedFiles | None = None
     ) -> tuple[Delivery, bool]:
@@ -414,27 +450,63 @@ class StagedFiles:
         self._folder = cases_dir / case_id
         self._created = False
         self._pending: dict[Path, Path] = {}  # temporary name -> final name
+        self._open: list[int] = []  # descriptors of files being written
+        self._folder_checked = False
 
     def write(self, files: dict[str, BytesLike]) -> None:
-        """Write every file, then fsync them all at once (see :func:`_fsync_together`)."""
-        descriptors: list[int] = []
+        """Write every file, then fsync them all at once, with any file :meth:`begin` opened
+        (see :func:`_fsync_together`), and close them."""
         try:
-            self._created = not self._folder.exists()
-            self._folder.mkdir(mode=0o700, exist_ok=True)
             for name, data in files.items():
-                tmp = self._folder / f".{name}.{secrets.token_hex(8)}.tmp"
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                descriptors.append(os.open(tmp, flags, 0o600))
-                self._pending[tmp] = self._folder / name
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(descriptors[-1], view) :]
-            _fsync_together(descriptors)
+                fd = self.begin(name)
+                self.append(fd, data)
+            _fsync_together(self._open)
         except OSError as exc:
             self._failed(exc)
         finally:
-            for fd in descriptors:
+            self._close()
+
+    def begin(self, name: str) -> int:
+        """Create the temporary file for ``name``: its descriptor, for :meth:`append` as the
+        bytes arrive; :meth:`write` syncs and closes it (:meth:`discard` if it never runs)."""
+        try:
+            if not self._folder_checked:
+                self._created = not self._folder.exists()
+                self._folder.mkdir(mode=0o700, exist_ok=True)
+                self._folder_checked = True
+            tmp = self._folder / f".{name}.{secrets.token_hex(8)}.tmp"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o600)
+        except OSError as exc:
+            self._failed(exc)
+        self._open.append(fd)
+        self._pending[tmp] = self._folder / name
+        return fd
+
+    def append(self, fd: int, data: BytesLike, *, start_writeback: bool = False) -> None:
+        """Write all of ``data`` to a file :meth:`begin` opened.
+
+        ``start_writeback`` asks the kernel to start writing these bytes to disk now
+        (``POSIX_FADV_DONTNEED`` starts writeback of dirty pages without waiting for it, and
+        drops only pages that are clean), so that the final fsync of a file that arrived over
+        the network finds little left to write. Only a hint: durability is still the fsync's.
+        """
+        try:
+            with memoryview(data) as view:
+                while view:
+                    view = view[os.write(fd, view) :]
+        except OSError as exc:
+            self._failed(exc)
+        if start_writeback and _FADVISE is not None:
+            with suppress(OSError):
+                end = os.lseek(fd, 0, os.SEEK_CUR)
+                _FADVISE(fd, end - len(data), len(data), os.POSIX_FADV_DONTNEED)
+
+    def _close(self) -> None:
+        for fd in self._open:
+            with suppress(OSError):
                 os.close(fd)
+        self._open.clear()
 
     def publish(self) -> None:
         """Rename every file into place and make the names durable (and the folder's own)."""
@@ -451,6 +523,7 @@ class StagedFiles:
 
     def discard(self) -> None:
         """Remove what was not put in place, and the folder if this made it and it is empty."""
+        self._close()
         for tmp in self._pending:
             with suppress(OSError):
                 tmp.unlink()
@@ -464,6 +537,9 @@ class StagedFiles:
         raise StoreError(
             f"central store: could not write the files of case {self.case_id}"
         ) from exc
+
+
+_FADVISE = getattr(os, "posix_fadvise", None)
 
 
 def _fsync_together(descriptors: list[int]) -> None:

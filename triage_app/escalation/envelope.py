@@ -29,7 +29,7 @@ import queue
 import re
 import secrets
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple
@@ -490,23 +490,7 @@ class EnvelopeOpener:
         prefix = _read_prefix(self._data)
         _verify_signature(prefix, device_public_key)
         header = prefix.header
-        private_key = server_keys.get(header.server_key_id)
-        if private_key is None:
-            raise UnknownServerKeyError(
-                f"envelope is sealed to server key {header.server_key_id}, which is not held here"
-            )
-        try:
-            data_key = _SUITE.decrypt(
-                header.sealed_key,
-                private_key,
-                info=_hpke_info(header.case_id, header.device_id, header.server_key_id),
-            )
-        except InvalidTag:
-            raise EnvelopeTamperedError(
-                "envelope data key does not open (sealed key altered)"
-            ) from None
-        if len(data_key) != DATA_KEY_BYTES:
-            raise EnvelopeTamperedError("envelope data key has the wrong length")
+        data_key = _data_key(header, server_keys)
         expected_end = prefix.body_offset + header.body_bytes()
         if len(self._data) > expected_end:
             raise EnvelopeTamperedError(
@@ -590,6 +574,29 @@ class EnvelopeOpener:
         )
 
 
+def _data_key(header: EnvelopeHeader, server_keys: Mapping[str, X25519PrivateKey]) -> bytes:
+    """The data key, opened with the server key the header names (protocol order: the key is
+    held, then the sealed key opens)."""
+    private_key = server_keys.get(header.server_key_id)
+    if private_key is None:
+        raise UnknownServerKeyError(
+            f"envelope is sealed to server key {header.server_key_id}, which is not held here"
+        )
+    try:
+        data_key = _SUITE.decrypt(
+            header.sealed_key,
+            private_key,
+            info=_hpke_info(header.case_id, header.device_id, header.server_key_id),
+        )
+    except InvalidTag:
+        raise EnvelopeTamperedError(
+            "envelope data key does not open (sealed key altered)"
+        ) from None
+    if len(data_key) != DATA_KEY_BYTES:
+        raise EnvelopeTamperedError("envelope data key has the wrong length")
+    return data_key
+
+
 def check_sealed(data: BytesLike, device_public_key: Ed25519PublicKey) -> EnvelopeHeader:
     """What the sender can check of an envelope it sealed without the data key or hashing it:
     the header and the device's signature over it, and that the chunks' length fields account
@@ -608,6 +615,188 @@ def check_sealed(data: BytesLike, device_public_key: Ed25519PublicKey) -> Envelo
     for _ in _chunks(view, header, prefix.body_offset):
         pass
     return header
+
+
+# --- Opening as the bytes arrive ----------------------------------------------------------------
+
+
+class EnvelopeStream:
+    """Opens an envelope as its bytes arrive (the server's POST body), in the protocol's order.
+
+    :meth:`feed_header` buffers bytes until the magic, header and signature are in and returns
+    the (not yet trusted) header, refusing a bad magic or header as soon as its bytes show it;
+    the caller then runs :meth:`verify` (signature) and its own checks, and :meth:`unseal` (server
+    key, data key) before accepting more than the header. :meth:`feed` authenticates and decrypts
+    each chunk once its bytes are in, hashes it, and hands its plaintext to a sink; :meth:`finish`
+    at the end of the body checks that no chunk is missing and the payload hash. Until then a
+    plaintext piece is only chunk-authenticated: for temporary files, nothing else. The errors
+    are those of :func:`open_envelope` for the same bytes, with the same messages.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._prefix: _Prefix | None = None
+        self._aead: AESGCM | None = None
+        self._aad = b""
+        self._index = 0  # the next chunk
+        self._chunk_len = 0  # its sealed length once its length field is in, else 0
+        self._plain = bytearray()
+        self._hash = hashlib.sha256()
+        self._received = 0  # plaintext bytes so far
+
+    @property
+    def header(self) -> EnvelopeHeader:
+        return self._checked_prefix().header
+
+    @property
+    def signed_header(self) -> bytes:
+        """Magic, header and signature: the evidence of who sent the payload."""
+        prefix = self._checked_prefix()
+        return prefix.signed + prefix.signature
+
+    def feed_header(self, data: BytesLike) -> EnvelopeHeader | None:
+        """Buffer ``data``; the header once the signature's bytes are in, else None. Bytes after
+        the signature are kept for :meth:`feed`."""
+        if self._prefix is not None:
+            raise RuntimeError("the header is read already")
+        self._buf += data
+        try:
+            self._prefix = _read_prefix(self._buf)
+        except EnvelopeTruncatedError:
+            return None  # more to come, or end_of_header() says where it ended
+        del self._buf[: self._prefix.body_offset]
+        return self._prefix.header
+
+    def end_of_header(self) -> EnvelopeHeader:
+        """The body ended: the header if it is complete, else the error for where it ended."""
+        if self._prefix is not None:
+            return self._prefix.header
+        _read_prefix(self._buf)
+        raise AssertionError("unreachable: _read_prefix accepted what it refused before")
+
+    def verify(self, device_public_key: Ed25519PublicKey) -> None:
+        """Check the device's signature over the header (``EnvelopeSignatureError``)."""
+        _verify_signature(self._checked_prefix(), device_public_key)
+
+    def unseal(self, server_keys: Mapping[str, X25519PrivateKey]) -> None:
+        """Open the data key with the server key the header names, as :class:`EnvelopeOpener`."""
+        prefix = self._checked_prefix()
+        header = prefix.header
+        self._aead = AESGCM(_data_key(header, server_keys))
+        self._aad = hashlib.sha256(prefix.signed).digest()
+        self._plain = bytearray(min(header.chunk_size, header.payload_bytes))
+
+    def feed(self, data: BytesLike, sink: Callable[[memoryview], object]) -> None:
+        """Take the next bytes of the body: every chunk now complete is authenticated, decrypted,
+        hashed and passed to ``sink`` in order (the view is valid during the call only)."""
+        if self._aead is None:
+            raise RuntimeError("unseal() has not run")
+        self._buf += data
+        header = self._checked_prefix().header
+        count = header.chunk_count
+        offset = 0
+        with memoryview(self._buf) as buf:
+            while self._index < count:
+                if not self._chunk_len:
+                    if len(buf) - offset < LENGTH_BYTES:
+                        break
+                    sealed_len = int.from_bytes(buf[offset : offset + LENGTH_BYTES], "big")
+                    expected_len = header.chunk_plaintext_bytes(self._index) + TAG_BYTES
+                    if sealed_len != expected_len:
+                        raise EnvelopeTamperedError(
+                            f"envelope chunk {self._index + 1} of {count} has length "
+                            f"{sealed_len}, the header implies {expected_len}"
+                        )
+                    offset += LENGTH_BYTES
+                    self._chunk_len = sealed_len
+                if len(buf) - offset < self._chunk_len:
+                    break
+                piece = memoryview(self._plain)[: self._chunk_len - TAG_BYTES]
+                nonce = _nonce(self._index, last=self._index == count - 1)
+                with buf[offset : offset + self._chunk_len] as sealed:
+                    try:
+                        self._aead.decrypt_into(nonce, sealed, self._aad, piece)
+                    except InvalidTag:
+                        raise EnvelopeTamperedError(
+                            f"envelope chunk {self._index + 1} of {count} fails authentication"
+                        ) from None
+                offset += self._chunk_len
+                self._chunk_len = 0
+                self._index += 1
+                self._received += len(piece)
+                self._hash.update(piece)
+                sink(piece.toreadonly())
+        del self._buf[:offset]
+        self._check_trailing()
+
+    def finish(self) -> None:
+        """The body ended: ``EnvelopeTruncatedError`` if a chunk is missing, then the payload
+        length and hash against the header (``EnvelopeTamperedError``)."""
+        header = self._checked_prefix().header
+        if self._index < header.chunk_count:
+            where = "inside" if self._chunk_len else "before"
+            raise EnvelopeTruncatedError(
+                f"envelope ends {where} chunk {self._index + 1} of {header.chunk_count}"
+            )
+        if self._received != header.payload_bytes:
+            raise EnvelopeTamperedError("envelope payload length does not match its header")
+        if self._hash.hexdigest() != header.payload_sha256:
+            raise EnvelopeTamperedError("envelope payload hash does not match its header")
+
+    def _check_trailing(self) -> None:
+        header = self._checked_prefix().header
+        if self._index == header.chunk_count and self._buf:
+            raise EnvelopeTamperedError(f"envelope has {len(self._buf)} bytes after its last chunk")
+
+    def _checked_prefix(self) -> _Prefix:
+        if self._prefix is None:
+            raise RuntimeError("the header is not read yet")
+        return self._prefix
+
+
+class PayloadSplitter:
+    """Splits a payload arriving in pieces (:meth:`EnvelopeStream.feed`'s sink): the length
+    field and result JSON are kept (small), the image bytes go to ``image_sink`` as they come.
+
+    If the length field is impossible for ``payload_bytes``, nothing goes to the sink and
+    :meth:`result_json` raises ``MalformedEnvelopeError``, as :func:`open_envelope` does after
+    the payload hash (call it only after :meth:`EnvelopeStream.finish`).
+    """
+
+    def __init__(self, payload_bytes: int, image_sink: Callable[[memoryview], object]) -> None:
+        self._payload_bytes = payload_bytes
+        self._image_sink = image_sink
+        self._head = bytearray()  # length field and result JSON
+        self._head_bytes: int | None = None  # their length, once the length field is in
+        self._impossible = False
+
+    def __call__(self, piece: memoryview) -> None:
+        if self._impossible:
+            return
+        if self._head_bytes is None or len(self._head) < self._head_bytes:
+            want = LENGTH_BYTES if self._head_bytes is None else self._head_bytes
+            take = min(len(piece), want - len(self._head))
+            self._head += piece[:take]
+            piece = piece[take:]
+            if self._head_bytes is None and len(self._head) == LENGTH_BYTES:
+                json_len = int.from_bytes(self._head, "big")
+                if json_len > self._payload_bytes - LENGTH_BYTES:
+                    self._impossible = True
+                    return
+                self._head_bytes = LENGTH_BYTES + json_len
+                self(piece)
+                return
+        if piece:
+            self._image_sink(piece)
+
+    def result_json(self) -> bytes:
+        """The result JSON, checked as :meth:`Payload.from_bytes` checks it."""
+        if self._impossible or self._head_bytes is None or len(self._head) < self._head_bytes:
+            # Only the structure can be wrong here: the length matched the header (finish()).
+            _split_payload(memoryview(bytes(self._head)))
+            raise MalformedEnvelopeError("payload result JSON length exceeds the payload")
+        result_json, _ = _split_payload(memoryview(self._head))
+        return result_json
 
 
 def _chunks(
