@@ -401,18 +401,7 @@ class CaseStore:
             If ``case_id`` is unknown, or the database fails.
         """
         with self._write(f"apply {event} to case {case_id}") as at:
-            row = self._conn.execute(
-                "SELECT state FROM cases WHERE case_id = ?", (case_id,)
-            ).fetchone()
-            if row is None:
-                raise StoreError(f"case store: unknown case id {case_id}")
-            before = CaseState(row["state"])
-            after = next_state(before, event)
-            self._conn.execute(
-                "UPDATE cases SET state = ?, updated_at = ? WHERE case_id = ?",
-                (after, at, case_id),
-            )
-            self._add_event(case_id, before, after, event, at, detail)
+            before, after = self._transition(case_id, event, at, detail)
         log.info("case %s: %s -(%s)-> %s", case_id, before, event, after)
         return after
 
@@ -423,18 +412,10 @@ class CaseStore:
         """
         verdict_json = json.dumps(dict(verdict), sort_keys=True)
         with self._write(f"record the verdict of case {case_id}") as at:
-            row = self._conn.execute(
-                "SELECT state FROM cases WHERE case_id = ?", (case_id,)
-            ).fetchone()
-            if row is None:
-                raise StoreError(f"case store: unknown case id {case_id}")
-            before = CaseState(row["state"])
-            after = next_state(before, CaseEvent.RECEIVE_VERDICT)
+            _, after = self._transition(case_id, CaseEvent.RECEIVE_VERDICT, at, None)
             self._conn.execute(
-                "UPDATE cases SET state = ?, updated_at = ?, verdict_json = ? WHERE case_id = ?",
-                (after, at, verdict_json, case_id),
+                "UPDATE cases SET verdict_json = ? WHERE case_id = ?", (verdict_json, case_id)
             )
-            self._add_event(case_id, before, after, CaseEvent.RECEIVE_VERDICT, at, None)
         log.info("case %s: central verdict received", case_id)
         return after
 
@@ -462,18 +443,7 @@ class CaseStore:
         detail = f"{kind} by {actor}" + (f": {comment}" if comment else "")
         audit_json = json.dumps({"case_id": case_id, "kind": kind.value, "comment": comment})
         with self._write(f"record feedback on case {case_id}") as at:
-            row = self._conn.execute(
-                "SELECT state FROM cases WHERE case_id = ?", (case_id,)
-            ).fetchone()
-            if row is None:
-                raise StoreError(f"case store: unknown case id {case_id}")
-            before = CaseState(row["state"])
-            after = next_state(before, CaseEvent.ACKNOWLEDGE)
-            self._conn.execute(
-                "UPDATE cases SET state = ?, updated_at = ? WHERE case_id = ?",
-                (after, at, case_id),
-            )
-            self._add_event(case_id, before, after, CaseEvent.ACKNOWLEDGE, at, detail)
+            self._transition(case_id, CaseEvent.ACKNOWLEDGE, at, detail)
             self._conn.execute(
                 "INSERT INTO feedback (case_id, kind, actor, at, comment) VALUES (?, ?, ?, ?, ?)",
                 (case_id, kind, actor, at, comment),
@@ -596,6 +566,21 @@ class CaseStore:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
+
+    def _transition(
+        self, case_id: str, event: CaseEvent, at: str, detail: str | None
+    ) -> tuple[CaseState, CaseState]:
+        """Inside a write transaction: move the case by ``event`` and keep the history row."""
+        row = self._conn.execute("SELECT state FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"case store: unknown case id {case_id}")
+        before = CaseState(row["state"])
+        after = next_state(before, event)
+        self._conn.execute(
+            "UPDATE cases SET state = ?, updated_at = ? WHERE case_id = ?", (after, at, case_id)
+        )
+        self._add_event(case_id, before, after, event, at, detail)
+        return before, after
 
     def _add_event(
         self,
