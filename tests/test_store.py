@@ -10,6 +10,7 @@ import sqlite3
 import stat
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
@@ -494,6 +495,19 @@ def test_pseudonym_links_stay_local_and_first_link_wins(db_path: Path) -> None:
         assert s.original_for("patient", "P123") == "id:MRN-1"
         assert s.original_for("study", "2.25.1") == "1.2.3"
         assert s.original_for("series", "2.25.1") is None
+
+
+def test_a_recorded_case_keeps_its_pseudonym_links_in_the_same_commit(
+    store: CaseStore,
+) -> None:
+    result = replace(make_result(), links=(("patient", "P9", "id:MRN-9"),))
+    with pytest.raises(IllegalTransitionError):
+        store.record_result(result, E.ADMIN_RETRY)  # refused: nothing at all is kept
+    assert store.original_for("patient", "P9") is None
+
+    store.record_result(result, E.DECIDE_LOCAL_NORMAL)
+
+    assert store.original_for("patient", "P9") == "id:MRN-9"
 
 
 def test_a_verdict_is_kept_once_the_case_is_delivered(store: CaseStore) -> None:

@@ -164,7 +164,6 @@ def record_outcome(
     if not isinstance(outcome, CaseResult):
         store.record_failure(outcome)
         return outcome
-    store.record_links(outcome.links)
     state = store.record_result(outcome, store_event(outcome))
     if queue is None or state is not CaseState.ESCALATION_HELD or outcome.payload is None:
         return outcome

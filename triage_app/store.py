@@ -291,11 +291,14 @@ class CaseStore:
         if not rows:
             return
         with self._write("record pseudonym links") as at:
-            self._conn.executemany(
-                "INSERT OR IGNORE INTO pseudonym_links (kind, pseudonym, original, first_seen) "
-                "VALUES (?, ?, ?, ?)",
-                [(kind, new, old, at) for kind, new, old in rows],
-            )
+            self._insert_links(rows, at)
+
+    def _insert_links(self, rows: Iterable[tuple[str, str, str]], at: str) -> None:
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO pseudonym_links (kind, pseudonym, original, first_seen) "
+            "VALUES (?, ?, ?, ?)",
+            [(kind, new, old, at) for kind, new, old in rows],
+        )
 
     def original_for(self, kind: str, pseudonym: str) -> str | None:
         """The original value behind a pseudonym, for display on this device only."""
@@ -311,7 +314,8 @@ class CaseStore:
 
         A new case is inserted as ``received``, then ``analyse`` and ``final_event`` (e.g.
         ``decide_local_normal``, ``enqueue``, ``hold``) are applied, each stored in the history,
-        all in one transaction: a crash leaves either the whole case or nothing.
+        all in one transaction with the result's pseudonym links: a crash leaves either the
+        whole case or nothing (and a service files an image with one commit, not two).
 
         Idempotent on ``case_id`` (the same image sent again is the same case): a known case is
         not duplicated and its state does not change, whatever ``final_event`` says. Only its
@@ -332,6 +336,7 @@ class CaseStore:
             state = steps[-1][2]
         result_json = json.dumps(result.to_json(), sort_keys=True)
         with self._write(f"record case {result.case_id}") as at:
+            self._insert_links(result.links, at)
             row = self._conn.execute(
                 "SELECT state FROM cases WHERE case_id = ?", (result.case_id,)
             ).fetchone()
