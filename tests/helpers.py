@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom.dataset import Dataset
 
 from triage_app.dicom.image import ImageInfo
@@ -121,3 +124,18 @@ def image_info(**overrides: Any) -> ImageInfo:
     }
     fields.update(overrides)
     return ImageInfo(**fields)
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    *,
+    timeout_s: float = 15.0,
+    interval_s: float = 0.02,
+    what: str = "condition",
+) -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)

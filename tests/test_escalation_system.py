@@ -27,7 +27,6 @@ from tests.escalation.conftest import (
     link_for,
     queue_cases,
     start_central_server,
-    wait_until,
     write_identified_phantoms,
 )
 from tests.escalation.conftest import (
@@ -37,7 +36,7 @@ from tests.escalation.conftest import (
     device_identity as load_device_identity,
 )
 from tests.fault_proxy import FaultProxy
-from tests.helpers import CliRun, run_cli
+from tests.helpers import CliRun, run_cli, wait_until
 from triage_app.central.certificates import make_self_signed
 from triage_app.config import Settings, save_settings
 from triage_app.escalation.outbox import OutboxState

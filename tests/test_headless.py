@@ -25,10 +25,9 @@ from tests.escalation.conftest import (
     Device,
     device_identity,
     start_central_server,
-    wait_until,
     write_identified_phantoms,
 )
-from tests.helpers import run_cli
+from tests.helpers import run_cli, wait_until
 from triage_app.central.certificates import make_self_signed
 from triage_app.config import save_settings
 from triage_app.metrics import probe_health

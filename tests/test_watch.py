@@ -21,14 +21,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import phantom_dataset, write_phantoms
+from tests.helpers import phantom_dataset, wait_until, write_phantoms
 from triage_app.config import Settings
 from triage_app.intake import REASON_SUFFIX, SIDECAR_SUFFIX
 from triage_app.store import REPROCESSED, CaseStore
@@ -222,14 +222,6 @@ def test_a_deferred_file_waits_a_full_settle_time_again_even_when_old(
 # --- the service in this process ------------------------------------------------------------------
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
-
-
 @pytest.mark.timeout(60)
 def test_a_cut_short_file_that_stopped_growing_is_read_again_once_per_settle_time(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -254,7 +246,9 @@ def test_a_cut_short_file_that_stopped_growing_is_read_again_once_per_settle_tim
     with ThreadPoolExecutor(1) as thread:
         running = thread.submit(WatchService(settings).run, stop)
         try:
-            wait_until(quarantined.exists, 30, "the cut-short file to be quarantined")
+            wait_until(
+                quarantined.exists, timeout_s=30, what="the cut-short file to be quarantined"
+            )
         finally:
             stop.set()
         summary = running.result(timeout=30)
@@ -357,6 +351,19 @@ class WatchEnv:
         self.started.append(service)
         if ready:
             service.wait_ready()
+        return service
+
+    def start_busy(self, sources: list[Path], done_at_least: int) -> WatchProcess:
+        """Start the service, drop ``sources`` at once, and return once some are filed."""
+        staged = self.stage(sources)
+        service = self.start()
+        self.drop(staged)
+
+        def busy() -> bool:
+            service.check_alive()
+            return len(self.done_images()) >= done_at_least
+
+        wait_until(busy, timeout_s=60, what=f"{done_at_least} files in done/")
         return service
 
     def run_once(self, *args: str, timeout_s: float = 120) -> tuple[int, str]:
@@ -476,7 +483,7 @@ def test_fifty_dropped_files_and_one_written_slowly_are_each_triaged_once(
         service.check_alive()
         return watch_env.done_images() == expected
 
-    wait_until(all_done, 90, "51 files in done/")
+    wait_until(all_done, timeout_s=90, what="51 files in done/")
     assert service.stop() == 0
 
     assert watch_env.inbox_images() == []
@@ -498,10 +505,14 @@ def test_a_text_file_goes_to_quarantine_and_the_service_keeps_going(
     note.write_text("Patient notes: not an image\n", encoding="utf-8")
     watch_env.drop([note])
     quarantined = watch_env.quarantine / "not_dicom" / "notes.txt"
-    wait_until(quarantined.exists, 60, "the text file in quarantine/not_dicom/")
+    wait_until(quarantined.exists, timeout_s=60, what="the text file in quarantine/not_dicom/")
 
     watch_env.drop(watch_env.stage(phantoms[:1]))  # still at work afterwards
-    wait_until(lambda: watch_env.done_images() == [phantoms[0].name], 60, "the image in done/")
+    wait_until(
+        lambda: watch_env.done_images() == [phantoms[0].name],
+        timeout_s=60,
+        what="the image in done/",
+    )
     service.check_alive()
     assert service.stop() == 0  # a service stopped on purpose ends well
 
@@ -534,15 +545,7 @@ def test_after_a_sigkill_mid_batch_a_restart_files_every_input_exactly_once(
 ) -> None:
     sources = phantoms[:40]
     names = sorted(p.name for p in sources)
-    staged = watch_env.stage(sources)
-    service = watch_env.start()
-    watch_env.drop(staged)
-
-    def some_done() -> bool:
-        service.check_alive()
-        return len(watch_env.done_images()) >= 3
-
-    wait_until(some_done, 60, "the first files in done/")
+    service = watch_env.start_busy(sources, done_at_least=3)
     os.kill(service.proc.pid, signal.SIGKILL)
     service.proc.wait(timeout=10)
     done_at_kill = watch_env.done_images()
@@ -612,15 +615,7 @@ def test_sigterm_while_busy_finishes_the_files_in_flight_and_leaves_the_rest(
 ) -> None:
     sources = phantoms[:30]
     names = sorted(p.name for p in sources)
-    staged = watch_env.stage(sources)
-    service = watch_env.start()
-    watch_env.drop(staged)
-
-    def busy() -> bool:
-        service.check_alive()
-        return len(watch_env.done_images()) >= 2
-
-    wait_until(busy, 60, "the service to be busy")
+    service = watch_env.start_busy(sources, done_at_least=2)
     signalled = time.monotonic()
     assert service.stop(signal.SIGTERM, timeout_s=30) == 0
     took_s = time.monotonic() - signalled

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import random
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -53,21 +52,6 @@ SEED = 61
 PATIENT_NAME = "DOE^JOHN"
 PATIENT_ID = "MRN4711"
 ACCESSION = "ACC99887766"
-
-
-def wait_until(
-    predicate: Callable[[], object],
-    *,
-    timeout_s: float = 15.0,
-    interval_s: float = 0.02,
-    what: str = "condition",
-) -> None:
-    """Poll ``predicate`` until it is true; fail the test after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 # --- The central server -------------------------------------------------------------------------

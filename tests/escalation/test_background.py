@@ -13,9 +13,9 @@ from tests.escalation.conftest import (
     link_for,
     make_uploader,
     queue_cases,
-    wait_until,
 )
 from tests.fault_proxy import FaultProxy
+from tests.helpers import wait_until
 from triage_app.escalation.background import BackgroundUploader
 from triage_app.escalation.outbox import OutboxState
 from triage_app.escalation.server_keys import central_keys_path

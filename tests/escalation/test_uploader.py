@@ -33,10 +33,9 @@ from tests.escalation.conftest import (
     other_ed25519_public_key_b64,
     queue_cases,
     triage,
-    wait_until,
 )
 from tests.fault_proxy import FaultProxy
-from tests.helpers import run_cli
+from tests.helpers import run_cli, wait_until
 from triage_app.central.certificates import make_self_signed
 from triage_app.central.storage import DICOM_FILE, RESULT_FILE
 from triage_app.config import save_settings
