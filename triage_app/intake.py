@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 # Outcomes that mean "not all there yet" while a writer may still be busy (watch folder only).
 INCOMPLETE_CODES = frozenset({"truncated", "empty_file"})
+BACKLOG_PER_WORKER = 2
 # A file whose worker died this many times is quarantined rather than tried again.
 MAX_WORKER_CRASHES = 3
 WORKER_CRASHED = "worker_crashed"
@@ -163,6 +164,12 @@ class Intake:
     def in_flight(self) -> int:
         with self._lock:
             return len(self._pending)
+
+    @property
+    def room(self) -> int:
+        """How many more files to hand over now: a backlog of two per worker keeps both cores
+        busy, and a stop waits for only those few (the rest stay where they are)."""
+        return max(0, BACKLOG_PER_WORKER * self._pool.workers - self.in_flight)
 
     def is_in_flight(self, path: Path) -> bool:
         with self._lock:

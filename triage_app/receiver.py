@@ -420,7 +420,6 @@ def run_receiver(
     ``on_tick`` the receiver once per loop (metrics, health).
     """
     tick_s = min(0.25, max(0.02, settings.receiver_study_quiet_s / 4))
-    capacity = 2 * settings.workers
     backlog: deque[Path] = deque()
     notify = on_filed or (lambda _filed: None)
     intake = Intake(settings, IntakeLayout.for_receiver(settings), queue=queue)
@@ -430,7 +429,7 @@ def run_receiver(
                 for study in receiver.quiet_studies():
                     backlog.extend(study)
                 batch: list[Path] = []
-                while backlog and len(batch) < capacity - intake.in_flight:
+                while backlog and len(batch) < intake.room:
                     path = backlog.popleft()
                     # Re-sent while its first copy was in flight: that copy may be filed already.
                     if path.exists():

@@ -193,9 +193,8 @@ class WatchService:
             log.info("watching the inbox (%d workers)", settings.workers)
             self.tracker.note_all(inbox_files(self.layout.inbox))
             next_rescan = time.monotonic() + settings.watch_rescan_s
-            capacity = 2 * settings.workers  # a small backlog: SIGTERM need not wait for more
             while not stop.is_set():
-                room = capacity - intake.in_flight
+                room = intake.room
                 if room > 0:
                     intake.submit(self.tracker.settled(room, intake.is_in_flight))
                 for filed in intake.collect(timeout_s=tick_s):
