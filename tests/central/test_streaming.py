@@ -2,23 +2,43 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import itertools
+import os
+import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tests.central.conftest import Central, StartCentral, make_case, new_device, seal_case
+from tests.central.conftest import (
+    Central,
+    StartCentral,
+    TestCase,
+    make_case,
+    new_device,
+    seal_case,
+)
 from tests.central.test_api import assert_refused
 from triage_app.central.app import CaseReceiver
 from triage_app.errors import (
     EnvelopeSignatureError,
     EnvelopeTamperedError,
     EnvelopeTruncatedError,
+    StoreError,
 )
-from triage_app.escalation.envelope import PREFIX_BYTES, SIGNATURE_BYTES, read_header
-from triage_app.escalation.keys import ServerPublicKey
+from triage_app.escalation.envelope import (
+    PREFIX_BYTES,
+    SIGNATURE_BYTES,
+    Payload,
+    read_header,
+    seal,
+)
+from triage_app.escalation.helper_threads import THREAD_WORTH_BYTES
+from triage_app.escalation.keys import DeviceIdentity, ServerPublicKey
 
 PIECE = 4096
 
@@ -167,3 +187,76 @@ def test_a_refused_signature_over_http_still_answers_401(central: Central) -> No
     assert_refused(central.post(case.case_id, bytes(forged)), 401, "bad_signature")
     # The connection stays usable: the rest of the body was read and dropped.
     assert central.post(case.case_id, body).status_code == 201
+
+
+def large_case(index: int, image_bytes: int) -> TestCase:
+    """A phantom's case padded with a private tag to ``image_bytes``: several MB, so that the
+    receiver hashes and writes on its helper threads (small payloads are handled inline)."""
+    case = make_case(index)
+    padding = image_bytes - len(case.payload.dicom)
+    dicom = case.payload.dicom + bytes(random.Random(index).randbytes(padding))
+    return TestCase(case.case_id, Payload(case.payload.result_json, dicom))
+
+
+def seal_large(central: Central, case: TestCase, device: DeviceIdentity) -> bytes:
+    return bytes(
+        seal(
+            case.payload,
+            case_id=case.case_id,
+            device=device,
+            server_key=central.key_ring.active,
+            chunk_size=256 * 1024,
+        )
+    )
+
+
+def test_a_large_case_is_hashed_and_written_by_helper_threads_and_stored_whole(
+    central: Central,
+) -> None:
+    device = central.register(new_device())
+    case = large_case(28, 6 * THREAD_WORTH_BYTES)
+    body = seal_large(central, case, device)
+    parts: Iterator[bytes | None] = iter(
+        [body[i : i + 64 * 1024] for i in range(0, len(body), 64 * 1024)] + [None]
+    )
+    helpers_seen: set[str] = set()
+
+    def next_part() -> bytes | None:
+        helpers_seen.update(t.name for t in threading.enumerate())
+        return next(parts)
+
+    receipt, first = receiver_of(central).receive_stream(case.case_id, next_part)
+
+    assert first
+    assert {"sha256-helper", "envelope-sink"} <= helpers_seen
+    stored = central.store.case_dir(case.case_id)
+    assert (stored / "image.dcm").read_bytes() == case.payload.dicom
+    assert (
+        receipt["receipt"]["payload_sha256"] == hashlib.sha256(case.payload.to_bytes()).hexdigest()
+    )
+    assert not {"sha256-helper", "envelope-sink"} & {t.name for t in threading.enumerate()}
+
+
+@pytest.mark.expect_log_warnings
+def test_a_write_failure_midway_is_a_store_error_and_leaves_no_files(
+    central: Central, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = central.register(new_device())
+    case = large_case(29, 6 * THREAD_WORTH_BYTES)
+    body = seal_large(central, case, device)
+    real_write = os.write
+    writes = itertools.count()
+
+    def failing_write(fd: int, data: bytes | memoryview) -> int:
+        if next(writes) == 5:  # on the sink's helper thread, mid-image
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", failing_write)
+    with pytest.raises(StoreError, match="could not write the files"):
+        receiver_of(central).receive_stream(case.case_id, Pieces(body))
+    monkeypatch.undo()
+    assert leftovers(central) == []
+    assert central.store.count() == 0
+    receipt, first = receiver_of(central).receive_stream(case.case_id, Pieces(body))
+    assert first and receipt["receipt"]["deliveries"] == 1

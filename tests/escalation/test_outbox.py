@@ -155,11 +155,29 @@ def test_claim_then_deliver_keeps_the_row_and_deletes_the_file(outbox: Outbox, s
     assert done.receipt == RECEIPT
     assert done.delivered_at == "2026-11-22T10:00:02.000+00:00"
     assert done.lease_owner is None
+    outbox.wait_for_removals()  # the file is removed on a helper thread
     assert spool_names(spool) == set()
     assert [i.case_id for i in outbox.items()] == [cid(1)]  # history stays
+
     with pytest.raises(OutboxError, match="delivered"):
         outbox.envelope(cid(1))
     assert outbox.claim_next("uploader-1", 30, now=T0 + timedelta(days=1)) is None
+
+
+def test_a_sent_envelope_stays_readable_while_its_file_is_removed(
+    outbox: Outbox, spool: Path
+) -> None:
+    enqueue(outbox, 1, size=3 * 1024 * 1024)
+    claimed = outbox.claim_next("uploader-1", 30, now=T0)
+    assert claimed is not None
+    view = outbox.envelope(claimed)  # mapped from the spool file, not copied
+    assert view.readonly and view.nbytes == claimed.size_bytes
+
+    outbox.mark_delivered(cid(1), RECEIPT)
+    outbox.close()  # waits for the removal
+
+    assert spool_names(spool) == set()
+    assert view == env(1, 3 * 1024 * 1024)
 
 
 def test_to_json_is_what_queue_list_prints(outbox: Outbox):
@@ -250,6 +268,7 @@ def test_enqueue_is_idempotent(outbox: Outbox, spool: Path):
     outbox.mark_delivered(cid(1), RECEIPT)
     # Delivered is still "already queued": nothing is sent twice.
     assert enqueue(outbox, 1).state is OutboxState.DELIVERED
+    outbox.wait_for_removals()
     assert spool_names(spool) == set()
 
 

@@ -59,6 +59,12 @@ def spool_file(link: EscalationLink, case_id: str) -> Path:
     return link.outbox.spool_dir / f"{case_id}{SPOOL_SUFFIX}"
 
 
+def spool_gone(link: EscalationLink, case_id: str) -> bool:
+    """Whether the case's spool file is removed (that runs on the outbox's helper thread)."""
+    link.outbox.wait_for_removals()
+    return not spool_file(link, case_id).exists()
+
+
 def item_of(link: EscalationLink, case_id: str) -> OutboxItem:
     item = link.outbox.get(case_id)
     assert item is not None, f"case {case_id} is not in the outbox"
@@ -118,7 +124,7 @@ def test_queued_cases_are_delivered_once_and_their_verdicts_come_back(
                 )
                 item = item_of(link, case.case_id)
                 assert item.state is OutboxState.DELIVERED
-                assert not spool_file(link, case.case_id).exists()
+                assert spool_gone(link, case.case_id)
                 assert item.receipt is not None
                 receipt = verify_receipt(
                     json.loads(item.receipt),
@@ -129,6 +135,7 @@ def test_queued_cases_are_delivered_once_and_their_verdicts_come_back(
                 )
                 assert (receipt.deliveries, receipt.server_id) == (1, central.key_ring.server_id)
                 assert store_path_of(link, case.case_id)[-3:] == ["queued", "sending", "delivered"]
+            link.outbox.wait_for_removals()
             assert list(link.outbox.spool_dir.iterdir()) == []
             assert uploader.connectivity.snapshot().online is True
 
@@ -217,7 +224,7 @@ def test_an_outage_is_retried_with_capped_backoff_then_delivered_exactly_once(
                 assert (back.online, back.offline_since, back.last_error) == (True, None, None)
                 assert uploader.send_next() is None
             assert item_of(link, case.case_id).state is OutboxState.DELIVERED
-            assert not spool_file(link, case.case_id).exists()
+            assert spool_gone(link, case.case_id)
             assert store_state(link, case.case_id) is CaseState.DELIVERED
     assert central.deliveries() == {case.case_id: 1}
 
@@ -302,7 +309,7 @@ def test_a_lost_answer_is_retried_and_counted_as_a_second_delivery_of_one_case(
             item = item_of(link, case.case_id)
             assert item.state is OutboxState.DELIVERED and item.receipt is not None
             assert json.loads(item.receipt)["receipt"]["deliveries"] == 2
-            assert not spool_file(link, case.case_id).exists()
+            assert spool_gone(link, case.case_id)
     assert central.deliveries() == {case.case_id: 2}
     assert central.store.count() == 1
 
@@ -644,7 +651,7 @@ def test_a_receipt_that_does_not_verify_keeps_the_envelope_for_another_try(
         attempt = up.send_next()
         assert attempt is not None
         assert (attempt.outcome, attempt.deliveries) == ("delivered", 3)
-        assert not spool_file(link, case.case_id).exists()
+        assert spool_gone(link, case.case_id)
     assert central.store.count() == 1
 
 

@@ -25,14 +25,13 @@ import base64
 import binascii
 import hashlib
 import json
-import queue
 import re
 import secrets
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import NamedTuple
+from types import TracebackType
+from typing import NamedTuple, Self
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -46,6 +45,11 @@ from triage_app.errors import (
     EnvelopeTruncatedError,
     MalformedEnvelopeError,
     UnknownServerKeyError,
+)
+from triage_app.escalation.helper_threads import (
+    THREAD_WORTH_BYTES,
+    BackgroundSha256,
+    PieceThread,
 )
 from triage_app.escalation.keys import DeviceIdentity, ServerPublicKey, device_id_for
 
@@ -65,6 +69,9 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 # The nonce holds a 4-byte chunk counter.
 MAX_CHUNK_COUNT = 1 << 32
 HPKE_INFO_LABEL = b"triage-envelope-v1\x00"
+# Plaintext buffers an EnvelopeStream cycles through, so that the next chunk is decrypted while
+# its helper threads still hash and store the ones before.
+_STREAM_BUFFERS = 3
 
 #: What sealing and opening read: a received body, a spool file's bytes, a view into either.
 BytesLike = bytes | bytearray | memoryview
@@ -473,7 +480,7 @@ class EnvelopeOpener:
 
     The constructor runs the checks before the chunks, :meth:`open_chunks` authenticates and
     decrypts every chunk into one buffer while a helper thread hashes the decrypted ones
-    (hashlib releases the GIL), :meth:`opened` waits for the hash and checks it. Until then the
+    (:class:`BackgroundSha256`), :meth:`opened` waits for the hash and checks it. Until then the
     payload is only chunk-authenticated: :meth:`unchecked_payload` is for writing it to
     temporary files, nothing else. The checks, their order and errors are the protocol's.
     """
@@ -505,19 +512,16 @@ class EnvelopeOpener:
         # absurd size over a short body fails on its chunks without allocating for it.
         self._complete = len(self._data) == expected_end
         self._plaintext = bytearray(header.payload_bytes if self._complete else 0)
-        self._digest = ""
-        self._hashing: threading.Thread | None = None
+        self._hasher: BackgroundSha256 | None = None
 
     def open_chunks(self) -> None:
         """Authenticate and decrypt every chunk, in order, each then hashed by the helper."""
         header = self.header
         count = header.chunk_count
         target = memoryview(self._plaintext)
-        decrypted: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
-        self._hashing = threading.Thread(
-            target=self._hash, args=(decrypted,), name="envelope-sha256", daemon=True
+        self._hasher = hasher = BackgroundSha256(
+            threaded=header.payload_bytes >= THREAD_WORTH_BYTES
         )
-        self._hashing.start()
         try:
             for index, sealed in _chunks(self._data, header, self._body_offset):
                 nonce = _nonce(index, last=index == count - 1)
@@ -532,15 +536,9 @@ class EnvelopeOpener:
                     raise EnvelopeTamperedError(
                         f"envelope chunk {index + 1} of {count} fails authentication"
                     ) from None
-                decrypted.put(piece)
+                hasher.submit(piece)
         finally:
-            decrypted.put(None)
-
-    def _hash(self, decrypted: queue.SimpleQueue[memoryview | None]) -> None:
-        payload_hash = hashlib.sha256()
-        while (piece := decrypted.get()) is not None:
-            payload_hash.update(piece)
-        self._digest = payload_hash.hexdigest()
+            hasher.close()
 
     def unchecked_payload(self) -> tuple[bytes, memoryview] | None:
         """The decrypted result JSON and image while the payload hash is still being checked,
@@ -553,13 +551,13 @@ class EnvelopeOpener:
 
     def plaintext(self) -> bytearray:
         """The plaintext, once :meth:`open_chunks` has run and its hash is checked."""
-        if self._hashing is None:
+        if self._hasher is None:
             raise RuntimeError("open_chunks() has not run")
-        self._hashing.join()
+        digest = self._hasher.hexdigest()
         # A short envelope has failed on its chunks; this guards the buffer all the same.
         if len(self._plaintext) != self.header.payload_bytes:
             raise EnvelopeTamperedError("envelope payload length does not match its header")
-        if self._digest != self.header.payload_sha256:
+        if digest != self.header.payload_sha256:
             raise EnvelopeTamperedError("envelope payload hash does not match its header")
         return self._plaintext
 
@@ -627,10 +625,14 @@ class EnvelopeStream:
     the (not yet trusted) header, refusing a bad magic or header as soon as its bytes show it;
     the caller then runs :meth:`verify` (signature) and its own checks, and :meth:`unseal` (server
     key, data key) before accepting more than the header. :meth:`feed` authenticates and decrypts
-    each chunk once its bytes are in, hashes it, and hands its plaintext to a sink; :meth:`finish`
-    at the end of the body checks that no chunk is missing and the payload hash. Until then a
-    plaintext piece is only chunk-authenticated: for temporary files, nothing else. The errors
-    are those of :func:`open_envelope` for the same bytes, with the same messages.
+    each chunk once its bytes are in; one helper thread hashes its plaintext while another hands
+    it to the caller's sink (which writes it to a file), so that decrypting, hashing and writing
+    a large payload share the cores (:class:`~triage_app.escalation.helper_threads.PieceThread`).
+    :meth:`finish` at the end of the body waits for them, checks that no chunk is missing and
+    the payload hash. Until then a plaintext piece is only chunk-authenticated: for temporary
+    files, nothing else. The errors are those of :func:`open_envelope` for the same bytes, with
+    the same messages. Use it as a context manager (or :meth:`close` it): a body refused
+    half-way must not leave the helpers running.
     """
 
     def __init__(self) -> None:
@@ -640,8 +642,11 @@ class EnvelopeStream:
         self._aad = b""
         self._index = 0  # the next chunk
         self._chunk_len = 0  # its sealed length once its length field is in, else 0
-        self._plain = bytearray()
-        self._hash = hashlib.sha256()
+        self._plains: list[bytearray] = []  # cycled: chunk i is decrypted into i % len
+        # Both replaced by unseal(); the writer calls each piece's sink with it.
+        self._hasher = BackgroundSha256(threaded=False)
+        self._writer: PieceThread[tuple[Callable[[memoryview], object], memoryview]]
+        self._writer = PieceThread(_sink_piece, threaded=False)
         self._received = 0  # plaintext bytes so far
 
     @property
@@ -684,11 +689,34 @@ class EnvelopeStream:
         header = prefix.header
         self._aead = AESGCM(_data_key(header, server_keys))
         self._aad = hashlib.sha256(prefix.signed).digest()
-        self._plain = bytearray(min(header.chunk_size, header.payload_bytes))
+        threaded = header.payload_bytes >= THREAD_WORTH_BYTES
+        self._hasher = BackgroundSha256(threaded=threaded)
+        self._writer = PieceThread(_sink_piece, threaded=threaded, name="envelope-sink")
+        buffers = min(_STREAM_BUFFERS, header.chunk_count) if threaded else 1
+        size = min(header.chunk_size, header.payload_bytes)
+        self._plains = [bytearray(size) for _ in range(buffers)]
+
+    def close(self) -> None:
+        """End the helper threads (idempotent; after :meth:`finish` there is nothing to end)."""
+        self._writer.close()
+        self._hasher.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def feed(self, data: BytesLike, sink: Callable[[memoryview], object]) -> None:
         """Take the next bytes of the body: every chunk now complete is authenticated, decrypted,
-        hashed and passed to ``sink`` in order (the view is valid during the call only)."""
+        passed to ``sink`` and hashed, in order. ``sink`` runs on a helper thread for a large
+        payload, each view valid during its call only; what it raises is raised by a later
+        :meth:`feed` or by :meth:`finish`."""
         if self._aead is None:
             raise RuntimeError("unseal() has not run")
         self._buf += data
@@ -711,7 +739,12 @@ class EnvelopeStream:
                     self._chunk_len = sealed_len
                 if len(buf) - offset < self._chunk_len:
                     break
-                piece = memoryview(self._plain)[: self._chunk_len - TAG_BYTES]
+                buffers = len(self._plains)
+                # The buffer is free once the chunk decrypted into it last is hashed and stored.
+                self._writer.wait_done(self._index - buffers + 1)
+                self._hasher.wait_done(self._index - buffers + 1)
+                piece = memoryview(self._plains[self._index % buffers])
+                piece = piece[: self._chunk_len - TAG_BYTES]
                 nonce = _nonce(self._index, last=self._index == count - 1)
                 with buf[offset : offset + self._chunk_len] as sealed:
                     try:
@@ -724,14 +757,16 @@ class EnvelopeStream:
                 self._chunk_len = 0
                 self._index += 1
                 self._received += len(piece)
-                self._hash.update(piece)
-                sink(piece.toreadonly())
+                self._hasher.submit(piece)
+                self._writer.submit((sink, piece.toreadonly()))
         del self._buf[:offset]
         self._check_trailing()
 
     def finish(self) -> None:
-        """The body ended: ``EnvelopeTruncatedError`` if a chunk is missing, then the payload
-        length and hash against the header (``EnvelopeTamperedError``)."""
+        """The body ended: once the sink has every piece (or raised), ``EnvelopeTruncatedError``
+        if a chunk is missing, then the payload length and hash against the header
+        (``EnvelopeTamperedError``)."""
+        self._writer.join()
         header = self._checked_prefix().header
         if self._index < header.chunk_count:
             where = "inside" if self._chunk_len else "before"
@@ -740,7 +775,7 @@ class EnvelopeStream:
             )
         if self._received != header.payload_bytes:
             raise EnvelopeTamperedError("envelope payload length does not match its header")
-        if self._hash.hexdigest() != header.payload_sha256:
+        if self._hasher.hexdigest() != header.payload_sha256:
             raise EnvelopeTamperedError("envelope payload hash does not match its header")
 
     def _check_trailing(self) -> None:
@@ -752,6 +787,11 @@ class EnvelopeStream:
         if self._prefix is None:
             raise RuntimeError("the header is not read yet")
         return self._prefix
+
+
+def _sink_piece(item: tuple[Callable[[memoryview], object], memoryview]) -> None:
+    sink, piece = item
+    sink(piece)
 
 
 class PayloadSplitter:

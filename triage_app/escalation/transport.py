@@ -413,7 +413,7 @@ class CentralClient:
 
     # --- API --------------------------------------------------------------------------------
 
-    def post_case(self, case_id: str, envelope: bytes) -> PostOutcome:
+    def post_case(self, case_id: str, envelope: bytes | memoryview) -> PostOutcome:
         """Upload one envelope. Returns on 200/201; raises on anything else (see module doc)."""
         path = f"/v1/cases/{_checked_case_id(case_id)}"
         answer = self._request(
@@ -463,14 +463,16 @@ class CentralClient:
         path: str,
         *,
         what: str,
-        data: bytes | None = None,
+        data: bytes | memoryview | None = None,
         headers: dict[str, str] | None = None,
     ) -> _Answer:
         try:
             with self._session.request(
                 method,
                 self._base + path,
-                data=data,
+                # A memoryview (a mapped spool file) is sent in one piece like bytes (urllib3's
+                # body_to_chunks takes any buffer); the type stubs only name bytes.
+                data=cast("bytes | None", data),
                 headers=headers,
                 timeout=self.config.timeout,
                 allow_redirects=False,

@@ -208,7 +208,7 @@ class Uploader:
         )
         return Attempt(item.case_id, kind, f"{err.code}: {err.message}")
 
-    def _envelope(self, item: OutboxItem) -> bytes:
+    def _envelope(self, item: OutboxItem) -> memoryview:
         """The case's envelope, if it is this device's envelope for this case and payload and
         whole: what can be checked without hashing it (the server checks every byte)."""
         envelope = self.outbox.envelope(item)
