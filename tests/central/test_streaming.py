@@ -7,7 +7,6 @@ import hashlib
 import itertools
 import os
 import random
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +36,6 @@ from triage_app.escalation.envelope import (
     read_header,
     seal,
 )
-from triage_app.escalation.helper_threads import THREAD_WORTH_BYTES
 from triage_app.escalation.keys import DeviceIdentity, ServerPublicKey
 
 PIECE = 4096
@@ -190,8 +188,9 @@ def test_a_refused_signature_over_http_still_answers_401(central: Central) -> No
 
 
 def large_case(index: int, image_bytes: int) -> TestCase:
-    """A phantom's case padded with a private tag to ``image_bytes``: several MB, so that the
-    receiver hashes and writes on its helper threads (small payloads are handled inline)."""
+    """A phantom's case with random bytes appended to its image up to ``image_bytes`` (the
+    receiver stores the image, it does not parse it): several MB in many chunks, as scanners
+    send them."""
     case = make_case(index)
     padding = image_bytes - len(case.payload.dicom)
     dicom = case.payload.dicom + bytes(random.Random(index).randbytes(padding))
@@ -210,31 +209,23 @@ def seal_large(central: Central, case: TestCase, device: DeviceIdentity) -> byte
     )
 
 
-def test_a_large_case_is_hashed_and_written_by_helper_threads_and_stored_whole(
+def test_a_large_case_in_many_chunks_and_pieces_is_stored_whole(
     central: Central,
 ) -> None:
     device = central.register(new_device())
-    case = large_case(28, 6 * THREAD_WORTH_BYTES)
+    case = large_case(28, 6 * 1024 * 1024)
     body = seal_large(central, case, device)
     parts: Iterator[bytes | None] = iter(
         [body[i : i + 64 * 1024] for i in range(0, len(body), 64 * 1024)] + [None]
     )
-    helpers_seen: set[str] = set()
-
-    def next_part() -> bytes | None:
-        helpers_seen.update(t.name for t in threading.enumerate())
-        return next(parts)
-
-    receipt, first = receiver_of(central).receive_stream(case.case_id, next_part)
+    receipt, first = receiver_of(central).receive_stream(case.case_id, lambda: next(parts))
 
     assert first
-    assert {"sha256-helper", "envelope-sink"} <= helpers_seen
     stored = central.store.case_dir(case.case_id)
     assert (stored / "image.dcm").read_bytes() == case.payload.dicom
     assert (
         receipt["receipt"]["payload_sha256"] == hashlib.sha256(case.payload.to_bytes()).hexdigest()
     )
-    assert not {"sha256-helper", "envelope-sink"} & {t.name for t in threading.enumerate()}
 
 
 @pytest.mark.expect_log_warnings
@@ -242,13 +233,13 @@ def test_a_write_failure_midway_is_a_store_error_and_leaves_no_files(
     central: Central, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     device = central.register(new_device())
-    case = large_case(29, 6 * THREAD_WORTH_BYTES)
+    case = large_case(29, 6 * 1024 * 1024)
     body = seal_large(central, case, device)
     real_write = os.write
     writes = itertools.count()
 
     def failing_write(fd: int, data: bytes | memoryview) -> int:
-        if next(writes) == 5:  # on the sink's helper thread, mid-image
+        if next(writes) == 5:  # mid-image
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 

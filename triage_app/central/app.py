@@ -193,31 +193,30 @@ class CaseReceiver:
         its end); return the signed receipt and whether this is the case's first delivery.
 
         Every check the signed header decides runs once its bytes are in, before another piece
-        is asked for; then each chunk is decrypted and its image bytes written to a temporary
-        file as it arrives, while a helper thread hashes it. Nothing takes its place before the
-        payload hash is right.
+        is asked for; then each chunk is decrypted, hashed and its image bytes written to a
+        temporary file as it arrives. Nothing takes its place before the payload hash is right.
         Raises an :class:`~triage_app.errors.EnvelopeError` (a refusal with its code) or a
         :class:`~triage_app.errors.StoreError` (retryable), or whatever ``next_piece`` raises.
         """
-        with EnvelopeStream() as stream:
-            try:
-                header = None
-                while header is None:
-                    piece = next_piece()
-                    header = stream.end_of_header() if piece is None else stream.feed_header(piece)
-            except EnvelopeError as err:
-                log.info("refused case %s: %s", loggable(path_case_id), err.code)
-                raise
-            try:
-                return self._receive(path_case_id, stream, header, next_piece)
-            except EnvelopeError as err:
-                log.info(
-                    "refused case %s from device %s: %s",
-                    loggable(path_case_id),
-                    header.device_id,
-                    err.code,
-                )
-                raise
+        stream = EnvelopeStream()
+        try:
+            header = None
+            while header is None:
+                piece = next_piece()
+                header = stream.end_of_header() if piece is None else stream.feed_header(piece)
+        except EnvelopeError as err:
+            log.info("refused case %s: %s", loggable(path_case_id), err.code)
+            raise
+        try:
+            return self._receive(path_case_id, stream, header, next_piece)
+        except EnvelopeError as err:
+            log.info(
+                "refused case %s from device %s: %s",
+                loggable(path_case_id),
+                header.device_id,
+                err.code,
+            )
+            raise
 
     def _receive(
         self,

@@ -30,8 +30,7 @@ import secrets
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import NamedTuple, Self
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -46,11 +45,7 @@ from triage_app.errors import (
     MalformedEnvelopeError,
     UnknownServerKeyError,
 )
-from triage_app.escalation.helper_threads import (
-    THREAD_WORTH_BYTES,
-    BackgroundSha256,
-    PieceThread,
-)
+from triage_app.escalation.hashing import THREAD_WORTH_BYTES, BackgroundSha256
 from triage_app.escalation.keys import DeviceIdentity, ServerPublicKey, device_id_for
 
 FORMAT_VERSION = 1
@@ -69,9 +64,6 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 # The nonce holds a 4-byte chunk counter.
 MAX_CHUNK_COUNT = 1 << 32
 HPKE_INFO_LABEL = b"triage-envelope-v1\x00"
-# Plaintext buffers an EnvelopeStream cycles through, so that the next chunk is decrypted while
-# its helper threads still hash and store the ones before.
-_STREAM_BUFFERS = 3
 
 #: What sealing and opening read: a received body, a spool file's bytes, a view into either.
 BytesLike = bytes | bytearray | memoryview
@@ -625,14 +617,10 @@ class EnvelopeStream:
     the (not yet trusted) header, refusing a bad magic or header as soon as its bytes show it;
     the caller then runs :meth:`verify` (signature) and its own checks, and :meth:`unseal` (server
     key, data key) before accepting more than the header. :meth:`feed` authenticates and decrypts
-    each chunk once its bytes are in; one helper thread hashes its plaintext while another hands
-    it to the caller's sink (which writes it to a file), so that decrypting, hashing and writing
-    a large payload share the cores (:class:`~triage_app.escalation.helper_threads.PieceThread`).
-    :meth:`finish` at the end of the body waits for them, checks that no chunk is missing and
-    the payload hash. Until then a plaintext piece is only chunk-authenticated: for temporary
-    files, nothing else. The errors are those of :func:`open_envelope` for the same bytes, with
-    the same messages. Use it as a context manager (or :meth:`close` it): a body refused
-    half-way must not leave the helpers running.
+    each chunk once its bytes are in, hashes it, and hands its plaintext to a sink; :meth:`finish`
+    at the end of the body checks that no chunk is missing and the payload hash. Until then a
+    plaintext piece is only chunk-authenticated: for temporary files, nothing else. The errors
+    are those of :func:`open_envelope` for the same bytes, with the same messages.
     """
 
     def __init__(self) -> None:
@@ -642,11 +630,8 @@ class EnvelopeStream:
         self._aad = b""
         self._index = 0  # the next chunk
         self._chunk_len = 0  # its sealed length once its length field is in, else 0
-        self._plains: list[bytearray] = []  # cycled: chunk i is decrypted into i % len
-        # Both replaced by unseal(); the writer calls each piece's sink with it.
-        self._hasher = BackgroundSha256(threaded=False)
-        self._writer: PieceThread[tuple[Callable[[memoryview], object], memoryview]]
-        self._writer = PieceThread(_sink_piece, threaded=False)
+        self._plain = bytearray()
+        self._hash = hashlib.sha256()
         self._received = 0  # plaintext bytes so far
 
     @property
@@ -689,34 +674,11 @@ class EnvelopeStream:
         header = prefix.header
         self._aead = AESGCM(_data_key(header, server_keys))
         self._aad = hashlib.sha256(prefix.signed).digest()
-        threaded = header.payload_bytes >= THREAD_WORTH_BYTES
-        self._hasher = BackgroundSha256(threaded=threaded)
-        self._writer = PieceThread(_sink_piece, threaded=threaded, name="envelope-sink")
-        buffers = min(_STREAM_BUFFERS, header.chunk_count) if threaded else 1
-        size = min(header.chunk_size, header.payload_bytes)
-        self._plains = [bytearray(size) for _ in range(buffers)]
-
-    def close(self) -> None:
-        """End the helper threads (idempotent; after :meth:`finish` there is nothing to end)."""
-        self._writer.close()
-        self._hasher.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        self._plain = bytearray(min(header.chunk_size, header.payload_bytes))
 
     def feed(self, data: BytesLike, sink: Callable[[memoryview], object]) -> None:
         """Take the next bytes of the body: every chunk now complete is authenticated, decrypted,
-        passed to ``sink`` and hashed, in order. ``sink`` runs on a helper thread for a large
-        payload, each view valid during its call only; what it raises is raised by a later
-        :meth:`feed` or by :meth:`finish`."""
+        hashed and passed to ``sink`` in order (the view is valid during the call only)."""
         if self._aead is None:
             raise RuntimeError("unseal() has not run")
         self._buf += data
@@ -739,12 +701,7 @@ class EnvelopeStream:
                     self._chunk_len = sealed_len
                 if len(buf) - offset < self._chunk_len:
                     break
-                buffers = len(self._plains)
-                # The buffer is free once the chunk decrypted into it last is hashed and stored.
-                self._writer.wait_done(self._index - buffers + 1)
-                self._hasher.wait_done(self._index - buffers + 1)
-                piece = memoryview(self._plains[self._index % buffers])
-                piece = piece[: self._chunk_len - TAG_BYTES]
+                piece = memoryview(self._plain)[: self._chunk_len - TAG_BYTES]
                 nonce = _nonce(self._index, last=self._index == count - 1)
                 with buf[offset : offset + self._chunk_len] as sealed:
                     try:
@@ -757,16 +714,14 @@ class EnvelopeStream:
                 self._chunk_len = 0
                 self._index += 1
                 self._received += len(piece)
-                self._hasher.submit(piece)
-                self._writer.submit((sink, piece.toreadonly()))
+                self._hash.update(piece)
+                sink(piece.toreadonly())
         del self._buf[:offset]
         self._check_trailing()
 
     def finish(self) -> None:
-        """The body ended: once the sink has every piece (or raised), ``EnvelopeTruncatedError``
-        if a chunk is missing, then the payload length and hash against the header
-        (``EnvelopeTamperedError``)."""
-        self._writer.join()
+        """The body ended: ``EnvelopeTruncatedError`` if a chunk is missing, then the payload
+        length and hash against the header (``EnvelopeTamperedError``)."""
         header = self._checked_prefix().header
         if self._index < header.chunk_count:
             where = "inside" if self._chunk_len else "before"
@@ -775,7 +730,7 @@ class EnvelopeStream:
             )
         if self._received != header.payload_bytes:
             raise EnvelopeTamperedError("envelope payload length does not match its header")
-        if self._hasher.hexdigest() != header.payload_sha256:
+        if self._hash.hexdigest() != header.payload_sha256:
             raise EnvelopeTamperedError("envelope payload hash does not match its header")
 
     def _check_trailing(self) -> None:
@@ -787,11 +742,6 @@ class EnvelopeStream:
         if self._prefix is None:
             raise RuntimeError("the header is not read yet")
         return self._prefix
-
-
-def _sink_piece(item: tuple[Callable[[memoryview], object], memoryview]) -> None:
-    sink, piece = item
-    sink(piece)
 
 
 class PayloadSplitter:

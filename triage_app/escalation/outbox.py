@@ -60,7 +60,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Final, Self
 
 from triage_app.errors import OutboxError, QueueFullError, UnknownQueuedCaseError
-from triage_app.escalation.helper_threads import THREAD_WORTH_BYTES, BackgroundSha256
+from triage_app.escalation.hashing import THREAD_WORTH_BYTES, BackgroundSha256
 from triage_app.paths import fsync_dir
 from triage_app.sqlite_wal import enable_wal
 
