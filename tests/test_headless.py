@@ -24,15 +24,22 @@ from tests.escalation.conftest import (
     Central,
     Device,
     device_identity,
+    make_uploader,
     start_central_server,
+    triage,
     write_identified_phantoms,
 )
+from tests.fault_proxy import FaultProxy
 from tests.helpers import run_cli, wait_until
+from triage_app.batch import triage_and_record
 from triage_app.central.certificates import make_self_signed
 from triage_app.config import save_settings
+from triage_app.headless import ServiceRuntime
 from triage_app.metrics import probe_health
+from triage_app.results import CaseResult
 from triage_app.states import CaseState
 from triage_app.store import CaseStore
+from triage_app.synthetic import PhantomConfig, phantom_to_dataset, render_phantom
 
 
 @pytest.fixture
@@ -125,3 +132,76 @@ def test_the_watch_service_delivers_its_escalations_and_reports_them(
     )
     assert health.returncode == 1, "a stopped service is reported failing"
     assert "unreachable" in health.stdout
+
+
+@pytest.mark.expect_log_warnings  # the central server cannot be reached at start
+@pytest.mark.timeout(120)
+def test_the_runtime_releases_the_cases_it_held_once_the_keys_are_known(
+    central: Central, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "device"
+    device = Device(data_dir, device_identity(data_dir))
+    central.register(device.identity)
+    with FaultProxy("127.0.0.1", central.port) as proxy:
+        proxy.refuse()
+        settings = device.settings(central, url=f"https://127.0.0.1:{proxy.port}").with_values(
+            escalation__retry_cap_s=1.0
+        )
+
+        def states() -> set[CaseState]:
+            with CaseStore.open(settings.case_store_path) as store:
+                return {c.state for c in store.list_cases()}
+
+        with ServiceRuntime(settings) as runtime:
+            assert runtime.queue() is None  # no keys: escalated cases are held
+            held = triage(settings, tmp_path / "scans", (0, 1), queue=None)
+            runtime.tick()
+            assert states() == {CaseState.ESCALATION_HELD}
+            proxy.pass_through()  # the uploader fetches the keys; the runtime picks them up
+
+            def delivered() -> bool:
+                runtime.tick()  # as the service loop does, several times a second
+                return states() <= {CaseState.DELIVERED, CaseState.VERDICT_RECEIVED}
+
+            wait_until(delivered, timeout_s=60, interval_s=0.1, what="the held cases delivered")
+    assert central.deliveries() == {case.case_id: 1 for case in held}
+
+
+@pytest.mark.expect_log_warnings  # the ALARM of the case the full outbox refuses
+def test_the_runtime_releases_a_case_held_by_a_full_outbox_once_a_delivery_makes_room(
+    central: Central, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "device"
+    device = Device(data_dir, device_identity(data_dir))
+    central.register(device.identity)
+    # A 1 MB outbox and 600x600 16-bit images: room for one envelope, not two.
+    settings = device.settings(central).with_values(escalation__queue_quota_mb=1)
+    big = PhantomConfig(size_range=(600, 600))
+    paths = []
+    for index in range(2):
+        paths.append(tmp_path / f"big{index}.dcm")
+        phantom_to_dataset(render_phantom(7, index, big)).save_as(
+            paths[-1], enforce_file_format=True
+        )
+
+    def state(case_id: str) -> CaseState | None:
+        with CaseStore.open(settings.case_store_path) as store:
+            case = store.get(case_id)
+        return None if case is None else case.state
+
+    with ServiceRuntime(settings, uploader=False) as runtime:
+        assert runtime.link is not None
+        first, second = triage_and_record(paths, settings, queue=runtime.queue())
+        assert isinstance(first, CaseResult) and isinstance(second, CaseResult)
+        assert state(first.case_id) is CaseState.QUEUED
+        runtime.tick()
+        assert state(second.case_id) is CaseState.ESCALATION_HELD  # no room yet
+        with make_uploader(runtime.link) as uploader:
+            assert [a.case_id for a in uploader.drain()] == [first.case_id]
+
+        def queued() -> bool:
+            runtime.tick()
+            return state(second.case_id) is CaseState.QUEUED
+
+        wait_until(queued, timeout_s=15, interval_s=0.1, what="the held case queued")
+        assert [i.case_id for i in runtime.link.outbox.items()] == [first.case_id, second.case_id]

@@ -23,7 +23,8 @@ from pathlib import Path
 import cv2
 
 from triage_app.config import Settings
-from triage_app.errors import QueueFullError
+from triage_app.errors import IllegalTransitionError, QueueFullError
+from triage_app.escalation.outbox import OutboxItem
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.logs import configure_logging
 from triage_app.model.manifest import verify_bundle
@@ -174,14 +175,40 @@ def _enqueue(store: CaseStore, result: CaseResult, queue: EscalationQueue) -> Ca
     """Seal and queue a held case; a full outbox leaves it held, loudly."""
     assert result.escalation is not None and result.payload is not None
     try:
-        item = queue.enqueue(result.case_id, result.payload, reason=result.reason)
+        item = enqueue_held(store, queue, result.case_id, result.payload, reason=result.reason)
     except QueueFullError as err:
         log.error("ALARM: %s; case %s stays held on this device", err.message, result.case_id)
         held = replace(result.escalation, detail=f"{err.message}: held on this device")
         return replace(result, escalation=held)
-    store.apply(result.case_id, CaseEvent.ENQUEUE, f"outbox priority {item.priority}")
     queued = EscalationRef(state=QUEUED, payload_sha256=item.payload_sha256)
     return replace(result, escalation=queued)
+
+
+def enqueue_held(
+    store: CaseStore, queue: EscalationQueue, case_id: str, payload: bytes, *, reason: str
+) -> OutboxItem:
+    """Seal and queue a held case's payload, then record the case as queued.
+
+    The one way a held case enters the outbox, whether just triaged or released later (see
+    ``held_release``). The outbox commits first: a crash in between leaves a held case that is
+    already queued, which the next release (or the uploader, when it claims it) records, and
+    the outbox never takes a case twice. Raises ``QueueFullError`` with nothing changed.
+    """
+    item = queue.enqueue(case_id, payload, reason=reason)
+    record_queued(store, item)
+    return item
+
+
+def record_queued(store: CaseStore, item: OutboxItem) -> None:
+    """Move a held case whose envelope is in the outbox to ``queued`` in the case store.
+
+    Another process may have moved it on in between (the uploader claimed the envelope, a
+    second release queued it): the outbox is the truth about delivery, so that is no error.
+    """
+    try:
+        store.apply(item.case_id, CaseEvent.ENQUEUE, f"outbox priority {item.priority}")
+    except IllegalTransitionError as err:
+        log.info("case %s is in the outbox and has moved on already (%s)", item.case_id, err)
 
 
 def store_event(result: CaseResult) -> CaseEvent:

@@ -1,4 +1,4 @@
-"""``triage-app queue list|status|retry|drain``: the outbox of escalated cases (DESIGN 4.1).
+"""``triage-app queue list|status|retry|drain|release``: the outbox of escalated cases (DESIGN 4.1).
 
 The escalation modules (requests, cryptography, SQLite outbox) are imported by the handlers,
 not here: every ``triage-app`` command builds this parser, and ``deidentify`` or ``config``
@@ -64,6 +64,19 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     drain.add_argument("--follow", action="store_true", help="keep running")
     drain.set_defaults(handler=_drain)
+
+    release = actions.add_parser(
+        "release",
+        parents=[common],
+        help="queue the escalated cases held on this device",
+        description="Cases held because the central server's keys were not known yet, or the "
+        "outbox was full, are triaged again from their files and queued, oldest first. A case "
+        "whose file is gone, or that re-triage no longer escalates, stays held with the reason "
+        "in its history. Exit 1 while any case stays held. The watch and receive services do "
+        "this by themselves.",
+    )
+    release.add_argument("--json", action="store_true", help="the report as one JSON object")
+    release.set_defaults(handler=_release)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -178,3 +191,23 @@ def _drain(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, on_signal)
         uploader.run(stop, on_attempt=_print_attempt)
     return EXIT_OK
+
+
+def _release(args: argparse.Namespace) -> int:
+    from triage_app.escalation.service import open_escalation
+    from triage_app.held_release import release_all_held
+
+    settings = settings_from_args(args)
+    link = open_escalation(settings)
+    if link is None:
+        raise ConfigError("queue release: no central server is configured (escalation.central_url)")
+    with link:
+        # Without the server's keys (open_escalation has said why) nothing can be sealed yet.
+        report = release_all_held(settings, link.queue)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        for case in report.cases:
+            print(f"{case.case_id}: {case.outcome.value}: {case.detail}")
+        print(report.headline())
+    return EXIT_SOME_FAILED if report.still_held else EXIT_OK

@@ -29,6 +29,7 @@ from triage_app.sqlite_wal import enable_wal
 from triage_app.states import CaseEvent, CaseState, Feedback, next_state
 
 __all__ = [
+    "NOT_RELEASED",
     "REPROCESSED",
     "AuditEntry",
     "CaseStore",
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: ``case_events.event`` of the row written when a known case is recorded again (no state change).
 REPROCESSED = "reprocessed"
+#: ``case_events.event`` of the row saying why a held case was not released (no state change).
+NOT_RELEASED = "not_released"
 
 _DEFAULT_BUSY_TIMEOUT_S = 10.0
 
@@ -163,7 +166,8 @@ class StoredCase:
 
 @dataclass(frozen=True)
 class CaseTransition:
-    """One row of a case's history. ``event`` is a :class:`CaseEvent` value or ``REPROCESSED``."""
+    """One row of a case's history. ``event`` is a :class:`CaseEvent` value, ``REPROCESSED``
+    or ``NOT_RELEASED``."""
 
     from_state: CaseState
     to_state: CaseState
@@ -410,6 +414,34 @@ class CaseStore:
         log.info("case %s: %s -(%s)-> %s", case_id, before, event, after)
         return after
 
+    def note_not_released(self, case_id: str, detail: str) -> None:
+        """Say in the case's history why it stays held (unless its last row says so already).
+
+        A ``not_released`` row (from_state == to_state) is what a human reviewing the case
+        sees. The same reason twice in a row is kept once, so a case tried at every release
+        does not bury its history.
+
+        Raises
+        ------
+        StoreError
+            If ``case_id`` is unknown, or the database fails.
+        """
+        with self._write(f"note on case {case_id}") as at:
+            row = self._conn.execute(
+                "SELECT state FROM cases WHERE case_id = ?", (case_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"case store: unknown case id {case_id}")
+            last = self._conn.execute(
+                "SELECT event, detail FROM case_events WHERE case_id = ? ORDER BY id DESC LIMIT 1",
+                (case_id,),
+            ).fetchone()
+            if last is not None and (last["event"], last["detail"]) == (NOT_RELEASED, detail):
+                return
+            state = CaseState(row["state"])
+            self._add_event(case_id, state, state, NOT_RELEASED, at, detail)
+        log.info("case %s not released; stays %s", case_id, state)
+
     def record_verdict(self, case_id: str, verdict: Mapping[str, object]) -> CaseState:
         """Keep the central server's verdict and move the case to ``verdict_received``.
 
@@ -527,6 +559,14 @@ class CaseStore:
         with _sqlite_errors("list cases"):
             rows = self._conn.execute(sql, params).fetchall()
         return [_stored_case(r) for r in rows]
+
+    def case_ids(self, state: CaseState) -> list[str]:
+        """Ids of the cases in ``state``, oldest first: a cheap look (an index, no records)."""
+        with _sqlite_errors(f"list {state} cases"):
+            rows = self._conn.execute(
+                "SELECT case_id FROM cases WHERE state = ? ORDER BY created_at, rowid", (state,)
+            ).fetchall()
+        return [str(r["case_id"]) for r in rows]
 
     def counts_by_state(self) -> dict[str, int]:
         """Number of cases per state; every known state is present, with 0 if it has none."""

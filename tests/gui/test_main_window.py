@@ -15,9 +15,11 @@ from PySide6.QtWidgets import QFileDialog, QMenu
 from pytestqt.qtbot import QtBot
 
 from tests.ct_series import write_ct_series
+from tests.escalation.conftest import Device, device_identity, start_central_server, triage
 from tests.gui.conftest import FOLDER_COUNT
 from tests.helpers import write_phantoms
 from triage_app.batch import triage_and_record
+from triage_app.central.certificates import make_self_signed
 from triage_app.config import Settings
 from triage_app.gui.qt_main_window import QtMainWindow
 from triage_app.gui.qt_shortcut_overlay import key_text
@@ -293,3 +295,26 @@ def test_files_dropped_on_the_window_are_imported(
     assert sorted(row.path for row in window.worklist.visible_rows()) == [
         str(path) for path in dropped
     ]
+
+
+def test_the_window_queues_the_cases_held_until_the_server_keys_are_known(
+    qtbot: QtBot, tmp_path: Path
+) -> None:
+    central = start_central_server(tmp_path / "central", make_self_signed(tmp_path / "tls"))
+    try:
+        device = Device(tmp_path / "device", device_identity(tmp_path / "device"))
+        central.register(device.identity)
+        settings = device.settings(central)
+        held = triage(settings, tmp_path / "scans", (0, 1), queue=None)  # imported offline
+        window = QtMainWindow(settings)
+        qtbot.addWidget(window)
+
+        def delivered() -> bool:
+            with CaseStore.open(settings.case_store_path) as store:
+                return {c.state for c in store.list_cases()} == {CaseState.DELIVERED}
+
+        qtbot.waitUntil(delivered, timeout=60_000)
+        window.close()
+        assert central.deliveries() == {case.case_id: 1 for case in held}
+    finally:
+        central.thread.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from triage_app.config import Settings
@@ -17,7 +18,7 @@ from triage_app.errors import TransportError
 from triage_app.escalation.backoff import full_jitter_delay
 from triage_app.escalation.connectivity import ConnectivitySnapshot, ConnectivityState
 from triage_app.escalation.server_keys import fetch_central_keys
-from triage_app.escalation.service import open_escalation
+from triage_app.escalation.service import EscalationLink, open_escalation
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,13 @@ log = logging.getLogger(__name__)
 class BackgroundUploader:
     """Start it once; ``stop()`` lets the attempt in progress finish and joins the thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, on_keys: Callable[[EscalationLink], None] | None = None
+    ) -> None:
+        """``on_keys`` runs in the thread once the server's keys are known, before the first
+        delivery (the desktop app queues the cases it held until then)."""
         self._settings = settings
+        self._on_keys = on_keys
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
         self.connectivity = ConnectivityState()
@@ -64,6 +70,8 @@ class BackgroundUploader:
                     self._stop.wait(delay)
             if self._stop.is_set():
                 return
+            if self._on_keys is not None:
+                self._on_keys(link)
             uploader = link.uploader()
             uploader.connectivity = self.connectivity
             with uploader:

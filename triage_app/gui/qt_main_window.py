@@ -2,9 +2,10 @@
 
 It wires widgets to each other and to the core (importer, case store, saliency, outbox,
 uploader, settings) and holds no triage logic. Like the services, it runs the uploader in a
-background thread when a central server is configured. Window-wide commands work from
-anywhere; image commands only while the image has the keyboard focus, so the arrow keys keep
-moving through the worklist when it has it.
+background thread when a central server is configured, and queues the cases held until the
+server's keys were known. Window-wide commands work from anywhere; image commands only while
+the image has the keyboard focus, so the arrow keys keep moving through the worklist when it
+has it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from triage_app.admin import current_user
 from triage_app.config import Settings
 from triage_app.errors import ConfigError, TriageError
 from triage_app.escalation.background import BackgroundUploader
+from triage_app.escalation.service import EscalationLink
 from triage_app.gui.qt_history import QtCaseHistory
 from triage_app.gui.qt_import import ImportController
 from triage_app.gui.qt_queue import QtQueueDialog
@@ -45,6 +47,7 @@ from triage_app.gui.settings_model import AppliedChanges
 from triage_app.gui.shortcuts import COMMANDS, MENUS, Command
 from triage_app.gui.theme import font_scale, set_font_scale
 from triage_app.gui.viewer_model import AiResult, SaliencyService
+from triage_app.held_release import release_all_held
 from triage_app.importer import ImportProgress, ImportSummary
 from triage_app.states import Feedback
 from triage_app.store import CaseStore, FeedbackRecord
@@ -61,6 +64,18 @@ _FEEDBACK_DONE = {
     Feedback.REJECT: "Result rejected",
     Feedback.ACKNOWLEDGE: "Result acknowledged",
 }
+
+
+def _release_held_cases(link: EscalationLink) -> None:
+    """In the uploader's thread, once the server's keys are known: the cases held until then
+    (imported while it was unreachable) are queued before the first delivery."""
+    try:
+        report = release_all_held(link.settings, link.queue)
+    except TriageError as err:
+        log.error("held cases could not be released (%s): %s", err.code, err)
+        return
+    if report.cases:
+        log.info("held cases: %s", report.headline())
 
 
 class QtMainWindow(QMainWindow):
@@ -117,7 +132,7 @@ class QtMainWindow(QMainWindow):
         self.importer = ImportController(settings, self)
         self.uploader: BackgroundUploader | None = None
         if connectivity is None and settings.central_url is not None:
-            self.uploader = BackgroundUploader(settings)
+            self.uploader = BackgroundUploader(settings, on_keys=_release_held_cases)
             self.uploader.start()
             connectivity = self.uploader.snapshot
         self.monitor = QtStatusMonitor(settings, connectivity, self)

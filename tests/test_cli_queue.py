@@ -1,0 +1,126 @@
+"""``triage-app queue release``: the real command in its own process, a real central server.
+
+The held cases are made in this process as a shell makes them while the server's keys are
+unknown (``triage_and_record`` without a queue); the command then runs as an admin runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.dcmtk import free_port
+from tests.escalation.conftest import (
+    PATIENT_ID,
+    PATIENT_NAME,
+    Central,
+    Device,
+    Escalated,
+    device_identity,
+    start_central_server,
+    triage,
+)
+from tests.helpers import CliRun, run_cli
+from triage_app.central.certificates import make_self_signed
+from triage_app.config import Settings, save_settings
+from triage_app.states import CaseState
+from triage_app.store import CaseStore
+
+
+@pytest.fixture
+def central(tmp_path: Path) -> Iterator[Central]:
+    server = start_central_server(tmp_path / "central", make_self_signed(tmp_path / "tls"))
+    yield server
+    server.thread.stop()
+
+
+@pytest.fixture
+def device(tmp_path: Path, central: Central) -> Device:
+    data_dir = tmp_path / "device"
+    folder = Device(data_dir, device_identity(data_dir))
+    central.register(folder.identity)
+    return folder
+
+
+def release(settings: Settings, tmp_path: Path, *flags: str) -> CliRun:
+    config = save_settings(settings, tmp_path / "settings.toml")
+    return run_cli("queue", "release", *flags, "--config", config, data_dir=settings.data_dir)
+
+
+def queued_ids(settings: Settings, tmp_path: Path) -> list[str]:
+    config = save_settings(settings, tmp_path / "settings.toml")
+    listed = run_cli("queue", "list", "--json", "--config", config, data_dir=settings.data_dir)
+    assert listed.returncode == 0, listed.stderr
+    return sorted(str(r["case_id"]) for r in listed.records)
+
+
+def held_cases(settings: Settings, tmp_path: Path) -> list[Escalated]:
+    return triage(settings, tmp_path / "scans", (0, 1), queue=None)
+
+
+def test_release_queues_every_held_case_once_and_exits_0(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    settings = device.settings(central)
+    cases = held_cases(settings, tmp_path)
+    run = release(settings, tmp_path)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[-1] == "2 released, 0 still held"
+    ids = sorted(c.case_id for c in cases)
+    assert sorted(line.partition(": ")[0] for line in lines[:-1]) == ids  # one line per case
+    assert all(": released: queued, outbox priority " in line for line in lines[:-1])
+    assert queued_ids(settings, tmp_path) == ids
+
+    again = release(settings, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == "0 released, 0 still held\n"
+    assert queued_ids(settings, tmp_path) == ids  # not twice
+    with CaseStore.open(settings.case_store_path) as store:
+        assert {c.state for c in store.list_cases()} == {CaseState.QUEUED}
+
+
+def test_release_reports_a_case_that_stays_held_as_json_and_exits_1(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    settings = device.settings(central)
+    gone, kept = held_cases(settings, tmp_path)
+    Path(gone.result.path).unlink()
+    run = release(settings, tmp_path, "--json")
+    assert run.returncode == 1, run.stderr
+    (report,) = run.records
+    assert {k: v for k, v in report.items() if k != "cases"} == {
+        "released": 1,
+        "source_unavailable": 1,
+        "decision_changed": 0,
+        "waiting_for_room": 0,
+        "still_held": 1,
+    }
+    assert {c["case_id"]: c["outcome"] for c in report["cases"]} == {
+        gone.case_id: "source_unavailable",
+        kept.case_id: "released",
+    }
+    assert queued_ids(settings, tmp_path) == [kept.case_id]
+    # One warning line naming the case by its id, and nothing that identifies the patient.
+    assert gone.case_id in run.stderr
+    for secret in (PATIENT_NAME, PATIENT_ID, Path(gone.result.path).name):
+        assert secret not in run.stdout + run.stderr
+
+
+def test_release_while_the_server_is_unreachable_leaves_the_cases_held(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    settings = device.settings(central, url=f"https://127.0.0.1:{free_port()}")
+    held_cases(settings, tmp_path)
+    run = release(settings, tmp_path)
+    assert run.returncode == 1, run.stderr
+    assert run.stdout == "0 released, 2 still held\n"
+    assert "central server keys unknown and the server is unreachable" in run.stderr
+
+
+def test_release_without_a_central_server_is_a_configuration_error(tmp_path: Path) -> None:
+    run = run_cli("queue", "release", data_dir=tmp_path)
+    assert run.returncode == 2
+    assert "no central server is configured" in run.stderr
