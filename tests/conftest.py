@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+pytest_plugins = ["tests.loopback_fixtures"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(

@@ -6,10 +6,7 @@ unknown (``triage_and_record`` without a queue); the command then runs as an adm
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.dcmtk import free_port
 from tests.escalation.conftest import (
@@ -18,30 +15,12 @@ from tests.escalation.conftest import (
     Central,
     Device,
     Escalated,
-    device_identity,
-    start_central_server,
     triage,
 )
 from tests.helpers import CliRun, run_cli
-from triage_app.central.certificates import make_self_signed
 from triage_app.config import Settings, save_settings
 from triage_app.states import CaseState
 from triage_app.store import CaseStore
-
-
-@pytest.fixture
-def central(tmp_path: Path) -> Iterator[Central]:
-    server = start_central_server(tmp_path / "central", make_self_signed(tmp_path / "tls"))
-    yield server
-    server.thread.stop()
-
-
-@pytest.fixture
-def device(tmp_path: Path, central: Central) -> Device:
-    data_dir = tmp_path / "device"
-    folder = Device(data_dir, device_identity(data_dir))
-    central.register(folder.identity)
-    return folder
 
 
 def release(settings: Settings, tmp_path: Path, *flags: str) -> CliRun:

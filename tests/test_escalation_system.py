@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,18 +25,13 @@ from tests.escalation.conftest import (
     Escalated,
     link_for,
     queue_cases,
-    start_central_server,
     write_identified_phantoms,
 )
 from tests.escalation.conftest import (
     Device as DeviceFolder,
 )
-from tests.escalation.conftest import (
-    device_identity as load_device_identity,
-)
 from tests.fault_proxy import FaultProxy
 from tests.helpers import CliRun, run_cli, wait_until
-from triage_app.central.certificates import make_self_signed
 from triage_app.config import Settings, save_settings
 from triage_app.escalation.outbox import OutboxState
 from triage_app.states import CaseState
@@ -72,22 +66,6 @@ with link, uploader:
 def child_env() -> dict[str, str]:
     """The environment without this machine's ``TRIAGE_APP_*`` settings (as ``run_cli``)."""
     return {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
-
-
-@pytest.fixture
-def central(tmp_path: Path) -> Iterator[Central]:
-    server = start_central_server(tmp_path / "central", make_self_signed(tmp_path / "tls"))
-    yield server
-    server.thread.stop()
-
-
-@pytest.fixture
-def device(tmp_path: Path, central: Central) -> DeviceFolder:
-    """A device registered with the central server."""
-    data_dir = tmp_path / "device"
-    folder = DeviceFolder(data_dir, load_device_identity(data_dir))
-    central.register(folder.identity)
-    return folder
 
 
 def settings_file(settings: Settings, tmp_path: Path) -> Path:

@@ -9,7 +9,6 @@ an admin moves the thresholds) and releases them with ``release_held``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,12 @@ from tests.escalation.conftest import (
     Central,
     Device,
     Escalated,
-    device_identity,
     link_for,
     make_uploader,
-    start_central_server,
     triage,
     write_identified_phantoms,
 )
 from triage_app.batch import triage_and_record
-from triage_app.central.certificates import make_self_signed
 from triage_app.escalation.outbox import Outbox
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.escalation.service import EscalationLink, open_escalation
@@ -43,22 +39,6 @@ from triage_app.held_release import (
 from triage_app.results import CaseResult
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import NOT_RELEASED, CaseStore
-
-
-@pytest.fixture
-def central(tmp_path: Path) -> Iterator[Central]:
-    server = start_central_server(tmp_path / "central", make_self_signed(tmp_path / "tls"))
-    yield server
-    server.thread.stop()
-
-
-@pytest.fixture
-def device(tmp_path: Path, central: Central) -> Device:
-    """A device registered with the central server."""
-    data_dir = tmp_path / "device"
-    folder = Device(data_dir, device_identity(data_dir))
-    central.register(folder.identity)
-    return folder
 
 
 def hold(
