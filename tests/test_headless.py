@@ -23,7 +23,6 @@ from tests.dcmtk import free_port
 from tests.escalation.conftest import (
     Central,
     Device,
-    device_identity,
     make_uploader,
     start_central_server,
     triage,
@@ -70,11 +69,8 @@ def scrape(port: int) -> dict[str, float]:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_the_watch_service_delivers_its_escalations_and_reports_them(
-    central: Central, tmp_path: Path
+    central: Central, device: Device, tmp_path: Path
 ) -> None:
-    data_dir = tmp_path / "device"
-    device = Device(data_dir, device_identity(data_dir))
-    central.register(device.identity)
     port = free_port()
     settings = device.settings(central).with_values(
         **{"watch.settle_s": 0.2, "metrics.watch_port": port, "escalation.retry_cap_s": 2.0}
@@ -128,7 +124,10 @@ def test_the_watch_service_delivers_its_escalations_and_reports_them(
         assert str(original.PatientID) not in stderr
         assert str(original.SOPInstanceUID) not in stderr
     health = run_cli(
-        "health", "watch", data_dir=data_dir, env={"TRIAGE_APP_METRICS__WATCH_PORT": str(port)}
+        "health",
+        "watch",
+        data_dir=device.data_dir,
+        env={"TRIAGE_APP_METRICS__WATCH_PORT": str(port)},
     )
     assert health.returncode == 1, "a stopped service is reported failing"
     assert "unreachable" in health.stdout
@@ -137,11 +136,8 @@ def test_the_watch_service_delivers_its_escalations_and_reports_them(
 @pytest.mark.expect_log_warnings  # the central server cannot be reached at start
 @pytest.mark.timeout(120)
 def test_the_runtime_releases_the_cases_it_held_once_the_keys_are_known(
-    central: Central, tmp_path: Path
+    central: Central, device: Device, tmp_path: Path
 ) -> None:
-    data_dir = tmp_path / "device"
-    device = Device(data_dir, device_identity(data_dir))
-    central.register(device.identity)
     with FaultProxy("127.0.0.1", central.port) as proxy:
         proxy.refuse()
         settings = device.settings(central, url=f"https://127.0.0.1:{proxy.port}").with_values(
@@ -169,11 +165,8 @@ def test_the_runtime_releases_the_cases_it_held_once_the_keys_are_known(
 
 @pytest.mark.expect_log_warnings  # the ALARM of the case the full outbox refuses
 def test_the_runtime_releases_a_case_held_by_a_full_outbox_once_a_delivery_makes_room(
-    central: Central, tmp_path: Path
+    central: Central, device: Device, tmp_path: Path
 ) -> None:
-    data_dir = tmp_path / "device"
-    device = Device(data_dir, device_identity(data_dir))
-    central.register(device.identity)
     # A 1 MB outbox and 600x600 16-bit images: room for one envelope, not two.
     settings = device.settings(central).with_values(escalation__queue_quota_mb=1)
     big = PhantomConfig(size_range=(600, 600))
