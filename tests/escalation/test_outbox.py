@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import random
 import signal
@@ -178,6 +180,19 @@ def test_a_sent_envelope_stays_readable_while_its_file_is_removed(
 
     assert spool_names(spool) == set()
     assert view == env(1, 3 * 1024 * 1024)
+
+
+def test_a_spool_folder_that_cannot_map_files_is_read_instead(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enqueue(outbox, 1, size=5000)
+
+    def no_mapping(*_: object, **__: object) -> mmap.mmap:
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(mmap, "mmap", no_mapping)
+    view = outbox.envelope(cid(1))
+    assert view.readonly and view == env(1, 5000)
 
 
 def test_to_json_is_what_queue_list_prints(outbox: Outbox):

@@ -756,9 +756,15 @@ class Outbox:
                 size = os.fstat(fd).st_size
                 if size != item.size_bytes:
                     raise OutboxError(f"outbox: the envelope of case {item.case_id} is damaged")
-                return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
+                try:
+                    return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
+                except OSError:  # a filesystem that cannot map files: read them instead
+                    data = self._path(item.case_id).read_bytes()
             finally:
                 os.close(fd)
+            if len(data) != item.size_bytes:
+                raise OutboxError(f"outbox: the envelope of case {item.case_id} is damaged")
+            return memoryview(data).toreadonly()
         except OSError as exc:
             raise OutboxError(
                 f"outbox: the envelope of case {item.case_id} cannot be read: {exc.strerror or exc}"
