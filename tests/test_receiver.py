@@ -8,7 +8,10 @@ real network stack and read back what landed in the spool.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
+import re
+import socket
 import stat
 import threading
 import time
@@ -25,9 +28,9 @@ from pynetdicom import AE
 from tests import dcmtk
 from tests.ct_series import CtSeries, ct_dataset, write_ct_series
 from triage_app import receiver as receiver_module
-from triage_app.config import Settings
-from triage_app.errors import ReceiverError
-from triage_app.intake import FiledOutcome
+from triage_app.config import SPECS, Settings, load_settings
+from triage_app.errors import ConfigError, ReceiverError
+from triage_app.intake import FiledOutcome, move_durably
 from triage_app.receiver import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -125,14 +128,14 @@ def sent_ok(result: Any) -> None:
 def wait_for_studies(
     receiver: DicomReceiver, count: int = 1, timeout_s: float = 10.0
 ) -> list[list[Path]]:
-    """The next ``count`` studies the quiet timer releases (fails the test if they do not come)."""
+    """The next ``count`` studies the receiver hands over (fails the test if they do not come)."""
     studies: list[list[Path]] = []
     deadline = time.monotonic() + timeout_s
     while len(studies) < count:
         if time.monotonic() > deadline:
-            pytest.fail(f"{len(studies)} of {count} studies went quiet within {timeout_s} s")
+            pytest.fail(f"{len(studies)} of {count} studies handed over within {timeout_s} s")
         time.sleep(0.05)
-        studies.extend(receiver.quiet_studies())
+        studies.extend(receiver.ready_studies())
     return studies
 
 
@@ -144,43 +147,94 @@ def spool_path(receiver: DicomReceiver, study_uid: str, sop_uid: str) -> Path:
 
 
 def test_a_study_is_released_once_quiet_and_not_before() -> None:
-    grouper = StudyGrouper(quiet_s=5.0)
+    grouper = StudyGrouper(quiet_s=5.0, max_wait_s=300.0)
     grouper.add("s1", Path("a.dcm"), at=100.0)
     grouper.add("s1", Path("b.dcm"), at=103.0)
 
-    assert grouper.pop_quiet(107.9) == []  # 4.9 s after the last instance
-    assert grouper.pop_quiet(108.0) == [[Path("a.dcm"), Path("b.dcm")]]
-    assert grouper.pop_quiet(200.0) == []  # handed over once
+    assert grouper.pop_ready(107.9) == []  # 4.9 s after the last instance
+    assert grouper.pop_ready(108.0) == [[Path("a.dcm"), Path("b.dcm")]]
+    assert grouper.pop_ready(200.0) == []  # handed over once
     assert not grouper.is_pending("s1")
 
 
 def test_each_new_instance_restarts_its_own_study_timer_only() -> None:
-    grouper = StudyGrouper(quiet_s=2.0)
+    grouper = StudyGrouper(quiet_s=2.0, max_wait_s=300.0)
     grouper.add("busy", Path("1.dcm"), at=0.0)
     grouper.add("idle", Path("x.dcm"), at=0.5)
     grouper.add("busy", Path("2.dcm"), at=1.9)
 
-    assert grouper.pop_quiet(2.6) == [[Path("x.dcm")]]
+    assert grouper.pop_ready(2.6) == [[Path("x.dcm")]]
     assert grouper.is_pending("busy")
-    assert grouper.pop_quiet(3.9) == [[Path("1.dcm"), Path("2.dcm")]]
+    assert grouper.pop_ready(3.9) == [[Path("1.dcm"), Path("2.dcm")]]
 
 
 def test_a_resent_instance_is_listed_once_per_study() -> None:
-    grouper = StudyGrouper(quiet_s=1.0)
+    grouper = StudyGrouper(quiet_s=1.0, max_wait_s=300.0)
     for at in (0.0, 0.1, 0.2):
         grouper.add("s", Path("same.dcm"), at=at)
     grouper.add("s", Path("other.dcm"), at=0.3)
 
-    assert grouper.pop_quiet(1.3) == [[Path("same.dcm"), Path("other.dcm")]]
+    assert grouper.pop_ready(1.3) == [[Path("same.dcm"), Path("other.dcm")]]
 
 
 def test_an_instance_after_hand_over_starts_a_new_group() -> None:
-    grouper = StudyGrouper(quiet_s=1.0)
+    grouper = StudyGrouper(quiet_s=1.0, max_wait_s=300.0)
     grouper.add("s", Path("a.dcm"), at=0.0)
-    assert grouper.pop_quiet(1.0) == [[Path("a.dcm")]]
+    assert grouper.pop_ready(1.0) == [[Path("a.dcm")]]
     grouper.add("s", Path("late.dcm"), at=5.0)
-    assert grouper.pop_quiet(5.5) == []
-    assert grouper.pop_quiet(6.0) == [[Path("late.dcm")]]
+    assert grouper.pop_ready(5.5) == []
+    assert grouper.pop_ready(6.0) == [[Path("late.dcm")]]
+
+
+def max_wait_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "receiver.study_max_wait_s" in r.getMessage()]
+
+
+def test_a_study_that_never_goes_quiet_is_handed_over_at_each_max_wait(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    grouper = StudyGrouper(quiet_s=1.0, max_wait_s=3.0)
+    arrivals = [0.75 * i for i in range(9)]  # 0 .. 6.0 s: never 1 s without an instance
+    handed: list[tuple[float, list[Path]]] = []
+    for tick in range(33):  # the service loop, every 0.25 s up to 8 s: pop, then store
+        now = tick * 0.25
+        handed.extend((now, study) for study in grouper.pop_ready(now))
+        for at in arrivals:
+            if at == now:
+                grouper.add("busy", Path(f"{at}.dcm"), at=at)
+
+    def files(*times: float) -> list[Path]:
+        return [Path(f"{at}.dcm") for at in times]
+
+    assert handed == [
+        (3.0, files(0.0, 0.75, 1.5, 2.25)),  # the first instance waited 3 s
+        (6.0, files(3.0, 3.75, 4.5, 5.25)),  # the next batch's first waited 3 s
+        (7.0, files(6.0)),  # the rest, once quiet
+    ]
+    lines = max_wait_lines(caplog)
+    assert [r.levelno for r in lines] == [logging.INFO] * 2
+    assert all("study busy " in r.getMessage() for r in lines)
+    assert all("4 instance(s)" in r.getMessage() for r in lines)
+    assert not any(".dcm" in r.getMessage() for r in lines)
+
+
+def test_an_instance_stored_during_a_hand_over_goes_to_the_next_batch_only() -> None:
+    grouper = StudyGrouper(quiet_s=1.0, max_wait_s=2.0)
+    grouper.add("s", Path("a.dcm"), at=0.0)
+    grouper.add("s", Path("b.dcm"), at=0.9)
+    grouper.add("s", Path("c.dcm"), at=1.8)
+    assert grouper.pop_ready(1.99) == []
+    assert grouper.pop_ready(2.0) == [[Path("a.dcm"), Path("b.dcm"), Path("c.dcm")]]
+
+    # While that batch is triaged: a new instance, and c again (its sender did not see the ack).
+    grouper.add("s", Path("d.dcm"), at=2.1)
+    grouper.add("s", Path("c.dcm"), at=2.2)
+
+    assert grouper.is_pending("s")
+    assert grouper.pop_ready(3.19) == []  # the timers start again from d, not from a
+    # c is listed again: the service skips it if the first copy was filed (moved) meanwhile.
+    assert grouper.pop_ready(3.2) == [[Path("d.dcm"), Path("c.dcm")]]
+    assert not grouper.is_pending("s")
 
 
 # --- storing one instance (no network) --------------------------------------------------------
@@ -291,7 +345,7 @@ def test_files_left_by_a_crash_are_handed_over_at_start(tmp_path: Path) -> None:
     debris.write_bytes(b"half an image")
 
     with DicomReceiver(settings) as receiver:
-        assert receiver.quiet_studies() == [left]  # at once, without waiting for the timer
+        assert receiver.ready_studies() == [left]  # at once, without waiting for the timer
 
     assert not debris.exists()
     assert all(path.exists() for path in left)
@@ -300,7 +354,7 @@ def test_files_left_by_a_crash_are_handed_over_at_start(tmp_path: Path) -> None:
 def test_empty_study_folders_are_pruned_unless_the_study_is_open(
     make_receiver: MakeReceiver,
 ) -> None:
-    receiver = make_receiver(receiver__study_quiet_s=3600.0)
+    receiver = make_receiver(receiver__study_quiet_s=3600.0, receiver__study_max_wait_s=3600.0)
     data, ds = part10(seed=1)
     assert receiver.store(data) == SUCCESS
     done = receiver.incoming / ("b" * 32)
@@ -312,12 +366,136 @@ def test_empty_study_folders_are_pruned_unless_the_study_is_open(
     assert (receiver.incoming / spool_key(ds.StudyInstanceUID)).is_dir()
 
 
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_instance_received_during_a_hand_over_is_spooled_and_handed_over_once(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    settings = receiver_settings(
+        tmp_path / "receiver", receiver__study_quiet_s=1.0, receiver__study_max_wait_s=2.0
+    )
+    done = tmp_path / "done"
+    done.mkdir()
+    instances = [part10(seed=7, index=i) for i in range(4)]
+    names = [f"{spool_key(ds.SOPInstanceUID)}.dcm" for _, ds in instances]
+
+    def file_away(paths: list[Path]) -> None:
+        """What the intake does with a handed-over file once triaged: move it out."""
+        for path in paths:
+            move_durably(path, done / path.name)
+
+    with DicomReceiver(settings, clock=clock) as receiver:
+        for at, (data, _) in zip((0.0, 0.9, 1.8), instances[:3], strict=True):
+            clock.now = at
+            assert receiver.store(data) == SUCCESS
+        clock.now = 2.0
+        (first,) = receiver.ready_studies()  # the max wait, although not quiet
+        assert [p.name for p in first] == names[:3]
+        folder = first[0].parent
+
+        file_away(first[:1])
+        clock.now = 2.1
+        assert receiver.store(instances[3][0]) == SUCCESS  # arrives mid hand-over
+        receiver.prune_empty_studies()
+        file_away(first[1:])
+        receiver.prune_empty_studies()
+        assert [p.name for p in folder.iterdir()] == names[3:]  # not pruned, not lost
+
+        assert receiver.ready_studies() == []
+        clock.now = 3.1
+        (second,) = receiver.ready_studies()
+        assert second == list(folder.iterdir())
+        file_away(second)
+        receiver.prune_empty_studies()
+
+        assert not folder.exists()
+        assert receiver.ready_studies() == []
+    assert sorted(p.name for p in done.iterdir()) == sorted(names)
+
+
 def test_a_port_in_use_is_a_clear_receiver_error(tmp_path: Path) -> None:
     settings = receiver_settings(tmp_path / "receiver")
 
     with DicomReceiver(settings), pytest.raises(ReceiverError, match="cannot listen") as caught:
         DicomReceiver(settings).start()
     assert caught.value.code == "receiver_error"
+
+
+# --- settings: the max wait and the network timeouts -----------------------------------------
+
+TIMEOUT_KEYS = ("receiver.acse_timeout_s", "receiver.dimse_timeout_s", "receiver.network_timeout_s")
+
+
+def test_the_defaults_keep_the_former_timeouts_and_a_five_minute_max_wait() -> None:
+    settings = Settings()
+
+    assert [settings.get(key) for key in TIMEOUT_KEYS] == [30.0, 60.0, 60.0]
+    assert settings.receiver_study_max_wait_s == 300.0
+
+
+def test_the_listening_ae_uses_the_timeouts_from_the_settings(
+    make_receiver: MakeReceiver,
+) -> None:
+    receiver = make_receiver(
+        receiver__acse_timeout_s=7.5,
+        receiver__dimse_timeout_s=45.0,
+        receiver__network_timeout_s=90.0,
+    )
+
+    ae = receiver.ae
+    assert ae is not None
+    assert (ae.acse_timeout, ae.dimse_timeout, ae.network_timeout) == (7.5, 45.0, 90.0)
+    receiver.stop()
+    assert receiver.ae is None
+
+
+@pytest.mark.timeout(30)
+def test_a_connection_that_never_asks_for_an_association_is_dropped_at_the_acse_timeout(
+    make_receiver: MakeReceiver,
+) -> None:
+    receiver = make_receiver(receiver__acse_timeout_s=1.0)
+
+    with socket.create_connection((dcmtk.HOST, port_of(receiver)), timeout=10.0) as sock:
+        started = time.monotonic()
+        assert sock.recv(1) == b""  # the receiver closed it; the default (30 s) would time out
+        waited = time.monotonic() - started
+
+    assert 0.9 <= waited < 5.0
+
+
+@pytest.mark.parametrize("key", TIMEOUT_KEYS)
+def test_a_timeout_out_of_bounds_is_refused_naming_the_field(key: str, tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(key)}: must be between 1 and 3600 \(got 0"
+    ):
+        Settings({key: 0})
+    variable = SPECS[key].env_var
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(key)}: must be a number .*\[{variable}\]$"
+    ):
+        load_settings(tmp_path / "absent.toml", env={variable: "30s"})
+
+
+def test_the_max_wait_is_bounded_and_never_below_the_quiet_time() -> None:
+    with pytest.raises(ConfigError, match=r"^receiver\.study_max_wait_s: must be between 1 and"):
+        Settings({"receiver.study_max_wait_s": 0.5})
+    with pytest.raises(
+        ConfigError,
+        match=r"^receiver\.study_max_wait_s: must be at least receiver\.study_quiet_s "
+        r"\(got 10 < 20\)",
+    ):
+        Settings({"receiver.study_quiet_s": 20.0, "receiver.study_max_wait_s": 10.0})
+    same = Settings({"receiver.study_quiet_s": 20.0, "receiver.study_max_wait_s": 20.0})
+    assert same.receiver_study_max_wait_s == 20.0
 
 
 # --- dcmtk storescu as the scanner ------------------------------------------------------------
@@ -508,3 +686,58 @@ def test_the_service_makes_one_case_per_instance_and_a_resend_makes_none(
     incoming = settings.receiver_storage / "incoming"
     assert list(incoming.rglob("*.dcm")) == []
     assert list(incoming.iterdir()) == []  # the study's spool folder was pruned
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_service_triages_a_study_that_never_goes_quiet_in_batches_each_file_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    count = 12
+    study = write_ct_series(tmp_path / "busy", count, seed=31)
+    settings = receiver_settings(
+        tmp_path / "receiver", receiver__study_quiet_s=1.0, receiver__study_max_wait_s=2.0
+    )
+    filed: list[FiledOutcome] = []
+    listening = threading.Event()
+    stop = threading.Event()
+    sent_at: list[float] = []
+
+    with ThreadPoolExecutor(1) as pool:
+        service = pool.submit(
+            run_receiver, settings, stop, on_filed=filed.append, on_tick=lambda _: listening.set()
+        )
+        try:
+            wait_for(listening.is_set, service, 60, "the receiver to listen")
+            # A scanner that keeps sending: an image every ~0.3 s for ~3.5 s, never 1 s apart.
+            for path in study.files:
+                sent_ok(dcmtk.storescu(settings.receiver_port, path, called=AE_TITLE))
+                sent_at.append(time.monotonic())
+                time.sleep(0.1)
+            wait_for(lambda: len(filed) >= count, service, 90, "the study's triage")
+        finally:
+            stop.set()
+        service.result(timeout=60)
+
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sent_at)]
+    assert max(gaps) < 1.0, f"the sender paused long enough for a quiet hand-over: {gaps}"
+    assert min(f.submitted_at for f in filed) < sent_at[-1]  # before the study went quiet
+    lines = max_wait_lines(caplog)
+    assert lines
+    first_batch = re.search(r"the (\d+) instance", lines[0].getMessage())
+    assert first_batch is not None and int(first_batch[1]) < count  # the rest came later
+    assert spool_key(study.study_uid) in lines[0].getMessage()
+    assert not [uid for uid in (study.study_uid, *study.sop_uids) if uid in caplog.text]
+    # Every instance handed over and filed exactly once, nothing left behind.
+    assert sorted(f.source.name for f in filed) == sorted(
+        f"{spool_key(uid)}.dcm" for uid in study.sop_uids
+    )
+    assert not [f for f in filed if f.quarantined or f.deferred]
+    with CaseStore.open(settings.case_store_path) as store:
+        cases = store.list_cases()
+        assert len(cases) == count
+        assert not any(
+            t.event == REPROCESSED for case in cases for t in store.history(case.case_id)
+        )
+    assert len(list((settings.receiver_storage / "done").rglob("*.dcm"))) == count
+    assert list((settings.receiver_storage / "incoming").iterdir()) == []

@@ -576,6 +576,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "A study is triaged once no instance of it has arrived for this many seconds.",
     ),
     SettingSpec(
+        "receiver.study_max_wait_s",
+        Float(1.0, 86400.0),
+        300.0,
+        "A study that keeps receiving is triaged anyway once its oldest untriaged instance has "
+        "waited this many seconds; later instances follow in the next batch. At least "
+        "receiver.study_quiet_s.",
+    ),
+    SettingSpec(
         "receiver.min_free_mb",
         Int(0, 10_000_000),
         1024,
@@ -588,6 +596,32 @@ SETTINGS: tuple[SettingSpec, ...] = (
         Int(1, 256),
         10,
         "Scanners that may send at the same time.",
+        admin=True,
+    ),
+    SettingSpec(
+        "receiver.acse_timeout_s",
+        Float(1.0, 3600.0),
+        30.0,
+        "Seconds the receiver waits for association set-up and close-down messages (a "
+        "connected scanner's association request, the disconnect after a release) before "
+        "dropping the connection (DICOM ACSE timeout).",
+        admin=True,
+    ),
+    SettingSpec(
+        "receiver.dimse_timeout_s",
+        Float(1.0, 3600.0),
+        60.0,
+        "Seconds the receiver waits for the reply to a DICOM request it sends itself before "
+        "aborting the association (DIMSE timeout); as a storage receiver it only answers, so "
+        "a stalled scanner is cut off by receiver.network_timeout_s.",
+        admin=True,
+    ),
+    SettingSpec(
+        "receiver.network_timeout_s",
+        Float(1.0, 3600.0),
+        60.0,
+        "Seconds an open association may stay silent (no data from the scanner) before the "
+        "receiver aborts it and frees its slot (network timeout).",
         admin=True,
     ),
     SettingSpec(
@@ -699,11 +733,24 @@ def _central_connection_verified(values: Mapping[str, object]) -> str | None:
     return None
 
 
+def _study_max_wait_not_below_quiet(values: Mapping[str, object]) -> str | None:
+    """Below the quiet time, the max wait would hand over every study before it can go quiet."""
+    quiet = cast(float, values["receiver.study_quiet_s"])
+    max_wait = cast(float, values["receiver.study_max_wait_s"])
+    if max_wait < quiet:
+        return (
+            "receiver.study_max_wait_s: must be at least receiver.study_quiet_s "
+            f"(got {max_wait:g} < {quiet:g})"
+        )
+    return None
+
+
 # Rules that involve more than one setting; each returns the error message or None.
 _CROSS_CHECKS: tuple[Callable[[Mapping[str, object]], str | None], ...] = (
     _thresholds_ordered,
     _date_options_exclusive,
     _central_connection_verified,
+    _study_max_wait_not_below_quiet,
 )
 
 
@@ -936,12 +983,28 @@ class Settings:
         return cast(float, self._values["receiver.study_quiet_s"])
 
     @property
+    def receiver_study_max_wait_s(self) -> float:
+        return cast(float, self._values["receiver.study_max_wait_s"])
+
+    @property
     def receiver_min_free_bytes(self) -> int:
         return cast(int, self._values["receiver.min_free_mb"]) * 1024 * 1024
 
     @property
     def receiver_max_associations(self) -> int:
         return cast(int, self._values["receiver.max_associations"])
+
+    @property
+    def receiver_acse_timeout_s(self) -> float:
+        return cast(float, self._values["receiver.acse_timeout_s"])
+
+    @property
+    def receiver_dimse_timeout_s(self) -> float:
+        return cast(float, self._values["receiver.dimse_timeout_s"])
+
+    @property
+    def receiver_network_timeout_s(self) -> float:
+        return cast(float, self._values["receiver.network_timeout_s"])
 
     @property
     def metrics_watch_port(self) -> int:

@@ -12,7 +12,9 @@ Why it is built this way:
   further down, so it never doubles a case either.
 * **Studies, not single images.** Instances are grouped per study until no new one has arrived
   for ``receiver.study_quiet_s`` (:class:`StudyGrouper`); files left in the spool by a crash are
-  handed over again at start-up.
+  handed over again at start-up. A study that never goes quiet (a long acquisition, a scanner
+  re-sending in a loop) is handed over anyway once its oldest waiting instance is
+  ``receiver.study_max_wait_s`` old, so the radiographer is never left waiting for ever.
 * **A disk reserve.** Below ``receiver.min_free_mb`` the receiver refuses with Out of Resources
   (0xA700), which scanners retry later, and logs one ``ALARM`` per low-disk episode, instead of
   filling the disk that the case store and the outbox also need.
@@ -30,6 +32,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self, cast
@@ -101,11 +104,6 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     RLELossless,
 )
 
-# A peer that stalls is dropped instead of holding one of the few association slots for ever.
-ACSE_TIMEOUT_S = 30.0
-DIMSE_TIMEOUT_S = 60.0
-NETWORK_TIMEOUT_S = 60.0
-
 SPOOL_SUFFIX = ".dcm"
 
 
@@ -119,31 +117,60 @@ def free_disk_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-class StudyGrouper:
-    """Stored files per study until the study has been quiet for ``quiet_s`` seconds.
+@dataclass
+class _Group:
+    """A study's instances not handed over yet: when the first and the last arrived."""
 
-    Thread-safe: association threads add, the service loop pops. Times are passed in (any
-    monotonic clock), so tests drive it without sleeping.
+    first: float
+    last: float
+    paths: dict[Path, None]  # arrival order, no duplicates
+
+
+class StudyGrouper:
+    """Stored files per study until the study is quiet for ``quiet_s`` seconds, or its oldest
+    file has waited ``max_wait_s`` seconds while more keep coming.
+
+    A hand-over takes the study's group out whole, under the lock: an instance stored during
+    or after it starts the study's next group, so each file is in exactly one hand-over
+    (unless it is itself stored again). Thread-safe: association threads add, the service loop
+    pops. Times are passed in (any monotonic clock), so tests drive it without sleeping.
     """
 
-    def __init__(self, quiet_s: float) -> None:
+    def __init__(self, quiet_s: float, max_wait_s: float) -> None:
         self._quiet_s = quiet_s
+        self._max_wait_s = max_wait_s
         self._lock = threading.Lock()
-        # study key -> (time of the last instance, its files in arrival order, no duplicates)
-        self._studies: dict[str, tuple[float, dict[Path, None]]] = {}
+        self._studies: dict[str, _Group] = {}
 
     def add(self, study_key: str, path: Path, at: float) -> None:
         """Record ``path`` as part of ``study_key``, arrived at time ``at``."""
         with self._lock:
-            last, paths = self._studies.get(study_key, (at, {}))
-            paths[path] = None
-            self._studies[study_key] = (max(last, at), paths)
+            group = self._studies.setdefault(study_key, _Group(at, at, {}))
+            group.paths[path] = None
+            group.first = min(group.first, at)
+            group.last = max(group.last, at)
 
-    def pop_quiet(self, now: float) -> list[list[Path]]:
-        """Remove and return every study with no new instance for ``quiet_s`` before ``now``."""
+    def pop_ready(self, now: float) -> list[list[Path]]:
+        """Remove and return every study quiet for ``quiet_s``, or waiting for ``max_wait_s``,
+        at ``now``; the files of each in arrival order."""
+        ready: dict[str, list[Path]] = {}
+        overdue: list[str] = []
         with self._lock:
-            quiet = [k for k, (last, _) in self._studies.items() if now - last >= self._quiet_s]
-            return [list(self._studies.pop(key)[1]) for key in quiet]
+            for key, group in list(self._studies.items()):
+                if now - group.last < self._quiet_s:
+                    if now - group.first < self._max_wait_s:
+                        continue
+                    overdue.append(key)
+                ready[key] = list(self._studies.pop(key).paths)
+        for key in overdue:
+            log.info(
+                "study %s is still receiving after %g s (receiver.study_max_wait_s): "
+                "handing over the %d instance(s) received so far",
+                key,
+                self._max_wait_s,
+                len(ready[key]),
+            )
+        return list(ready.values())
 
     def is_pending(self, study_key: str) -> bool:
         with self._lock:
@@ -158,10 +185,13 @@ class DicomReceiver:
     ``associations_rejected``, ``low_disk``) are for metrics and health.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._settings = settings
         self._incoming = settings.receiver_storage / "incoming"
-        self._grouper = StudyGrouper(settings.receiver_study_quiet_s)
+        self._clock = clock  # monotonic seconds; a test's own clock drives the study timers
+        self._grouper = StudyGrouper(
+            settings.receiver_study_quiet_s, settings.receiver_study_max_wait_s
+        )
         self._lock = threading.Lock()
         # The reader switches pydicom's process-wide validation and warning filters while it
         # parses: one association thread at a time (a header takes well under a millisecond).
@@ -231,6 +261,11 @@ class DicomReceiver:
         return self._settings.receiver_bind_address, self._settings.receiver_port
 
     @property
+    def ae(self) -> AE | None:
+        """The listening pynetdicom AE (None when stopped): its timeouts and limits as applied."""
+        return self._ae
+
+    @property
     def incoming(self) -> Path:
         """The spool folder: one sub-folder per study."""
         return self._incoming
@@ -286,14 +321,15 @@ class DicomReceiver:
                 return self._refuse(LOW_DISK, OUT_OF_RESOURCES)
             log.error("could not spool a received instance: %s", exc.strerror or type(exc).__name__)
             return self._refuse(WRITE_FAILED, OUT_OF_RESOURCES)
-        self._grouper.add(study_key, path, time.monotonic())
+        self._grouper.add(study_key, path, self._clock())
         with self._lock:
             self._stored += 1
         return SUCCESS
 
-    def quiet_studies(self) -> list[list[Path]]:
-        """Studies complete by the quiet timer (and spool leftovers), each a list of files."""
-        return self._grouper.pop_quiet(time.monotonic())
+    def ready_studies(self) -> list[list[Path]]:
+        """Studies to hand over now (quiet, waiting too long, or spool leftovers), each a list
+        of files; a study's later instances come in a later list."""
+        return self._grouper.pop_ready(self._clock())
 
     def prune_empty_studies(self) -> None:
         """Remove spool folders of studies that are fully handed over and processed."""
@@ -311,9 +347,10 @@ class DicomReceiver:
         ae.require_called_aet = True
         ae.require_calling_aet = list(self._settings.receiver_allowed_calling_aes)
         ae.maximum_associations = self._settings.receiver_max_associations
-        ae.acse_timeout = ACSE_TIMEOUT_S
-        ae.dimse_timeout = DIMSE_TIMEOUT_S
-        ae.network_timeout = NETWORK_TIMEOUT_S
+        # A peer that stalls is dropped instead of holding an association slot for ever.
+        ae.acse_timeout = self._settings.receiver_acse_timeout_s
+        ae.dimse_timeout = self._settings.receiver_dimse_timeout_s
+        ae.network_timeout = self._settings.receiver_network_timeout_s
         # As an acceptor pynetdicom has no 128-context limit: offer every storage SOP class.
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(cast(str, context.abstract_syntax), list(TRANSFER_SYNTAXES))
@@ -414,7 +451,7 @@ def run_receiver(
 ) -> None:
     """``triage-app receive``: receive, group and triage until ``stop`` is set.
 
-    Quiet studies go to the :class:`~triage_app.intake.Intake` a few files at a time (two per
+    Ready studies go to the :class:`~triage_app.intake.Intake` a few files at a time (two per
     worker in flight), so a stop waits for a handful of files, not a whole study: the rest stay
     in the spool and are handed over on the next start. ``on_filed`` sees every filed file,
     ``on_tick`` the receiver once per loop (metrics, health).
@@ -426,7 +463,7 @@ def run_receiver(
     try:
         with DicomReceiver(settings) as receiver:
             while not stop.is_set():
-                for study in receiver.quiet_studies():
+                for study in receiver.ready_studies():
                     backlog.extend(study)
                 batch: list[Path] = []
                 while backlog and len(batch) < intake.room:
