@@ -48,8 +48,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="receive images from a scanner over DICOM (C-STORE) and triage each study",
         description="Listens for DICOM associations (receiver.ae_title, receiver.port) from "
         "the allowed calling AEs, stores every instance durably before acknowledging it, and "
-        "triages a study once it has been quiet for receiver.study_quiet_s. Runs until "
-        "SIGTERM or Ctrl-C.",
+        "triages a study once it has been quiet for receiver.study_quiet_s (or, while it "
+        "keeps receiving, every receiver.study_max_wait_s). Runs until SIGTERM or Ctrl-C.",
     )
     receive.add_argument("--port", type=int, help="override receiver.port")
     receive.add_argument("--ae-title", help="override receiver.ae_title")
