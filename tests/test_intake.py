@@ -8,11 +8,14 @@ a file of a given name.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -34,6 +37,7 @@ from triage_app.intake import (
     IntakeLayout,
     move_durably,
 )
+from triage_app.paths import ensure_private_dir, write_locked_temp
 from triage_app.pipeline import PipelineConfig
 from triage_app.results import CaseResult, FailedInput, InputOutcome
 from triage_app.store import REPROCESSED, CaseStore
@@ -323,6 +327,49 @@ def test_a_file_recorded_before_a_crash_is_triaged_again_into_the_same_case(
         assert read_json(layout.done / "scan.dcm.json") == cases[0].result
 
 
+@pytest.mark.parametrize("left", ["in_the_inbox", "in_both_places"])
+def test_a_failure_recorded_before_a_crash_is_listed_once(
+    make_intake: Any, layout: IntakeLayout, settings: Settings, left: str
+) -> None:
+    """A kill after the failure was recorded (and its reason file written) but before the file
+    left the inbox, or in the middle of the move (linked into quarantine, not yet removed from
+    the inbox): on restart the same file is refused again and must not be listed twice."""
+    data = b"Patient notes: not an image\n"
+    intake = make_intake()
+    (layout.inbox / "notes.txt").write_bytes(data)
+    first = file_all(intake, [layout.inbox / "notes.txt"])["notes.txt"]
+    target = layout.quarantine / "not_dicom" / "notes.txt"
+    assert first.filed_as == target
+    if left == "in_the_inbox":
+        target.rename(layout.inbox / "notes.txt")  # as if never moved
+    else:
+        os.link(target, layout.inbox / "notes.txt")
+
+    again = file_all(make_intake(), [layout.inbox / "notes.txt"])["notes.txt"]
+
+    assert again.quarantined
+    assert again.filed_as == target
+    assert files_under(layout.inbox) == []
+    assert files_under(layout.quarantine) == [
+        Path("not_dicom/notes.txt"),
+        Path("not_dicom/notes.txt" + REASON_SUFFIX),
+    ]
+    with CaseStore.open(settings.case_store_path) as store:
+        (failure,) = store.failures()
+    assert (failure.path, failure.code) == (str(target), "not_dicom")
+    assert failure.input_sha256 == hashlib.sha256(data).hexdigest()
+
+    # A different bad file under the same name is another failed input, with a row of its own.
+    (layout.inbox / "notes.txt").write_bytes(b"other notes, not an image either\n")
+    other = file_all(make_intake(), [layout.inbox / "notes.txt"])["notes.txt"]
+    assert other.filed_as == layout.quarantine / "not_dicom" / "notes~1.txt"
+    with CaseStore.open(settings.case_store_path) as store:
+        assert [(f.path, f.code) for f in store.failures()] == [
+            (str(target), "not_dicom"),
+            (str(other.filed_as), "not_dicom"),
+        ]
+
+
 # --- files still being written --------------------------------------------------------------------
 
 
@@ -414,6 +461,96 @@ def test_a_path_outside_the_inbox_is_refused(make_intake: Any, tmp_path: Path) -
     with pytest.raises(ValueError, match=r"subpath|inbox"):
         intake.submit([tmp_path / "elsewhere.dcm"])
     assert intake.in_flight == 0
+
+
+# --- what a kill leaves behind --------------------------------------------------------------------
+
+# Files a note for ``argv[1]`` beside ``argv[2]`` (suffix ``argv[3]``) as the intake does, and is
+# killed at the rename of the note's temporary file into place.
+_KILLED_AT_THE_NOTES_RENAME = """
+import os, signal, sys
+from pathlib import Path
+from triage_app import intake
+
+os.replace = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+source, target, suffix = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+intake._file_with_note(source, target, suffix, {"note": "half filed"})
+"""
+
+
+def kill_while_filing(source: Path, target: Path, suffix: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", _KILLED_AT_THE_NOTES_RENAME, source, target, suffix],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == -signal.SIGKILL, run.stderr
+
+
+def hidden_files(folder: Path) -> list[Path]:
+    return sorted(p.relative_to(folder) for p in folder.rglob(".*") if p.is_file())
+
+
+def test_temporary_notes_a_kill_left_in_done_and_quarantine_are_removed_at_start(
+    make_intake: Any, layout: IntakeLayout, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_phantom(layout.inbox / "sub" / "scan.dcm", seed=46)
+    (layout.inbox / "notes.txt").write_text("not an image\n", encoding="utf-8")
+    layout.create()
+    kill_while_filing(
+        layout.inbox / "sub" / "scan.dcm", layout.done / "sub" / "scan.dcm", SIDECAR_SUFFIX
+    )
+    kill_while_filing(
+        layout.inbox / "notes.txt", layout.quarantine / "not_dicom" / "notes.txt", REASON_SUFFIX
+    )
+    (left_in_done,) = hidden_files(layout.done)
+    (left_in_quarantine,) = hidden_files(layout.quarantine)
+    assert left_in_done.parent == Path("sub")
+    assert left_in_done.name.startswith(".scan.dcm.json.")
+    assert left_in_quarantine.name.startswith(".notes.txt.reason.json.")
+
+    make_intake()
+
+    assert hidden_files(layout.done) == hidden_files(layout.quarantine) == []
+    assert files_under(layout.inbox) == [Path("notes.txt"), Path("sub/scan.dcm")]
+    assert [
+        r.getMessage()
+        for r in caplog.get_records("call")
+        if r.name == "triage_app.intake" and "temporary sidecar" in r.getMessage()
+    ] == ["removed 2 temporary sidecar file(s) left by an interrupted run"]
+
+
+def test_the_start_leaves_a_live_writers_temporary_note_and_other_hidden_files_alone(
+    make_intake: Any, layout: IntakeLayout
+) -> None:
+    """Another process filing into the same folders is writing a note right now; the other
+    hidden files are not the intake's temporary notes."""
+    layout.create()
+    folder = ensure_private_dir(layout.quarantine / "not_dicom")
+    live, fd = write_locked_temp(folder, "notes.txt" + REASON_SUFFIX, b"{}")
+    not_ours = [
+        layout.done / ".DS_Store",
+        layout.done / ".scan.dcm.0123456789abcdef.tmp",  # a temporary file, not of a note
+        layout.done / ".scan.dcm.json.partial",
+        layout.done / ".scan.dcm.json.tmp",
+        layout.quarantine / ".notes.txt.reason.json.0123456789abcdef.tmp",  # not a code folder
+        layout.inbox / ".scan.dcm.json.0123456789abcdef.tmp",  # the inbox is not filed into
+    ]
+    for path in not_ours:
+        path.write_bytes(b"not ours")
+    try:
+        make_intake()
+        assert live.read_bytes() == b"{}"
+    finally:
+        os.close(fd)
+    assert all(path.read_bytes() == b"not ours" for path in not_ours)
+
+    make_intake()  # its writer is gone now: debris like any other
+
+    assert not live.exists()
+    assert all(path.exists() for path in not_ours)
 
 
 # --- moving files ---------------------------------------------------------------------------------

@@ -254,6 +254,38 @@ def test_failures_are_kept(store: CaseStore) -> None:
     assert store.list_cases() == []
 
 
+def test_the_same_failed_input_recorded_again_keeps_its_one_row(store: CaseStore) -> None:
+    # A service killed between recording a failure and moving the file refuses it again.
+    first = FailedInput("/q/not_dicom/a.dcm", "not_dicom", "not DICOM", "aa" * 32)
+    store.record_failure(first)
+    store.record_failure(replace(first, message="not DICOM, again"))
+    unreadable = FailedInput("/in/gone.dcm", "unreadable", "no such file")  # no bytes to hash
+    store.record_failure(unreadable)
+    store.record_failure(unreadable)
+
+    failures = store.failures()
+    assert [(f.path, f.code, f.message, f.input_sha256) for f in failures] == [
+        ("/q/not_dicom/a.dcm", "not_dicom", "not DICOM", "aa" * 32),
+        ("/in/gone.dcm", "unreadable", "no such file", None),
+    ]
+
+
+def test_different_failed_inputs_each_keep_a_row(store: CaseStore) -> None:
+    first = FailedInput("/in/a.dcm", "not_dicom", "not DICOM", "aa" * 32)
+    others = [
+        replace(first, input_sha256="bb" * 32),  # the file at that path was replaced
+        replace(first, input_sha256=None),  # ... and then could not be read
+        replace(first, path="/in/copy-of-a.dcm"),  # the same bytes somewhere else
+        replace(first, code="truncated"),
+    ]
+    for failure in (first, *others):
+        store.record_failure(failure)
+
+    assert [(f.path, f.code, f.input_sha256) for f in store.failures()] == [
+        (f.path, f.code, f.input_sha256) for f in (first, *others)
+    ]
+
+
 def test_audit_log_is_kept_and_append_only(store: CaseStore, db_path: Path) -> None:
     store.audit("admin", "config.set", {"field": "thresholds.normal_below", "old": 0.2, "new": 0.1})
     store.audit("dr.who", "case.acknowledge", {"case_id": "c1", "path": Path("/x")})
@@ -352,6 +384,36 @@ def test_pending_migrations_run_on_open(db_path: Path, monkeypatch: pytest.Monke
         assert s.schema_version == LATEST_SCHEMA + 2
         assert s._conn.execute("SELECT site FROM cases").fetchone()[0] == "ward-3"
         assert s.get("case-0001") is not None
+
+
+def test_a_version_4_store_keeps_its_failures_and_then_records_them_once(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 5 adds the input's hash to ``failures``. Rows from before, duplicates of a
+    crash included, stay as they are; new ones are recorded once."""
+    old_rows = [
+        ("/q/not_dicom/a.dcm", "not_dicom", "not DICOM", "2026-01-02T03:04:05.000+00:00"),
+        ("/q/not_dicom/a.dcm", "not_dicom", "not DICOM", "2026-01-02T03:04:09.000+00:00"),
+    ]
+    with monkeypatch.context() as m:
+        m.setattr(store_module, "_MIGRATIONS", store_module._MIGRATIONS[:4])
+        with CaseStore.open(db_path) as old:
+            assert old.schema_version == 4
+            old._conn.executemany(
+                "INSERT INTO failures (path, code, message, at) VALUES (?, ?, ?, ?)", old_rows
+            )
+
+    with CaseStore.open(db_path) as s:
+        assert s.schema_version == LATEST_SCHEMA
+        assert [(f.path, f.code, f.message, f.at, f.input_sha256) for f in s.failures()] == [
+            (*row, None) for row in old_rows
+        ]
+        new = FailedInput("/q/not_dicom/b.dcm", "not_dicom", "not DICOM", "cc" * 32)
+        s.record_failure(new)
+        s.record_failure(new)
+        assert [f.input_sha256 for f in s.failures()] == [None, None, "cc" * 32]
+        indexes = {r["name"] for r in s._conn.execute("PRAGMA index_list(failures)")}
+        assert "failures_by_input" in indexes
 
 
 def test_not_a_database_is_a_clear_store_error(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from triage_app.dicom.deidentify import DeidConfig, Deidentifier
 from triage_app.dicom.deidentify.configure import deid_config
 from triage_app.dicom.deidentify.files import deidentify_file, write_atomically
 from triage_app.errors import ConfigError, InputError
-from triage_app.inputs import expand_inputs
+from triage_app.inputs import expand_inputs, file_sha256
 from triage_app.results import FailedInput
 from triage_app.secrets import load_or_create_site_secret
 from triage_app.store import CaseStore
@@ -70,12 +70,13 @@ def _one(path: Path) -> DeidOutcome:
     try:
         result = deidentify_file(path, deid)
     except InputError as err:
-        return FailedInput(os.fspath(path), err.code, err.message)
+        return FailedInput(os.fspath(path), err.code, err.message, file_sha256(path))
     relative = result.relative_path
     try:
         write_atomically(result.data, destination / relative)
     except OSError as err:
-        return FailedInput(os.fspath(path), "write_failed", f"cannot write output ({err.strerror})")
+        message = f"cannot write output ({err.strerror})"
+        return FailedInput(os.fspath(path), "write_failed", message, file_sha256(path))
     return DeidentifiedOutput(
         path=os.fspath(path),
         output=relative.as_posix(),

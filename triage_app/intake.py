@@ -33,7 +33,13 @@ from types import TracebackType
 from triage_app.batch import TriagePool, record_outcome
 from triage_app.config import Settings
 from triage_app.escalation.queueing import EscalationQueue
-from triage_app.paths import ensure_private_dir, fsync_dir, write_private_file
+from triage_app.inputs import file_sha256
+from triage_app.paths import (
+    ensure_private_dir,
+    fsync_dir,
+    remove_abandoned_temps,
+    write_private_file,
+)
 from triage_app.pipeline import PipelineConfig
 from triage_app.results import FailedInput, InputOutcome
 from triage_app.store import CaseStore
@@ -75,6 +81,25 @@ class IntakeLayout:
         """``path`` inside the inbox; raises ``ValueError`` for a path outside it."""
         return path.relative_to(self.inbox)
 
+    def remove_crash_leftovers(self) -> int:
+        """Remove the temporary sidecars a kill between their write and rename left behind.
+
+        Nothing else would: they are hidden, and no later write reuses their random names.
+        Only in the folders the intake files into (``done/`` and ``quarantine/<code>/``, with
+        the inbox's sub-folders below them), only its own sidecars' temporary names, and never
+        one another process is writing now (its writer holds the lock). Returns how many went.
+        """
+        roots = [self.done, *(p for p in self.quarantine.iterdir() if _is_real_dir(p))]
+        removed = sum(
+            remove_abandoned_temps(
+                root, for_suffixes=(SIDECAR_SUFFIX, REASON_SUFFIX), recursive=True
+            )
+            for root in roots
+        )
+        if removed:
+            log.info("removed %d temporary sidecar file(s) left by an interrupted run", removed)
+        return removed
+
 
 @dataclass(frozen=True)
 class FiledOutcome:
@@ -114,6 +139,7 @@ class Intake:
         pool: TriagePool | None = None,
     ) -> None:
         layout.create()
+        layout.remove_crash_leftovers()
         self.layout = layout
         self._queue = queue or (lambda: None)
         self._incomplete_timeout_s = incomplete_timeout_s
@@ -302,7 +328,8 @@ class Intake:
                 again.append(path)
                 continue
             message = f"the triage worker died {crashes} times while reading this file"
-            filed.append(self._file(path, FailedInput(str(path), WORKER_CRASHED, message)))
+            failure = FailedInput(str(path), WORKER_CRASHED, message, file_sha256(path))
+            filed.append(self._file(path, failure))
         with self._lock:
             self._suspects.update(again)
             self._held[:0] = again
@@ -331,6 +358,11 @@ def _file_with_note(path: Path, target: Path, suffix: str, note: Mapping[str, ob
     text = json.dumps(note, indent=2, sort_keys=True) + "\n"
     write_private_file(target.with_name(target.name + suffix), text.encode(), sync_folder=False)
     move_durably(path, target)
+
+
+def _is_real_dir(path: Path) -> bool:
+    """A folder, not a symbolic link to one (the clean-up stays inside the service's folders)."""
+    return path.is_dir() and not path.is_symlink()
 
 
 def _free_name(source: Path, target: Path) -> Path:

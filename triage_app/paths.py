@@ -3,17 +3,33 @@
 Settings, keys and the case store hold data another local user must not read or swap, so private
 files are created 0600 from the first byte (never chmod-ed afterwards, which leaves a window) and
 replaced atomically, so a crash or power cut leaves either the old file or the new one, never half.
+
+A kill between writing the temporary file and renaming it leaves the temporary file behind. Its
+writer holds an ``flock`` on it until it is renamed, so a clean-up can tell a dead writer's file
+(lockable) from one still being written by another process (:func:`remove_abandoned_temps`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import re
 import secrets
+import stat
 from pathlib import Path
+from typing import Final
 
 import platformdirs
 
 APP_NAME = "triage-app"
+
+_TEMP_TOKEN_BYTES: Final = 8
+# ``.<final name>.<16 hex>.tmp``: what :func:`write_locked_temp` names its files, nothing else.
+_TEMP_NAME: Final = re.compile(r"\.(?P<final>.+)\.[0-9a-f]{16}\.tmp")
+# flock errors meaning "no locks on this file system" (some network shares): the clean-up cannot
+# lock there either, so it leaves every temporary file alone and nothing live is ever removed.
+_NO_LOCKS: Final = frozenset({errno.ENOLCK, errno.EOPNOTSUPP})
 
 
 def default_data_dir() -> Path:
@@ -42,28 +58,114 @@ def write_private_file(
 ) -> None:
     """Write ``data`` to ``path`` atomically, readable and writable by this user only (0600).
 
-    The bytes go to a temporary file in the same folder, are fsync-ed, and the file is then
-    renamed over ``path`` (``overwrite=True``) or hard-linked to ``path`` (``overwrite=False``,
-    which raises ``FileExistsError`` instead of replacing a file another process created first).
-    The folder is fsync-ed too, so the new name survives a power cut (``sync_folder=False``
-    when the caller writes several files there and syncs the folder once after the last).
+    The bytes go to a locked temporary file in the same folder (:func:`write_locked_temp`), and
+    the file is then renamed over ``path`` (``overwrite=True``) or hard-linked to ``path``
+    (``overwrite=False``, which raises ``FileExistsError`` instead of replacing a file another
+    process created first). The folder is fsync-ed too, so the new name survives a power cut
+    (``sync_folder=False`` when the caller writes several files there and syncs the folder once
+    after the last).
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp, fd = write_locked_temp(path.parent, path.name, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         if overwrite:
             tmp.replace(path)
         else:
             path.hardlink_to(tmp)
     finally:
         # Gone after a replace; the spare name after a link; the debris after a failure.
-        tmp.unlink(missing_ok=True)
+        # Removed before the lock goes, so a clean-up never sees it unlocked.
+        try:
+            tmp.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
     if sync_folder:
         fsync_dir(path.parent)
+
+
+def write_locked_temp(
+    folder: Path, name: str, data: bytes | bytearray | memoryview
+) -> tuple[Path, int]:
+    """Write ``data`` to a new private temporary file for ``name`` in ``folder``, fsynced.
+
+    Returns its path and the open descriptor, which holds an exclusive ``flock`` until the caller
+    closes it: that is how :func:`remove_abandoned_temps` tells a live writer's file from a dead
+    one's. The caller renames (or links) the file into place, then closes the descriptor.
+    """
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:
+                if err.errno not in _NO_LOCKS:
+                    raise
+            if os.fstat(fd).st_nlink == 0:
+                # A clean-up took it for debris in the instant before we locked it: start over.
+                os.close(fd)
+                continue
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp, fd
+
+
+def remove_abandoned_temps(
+    root: Path, *, for_suffixes: tuple[str, ...], recursive: bool = False
+) -> int:
+    """Remove the temporary files that dead writers left in ``root``; return how many went.
+
+    Only names :func:`write_locked_temp` gives to files whose final name ends with one of
+    ``for_suffixes``, only regular files, and only those nobody holds the lock of: a file
+    another process is writing right now stays. With ``recursive``, sub-folders too (symbolic
+    links are not followed).
+    """
+    removed = 0
+    for folder, dirs, files in os.walk(root):
+        if not recursive:
+            dirs.clear()
+        for name in files:
+            match = _TEMP_NAME.fullmatch(name)
+            if match is not None and match["final"].endswith(for_suffixes):
+                removed += remove_if_abandoned(Path(folder) / name)
+    return removed
+
+
+def remove_if_abandoned(path: Path) -> bool:
+    """Delete a temporary file if its writer is gone (nobody holds its lock).
+
+    Anything this cannot be sure of is left alone: a file gone or renamed meanwhile, a
+    symbolic link or anything not a regular file, a file it may not open, a file system
+    without locks.
+    """
+    try:
+        # O_NONBLOCK: a FIFO under such a name must not hang the clean-up.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a live writer holds it, or there are no locks here
+        try:
+            named = os.lstat(path)
+        except FileNotFoundError:
+            return False  # renamed into place while we locked it
+        if (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+            return False  # a new file took the name meanwhile
+        path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -42,6 +42,7 @@ from triage_app.dicom.pseudonym import case_id_for, pseudonymous_uid
 from triage_app.errors import InputError, InvalidDicomError, UnprocessableImageError
 from triage_app.escalation.envelope import Payload
 from triage_app.escalation.phi_gate import IdentifyingValues, audit_payload
+from triage_app.inputs import file_sha256
 from triage_app.model.classifier import Classifier
 from triage_app.model.manifest import find_bundle, load_manifest
 from triage_app.model.preprocess import to_tensor, to_unit_image
@@ -128,7 +129,7 @@ class TriagePipeline:
         try:
             return self._run(path)
         except InputError as err:
-            return FailedInput(path, err.code, err.message)
+            return FailedInput(path, err.code, err.message, file_sha256(path))
 
     def _run(self, path: str) -> CaseResult:
         manifest = self.classifier.manifest

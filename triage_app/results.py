@@ -102,11 +102,16 @@ class CaseResult:
 
 @dataclass(frozen=True)
 class FailedInput:
-    """An input that was refused, with the stable error code and a one-line message."""
+    """An input that was refused, with the stable error code and a one-line message.
+
+    ``input_sha256`` is the SHA-256 of the file's bytes (``None`` when they cannot be read): the
+    case store tells a refused input triaged again from a different one by it. Not printed.
+    """
 
     path: str
     code: str
     message: str
+    input_sha256: str | None = None
 
     ok: bool = field(default=False, init=False)
 

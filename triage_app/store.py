@@ -143,6 +143,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX feedback_by_case ON feedback (case_id, id)",
     ),
+    (
+        # The SHA-256 of a refused input's bytes: with path and code, which input a failure
+        # row is about (see ``record_failure``). NULL when the bytes could not be read, and in
+        # the rows recorded before this version (kept as they are).
+        "ALTER TABLE failures ADD COLUMN input_sha256 TEXT",
+        "CREATE INDEX failures_by_input ON failures (path, code)",
+    ),
 )
 
 
@@ -184,6 +191,7 @@ class FailureRecord:
     code: str
     message: str
     at: str
+    input_sha256: str | None = None  # None: unreadable, or recorded before schema version 5
 
 
 @dataclass(frozen=True)
@@ -388,13 +396,32 @@ class CaseStore:
         return state
 
     def record_failure(self, failure: FailedInput) -> None:
-        """Keep a refused input (it has no case id) so that nothing is lost silently."""
+        """Keep a refused input (it has no case id) so that nothing is lost silently.
+
+        Idempotent on the input, which is its path, error code and the SHA-256 of its bytes
+        (``input_sha256``): a service killed after recording a failure but before moving the
+        file to quarantine refuses the same file again on restart, under the same quarantine
+        name, and it must be listed once. The hash keeps apart different files refused under
+        one path (a file replaced, then classified again); the path keeps apart copies of one
+        file in several places, each of which is there to be found. Inputs whose bytes could
+        not be read (no hash) are the same when path and code are. The first row is kept as
+        it is. Checked inside the write transaction, so two processes cannot both insert.
+        """
         with self._write("record a failed input") as at:
-            self._conn.execute(
-                "INSERT INTO failures (path, code, message, at) VALUES (?, ?, ?, ?)",
-                (failure.path, failure.code, failure.message, at),
-            )
-        log.info("failed input recorded: %s", failure.code)
+            known = self._conn.execute(
+                "SELECT 1 FROM failures WHERE path = ? AND code = ? AND input_sha256 IS ?",
+                (failure.path, failure.code, failure.input_sha256),
+            ).fetchone()
+            if known is None:
+                self._conn.execute(
+                    "INSERT INTO failures (path, code, message, at, input_sha256)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (failure.path, failure.code, failure.message, at, failure.input_sha256),
+                )
+        if known is None:
+            log.info("failed input recorded: %s", failure.code)
+        else:
+            log.info("failed input already recorded: %s", failure.code)
 
     def apply(self, case_id: str, event: CaseEvent, detail: str | None = None) -> CaseState:
         """Apply ``event`` to a stored case and return its new state.
@@ -582,9 +609,12 @@ class CaseStore:
         """Refused inputs, oldest first."""
         with _sqlite_errors("read failed inputs"):
             rows = self._conn.execute(
-                "SELECT path, code, message, at FROM failures ORDER BY id"
+                "SELECT path, code, message, at, input_sha256 FROM failures ORDER BY id"
             ).fetchall()
-        return [FailureRecord(r["path"], r["code"], r["message"], r["at"]) for r in rows]
+        return [
+            FailureRecord(r["path"], r["code"], r["message"], r["at"], r["input_sha256"])
+            for r in rows
+        ]
 
     def audit_log(self) -> list[AuditEntry]:
         """The audit log, oldest first."""

@@ -39,14 +39,12 @@ case ids and states only.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import mmap
 import os
 import re
-import secrets
 import sqlite3
 import stat
 import threading
@@ -61,7 +59,7 @@ from typing import Any, Final, Self
 
 from triage_app.errors import OutboxError, QueueFullError, UnknownQueuedCaseError
 from triage_app.escalation.hashing import THREAD_WORTH_BYTES, BackgroundSha256
-from triage_app.paths import fsync_dir
+from triage_app.paths import fsync_dir, remove_abandoned_temps, write_locked_temp
 from triage_app.sqlite_wal import enable_wal
 
 __all__ = [
@@ -82,7 +80,6 @@ ESCALATION_PRIORITY: Final[Mapping[str, int]] = MappingProxyType(
 )
 
 SPOOL_SUFFIX: Final = ".env"
-_TMP_SUFFIX: Final = ".tmp"
 _DEFAULT_BUSY_TIMEOUT_S = 10.0
 _MAX_TEXT = 500  # error and quarantine texts: one line, short (never payload)
 # Case ids are SHA-256 based hex (DESIGN 4.2); they become file names, so nothing else is allowed.
@@ -403,7 +400,7 @@ class Outbox:
             _sqlite_errors(f"write the envelope of case {case_id}"),
         ):
             envelope_hash.submit(envelope)
-            tmp, fd = _write_locked_temp(self._spool, final.name, envelope)
+            tmp, fd = write_locked_temp(self._spool, final.name, envelope)
         try:
             envelope_sha256 = envelope_hash.hexdigest()
             published = False
@@ -809,9 +806,7 @@ class Outbox:
         Runs under the write lock, during which no other process can rename a file into place.
         Only undelivered rows are read: the history of delivered cases grows without bound.
         """
-        for path in self._spool.iterdir():
-            if path.name.startswith(".") and path.name.endswith(_TMP_SUFFIX):
-                _remove_if_abandoned(path)
+        remove_abandoned_temps(self._spool, for_suffixes=(SPOOL_SUFFIX,))
         lost: list[str] = []
         removed = 0
         with self._write("tidy the spool folder"):
@@ -853,56 +848,10 @@ def _check_case_id(case_id: str) -> None:
         raise ValueError("case_id must be 32 or 64 lowercase hex characters")
 
 
-def _write_locked_temp(
-    folder: Path, name: str, data: bytes | bytearray | memoryview
-) -> tuple[Path, int]:
-    """Write ``data`` to a new private temporary file in ``folder``, fsynced.
-
-    Returns its path and the open descriptor, which holds an exclusive ``flock`` until the caller
-    closes it: that is how the spool clean-up tells a live writer's file from a dead one's.
-    """
-    while True:
-        tmp = folder / f".{name}.{secrets.token_hex(8)}{_TMP_SUFFIX}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.fstat(fd).st_nlink == 0:
-                # A clean-up took it for debris in the instant before we locked it: start over.
-                os.close(fd)
-                continue
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        return tmp, fd
-
-
 def _publish(tmp: Path, final: Path) -> None:
     """Rename the complete temporary file into place and make the new name durable."""
     tmp.rename(final)
     fsync_dir(final.parent)
-
-
-def _remove_if_abandoned(path: Path) -> None:
-    """Delete a temporary spool file if its writer is gone (nobody holds its lock)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return  # renamed into place or removed meanwhile
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return  # a live writer
-        with suppress(FileNotFoundError):
-            if path.stat().st_ino == os.fstat(fd).st_ino:
-                path.unlink()
-    finally:
-        os.close(fd)
 
 
 def _item(row: sqlite3.Row | None) -> OutboxItem:
