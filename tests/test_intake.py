@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import phantom_dataset, write_bad_inputs, write_phantoms
+from triage_app import intake as intake_module
 from triage_app.batch import TriagePool, _run_in_worker
 from triage_app.config import Settings
 from triage_app.intake import (
@@ -37,7 +38,7 @@ from triage_app.intake import (
     IntakeLayout,
     move_durably,
 )
-from triage_app.paths import ensure_private_dir, write_locked_temp
+from triage_app.paths import ensure_private_dir, fsync_dir, write_locked_temp
 from triage_app.pipeline import PipelineConfig
 from triage_app.results import CaseResult, FailedInput, InputOutcome
 from triage_app.store import REPROCESSED, CaseStore
@@ -569,6 +570,31 @@ def test_move_durably_links_within_one_filesystem(tmp_path: Path) -> None:
     assert not source.exists()
     assert target.read_bytes() == b"DICM-ish bytes"
     assert target.stat().st_ino == inode  # linked, not copied
+
+
+def test_move_durably_leaves_a_file_renamed_over_its_source_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A scanner re-sends a corrected instance under the same name while the first copy is
+    # being filed: the corrected bytes must stay for the next pass, not be removed with it.
+    source = tmp_path / "incoming" / "scan.dcm"
+    source.parent.mkdir()
+    source.write_bytes(b"first bytes")
+    target = tmp_path / "done" / "scan.dcm"
+    target.parent.mkdir()
+
+    def resend_then_sync(folder: Path) -> None:
+        if folder == target.parent:  # after the link and rename, before the source goes
+            resent = source.with_name(".resent.tmp")
+            resent.write_bytes(b"corrected bytes")
+            resent.replace(source)
+        fsync_dir(folder)
+
+    monkeypatch.setattr(intake_module, "fsync_dir", resend_then_sync)
+    move_durably(source, target)
+
+    assert target.read_bytes() == b"first bytes"
+    assert source.read_bytes() == b"corrected bytes"
 
 
 def test_move_durably_copies_then_removes_across_a_simulated_filesystem_boundary(

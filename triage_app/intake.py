@@ -402,7 +402,11 @@ def move_durably(source: Path, target: Path) -> None:
     "moved out" event for half a second waiting for its pair, and all the inbox's later events
     wait behind it, so a busy inbox would be seen late. Where links are impossible (another
     filesystem, a share without them) the bytes are copied and fsynced under a temporary name.
+
+    A file put in the source's place meanwhile (a scanner re-sending the instance, renamed over
+    it) is left where it is for the next pass: only the file that was moved is removed.
     """
+    moved = source.stat()
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
     try:
         os.link(source, tmp)
@@ -420,5 +424,16 @@ def move_durably(source: Path, target: Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(target.parent)
+    if not _is_same_file(source, moved):
+        log.info("a new file took the place of one just filed: left for the next pass")
+        return
     source.unlink()
     fsync_dir(source.parent)
+
+
+def _is_same_file(path: Path, seen: os.stat_result) -> bool:
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (seen.st_dev, seen.st_ino)
