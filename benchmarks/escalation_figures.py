@@ -22,11 +22,13 @@ What it measures:
    bytes: the server runs no model, it only stores it) behind a small result JSON. The
    baseline sends the same payload bytes with a session from ``make_session`` (same pinned
    TLS) as a ``PUT`` to a minimal FastAPI app of this file, in a process of its own, run with
-   the same uvicorn settings and certificate (``uvicorn_config``), that reads the body and
-   writes it durably (temporary file, fsync, rename, folder fsync) before it answers 201. So the
-   ratio is what our protocol adds on top of "send it and make it durable once". One untimed
-   warm-up round first (connections, caches), then ``--repeat`` rounds, the two sides
-   alternating which goes first; medians and minima (``--upload-only`` runs this figure alone).
+   the same uvicorn settings and certificate (``uvicorn_config``), that writes the body to a
+   temporary file as it arrives (streamed, as ours), then fsync, rename, folder fsync, before it
+   answers 201. So the ratio is what our protocol adds on top of "send it and make it durable
+   once". The simplest handler (whole body in memory, then the durable write) is measured too,
+   for comparison: it is the weaker baseline on a bad day. One untimed warm-up round first
+   (connections, caches), then ``--repeat`` rounds, ours and the two PUTs taking turns going
+   first; medians and minima (``--upload-only`` runs this figure alone).
    Below it, each step of ours is timed alone on the same bytes (median of ``--repeat``): where
    the time goes.
 2. **Durable enqueues per second**: ``Outbox.enqueue`` of 200 sealed envelopes (40 with
@@ -274,12 +276,20 @@ def durable_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+    _publish(tmp, path)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _publish(tmp: Path, path: Path) -> None:
     tmp.replace(path)
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -289,8 +299,10 @@ def durable_write(path: Path, data: bytes) -> None:
 
 
 def make_plain_put_app(folder: Path) -> FastAPI:
-    """``PUT /blobs/{name}``: read the body, write it durably, answer 201 with a small JSON and
-    the handler's own time in ``X-Handler-Seconds``."""
+    """``PUT /blobs/{name}``: write the body to a temporary file as it arrives, then fsync,
+    rename and fsync the folder, and answer 201 with a small JSON and the handler's own time in
+    ``X-Handler-Seconds``. Streamed like ours (and like any web server with a large body), so
+    the baseline neither holds 20 MB in memory nor waits for the whole body before writing."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.put("/blobs/{name}")
@@ -298,16 +310,38 @@ def make_plain_put_app(folder: Path) -> FastAPI:
         if not _BLOB_NAME.fullmatch(name):
             return JSONResponse({"error": "bad name"}, status_code=400)
         started = time.perf_counter()
+        path = folder / name
+        tmp = path.with_name(f".{name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        size = 0
+        try:
+            async for piece in request.stream():
+                _write_all(fd, piece)  # into the page cache: microseconds a piece
+                size += len(piece)
+            await run_in_threadpool(os.fsync, fd)
+        finally:
+            os.close(fd)
+        await run_in_threadpool(_publish, tmp, path)
+        return _created(name, size, started)
+
+    @app.put("/buffered/{name}")
+    async def put_buffered(name: str, request: Request) -> Response:
+        """The simplest handler: the whole body in memory, then the durable write."""
+        if not _BLOB_NAME.fullmatch(name):
+            return JSONResponse({"error": "bad name"}, status_code=400)
+        started = time.perf_counter()
         body = await request.body()
         await run_in_threadpool(durable_write, folder / name, body)
-        took = time.perf_counter() - started
-        return JSONResponse(
-            {"name": name, "bytes": len(body)},
-            status_code=201,
-            headers={HANDLER_SECONDS: f"{took:.6f}"},
-        )
+        return _created(name, len(body), started)
 
     return app
+
+
+def _created(name: str, size: int, started: float) -> Response:
+    took = time.perf_counter() - started
+    return JSONResponse(
+        {"name": name, "bytes": size}, status_code=201, headers={HANDLER_SECONDS: f"{took:.6f}"}
+    )
 
 
 def _serve_plain_put(folder: Path, certificate: ServerCertificate, conn: Connection) -> None:
@@ -567,6 +601,8 @@ class UploadResult:
     ours_server_s: list[float] = field(default_factory=list)
     plain_total_s: list[float] = field(default_factory=list)
     plain_server_s: list[float] = field(default_factory=list)
+    buffered_total_s: list[float] = field(default_factory=list)
+    buffered_server_s: list[float] = field(default_factory=list)
     components: list[Component] = field(default_factory=list)
 
     @property
@@ -584,6 +620,16 @@ class UploadResult:
         the ratio of medians when the machine's load drifts during the run."""
         pairs = [o / p for o, p in zip(self.ours_total_s, self.plain_total_s, strict=True) if p]
         return _median(pairs)
+
+    @property
+    def buffered_ratio(self) -> float | None:
+        """Against the buffering PUT handler (the weaker baseline, for comparison)."""
+        return _ratio(_median(self.ours_total_s), _median(self.buffered_total_s))
+
+    @property
+    def send_ratio(self) -> float | None:
+        """``send_next`` alone: the upload, without the sealing done when the case is triaged."""
+        return _ratio(_median(self.ours_send_s), _median(self.plain_total_s))
 
     @property
     def with_enqueue_ratio(self) -> float | None:
@@ -647,11 +693,11 @@ def measure_upload(world: World, case_bytes: int, repeat: int, seed: int) -> Upl
                 # As the PUT's file is removed after its round: neither server's disk fills up.
                 shutil.rmtree(world.store.case_dir(case_id), ignore_errors=True)
 
-            def baseline(record: bool) -> None:
+            def put(route: str, totals: list[float], servers: list[float], record: bool) -> None:
                 name = _case_id()
                 t0 = time.perf_counter()
                 response = session.put(
-                    f"{plain.url}/blobs/{name}",
+                    f"{plain.url}/{route}/{name}",
                     data=payload,
                     headers={"Content-Type": "application/octet-stream"},
                     timeout=(5.0, 120.0),
@@ -661,13 +707,20 @@ def measure_upload(world: World, case_bytes: int, repeat: int, seed: int) -> Upl
                 if response.status_code != 201:
                     raise RuntimeError(f"plain PUT answered HTTP {response.status_code}")
                 if record:
-                    result.plain_total_s.append(t1 - t0)
-                    result.plain_server_s.append(float(response.headers[HANDLER_SECONDS]))
+                    totals.append(t1 - t0)
+                    servers.append(float(response.headers[HANDLER_SECONDS]))
                 (plain_folder / name).unlink()
 
+            def streamed(record: bool) -> None:
+                put("blobs", result.plain_total_s, result.plain_server_s, record)
+
+            def buffered(record: bool) -> None:
+                put("buffered", result.buffered_total_s, result.buffered_server_s, record)
+
             for round_no in range(repeat + 1):  # round 0 warms up connections and caches
-                steps = (ours, baseline) if round_no % 2 == 0 else (baseline, ours)
-                for step in steps:
+                steps = [ours, streamed, buffered]
+                shift = round_no % len(steps)  # each goes first in turn
+                for step in steps[shift:] + steps[:shift]:
                     step(round_no > 0)
                 label = "warm-up" if round_no == 0 else f"round {round_no}/{repeat}"
                 print(f"  [1] {label} done", file=sys.stderr)
@@ -1173,7 +1226,16 @@ def render_upload(upload: UploadResult) -> list[str]:
             upload.ours_send_s,
             upload.ours_server_s,
         ),
-        row("plain PUT (same TLS pin) + write/fsync", upload.plain_total_s, upload.plain_server_s),
+        row(
+            "plain PUT (same TLS pin), streamed to a file, fsync",
+            upload.plain_total_s,
+            upload.plain_server_s,
+        ),
+        row(
+            "(weaker: body buffered, then written + fsync)",
+            upload.buffered_total_s,
+            upload.buffered_server_s,
+        ),
         row("(between seal and send: Outbox.enqueue, durable)", upload.ours_enqueue_s),
         row("(ours with it: seal + enqueue + send_next)", upload.ours_with_enqueue_s),
     ]
@@ -1183,10 +1245,15 @@ def render_upload(upload: UploadResult) -> list[str]:
         return "-" if value is None else f"{value:.2f}×"
 
     lines.append(
-        f"  ratio ours / plain PUT: {times(upload.ratio)} (medians), "
+        f"  ratio ours / plain PUT (streamed): {times(upload.ratio)} (medians), "
         f"{times(upload.paired_ratio)} (median of each round's ratio), "
-        f"{times(upload.min_ratio)} (minima); with the durable enqueue "
-        f"{times(upload.with_enqueue_ratio)} (the PUT's client keeps no durable copy)"
+        f"{times(upload.min_ratio)} (minima)"
+    )
+    lines.append(
+        f"  for comparison: with the durable enqueue {times(upload.with_enqueue_ratio)} (the "
+        f"PUT's client keeps no durable copy); send_next alone {times(upload.send_ratio)} "
+        f"(sealing happens when the case is triaged); against the buffering PUT "
+        f"{times(upload.buffered_ratio)}"
     )
     lines += ["", f"  where ours spends it: each step alone on the same bytes, median of "
               f"{upload.rounds}"]  # fmt: skip
@@ -1311,6 +1378,8 @@ def upload_json(upload: UploadResult, sizes: Sizes, tls: str) -> dict[str, Any]:
             "min_ratio": upload.min_ratio,
             "paired_ratio": upload.paired_ratio,
             "with_enqueue_ratio": upload.with_enqueue_ratio,
+            "send_ratio": upload.send_ratio,
+            "buffered_ratio": upload.buffered_ratio,
             "ours_median_s": _median(upload.ours_total_s),
             "plain_median_s": _median(upload.plain_total_s),
         },
