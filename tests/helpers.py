@@ -16,11 +16,14 @@ import pytest
 from pydicom.dataset import Dataset
 
 from triage_app.dicom.image import ImageInfo
+from triage_app.results import CaseResult, EscalationRef, ModelRef
 from triage_app.synthetic import PhantomConfig, phantom_to_dataset, render_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "models" / "chest-dx-demo"
 SMALL = PhantomConfig(size_range=(256, 384))
+#: A case's input path that looks like PHI on purpose: tests check that it is never logged.
+PHI_LIKE_PATH = "/data/incoming/DOE^JANE/chest.dcm"
 
 
 def write_phantoms(
@@ -96,6 +99,31 @@ def run_cli(
         check=False,
     )
     return CliRun(result.returncode, result.stdout, result.stderr)
+
+
+def make_result(
+    case_id: str = "case-0001",
+    *,
+    decision: str = "normal",
+    reason: str = "confident_normal",
+    score: float = 0.07,
+    path: str = PHI_LIKE_PATH,
+) -> CaseResult:
+    """A triaged case's result record as the pipeline makes one, without reading an image."""
+    return CaseResult(
+        path=path,
+        case_id=case_id,
+        decision=decision,
+        reason=reason,
+        score=score,
+        probabilities={"normal": 1 - score, "abnormal": score},
+        model=ModelRef(name="tiny-cnn", version="1.2.0", sha256="ab" * 32),
+        thresholds={"normal_below": 0.2, "abnormal_above": 0.8},
+        scope={"modality": "DX", "body_part": "CHEST", "in_scope": True},
+        image={"rows": 2500, "columns": 2048, "frames": 1},
+        escalation=EscalationRef(state="queued") if decision == "escalate" else None,
+        timings_ms={"read": 1.2, "infer": 0.9},
+    )
 
 
 def image_info(**overrides: Any) -> ImageInfo:

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import PHI_LIKE_PATH, make_result
 from triage_app import store as store_module
 from triage_app.errors import IllegalTransitionError, StoreError
-from triage_app.results import CaseResult, EscalationRef, FailedInput, ModelRef
+from triage_app.results import FailedInput
 from triage_app.states import CaseEvent, CaseState, Feedback
 from triage_app.store import REPROCESSED, CaseStore
 
@@ -30,31 +31,7 @@ S = CaseState
 E = CaseEvent
 
 ISO_MS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
-SOURCE = "/data/incoming/DOE^JANE/chest.dcm"  # looks like PHI on purpose: must never be logged
-
-
-def make_result(
-    case_id: str = "case-0001",
-    *,
-    decision: str = "normal",
-    reason: str = "confident_normal",
-    score: float = 0.07,
-    path: str = SOURCE,
-) -> CaseResult:
-    return CaseResult(
-        path=path,
-        case_id=case_id,
-        decision=decision,
-        reason=reason,
-        score=score,
-        probabilities={"normal": 1 - score, "abnormal": score},
-        model=ModelRef(name="tiny-cnn", version="1.2.0", sha256="ab" * 32),
-        thresholds={"normal_below": 0.2, "abnormal_above": 0.8},
-        scope={"modality": "DX", "body_part": "CHEST", "in_scope": True},
-        image={"rows": 2500, "columns": 2048, "frames": 1},
-        escalation=EscalationRef(state="queued") if decision == "escalate" else None,
-        timings_ms={"read": 1.2, "infer": 0.9},
-    )
+SOURCE = PHI_LIKE_PATH  # looks like PHI on purpose: must never be logged
 
 
 @pytest.fixture
@@ -238,6 +215,93 @@ def test_counts_by_state_lists_every_state(store: CaseStore) -> None:
     assert sum(counts.values()) == 3
 
 
+# --- changes since a sequence ---------------------------------------------------------------
+
+VERDICT = {"verdict": "abnormal", "score": 0.91}
+
+
+@pytest.fixture
+def three_cases(store: CaseStore) -> int:
+    """A local, a queued and a delivered case; returns the change sequence after them."""
+    store.record_result(make_result("local"), E.DECIDE_LOCAL_NORMAL)
+    store.record_result(make_result("queued", decision="escalate", reason="uncertain"), E.ENQUEUE)
+    store.record_result(make_result("sent", decision="escalate", reason="uncertain"), E.ENQUEUE)
+    store.apply("sent", E.START_SEND)
+    store.apply("sent", E.DELIVER)
+    cases, seq = store.cases_changed_since(0)
+    assert [c.case_id for c in cases] == ["local", "queued", "sent"]
+    return seq
+
+
+@pytest.mark.parametrize(
+    ("write", "changed"),
+    [
+        pytest.param(
+            lambda s: s.record_result(make_result("new"), E.DECIDE_LOCAL_NORMAL), "new", id="new"
+        ),
+        pytest.param(
+            lambda s: s.record_result(make_result("local", score=0.01), E.DECIDE_LOCAL_NORMAL),
+            "local",
+            id="reprocessed",
+        ),
+        pytest.param(lambda s: s.apply("queued", E.START_SEND), "queued", id="transition"),
+        pytest.param(lambda s: s.record_verdict("sent", VERDICT), "sent", id="verdict"),
+        pytest.param(
+            lambda s: s.record_feedback("local", "dr.grey", Feedback.ACCEPT), "local", id="feedback"
+        ),
+    ],
+)
+def test_every_write_to_a_case_lists_it_as_changed(
+    store: CaseStore, three_cases: int, write: Any, changed: str
+) -> None:
+    write(store)
+
+    cases, seq = store.cases_changed_since(three_cases)
+
+    assert [c.case_id for c in cases] == [changed]
+    assert cases == [store.get(changed)]  # as it is now
+    assert seq > three_cases
+    assert store.cases_changed_since(seq) == ([], seq)
+
+
+def test_writes_that_leave_the_cases_as_they_are_list_nothing(
+    store: CaseStore, three_cases: int
+) -> None:
+    store.note_not_released("queued", "no central server configured")
+    store.audit("admin", "config.set", {})
+    store.record_failure(FailedInput(path="/in/a.dcm", code="not_dicom", message="not DICOM"))
+    store.record_links([("patient", "P1", "id:MRN-1")])
+    with pytest.raises(IllegalTransitionError):
+        store.apply("local", E.START_SEND)  # refused and rolled back
+
+    assert store.cases_changed_since(three_cases) == ([], three_cases)
+
+
+def test_changes_come_once_per_case_in_the_order_of_its_last_change(
+    store: CaseStore, three_cases: int
+) -> None:
+    store.apply("queued", E.START_SEND)
+    store.record_result(make_result("local", score=0.02), E.DECIDE_LOCAL_NORMAL)
+    store.apply("queued", E.DELIVER)
+
+    cases, _ = store.cases_changed_since(three_cases)
+    assert [c.case_id for c in cases] == ["local", "queued"]
+    assert [c.case_id for c in store.cases_changed_since(0)[0]] == ["sent", "local", "queued"]
+    with pytest.raises(ValueError, match="seq"):
+        store.cases_changed_since(-1)
+
+
+def test_changes_committed_by_another_connection_are_seen(db_path: Path) -> None:
+    with CaseStore.open(db_path) as watch, CaseStore.open(db_path) as gui:
+        _, seq = gui.cases_changed_since(0)
+        watch.record_result(make_result("c1", decision="escalate", reason="uncertain"), E.ENQUEUE)
+        cases, seq = gui.cases_changed_since(seq)
+        assert [(c.case_id, c.state) for c in cases] == [("c1", S.QUEUED)]
+        watch.apply("c1", E.START_SEND)
+        cases, _ = gui.cases_changed_since(seq)
+        assert [(c.case_id, c.state) for c in cases] == [("c1", S.SENDING)]
+
+
 # --- failures and audit ---------------------------------------------------------------------
 
 
@@ -414,6 +478,63 @@ def test_a_version_4_store_keeps_its_failures_and_then_records_them_once(
         assert [f.input_sha256 for f in s.failures()] == [None, None, "cc" * 32]
         indexes = {r["name"] for r in s._conn.execute("PRAGMA index_list(failures)")}
         assert "failures_by_input" in indexes
+
+
+def test_a_version_5_store_gets_a_change_sequence_for_each_case(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 6 adds ``change_seq``. The cases stored before keep everything else, get distinct
+    sequences in the order they were stored, and later writes get higher ones."""
+    columns = (
+        "case_id, state, decision, reason, score, model_name, model_version, model_sha256,"
+        " source, created_at, updated_at, result_json, verdict_json"
+    )
+    old_cases = [
+        ("c-local", S.LOCAL_NORMAL, "normal", None),
+        ("c-verdict", S.VERDICT_RECEIVED, "escalate", {"verdict": "normal", "score": 0.1}),
+        ("c-queued", S.QUEUED, "escalate", None),
+    ]
+    with monkeypatch.context() as m:
+        m.setattr(store_module, "_MIGRATIONS", store_module._MIGRATIONS[:5])
+        with CaseStore.open(db_path) as old:
+            assert old.schema_version == 5
+            for i, (case_id, state, decision, verdict) in enumerate(old_cases):
+                result = make_result(case_id, decision=decision)
+                at = f"2026-01-02T03:04:0{i}.000+00:00"
+                old._conn.execute(
+                    f"INSERT INTO cases ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        case_id,
+                        state,
+                        decision,
+                        result.reason,
+                        result.score,
+                        "tiny-cnn",
+                        "1.2.0",
+                        "ab" * 32,
+                        result.path,
+                        at,
+                        at,
+                        json.dumps(result.to_json()),
+                        json.dumps(verdict) if verdict else None,
+                    ),
+                )
+            before = old.list_cases()
+
+    with CaseStore.open(db_path) as s:
+        assert s.schema_version == LATEST_SCHEMA
+        assert s.list_cases() == before
+        cases, seq = s.cases_changed_since(0)
+        assert [c.case_id for c in cases] == [case_id for case_id, *_ in old_cases]
+        seqs = [r[0] for r in s._conn.execute("SELECT change_seq FROM cases ORDER BY rowid")]
+        assert 0 < seqs[0] < seqs[1] < seqs[2] == seq
+        s.apply("c-queued", E.START_SEND)
+        s.record_result(make_result("c-new"), E.DECIDE_LOCAL_NORMAL)
+        later, after = s.cases_changed_since(seq)
+        assert [c.case_id for c in later] == ["c-queued", "c-new"]
+        assert after > seq
+        indexes = {r["name"]: r["unique"] for r in s._conn.execute("PRAGMA index_list(cases)")}
+        assert indexes["cases_by_change"] == 1
 
 
 def test_not_a_database_is_a_clear_store_error(tmp_path: Path) -> None:

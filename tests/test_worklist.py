@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import threading
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import phantom_dataset, write_phantoms
+from tests.helpers import make_result, phantom_dataset, write_phantoms
+from triage_app import worklist as worklist_module
 from triage_app.batch import triage_and_record
 from triage_app.config import Settings
-from triage_app.states import CaseEvent, CaseState
+from triage_app.results import CaseResult
+from triage_app.states import CaseEvent, CaseState, Feedback
 from triage_app.store import CaseStore, StoredCase
 from triage_app.worklist import (
     UNKNOWN_PATIENT,
     PatientLabel,
     Urgency,
+    WorklistRow,
     WorklistSource,
     read_patient,
     row_for,
     sort_rows,
     urgency_of,
 )
+
+E = CaseEvent
 
 
 def _case(case_id: str, decision: str, score: float, **extra: Any) -> StoredCase:
@@ -122,3 +130,160 @@ def test_source_reads_the_store(tmp_path: Path) -> None:
         assert again[escalated[0].case_id].escalation == "queued"
     finally:
         source.close()
+
+
+# --- polling only the changes ---------------------------------------------------------------
+
+
+def _full_read(db: Path) -> list[WorklistRow]:
+    """Every case read and sorted from scratch, as the worklist did before it read changes."""
+    with CaseStore.open(db) as store:
+        return sort_rows(
+            row_for(case, read_patient(str(case.result.get("path", ""))))
+            for case in store.list_cases()
+        )
+
+
+def _escalated(case_id: str, score: float = 0.4, path: str = "/gone.dcm") -> CaseResult:
+    return make_result(case_id, decision="escalate", reason="uncertain", score=score, path=path)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "cases.sqlite3"
+
+
+@pytest.fixture
+def source(db: Path):
+    polled = WorklistSource(db)
+    yield polled
+    polled.close()
+
+
+@pytest.fixture
+def patient_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """How often the worklist reads each file's patient details."""
+    reads: Counter[str] = Counter()
+
+    def counted(path: str) -> PatientLabel:
+        reads[path] += 1
+        return read_patient(path)
+
+    monkeypatch.setattr(worklist_module, "read_patient", counted)
+    return reads
+
+
+def test_polled_rows_are_those_of_a_full_read_after_every_kind_of_write(
+    tmp_path: Path, db: Path, source: WorklistSource, patient_reads: Counter[str]
+) -> None:
+    write_phantoms(tmp_path / "in", 70, 3)
+    files = [str(f) for f in sorted((tmp_path / "in").iterdir())]
+    with CaseStore.open(db) as store:
+        store.record_result(make_result("normal", path=files[0]), E.DECIDE_LOCAL_NORMAL)
+        store.record_result(
+            make_result("abnormal", decision="abnormal", score=0.97, path=files[1]),
+            E.DECIDE_LOCAL_ABNORMAL,
+        )
+        store.record_result(_escalated("sent", path=files[2]), E.ENQUEUE)
+        store.record_result(_escalated("held"), E.HOLD)
+        first = source.rows()
+        assert first == _full_read(db)  # the first poll reads every case
+        assert all(row.patient.patient_id for row in first if row.path in files)
+
+        store.apply("sent", E.START_SEND)
+        store.apply("sent", E.DELIVER)
+        store.apply("held", E.ENQUEUE)
+        assert source.rows() == _full_read(db)
+
+        store.record_verdict("sent", {"verdict": "abnormal", "score": 0.8})  # disagrees
+        rows = source.rows()
+        assert rows == _full_read(db)
+        assert (rows[0].case_id, rows[0].urgency) == ("sent", Urgency.CENTRE_DISAGREES)
+
+        store.record_feedback("normal", "dr.grey", Feedback.ACCEPT)
+        store.record_feedback("sent", "dr.grey", Feedback.REJECT)  # its place moved just now
+        assert source.rows() == _full_read(db)
+
+        store.record_result(_escalated("new", score=0.6), E.ENQUEUE)
+        store.record_result(make_result("abnormal", path=files[0]), E.DECIDE_LOCAL_NORMAL)
+        rows = source.rows()
+        assert rows == _full_read(db)
+        assert len(rows) == 5
+
+    assert patient_reads == Counter({files[0]: 1, files[1]: 1, files[2]: 1, "/gone.dcm": 1})
+
+
+def test_a_poll_without_changes_reads_no_case(
+    db: Path, source: WorklistSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    returned: list[tuple[int, int, int]] = []  # (seq asked, cases read, seq returned)
+    changed_since = CaseStore.cases_changed_since
+
+    def spy(store: CaseStore, seq: int) -> tuple[list[StoredCase], int]:
+        cases, new_seq = changed_since(store, seq)
+        returned.append((seq, len(cases), new_seq))
+        return cases, new_seq
+
+    monkeypatch.setattr(CaseStore, "cases_changed_since", spy)
+    with CaseStore.open(db) as store:
+        for i in range(3):
+            store.record_result(make_result(f"c{i}"), E.DECIDE_LOCAL_NORMAL)
+        everything = source.rows()
+        assert len(everything) == 3
+
+        assert source.rows() == everything
+        assert source.changed_rows() == []
+        (_, _, seq), second, third = returned
+        assert second == third == (seq, 0, seq)
+
+        store.apply("c1", E.ACKNOWLEDGE)
+        (changed,) = source.changed_rows()
+        assert (changed.case_id, changed.state) == ("c1", CaseState.ACKNOWLEDGED)
+        assert returned[-1][1] == 1
+        assert source.rows() == _full_read(db)
+
+
+def _deliver_with_verdict(db: str, case_id: str, verdict: str) -> None:
+    """What the uploader does once a case is sent, on its own connection."""
+    with CaseStore.open(Path(db)) as store:
+        store.apply(case_id, E.START_SEND)
+        store.apply(case_id, E.DELIVER)
+        store.record_verdict(case_id, {"verdict": verdict, "score": 0.5})
+
+
+def _watch_service_records(db: str) -> None:
+    """Another process: the watch service records a case, the uploader delivers another."""
+    with CaseStore.open(Path(db)) as store:
+        store.record_result(_escalated("from-process"), E.ENQUEUE)
+    _deliver_with_verdict(db, "queued-2", "normal")
+
+
+def test_writes_by_other_connections_threads_and_processes_are_seen_on_the_next_poll(
+    db: Path, source: WorklistSource
+) -> None:
+    with CaseStore.open(db) as store:
+        for i in range(3):
+            store.record_result(_escalated(f"queued-{i}"), E.ENQUEUE)
+    assert len(source.changed_rows()) == 3
+
+    with CaseStore.open(db) as other:
+        other.record_result(make_result("from-connection"), E.DECIDE_LOCAL_NORMAL)
+    assert [r.case_id for r in source.changed_rows()] == ["from-connection"]
+
+    uploader = threading.Thread(target=_deliver_with_verdict, args=(str(db), "queued-1", "normal"))
+    uploader.start()
+    uploader.join(timeout=60)
+    assert [(r.case_id, r.verdict) for r in source.changed_rows()] == [("queued-1", "normal")]
+
+    child = multiprocessing.get_context("spawn").Process(
+        target=_watch_service_records, args=(str(db),)
+    )
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    changed = {r.case_id: r.state for r in source.changed_rows()}
+    assert changed == {
+        "from-process": CaseState.QUEUED,
+        "queued-2": CaseState.VERDICT_RECEIVED,
+    }
+    assert source.rows() == _full_read(db)

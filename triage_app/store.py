@@ -150,7 +150,23 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE failures ADD COLUMN input_sha256 TEXT",
         "CREATE INDEX failures_by_input ON failures (path, code)",
     ),
+    (
+        # A case's change sequence: every insert or update of a case sets it to one more than
+        # the highest so far (``_NEXT_CHANGE_SEQ``), so a reader that keeps its own copy (the
+        # worklist) asks only for the cases changed since the last number it saw
+        # (``cases_changed_since``). Not a timestamp: clocks jump (NTP, a wrong time zone, a
+        # manual fix) and two writes can share a millisecond. The cases already stored get
+        # their rowid: distinct, and a new reader asks for every case anyway.
+        "ALTER TABLE cases ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0",
+        "UPDATE cases SET change_seq = rowid",
+        "CREATE UNIQUE INDEX cases_by_change ON cases (change_seq)",
+    ),
 )
+
+# The change sequence of a case being inserted or updated (an index lookup). Writers hold the
+# write lock (``BEGIN IMMEDIATE``) from reading it to committing, so numbers are committed in
+# the order they are handed out: a reader that sees change n also sees every change before it.
+_NEXT_CHANGE_SEQ = "(SELECT COALESCE(MAX(change_seq), 0) + 1 FROM cases)"
 
 
 @dataclass(frozen=True)
@@ -354,10 +370,7 @@ class CaseStore:
             ).fetchone()
             if row is not None:
                 current = CaseState(row["state"])
-                self._conn.execute(
-                    "UPDATE cases SET result_json = ?, updated_at = ? WHERE case_id = ?",
-                    (result_json, at, result.case_id),
-                )
+                self._update_case(result.case_id, at, result_json=result_json)
                 self._add_event(
                     result.case_id,
                     current,
@@ -369,11 +382,11 @@ class CaseStore:
                 log.info("case %s reprocessed; stays %s", result.case_id, current)
                 return current
             self._conn.execute(
-                """
+                f"""
                 INSERT INTO cases (case_id, state, decision, reason, score, model_name,
                                    model_version, model_sha256, source, created_at, updated_at,
-                                   result_json)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                   result_json, change_seq)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {_NEXT_CHANGE_SEQ})
                 """,
                 (
                     result.case_id,
@@ -476,9 +489,8 @@ class CaseStore:
         """
         verdict_json = json.dumps(dict(verdict), sort_keys=True)
         with self._write(f"record the verdict of case {case_id}") as at:
-            _, after = self._transition(case_id, CaseEvent.RECEIVE_VERDICT, at, None)
-            self._conn.execute(
-                "UPDATE cases SET verdict_json = ? WHERE case_id = ?", (verdict_json, case_id)
+            _, after = self._transition(
+                case_id, CaseEvent.RECEIVE_VERDICT, at, None, verdict_json=verdict_json
             )
         log.info("case %s: central verdict received", case_id)
         return after
@@ -587,6 +599,26 @@ class CaseStore:
             rows = self._conn.execute(sql, params).fetchall()
         return [_stored_case(r) for r in rows]
 
+    def cases_changed_since(self, seq: int) -> tuple[list[StoredCase], int]:
+        """The cases inserted or updated after change ``seq``, and the ``seq`` to ask with next.
+
+        Why: a reader that keeps its own copy of the cases (the worklist, polling every second
+        while the store grows by thousands of cases a week) reads only what changed, through an
+        index, instead of every case. ``seq`` 0 gives every case; a case changed several times
+        comes once, as it is now. Writes committed by other connections and processes before
+        this call are included. The cases come in the order of their last change.
+        """
+        if seq < 0:
+            raise ValueError(f"seq must be >= 0, not {seq}")
+        with _sqlite_errors("list changed cases"):
+            # One statement, so one snapshot: the new position is the last change it saw.
+            rows = self._conn.execute(
+                "SELECT * FROM cases WHERE change_seq > ? ORDER BY change_seq", (seq,)
+            ).fetchall()
+        if not rows:
+            return [], seq
+        return [_stored_case(r) for r in rows], int(rows[-1]["change_seq"])
+
     def case_ids(self, state: CaseState) -> list[str]:
         """Ids of the cases in ``state``, oldest first: a cheap look (an index, no records)."""
         with _sqlite_errors(f"list {state} cases"):
@@ -643,19 +675,34 @@ class CaseStore:
                 raise
 
     def _transition(
-        self, case_id: str, event: CaseEvent, at: str, detail: str | None
+        self, case_id: str, event: CaseEvent, at: str, detail: str | None, **columns: object
     ) -> tuple[CaseState, CaseState]:
-        """Inside a write transaction: move the case by ``event`` and keep the history row."""
+        """Inside a write transaction: move the case by ``event`` and keep the history row.
+
+        ``columns`` are other columns of the case to set in the same update.
+        """
         row = self._conn.execute("SELECT state FROM cases WHERE case_id = ?", (case_id,)).fetchone()
         if row is None:
             raise StoreError(f"case store: unknown case id {case_id}")
         before = CaseState(row["state"])
         after = next_state(before, event)
-        self._conn.execute(
-            "UPDATE cases SET state = ?, updated_at = ? WHERE case_id = ?", (after, at, case_id)
-        )
+        self._update_case(case_id, at, state=after, **columns)
         self._add_event(case_id, before, after, event, at, detail)
         return before, after
+
+    def _update_case(self, case_id: str, at: str, **columns: object) -> None:
+        """Inside a write transaction: set ``columns`` of a stored case, as changed at ``at``.
+
+        Every update of a case goes through here so that it gets a new change sequence and
+        :meth:`cases_changed_since` sees it (the one insert, in :meth:`record_result`, takes
+        one too). Column names come from this module, never from a caller's data.
+        """
+        assignments = "".join(f"{name} = ?, " for name in columns)
+        self._conn.execute(
+            f"UPDATE cases SET {assignments}updated_at = ?, change_seq = {_NEXT_CHANGE_SEQ}"
+            " WHERE case_id = ?",
+            (*columns.values(), at, case_id),
+        )
 
     def _add_event(
         self,

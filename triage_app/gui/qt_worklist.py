@@ -1,9 +1,10 @@
 """The worklist: a sortable, filterable, searchable table of cases that updates itself.
 
 The rows come from :mod:`triage_app.worklist` (no Qt). A poller object in its own thread reads
-the case store once a second (the watch service, receiver and uploader write to it from other
-processes), and the table model applies only what changed, so the selection and scroll position
-survive and the UI thread never touches SQLite or a DICOM header.
+the cases changed in the store once a second (the watch service, receiver and uploader write
+to it from other processes), and the table model applies just those rows, so the selection and
+scroll position survive, a quiet second costs the UI thread nothing whatever the number of
+cases, and the UI thread never touches SQLite or a DICOM header.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def _priority_text(row: WorklistRow) -> str:
 
 
 class WorklistTableModel(QAbstractTableModel):
-    """Rows in arrival order; the proxy sorts. Updates touch only the rows that changed."""
+    """Rows in arrival order; the proxy sorts. Updates touch only the rows given."""
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -192,26 +193,20 @@ class WorklistTableModel(QAbstractTableModel):
             return row.escalation
         return verdict_text(row)
 
-    def set_rows(self, rows: Sequence[WorklistRow]) -> int:
-        """Apply a fresh snapshot; returns how many rows were added or changed."""
-        fresh = {row.case_id: row for row in rows}
-        if any(case_id not in fresh for case_id in self._index):
-            # Cases are never deleted in normal use; a reset is simplest for the rare case.
-            self.beginResetModel()
-            self._rows = list(rows)
-            self._index = {row.case_id: i for i, row in enumerate(self._rows)}
-            self.endResetModel()
-            return len(self._rows)
-        changed = 0
+    def update_rows(self, rows: Sequence[WorklistRow]) -> int:
+        """Add new cases' rows and replace the others' (the store says they changed).
+
+        Returns how many rows were given. Cases are never deleted, so rows not given stay.
+        """
         last_column = len(Column) - 1
-        for case_id, row in fresh.items():
-            position = self._index.get(case_id)
-            if position is None or _same(self._rows[position], row):
+        new: list[WorklistRow] = []
+        for row in rows:
+            position = self._index.get(row.case_id)
+            if position is None:
+                new.append(row)
                 continue
             self._rows[position] = row
-            changed += 1
             self.dataChanged.emit(self.index(position, 0), self.index(position, last_column))
-        new = [row for row in rows if row.case_id not in self._index]
         if new:
             start = len(self._rows)
             self.beginInsertRows(QModelIndex(), start, start + len(new) - 1)
@@ -219,16 +214,7 @@ class WorklistTableModel(QAbstractTableModel):
                 self._index[row.case_id] = len(self._rows)
                 self._rows.append(row)
             self.endInsertRows()
-        return changed + len(new)
-
-
-def _same(old: WorklistRow, new: WorklistRow) -> bool:
-    return (old.updated_at, old.state, old.verdict, old.patient) == (
-        new.updated_at,
-        new.state,
-        new.verdict,
-        new.patient,
-    )
+        return len(rows)
 
 
 class WorklistFilter(IntEnum):
@@ -315,9 +301,9 @@ class WorklistProxy(QSortFilterProxyModel):
 
 
 class StorePoller(QObject):
-    """Lives in a worker thread: reads a snapshot of the rows when asked."""
+    """Lives in a worker thread: reads the rows changed since the last poll when asked."""
 
-    rows_ready = Signal(object)  # list[WorklistRow]
+    rows_changed = Signal(object)  # list[WorklistRow]: every case at first, then only changes
     failed = Signal(str)
 
     def __init__(self, store_path: Path) -> None:
@@ -326,12 +312,12 @@ class StorePoller(QObject):
 
     def poll(self) -> None:
         try:
-            rows = self._source.rows()
+            rows = self._source.changed_rows()
         except StoreError as err:
             log.error("worklist: %s", err.message)
             self.failed.emit(err.message)
             return
-        self.rows_ready.emit(rows)
+        self.rows_changed.emit(rows)
 
     def close(self) -> None:
         self._source.close()
@@ -389,7 +375,7 @@ class QtWorklist(QWidget):
         layout.addWidget(self.table)
 
         reader = StorePoller(store_path)
-        reader.rows_ready.connect(self._apply)
+        reader.rows_changed.connect(self._apply)
         reader.failed.connect(self._poll_failed)
         self._poller = QtPoller(reader, "worklist-poller", POLL_INTERVAL_MS, self)
         self.refresh()
@@ -405,7 +391,7 @@ class QtWorklist(QWidget):
             header.resizeSection(column, width + 28)
 
     def refresh(self) -> None:
-        """Ask for a fresh snapshot unless one is already being read."""
+        """Ask for the latest changes unless a read is already under way."""
         self._poller.refresh()
 
     def stop(self) -> None:
@@ -435,7 +421,7 @@ class QtWorklist(QWidget):
 
     def _apply(self, rows: list[WorklistRow]) -> None:
         self._poller.ready()
-        changed = self.model.set_rows(rows)
+        changed = self.model.update_rows(rows)
         if changed:
             self._update_count()
         self.refreshed.emit(changed)
