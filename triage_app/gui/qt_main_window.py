@@ -144,6 +144,7 @@ class QtMainWindow(QMainWindow):
         self._build_menus()
 
         self.worklist.case_selected.connect(self._show_case)
+        self._counts_shown = False
         self.worklist.refreshed.connect(self._update_counts)
         self.viewer.message.connect(lambda text: self.status.showMessage(text, 4000))
         self.importer.progressed.connect(self._import_progress)
@@ -345,7 +346,10 @@ class QtMainWindow(QMainWindow):
         self.viewer.show_case(row.case_id, row.path, AiResult.from_result(row.result))
         self.history.show_case(row.case_id)
 
-    def _update_counts(self, _changed: int) -> None:
+    def _update_counts(self, changed: int) -> None:
+        if changed == 0 and self._counts_shown:
+            return  # nothing changed, and counting walks every case: once a second adds up
+        self._counts_shown = True
         rows = self.worklist.model.rowCount()
         urgent = sum(
             1 for i in range(rows) if self.worklist.model.row_at(i).urgency <= Urgency.ABNORMAL
