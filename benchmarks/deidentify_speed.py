@@ -50,7 +50,6 @@ import argparse
 import compileall
 import hashlib
 import importlib.metadata
-import json
 import os
 import platform
 import random
@@ -72,6 +71,7 @@ import pydicom
 from pydicom.data import get_testdata_files
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from report import save_report
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PEERS_VENV = REPO / ".bench-venv"
@@ -685,12 +685,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = render_table(results, corpus, args.repeat)
         print(table)
         if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
             report = to_json(results, corpus, args.repeat, args.seed)
-            (args.out / "deidentify_speed.json").write_text(
-                json.dumps(report, indent=2) + "\n", encoding="utf-8"
-            )
-            (args.out / "deidentify_speed.txt").write_text(table + "\n", encoding="utf-8")
+            save_report(args.out, "deidentify_speed", report, table)
     finally:
         if args.keep:
             print(f"kept {work}", file=sys.stderr)

@@ -113,6 +113,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client.parser import text_string_to_metric_families
+from report import save_report
 from starlette.concurrency import run_in_threadpool
 
 from triage_app.batch import triage_and_record
@@ -1507,11 +1508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 data = to_json(upload, enqueues, link, holdout, sizes, tls)
         print(report)
         if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "escalation_figures.json").write_text(
-                json.dumps(data, indent=2) + "\n", encoding="utf-8"
-            )
-            (args.out / "escalation_figures.txt").write_text(report + "\n", encoding="utf-8")
+            save_report(args.out, "escalation_figures", data, report)
     finally:
         if args.keep:
             print(f"kept {work}", file=sys.stderr)

@@ -39,7 +39,6 @@ Run from the repository root: ``.venv/bin/python benchmarks/receiver_speed.py [-
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import statistics
@@ -51,6 +50,8 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from unittest import mock
+
+from report import save_report
 
 REPO = Path(__file__).resolve().parents[1]
 # The CT series generator and the dcmtk helpers are the tests' own, so both measure the same.
@@ -190,7 +191,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(text)
         if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
             record = {
                 "instances": args.instances,
                 "bytes": series.total_bytes,
@@ -199,8 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "python": platform.python_version(),
                 "rows": [asdict(row) for row in rows],
             }
-            (args.out / "receiver_speed.json").write_text(json.dumps(record, indent=2) + "\n")
-            (args.out / "receiver_speed.txt").write_text(text + "\n", encoding="utf-8")
+            save_report(args.out, "receiver_speed", record, text)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

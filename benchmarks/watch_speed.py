@@ -65,6 +65,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
+from report import save_report
 
 REPO = Path(__file__).resolve().parents[1]
 # The phantom generator is the tests' own, so the tests and this benchmark use the same images.
@@ -412,15 +413,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(text)
         if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
             record = {
                 "platform": platform.platform(),
                 "python": platform.python_version(),
                 "args": {k: str(v) for k, v in vars(args).items()},
                 "results": asdict(results),
             }
-            (args.out / "watch_speed.json").write_text(json.dumps(record, indent=2) + "\n")
-            (args.out / "watch_speed.txt").write_text(text + "\n", encoding="utf-8")
+            save_report(args.out, "watch_speed", record, text)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -37,7 +37,6 @@ root: ``.venv/bin/python benchmarks/worklist_poll.py [--sizes 5000,20000] [--rep
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import shutil
@@ -48,6 +47,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from report import save_report
 
 REPO = Path(__file__).resolve().parents[1]
 # The result records are the tests' own, so the tests and this benchmark store the same cases.
@@ -218,7 +219,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(text)
         if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
             record = {
                 "repeat": args.repeat,
                 "changes": args.changes,
@@ -226,8 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "python": platform.python_version(),
                 "sizes": [asdict(size) for size in sizes],
             }
-            (args.out / "worklist_poll.json").write_text(json.dumps(record, indent=2) + "\n")
-            (args.out / "worklist_poll.txt").write_text(text + "\n", encoding="utf-8")
+            save_report(args.out, "worklist_poll", record, text)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
