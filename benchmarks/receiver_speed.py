@@ -39,7 +39,6 @@ Run from the repository root: ``.venv/bin/python benchmarks/receiver_speed.py [-
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import statistics
 import sys
@@ -195,8 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "instances": args.instances,
                 "bytes": series.total_bytes,
                 "repeat": args.repeat,
-                "platform": platform.platform(),
-                "python": platform.python_version(),
                 "rows": [asdict(row) for row in rows],
             }
             save_report(args.out, "receiver_speed", record, text)

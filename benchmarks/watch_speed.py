@@ -52,7 +52,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -414,8 +413,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text)
         if args.out:
             record = {
-                "platform": platform.platform(),
-                "python": platform.python_version(),
                 "args": {k: str(v) for k, v in vars(args).items()},
                 "results": asdict(results),
             }

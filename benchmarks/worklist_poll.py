@@ -37,7 +37,6 @@ root: ``.venv/bin/python benchmarks/worklist_poll.py [--sizes 5000,20000] [--rep
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import shutil
 import statistics
@@ -222,8 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             record = {
                 "repeat": args.repeat,
                 "changes": args.changes,
-                "platform": platform.platform(),
-                "python": platform.python_version(),
                 "sizes": [asdict(size) for size in sizes],
             }
             save_report(args.out, "worklist_poll", record, text)
