@@ -211,6 +211,7 @@ def test_a_study_that_never_goes_quiet_is_handed_over_at_each_max_wait(
         (6.0, files(3.0, 3.75, 4.5, 5.25)),  # the next batch's first waited 3 s
         (7.0, files(6.0)),  # the rest, once quiet
     ]
+    assert grouper.hand_overs == {"quiet": 1, "max_wait": 2}
     lines = max_wait_lines(caplog)
     assert [r.levelno for r in lines] == [logging.INFO] * 2
     assert all("study busy " in r.getMessage() for r in lines)

@@ -138,6 +138,13 @@ def _receiver_metrics(metrics: ServiceMetrics, receiver: DicomReceiver) -> None:
         label="reason",
     )
     metrics.counter_function(
+        "triage_receiver_study_hand_overs",
+        "Studies handed over to triage, by why: quiet, or max_wait (still receiving: the part "
+        "received so far).",
+        lambda: receiver.study_hand_overs,
+        label="why",
+    )
+    metrics.counter_function(
         "triage_receiver_associations_rejected",
         "Associations rejected (wrong called AE, calling AE not allowed, too many).",
         lambda: receiver.associations_rejected,

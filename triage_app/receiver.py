@@ -141,6 +141,7 @@ class StudyGrouper:
         self._max_wait_s = max_wait_s
         self._lock = threading.Lock()
         self._studies: dict[str, _Group] = {}
+        self._hand_overs: Counter[str] = Counter()
 
     def add(self, study_key: str, path: Path, at: float) -> None:
         """Record ``path`` as part of ``study_key``, arrived at time ``at``."""
@@ -162,6 +163,8 @@ class StudyGrouper:
                         continue
                     overdue.append(key)
                 ready[key] = list(self._studies.pop(key).paths)
+            self._hand_overs["max_wait"] += len(overdue)
+            self._hand_overs["quiet"] += len(ready) - len(overdue)
         for key in overdue:
             log.info(
                 "study %s is still receiving after %g s (receiver.study_max_wait_s): "
@@ -175,6 +178,12 @@ class StudyGrouper:
     def is_pending(self, study_key: str) -> bool:
         with self._lock:
             return study_key in self._studies
+
+    @property
+    def hand_overs(self) -> dict[str, int]:
+        """Hand-overs so far by why: ``quiet``, or ``max_wait`` while the study kept receiving."""
+        with self._lock:
+            return {"quiet": self._hand_overs["quiet"], "max_wait": self._hand_overs["max_wait"]}
 
 
 class DicomReceiver:
@@ -282,6 +291,11 @@ class DicomReceiver:
         """Refused C-STOREs by reason: ``low_disk``, ``write_failed``, ``invalid_dataset``."""
         with self._lock:
             return dict(self._refused)
+
+    @property
+    def study_hand_overs(self) -> dict[str, int]:
+        """Studies (or, at the max wait, parts of them) handed over to triage, by why."""
+        return self._grouper.hand_overs
 
     @property
     def associations_rejected(self) -> int:
