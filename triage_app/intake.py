@@ -14,7 +14,6 @@ hand it to an :class:`Intake`.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -384,13 +383,10 @@ def _same_bytes(a: Path, b: Path) -> bool:
     try:
         if a.stat().st_size != b.stat().st_size:
             return False
-        with a.open("rb") as fa, b.open("rb") as fb:
-            return (
-                hashlib.file_digest(fa, "sha256").digest()
-                == hashlib.file_digest(fb, "sha256").digest()
-            )
     except OSError:
         return False
+    digest = file_sha256(a)
+    return digest is not None and digest == file_sha256(b)
 
 
 def move_durably(source: Path, target: Path) -> None:
