@@ -14,7 +14,6 @@ Privacy: requests are logged with case ids, device ids and codes only; payloads 
 from __future__ import annotations
 
 import logging
-import queue
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
@@ -23,7 +22,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -57,6 +55,7 @@ from triage_app.central.storage import (
     CentralStore,
     Verdict,
 )
+from triage_app.central.upload_stream import receive_streaming
 from triage_app.central.verdicts import CentralModel, VerdictWorker
 from triage_app.errors import (
     EnvelopeError,
@@ -345,7 +344,9 @@ def create_app(
     @app.post("/v1/cases/{case_id}")
     async def post_case(case_id: str, request: Request) -> Response:
         try:
-            signed, first = await _receive_streaming(request, receiver, case_id, config)
+            signed, first = await receive_streaming(
+                request, receiver.receive_stream, case_id, config.max_body_bytes
+            )
         except ClientDisconnect:
             # The link dropped mid-upload: nothing was stored, and the device will send again.
             log.info("upload of case %s cut off by the client", loggable(case_id))
@@ -434,77 +435,6 @@ def create_app(
         )
 
     return app
-
-
-class _BodyAbortedError(Exception):
-    """The body stopped arriving (too large, cut off): the receiving thread gives up."""
-
-
-_ABORT = object()
-
-
-async def _receive_streaming(
-    request: Request, receiver: CaseReceiver, case_id: str, config: CentralConfig
-) -> tuple[dict[str, Any], bool]:
-    """Hand the body to :meth:`CaseReceiver.receive_stream` in a worker thread as it arrives
-    (crypto and fsync must not block the event loop), refusing it over the size limit before
-    reading it (``Content-Length``) or as soon as the streamed bytes pass the limit.
-
-    Once the worker has refused the envelope (a bad signature, say, right after the header), the
-    rest of the body is read and dropped unprocessed before the answer: a client still sending
-    would otherwise see the connection reset instead of the refusal, and retry it.
-    """
-    limit = config.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLargeError(f"the body is {declared} bytes; this server accepts {limit}")
-    pieces: queue.SimpleQueue[object] = queue.SimpleQueue()
-
-    def next_piece() -> BytesLike | None:
-        item = pieces.get()
-        if item is _ABORT:
-            raise _BodyAbortedError
-        assert item is None or isinstance(item, bytes | bytearray | memoryview)
-        return item
-
-    outcome: list[tuple[dict[str, Any], bool] | BaseException] = []
-    done = anyio.Event()
-
-    async def work() -> None:
-        try:
-            outcome.append(await run_in_threadpool(receiver.receive_stream, case_id, next_piece))
-        except Exception as exc:  # noqa: BLE001 - re-raised below, outside the task group
-            outcome.append(exc)
-        finally:
-            done.set()
-
-    failure: Exception | None = None
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(work)
-        ended = False
-        try:
-            total = 0
-            async for piece in request.stream():
-                total += len(piece)
-                if total > limit:
-                    raise BodyTooLargeError(
-                        f"the body is larger than this server accepts ({limit} bytes)"
-                    )
-                if piece and not done.is_set():
-                    pieces.put(piece)
-            pieces.put(None)
-            ended = True
-        except (BodyTooLargeError, ClientDisconnect) as exc:
-            failure = exc
-        finally:
-            if not ended:
-                pieces.put(_ABORT)
-    if failure is not None:
-        raise failure
-    result = outcome[0]
-    if isinstance(result, BaseException):
-        raise result
-    return result
 
 
 def _discard(_: memoryview) -> None:
