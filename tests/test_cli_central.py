@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import resource
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 from cryptography import x509
@@ -23,6 +27,78 @@ def test_make_cert_writes_a_private_key_and_prints_the_pin_of_the_certificate(tm
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["triage.example"]
     assert stat.S_IMODE(Path(made["key"]).stat().st_mode) == 0o600
+
+
+def _tls_files(data_dir: Path) -> dict[str, bytes]:
+    folder = data_dir / "central" / "tls"
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def _key_matches_certificate(files: dict[str, bytes]) -> bool:
+    key = serialization.load_pem_private_key(files["server-key.pem"], password=None)
+    cert = x509.load_pem_x509_certificate(files["server-cert.pem"])
+    der = serialization.Encoding.DER
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
+
+
+def test_make_cert_keeps_a_pinned_certificate_unless_forced(tmp_path: Path) -> None:
+    first = run_cli("central", "make-cert", data_dir=tmp_path)
+    assert first.returncode == 0, first.stderr
+    made = _tls_files(tmp_path)
+
+    again = run_cli("central", "make-cert", data_dir=tmp_path)
+    forced = run_cli("central", "make-cert", "--force", data_dir=tmp_path)
+    helped = run_cli("central", "make-cert", "--help", data_dir=tmp_path)
+
+    assert again.returncode == 2
+    assert again.stdout == ""
+    assert again.stderr.startswith("triage-app: error: certificate_exists: ")
+    assert len(again.stderr.splitlines()) == 1 and "--force" in again.stderr
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["tls_pin"] != json.loads(first.stdout)["tls_pin"]
+    replaced = _tls_files(tmp_path)
+    assert set(replaced) == set(made) == {"server-cert.pem", "server-key.pem"}  # no temporaries
+    assert replaced["server-key.pem"] != made["server-key.pem"]
+    assert _key_matches_certificate(replaced)
+    assert "--force" in " ".join(helped.stdout.split())
+
+
+def _make_cert_with_small_files(data_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``make-cert`` where files may grow to 400 bytes: a key (241) fits, a certificate not."""
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400, 400))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    command = [sys.executable, "-m", "triage_app", "central", "make-cert", *extra]
+    return subprocess.run(
+        [*command, "--host", "triage.example", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=small_files,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_make_cert_that_cannot_write_the_certificate_leaves_no_key_without_it(
+    tmp_path: Path,
+) -> None:
+    fresh = _make_cert_with_small_files(tmp_path / "fresh")
+    assert fresh.returncode == 2, fresh.stderr
+    assert "could not write the TLS key and certificate" in fresh.stderr
+    assert _tls_files(tmp_path / "fresh") == {}
+
+    first = run_cli("central", "make-cert", "--host", "triage.example", data_dir=tmp_path)
+    assert first.returncode == 0, first.stderr
+    made = _tls_files(tmp_path)
+    assert len(made["server-key.pem"]) < 400 < len(made["server-cert.pem"])
+    forced = _make_cert_with_small_files(tmp_path, "--force")
+    assert forced.returncode == 2, forced.stderr
+    assert _tls_files(tmp_path) == made
 
 
 def test_a_device_is_registered_listed_and_revoked(tmp_path: Path):

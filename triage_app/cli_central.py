@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from triage_app.central.config import DEFAULT_MAX_PARALLEL_UPLOADS, DEFAULT_UPLOAD_IDLE_TIMEOUT_S
 from triage_app.cli_common import EXIT_OK
 
 if TYPE_CHECKING:
@@ -53,6 +54,21 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         default=30,
         help="oldest envelope accepted, and how long retired keys are kept (default 30)",
     )
+    serve.add_argument(
+        "--max-parallel-uploads",
+        type=int,
+        default=DEFAULT_MAX_PARALLEL_UPLOADS,
+        help="uploads checked and stored at once; more wait, unread "
+        f"(default {DEFAULT_MAX_PARALLEL_UPLOADS})",
+    )
+    serve.add_argument(
+        "--upload-idle-timeout",
+        type=float,
+        default=DEFAULT_UPLOAD_IDLE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="cut off (408) an upload that sends nothing this long "
+        f"(default {DEFAULT_UPLOAD_IDLE_TIMEOUT_S:g})",
+    )
     serve.set_defaults(handler=_serve)
 
     add = actions.add_parser("add-device", parents=[server], help="register a device's public key")
@@ -80,7 +96,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         parents=[server],
         help="a self-signed TLS certificate for the server, and the pin devices need",
         description="Writes <data-dir>/central/tls/server-cert.pem and server-key.pem (0600) "
-        "and prints the SHA-256 devices put in escalation.tls_pin.",
+        "and prints the SHA-256 devices put in escalation.tls_pin. Refuses if either file "
+        "exists: a new certificate has a new pin, and every device refuses the server until "
+        "it is given that pin.",
     )
     cert.add_argument(
         "--host",
@@ -88,10 +106,28 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         action="append",
         help="a name or address the server is reached by (repeat; default: loopback names)",
     )
+    cert.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing key and certificate (then set the new tls_pin on every "
+        "device, and restart the server)",
+    )
     cert.set_defaults(handler=_make_cert)
 
-    keys = actions.add_parser("keys", parents=[server], help="the public keys devices need (JSON)")
-    keys.add_argument("--rotate", action="store_true", help="make a new active encryption key")
+    keys = actions.add_parser(
+        "keys",
+        parents=[server],
+        help="the public keys devices need (JSON)",
+        description="Prints the server's public keys; --rotate and --prune-days change the key "
+        "files. A running server keeps the keys it read when it started until it is restarted: "
+        "only then does it announce a rotated-in key on GET /v1/keys and open envelopes sealed "
+        "to it (422 unknown_server_key before), and drop pruned keys.",
+    )
+    keys.add_argument(
+        "--rotate",
+        action="store_true",
+        help="make a new active encryption key (restart a running server to use it)",
+    )
     keys.add_argument(
         "--prune-days",
         type=int,
@@ -133,6 +169,8 @@ def _serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         model_dir=args.model_dir or default_central_model(),
         max_envelope_age=timedelta(days=args.max_queue_age_days),
+        max_parallel_uploads=args.max_parallel_uploads,
+        upload_idle_timeout_s=args.upload_idle_timeout,
     )
     serve(config)
     return EXIT_OK
@@ -200,6 +238,8 @@ def _make_cert(args: argparse.Namespace) -> int:
     from triage_app.central.certificates import DEFAULT_HOSTS, make_self_signed
 
     config = _offline_config(args)
-    made = make_self_signed(config.central_dir / "tls", args.hosts or DEFAULT_HOSTS)
+    made = make_self_signed(
+        config.central_dir / "tls", args.hosts or DEFAULT_HOSTS, force=args.force
+    )
     print(json.dumps({"cert": str(made.cert), "key": str(made.key), "tls_pin": made.sha256}))
     return EXIT_OK

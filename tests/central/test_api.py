@@ -249,6 +249,23 @@ def test_revoked_device_is_refused_even_for_a_stored_case(central: Central) -> N
     assert central.store.cases()[0].deliveries == 1
 
 
+def test_whether_a_device_was_revoked_is_told_only_to_that_device(central: Central) -> None:
+    """Revocation is checked after the signature: an impostor naming a revoked device learns
+    nothing more than one naming a registered device."""
+    revoked, impostor = central.register(new_device()), new_device()
+    central.store.registry.revoke_device(revoked.device_id)
+    case = make_case(16)
+
+    def claim_revoked(header: dict[str, Any]) -> None:
+        header["device_id"] = revoked.device_id
+
+    forged = eb.resigned(central.seal(case, impostor), impostor, claim_revoked)
+
+    assert_refused(central.post(case.case_id, forged), 401, "bad_signature")
+    assert_refused(central.post(case.case_id, central.seal(case, revoked)), 403, "device_revoked")
+    assert central.store.count() == 0
+
+
 def test_a_payload_that_is_not_the_one_its_header_hashes_is_tampered_and_leaves_nothing(
     central: Central,
 ) -> None:

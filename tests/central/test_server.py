@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from tests.central.conftest import (
     seal_case,
 )
 from tests.central.test_api import assert_refused, receipt_key_of
+from tests.helpers import run_cli
 from tests.tls import ServerMaterial, make_self_signed_server
 from triage_app.central.config import CentralConfig
 from triage_app.central.server import ServerThread, bind_socket
@@ -123,6 +125,34 @@ def test_a_restart_on_the_same_data_keeps_cases_keys_and_receipts(
     assert again.json()["receipt"] == receipt | {"deliveries": 2}
     assert second.get("/v1/health").json()["cases"] == 1
     assert (second.store.case_dir(case.case_id) / DICOM_FILE).read_bytes() == case.payload.dicom
+
+
+def test_a_key_rotated_by_the_admin_command_takes_effect_at_the_next_start(
+    start_central: StartCentral, tmp_path: Path
+) -> None:
+    """What ``central keys --help`` and the README tell admins: a running server keeps the
+    keys it read at start."""
+    data_dir = tmp_path / "server"
+    first = start_central(data_dir)
+    old_key_id = first.get("/v1/keys").json()["server_key_id"]
+    device = first.register(new_device())
+    case = make_case(35)
+
+    rotated = run_cli("central", "keys", "--rotate", data_dir=data_dir)
+
+    assert rotated.returncode == 0, rotated.stderr
+    new_keys = json.loads(rotated.stdout)
+    new_key = ServerPublicKey.from_b64(new_keys["server_public_key"])
+    assert new_keys["server_key_id"] != old_key_id
+    assert first.get("/v1/keys").json()["server_key_id"] == old_key_id
+    sealed_to_new = seal_case(case, device, new_key)
+    assert_refused(first.post(case.case_id, sealed_to_new), 422, "unknown_server_key")
+    first.thread.stop()
+    second = start_central(data_dir)
+    assert second.get("/v1/keys").json()["server_key_id"] == new_keys["server_key_id"]
+    assert second.post(case.case_id, sealed_to_new).status_code == 201
+    described = " ".join(run_cli("central", "keys", "--help", data_dir=data_dir).stdout.split())
+    assert "until it is restarted" in described
 
 
 def test_tls_is_required_and_verified(central: Central, tmp_path: Path) -> None:

@@ -3,12 +3,15 @@
 Why the checks run in this order on ``POST /v1/cases/{case_id}``: the cheapest refusal first and
 nothing decrypted for a sender the server does not trust. The body is read with a hard limit
 (413 from ``Content-Length`` before reading, and again while streaming); then the header is
-parsed, the device looked up (401/403), its signature checked, the URL's case id compared with
-the signed one, the age checked, and only then is the envelope opened with the key ring's private
-keys and stored. Every refusal is ``{"error": {"code", "message"}}`` with the protocol's status,
-so the device can tell "retry" (408, 429, 5xx) from "quarantine" (other 4xx).
+parsed, the device looked up (401), its signature checked (401), its revocation checked (403),
+the URL's case id compared with the signed one, the age checked, and only then is the envelope
+opened with the key ring's private keys and stored. Revocation comes after the signature so that
+only the device itself can learn it was revoked. Every refusal is ``{"error": {"code",
+"message"}}`` with the protocol's status, so the device can tell "retry" (408, 429, 5xx) from
+"quarantine" (other 4xx).
 
-Privacy: requests are logged with case ids, device ids and codes only; payloads never are.
+Privacy: requests are logged with case ids, device ids and codes only; payloads never are. A
+refusal's message never repeats what the client sent unless it has the shape of an id.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from starlette.requests import ClientDisconnect
 
 from triage_app.central.config import MAX_CLOCK_SKEW, CentralConfig
 from triage_app.central.errors import (
+    BodyTimeoutError,
     BodyTooLargeError,
     CaseConflictError,
     CaseIdMismatchError,
@@ -55,8 +59,8 @@ from triage_app.central.storage import (
     CentralStore,
     Verdict,
 )
-from triage_app.central.upload_stream import receive_streaming
-from triage_app.central.verdicts import CentralModel, VerdictWorker
+from triage_app.central.upload_stream import UploadGate, UploadLimits
+from triage_app.central.verdicts import CentralModel, VerdictWorker, failure_message
 from triage_app.errors import (
     EnvelopeError,
     EnvelopeSignatureError,
@@ -90,12 +94,14 @@ STATUS_BY_CODE: dict[str, int] = {
     ReplayedEnvelopeError.code: 409,
     CaseConflictError.code: 409,
     StaleEnvelopeError.code: 409,
+    BodyTimeoutError.code: 408,
     BodyTooLargeError.code: 413,
     UnknownServerKeyError.code: 422,
     EnvelopeTamperedError.code: 422,
     EnvelopeTruncatedError.code: 422,
 }
 _LOGGABLE_ID = re.compile(r"[0-9a-f]{64}|dev-[0-9a-f]{16}")
+_DEVICE_ID = re.compile(r"dev-[0-9a-f]{16}")
 #: Seconds a device should wait before retrying after a 503 (storage failed).
 RETRY_AFTER_S = 30
 
@@ -224,8 +230,9 @@ class CaseReceiver:
         header: EnvelopeHeader,
         next_piece: Callable[[], BytesLike | None],
     ) -> tuple[dict[str, Any], bool]:
-        device = self.trusted_device(header.device_id)
+        device = self.registered_device(header.device_id)
         stream.verify(device.public_key())
+        refuse_revoked(device)
         if header.case_id != path_case_id:
             raise CaseIdMismatchError(
                 "the case id in the URL is not the one in the signed envelope header"
@@ -270,15 +277,17 @@ class CaseReceiver:
         )
         return sign_receipt(receipt, self._key_ring.receipt_key), first
 
-    def trusted_device(self, device_id: str) -> DeviceRecord:
-        """The registered, unrevoked device ``device_id``, or the refusal the protocol names."""
-        if not device_id:
-            raise UnknownDeviceError("the request does not say which device sends it")
+    def registered_device(self, device_id: str) -> DeviceRecord:
+        """The registered device ``device_id``, revoked or not: whether it was revoked is only
+        told once its signature verifies (:func:`refuse_revoked`), so that nobody else learns it.
+
+        The id is named in the refusal only if it has the shape of one (it is client text).
+        """
+        if not _DEVICE_ID.fullmatch(device_id):
+            raise UnknownDeviceError("the request carries no valid device id")
         device = self._store.registry.get(device_id)
         if device is None:
             raise UnknownDeviceError(f"device {device_id} is not registered with this server")
-        if device.revoked:
-            raise DeviceRevokedError(f"device {device_id} was revoked")
         return device
 
     def _check_age(self, created: datetime) -> None:
@@ -315,6 +324,13 @@ def create_app(
 
     worker = VerdictWorker(store, model, on_verdict=on_verdict)
     receiver = CaseReceiver(config, key_ring, store, clock)
+    uploads = UploadGate(
+        UploadLimits(
+            max_body_bytes=config.max_body_bytes,
+            idle_timeout_s=config.upload_idle_timeout_s,
+            parallel=config.max_parallel_uploads,
+        )
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -332,26 +348,26 @@ def create_app(
         openapi_url=None,
     )
     app.state.worker = worker
+    app.state.uploads = uploads
     app.state.metrics = metrics
     app.add_middleware(_TimingMiddleware, histogram=metrics.request_seconds)
 
     def reject(err: EnvelopeError) -> JSONResponse:
         metrics.rejections.labels(code=err.code).inc()
         status = STATUS_BY_CODE.get(err.code, 400)
-        headers = {"Connection": "close"} if status == 413 else None
+        # The rest of such a body is not read: the connection cannot carry another request.
+        headers = {"Connection": "close"} if status in (408, 413) else None
         return error_response(status, err.code, err.message, headers)
 
     @app.post("/v1/cases/{case_id}")
     async def post_case(case_id: str, request: Request) -> Response:
         try:
-            signed, first = await receive_streaming(
-                request, receiver.receive_stream, case_id, config.max_body_bytes
-            )
+            signed, first = await uploads.receive(request, receiver.receive_stream, case_id)
         except ClientDisconnect:
             # The link dropped mid-upload: nothing was stored, and the device will send again.
             log.info("upload of case %s cut off by the client", loggable(case_id))
             return Response(status_code=400)
-        except BodyTooLargeError as err:
+        except (BodyTooLargeError, BodyTimeoutError) as err:
             log.info("refused case %s: %s", loggable(case_id), err.code)
             return reject(err)
         except EnvelopeError as err:
@@ -376,7 +392,7 @@ def create_app(
     def get_verdict(case_id: str, request: Request) -> Response:
         device_id = request.headers.get("x-device-id", "")
         try:
-            device = receiver.trusted_device(device_id)
+            device = receiver.registered_device(device_id)
             verify_request_signature(
                 device.public_key(),
                 "GET",
@@ -384,6 +400,7 @@ def create_app(
                 request.headers,
                 int(clock().timestamp()),
             )
+            refuse_revoked(device)
         except EnvelopeError as err:
             log.info(
                 "refused verdict poll for case %s by device %s: %s",
@@ -395,12 +412,14 @@ def create_app(
         case = store.get_case(case_id) if is_case_id(case_id) else None
         if case is None or case.device_id != device.device_id:
             # Another device's case is "unknown" too: its existence is not this device's business.
-            return error_response(404, "unknown_case", f"no case {case_id} from this device")
+            return error_response(404, "unknown_case", "no such case from this device")
         if case.verdict is not None:
             return JSONResponse(case.verdict.to_json())
         failure = store.get_verdict_failure(case_id)
         if failure is not None:
-            return error_response(422, failure.code, failure.message)
+            # The fixed text of its code, not the stored one: rows written by an older server
+            # may hold a decoder's or OpenCV's own message.
+            return error_response(422, failure.code, failure_message(failure.code))
         return JSONResponse({"case_id": case_id, "status": "pending"}, status_code=202)
 
     @app.get("/v1/health")
@@ -435,6 +454,12 @@ def create_app(
         )
 
     return app
+
+
+def refuse_revoked(device: DeviceRecord) -> None:
+    """403 ``device_revoked`` for a revoked device; call only once its signature verified."""
+    if device.revoked:
+        raise DeviceRevokedError(f"device {device.device_id} was revoked")
 
 
 def _discard(_: memoryview) -> None:

@@ -19,6 +19,8 @@ MIB = 1024 * 1024
 DEFAULT_PORT = 8443
 DEFAULT_MAX_BODY_BYTES = 256 * MIB
 DEFAULT_MAX_ENVELOPE_AGE = timedelta(days=30)
+DEFAULT_MAX_PARALLEL_UPLOADS = 8
+DEFAULT_UPLOAD_IDLE_TIMEOUT_S = 60.0
 #: How far in the future a ``created_at`` (or a signed request's timestamp) may lie.
 MAX_CLOCK_SKEW = timedelta(seconds=300)
 
@@ -30,6 +32,8 @@ class CentralConfig:
     ``tls_cert``/``tls_key`` are both set or both ``None``; ``None`` is only for a loopback host
     with ``allow_plain_http=True`` (a development aid: devices always pin a TLS certificate).
     ``model_dir`` is the central model bundle; ``None`` runs no model, so verdicts stay pending.
+    ``max_parallel_uploads`` bounds the uploads being checked and stored at once (each holds a
+    thread; more wait, unread); ``upload_idle_timeout_s`` cuts off a body that stops arriving.
     """
 
     data_dir: Path
@@ -41,6 +45,8 @@ class CentralConfig:
     max_envelope_age: timedelta = DEFAULT_MAX_ENVELOPE_AGE
     model_dir: Path | None = None
     allow_plain_http: bool = False
+    max_parallel_uploads: int = DEFAULT_MAX_PARALLEL_UPLOADS
+    upload_idle_timeout_s: float = DEFAULT_UPLOAD_IDLE_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if not isinstance(self.data_dir, Path):
@@ -74,6 +80,24 @@ class CentralConfig:
         if self.max_envelope_age <= timedelta(0):
             raise ConfigError(
                 f"central.max_envelope_age: must be positive (got {self.max_envelope_age})"
+            )
+        if (
+            isinstance(self.max_parallel_uploads, bool)
+            or not isinstance(self.max_parallel_uploads, int)
+            or not 1 <= self.max_parallel_uploads <= 256
+        ):
+            raise ConfigError(
+                "central.max_parallel_uploads: must be an integer from 1 to 256"
+                f" (got {self.max_parallel_uploads!r})"
+            )
+        if (
+            isinstance(self.upload_idle_timeout_s, bool)
+            or not isinstance(self.upload_idle_timeout_s, int | float)
+            or not 0.1 <= self.upload_idle_timeout_s <= 3600
+        ):
+            raise ConfigError(
+                "central.upload_idle_timeout_s: must be 0.1 to 3600 seconds"
+                f" (got {self.upload_idle_timeout_s!r})"
             )
         if self.model_dir is not None and not isinstance(self.model_dir, Path):
             raise ConfigError(f"central.model_dir: must be a path or None (got {self.model_dir!r})")

@@ -7,7 +7,7 @@ in ``triage_app.errors`` because the device never raises them; it only reads the
 
 from __future__ import annotations
 
-from triage_app.errors import EnvelopeError, TriageError
+from triage_app.errors import ConfigError, EnvelopeError, TriageError
 
 
 class UnknownDeviceError(EnvelopeError):
@@ -52,7 +52,19 @@ class BodyTooLargeError(EnvelopeError):
     code = "too_large"
 
 
+class BodyTimeoutError(EnvelopeError):
+    """The request body stopped arriving (nothing for the idle timeout): 408, the device retries."""
+
+    code = "body_timeout"
+
+
 class DeviceRegistryError(TriageError):
     """An admin's device registry change that cannot be made (bad key, id taken, unknown id)."""
 
     code = "device_registry"
+
+
+class CertificateExistsError(ConfigError):
+    """``make-cert`` would replace the TLS key and certificate whose fingerprint devices pin."""
+
+    code = "certificate_exists"

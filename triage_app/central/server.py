@@ -51,6 +51,18 @@ def load_key_ring(config: CentralConfig) -> ServerKeyRing:
     return ServerKeyRing.load_or_create(config.central_dir)
 
 
+def open_store(config: CentralConfig) -> CentralStore:
+    """The store a starting server serves from, rid of what a crash mid-delivery left in it
+    (before anything listens: a delivery in progress would leave the same files)."""
+    store = CentralStore.for_config(config)
+    try:
+        store.remove_crash_leftovers()
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (0 = any free port), or a one-line ConfigError."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -92,8 +104,10 @@ def _tls12_floor(_: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ss
 def serve(config: CentralConfig) -> None:
     """Run the central server in the foreground until SIGINT or SIGTERM.
 
-    Loads (or creates) the key ring, opens the store and loads the central model before it
-    listens, so every configuration error surfaces at once as a ``TriageError``.
+    Loads (or creates) the key ring, opens the store (removing crash leftovers) and loads the
+    central model before it listens, so every configuration error surfaces at once as a
+    ``TriageError``. The key ring is read once: ``central keys --rotate`` or ``--prune-days``
+    run meanwhile take effect at the next start.
     """
     config.check_tls_files()
     key_ring = load_key_ring(config)
@@ -101,7 +115,7 @@ def serve(config: CentralConfig) -> None:
     # older than the maximum queue age are refused as stale anyway.
     for key_id in key_ring.prune(config.max_envelope_age):
         log.info("retired server key %s pruned (older than the maximum queue age)", key_id)
-    with CentralStore.for_config(config) as store:
+    with open_store(config) as store:
         app = create_app(config, key_ring=key_ring, store=store)
         sock = bind_socket(config.host, config.port)
         server = uvicorn.Server(uvicorn_config(app, config, graceful_s=GRACEFUL_SHUTDOWN_S))
@@ -163,9 +177,9 @@ class ServerThread:
     """The real server under uvicorn in a background thread, for tests and the demo.
 
     ``start()`` returns the bound port (``config.port`` 0 picks a free one). A key ring or store
-    passed in stays the caller's; otherwise they are loaded from ``config`` and the store is
-    closed by ``stop()``. Signal handlers are left alone (uvicorn installs none off the main
-    thread).
+    passed in stays the caller's (and is not cleaned of crash leftovers); otherwise they are
+    loaded from ``config`` and the store is closed by ``stop()``. Signal handlers are left alone
+    (uvicorn installs none off the main thread).
     """
 
     def __init__(
@@ -179,7 +193,7 @@ class ServerThread:
         self.config = config
         self.key_ring = key_ring if key_ring is not None else load_key_ring(config)
         self._owns_store = store is None
-        self.store = store if store is not None else CentralStore.for_config(config)
+        self.store = store if store is not None else open_store(config)
         self.app = create_app(config, key_ring=self.key_ring, store=self.store, now=now)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

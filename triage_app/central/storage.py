@@ -3,7 +3,8 @@
 Why this order: the de-identified DICOM, the result JSON and the envelope's signed header are
 written (temporary files, fsync, rename, folder fsync) *before* the row commits, and the server
 answers 201 only after the commit. So a receipt always means the files are on disk, and a crash in
-between leaves files without a row, which the next delivery of that case simply overwrites. The
+between leaves files without a row, which the server removes when it starts next
+(:meth:`CentralStore.remove_crash_leftovers`, with any temporary files a crash left). The
 temporary files can be written before the checks are done (:meth:`CentralStore.stage`: the
 server writes and fsyncs a 20 MB image while the payload hash is being checked); they take their
 place only with the row, and are removed otherwise.
@@ -20,13 +21,15 @@ device ids and counts only.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -53,6 +56,11 @@ log = logging.getLogger(__name__)
 DICOM_FILE = "image.dcm"
 RESULT_FILE = "result.json"
 SIGNED_HEADER_FILE = "signed_header.bin"  # the envelope's signed part: proof of the sender
+_CASE_FILES = (DICOM_FILE, RESULT_FILE, SIGNED_HEADER_FILE)
+#: The temporary names :meth:`StagedFiles.begin` gives (``.<name>.<16 hex>.tmp``).
+_TEMP_NAME = re.compile(
+    r"\.(?:" + "|".join(re.escape(name) for name in _CASE_FILES) + r")\.[0-9a-f]{16}\.tmp"
+)
 
 
 def utc_now_text() -> str:
@@ -161,6 +169,44 @@ class CentralStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def remove_crash_leftovers(self) -> None:
+        """Remove what deliveries cut off by a crash left: staged temporary files (up to a whole
+        image each) and case folders without a row (files published, row never committed).
+
+        Only for a server that is starting: a delivery in progress has such files too. Each
+        folder's row is looked up in a write transaction, and :meth:`accept` renames files and
+        commits the row in one, so a folder is never taken between the two (by another process
+        either). Only entries of the store's own naming go, symlinks are never followed, and a
+        folder holding anything else is left in place.
+        """
+        temp_files = folders = 0
+        try:
+            with os.scandir(self.cases_dir) as entries:
+                case_folders = [
+                    Path(e.path)
+                    for e in entries
+                    if is_case_id(e.name) and e.is_dir(follow_symlinks=False)
+                ]
+            for folder in case_folders:
+                temp_files += _remove_files(folder, _TEMP_NAME.fullmatch)
+                with self._db.write(f"look up case {folder.name}") as conn:
+                    row = conn.execute(
+                        "SELECT 1 FROM cases WHERE case_id = ?", (folder.name,)
+                    ).fetchone()
+                    if row is None:
+                        _remove_files(folder, lambda name: name in _CASE_FILES)
+                        folders += _remove_empty_folder(folder)
+        except OSError as exc:
+            raise StoreError(
+                f"central store: could not remove crash leftovers in {self.cases_dir}: "
+                f"{exc.strerror}"
+            ) from exc
+        log.info(
+            "central store: removed %d staged temporary files and %d case folders without a row",
+            temp_files,
+            folders,
+        )
 
     def __enter__(self) -> Self:
         return self
@@ -474,7 +520,7 @@ class StagedFiles:
                 self._created = not self._folder.exists()
                 self._folder.mkdir(mode=0o700, exist_ok=True)
                 self._folder_checked = True
-            tmp = self._folder / f".{name}.{secrets.token_hex(8)}.tmp"
+            tmp = self._folder / f".{name}.{secrets.token_hex(8)}.tmp"  # see _TEMP_NAME
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
             fd = os.open(tmp, flags, 0o600)
         except OSError as exc:
@@ -568,6 +614,32 @@ def _fsync_together(descriptors: list[int]) -> None:
             helper.join()
     if errors:
         raise errors[0]
+
+
+def _remove_files(folder: Path, wanted: Callable[[str], object]) -> int:
+    """Remove the regular files in ``folder`` whose name is ``wanted``; return how many."""
+    removed = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if wanted(entry.name) and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink()
+                removed += 1
+    return removed
+
+
+def _remove_empty_folder(folder: Path) -> int:
+    """Remove a case folder without a row once its files are gone: 1, or 0 if it holds more."""
+    try:
+        folder.rmdir()
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        log.warning(
+            "case folder %s has no row but holds files the store did not write; left in place",
+            folder.name,
+        )
+        return 0
+    return 1
 
 
 def _checked_case_id(case_id: str) -> str:

@@ -22,7 +22,21 @@ import cv2
 
 from triage_app.central.storage import CentralStore, Verdict, VerdictFailure, utc_now_text
 from triage_app.dicom import load_image
-from triage_app.errors import InputError, ModelError, StoreError, UnprocessableImageError
+from triage_app.errors import (
+    CorruptPixelDataError,
+    EmptyFileError,
+    InputError,
+    InvalidDicomError,
+    ModelError,
+    NoPixelDataError,
+    NotDicomError,
+    StoreError,
+    TruncatedError,
+    UnprocessableImageError,
+    UnreadableFileError,
+    UnsupportedPhotometricError,
+    UnsupportedTransferSyntaxError,
+)
 from triage_app.model.classifier import Classifier
 from triage_app.model.preprocess import to_tensor, to_unit_image
 from triage_app.policy import OUT_OF_SCOPE, assess_scope
@@ -30,7 +44,29 @@ from triage_app.results import ModelRef
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CentralModel", "Verdict", "VerdictWorker"]
+__all__ = ["CentralModel", "Verdict", "VerdictWorker", "failure_message"]
+
+#: What the device is told (and shows clinicians) when the central model cannot read a case: a
+#: fixed text per code. The error's own message may carry a decoder's or OpenCV's text, which
+#: is for the server's log only.
+FAILURE_MESSAGES: dict[str, str] = {
+    UnreadableFileError.code: "the stored image cannot be read",
+    EmptyFileError.code: "the image is empty",
+    NotDicomError.code: "the image is not a DICOM file",
+    TruncatedError.code: "the DICOM file is cut short",
+    InvalidDicomError.code: "the DICOM file is not valid",
+    NoPixelDataError.code: "the DICOM file has no pixel data",
+    UnsupportedTransferSyntaxError.code: "the image's transfer syntax is not supported",
+    CorruptPixelDataError.code: "the image's pixel data cannot be decoded",
+    UnsupportedPhotometricError.code: "the image's photometric interpretation is not supported",
+    UnprocessableImageError.code: "the image cannot be prepared for the central model",
+}
+_OTHER_FAILURE = "the central model cannot read this image"
+
+
+def failure_message(code: str) -> str:
+    """The fixed message of a verdict failure's code (``FAILURE_MESSAGES``)."""
+    return FAILURE_MESSAGES.get(code, _OTHER_FAILURE)
 
 
 class CentralModel:
@@ -92,6 +128,7 @@ class VerdictWorker:
         self.model = model
         self._on_verdict = on_verdict
         self._queue: queue.Queue[str | None] = queue.Queue()
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
@@ -100,13 +137,24 @@ class VerdictWorker:
         return None if self.model is None else self.model.ref.to_json()
 
     def start(self) -> None:
-        """Start the thread and queue every stored case that still lacks a verdict."""
+        """Start the thread and queue every stored case that still lacks a verdict.
+
+        A queue and a stop flag of its own for each thread: cases a stopped thread left queued
+        are among those read from the store again, and a thread that outlived its stop's
+        timeout cannot take cases from the new one.
+        """
         if self.model is None or self._thread is not None:
             return
+        self._queue, self._stopping = queue.Queue(), threading.Event()
         pending = self._store.without_verdict()
         for case_id in pending:
             self._queue.put(case_id)
-        self._thread = threading.Thread(target=self._run, name="central-verdicts", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(self._queue, self._stopping),
+            name="central-verdicts",
+            daemon=True,
+        )
         self._thread.start()
         log.info("verdict worker started (%d stored cases pending)", len(pending))
 
@@ -125,20 +173,25 @@ class VerdictWorker:
         return True
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Finish the case in hand, then stop; cases still queued are resumed on next start."""
+        """Finish the case in hand, then stop; cases still queued are resumed on next start.
+
+        Why a flag rather than only a marker at the end of the queue: the marker would wait
+        for the whole backlog, while the store is about to be closed.
+        """
         thread, self._thread = self._thread, None
         if thread is None:
             return
-        self._queue.put(None)
+        self._stopping.set()
+        self._queue.put(None)  # wakes a thread waiting for work
         thread.join(timeout_s)
         if thread.is_alive():
             log.error("verdict worker did not stop within %.0f s", timeout_s)
 
-    def _run(self) -> None:
+    def _run(self, cases: queue.Queue[str | None], stopping: threading.Event) -> None:
         while True:
-            case_id = self._queue.get()
+            case_id = cases.get()
             try:
-                if case_id is None:
+                if case_id is None or stopping.is_set():
                     return
                 self._decide(case_id)
             except StoreError as err:
@@ -146,7 +199,7 @@ class VerdictWorker:
                     "case %s: verdict not stored (%s); retried on the next start", case_id, err
                 )
             finally:
-                self._queue.task_done()
+                cases.task_done()
 
     def _decide(self, case_id: str) -> None:
         model = self.model
@@ -157,9 +210,13 @@ class VerdictWorker:
         try:
             verdict = model.decide(case_id, self._store.read_dicom(case_id))
         except InputError as err:
-            log.warning("case %s: the central model cannot read it (%s)", case_id, err.code)
+            # The detail (reader, decoder or OpenCV text, no patient data: the image is
+            # de-identified and the reader never quotes values) stays in this log.
+            log.warning(
+                "case %s: the central model cannot read it (%s: %s)", case_id, err.code, err
+            )
             self._store.set_verdict_failure(
-                VerdictFailure(case_id, err.code, err.message, utc_now_text())
+                VerdictFailure(case_id, err.code, failure_message(err.code), utc_now_text())
             )
             return
         except (ModelError, StoreError) as err:

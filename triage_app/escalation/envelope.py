@@ -813,6 +813,22 @@ def _chunks(
         offset += sealed_len
 
 
+def signed_prefix_bytes(first: BytesLike) -> int | None:
+    """How many bytes the magic, header and signature take, judged from an envelope's first
+    bytes; None while fewer than the magic and the header length are in.
+
+    For a receiver that waits for the whole signed header before committing resources to a
+    body. Bytes that cannot start an envelope give the length read so far, so that the opener
+    refuses them at once with its own error.
+    """
+    if len(first) < PREFIX_BYTES:
+        return None if MAGIC.startswith(bytes(first)) else len(first)
+    header_len = int.from_bytes(first[len(MAGIC) : PREFIX_BYTES], "big")
+    if bytes(first[: len(MAGIC)]) != MAGIC or not 0 < header_len <= MAX_HEADER_BYTES:
+        return PREFIX_BYTES
+    return PREFIX_BYTES + header_len + SIGNATURE_BYTES
+
+
 def _read_prefix(data: BytesLike) -> _Prefix:
     size = len(data)
     if size < len(MAGIC):
