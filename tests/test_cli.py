@@ -9,7 +9,14 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.helpers import BUNDLE, CliRun, run_cli, write_bad_inputs, write_phantoms
+from tests.helpers import (
+    BUNDLE,
+    CliRun,
+    phantom_dataset,
+    run_cli,
+    write_bad_inputs,
+    write_phantoms,
+)
 from triage_app.model.manifest import load_manifest
 from triage_app.store import CaseStore
 
@@ -324,3 +331,54 @@ def test_deidentify_options_are_an_admin_setting_the_deidentify_command_follows(
     original = pydicom.dcmread(source / "p000.dcm", stop_before_pixels=True)
     assert out.SOPInstanceUID == original.SOPInstanceUID
     assert "113105" in {item.CodeValue for item in out.DeidentificationMethodCodeSequence}
+
+
+def test_watch_refuses_an_inbox_given_on_the_command_line_that_holds_its_done_folder(tmp_path):
+    """``watch DIR`` over the data folder's watch/: done/ and quarantine/ would be inside it."""
+    data = tmp_path / "data"
+    write_phantoms(data / "watch", seed=42, count=1)
+    run = run_cli("watch", "--once", data / "watch", data_dir=data)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert "config_invalid" in lines[0]
+    assert "watch.inbox_dir" in lines[0] and "watch.done_dir" in lines[0]
+    assert (data / "watch" / "p000.dcm").is_file()  # nothing was touched
+
+
+def test_an_unexpected_error_is_one_line_without_file_names_and_exits_70(tmp_path):
+    """The inbox given is a file whose name is a patient's: Python's own traceback would
+    quote it. ``--debug`` is the way to the full traceback."""
+    inbox = tmp_path / "DOE^JANE.dcm"
+    inbox.write_bytes(b"not a folder")
+    run = run_cli("watch", "--once", inbox, data_dir=tmp_path / "data")
+
+    assert run.returncode == 70, run.stderr
+    assert "DOE" not in run.stderr
+    assert "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("triage-app: error: internal_error: unexpected FileExistsError in ")
+    assert "triage_app/" in last and "--debug" in last
+
+    debug = run_cli("watch", "--once", inbox, "--debug", data_dir=tmp_path / "data")
+    assert debug.returncode == 70
+    assert "Traceback" in debug.stderr and "DOE^JANE.dcm" in debug.stderr
+
+
+def test_a_case_that_cannot_be_escalated_is_logged_with_its_code_not_the_error_text(tmp_path):
+    """The writer's text can quote a header value; the log line carries code and type only."""
+    ds = phantom_dataset(39, 0)
+    del ds.SOPInstanceUID  # cannot be written as the payload
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "case.dcm", enforce_file_format=False)
+    config = _settings_file(tmp_path, load_manifest(BUNDLE).key, 0.0, 1.0)  # all escalated
+
+    run = run_cli("classify", tmp_path / "in", "--config", config, data_dir=tmp_path / "d")
+
+    assert run.returncode == 0, run.stderr
+    (record,) = run.records
+    assert record["escalation"]["reason"] == "invalid_payload"
+    lines = [line for line in run.stderr.splitlines() if "cannot be escalated" in line]
+    assert len(lines) == 1, run.stderr
+    assert "invalid_dicom (InvalidDicomError)" in lines[0]
+    assert "SOPInstanceUID" not in lines[0]  # the error's own text

@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from triage_app import config
 from triage_app.config import (
@@ -773,3 +774,92 @@ def test_a_verifiable_central_server_is_accepted(values: dict[str, object]) -> N
 def test_keys_and_pins_are_checked_for_shape(key: str, bad: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(key)):
         SPECS[key].parse(bad)
+
+
+# --- The service folders ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("folders", "named"),
+    [
+        ({"watch.done_dir": "scans/done"}, "watch.done_dir"),
+        ({"watch.quarantine_dir": "scans/quarantine"}, "watch.quarantine_dir"),
+        ({"watch.done_dir": "scans", "watch.inbox_dir": "scans/in"}, "watch.done_dir"),
+        ({"watch.quarantine_dir": "scans", "watch.inbox_dir": "scans"}, "watch.quarantine_dir"),
+        ({"receiver.storage_dir": "scans/receiver"}, "receiver.storage_dir"),
+        ({"watch.inbox_dir": "data/receiver/incoming"}, "receiver.storage_dir"),
+        ({"watch.inbox_dir": "data/receiver"}, "receiver.storage_dir"),
+        (
+            {
+                "paths.data_dir": "scans/data",
+                "watch.done_dir": "out/done",
+                "watch.quarantine_dir": "out/quarantine",
+                "receiver.storage_dir": "out/receiver",
+            },
+            "paths.data_dir",
+        ),
+        ({"paths.case_store": "scans/cases.sqlite3"}, "paths.case_store"),
+    ],
+)
+def test_an_inbox_that_overlaps_a_folder_the_service_writes_is_refused_naming_both(
+    tmp_path: Path, folders: dict[str, str], named: str
+) -> None:
+    """The watch service would triage its own output (or the case store) over and over."""
+    values: dict[str, object] = {
+        "paths.data_dir": tmp_path / "data",
+        "watch.inbox_dir": tmp_path / "scans",
+        **{key: (tmp_path / rel).resolve() for key, rel in folders.items()},
+    }
+    with pytest.raises(ConfigError) as refused:
+        Settings(values)
+    message = str(refused.value)
+    assert message.startswith("watch.inbox_dir: ") and named in message
+    assert "\n" not in message
+
+    # The same from a settings file, and from the command line's inbox (watch DIR) over a
+    # settings file that is fine without it.
+    def toml(keys: dict[str, object]) -> str:
+        tables: dict[str, dict[str, str]] = {}
+        for key, value in keys.items():
+            section, name = key.split(".")
+            tables.setdefault(section, {})[name] = str(value)
+        return tomli_w.dumps(tables)
+
+    without_inbox = {key: value for key, value in values.items() if key != "watch.inbox_dir"}
+    fine = load_settings(write_toml(tmp_path / "fine.toml", toml(without_inbox)), env={})
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        fine.with_values(**{"watch.inbox_dir": values["watch.inbox_dir"]})
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_settings(write_toml(tmp_path / "bad.toml", toml(values)), env={})
+
+
+def test_an_inbox_that_is_the_done_folder_under_another_name_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "done").mkdir()
+    (tmp_path / "inbox").symlink_to(tmp_path / "done")
+    with pytest.raises(ConfigError, match=r"watch\.inbox_dir: .*watch\.done_dir"):
+        Settings(
+            {
+                "paths.data_dir": tmp_path / "data",
+                "watch.inbox_dir": tmp_path / "inbox",
+                "watch.done_dir": tmp_path / "done",
+            }
+        )
+
+
+def test_separate_service_folders_are_accepted(tmp_path: Path) -> None:
+    settings = Settings(
+        {
+            "paths.data_dir": tmp_path / "data",
+            "watch.inbox_dir": tmp_path / "share" / "inbox",
+            "watch.done_dir": tmp_path / "share" / "done",
+            "watch.quarantine_dir": tmp_path / "share" / "quarantine",
+            "receiver.storage_dir": tmp_path / "receiver",
+        }
+    )
+    assert settings.watch_inbox == tmp_path / "share" / "inbox"
+    # The data folder (and with it the default watch folders) inside the receiver's storage,
+    # beside the folders the receiver uses, overlaps none of them.
+    beside = Settings(
+        {"paths.data_dir": tmp_path / "out" / "data", "receiver.storage_dir": tmp_path / "out"}
+    )
+    assert beside.watch_inbox == tmp_path / "out" / "data" / "watch" / "inbox"

@@ -14,28 +14,33 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import phantom_dataset, write_bad_inputs, write_phantoms
+from tests.helpers import phantom_dataset, wait_until, write_bad_inputs, write_phantoms
 from triage_app import intake as intake_module
 from triage_app.batch import TriagePool, _run_in_worker
 from triage_app.config import Settings
+from triage_app.errors import InboxInUseError
 from triage_app.intake import (
     MAX_WORKER_CRASHES,
     REASON_SUFFIX,
+    RETRY_FIRST_S,
     SIDECAR_SUFFIX,
     WORKER_CRASHED,
     FiledOutcome,
+    FileIdentity,
     Intake,
     IntakeLayout,
+    Unfiled,
     move_durably,
 )
 from triage_app.paths import ensure_private_dir, fsync_dir, write_locked_temp
@@ -48,6 +53,7 @@ pytestmark = pytest.mark.timeout(120)
 KILLER_PREFIX = "kill-worker"
 KILL_ONCE_PREFIX = "kill-once"
 SLOW_PREFIX = "slow"  # a large image: its decode takes a while (JPEG 2000: ~0.7 s, DESIGN §7)
+VANISH_PREFIX = "vanish"  # removed from the inbox (by its worker) once it has been triaged
 SLOW_DECODE_S = 1.0
 
 
@@ -83,7 +89,8 @@ def _die_on_killer(path: Path) -> InputOutcome:
     decoder crash would; ``kill-once*`` only the first time; ``slow*`` takes a second longer.
     A killer and a slow file that are both in flight wait for each other to start, so the
     crash always catches the slow file in flight. Markers beside the inbox (``.started``)
-    say what ran. Every other file is triaged as usual."""
+    say what ran. A ``vanish*`` file is removed once triaged, as an operator might remove it
+    while it is in flight. Every other file is triaged as usual."""
     beside_inbox = path.parent.parent
     started_marker(path).touch()
     if path.name.startswith(SLOW_PREFIX):
@@ -99,7 +106,10 @@ def _die_on_killer(path: Path) -> InputOutcome:
             pass
         else:
             os._exit(70)
-    return _run_in_worker(path)
+    outcome = _run_in_worker(path)
+    if path.name.startswith(VANISH_PREFIX):
+        path.unlink()
+    return outcome
 
 
 class KillerPool(TriagePool):
@@ -134,17 +144,22 @@ def layout(tmp_path: Path) -> IntakeLayout:
 
 @pytest.fixture
 def make_intake(settings: Settings, layout: IntakeLayout, shared_pool: SharedPool) -> Iterator[Any]:
-    """``make_intake(incomplete_timeout_s=...)``: an intake on the shared pool, closed after."""
+    """``make_intake(incomplete_timeout_s=...)``: an intake on the shared pool, closed after.
+
+    Making one closes the one made before: an intake holds its inbox for as long as it is open.
+    """
     made: list[Intake] = []
 
     def make(**kwargs: Any) -> Intake:
         kwargs.setdefault("pool", shared_pool)
+        if made:
+            made[-1].close()
         made.append(Intake(settings, layout, **kwargs))
         return made[-1]
 
     yield make
-    for intake in made:
-        intake.close()
+    if made:
+        made[-1].close()
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -412,6 +427,33 @@ def test_a_cut_short_file_is_deferred_while_recent_and_quarantined_once_old(
         assert sorted(f.code for f in store.failures()) == ["empty_file", "truncated"]
 
 
+def test_a_file_cut_just_before_its_pixel_data_is_deferred_while_recent_and_refused_once_old(
+    make_intake: Any, layout: IntakeLayout, settings: Settings
+) -> None:
+    """Cut there, a file still being written reads as a whole header without pixels."""
+    data = write_phantom(layout.inbox / "whole.tmp", seed=49)
+    (layout.inbox / "whole.tmp").unlink()
+    path = layout.inbox / "cut.dcm"
+    path.write_bytes(data[: data.index(b"\xe0\x7f\x10\x00")])  # up to the Pixel Data tag
+    intake = make_intake(incomplete_timeout_s=60.0)
+
+    deferred = file_all(intake, [path])["cut.dcm"]
+
+    assert isinstance(deferred.outcome, FailedInput)
+    assert deferred.outcome.code == "no_pixel_data"
+    assert deferred.deferred and deferred.filed_as is None
+    assert path.is_file()
+    assert files_under(layout.quarantine) == []
+    with CaseStore.open(settings.case_store_path) as store:
+        assert store.failures() == []
+
+    set_age(path, 120)  # the writer never came back
+    refused = file_all(intake, [path])["cut.dcm"]
+
+    assert refused.quarantined
+    assert refused.filed_as == layout.quarantine / "no_pixel_data" / "cut.dcm"
+
+
 def test_a_file_that_is_complete_when_read_again_is_triaged(
     make_intake: Any, layout: IntakeLayout, settings: Settings
 ) -> None:
@@ -464,6 +506,186 @@ def test_a_path_outside_the_inbox_is_refused(make_intake: Any, tmp_path: Path) -
     assert intake.in_flight == 0
 
 
+# --- files that change or go while they are triaged ----------------------------------------------
+
+
+def intake_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.get_records("call") if r.name == "triage_app.intake"]
+
+
+def test_a_file_removed_while_it_is_triaged_is_forgotten_and_the_others_are_filed(
+    make_intake: Any, layout: IntakeLayout, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_phantoms(layout.inbox, seed=22, count=2)
+    removed, kept = sorted(layout.inbox.iterdir())
+    intake = make_intake()
+    assert intake.submit([removed, kept]) == 2
+    wait(list(intake._futures), timeout=60)
+    removed.unlink()  # an operator cleans up the inbox meanwhile
+
+    filed = {f.source.name: f for f in [*intake.collect(timeout_s=1), *intake.drain()]}
+
+    assert filed[removed.name].unfiled is Unfiled.GONE
+    assert filed[removed.name].filed_as is None
+    assert filed[kept.name].filed_as == layout.done / kept.name
+    assert intake.in_flight == 0
+    # Nothing was recorded for the removed file and no sidecar is left without its image.
+    assert files_under(layout.done) == [Path(kept.name), Path(kept.name + SIDECAR_SUFFIX)]
+    with CaseStore.open(settings.case_store_path) as store:
+        assert len(store.list_cases()) == 1
+    messages = intake_messages(caplog)
+    assert sum("removed from the inbox" in m for m in messages) == 1
+    assert not [m for m in messages if str(layout.inbox) in m or removed.name in m]
+
+
+@pytest.mark.parametrize("how", ["renamed_over", "rewritten_in_place"])
+def test_a_file_replaced_while_it_is_triaged_is_left_and_its_new_image_triaged(
+    make_intake: Any, layout: IntakeLayout, settings: Settings, how: str
+) -> None:
+    path = layout.inbox / "scan.dcm"
+    write_phantom(path, seed=7, index=0)
+    intake = make_intake()
+    assert intake.submit([path]) == 1
+    wait(list(intake._futures), timeout=60)
+    # The scanner sends a corrected image under the same name meanwhile.
+    if how == "renamed_over":
+        new = write_phantom(layout.inbox / ".scan.tmp", seed=7, index=1)
+        (layout.inbox / ".scan.tmp").replace(path)
+    else:
+        new = write_phantom(path, seed=7, index=1)
+
+    (changed,) = intake.drain()
+
+    assert changed.unfiled is Unfiled.CHANGED
+    assert changed.filed_as is None
+    assert path.read_bytes() == new  # left in the inbox for the next pass
+    assert files_under(layout.done) == []
+    with CaseStore.open(settings.case_store_path) as store:
+        assert store.list_cases() == []
+
+    again = file_all(intake, [path])["scan.dcm"]
+
+    assert isinstance(again.outcome, CaseResult) and isinstance(changed.outcome, CaseResult)
+    assert again.outcome.case_id != changed.outcome.case_id  # the new image's own case
+    assert (layout.done / "scan.dcm").read_bytes() == new
+    assert read_json(layout.done / "scan.dcm.json")["case_id"] == again.outcome.case_id
+    with CaseStore.open(settings.case_store_path) as store:
+        assert [c.case_id for c in store.list_cases()] == [again.outcome.case_id]
+
+
+@pytest.mark.expect_log_warnings
+def test_a_file_removed_in_the_batch_of_a_worker_crash_leaves_nothing_waiting(
+    settings: Settings, layout: IntakeLayout, pipeline_config: PipelineConfig
+) -> None:
+    """One worker triages the vanishing file, then dies on the next: both come back from the
+    same wait. Neither may stop the intake nor leave a file handed over with nothing working
+    on it (``close`` would wait for it for ever)."""
+    vanish = layout.inbox / f"{VANISH_PREFIX}.dcm"
+    once = layout.inbox / f"{KILL_ONCE_PREFIX}.dcm"
+    write_phantom(vanish, seed=56)
+    write_phantom(once, seed=57)
+    pool = KillerPool(pipeline_config, workers=1)
+
+    with Intake(settings, layout, pool=pool) as intake:
+        assert intake.submit([vanish, once]) == 2
+        wait(list(intake._futures), timeout=60)
+        filed = {f.source.name: f for f in [*intake.collect(timeout_s=1), *intake.drain()]}
+        assert intake.in_flight == 0
+
+    assert died_marker(once).is_file()
+    assert filed[vanish.name].unfiled is Unfiled.GONE
+    assert isinstance(filed[once.name].outcome, CaseResult)
+    assert files_under(layout.done) == [Path(once.name), Path(once.name + SIDECAR_SUFFIX)]
+    assert files_under(layout.inbox) == []
+
+
+# --- when recording or filing fails --------------------------------------------------------------
+
+
+def back_off_over(intake: Intake) -> None:
+    wait_until(lambda: intake.room > 0, timeout_s=RETRY_FIRST_S + 10, what="the back-off's end")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.expect_log_warnings
+def test_an_outcome_the_busy_case_store_refuses_stays_in_the_inbox_for_a_retry(
+    make_intake: Any, layout: IntakeLayout, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another writer holds the case store past its busy timeout (10 s)."""
+    path = layout.inbox / "DOE^JANE.dcm"
+    write_phantom(path, seed=47)
+    intake = make_intake()
+    other = sqlite3.connect(settings.case_store_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        refused = file_all(intake, [path])[path.name]
+        assert intake.room == 0  # backing off: nothing more is taken for now
+    finally:
+        other.close()
+
+    assert refused.unfiled is Unfiled.RETRY
+    assert path.is_file()
+    assert files_under(layout.done) == []
+    errors = [r.getMessage() for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "store_error" in errors[0]
+    assert "DOE" not in errors[0] and str(layout.inbox) not in errors[0]
+
+    back_off_over(intake)
+    again = file_all(intake, [path])[path.name]
+
+    assert again.filed_as == layout.done / path.name
+    with CaseStore.open(settings.case_store_path) as store:
+        assert len(store.list_cases()) == 1
+
+
+@pytest.mark.expect_log_warnings
+def test_a_file_that_cannot_be_moved_stays_in_the_inbox_and_is_filed_once_it_can(
+    make_intake: Any, layout: IntakeLayout, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = layout.inbox / "sub" / "scan.dcm"
+    write_phantom(path, seed=48)
+    layout.create()
+    (layout.done / "sub").write_bytes(b"in the way")  # done/sub/ cannot be made
+    intake = make_intake()
+
+    refused = file_all(intake, [path])["scan.dcm"]
+
+    assert refused.unfiled is Unfiled.RETRY
+    assert path.is_file()
+    assert intake.room == 0
+    errors = [r.getMessage() for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "EEXIST" in errors[0] and str(layout.done) not in errors[0]
+
+    (layout.done / "sub").unlink()
+    back_off_over(intake)
+    again = file_all(intake, [path])["scan.dcm"]
+
+    assert again.filed_as == layout.done / "sub" / "scan.dcm"
+    assert files_under(layout.inbox) == []
+    with CaseStore.open(settings.case_store_path) as store:
+        assert len(store.list_cases()) == 1  # recorded at the first try, the same case again
+
+
+# --- one intake per inbox -------------------------------------------------------------------------
+
+
+def test_a_second_intake_on_the_same_inbox_refuses_to_start(
+    settings: Settings, layout: IntakeLayout, shared_pool: SharedPool
+) -> None:
+    first = Intake(settings, layout, pool=shared_pool)
+    try:
+        with pytest.raises(InboxInUseError) as refused:
+            Intake(settings, layout, pool=shared_pool)
+    finally:
+        first.close()
+
+    assert refused.value.code == "inbox_in_use"
+    assert "\n" not in str(refused.value) and str(layout.inbox) not in str(refused.value)
+    Intake(settings, layout, pool=shared_pool).close()  # free again once the first has closed
+
+
 # --- what a kill leaves behind --------------------------------------------------------------------
 
 # Files a note for ``argv[1]`` beside ``argv[2]`` (suffix ``argv[3]``) as the intake does, and is
@@ -475,7 +697,9 @@ from triage_app import intake
 
 os.replace = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
 source, target, suffix = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-intake._file_with_note(source, target, suffix, {"note": "half filed"})
+intake._file_with_note(
+    source, target, suffix, {"note": "half filed"}, intake.FileIdentity.read(source)
+)
 """
 
 
@@ -519,8 +743,8 @@ def test_temporary_notes_a_kill_left_in_done_and_quarantine_are_removed_at_start
     assert [
         r.getMessage()
         for r in caplog.get_records("call")
-        if r.name == "triage_app.intake" and "temporary sidecar" in r.getMessage()
-    ] == ["removed 2 temporary sidecar file(s) left by an interrupted run"]
+        if r.name == "triage_app.intake" and "temporary file" in r.getMessage()
+    ] == ["removed 2 temporary file(s) left by an interrupted run"]
 
 
 def test_the_start_leaves_a_live_writers_temporary_note_and_other_hidden_files_alone(
@@ -552,6 +776,74 @@ def test_the_start_leaves_a_live_writers_temporary_note_and_other_hidden_files_a
 
     assert not live.exists()
     assert all(path.exists() for path in not_ours)
+
+
+# Moves ``argv[1]`` to ``argv[2]`` with move_durably, hard-linked or (``argv[3]`` "copy") copied,
+# and at the rename of the partly moved file into place is killed (``argv[4]`` "kill") or says
+# "staged" and waits for a line on stdin (a live mover).
+_AT_THE_PARTIALS_RENAME = """
+import errno, os, signal, sys
+from pathlib import Path
+from triage_app import intake
+
+source, target, how, then = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+if how == "copy":
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    os.link = no_links
+rename = Path.replace
+def replace(self, to):
+    if ".partial" in self.name:
+        if then == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        print("staged", flush=True)
+        sys.stdin.readline()
+    return rename(self, to)
+Path.replace = replace
+intake.move_durably(source, target)
+"""
+
+
+def mover(source: Path, target: Path, how: str, then: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _AT_THE_PARTIALS_RENAME, source, target, how, then],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("how", ["link", "copy"])
+def test_a_partly_moved_file_a_kill_left_is_removed_at_start_and_a_live_movers_is_not(
+    make_intake: Any, layout: IntakeLayout, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = write_phantom(layout.inbox / "DOE_JOHN.dcm", seed=58)
+    layout.create()
+    with mover(layout.inbox / "DOE_JOHN.dcm", layout.done / "DOE_JOHN.dcm", how, "kill") as killed:
+        assert killed.wait(timeout=60) == -signal.SIGKILL
+    (leftover,) = hidden_files(layout.done)
+    assert leftover.name.startswith(".DOE_JOHN.dcm.") and ".partial" in leftover.name
+
+    make_intake()
+
+    assert hidden_files(layout.done) == []
+    assert (layout.inbox / "DOE_JOHN.dcm").read_bytes() == data  # the inbox copy is intact
+    assert "removed 1 temporary file(s) left by an interrupted run" in intake_messages(caplog)
+
+    with mover(layout.inbox / "DOE_JOHN.dcm", layout.done / "DOE_JOHN.dcm", how, "wait") as live:
+        assert live.stdout is not None and live.stdin is not None
+        try:
+            assert live.stdout.readline() == "staged\n"
+            (staged,) = hidden_files(layout.done)
+            make_intake()  # its clean-up runs while the mover is at work
+            assert (layout.done / staged).read_bytes() == data
+        finally:
+            live.stdin.write("\n")
+            live.stdin.flush()
+        assert live.wait(timeout=60) == 0
+    assert files_under(layout.done) == [Path("DOE_JOHN.dcm")]
+    assert (layout.done / "DOE_JOHN.dcm").read_bytes() == data
+    assert files_under(layout.inbox) == []
 
 
 # --- moving files ---------------------------------------------------------------------------------
@@ -657,6 +949,23 @@ def test_move_durably_keeps_the_source_when_the_move_fails(tmp_path: Path) -> No
     with pytest.raises(FileNotFoundError):
         move_durably(source, tmp_path / "missing-folder" / "scan.dcm")
     assert source.read_bytes() == b"keep me"
+
+
+def test_move_durably_moves_nothing_when_the_source_is_no_longer_the_expected_version(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "scan.dcm"
+    source.write_bytes(b"first bytes")
+    seen = FileIdentity.read(source)
+    source.write_bytes(b"corrected, longer bytes")  # rewritten in place since it was read
+    (tmp_path / "done").mkdir()
+
+    assert not move_durably(source, tmp_path / "done" / "scan.dcm", expected=seen)
+
+    assert source.read_bytes() == b"corrected, longer bytes"
+    assert list((tmp_path / "done").iterdir()) == []
+    assert move_durably(source, tmp_path / "done" / "scan.dcm", expected=FileIdentity.read(source))
+    assert not move_durably(source, tmp_path / "done" / "again.dcm")  # gone: nothing to move
 
 
 # --- worker crashes -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from triage_app.paths import (
     default_config_path,
     default_data_dir,
     ensure_private_dir,
+    lock_folder,
     remove_abandoned_temps,
     write_locked_temp,
     write_private_file,
@@ -214,3 +215,18 @@ def test_without_working_locks_files_are_written_and_no_temporary_file_is_remove
     assert (tmp_path / "f.json").read_bytes() == b"data"
     assert remove_abandoned_temps(tmp_path, for_suffixes=(".json",)) == 0
     assert dead.exists()
+
+
+def test_a_folder_lock_is_held_by_one_descriptor_at_a_time_until_it_is_closed(
+    tmp_path: Path,
+) -> None:
+    held = lock_folder(tmp_path)
+    assert held is not None
+    try:
+        with pytest.raises(BlockingIOError):
+            lock_folder(tmp_path)  # another holder, even in the same process
+    finally:
+        os.close(held)
+    again = lock_folder(tmp_path)
+    assert again is not None
+    os.close(again)

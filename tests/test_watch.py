@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ import pytest
 from tests.helpers import phantom_dataset, wait_until, write_phantoms
 from triage_app.config import Settings
 from triage_app.intake import REASON_SUFFIX, SIDECAR_SUFFIX
+from triage_app.paths import lock_folder
 from triage_app.store import REPROCESSED, CaseStore
 from triage_app.watch import SettleTracker, WatchService, inbox_files, is_candidate
 
@@ -219,6 +221,36 @@ def test_a_deferred_file_waits_a_full_settle_time_again_even_when_old(
     assert len(tracker) == 0
 
 
+def test_an_entry_that_cannot_be_followed_settles_as_itself(
+    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+) -> None:
+    """A symbolic link loop: handed over like any file, for the intake to quarantine."""
+    tracker = tracker_with(clocks)
+    loop = tmp_path / "loop.dcm"
+    loop.symlink_to("loop.dcm")
+    os.utime(loop, (WALL - 60, WALL - 60), follow_symlinks=False)
+    tracker.note_all(inbox_files(tmp_path))
+
+    assert tracker.settled(10, never) == [loop]  # the link's own modification time is old
+
+
+@pytest.mark.expect_log_warnings
+def test_an_entry_that_cannot_be_examined_is_skipped_with_one_warning_without_its_name(
+    tmp_path: Path, clocks: tuple[FakeClock, FakeClock], caplog: pytest.LogCaptureFixture
+) -> None:
+    tracker = tracker_with(clocks)
+    (tmp_path / "DOE^JANE").symlink_to("DOE^JANE")  # a folder name that loops
+    entry = tmp_path / "DOE^JANE" / "chest.dcm"
+    for _ in range(3):  # as every rescan would offer it again
+        tracker.note(entry)
+        assert tracker.settled(10, never) == []
+        assert len(tracker) == 0
+
+    warnings = [r.getMessage() for r in caplog.get_records("call") if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert "ELOOP" in warnings[0] and "DOE" not in warnings[0]
+
+
 # --- the service in this process ------------------------------------------------------------------
 
 
@@ -260,6 +292,27 @@ def test_a_cut_short_file_that_stopped_growing_is_read_again_once_per_settle_tim
     assert (quarantined.parent / ("cut.dcm" + REASON_SUFFIX)).is_file()
     with CaseStore.open(settings.case_store_path) as store:
         assert [f.code for f in store.failures()] == ["truncated"]  # deferrals record nothing
+
+
+@pytest.mark.timeout(60)
+def test_a_symlink_loop_in_the_inbox_is_quarantined_and_the_service_goes_on(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        {"paths.data_dir": tmp_path / "data", "processing.workers": 1, "watch.settle_s": 0.1}
+    )
+    inbox = settings.watch_inbox
+    write_phantoms(inbox, seed=72, count=1)
+    (inbox / "loop.dcm").symlink_to("loop.dcm")
+
+    summary = WatchService(settings).run(threading.Event(), once=True)
+
+    assert (summary.triaged, summary.quarantined) == (1, 1)
+    quarantined = settings.watch_quarantine / "unreadable" / "loop.dcm"
+    assert quarantined.is_symlink()  # moved as it is
+    assert (quarantined.parent / ("loop.dcm" + REASON_SUFFIX)).is_file()
+    assert image_names(settings.watch_done) == ["p000.dcm"]
+    assert list(inbox.iterdir()) == []
 
 
 # --- the real service, in its own process ---------------------------------------------------------
@@ -607,6 +660,27 @@ def test_once_exits_0_on_a_clean_inbox_and_1_when_something_was_quarantined(
     code, output = watch_env.run_once()  # nothing left: a clean run
     assert code == 0, output
     assert "0 triaged, 0 quarantined" in output
+
+
+@pytest.mark.timeout(120)
+def test_a_second_service_on_the_same_inbox_refuses_to_start_and_touches_nothing(
+    watch_env: WatchEnv, phantoms: list[Path]
+) -> None:
+    watch_env.drop(watch_env.stage(phantoms[:1]))
+    held = lock_folder(watch_env.inbox)  # what a running service holds
+    assert held is not None
+    try:
+        code, output = watch_env.run_once()
+    finally:
+        os.close(held)
+
+    assert code == 2, output
+    assert "triage-app: error: inbox_in_use: " in output
+    assert "Traceback" not in output
+    assert watch_env.inbox_images() == [phantoms[0].name]
+    code, output = watch_env.run_once()  # once the other one is gone
+    assert code == 0, output
+    assert watch_env.done_images() == [phantoms[0].name]
 
 
 @pytest.mark.timeout(120)

@@ -1,8 +1,8 @@
 """``triage-app``: argument parsing and output only; every subcommand calls into the core.
 
 Exit codes (DESIGN 4.1): 0 every input handled; 1 some inputs failed (all others were still
-processed); 2 usage or configuration error. Errors go to stderr as one line; ``--debug`` adds the
-traceback.
+processed); 2 usage or configuration error; 70 (``EX_SOFTWARE``) an unexpected error, a bug.
+Errors go to stderr as one line; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,9 @@ from triage_app.results import CaseResult, FailedInput, InputOutcome
 
 logger = logging.getLogger("triage_app.cli")
 
+EXIT_INTERNAL = 70  # EX_SOFTWARE (sysexits.h): neither the input nor the settings, a bug
+_PACKAGE = Path(__file__).resolve().parent
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -59,6 +63,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("triage-app: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # the last resort: one line without PHI, not Python's traceback
+        if args.debug:
+            logger.exception("unexpected error")
+        print(
+            f"triage-app: error: internal_error: {_unexpected(err)}; "
+            "run again with --debug for the traceback",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def _unexpected(err: Exception) -> str:
+    """The exception's type and where this package's code met it.
+
+    Not its message, nor a traceback: they quote file names and values (``FileNotFoundError:
+    ... '/inbox/DOE^JANE/chest.dcm'``), and a service's stderr goes to the journal, where
+    PHI must not. The type and the line are PHI-free and tell a maintainer where to look;
+    ``--debug`` (a person at a terminal, by choice) shows the full traceback.
+    """
+    frames = [(Path(f.filename).resolve(), f) for f in traceback.extract_tb(err.__traceback__)]
+    ours = [(path, frame) for path, frame in frames if path.is_relative_to(_PACKAGE)]
+    if not ours:  # main() is ours: only for an exception raised without a traceback
+        return f"unexpected {type(err).__name__}"
+    path, frame = ours[-1]
+    module = path.relative_to(_PACKAGE.parent).as_posix()
+    return f"unexpected {type(err).__name__} in {module}:{frame.lineno} ({frame.name})"
 
 
 def _parser() -> argparse.ArgumentParser:

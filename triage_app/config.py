@@ -745,12 +745,57 @@ def _study_max_wait_not_below_quiet(values: Mapping[str, object]) -> str | None:
     return None
 
 
+def _service_folders_apart(values: Mapping[str, object]) -> str | None:
+    """The watch service triages every file below its inbox, sub-folders included: a folder it
+    files into, the receiver's storage or the data folder (the case store, the keys) inside
+    the inbox, or the inbox inside one of them, would feed the service its own files for ever.
+
+    Compared with symbolic links resolved, so another name for the same folder is caught too.
+    """
+    data_dir = cast(Path, values["paths.data_dir"])
+
+    def folder(key: str, fallback: Path) -> Path:
+        explicit = cast(Path | None, values[key])
+        return Path(os.path.realpath(explicit if explicit is not None else fallback))
+
+    inbox = folder("watch.inbox_dir", data_dir / "watch" / "inbox")
+    receiver = folder("receiver.storage_dir", data_dir / "receiver")
+    apart = [
+        ("watch.done_dir", folder("watch.done_dir", data_dir / "watch" / "done")),
+        ("watch.quarantine_dir", folder("watch.quarantine_dir", data_dir / "watch" / "quarantine")),
+        # The folders the receiver uses in its storage (see IntakeLayout.for_receiver).
+        *(("receiver.storage_dir", receiver / name) for name in ("incoming", "done", "quarantine")),
+    ]
+    for key, other in apart:
+        if _within(inbox, other) or _within(other, inbox):
+            return (
+                f"watch.inbox_dir: must not be {key}, nor inside it or contain it "
+                "(the watch service would triage its own files again)"
+            )
+    for key, fallback in (
+        ("paths.data_dir", data_dir),
+        ("paths.case_store", data_dir / "cases.sqlite3"),
+    ):
+        if _within(folder(key, fallback), inbox):
+            return (
+                f"watch.inbox_dir: must not contain {key} "
+                "(the watch service would take the app's own files for images)"
+            )
+    return None
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or below it."""
+    return path == folder or folder in path.parents
+
+
 # Rules that involve more than one setting; each returns the error message or None.
 _CROSS_CHECKS: tuple[Callable[[Mapping[str, object]], str | None], ...] = (
     _thresholds_ordered,
     _date_options_exclusive,
     _central_connection_verified,
     _study_max_wait_not_below_quiet,
+    _service_folders_apart,
 )
 
 

@@ -207,3 +207,10 @@ class ReceiverError(TriageError):
     """The DICOM receiver cannot start: its address is taken or its storage folder unusable."""
 
     code = "receiver_error"
+
+
+class InboxInUseError(TriageError):
+    """Another service (or a ``watch --once``) already takes files from the same inbox: two
+    would triage every file twice and race to move it. Refused at start-up."""
+
+    code = "inbox_in_use"

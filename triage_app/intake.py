@@ -9,16 +9,25 @@ removed before its outcome is durably recorded.
 
 The watch service and the receiver differ only in how they decide that a file is ready; both
 hand it to an :class:`Intake`.
+
+One intake per inbox: it holds an ``flock`` on the inbox folder for its lifetime, so a second
+service (or an admin's ``watch --once``) on the same inbox refuses to start instead of triaging
+every file twice and racing to move it. A file that changes or disappears while it is triaged
+is not filed with a result for bytes that are no longer there: it is left for the next pass
+(or forgotten); a failure to record or file an outcome leaves the file in the inbox for a retry
+after a back-off. Log lines never name a file: inbox file names often carry patient names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
-import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -26,17 +35,22 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 
 from triage_app.batch import TriagePool, record_outcome
 from triage_app.config import Settings
+from triage_app.errors import InboxInUseError, TriageError
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.inputs import file_sha256
 from triage_app.paths import (
     ensure_private_dir,
     fsync_dir,
+    lock_folder,
     remove_abandoned_temps,
+    temp_path,
+    write_locked_temp,
     write_private_file,
 )
 from triage_app.pipeline import PipelineConfig
@@ -45,14 +59,22 @@ from triage_app.store import CaseStore
 
 log = logging.getLogger(__name__)
 
-# Outcomes that mean "not all there yet" while a writer may still be busy (watch folder only).
-INCOMPLETE_CODES = frozenset({"truncated", "empty_file"})
+# Outcomes that mean "not all there yet" while a writer may still be busy (watch folder only). A
+# file cut just before its pixel data reads as a whole header without pixels: no_pixel_data.
+INCOMPLETE_CODES = frozenset({"truncated", "empty_file", "no_pixel_data"})
 BACKLOG_PER_WORKER = 2
 # A file whose worker died this many times is quarantined rather than tried again.
 MAX_WORKER_CRASHES = 3
 WORKER_CRASHED = "worker_crashed"
 SIDECAR_SUFFIX = ".json"
 REASON_SUFFIX = ".reason.json"
+# A file being moved into done/ or quarantine/ lives under a temporary name for this final name
+# (``.<name>.partial.<hex>.tmp``) until it is renamed into place: see move_durably.
+PARTIAL_SUFFIX = ".partial"
+# After a failure to record or file an outcome (the case store busy beyond its timeout, a full
+# disk), no file is handed over for this long, doubling up to the cap while failures go on.
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -81,31 +103,73 @@ class IntakeLayout:
         return path.relative_to(self.inbox)
 
     def remove_crash_leftovers(self) -> int:
-        """Remove the temporary sidecars a kill between their write and rename left behind.
+        """Remove the temporary files a kill left behind: sidecars between their write and
+        rename, and files :func:`move_durably` had linked or copied but not renamed into place.
 
         Nothing else would: they are hidden, and no later write reuses their random names.
         Only in the folders the intake files into (``done/`` and ``quarantine/<code>/``, with
-        the inbox's sub-folders below them), only its own sidecars' temporary names, and never
+        the inbox's sub-folders below them), only the intake's own temporary names, and never
         one another process is writing now (its writer holds the lock). Returns how many went.
         """
         roots = [self.done, *(p for p in self.quarantine.iterdir() if _is_real_dir(p))]
         removed = sum(
             remove_abandoned_temps(
-                root, for_suffixes=(SIDECAR_SUFFIX, REASON_SUFFIX), recursive=True
+                root,
+                for_suffixes=(SIDECAR_SUFFIX, REASON_SUFFIX, PARTIAL_SUFFIX),
+                recursive=True,
             )
             for root in roots
         )
         if removed:
-            log.info("removed %d temporary sidecar file(s) left by an interrupted run", removed)
+            log.info("removed %d temporary file(s) left by an interrupted run", removed)
         return removed
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which version of a file this is: the same inode, size and modification time.
+
+    Taken from the directory entry itself (``lstat``): what the intake moves is the entry, so a
+    symbolic link is one version for as long as the link is unchanged.
+    """
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> FileIdentity:
+        return cls(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+
+    @classmethod
+    def read(cls, path: Path) -> FileIdentity:
+        return cls.of(os.lstat(path))
+
+
+class Unfiled(StrEnum):
+    """Why a file handed over was not filed; each time, the file is not moved."""
+
+    #: Looked cut short while its writer may still be busy; nothing recorded. Offer it again
+    #: once it has settled again.
+    INCOMPLETE = "incomplete"
+    #: Replaced or rewritten while it was triaged: the outcome is for bytes no longer there and
+    #: is not filed. Offer the file again, as a new one.
+    CHANGED = "changed"
+    #: Removed from the inbox while it was triaged: nothing left to file.
+    GONE = "gone"
+    #: Recording the outcome or moving the file failed (the case store busy beyond its timeout,
+    #: a full disk); the file stays in the inbox. Offer it again: the intake takes no file
+    #: until its back-off is over (``room`` is 0 meanwhile).
+    RETRY = "retry"
 
 
 @dataclass(frozen=True)
 class FiledOutcome:
     """One file done with: its outcome and where the file now lives.
 
-    ``deferred`` means the file looked cut short while its writer may still be busy: it stays
-    in the inbox and nothing was recorded; the caller offers it again once it settles.
+    ``filed_as`` is None when the file was not filed, and ``unfiled`` then says why and what
+    the caller should do with it.
     """
 
     source: Path
@@ -113,11 +177,22 @@ class FiledOutcome:
     filed_as: Path | None
     submitted_at: float  # time.monotonic() when the file was handed over
     finished_at: float
-    deferred: bool = False
+    unfiled: Unfiled | None = None
+
+    @property
+    def deferred(self) -> bool:
+        """Cut short while its writer may be busy: stays in the inbox, offered again later."""
+        return self.unfiled is Unfiled.INCOMPLETE
 
     @property
     def quarantined(self) -> bool:
-        return not self.deferred and isinstance(self.outcome, FailedInput)
+        return self.unfiled is None and isinstance(self.outcome, FailedInput)
+
+
+@dataclass(frozen=True)
+class _HandOver:
+    at: float  # time.monotonic()
+    identity: FileIdentity
 
 
 class Intake:
@@ -138,38 +213,58 @@ class Intake:
         pool: TriagePool | None = None,
     ) -> None:
         layout.create()
-        layout.remove_crash_leftovers()
         self.layout = layout
         self._queue = queue or (lambda: None)
         self._incomplete_timeout_s = incomplete_timeout_s
-        self._store = CaseStore.open(settings.case_store_path)
-        self._pool = pool or TriagePool(
-            PipelineConfig.from_settings(settings), workers=settings.workers
-        )
+        with contextlib.ExitStack() as undo:
+            # First: a second intake must not even clean up behind the first one.
+            self._inbox_lock = _lock_inbox(layout.inbox)
+            undo.callback(self._release_inbox)
+            layout.remove_crash_leftovers()
+            self._store = CaseStore.open(settings.case_store_path)
+            undo.callback(self._store.close)
+            self._pool = pool or TriagePool(
+                PipelineConfig.from_settings(settings), workers=settings.workers
+            )
+            undo.pop_all()
         self._lock = threading.Lock()
         self._futures: dict[Future[InputOutcome], Path] = {}
-        self._pending: dict[Path, float] = {}  # path → time.monotonic() of its hand-over
+        self._pending: dict[Path, _HandOver] = {}
         self._crashes: dict[Path, int] = {}  # kept across hand-overs until the file is filed
         # Taken but not yet given to the pool: files wait here while the files that were in
         # flight at a worker crash (the suspects) are tried again one at a time.
         self._held: list[Path] = []
         self._suspects: set[Path] = set()
         self._closed = False
+        self._retry_delay_s = 0.0  # the current back-off; 0 while filing works
+        self._paused_until = 0.0  # time.monotonic() before which no file is taken
 
     # --- hand-over ------------------------------------------------------------------------------
 
     def submit(self, paths: Iterable[Path]) -> int:
-        """Hand files over for triage; files already being triaged are skipped. Returns how
-        many were taken."""
+        """Hand files over for triage; files already being triaged, or gone, are skipped.
+        Returns how many were taken.
+
+        Each file's identity is noted now, so that at filing a file replaced or rewritten
+        meanwhile is told from the one that was read.
+        """
+        handed: list[tuple[Path, FileIdentity]] = []
+        for path in paths:
+            self.layout.relative(path)  # a file outside the inbox is a programming error
+            try:
+                handed.append((path, FileIdentity.read(path)))
+            except FileNotFoundError:
+                continue  # gone before it was taken: nothing to do
+            except OSError as err:
+                log.warning("skipped a file that cannot be examined (%s)", _why(err))
         taken = 0
         with self._lock:
             if self._closed:
                 return 0
-            for path in paths:
-                self.layout.relative(path)  # a file outside the inbox is a programming error
+            for path, identity in handed:
                 if path in self._pending:
                     continue
-                self._pending[path] = time.monotonic()
+                self._pending[path] = _HandOver(time.monotonic(), identity)
                 self._held.append(path)
                 taken += 1
             self._dispatch_locked()
@@ -193,7 +288,11 @@ class Intake:
     @property
     def room(self) -> int:
         """How many more files to hand over now: a backlog of two per worker keeps both cores
-        busy, and a stop waits for only those few (the rest stay where they are)."""
+        busy, and a stop waits for only those few (the rest stay where they are). None while
+        backing off after a failure to record or file an outcome."""
+        with self._lock:
+            if time.monotonic() < self._paused_until:
+                return 0
         return max(0, BACKLOG_PER_WORKER * self._pool.workers - self.in_flight)
 
     def is_in_flight(self, path: Path) -> bool:
@@ -220,7 +319,7 @@ class Intake:
                 time.sleep(timeout_s)  # nothing to wait for; keep the caller's loop paced
             return []
         done, _ = wait(futures, timeout=timeout_s, return_when=FIRST_COMPLETED)
-        filed: list[FiledOutcome] = []
+        results: list[tuple[Path, InputOutcome]] = []
         crashed: list[Path] = []
         for future in done:
             with self._lock:
@@ -228,33 +327,47 @@ class Intake:
             if path is None:
                 continue  # a future of a pool that broke and was replaced
             try:
-                outcome = future.result()
+                results.append((path, future.result()))
             except BrokenProcessPool:
                 crashed.append(path)
-                continue
-            filed.append(self._file(path, outcome))
-        if crashed:
-            filed.extend(self._after_crash(crashed))
+        # The crashed files are taken back before anything is filed, so that nothing filing
+        # runs into can leave one of them handed over with nothing working on it.
+        filed = self._after_crash(crashed) if crashed else []
+        filed.extend(self._file(path, outcome) for path, outcome in results)
         with self._lock:
             self._dispatch_locked()  # the next suspect, or the files held back for them
         return filed
 
     def drain(self) -> list[FiledOutcome]:
-        """Wait for every file handed over so far and file it."""
+        """Wait for every file handed over so far and file it.
+
+        Loops only while a file is in a worker or waiting for one: that is what can still
+        finish, so a broken hand-over can never keep it waiting for ever.
+        """
         filed: list[FiledOutcome] = []
-        while self.in_flight:
+        while True:
+            with self._lock:
+                if not (self._futures or self._held):
+                    return filed
             filed.extend(self.collect(timeout_s=1.0))
-        return filed
 
     def close(self) -> list[FiledOutcome]:
-        """Take no more files, finish the ones in flight, stop the workers."""
+        """Take no more files, finish the ones in flight, stop the workers, free the inbox."""
         with self._lock:
             self._closed = True
         try:
             return self.drain()
         finally:
-            self._pool.close()
-            self._store.close()
+            try:
+                self._pool.close()
+                self._store.close()
+            finally:
+                self._release_inbox()
+
+    def _release_inbox(self) -> None:
+        fd, self._inbox_lock = self._inbox_lock, None
+        if fd is not None:
+            os.close(fd)
 
     def __enter__(self) -> Intake:
         return self
@@ -270,25 +383,72 @@ class Intake:
     # --- filing ---------------------------------------------------------------------------------
 
     def _file(self, path: Path, outcome: InputOutcome) -> FiledOutcome:
-        submitted_at = self._forget(path)
+        """Record the outcome and move the file; never raises for what the file system or the
+        case store does, so one file never stops the service (see :class:`Unfiled`)."""
+        handed = self._forget(path)
+
+        def unfiled(why: Unfiled, reported: InputOutcome = outcome) -> FiledOutcome:
+            if why in (Unfiled.CHANGED, Unfiled.GONE):
+                self._crashes.pop(path, None)  # those crashes were another file's
+            return FiledOutcome(path, reported, None, handed.at, time.monotonic(), unfiled=why)
+
+        try:
+            now = FileIdentity.read(path)
+        except FileNotFoundError:
+            log.info("a file was removed from the inbox while it was triaged: nothing recorded")
+            return unfiled(Unfiled.GONE)
+        except OSError as err:
+            self._failed_to_file(err)
+            return unfiled(Unfiled.RETRY)
+        if now != handed.identity:
+            log.info("a file changed while it was triaged: it will be triaged again")
+            return unfiled(Unfiled.CHANGED)
         if self._still_being_written(outcome, path):
             log.info("a file is not complete yet; it will be read again once it settles")
-            return FiledOutcome(path, outcome, None, submitted_at, time.monotonic(), deferred=True)
+            return unfiled(Unfiled.INCOMPLETE)
+        try:
+            # The record names where the file will live, so the store and the GUI can find it.
+            relative = self.layout.relative(path)
+            if isinstance(outcome, FailedInput):
+                target = _free_name(path, self.layout.quarantine / outcome.code / relative)
+            else:
+                target = _free_name(path, self.layout.done / relative)
+            recorded = record_outcome(
+                self._store, replace(outcome, path=str(target)), queue=self._queue()
+            )
+            if isinstance(recorded, FailedInput):
+                moved = self._quarantine(path, target, recorded, handed.identity)
+            else:
+                moved = _file_with_note(
+                    path, target, SIDECAR_SUFFIX, recorded.to_json(), handed.identity
+                )
+        except (TriageError, OSError) as err:
+            self._failed_to_file(err)
+            return unfiled(Unfiled.RETRY)
+        with self._lock:
+            self._retry_delay_s = 0.0
+        if not moved:
+            # Replaced or removed in the instant between the check above and the move.
+            if os.path.lexists(path):
+                log.info("a file changed while it was filed: it will be triaged again")
+                return unfiled(Unfiled.CHANGED, recorded)
+            log.info("a file was removed from the inbox while it was filed: not filed")
+            return unfiled(Unfiled.GONE, recorded)
         self._crashes.pop(path, None)
-        # The record names where the file will live, so the store and the GUI can find it.
-        relative = self.layout.relative(path)
-        if isinstance(outcome, FailedInput):
-            target = _free_name(path, self.layout.quarantine / outcome.code / relative)
-        else:
-            target = _free_name(path, self.layout.done / relative)
-        recorded = record_outcome(
-            self._store, replace(outcome, path=str(target)), queue=self._queue()
+        return FiledOutcome(path, recorded, target, handed.at, time.monotonic())
+
+    def _failed_to_file(self, err: TriageError | OSError) -> None:
+        """Log a failure to record or file an outcome, and back off before taking more."""
+        with self._lock:
+            delay = min(RETRY_MAX_S, max(RETRY_FIRST_S, 2 * self._retry_delay_s))
+            self._retry_delay_s = delay
+            self._paused_until = time.monotonic() + delay
+        log.error(
+            "could not record or file a triaged file (%s): it stays in the inbox; "
+            "no more files are taken for %g s",
+            _why(err),
+            delay,
         )
-        if isinstance(recorded, FailedInput):
-            self._quarantine(path, target, recorded)
-        else:
-            _file_with_note(path, target, SIDECAR_SUFFIX, recorded.to_json())
-        return FiledOutcome(path, recorded, target, submitted_at, time.monotonic())
 
     def _still_being_written(self, outcome: InputOutcome, path: Path) -> bool:
         """A cut-short file changed within the incomplete timeout may still be growing.
@@ -300,7 +460,7 @@ class Intake:
             return False
         try:
             age_s = time.time() - path.stat().st_mtime
-        except FileNotFoundError:
+        except OSError:
             return False
         return age_s < self._incomplete_timeout_s
 
@@ -335,28 +495,73 @@ class Intake:
             self._dispatch_locked()
         return filed
 
-    def _forget(self, path: Path) -> float:
+    def _forget(self, path: Path) -> _HandOver:
         with self._lock:
             self._suspects.discard(path)
             return self._pending.pop(path)
 
-    def _quarantine(self, path: Path, target: Path, failure: FailedInput) -> None:
+    def _quarantine(
+        self, path: Path, target: Path, failure: FailedInput, identity: FileIdentity
+    ) -> bool:
         reason = {
             "code": failure.code,
             "message": failure.message,
             "source": str(self.layout.relative(path)),
             "quarantined_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        _file_with_note(path, target, REASON_SUFFIX, reason)
-        log.info("a file went to quarantine: %s", failure.code)
+        moved = _file_with_note(path, target, REASON_SUFFIX, reason, identity)
+        if moved:
+            log.info("a file went to quarantine: %s", failure.code)
+        return moved
 
 
-def _file_with_note(path: Path, target: Path, suffix: str, note: Mapping[str, object]) -> None:
-    """Write the JSON note next to ``target``, then move the file there (the move is last)."""
+def _lock_inbox(inbox: Path) -> int | None:
+    """Hold the inbox for this intake: see the module's docstring."""
+    try:
+        fd = lock_folder(inbox)
+    except BlockingIOError:
+        raise InboxInUseError(
+            "another service (or a watch --once) is already taking files from this inbox; "
+            "stop it first, or give this one another inbox"
+        ) from None
+    if fd is None:
+        log.warning(
+            "the inbox's file system has no locks: make sure no other service takes files "
+            "from the same inbox"
+        )
+    return fd
+
+
+def _why(err: TriageError | OSError) -> str:
+    """A failure in a log line: its stable code or errno name, never its text, which can
+    quote a file name (PHI)."""
+    if isinstance(err, TriageError):
+        return err.code
+    return errno.errorcode.get(err.errno or 0, type(err).__name__)
+
+
+def _file_with_note(
+    path: Path,
+    target: Path,
+    suffix: str,
+    note: Mapping[str, object],
+    identity: FileIdentity,
+) -> bool:
+    """Write the JSON note next to ``target``, then move the file there (the move is last).
+
+    Returns False when the file was not moved because it is no longer the ``identity`` that
+    was triaged (or gone); its note goes too, unless a twin already sits at ``target`` (the
+    note is then the twin's, and right for it).
+    """
     ensure_private_dir(target.parent)
     text = json.dumps(note, indent=2, sort_keys=True) + "\n"
-    write_private_file(target.with_name(target.name + suffix), text.encode(), sync_folder=False)
-    move_durably(path, target)
+    note_path = target.with_name(target.name + suffix)
+    write_private_file(note_path, text.encode(), sync_folder=False)
+    if move_durably(path, target, expected=identity):
+        return True
+    if not os.path.lexists(target):
+        note_path.unlink(missing_ok=True)
+    return False
 
 
 def _is_real_dir(path: Path) -> bool:
@@ -389,7 +594,7 @@ def _same_bytes(a: Path, b: Path) -> bool:
     return digest is not None and digest == file_sha256(b)
 
 
-def move_durably(source: Path, target: Path) -> None:
+def move_durably(source: Path, target: Path, *, expected: FileIdentity | None = None) -> bool:
     """Move a file so that, after a power cut, it is in one place or the other, never lost.
 
     The file is hard-linked into the target folder, renamed into place, and only then removed
@@ -397,39 +602,104 @@ def move_durably(source: Path, target: Path) -> None:
     triaged again (same case, same bytes). Not a rename out of the inbox: watchdog holds every
     "moved out" event for half a second waiting for its pair, and all the inbox's later events
     wait behind it, so a busy inbox would be seen late. Where links are impossible (another
-    filesystem, a share without them) the bytes are copied and fsynced under a temporary name.
+    filesystem, a share without them) the bytes are copied and fsynced.
 
-    A file put in the source's place meanwhile (a scanner re-sending the instance, renamed over
-    it) is left where it is for the next pass: only the file that was moved is removed.
+    Until it is renamed into place, the link or copy has a temporary name the start-up clean-up
+    knows (:meth:`IntakeLayout.remove_crash_leftovers`), and it is locked from its first
+    instant while this process works on it (a link shares the lock of the inode it names), so
+    the clean-up removes a killed mover's leftover, never a live one's.
+
+    Returns False, having moved nothing, when ``source`` is gone or is no longer the
+    ``expected`` version (replaced or rewritten since it was triaged): it stays for the next
+    pass. A file put in the source's place after the move (a scanner re-sending the instance,
+    renamed over it) is left where it is too: only the file that was moved is removed.
     """
-    moved = source.stat()
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
     try:
-        os.link(source, tmp)
-    except OSError as err:
-        if err.errno == errno.ENOENT:
-            raise
-        shutil.copyfile(source, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
+        entry = os.lstat(source)
+    except FileNotFoundError:
+        return False
+    if expected is not None and FileIdentity.of(entry) != expected:
+        return False
+    with contextlib.ExitStack() as held:
+        fd = None
+        if stat.S_ISREG(entry.st_mode):
+            # A symbolic link or special file is moved as it is, unlocked: the clean-up never
+            # removes those anyway.
+            try:
+                fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return False
+            held.callback(os.close, fd)
+            if not _same_inode(os.fstat(fd), entry):
+                return False  # replaced in the instant since it was examined
+            # Failing means someone else holds this inode's lock, or there are no locks here:
+            # either way the clean-up cannot take it, which is all the lock is for.
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        tmp = _stage(source, target, entry, fd, held)
+        if tmp is None:
+            return False
         try:
-            os.fsync(fd)
+            tmp.replace(target)
         finally:
-            os.close(fd)
-    try:
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)  # (its lock goes only after this, with ``held``)
     fsync_dir(target.parent)
-    if not _is_same_file(source, moved):
+    if not _is_same_file(source, entry):
         log.info("a new file took the place of one just filed: left for the next pass")
-        return
-    source.unlink()
+        return True
+    source.unlink(missing_ok=True)
     fsync_dir(source.parent)
+    return True
+
+
+def _stage(
+    source: Path,
+    target: Path,
+    entry: os.stat_result,
+    fd: int | None,
+    held: contextlib.ExitStack,
+) -> Path | None:
+    """Link (or copy) ``source`` beside ``target`` under a temporary name; None when the
+    source went or was replaced meanwhile. Locks a copy until ``held`` closes."""
+    name = target.name + PARTIAL_SUFFIX
+    while True:
+        tmp = temp_path(target.parent, name)
+        try:
+            os.link(source, tmp)
+        except FileExistsError:
+            continue  # a random name taken: draw another
+        except OSError as err:
+            if err.errno != errno.ENOENT:
+                break  # no links here: copy
+            if not os.path.lexists(source):
+                return None
+            raise  # the target folder is missing
+        if _same_inode(os.lstat(tmp), entry):
+            return tmp
+        tmp.unlink()  # the name pointed to a new file by the time it was linked
+        return None
+    tmp, copy_fd = write_locked_temp(target.parent, name, b"")
+    held.callback(os.close, copy_fd)
+    try:
+        if fd is None:
+            shutil.copyfile(source, tmp)
+        else:
+            with open(fd, "rb", closefd=False) as src, open(copy_fd, "wb", closefd=False) as dst:
+                shutil.copyfileobj(src, dst)
+        os.fsync(copy_fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _is_same_file(path: Path, seen: os.stat_result) -> bool:
     try:
-        now = path.stat()
+        now = os.lstat(path)
     except FileNotFoundError:
         return False
-    return (now.st_dev, now.st_ino) == (seen.st_dev, seen.st_ino)
+    return _same_inode(now, seen)

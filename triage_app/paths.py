@@ -92,7 +92,7 @@ def write_locked_temp(
     one's. The caller renames (or links) the file into place, then closes the descriptor.
     """
     while True:
-        tmp = folder / f".{name}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp"
+        tmp = temp_path(folder, name)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:
@@ -113,6 +113,16 @@ def write_locked_temp(
             tmp.unlink(missing_ok=True)
             raise
         return tmp, fd
+
+
+def temp_path(folder: Path, name: str) -> Path:
+    """A new random name in ``folder`` for a temporary file that will become ``name``.
+
+    The shape :func:`remove_abandoned_temps` recognises; a caller that creates the file itself
+    (a hard link cannot be created under :func:`write_locked_temp`'s lock) must hold an
+    ``flock`` on it from its first instant, or the clean-up may take it for a dead writer's.
+    """
+    return folder / f".{name}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp"
 
 
 def remove_abandoned_temps(
@@ -166,6 +176,26 @@ def remove_if_abandoned(path: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def lock_folder(path: Path) -> int | None:
+    """Take an exclusive ``flock`` on the folder ``path`` itself, without waiting.
+
+    Returns the descriptor that holds it (closing it, or the process ending, releases it), or
+    None on a file system without locks (some network shares; NFS also refuses an exclusive
+    lock on a descriptor not open for writing, which a folder's never is): there is nothing to
+    hold, and the caller decides whether to go on. Raises ``BlockingIOError`` while anyone else
+    (another process, or another descriptor in this one) holds it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno in _NO_LOCKS or err.errno == errno.EBADF:
+            return None
+        raise
+    return fd
 
 
 def fsync_dir(path: Path) -> None:

@@ -202,7 +202,13 @@ class TriagePipeline:
         try:
             payload = encode(dataset)
         except InvalidDicomError as err:
-            log.warning("case %s cannot be escalated: %s", result.case_id, err.message)
+            # The code and the type only: pydicom's text can quote a header value (PHI).
+            log.warning(
+                "case %s cannot be escalated: %s (%s)",
+                result.case_id,
+                err.code,
+                type(err.__cause__ or err).__name__,
+            )
             return EscalationRef(
                 state=BLOCKED,
                 reason=INVALID_PAYLOAD,

@@ -59,7 +59,7 @@ from triage_app.config import Settings
 from triage_app.dicom.reader import read_dataset
 from triage_app.errors import InputError, ReceiverError
 from triage_app.escalation.queueing import EscalationQueue
-from triage_app.intake import FiledOutcome, Intake, IntakeLayout
+from triage_app.intake import FiledOutcome, Intake, IntakeLayout, Unfiled
 from triage_app.paths import ensure_private_dir, fsync_dir, write_private_file
 
 __all__ = [
@@ -467,8 +467,9 @@ def run_receiver(
 
     Ready studies go to the :class:`~triage_app.intake.Intake` a few files at a time (two per
     worker in flight), so a stop waits for a handful of files, not a whole study: the rest stay
-    in the spool and are handed over on the next start. ``on_filed`` sees every filed file,
-    ``on_tick`` the receiver once per loop (metrics, health).
+    in the spool and are handed over on the next start. ``on_filed`` sees every filed file (not
+    the ones left in the spool, see :class:`~triage_app.intake.Unfiled`), ``on_tick`` the
+    receiver once per loop (metrics, health).
     """
     tick_s = min(0.25, max(0.02, settings.receiver_study_quiet_s / 4))
     backlog: deque[Path] = deque()
@@ -488,7 +489,12 @@ def run_receiver(
                 intake.submit(batch)
                 filed = intake.collect(timeout_s=tick_s)
                 for outcome in filed:
-                    notify(outcome)
+                    if outcome.filed_as is not None:
+                        notify(outcome)
+                    elif outcome.unfiled in (Unfiled.CHANGED, Unfiled.RETRY):
+                        # Re-sent while in flight (its new copy was skipped as in flight), or
+                        # its filing failed: offered again (after the intake's back-off).
+                        backlog.append(outcome.source)
                 if filed:
                     receiver.prune_empty_studies()
                 if on_tick is not None:
@@ -496,4 +502,5 @@ def run_receiver(
     finally:
         log.info("stopping: finishing %d file(s) in flight", intake.in_flight)
         for outcome in intake.close():
-            notify(outcome)
+            if outcome.filed_as is not None:
+                notify(outcome)

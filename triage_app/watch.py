@@ -5,10 +5,15 @@ A file is handed over only once it has settled: its size and modification time u
 make that fast; a periodic full rescan catches files whose events a network share dropped. A
 settled file that still parses as cut short is read again later, and quarantined as truncated
 only after ``watch.incomplete_timeout_s``.
+
+Nothing one inbox entry does stops the service: an entry that cannot be followed (a symbolic
+link loop, a target it may not read) settles as the entry itself and is quarantined as
+``unreadable``; one it cannot even examine is skipped, with one path-free warning.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -23,7 +28,7 @@ from watchdog.observers.api import BaseObserver
 
 from triage_app.config import Settings
 from triage_app.escalation.queueing import EscalationQueue
-from triage_app.intake import FiledOutcome, Intake, IntakeLayout
+from triage_app.intake import FiledOutcome, Intake, IntakeLayout, Unfiled
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,7 @@ class SettleTracker:
         self._lock = threading.Lock()
         # path → (last signature seen, since when it has been seen unchanged); None: not stat-ed
         self._seen: dict[Path, tuple[_Signature, float] | None] = {}
+        self._unusable: set[Path] = set()  # warned about once; retried on every rescan
 
     def note(self, path: Path) -> None:
         """A file appeared or changed: track it (again) from now."""
@@ -71,9 +77,9 @@ class SettleTracker:
         unchanged for another full settle time (``note`` would find its modification time old
         and hand it over again at once, every tick)."""
         try:
-            stat = path.stat()
-        except FileNotFoundError:
-            return
+            stat = _entry_stat(path)
+        except OSError:
+            return  # gone, or unusable: the next rescan finds it again if it is still there
         with self._lock:
             self._seen[path] = (_Signature(stat.st_size, stat.st_mtime_ns), self._clock())
 
@@ -103,11 +109,14 @@ class SettleTracker:
             if skip(path):
                 continue
             try:
-                stat = path.stat()
-            except FileNotFoundError:
+                stat = _entry_stat(path)
+            except OSError as err:
                 with self._lock:
                     self._seen.pop(path, None)
+                if not isinstance(err, FileNotFoundError):
+                    self._skip_unusable(path, err)
                 continue
+            self._unusable.discard(path)
             signature = _Signature(stat.st_size, stat.st_mtime_ns)
             with self._lock:
                 previous = self._seen.get(path)
@@ -127,6 +136,29 @@ class SettleTracker:
                 else:
                     self._seen[path] = (signature, since)
         return ready
+
+    def _skip_unusable(self, path: Path, err: OSError) -> None:
+        if path in self._unusable:
+            return
+        self._unusable.add(path)
+        log.warning(
+            "an entry in the inbox cannot be examined (%s): skipped while that lasts",
+            errno.errorcode.get(err.errno or 0, type(err).__name__),
+        )
+
+
+def _entry_stat(path: Path) -> os.stat_result:
+    """The file's status; for an entry that cannot be followed (a symbolic link loop, a target
+    it may not read), the entry's own, so it settles like any file and the intake quarantines
+    it as ``unreadable`` instead of it stopping the service. Raises ``OSError`` when even the
+    entry cannot be examined, ``FileNotFoundError`` when it is gone (a dangling link counts as
+    gone: there is nothing to read)."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return path.lstat()
 
 
 def inbox_files(inbox: Path) -> Iterator[Path]:
@@ -222,11 +254,21 @@ class WatchService:
         return observer
 
     def _account(self, filed: FiledOutcome, summary: WatchSummary, *, once: bool) -> None:
-        if filed.deferred:
+        if filed.unfiled is Unfiled.INCOMPLETE:
             if once:
                 summary.left_incomplete += 1  # stays in the inbox for the next run
             else:
                 self.tracker.defer(filed.source)
+            return
+        if filed.unfiled is Unfiled.CHANGED:
+            self.tracker.note(filed.source)  # the new version settles like any new file
+            return
+        if filed.unfiled is Unfiled.RETRY:
+            # Offered again once settled again; the intake's back-off keeps it waiting longer
+            # while recording or filing keeps failing.
+            self.tracker.defer(filed.source)
+            return
+        if filed.unfiled is Unfiled.GONE:
             return
         if filed.quarantined:
             summary.quarantined += 1
