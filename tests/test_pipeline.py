@@ -135,3 +135,28 @@ def test_a_preprocessing_failure_is_refused_with_a_code_not_raised(pipeline, tmp
     assert isinstance(outcome, FailedInput)
     assert outcome.code == "unprocessable_image"
     assert "\n" not in outcome.message
+
+
+@pytest.mark.expect_log_warnings
+def test_an_unforeseen_failure_is_a_failed_input_that_names_no_value(
+    pipeline, tmp_path, monkeypatch, caplog
+):
+    """One file's unforeseen failure (here a stage raising with PHI in its message) is that
+    file's refusal, not the batch's end; neither the refusal nor the log repeats the message."""
+    path = tmp_path / "DOE_JANE.dcm"
+    phantom_dataset(44, 1).save_as(path, enforce_file_format=True)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("DOE^JANE 19800215")
+
+    monkeypatch.setattr("triage_app.pipeline.assess_scope", broken)
+    outcome = pipeline.run(path)
+    assert isinstance(outcome, FailedInput)
+    assert outcome.code == "processing_failed"
+    assert "KeyError" in outcome.message and "triage_app/pipeline.py" in outcome.message
+    logged = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert "KeyError" in logged
+    for text in (outcome.message, logged):
+        assert "DOE" not in text and "19800215" not in text
+    monkeypatch.undo()
+    assert isinstance(pipeline.run(path), CaseResult)  # the next file goes through as usual

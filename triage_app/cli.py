@@ -13,7 +13,6 @@ import logging
 import sys
 import tempfile
 import time
-import traceback
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ from triage_app.config import (
     verify_admin_password,
 )
 from triage_app.dicom.deidentify import ProfileOption
-from triage_app.errors import AdminAuthError, ConfigError, TriageError
+from triage_app.errors import AdminAuthError, ConfigError, TriageError, describe_unexpected
 from triage_app.inputs import expand_inputs
 from triage_app.logs import configure_logging
 from triage_app.results import CaseResult, FailedInput, InputOutcome
@@ -45,7 +44,6 @@ from triage_app.results import CaseResult, FailedInput, InputOutcome
 logger = logging.getLogger("triage_app.cli")
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE (sysexits.h): neither the input nor the settings, a bug
-_PACKAGE = Path(__file__).resolve().parent
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,28 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             logger.exception("unexpected error")
         print(
-            f"triage-app: error: internal_error: {_unexpected(err)}; "
+            f"triage-app: error: internal_error: {describe_unexpected(err)}; "
             "run again with --debug for the traceback",
             file=sys.stderr,
         )
         return EXIT_INTERNAL
-
-
-def _unexpected(err: Exception) -> str:
-    """The exception's type and where this package's code met it.
-
-    Not its message, nor a traceback: they quote file names and values (``FileNotFoundError:
-    ... '/inbox/DOE^JANE/chest.dcm'``), and a service's stderr goes to the journal, where
-    PHI must not. The type and the line are PHI-free and tell a maintainer where to look;
-    ``--debug`` (a person at a terminal, by choice) shows the full traceback.
-    """
-    frames = [(Path(f.filename).resolve(), f) for f in traceback.extract_tb(err.__traceback__)]
-    ours = [(path, frame) for path, frame in frames if path.is_relative_to(_PACKAGE)]
-    if not ours:  # main() is ours: only for an exception raised without a traceback
-        return f"unexpected {type(err).__name__}"
-    path, frame = ours[-1]
-    module = path.relative_to(_PACKAGE.parent).as_posix()
-    return f"unexpected {type(err).__name__} in {module}:{frame.lineno} ({frame.name})"
 
 
 def _parser() -> argparse.ArgumentParser:

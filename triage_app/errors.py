@@ -7,6 +7,8 @@ ones instead.
 
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
 from typing import ClassVar
 
 
@@ -69,6 +71,13 @@ class CorruptPixelDataError(InputError):
 
 class UnsupportedPhotometricError(InputError):
     code = "unsupported_photometric"
+
+
+class ProcessingFailedError(InputError):
+    """Triage failed on this file in a way no check foresaw (a bug, or a file unlike any
+    anticipated): it is set aside like any refused input, and the batch goes on."""
+
+    code = "processing_failed"
 
 
 class UnprocessableImageError(InputError):
@@ -214,3 +223,25 @@ class InboxInUseError(TriageError):
     would triage every file twice and race to move it. Refused at start-up."""
 
     code = "inbox_in_use"
+
+
+# --- Unexpected errors ---------------------------------------------------------------------------
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def describe_unexpected(err: BaseException) -> str:
+    """An unexpected exception's type and where this package's code met it, e.g.
+    ``unexpected KeyError in triage_app/pipeline.py:212 (_run)``.
+
+    Not its message, nor a traceback: they quote file names and values (``FileNotFoundError:
+    ... '/inbox/DOE^JANE/chest.dcm'``), and logs and stderr must carry no PHI. The type and the
+    line are PHI-free and tell a maintainer where to look.
+    """
+    frames = [(Path(f.filename).resolve(), f) for f in traceback.extract_tb(err.__traceback__)]
+    ours = [(path, frame) for path, frame in frames if path.is_relative_to(_PACKAGE)]
+    if not ours:
+        return f"unexpected {type(err).__name__}"
+    path, frame = ours[-1]
+    module = path.relative_to(_PACKAGE.parent).as_posix()
+    return f"unexpected {type(err).__name__} in {module}:{frame.lineno} ({frame.name})"

@@ -39,7 +39,13 @@ from triage_app.dicom.deidentify import (
 from triage_app.dicom.deidentify.configure import deid_config
 from triage_app.dicom.deidentify.files import encode
 from triage_app.dicom.pseudonym import case_id_for, pseudonymous_uid
-from triage_app.errors import InputError, InvalidDicomError, UnprocessableImageError
+from triage_app.errors import (
+    InputError,
+    InvalidDicomError,
+    ProcessingFailedError,
+    UnprocessableImageError,
+    describe_unexpected,
+)
 from triage_app.escalation.envelope import Payload
 from triage_app.escalation.phi_gate import IdentifyingValues, audit_payload
 from triage_app.inputs import file_sha256
@@ -130,6 +136,11 @@ class TriagePipeline:
             return self._run(path)
         except InputError as err:
             return FailedInput(path, err.code, err.message, file_sha256(path))
+        except Exception as exc:  # noqa: BLE001 - one file's failure never stops a batch
+            where = describe_unexpected(exc)
+            log.error("triage failed on one input: %s", where)
+            failed = ProcessingFailedError(f"triage failed on this file: {where}")
+            return FailedInput(path, failed.code, failed.message, file_sha256(path))
 
     def _run(self, path: str) -> CaseResult:
         manifest = self.classifier.manifest
