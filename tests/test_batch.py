@@ -1,21 +1,33 @@
-"""``batch``: recording a queued case when another process has moved it on already, and
-recording a refused file once."""
+"""``batch``: recording a queued case when another process has moved it on already, keeping
+a case held when the outbox cannot take it, and recording a refused file once."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import resource
+import signal
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from tests.escalation.conftest import (
+    Central,
     Device,
     device_identity,
     link_for,
     start_central_server,
     triage,
+    write_identified_phantoms,
 )
 from triage_app.batch import record_queued, triage_and_record
 from triage_app.central.certificates import make_self_signed
 from triage_app.config import Settings
+from triage_app.held_release import lazy_triage, release_held
+from triage_app.results import CaseResult
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore
 
@@ -61,3 +73,61 @@ def test_a_refused_file_is_recorded_once_until_its_bytes_change(tmp_path: Path) 
         hashlib.sha256(first).hexdigest(),
         hashlib.sha256(notes.read_bytes()).hexdigest(),
     ]
+
+
+@contextmanager
+def files_cannot_grow_beyond(limit_bytes: int) -> Iterator[None]:
+    """Writes past ``limit_bytes`` of any file fail (EFBIG, "File too large"), as writes on a
+    full disk fail with ENOSPC: the same write of the spool file, refused by the system."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+@pytest.mark.expect_log_warnings  # the ALARMs
+def test_a_case_the_disk_cannot_take_stays_held_the_batch_goes_on_and_it_is_released_later(
+    central: Central, device: Device, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = device.settings(central)  # far below its byte quota
+    paths = [path for path, _ in write_identified_phantoms(tmp_path / "scans", (0, 2))]
+    with link_for(settings) as link:
+        queue = link.queue
+        assert queue is not None
+        # The case store's log starts empty, so only the envelopes (over 250 kB) hit the limit.
+        conn = sqlite3.connect(settings.case_store_path)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+        with files_cannot_grow_beyond(192 * 1024):
+            outcomes = list(triage_and_record(paths, settings, queue=queue))
+        assert link.outbox.items() == []
+
+    assert len(outcomes) == 2, "the batch went on after the first case"
+    for outcome in outcomes:
+        assert isinstance(outcome, CaseResult) and outcome.escalation is not None
+        assert outcome.escalation.state == "held"
+        assert "File too large: held on this device" in (outcome.escalation.detail or "")
+    alarms = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.ERROR and r.getMessage().startswith("ALARM: ")
+    ]
+    assert len(alarms) == 2 and all("stays held on this device" in a for a in alarms)
+    with CaseStore.open(settings.case_store_path) as store:
+        held = store.case_ids(CaseState.ESCALATION_HELD)
+        assert sorted(held) == sorted(o.case_id for o in outcomes if isinstance(o, CaseResult))
+
+        # Room again (here: the limit lifted): a release queues them, as the services do.
+        with link_for(settings) as link:
+            queue = link.queue
+            assert queue is not None
+            report = release_held(store, queue, lazy_triage(settings))
+            assert sorted(i.case_id for i in link.outbox.items()) == sorted(held)
+        assert (report.released, report.still_held) == (2, 0)
+        assert store.case_ids(CaseState.QUEUED) == held

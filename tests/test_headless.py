@@ -198,3 +198,20 @@ def test_the_runtime_releases_a_case_held_by_a_full_outbox_once_a_delivery_makes
 
         wait_until(queued, timeout_s=15, interval_s=0.1, what="the held case queued")
         assert [i.case_id for i in runtime.link.outbox.items()] == [first.case_id, second.case_id]
+
+
+def test_health_is_failing_once_the_uploader_thread_is_gone(
+    central: Central, device: Device
+) -> None:
+    port = free_port()
+    settings = device.settings(central, **central.public_keys())
+    with ServiceRuntime(settings, metrics_port=port) as runtime:
+        assert runtime.uploader is not None
+        wait_until(lambda: probe_health(port, 1.0)[0] == 0, what="the health endpoint")
+        alive = probe_health(port, 5.0)
+        runtime.uploader.stop()  # however it ends, escalations no longer leave the device
+        gone = probe_health(port, 5.0)
+
+    assert alive == (0, "ok"), alive
+    code, line = gone
+    assert code == 1 and line == "failing: uploader: uploader thread not running", line

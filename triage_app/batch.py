@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 
 from triage_app.config import Settings
-from triage_app.errors import IllegalTransitionError, QueueFullError
+from triage_app.errors import IllegalTransitionError, OutboxError
 from triage_app.escalation.outbox import OutboxItem
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.logs import configure_logging
@@ -172,11 +172,17 @@ def record_outcome(
 
 
 def _enqueue(store: CaseStore, result: CaseResult, queue: EscalationQueue) -> CaseResult:
-    """Seal and queue a held case; a full outbox leaves it held, loudly."""
+    """Seal and queue a held case; an outbox that cannot take it leaves it held, loudly.
+
+    Full (the byte quota) or failing (a full disk below the quota, an I/O error, a database
+    it cannot write): either way the case is recorded held already, and nothing is lost by
+    keeping it so; the held cases are released later (``held_release``). The batch, and a
+    service's loop, go on with the next file instead of stopping on it.
+    """
     assert result.escalation is not None and result.payload is not None
     try:
         item = enqueue_held(store, queue, result.case_id, result.payload, reason=result.reason)
-    except QueueFullError as err:
+    except OutboxError as err:  # QueueFullError, or the disk or database failing
         log.error("ALARM: %s; case %s stays held on this device", err.message, result.case_id)
         held = replace(result.escalation, detail=f"{err.message}: held on this device")
         return replace(result, escalation=held)
@@ -192,7 +198,9 @@ def enqueue_held(
     The one way a held case enters the outbox, whether just triaged or released later (see
     ``held_release``). The outbox commits first: a crash in between leaves a held case that is
     already queued, which the next release (or the uploader, when it claims it) records, and
-    the outbox never takes a case twice. Raises ``QueueFullError`` with nothing changed.
+    the outbox never takes a case twice. Raises ``QueueFullError`` when the quota is reached,
+    or ``OutboxError`` when the disk or database fails (a full disk below the quota), with
+    nothing queued either way.
     """
     item = queue.enqueue(case_id, payload, reason=reason)
     record_queued(store, item)

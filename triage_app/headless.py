@@ -36,6 +36,7 @@ from triage_app.metrics import (
     MetricsServer,
     QueueFigures,
     ServiceMetrics,
+    alive_check,
     disk_check,
     heartbeat_check,
     link_check,
@@ -108,8 +109,10 @@ class ServiceRuntime:
         if self.link is not None:
             self._store = CaseStore.open(self.settings.case_store_path)
         if self.link is not None and self._with_uploader:
-            self.uploader = BackgroundUploader(self.settings)
-            self.uploader.start()
+            uploader = self.uploader = BackgroundUploader(self.settings)
+            uploader.start()
+            # Escalations wait for this thread: /health is failing once it is gone.
+            self.checks["uploader"] = alive_check(lambda: uploader.running, "uploader thread")
         self.refresh(force=True)
         if self._server is not None:
             self._server.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,47 @@ def test_when_the_link_comes_back_waiting_cases_go_without_waiting_out_their_bac
         c.case_id for c in cases
     )
     assert central.deliveries() == {c.case_id: 1 for c in cases}
+
+
+@pytest.mark.expect_log_warnings  # the ALARMs
+def test_the_background_uploader_outlives_a_damaged_key_file_and_delivers_once_it_is_gone(
+    start_central: StartCentral,
+    device: Device,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    central = start_central()
+    central.register(device.identity)
+    settings = device.settings(central).with_values(escalation__retry_cap_s=1.0)
+    kept = central_keys_path(settings.data_dir)
+    kept.write_text('{"server_public_key": ', encoding="utf-8")  # cut short by a crash
+
+    def alarms() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.ERROR and r.getMessage().startswith("ALARM: the uploader")
+        ]
+
+    uploader = BackgroundUploader(settings)
+    uploader.start()
+    try:
+        wait_until(lambda: len(alarms()) >= 2, timeout_s=30, what="it to fail, wait, fail again")
+        alive_after_failures = uploader.running
+        assert all("KeyFileError key_invalid" in alarm for alarm in alarms())
+        assert alive_after_failures
+        kept.unlink()  # as the alarm's message says: delete it to fetch the keys again
+        wait_until(kept.exists, timeout_s=30, what="the server's keys fetched and kept")
+        with link_for(settings) as link:
+            (case,) = queue_cases(link, tmp_path / "scans", (0,))
+
+            def delivered() -> bool:
+                item = link.outbox.get(case.case_id)
+                return item is not None and item.state is OutboxState.DELIVERED
+
+            wait_until(delivered, timeout_s=30, what="the delivery")
+        alive_after_delivery = uploader.running
+    finally:
+        uploader.stop()
+    assert alive_after_delivery
+    assert central.deliveries() == {case.case_id: 1}

@@ -34,6 +34,7 @@ from triage_app.escalation.outbox import (
     Outbox,
     OutboxItem,
     OutboxState,
+    SpoolFileDamagedError,
 )
 from triage_app.store import CaseStore
 
@@ -133,7 +134,7 @@ def test_the_outbox_shares_the_case_store_file_without_touching_its_schema(db: P
     conn = sqlite3.connect(db)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT value FROM outbox_meta").fetchall() == [(1,)]
+        assert conn.execute("SELECT value FROM outbox_meta").fetchall() == [(2,)]
     finally:
         conn.close()
 
@@ -211,21 +212,101 @@ def test_to_json_is_what_queue_list_prints(outbox: Outbox):
 # --- state rules ---------------------------------------------------------------------------------
 
 
-def test_outcomes_need_an_in_flight_case(outbox: Outbox):
+def test_a_failure_needs_an_in_flight_case(outbox: Outbox):
     enqueue(outbox, 1)
-    with pytest.raises(OutboxError, match="pending, not in_flight"):
-        outbox.mark_delivered(cid(1), RECEIPT)
     with pytest.raises(OutboxError, match="pending, not in_flight"):
         outbox.mark_failed(cid(1), "timeout", T0)
     with pytest.raises(OutboxError, match="not quarantined"):
         outbox.retry(cid(1))
     outbox.claim_next("w", 60, now=T0)
-    outbox.mark_delivered(cid(1), RECEIPT)
+    outbox.mark_delivered(cid(1), RECEIPT, owner="w")
     with pytest.raises(OutboxError, match="delivered, not in_flight"):
-        outbox.mark_delivered(cid(1), RECEIPT)
+        outbox.mark_failed(cid(1), "late", T0)
     with pytest.raises(OutboxError, match="delivered"):
         outbox.quarantine(cid(1), "late")
     assert state_of(outbox, 1) is OutboxState.DELIVERED
+
+
+def test_a_second_receipt_for_a_delivered_case_is_success_and_the_first_is_kept(
+    outbox: Outbox,
+):
+    enqueue(outbox, 1)
+    outbox.claim_next("w", 60, now=T0)
+    assert outbox.mark_delivered(cid(1), RECEIPT, owner="w", now=T0) is True
+    second = json.dumps({"receipt": {"deliveries": 2}, "signature": "c2ln"})
+
+    assert outbox.mark_delivered(cid(1), second, owner="w", now=T0 + timedelta(seconds=1)) is False
+
+    item = outbox.get(cid(1))
+    assert item is not None and item.state is OutboxState.DELIVERED
+    assert (item.receipt, item.delivered_at) == (RECEIPT, "2026-11-22T10:00:00.000+00:00")
+
+
+def two_senders_on_one_case(outbox: Outbox) -> OutboxItem:
+    """Sender "a" claims case 1 for 30 s and outlasts its lease; sender "b" takes it over."""
+    enqueue(outbox, 1)
+    assert outbox.claim_next("a", 30, now=T0) is not None
+    taken = outbox.claim_next("b", 30, now=T0 + timedelta(seconds=31))
+    assert taken is not None and taken.lease_owner == "b"
+    return taken
+
+
+def test_a_late_failure_or_quarantine_leaves_the_new_senders_lease_alone(outbox: Outbox):
+    taken = two_senders_on_one_case(outbox)
+    late = T0 + timedelta(seconds=40)
+
+    assert outbox.mark_failed(cid(1), "timeout", late, owner="a", now=late) is False
+    assert outbox.quarantine(cid(1), "damaged", owner="a", now=late) is False
+
+    assert outbox.get(cid(1)) == taken, "still b's, in flight, lease and attempts unchanged"
+    assert outbox.claim_next("c", 30, now=late) is None
+    assert outbox.mark_delivered(cid(1), RECEIPT, owner="b", now=late) is True
+    assert state_of(outbox, 1) is OutboxState.DELIVERED
+
+
+def test_a_late_failure_cannot_undo_a_delivery(outbox: Outbox):
+    two_senders_on_one_case(outbox)
+    outbox.mark_delivered(cid(1), RECEIPT, owner="b", now=T0 + timedelta(seconds=32))
+
+    assert outbox.mark_failed(cid(1), "reset", T0, owner="a") is False
+
+    assert state_of(outbox, 1) is OutboxState.DELIVERED
+
+
+def test_a_receipt_counts_even_from_a_sender_that_lost_its_lease(outbox: Outbox):
+    two_senders_on_one_case(outbox)
+    late = T0 + timedelta(seconds=35)
+
+    # The server's signed receipt says it holds the case, whoever holds the lease now.
+    assert outbox.mark_delivered(cid(1), RECEIPT, owner="a", now=late) is True
+    # The sender that took over then gets the same receipt: success, not an error.
+    assert outbox.mark_delivered(cid(1), RECEIPT, owner="b", now=late) is False
+    assert outbox.mark_failed(cid(1), "reset", late, owner="b", now=late) is False
+    delivered = outbox.get(cid(1))
+    assert delivered is not None and delivered.state is OutboxState.DELIVERED
+    assert delivered.lease_owner is None
+
+
+def test_only_the_holder_renews_a_lease_and_a_renewed_lease_is_not_taken_over(outbox: Outbox):
+    enqueue(outbox, 1)
+    assert outbox.claim_next("a", 30, now=T0) is not None
+    renewer = outbox.lease_renewer()
+    try:
+        assert renewer.renew(cid(1), "a", 30, now=T0 + timedelta(seconds=20)) is True
+        renewed = outbox.get(cid(1))
+        assert renewed is not None and renewed.lease_until == "2026-11-22T10:00:50.000+00:00"
+        # Past the first lease, within the renewed one: nobody else gets the case.
+        assert outbox.claim_next("b", 30, now=T0 + timedelta(seconds=45)) is None
+        assert renewer.renew(cid(1), "b", 30, now=T0 + timedelta(seconds=45)) is False
+
+        taken = outbox.claim_next("b", 30, now=T0 + timedelta(seconds=50))
+        assert taken is not None and taken.lease_owner == "b"
+        assert renewer.renew(cid(1), "a", 30, now=T0 + timedelta(seconds=51)) is False
+        assert outbox.get(cid(1)) == taken
+        outbox.mark_delivered(cid(1), RECEIPT, owner="b")
+        assert renewer.renew(cid(1), "b", 30) is False
+    finally:
+        renewer.close()
 
 
 def test_unknown_cases_are_refused(outbox: Outbox):
@@ -346,8 +427,8 @@ def test_expired_lease_is_reclaimed(outbox: Outbox):
     assert reclaimed.lease_until == "2026-11-22T10:01:00.000+00:00"
     assert reclaimed.attempts == 1
     assert reclaimed.last_error is not None and "lease expired" in reclaimed.last_error
-    # The dead sender's late report still lands (the server treats repeats as the same case).
-    outbox.mark_delivered(cid(1), RECEIPT)
+    # The dead sender's late receipt still lands (the server treats repeats as the same case).
+    assert outbox.mark_delivered(cid(1), RECEIPT, owner="dead-sender") is True
     assert state_of(outbox, 1) is OutboxState.DELIVERED
 
 
@@ -379,21 +460,46 @@ def test_a_dead_senders_lease_is_released_at_once(outbox: Outbox):
 
 
 @pytest.mark.expect_log_warnings
-def test_due_now_cuts_short_the_backoff_of_waiting_cases_only(outbox: Outbox):
-    enqueue(outbox, 1)
-    enqueue(outbox, 2)
-    enqueue(outbox, 3)
+def test_due_now_cuts_short_only_the_waits_for_the_link(outbox: Outbox):
+    for n in (1, 2, 3, 4):
+        enqueue(outbox, n)
     outbox.claim_next("w", 60, now=T0)
-    outbox.mark_failed(cid(1), "offline", T0 + timedelta(minutes=1), now=T0)
+    outbox.mark_failed(cid(1), "offline", T0 + timedelta(minutes=1), wait_for_link=True, now=T0)
     outbox.claim_next("w", 60, now=T0)
-    outbox.mark_failed(cid(2), "offline", T0 + timedelta(minutes=1), now=T0)
+    outbox.mark_failed(cid(2), "offline", T0 + timedelta(minutes=1), wait_for_link=True, now=T0)
     outbox.claim_next("w", 60, now=T0)
     outbox.quarantine(cid(3), "refused", now=T0)
+    outbox.claim_next("w", 60, now=T0)
+    # The server answered 503 with Retry-After: 120; the link was fine.
+    outbox.mark_failed(cid(4), "HTTP 503", T0 + timedelta(minutes=2), now=T0)
 
     assert outbox.due_now(now=T0 + timedelta(seconds=1)) == 2
 
     assert claim_all(outbox, T0 + timedelta(seconds=1)) == [cid(1), cid(2)]
     assert state_of(outbox, 3) is OutboxState.QUARANTINED
+    waiting = outbox.get(cid(4))
+    assert waiting is not None and waiting.state is OutboxState.PENDING
+    assert waiting.next_attempt_at == "2026-11-22T10:02:00.000+00:00"
+
+
+def test_an_outbox_of_the_first_schema_is_migrated_with_its_queue(db: Path, spool: Path):
+    """Rows queued by the previous version keep their place; none waits for the link."""
+    with Outbox.open(db, spool, quota_bytes=QUOTA) as outbox:
+        enqueue(outbox, 1)
+    conn = sqlite3.connect(db)
+    try:  # back to schema 1, as the previous version left it
+        conn.execute("ALTER TABLE outbox DROP COLUMN wait_for_link")
+        conn.execute("UPDATE outbox_meta SET value = 1 WHERE key = 'schema_version'")
+        conn.commit()
+    finally:
+        conn.close()
+
+    with Outbox.open(db, spool, quota_bytes=QUOTA) as outbox:
+        assert [i.case_id for i in outbox.items()] == [cid(1)]
+        outbox.claim_next("w", 60, now=T0)
+        outbox.mark_failed(cid(1), "offline", T0 + timedelta(minutes=1), now=T0)
+        assert outbox.due_now(now=T0) == 0
+        assert outbox.envelope(cid(1)) == env(1)
 
 
 @pytest.mark.expect_log_warnings
@@ -531,7 +637,7 @@ def test_open_quarantines_a_case_whose_file_was_lost(db: Path, spool: Path, capl
         assert lost.state is OutboxState.QUARANTINED
         assert lost.quarantine_reason == "spool file missing or damaged"
         assert state_of(outbox, 2) is OutboxState.PENDING
-        with pytest.raises(OutboxError, match="cannot be read"):
+        with pytest.raises(SpoolFileDamagedError, match="is missing"):
             outbox.retry(cid(1))
         assert state_of(outbox, 1) is OutboxState.QUARANTINED
     assert any("quarantined" in r.getMessage() for r in caplog.records)
@@ -541,7 +647,7 @@ def test_a_spool_file_of_the_wrong_size_is_never_sent(outbox: Outbox, spool: Pat
     enqueue(outbox, 1)
     path = spool / f"{cid(1)}.env"
     path.write_bytes(path.read_bytes()[:-1])
-    with pytest.raises(OutboxError, match="damaged"):
+    with pytest.raises(SpoolFileDamagedError, match="damaged"):
         outbox.envelope(cid(1))
 
 

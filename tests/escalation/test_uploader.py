@@ -9,12 +9,20 @@ past a backoff without waiting for it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
+import resource
+import sqlite3
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -38,13 +46,16 @@ from tests.fault_proxy import FaultProxy
 from tests.helpers import run_cli, wait_until
 from triage_app.central.certificates import make_self_signed
 from triage_app.central.storage import DICOM_FILE, RESULT_FILE
-from triage_app.config import save_settings
+from triage_app.config import Settings, save_settings
 from triage_app.errors import TransportError
+from triage_app.escalation.connectivity import ConnectivityState
 from triage_app.escalation.envelope import Payload, open_envelope
-from triage_app.escalation.outbox import SPOOL_SUFFIX, OutboxItem, OutboxState
+from triage_app.escalation.outbox import SPOOL_SUFFIX, Outbox, OutboxItem, OutboxState
 from triage_app.escalation.receipt import verify_receipt
+from triage_app.escalation.server_keys import central_keys_path
 from triage_app.escalation.service import EscalationLink
 from triage_app.escalation.transport import CentralClient
+from triage_app.escalation.uploader import Attempt, Uploader, UploaderConfig
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore
 
@@ -863,3 +874,441 @@ def test_one_case_the_central_model_cannot_read_does_not_stop_the_other_verdicts
 
             assert store_state(link, readable.case_id) is CaseState.VERDICT_RECEIVED
             assert uploader.connectivity.snapshot().online is True
+
+
+# --- 10. Two senders on one outbox (the GUI and a service share it) ------------------------------
+
+
+class SenderThread:
+    """Another sender on the device, as another process would be: a link of its own (outbox
+    connection, client, case store) in a thread of its own, sending the next case once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        lease_s: float = 60.0,
+    ) -> None:
+        self.owner: str | None = None
+        self.attempt: Attempt | None = None
+        self.error: BaseException | None = None
+        self._settings = settings
+        self._clock = clock
+        self._lease_s = lease_s
+        self._thread = threading.Thread(target=self._send, name="other-sender")
+        self._thread.start()
+
+    def _send(self) -> None:
+        try:
+            with (
+                link_for(self._settings) as link,
+                make_uploader(link, clock=self._clock, lease_s=self._lease_s) as uploader,
+            ):
+                self.owner = uploader.owner
+                self.attempt = uploader.send_next()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test, which fails on it
+            self.error = exc
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def result(self, timeout_s: float = 60.0) -> Attempt:
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), "the send did not end"
+        assert self.error is None, f"the send raised {self.error!r}"
+        assert self.attempt is not None, "the sender found nothing to send"
+        return self.attempt
+
+
+def an_hour_later() -> FakeClock:
+    """The clock of a sender for which every lease taken now has run out (as when the
+    sender holding it was suspended and renewed nothing)."""
+    clock = FakeClock()
+    clock.advance(3600)
+    return clock
+
+
+def test_a_long_upload_keeps_its_lease_so_no_other_sender_sends_the_case_again(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    central.register(device.identity)
+    lease_s = 1.0  # renewed every third of it: a renewal may come late without losing it
+    with FaultProxy("127.0.0.1", central.port) as proxy:
+        keys = central.public_keys()
+        slow = device.settings(central, url=proxied_url(proxy), **keys)
+        with link_for(device.settings(central, **keys)) as link:
+            (case,) = queue_cases(link, tmp_path / "in", (0,))
+            proxy.delay(0.4)  # every chunk waits: the upload lasts several leases
+            started = time.monotonic()
+            first = SenderThread(slow, lease_s=lease_s)
+            wait_until(lambda: proxy.bytes_up > 0, what="the upload to begin")
+            tries: list[Attempt | None] = []
+            with make_uploader(link, lease_s=lease_s) as other:
+                while first.running:
+                    tries.append(other.send_next())
+                    time.sleep(lease_s / 4)
+            attempt = first.result()
+            took = time.monotonic() - started
+
+    assert took > 2.5 * lease_s, f"the upload took {took:.1f} s: not much longer than its lease"
+    assert len(tries) >= 10 and tries == [None] * len(tries), "another sender got the case"
+    assert (attempt.outcome, attempt.deliveries) == ("delivered", 1)
+    assert central.deliveries() == {case.case_id: 1}
+
+
+def test_a_receipt_that_comes_after_another_sender_delivered_the_case_is_success(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    central.register(device.identity)
+    with FaultProxy("127.0.0.1", central.port) as proxy:
+        keys = central.public_keys()
+        slow = device.settings(central, url=proxied_url(proxy), **keys)
+        with link_for(device.settings(central, **keys)) as link:
+            (case,) = queue_cases(link, tmp_path / "in", (0,))
+            proxy.delay(0.3)
+            first = SenderThread(slow)
+            wait_until(lambda: proxy.bytes_up > 0, what="the first upload to begin")
+            with make_uploader(link, clock=an_hour_later()) as second:
+                taken_over = second.send_next()
+            late = first.result()
+            item = item_of(link, case.case_id)
+            state = store_state(link, case.case_id)
+
+    assert taken_over is not None
+    assert (taken_over.outcome, taken_over.deliveries) == ("delivered", 1)
+    assert (late.outcome, late.deliveries) == ("delivered", 2)
+    assert item.state is OutboxState.DELIVERED and item.receipt is not None
+    assert json.loads(item.receipt)["receipt"]["deliveries"] == 1, "the first receipt is kept"
+    assert state is CaseState.DELIVERED
+    assert central.deliveries() == {case.case_id: 2}
+
+
+def test_a_late_failure_does_not_end_the_lease_of_the_sender_that_took_the_case_over(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    central.register(device.identity)
+    keys = central.public_keys()
+    with (
+        FaultProxy("127.0.0.1", central.port) as silent,
+        FaultProxy("127.0.0.1", central.port) as slow,
+    ):
+        silent.blackhole()
+        slow.delay(0.3)
+        timeouts = {"escalation.connect_timeout_s": 2.0, "escalation.read_timeout_s": 2.0}
+        cut_off = device.settings(central, url=proxied_url(silent), **keys, **timeouts)
+        slow_but_fine = device.settings(central, url=proxied_url(slow), **keys)
+        with link_for(device.settings(central, **keys)) as link:
+            (case,) = queue_cases(link, tmp_path / "in", (0,))
+            first = SenderThread(cut_off)
+            wait_until(lambda: silent.connections > 0, what="the first sender to connect")
+            second = SenderThread(slow_but_fine, clock=an_hour_later())
+            wait_until(lambda: slow.bytes_up > 0, what="the second upload to begin")
+            failed = first.result()
+            while_second_sends = item_of(link, case.case_id)
+            assert second.running, "the second upload outlasts the first one's timeout"
+            delivered = second.result()
+
+    assert (failed.outcome, failed.detail) == ("lease_lost", "another sender took the case over")
+    assert while_second_sends.state is OutboxState.IN_FLIGHT
+    assert while_second_sends.lease_owner == second.owner
+    assert (delivered.outcome, delivered.deliveries) == ("delivered", 1)
+    assert central.deliveries() == {case.case_id: 1}
+
+
+def test_a_case_another_sender_delivers_between_claim_and_read_is_no_error(
+    central: Central, device: Device, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    central.register(device.identity)
+    settings = device.settings(central, **central.public_keys())
+    with link_for(settings) as link, link_for(settings) as other_link:
+        (case,) = queue_cases(link, tmp_path / "in", (1,))
+        with (
+            make_uploader(link) as uploader,
+            make_uploader(other_link, clock=an_hour_later()) as other,
+        ):
+            mirror_sending = uploader._store_sending
+            others: list[Attempt | None] = []
+
+            def other_sender_delivers_meanwhile(item: OutboxItem) -> None:
+                # The window between the claim and the read of the spool file is a moment
+                # wide; the other sender's whole delivery is put into it.
+                mirror_sending(item)
+                others.append(other.send_next())
+
+            monkeypatch.setattr(uploader, "_store_sending", other_sender_delivers_meanwhile)
+            attempt = uploader.send_next()
+
+        assert [a.outcome if a else None for a in others] == ["delivered"]
+        assert attempt == Attempt(case.case_id, "delivered", "delivered by another sender")
+        assert item_of(link, case.case_id).state is OutboxState.DELIVERED
+        assert store_state(link, case.case_id) is CaseState.DELIVERED
+    assert central.deliveries() == {case.case_id: 1}
+
+
+# --- 11. Verdicts polled by two uploaders -------------------------------------------------------
+
+
+def test_two_uploaders_polling_one_case_store_skip_the_verdicts_the_other_recorded(
+    start_central: StartCentral, device: Device, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    central = start_central(model=True)
+    central.register(device.identity)
+    settings = device.settings(central, **central.public_keys())
+    with link_for(settings) as link, link_for(settings) as other_link:
+        cases = queue_cases(link, tmp_path / "in", (1, 2))
+        with make_uploader(link) as uploader, make_uploader(other_link) as other:
+            assert [a.outcome for a in uploader.drain()] == ["delivered", "delivered"]
+            assert central.worker.wait_idle(60)
+            asked: list[str] = []
+            other_got: list[int] = []
+            get_verdict = link.client.get_verdict
+
+            def the_other_polls_first(case_id: str, headers: Any) -> Any:
+                if not asked:  # both are listed as delivered already: the other records them
+                    other_got.append(other.poll_verdicts())
+                asked.append(case_id)
+                return get_verdict(case_id, headers)
+
+            monkeypatch.setattr(link.client, "get_verdict", the_other_polls_first)
+            got = uploader.poll_verdicts()
+
+    assert (got, other_got) == (0, [2])
+    assert sorted(asked) == sorted(c.case_id for c in cases), "each case asked, none stopped it"
+    for case in cases:
+        assert store_path_of(link, case.case_id).count("verdict_received") == 1
+        assert store_state(link, case.case_id) is CaseState.VERDICT_RECEIVED
+
+
+# --- 12. A server that answers is online; Retry-After holds ------------------------------------
+
+
+@pytest.mark.expect_log_warnings  # the server logs its storage failure
+def test_an_overloaded_server_is_not_probed_into_being_sent_the_case_again(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    central.register(device.identity)
+    settings = device.settings(central, **central.public_keys())
+    with link_for(settings) as link:
+        (case,) = queue_cases(link, tmp_path / "in", (1,))
+        # A file where the case folder must go: storing fails, 503 with Retry-After: 30.
+        central.store.case_dir(case.case_id).write_bytes(b"")
+    connectivity = ConnectivityState()
+    stop = threading.Event()
+
+    def run() -> None:
+        with link_for(settings) as own:
+            assert own.keys is not None
+            uploader = Uploader(
+                outbox=own.outbox,
+                client=own.client,
+                device=own.device,
+                keys=own.keys,
+                store_path=settings.case_store_path,
+                config=UploaderConfig(probe_s=0.1, verdict_poll_s=60.0),
+                connectivity=connectivity,
+            )
+            with uploader:
+                uploader.run(stop, idle_s=0.05)
+
+    runner = threading.Thread(target=run, name="uploader")
+    runner.start()
+    try:
+        with link_for(settings) as link:
+            wait_until(lambda: item_of(link, case.case_id).attempts >= 1, what="the first try")
+            time.sleep(2.0)  # twenty probe intervals
+            item = item_of(link, case.case_id)
+    finally:
+        stop.set()
+        runner.join(30)
+
+    assert item.attempts == 1, "posted again before the server's Retry-After"
+    assert item.last_error is not None and "HTTP 503" in item.last_error
+    tried = datetime.fromisoformat(item.updated_at)
+    assert datetime.fromisoformat(item.next_attempt_at) - tried >= timedelta(seconds=29.9)
+    seen = connectivity.snapshot()
+    assert (seen.online, seen.last_error) == (True, None), "the server answered: link is up"
+    assert central.store.count() == 0
+
+
+@pytest.mark.expect_log_warnings  # the server logs its storage failure
+def test_when_the_link_is_back_only_the_cases_that_waited_for_it_go_at_once(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    central.register(device.identity)
+    with FaultProxy("127.0.0.1", central.port) as proxy:
+        settings = device.settings(central, url=proxied_url(proxy), **central.public_keys())
+        with link_for(settings) as link:
+            queue_cases(link, tmp_path / "in", (1, 2))
+            overloaded, cut_off = (item.case_id for item in link.outbox.items())
+            central.store.case_dir(overloaded).write_bytes(b"")  # 503, Retry-After: 30
+            clock = FakeClock()  # stands still: no wait runs out by itself
+            with make_uploader(link, clock=clock, retry_cap_s=3600.0) as uploader:
+                answered = uploader.send_next()
+                assert answered is not None and answered.case_id == overloaded
+                assert "HTTP 503" in answered.detail
+                assert uploader.connectivity.snapshot().online is True
+                proxy.refuse()
+                proxy.kill_connections()  # not the pooled one either
+                unanswered = uploader.send_next()
+                assert unanswered is not None and unanswered.case_id == cut_off
+                assert uploader.connectivity.snapshot().online is False
+
+                proxy.pass_through()
+                assert uploader.probe() is True
+                attempts = uploader.drain()
+
+            assert [(a.case_id, a.outcome) for a in attempts] == [(cut_off, "delivered")]
+            waiting = item_of(link, overloaded)
+            assert waiting.attempts == 1
+            assert datetime.fromisoformat(waiting.next_attempt_at) >= clock() + timedelta(
+                seconds=29.9
+            )
+    assert central.deliveries() == {cut_off: 1}
+
+
+# --- 13. Faults that are not the network ---------------------------------------------------------
+
+
+@contextmanager
+def no_free_file_descriptors() -> Iterator[None]:
+    """Every descriptor this process may open is taken (EMFILE), as under a descriptor leak."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = [int(entry.name) for entry in Path("/proc/self/fd").iterdir()]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(in_use) + 1, hard))
+    fillers: list[int] = []
+    try:
+        while True:  # fill the gaps below the limit too
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as err:
+                if err.errno != errno.EMFILE:
+                    raise
+                break
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.expect_log_warnings  # the ALARM
+def test_a_spool_file_that_cannot_be_read_now_is_retried_not_quarantined(
+    central: Central, device: Device, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    central.register(device.identity)
+    settings = device.settings(central, **central.public_keys())
+    with link_for(settings) as link:
+        (case,) = queue_cases(link, tmp_path / "in", (1,))
+        clock = FakeClock()
+        with make_uploader(link, clock=clock) as uploader:
+            with no_free_file_descriptors():
+                attempt = uploader.send_next()
+
+            assert attempt is not None and attempt.outcome == "retry", attempt
+            assert "Too many open files" in attempt.detail
+            item = item_of(link, case.case_id)
+            assert (item.state, item.attempts) == (OutboxState.PENDING, 1)
+            assert datetime.fromisoformat(item.next_attempt_at) > clock()
+            assert store_state(link, case.case_id) is CaseState.QUEUED
+            assert any("cannot be read now" in text for text in alarms(caplog, logging.ERROR))
+
+            clock.advance_past(item.next_attempt_at)
+            attempt = uploader.send_next()
+
+            assert attempt is not None
+            assert (attempt.outcome, attempt.deliveries) == ("delivered", 1)
+    assert central.deliveries() == {case.case_id: 1}
+
+
+def run_in_thread(target: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=target, name="uploader")
+    thread.start()
+    return thread
+
+
+@pytest.mark.expect_log_warnings  # the ALARM
+def test_a_pass_that_fails_is_an_alarm_and_the_uploader_goes_on_once_the_fault_is_gone(
+    central: Central, device: Device, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    central.register(device.identity)
+    settings = device.settings(central, **central.public_keys())
+    connectivity = ConnectivityState()
+    stop = threading.Event()
+
+    def serve() -> None:
+        with link_for(settings) as own:
+            # A short busy timeout: the locked database fails a pass at once, not after 10 s.
+            own.outbox.close()
+            own.outbox = Outbox.open(
+                settings.case_store_path,
+                settings.outbox_dir,
+                quota_bytes=settings.queue_quota_bytes,
+                busy_timeout_s=0.1,
+            )
+            with own.uploader() as uploader:
+                uploader.connectivity = connectivity
+                uploader.run(stop, idle_s=0.05)
+
+    runner = run_in_thread(serve)
+    try:
+        wait_until(lambda: connectivity.snapshot().online is True, what="the uploader to start")
+        locker = sqlite3.connect(settings.case_store_path, isolation_level=None)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")  # e.g. a backup or a stuck process holds it
+            wait_until(lambda: alarms(caplog, logging.ERROR), timeout_s=10, what="the pass's ALARM")
+            assert runner.is_alive()
+        finally:
+            locker.close()
+        with link_for(settings) as link:
+            (case,) = queue_cases(link, tmp_path / "in", (1,))
+
+            def delivered() -> bool:
+                return item_of(link, case.case_id).state is OutboxState.DELIVERED
+
+            wait_until(delivered, timeout_s=30, what="the delivery after the fault")
+        assert runner.is_alive()
+    finally:
+        stop.set()
+        runner.join(30)
+    [alarm, *_] = alarms(caplog, logging.ERROR)
+    assert alarm.startswith("ALARM: an uploader pass failed (OutboxError outbox_error: ")
+    assert "database is locked" in alarm
+    assert central.deliveries() == {case.case_id: 1}
+
+
+@pytest.mark.expect_log_warnings  # the ALARM
+def test_server_keys_that_cannot_be_kept_do_not_stop_the_uploader(
+    central: Central, device: Device, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    central.register(device.identity)
+    settings = device.settings(central)  # keys fetched and kept: the uploader refreshes them
+    with link_for(settings) as link:
+        (case,) = queue_cases(link, tmp_path / "in", (1,))
+    stop = threading.Event()
+
+    def serve() -> None:
+        with link_for(settings) as own:
+            kept = central_keys_path(settings.data_dir)
+            kept.unlink()
+            kept.mkdir()  # the next refresh cannot write the keys there (IsADirectoryError)
+            with own.uploader() as uploader:
+                uploader.run(stop, idle_s=0.05)
+
+    runner = run_in_thread(serve)
+    try:
+        with link_for(settings.with_values(**central.public_keys())) as link:
+
+            def delivered() -> bool:
+                return item_of(link, case.case_id).state is OutboxState.DELIVERED
+
+            wait_until(delivered, timeout_s=30, what="the delivery")
+        assert runner.is_alive()
+    finally:
+        stop.set()
+        runner.join(30)
+    refresh_alarms = [a for a in alarms(caplog, logging.ERROR) if "keys not refreshed" in a]
+    assert len(refresh_alarms) == 1 and "IsADirectoryError" in refresh_alarms[0]
+    assert str(settings.data_dir) not in refresh_alarms[0], "no paths in the log"
+    assert central.deliveries() == {case.case_id: 1}

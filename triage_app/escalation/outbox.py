@@ -29,9 +29,17 @@ Why this shape:
   nothing is deleted by age; delivered cases keep their row as history, only their spool file goes.
 * **Leases.** :meth:`Outbox.claim_next` hands a case to one sender for ``lease_s`` seconds. If the
   sender dies, the lease runs out and the case can be claimed again; that reclaim counts as a
-  failed attempt, so a case that keeps killing its sender shows a growing ``attempts``. The
-  ``mark_*`` calls do not check the owner: whoever finishes reports the outcome (the server treats
-  a repeated delivery as the same case).
+  failed attempt, so a case that keeps killing its sender shows a growing ``attempts``. A live
+  sender keeps its lease with :meth:`LeaseRenewer.renew` while its upload lasts. The outcome
+  calls take the owner that claimed the case, because a sender whose lease ran out (a suspended
+  process) may report after another one took the case over: a verified receipt always counts
+  (:meth:`Outbox.mark_delivered`; the server's receipt is idempotent, so a second one for a
+  delivered case is no error), but a failure or quarantine from a sender that no longer holds the
+  lease changes nothing, so it cannot end the lease of the sender now sending the case.
+* **Waiting for the link.** A case whose attempt failed because the network was down is marked
+  ``wait_for_link``; when the link is back, :meth:`Outbox.due_now` makes only those due at once.
+  A case that the server itself asked to wait (``Retry-After``, 5xx) keeps its time: a server
+  that is up but overloaded must not be hit again because a health probe succeeded.
 
 Privacy: rows hold case ids, hashes, sizes and one-line error texts, never payload; the log says
 case ids and states only.
@@ -64,10 +72,12 @@ from triage_app.sqlite_wal import enable_wal
 
 __all__ = [
     "ESCALATION_PRIORITY",
+    "LeaseRenewer",
     "Outbox",
     "OutboxItem",
     "OutboxState",
     "OutboxStatus",
+    "SpoolFileDamagedError",
 ]
 
 log = logging.getLogger(__name__)
@@ -116,7 +126,18 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX outbox_queue ON outbox (state, priority, seq)",
     ),
+    # 1 when the case waits because the network was down (see ``Outbox.due_now``).
+    ("ALTER TABLE outbox ADD COLUMN wait_for_link INTEGER NOT NULL DEFAULT 0",),
 )
+
+
+class SpoolFileDamagedError(OutboxError):
+    """The spool file is missing, has the wrong size or bytes, or holds another envelope.
+
+    Unlike the other outbox errors of a read (a descriptor limit, an I/O error, a busy
+    database), this one does not go away by trying again later: the uploader quarantines the
+    case. Same ``code`` as :class:`OutboxError`; the class is what tells them apart.
+    """
 
 
 class OutboxState(StrEnum):
@@ -274,11 +295,21 @@ class Outbox:
     instance per process and thread.
     """
 
-    def __init__(self, conn: sqlite3.Connection, spool_dir: Path, quota_bytes: int) -> None:
-        """Wrap an already configured connection; use :meth:`open` instead."""
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        spool_dir: Path,
+        quota_bytes: int,
+        *,
+        db_path: Path,
+        busy_timeout_s: float = _DEFAULT_BUSY_TIMEOUT_S,
+    ) -> None:
+        """Wrap an already configured connection to ``db_path``; use :meth:`open` instead."""
         self._conn = conn
         self._spool = spool_dir
         self._quota = quota_bytes
+        self._db_path = db_path
+        self._busy_timeout_s = busy_timeout_s
         self._remover = _SpoolRemover()
 
     @classmethod
@@ -320,7 +351,9 @@ class Outbox:
                 if journal != "wal":
                     raise OutboxError(f"outbox: {db_path} cannot use WAL mode (got {journal!r})")
                 conn.execute("PRAGMA synchronous=FULL")
-                outbox = cls(conn, spool_dir, quota_bytes)
+                outbox = cls(
+                    conn, spool_dir, quota_bytes, db_path=db_path, busy_timeout_s=busy_timeout_s
+                )
                 outbox._migrate()
                 outbox._tidy_spool()
             except BaseException:
@@ -332,6 +365,11 @@ class Outbox:
         self.wait_for_removals()
         with _sqlite_errors("close the database"):
             self._conn.close()
+
+    def lease_renewer(self) -> LeaseRenewer:
+        """A handle for extending leases from another thread (it opens its own connection
+        there, on first use: connections belong to the thread that made them)."""
+        return LeaseRenewer(self._db_path, self._busy_timeout_s)
 
     def wait_for_removals(self) -> None:
         """Return once the spool files of the cases delivered so far are gone (they are removed
@@ -500,9 +538,22 @@ class Outbox:
         return item
 
     def mark_delivered(
-        self, case_id: str, receipt_json: str, *, now: datetime | None = None
-    ) -> None:
-        """Record the verified receipt of an in-flight case, then delete its spool file.
+        self,
+        case_id: str,
+        receipt_json: str,
+        *,
+        owner: str | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """Record the verified receipt of a case, then delete its spool file; False (and nothing
+        changes) when it was recorded delivered already.
+
+        The receipt is the server's signed word that it holds this very payload, so it counts
+        whoever holds the lease now and whatever the case's state (pending after another
+        sender's failure, or even quarantined): ``owner`` (the sender that claimed the case) may
+        have lost its lease to another sender during a long upload, and the other sender's own
+        report then finds the case delivered, which is success too (the server's receipt is
+        idempotent; the first one recorded is kept). ``owner`` only changes what is logged.
 
         The row stays as history; the file goes only after the commit (on a helper thread:
         :meth:`wait_for_removals`), so a crash in between leaves a file that the next
@@ -514,49 +565,88 @@ class Outbox:
             raise OutboxError(f"outbox: the receipt for case {case_id} is not JSON") from exc
         at = _iso(now or datetime.now(UTC))
         with self._write(f"mark case {case_id} delivered"):
-            self._require(case_id, OutboxState.IN_FLIGHT, "deliver")
+            row = self._existing_row(case_id)
+            if row["state"] == OutboxState.DELIVERED:
+                log.info("outbox: case %s was recorded delivered already", case_id)
+                return False
             self._conn.execute(
                 "UPDATE outbox SET state = ?, delivered_at = ?, receipt_json = ?, updated_at = ?,"
                 " lease_owner = NULL, lease_until = NULL WHERE case_id = ?",
                 (OutboxState.DELIVERED, at, receipt_json, at, case_id),
             )
         self._remover.remove(self._path(case_id))
-        log.info("outbox: case %s delivered", case_id)
+        if owner is not None and row["lease_owner"] != owner:
+            log.info("outbox: case %s delivered after another sender took it over", case_id)
+        else:
+            log.info("outbox: case %s delivered", case_id)
+        return True
 
     def mark_failed(
-        self, case_id: str, error: str, retry_at: datetime, *, now: datetime | None = None
-    ) -> None:
+        self,
+        case_id: str,
+        error: str,
+        retry_at: datetime,
+        *,
+        owner: str | None = None,
+        wait_for_link: bool = False,
+        now: datetime | None = None,
+    ) -> bool:
         """Put an in-flight case back in the queue until ``retry_at`` (backoff); attempts + 1.
 
         ``error`` is kept as ``last_error`` (one line; it must not contain payload).
+        ``wait_for_link`` says the attempt failed because the network was down, so that
+        :meth:`due_now` may cut the wait short once the link is back.
+
+        ``owner`` is the sender that claimed the case: if it no longer holds the lease (its
+        lease ran out and another sender took the case over, or that one already reported),
+        nothing changes and the result is False, so a late failure cannot end the other
+        sender's lease or undo its delivery. ``None`` is for a caller that is the only sender
+        (tools, demos): the case must then be in flight, else :class:`OutboxError`.
         """
         retry = _iso(retry_at)
         at = _iso(now or datetime.now(UTC))
         with self._write(f"mark case {case_id} failed"):
-            self._require(case_id, OutboxState.IN_FLIGHT, "mark failed")
+            if not self._holds(case_id, owner, "mark failed"):
+                return False
             self._conn.execute(
                 "UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?,"
-                " next_attempt_at = ?, updated_at = ?, lease_owner = NULL, lease_until = NULL"
-                " WHERE case_id = ?",
-                (OutboxState.PENDING, _one_line(error), retry, at, case_id),
+                " next_attempt_at = ?, updated_at = ?, lease_owner = NULL, lease_until = NULL,"
+                " wait_for_link = ? WHERE case_id = ?",
+                (OutboxState.PENDING, _one_line(error), retry, at, int(wait_for_link), case_id),
             )
         log.info("outbox: case %s failed, retry at %s", case_id, retry)
+        return True
 
-    def quarantine(self, case_id: str, reason: str, *, now: datetime | None = None) -> None:
-        """Take a pending or in-flight case out of the queue for good (until an admin retries).
+    def quarantine(
+        self,
+        case_id: str,
+        reason: str,
+        *,
+        owner: str | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """Take a case out of the queue for good (until an admin retries); the file is kept
+        for the admin. For envelopes the server refused permanently, or that are damaged.
 
-        For envelopes the server refused permanently; the file is kept for the admin.
+        With ``owner`` (the sender that claimed it), only while that sender still holds the
+        lease; otherwise nothing changes and the result is False, as for :meth:`mark_failed`.
+        Without, a pending or in-flight case is taken (an admin, a tool), else
+        :class:`OutboxError`.
         """
         text = _one_line(reason)
         at = _iso(now or datetime.now(UTC))
         with self._write(f"quarantine case {case_id}"):
-            self._require(case_id, (OutboxState.PENDING, OutboxState.IN_FLIGHT), "quarantine")
+            if owner is None:
+                self._require(case_id, (OutboxState.PENDING, OutboxState.IN_FLIGHT), "quarantine")
+            elif not self._holds(case_id, owner, "quarantine"):
+                return False
             self._conn.execute(
                 "UPDATE outbox SET state = ?, quarantined_at = ?, quarantine_reason = ?,"
                 " updated_at = ?, lease_owner = NULL, lease_until = NULL WHERE case_id = ?",
                 (OutboxState.QUARANTINED, at, text, at, case_id),
             )
         log.warning("outbox: case %s quarantined: %s", case_id, text)
+        return True
 
     def retry(self, case_id: str, *, now: datetime | None = None) -> OutboxItem:
         """Admin action: put a quarantined case back in the queue, due now, attempts reset.
@@ -604,12 +694,17 @@ class Outbox:
         return released
 
     def due_now(self, *, now: datetime | None = None) -> int:
-        """Make every waiting case due at once (the link is back: no point waiting out backoff)."""
+        """Make the cases that wait because the link was down due at once (it is back: no
+        point waiting out their backoff); return how many.
+
+        Only those: a case the server answered with 429/5xx waits for the server, not for the
+        link, and keeps its time (never sooner than the server's ``Retry-After``).
+        """
         at = _iso(now or datetime.now(UTC))
         with self._write("make waiting cases due"):
             changed = self._conn.execute(
                 "UPDATE outbox SET next_attempt_at = ?, updated_at = ?"
-                " WHERE state = ? AND next_attempt_at > ?",
+                " WHERE state = ? AND next_attempt_at > ? AND wait_for_link = 1",
                 (at, at, OutboxState.PENDING, at),
             ).rowcount
         return int(changed)
@@ -710,20 +805,46 @@ class Outbox:
             raise UnknownQueuedCaseError(f"outbox: case {case_id} is not in the queue")
         return item
 
+    def _existing_row(self, case_id: str) -> sqlite3.Row:
+        """The case's row, or :class:`UnknownQueuedCaseError`."""
+        row = self._row(case_id)
+        if row is None:
+            raise UnknownQueuedCaseError(f"outbox: case {case_id} is not in the queue")
+        return row
+
     def _require(
         self, case_id: str, states: OutboxState | tuple[OutboxState, ...], action: str
     ) -> sqlite3.Row:
         """The case's row, inside the current transaction, if its state allows ``action``."""
         allowed = states if isinstance(states, tuple) else (states,)
-        row = self._row(case_id)
-        if row is None:
-            raise UnknownQueuedCaseError(f"outbox: case {case_id} is not in the queue")
+        row = self._existing_row(case_id)
         if row["state"] not in allowed:
             wanted = " or ".join(s.value for s in allowed)
             raise OutboxError(
                 f"outbox: cannot {action} case {case_id}: it is {row['state']}, not {wanted}"
             )
         return row
+
+    def _holds(self, case_id: str, owner: str | None, action: str) -> bool:
+        """Whether ``owner`` still holds the case's lease (inside the current transaction).
+
+        ``None`` (a caller that is the only sender) requires only that the case is in flight.
+        A case taken over by another sender, or reported already, is False and logged: the
+        caller's lease ran out while it worked.
+        """
+        if owner is None:
+            self._require(case_id, OutboxState.IN_FLIGHT, action)
+            return True
+        row = self._existing_row(case_id)
+        if row["state"] == OutboxState.IN_FLIGHT and row["lease_owner"] == owner:
+            return True
+        log.info(
+            "outbox: not going to %s case %s: the sender's lease is gone (the case is %s)",
+            action,
+            case_id,
+            row["state"],
+        )
+        return False
 
     def _queued_bytes(self) -> int:
         """Bytes of the envelopes still on disk (everything but delivered cases)."""
@@ -745,14 +866,17 @@ class Outbox:
             )
 
     def _map_file(self, item: OutboxItem) -> memoryview:
-        """The spool file's bytes (mapped, read-only) if it has the size enqueued; else
-        :class:`OutboxError`."""
+        """The spool file's bytes (mapped, read-only) if it has the size enqueued.
+
+        :class:`SpoolFileDamagedError` when the file is missing or has another size;
+        :class:`OutboxError` when it cannot be read now (descriptors, I/O), which may pass.
+        """
         try:
             fd = os.open(self._path(item.case_id), os.O_RDONLY | os.O_CLOEXEC)
             try:
                 size = os.fstat(fd).st_size
                 if size != item.size_bytes:
-                    raise OutboxError(f"outbox: the envelope of case {item.case_id} is damaged")
+                    raise _damaged(item)
                 try:
                     return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
                 except OSError:  # a filesystem that cannot map files: read them instead
@@ -760,17 +884,21 @@ class Outbox:
             finally:
                 os.close(fd)
             if len(data) != item.size_bytes:
-                raise OutboxError(f"outbox: the envelope of case {item.case_id} is damaged")
+                raise _damaged(item)
             return memoryview(data).toreadonly()
+        except FileNotFoundError as exc:
+            raise SpoolFileDamagedError(
+                f"outbox: the envelope of case {item.case_id} is missing"
+            ) from exc
         except OSError as exc:
             raise OutboxError(
                 f"outbox: the envelope of case {item.case_id} cannot be read: {exc.strerror or exc}"
             ) from exc
 
     def _check_file(self, item: OutboxItem) -> None:
-        """:class:`OutboxError` unless the spool file's bytes are the ones enqueued."""
+        """:class:`SpoolFileDamagedError` unless the spool file's bytes are the ones enqueued."""
         if hashlib.sha256(self._map_file(item)).hexdigest() != item.envelope_sha256:
-            raise OutboxError(f"outbox: the envelope of case {item.case_id} is damaged")
+            raise _damaged(item)
 
     def _migrate(self) -> None:
         """Apply the pending outbox migrations, one transaction each, with the version row."""
@@ -841,6 +969,48 @@ class Outbox:
             log.info("outbox: removed %d spool files without a queued case", removed)
         for case_id in lost:
             log.warning("outbox: case %s quarantined: spool file missing or damaged", case_id)
+
+
+class LeaseRenewer:
+    """Extends a sender's leases from a helper thread, on a connection of its own.
+
+    Made by :meth:`Outbox.lease_renewer` in the sender's thread, used and closed in the helper
+    thread: the connection is opened on the first :meth:`renew` (most uploads end long before a
+    renewal is due, and pay nothing for it).
+    """
+
+    def __init__(self, db_path: Path, busy_timeout_s: float) -> None:
+        self._db_path = db_path
+        self._busy_timeout_s = busy_timeout_s
+        self._conn: sqlite3.Connection | None = None
+
+    def renew(
+        self, case_id: str, owner: str, lease_s: float, *, now: datetime | None = None
+    ) -> bool:
+        """Extend ``owner``'s lease on the case to ``lease_s`` from ``now``; False when it no
+        longer holds it (taken over, or reported meanwhile): nothing changes then."""
+        until = _iso((now or datetime.now(UTC)) + timedelta(seconds=lease_s))
+        with _sqlite_errors(f"renew the lease on case {case_id}"):
+            if self._conn is None:
+                self._conn = sqlite3.connect(
+                    self._db_path, timeout=self._busy_timeout_s, isolation_level=None
+                )
+            changed = self._conn.execute(
+                "UPDATE outbox SET lease_until = ? WHERE case_id = ? AND state = ?"
+                " AND lease_owner = ?",
+                (until, case_id, OutboxState.IN_FLIGHT, owner),
+            ).rowcount
+        return changed == 1
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with _sqlite_errors("close the lease connection"):
+                self._conn.close()
+            self._conn = None
+
+
+def _damaged(item: OutboxItem) -> SpoolFileDamagedError:
+    return SpoolFileDamagedError(f"outbox: the envelope of case {item.case_id} is damaged")
 
 
 def _check_case_id(case_id: str) -> None:

@@ -101,6 +101,17 @@ def retry_after_of(error: BaseException) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+def http_status_of(error: BaseException) -> int | None:
+    """The HTTP status a transport error came with, or ``None`` when no answer came (network
+    trouble, a timeout, a certificate that is not the pinned one).
+
+    An answer, whatever its status, means the link to the server works: the uploader keeps
+    "offline" for errors without one.
+    """
+    value = getattr(error, "status", None)
+    return value if isinstance(value, int) else None
+
+
 def normalize_fingerprint(value: str) -> str:
     """Lower-case hex without colons or spaces; raises ``ConfigError`` unless it is SHA-256."""
     cleaned = "".join(value.split()).replace(":", "").lower()

@@ -2,14 +2,20 @@
 
 Runs in the background of the GUI, the watch service and the receiver, or alone as
 ``triage-app queue drain [--follow]``. Each attempt claims one envelope with a lease (so a
-crashed sender's case is picked up again, and two senders never send the same one), posts it,
-and acts on the answer:
+crashed sender's case is picked up again, and two senders never send the same one), keeps the
+lease alive while the upload lasts, posts it, and acts on the answer:
 
 * a receipt that verifies → the outbox marks the case delivered and deletes the envelope;
 * 408/429/5xx, a network error, or a receipt that does not verify → back to pending with a
   full-jitter delay (never shorter than ``Retry-After``);
 * any other 4xx → quarantined with an alarm, until an admin retries it;
-* a certificate that is not the pinned one → nothing is sent, the case stays queued, alarm.
+* a certificate that is not the pinned one → nothing is sent, the case stays queued, alarm;
+* a spool file that cannot be read now (descriptors, I/O, a busy database) → retried later with
+  an alarm; only a file that is really damaged is quarantined.
+
+Any answer from the server, whatever its status, means the link works: only errors without
+one (refused, reset, timed out) make the link "offline", and only the cases they left waiting
+go at once when it is back. A case the server asked to wait keeps its time.
 
 The outbox is the truth about delivery; the case store mirrors it as state history for the
 GUI, and is brought back in line at start if a crash fell between the two.
@@ -24,13 +30,18 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable
+import traceback
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from triage_app.errors import (
     CertificatePinError,
+    ConfigError,
     EnvelopeError,
     IllegalTransitionError,
     OutboxError,
@@ -38,21 +49,38 @@ from triage_app.errors import (
     ReceiptError,
     StoreError,
     TransportError,
+    TriageError,
 )
-from triage_app.escalation.backoff import next_delay
+from triage_app.escalation.backoff import backoff_ceiling, next_delay
 from triage_app.escalation.connectivity import ConnectivityState
 from triage_app.escalation.envelope import check_sealed
 from triage_app.escalation.keys import DeviceIdentity
-from triage_app.escalation.outbox import Outbox, OutboxItem, OutboxState
-from triage_app.escalation.receipt import sign_request, verify_receipt
+from triage_app.escalation.outbox import (
+    LeaseRenewer,
+    Outbox,
+    OutboxItem,
+    OutboxState,
+    SpoolFileDamagedError,
+)
+from triage_app.escalation.receipt import Receipt, sign_request, verify_receipt
 from triage_app.escalation.server_keys import CentralKeys
-from triage_app.escalation.transport import CentralClient, retry_after_of
+from triage_app.escalation.transport import (
+    CentralClient,
+    PostOutcome,
+    http_status_of,
+    retry_after_of,
+)
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_S = 300.0
+# A sending lease is renewed when this fraction of it has passed: two renewals can fail (a busy
+# database) before another sender could take the case over.
+_RENEW_FRACTION = 1 / 3
+# How long the lease keeper's thread waits for the next send before it ends.
+_KEEPER_IDLE_S = 1.0
 # Events that bring a case in the store to SENDING from where a crash may have left it.
 _TO_SENDING: dict[CaseState, tuple[CaseEvent, ...]] = {
     CaseState.ESCALATION_HELD: (CaseEvent.ENQUEUE, CaseEvent.START_SEND),
@@ -69,7 +97,9 @@ class Attempt:
     """What one delivery attempt did (for the CLI's progress lines and for tests)."""
 
     case_id: str
-    outcome: str  # delivered | retry | quarantined | pin_mismatch
+    # delivered | retry | quarantined | pin_mismatch | lease_lost (another sender took the
+    # case over while this one worked: it is that sender's to report)
+    outcome: str
     detail: str
     deliveries: int | None = None  # the server's count, once delivered
 
@@ -80,9 +110,19 @@ class UploaderConfig:
     lease_s: float = DEFAULT_LEASE_S
     verdict_poll_s: float = 15.0
     key_refresh_s: float = 3600.0  # how often a following uploader asks for the server's keys
-    # While offline, how often to ask the server's health: when the link is back, waiting
-    # cases go at once instead of each waiting out its backoff (up to the retry cap).
+    # While offline, how often to ask the server's health: when the link is back, the cases
+    # that waited for it go at once instead of each waiting out its backoff (up to the cap).
     probe_s: float = 5.0
+
+
+@dataclass
+class _Schedule:
+    """When :meth:`Uploader.run` next refreshes the keys, probes the link and polls verdicts
+    (``time.monotonic()``; 0: at the first pass)."""
+
+    refresh_at: float = 0.0
+    probe_at: float = 0.0
+    poll_at: float = 0.0
 
 
 class Uploader:
@@ -115,6 +155,9 @@ class Uploader:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._store: CaseStore | None = None
         self._refresh_keys = refresh_keys
+        self._keeper = _LeaseKeeper(outbox, self.owner, self.config.lease_s, self._clock)
+        # An uploader dropped without ``with`` (a script, a benchmark) stops its helper too.
+        weakref.finalize(self, self._keeper.close)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -125,6 +168,7 @@ class Uploader:
         return self
 
     def __exit__(self, *_: object) -> None:
+        self._keeper.close()
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -148,16 +192,18 @@ class Uploader:
         )
         if item is None:
             return None
-        self._store_sending(item)
+        with self._keeper.kept(item.case_id):
+            self._store_sending(item)
+            return self._send(item)
+
+    def _send(self, item: OutboxItem) -> Attempt:
+        """Read, post and report one claimed case (its lease kept meanwhile)."""
         try:
             envelope = self._envelope(item)
-        except (OutboxError, EnvelopeError) as err:
-            # A damaged spool file cannot be sent or repaired here; set it aside for the admin
-            # instead of stopping the queue behind it.
-            self.outbox.quarantine(item.case_id, f"damaged envelope: {err.message}")
-            self._store_event(item.case_id, CaseEvent.QUARANTINE, "damaged envelope")
-            log.error("ALARM: the envelope of case %s is damaged; quarantined", item.case_id)
-            return Attempt(item.case_id, "quarantined", f"{err.code}: {err.message}")
+        except (SpoolFileDamagedError, EnvelopeError) as err:
+            return self._set_aside(item, err)
+        except OutboxError as err:
+            return self._unreadable(item, err)
         try:
             outcome = self.client.post_case(item.case_id, envelope)
             receipt = verify_receipt(
@@ -169,44 +215,63 @@ class Uploader:
             )
         except CertificatePinError as err:
             log.error("ALARM: central server certificate is not the pinned one: %s", err.message)
-            return self._retry(item, err, "pin_mismatch")
+            # The pinned server was not reached: for the queue that is a link down.
+            self.connectivity.mark_failure(err.code, err.message, self._clock())
+            return self._retry(item, err, "pin_mismatch", wait_for_link=True)
         except PermanentRejectionError as err:
             self.connectivity.mark_success(self._clock())  # the server answered
             return self._quarantine(item, err)
         except ReceiptError as err:
             log.error("ALARM: the receipt for case %s does not verify: %s", item.case_id,
                       err.message)  # fmt: skip
+            self.connectivity.mark_success(self._clock())  # the server answered
             return self._retry(item, err, "retry")
         except TransportError as err:
-            return self._retry(item, err, "retry")
+            return self._retry(item, err, "retry", wait_for_link=self._link_trouble(err))
+        return self._delivered(item, outcome, receipt)
+
+    def _delivered(self, item: OutboxItem, outcome: PostOutcome, receipt: Receipt) -> Attempt:
         self.outbox.mark_delivered(
-            item.case_id, json.dumps(outcome.body, sort_keys=True), now=self._clock()
+            item.case_id,
+            json.dumps(outcome.body, sort_keys=True),
+            owner=self.owner,
+            now=self._clock(),
         )
-        self._store_event(item.case_id, CaseEvent.DELIVER, f"receipt from {receipt.server_id}")
+        self._store_delivered(item.case_id, f"receipt from {receipt.server_id}")
         was_offline = self.connectivity.snapshot().online is False
         self.connectivity.mark_success(self._clock())
         if was_offline:
-            # The link is back: the cases still waiting out their backoff go now too.
+            # The link is back: the cases still waiting for it go now too.
             self.outbox.due_now(now=self._clock())
         log.info("case %s delivered (server count %d)", item.case_id, receipt.deliveries)
         return Attempt(item.case_id, "delivered", receipt.server_id, receipt.deliveries)
 
-    def _retry(self, item: OutboxItem, err: TransportError | ReceiptError, kind: str) -> Attempt:
+    def _retry(
+        self, item: OutboxItem, err: TriageError, kind: str, *, wait_for_link: bool = False
+    ) -> Attempt:
+        """Give the case back to the queue with a backoff (never shorter than the server's
+        ``Retry-After``); ``wait_for_link``: it failed because the network is down."""
         now = self._clock()
-        if not isinstance(err, ReceiptError):
-            self.connectivity.mark_failure(err.code, err.message, now)
         delay = next_delay(
             item.attempts, retry_after_of(err), cap_s=self.config.retry_cap_s, rng=self._rng
         )
-        self.outbox.mark_failed(
-            item.case_id, f"{err.code}: {err.message}", now + timedelta(seconds=delay), now=now
+        detail = f"{err.code}: {err.message}"
+        given_back = self.outbox.mark_failed(
+            item.case_id,
+            detail,
+            now + timedelta(seconds=delay),
+            owner=self.owner,
+            wait_for_link=wait_for_link,
+            now=now,
         )
+        if not given_back:
+            return self._lease_lost(item)
         self._store_event(item.case_id, CaseEvent.SEND_FAILED, err.code)
         self._store_event(item.case_id, CaseEvent.RETRY, f"next attempt in {delay:.1f} s")
         log.info(
             "case %s not delivered (%s); next attempt in %.1f s", item.case_id, err.code, delay
         )
-        return Attempt(item.case_id, kind, f"{err.code}: {err.message}")
+        return Attempt(item.case_id, kind, detail)
 
     def _envelope(self, item: OutboxItem) -> memoryview:
         """The case's envelope, if it is this device's envelope for this case and payload and
@@ -214,17 +279,67 @@ class Uploader:
         envelope = self.outbox.envelope(item)
         header = check_sealed(envelope, self.device.public_key())
         if header.case_id != item.case_id or header.payload_sha256 != item.payload_sha256:
-            raise OutboxError(f"outbox: the envelope of case {item.case_id} is not the one queued")
+            raise SpoolFileDamagedError(
+                f"outbox: the envelope of case {item.case_id} is not the one queued"
+            )
         return envelope
+
+    def _set_aside(self, item: OutboxItem, err: SpoolFileDamagedError | EnvelopeError) -> Attempt:
+        """A damaged spool file cannot be sent or repaired here; set it aside for the admin
+        instead of stopping the queue behind it."""
+        reason = f"damaged envelope: {err.message}"
+        if not self.outbox.quarantine(item.case_id, reason, owner=self.owner, now=self._clock()):
+            return self._lease_lost(item)
+        self._store_event(item.case_id, CaseEvent.QUARANTINE, "damaged envelope")
+        log.error("ALARM: the envelope of case %s is damaged; quarantined", item.case_id)
+        return Attempt(item.case_id, "quarantined", f"{err.code}: {err.message}")
+
+    def _unreadable(self, item: OutboxItem, err: OutboxError) -> Attempt:
+        """The spool file could not be read now (a descriptor limit, an I/O error, a busy
+        database): nothing says it is damaged, so it is tried again after a backoff. Or another
+        sender delivered the case between the claim and the read: then that is the outcome."""
+        attempt = self._retry(item, err, "retry")
+        if attempt.outcome == "retry":
+            log.error(
+                "ALARM: the envelope of case %s cannot be read now (%s); it stays queued",
+                item.case_id,
+                err.message,
+            )
+        return attempt
 
     def _quarantine(self, item: OutboxItem, err: PermanentRejectionError) -> Attempt:
         code = str(getattr(err, "server_code", err.code))
         reason = f"{code}: {getattr(err, 'server_message', err.message)}"
-        self.outbox.quarantine(item.case_id, reason, now=self._clock())
+        if not self.outbox.quarantine(item.case_id, reason, owner=self.owner, now=self._clock()):
+            return self._lease_lost(item)
         self._store_event(item.case_id, CaseEvent.QUARANTINE, reason)
         log.warning("ALARM: case %s refused by the central server and quarantined (%s)",
                     item.case_id, code)  # fmt: skip
         return Attempt(item.case_id, "quarantined", reason)
+
+    def _lease_lost(self, item: OutboxItem) -> Attempt:
+        """The lease ran out during this attempt and another sender took the case over (this
+        process was suspended, or the renewals failed): its outcome is that sender's to report.
+        If that sender has delivered it already, so be it."""
+        current = self.outbox.get(item.case_id)
+        if current is not None and current.state is OutboxState.DELIVERED:
+            self._store_delivered(item.case_id, "delivered by another sender")
+            log.info("case %s was delivered by another sender meanwhile", item.case_id)
+            return Attempt(item.case_id, "delivered", "delivered by another sender")
+        log.info("case %s was taken over by another sender; left to it", item.case_id)
+        return Attempt(item.case_id, "lease_lost", "another sender took the case over")
+
+    def _link_trouble(self, err: TransportError) -> bool:
+        """Record what a transport error says about the link; True when it is down.
+
+        An HTTP answer of any status (a 503, a 429) proves the link works: the server is
+        unwell, not unreachable, and its ``Retry-After`` is what decides the wait.
+        """
+        if http_status_of(err) is None:
+            self.connectivity.mark_failure(err.code, err.message, self._clock())
+            return True
+        self.connectivity.mark_success(self._clock())
+        return False
 
     # --- loops ----------------------------------------------------------------------------------
 
@@ -246,34 +361,67 @@ class Uploader:
         on_attempt: Callable[[Attempt], None] | None = None,
         idle_s: float = 1.0,
     ) -> None:
-        """Send and poll until ``stop`` is set (``queue drain --follow``, background threads)."""
-        next_poll = next_refresh = next_probe = 0.0
+        """Send and poll until ``stop`` is set (``queue drain --follow``, background threads).
+
+        Each pass (refresh the keys, send one case or probe the link, poll the verdicts)
+        survives whatever goes wrong in it: an unexpected error is logged as an ALARM and the
+        next pass waits, twice as long after each failure in a row up to the retry cap. A
+        lasting fault (a locked or damaged database, a full disk, a bug) is then neither a hot
+        loop nor a thread that died without anyone noticing, and the queue moves again as soon
+        as the fault is gone.
+        """
+        schedule = _Schedule()
+        failures = 0
         while not stop.is_set():
-            if self._refresh_keys is not None and time.monotonic() >= next_refresh:
-                self._refresh()
-                next_refresh = time.monotonic() + self.config.key_refresh_s
-            attempt = self.send_next()
-            if attempt is not None:
-                if on_attempt is not None:
-                    on_attempt(attempt)
-                continue
-            # Offline, or just started (unknown): a sender restarted after an outage must not
-            # leave cases waiting out backoffs drawn while the link was down.
-            if self.connectivity.snapshot().online is not True and time.monotonic() >= next_probe:
-                next_probe = time.monotonic() + self.config.probe_s
-                if self.probe():
-                    continue
-            if time.monotonic() >= next_poll:
-                self.poll_verdicts()
-                next_poll = time.monotonic() + self.config.verdict_poll_s
-            stop.wait(min(idle_s, self._seconds_to_next_due()))
+            try:
+                wait_s = self._pass(schedule, on_attempt, idle_s)
+            except Exception as exc:  # noqa: BLE001 - the thread's loop outlives a failed pass
+                wait_s = backoff_ceiling(failures, cap_s=self.config.retry_cap_s)
+                failures += 1
+                log.error(
+                    "ALARM: an uploader pass failed (%s); next pass in %.0f s",
+                    describe_failure(exc),
+                    wait_s,
+                )
+            else:
+                failures = 0
+            if wait_s > 0:
+                stop.wait(wait_s)
+
+    def _pass(
+        self, schedule: _Schedule, on_attempt: Callable[[Attempt], None] | None, idle_s: float
+    ) -> float:
+        """One turn of :meth:`run`; how long to wait before the next one (0: at once)."""
+        if self._refresh_keys is not None and time.monotonic() >= schedule.refresh_at:
+            schedule.refresh_at = time.monotonic() + self.config.key_refresh_s
+            self._refresh()
+        attempt = self.send_next()
+        if attempt is not None:
+            if on_attempt is not None:
+                on_attempt(attempt)
+            return 0.0
+        # Offline, or just started (unknown): a sender restarted after an outage must not
+        # leave cases waiting out backoffs drawn while the link was down.
+        if (
+            self.connectivity.snapshot().online is not True
+            and time.monotonic() >= schedule.probe_at
+        ):
+            schedule.probe_at = time.monotonic() + self.config.probe_s
+            if self.probe():
+                return 0.0
+        if time.monotonic() >= schedule.poll_at:
+            schedule.poll_at = time.monotonic() + self.config.verdict_poll_s
+            self.poll_verdicts()
+        return min(idle_s, self._seconds_to_next_due())
 
     def probe(self) -> bool:
-        """Ask the server's health; when it answers, make every waiting case due now."""
+        """Ask the server's health; when it is healthy, make the cases that waited for the link
+        due now. An answer that is not healthy still proves the link works, but the waiting
+        cases keep their time: the server would refuse them now anyway."""
         try:
             self.client.health()
         except TransportError as err:
-            self.connectivity.mark_failure(err.code, err.message, self._clock())
+            self._link_trouble(err)
             return False
         self.connectivity.mark_success(self._clock())
         due = self.outbox.due_now(now=self._clock())
@@ -281,12 +429,22 @@ class Uploader:
         return True
 
     def _refresh(self) -> None:
-        """Follow a server key rotation, so new envelopes are sealed to the active key."""
+        """Follow a server key rotation, so new envelopes are sealed to the active key.
+
+        The keys in use stay when the fetch fails: unreachable (tried again later), or keys
+        that are not valid or cannot be kept (an ALARM: that needs a human).
+        """
         assert self._refresh_keys is not None
         try:
             keys = self._refresh_keys()
         except TransportError as err:
             log.info("server keys not refreshed (%s); will try again", err.code)
+            return
+        except (ConfigError, OSError) as err:
+            log.error(
+                "ALARM: server keys not refreshed (%s); the known ones stay in use",
+                describe_failure(err),
+            )
             return
         if keys.server_key.key_id != self.keys.server_key.key_id:
             log.info("central server key is now %s", keys.server_key.key_id)
@@ -315,20 +473,30 @@ class Uploader:
                 # record that as the answer, so the clinician sees it, and go on with the others.
                 code = str(getattr(err, "server_code", err.code))
                 message = str(getattr(err, "server_message", err.message))
-                self._store.record_verdict(
-                    case.case_id, {"verdict": None, "error": {"code": code, "message": message}}
-                )
-                log.warning("central server gives case %s no verdict (%s)", case.case_id, code)
+                failure = {"verdict": None, "error": {"code": code, "message": message}}
+                if self._record_verdict(case.case_id, failure):
+                    log.warning("central server gives case %s no verdict (%s)", case.case_id, code)
                 continue
             except TransportError as err:
-                self.connectivity.mark_failure(err.code, err.message, self._clock())
+                self._link_trouble(err)
                 log.info("verdict poll failed (%s); will try again", err.code)
                 return received
             self.connectivity.mark_success(self._clock())
-            if answer.status == 200:
-                self._store.record_verdict(case.case_id, answer.body)
+            if answer.status == 200 and self._record_verdict(case.case_id, answer.body):
                 received += 1
         return received
+
+    def _record_verdict(self, case_id: str, verdict: dict[str, Any]) -> bool:
+        """Keep a verdict; False when the case has moved on since the listing (another
+        uploader on this case store recorded it first, or it was acknowledged): it is decided
+        already, and the other cases still get theirs."""
+        assert self._store is not None
+        try:
+            self._store.record_verdict(case_id, verdict)
+        except IllegalTransitionError:
+            log.info("case %s has its verdict already (recorded by another uploader)", case_id)
+            return False
+        return True
 
     # --- the case store mirror ------------------------------------------------------------------
 
@@ -339,6 +507,15 @@ class Uploader:
         for event in _TO_SENDING.get(case.state, ()):
             self._store_event(item.case_id, event, "resumed" if event is not CaseEvent.START_SEND
                               else f"attempt {item.attempts + 1}")  # fmt: skip
+
+    def _store_delivered(self, case_id: str, detail: str) -> None:
+        """Record the delivery: from ``sending`` (this attempt) directly; from anywhere else
+        (another sender moved the case meanwhile) by the path :meth:`_store_to` takes."""
+        case = self._store.get(case_id) if self._store is not None else None
+        if case is not None and case.state is CaseState.SENDING:
+            self._store_event(case_id, CaseEvent.DELIVER, detail)
+        else:
+            self._store_to(case_id, CaseState.DELIVERED)
 
     def _store_to(self, case_id: str, target: CaseState) -> None:
         """Apply the events that lead from where the store stands to ``target``."""
@@ -361,6 +538,131 @@ class Uploader:
             if self._store.get(case_id) is not None:
                 raise
             log.debug("case %s is not in this case store (%s)", case_id, err.message)
+
+
+class _LeaseKeeper:
+    """Keeps the lease of the case being sent alive while its upload lasts.
+
+    Why renew rather than bound the upload by a deadline shorter than the lease: how long an
+    upload takes depends on the link, not on the device. A 20 MB case over a slow or shared link
+    can outlast any fixed lease, and a deadline would cut it off at every attempt, so that case
+    would never get through; a connection that stalls is bounded already by the transport's
+    connect and read timeouts. So the lease stays short (a crashed sender's case is taken back
+    soon) and a live sender renews it every third of a lease from a helper thread, which stops
+    renewing when the send ends or when another sender has taken the case over. If this process
+    dies or is suspended, the renewals stop with it and the lease runs out as before.
+
+    One helper thread serves an uploader's sends one after the other: starting a thread per
+    send (about 0.2 ms) would cost more than the rest of a send's bookkeeping. It ends when no
+    send has come for a second (or on :meth:`close`), so an uploader that is dropped without
+    being closed leaves no thread behind, and the next send starts it again. The renewals use
+    a connection of their own, opened only when a renewal is due (:class:`LeaseRenewer`).
+    """
+
+    def __init__(
+        self, outbox: Outbox, owner: str, lease_s: float, clock: Callable[[], datetime]
+    ) -> None:
+        self._outbox = outbox
+        self._owner = owner
+        self._lease_s = lease_s
+        self._clock = clock
+        self._changed = threading.Condition()
+        self._case: str | None = None  # the case being sent, while its lease is kept
+        self._renewed_at = 0.0  # time.monotonic() of the claim or the last renewal
+        self._sends = 0  # counts sends, so a late renewal result is not taken for the next's
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @contextmanager
+    def kept(self, case_id: str) -> Iterator[None]:
+        """Renew ``case_id``'s lease (just claimed) until the block ends."""
+        with self._changed:
+            self._case = case_id
+            self._renewed_at = time.monotonic()
+            self._sends += 1
+            if self._thread is None:
+                self._closed = False
+                self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+                self._thread.start()
+            else:
+                self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._case = None
+
+    def close(self) -> None:
+        """Stop the helper thread (a renewal in progress finishes first)."""
+        with self._changed:
+            self._closed = True
+            thread = self._thread
+            self._changed.notify()
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        renewer = self._outbox.lease_renewer()
+        try:
+            while (due := self._next_due()) is not None:
+                case_id, send = due
+                keep = self._renew(renewer, case_id)
+                with self._changed:
+                    if self._sends == send and self._case == case_id:
+                        self._renewed_at = time.monotonic()
+                        if not keep:
+                            self._case = None
+        except Exception as exc:  # noqa: BLE001 - a helper thread: the send goes on without it
+            log.error("ALARM: the lease keeper stopped (%s)", describe_failure(exc))
+            with self._changed:
+                self._thread = None
+        finally:
+            renewer.close()
+
+    def _next_due(self) -> tuple[str, int] | None:
+        """Wait until the lease of the case being sent is due for renewal: the case and its
+        send number; None when the thread is to end (closed, or no send for a while)."""
+        interval = self._lease_s * _RENEW_FRACTION
+        with self._changed:
+            while not self._closed:
+                if self._case is None:
+                    if not self._changed.wait(_KEEPER_IDLE_S) and self._case is None:
+                        break
+                    continue
+                left = self._renewed_at + interval - time.monotonic()
+                if left <= 0:
+                    return self._case, self._sends
+                self._changed.wait(left)
+            self._thread = None
+            return None
+
+    def _renew(self, renewer: LeaseRenewer, case_id: str) -> bool:
+        """Renew once; False when the lease is gone (another sender has the case now)."""
+        try:
+            renewed = renewer.renew(case_id, self._owner, self._lease_s, now=self._clock())
+        except OutboxError as err:
+            log.warning("lease on case %s not renewed (%s); trying again", case_id, err.message)
+            return True
+        if not renewed:
+            log.info("case %s: another sender has taken it over; lease not renewed", case_id)
+        return renewed
+
+
+def describe_failure(exc: BaseException) -> str:
+    """An unexpected error in a form fit for an ALARM line: its type, its stable code and
+    one-line message (the application's errors name case ids, never patient data) or the
+    system's error text (never a file name), and where it was raised."""
+    if isinstance(exc, TriageError):
+        what = f"{type(exc).__name__} {exc.code}: {exc.message}"
+    elif isinstance(exc, OSError):
+        what = f"{type(exc).__name__}: {exc.strerror or 'no error text'}"
+    else:
+        what = type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return what
+    last = frames[-1]
+    return f"{what}, in {last.name} ({Path(last.filename).name}:{last.lineno})"
 
 
 def _owner_name() -> str:
