@@ -31,11 +31,9 @@ from triage_app.batch import TriagePool, _run_in_worker
 from triage_app.config import Settings
 from triage_app.errors import InboxInUseError
 from triage_app.intake import (
-    MAX_WORKER_CRASHES,
     REASON_SUFFIX,
     RETRY_FIRST_S,
     SIDECAR_SUFFIX,
-    WORKER_CRASHED,
     FiledOutcome,
     FileIdentity,
     Intake,
@@ -43,6 +41,7 @@ from triage_app.intake import (
     Unfiled,
     move_durably,
 )
+from triage_app.ordered_pool import MAX_WORKER_CRASHES, WORKER_CRASHED
 from triage_app.paths import ensure_private_dir, fsync_dir, write_locked_temp
 from triage_app.pipeline import PipelineConfig
 from triage_app.results import CaseResult, FailedInput, InputOutcome

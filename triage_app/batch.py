@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -26,11 +26,20 @@ from triage_app.config import Settings
 from triage_app.errors import IllegalTransitionError, OutboxError
 from triage_app.escalation.outbox import OutboxItem
 from triage_app.escalation.queueing import EscalationQueue
+from triage_app.inputs import file_sha256
 from triage_app.logs import configure_logging
 from triage_app.model.manifest import verify_bundle
+from triage_app.ordered_pool import WORKER_CRASHED, ordered_map
 from triage_app.pipeline import PipelineConfig, TriagePipeline
 from triage_app.policy import ABNORMAL, NORMAL
-from triage_app.results import BLOCKED, QUEUED, CaseResult, EscalationRef, InputOutcome
+from triage_app.results import (
+    BLOCKED,
+    QUEUED,
+    CaseResult,
+    EscalationRef,
+    FailedInput,
+    InputOutcome,
+)
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore
 
@@ -81,18 +90,36 @@ def _warm_up() -> None:
 
 def triage_files(
     files: Sequence[Path], config: PipelineConfig, *, workers: int
-) -> Iterator[InputOutcome]:
-    """Yield one outcome per file, in order. One file (or one worker) runs in this process."""
+) -> Generator[InputOutcome, None, None]:
+    """Yield one outcome per file, in order. One file (or one worker) runs in this process.
+
+    With workers, a worker that dies costs only the file it died on (``ordered_map``).
+    """
     workers = max(1, min(workers, len(files)))
     if workers == 1:
         pipeline = TriagePipeline(config)
         yield from (pipeline.run(path) for path in files)
         return
     verify_bundle(config.bundle_dir)  # fail here, clearly, rather than inside every worker
-    context = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
-    with context.Pool(workers, initializer=_init_worker, initargs=(config, level)) as pool:
-        yield from pool.imap(_run_in_worker, files, chunksize=4)
+
+    def new_executor() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(config, level),
+        )
+
+    yield from ordered_map(
+        new_executor, _run_in_worker, files, window=4 * workers, crashed=worker_crashed_input
+    )
+
+
+def worker_crashed_input(path: Path, crashes: int) -> FailedInput:
+    """The outcome of a file its worker died on ``crashes`` times (alone in the pool)."""
+    message = f"the triage worker died {crashes} times while reading this file"
+    return FailedInput(str(path), WORKER_CRASHED, message, file_sha256(path))
 
 
 class TriagePool:

@@ -10,11 +10,14 @@ case store, where the pseudonym links stay.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import multiprocessing
 import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +26,19 @@ from triage_app.config import Settings
 from triage_app.dicom.deidentify import DeidConfig, Deidentifier
 from triage_app.dicom.deidentify.configure import deid_config
 from triage_app.dicom.deidentify.files import deidentify_file, write_atomically
-from triage_app.errors import ConfigError, InputError
+from triage_app.errors import (
+    ConfigError,
+    InputError,
+    ProcessingFailedError,
+    describe_unexpected,
+)
 from triage_app.inputs import expand_inputs, file_sha256
+from triage_app.ordered_pool import WORKER_CRASHED, ordered_map
 from triage_app.results import FailedInput
 from triage_app.secrets import load_or_create_site_secret
 from triage_app.store import CaseStore
+
+log = logging.getLogger(__name__)
 
 _worker: tuple[Deidentifier, Path] | None = None
 LINK_BATCH = 512
@@ -71,6 +82,10 @@ def _one(path: Path) -> DeidOutcome:
         result = deidentify_file(path, deid)
     except InputError as err:
         return FailedInput(os.fspath(path), err.code, err.message, file_sha256(path))
+    except Exception as exc:  # noqa: BLE001 - one file's failure never stops a batch
+        failed = ProcessingFailedError(f"de-identification failed: {describe_unexpected(exc)}")
+        log.error("de-identification failed on one input: %s", describe_unexpected(exc))
+        return FailedInput(os.fspath(path), failed.code, failed.message, file_sha256(path))
     relative = result.relative_path
     try:
         write_atomically(result.data, destination / relative)
@@ -125,12 +140,31 @@ def deidentify_to_folder(
             yield from _recorded(map(_one, files), store)
         return
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    # The pool first: no SQLite connection may be open when the workers fork.
-    with (
-        context.Pool(workers, initializer=_init, initargs=(secret, config, destination)) as pool,
-        CaseStore.open(store_path) as store,
-    ):
-        yield from _recorded(pool.imap(_one, files, chunksize=8), store)
+
+    def new_executor() -> ProcessPoolExecutor:
+        executor = ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_init, initargs=(secret, config, destination)
+        )
+        # Start the workers now: the first ones fork before the case store's connection opens.
+        # (A pool replaced after a crash forks with it open; the workers never touch it.)
+        wait([executor.submit(_started) for _ in range(workers)])
+        return executor
+
+    outcomes = ordered_map(new_executor, _one, files, window=8 * workers, crashed=_crashed)
+    first = next(outcomes, None)  # the pool exists now
+    if first is None:
+        return
+    with CaseStore.open(store_path) as store:
+        yield from _recorded(itertools.chain([first], outcomes), store)
+
+
+def _started() -> None:
+    """Nothing: a worker that runs it has been started and initialised."""
+
+
+def _crashed(path: Path, crashes: int) -> DeidOutcome:
+    message = f"the worker died {crashes} times while reading this file"
+    return FailedInput(os.fspath(path), WORKER_CRASHED, message, file_sha256(path))
 
 
 def _recorded(outcomes: Iterator[DeidOutcome], store: CaseStore) -> Iterator[DeidOutcome]:

@@ -39,11 +39,12 @@ from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 
-from triage_app.batch import TriagePool, record_outcome
+from triage_app.batch import TriagePool, record_outcome, worker_crashed_input
 from triage_app.config import Settings
 from triage_app.errors import InboxInUseError, TriageError
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.inputs import file_sha256
+from triage_app.ordered_pool import MAX_WORKER_CRASHES
 from triage_app.paths import (
     ensure_private_dir,
     fsync_dir,
@@ -63,9 +64,6 @@ log = logging.getLogger(__name__)
 # file cut just before its pixel data reads as a whole header without pixels: no_pixel_data.
 INCOMPLETE_CODES = frozenset({"truncated", "empty_file", "no_pixel_data"})
 BACKLOG_PER_WORKER = 2
-# A file whose worker died this many times is quarantined rather than tried again.
-MAX_WORKER_CRASHES = 3
-WORKER_CRASHED = "worker_crashed"
 SIDECAR_SUFFIX = ".json"
 REASON_SUFFIX = ".reason.json"
 # A file being moved into done/ or quarantine/ lives under a temporary name for this final name
@@ -486,9 +484,7 @@ class Intake:
             if crashes < MAX_WORKER_CRASHES:
                 again.append(path)
                 continue
-            message = f"the triage worker died {crashes} times while reading this file"
-            failure = FailedInput(str(path), WORKER_CRASHED, message, file_sha256(path))
-            filed.append(self._file(path, failure))
+            filed.append(self._file(path, worker_crashed_input(path, crashes)))
         with self._lock:
             self._suspects.update(again)
             self._held[:0] = again
