@@ -38,6 +38,7 @@ from triage_app.dicom.deidentify import (
 )
 from triage_app.dicom.deidentify.configure import deid_config
 from triage_app.dicom.deidentify.files import encode
+from triage_app.dicom.deidentify.pixel_data import UNVERIFIED as PIXEL_DATA_UNVERIFIED
 from triage_app.dicom.pseudonym import case_id_for, pseudonymous_uid
 from triage_app.errors import (
     InputError,
@@ -204,11 +205,16 @@ class TriagePipeline:
         """Where an escalated case goes: held for sending (with its payload), or blocked."""
         if report.burned_in_risk:
             reasons = ", ".join(report.burned_in_reasons)
+            what = (
+                "has pixel data that cannot be checked for hidden identifiers"
+                if report.burned_in_reasons == (PIXEL_DATA_UNVERIFIED,)
+                else "may carry burned-in identifiers"
+            )
             return EscalationRef(
                 state=BLOCKED,
                 reason=BURNED_IN_RISK,
-                detail=f"may carry burned-in identifiers ({reasons}); no pixel-clean rule covers "
-                "it: kept on this device for review",
+                detail=f"{what} ({reasons}); no pixel-clean rule covers it: kept on this device "
+                "for review",
             ), None
         try:
             payload = encode(dataset)

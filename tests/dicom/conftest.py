@@ -67,3 +67,28 @@ def save(ds: Dataset, path: Path) -> Path:
 def ramp(rows: int = 16, columns: int = 12, dtype: str = "uint16") -> npt.NDArray[Any]:
     """A small image whose every pixel differs, so any mix-up of pixels shows."""
     return np.arange(rows * columns, dtype=dtype).reshape(rows, columns)
+
+
+def decoded(ds: Dataset) -> npt.NDArray[Any] | None:
+    """The pixels as a reader sees them (no colour conversion); None if they do not decode."""
+    from pydicom.pixels.decoders.base import get_decoder
+
+    from triage_app.dicom.reader import quiet_pydicom, transfer_syntax
+    from triage_app.errors import InputError
+
+    try:
+        with quiet_pydicom():
+            decoder = get_decoder(transfer_syntax(ds))
+            array, _ = decoder.as_array(ds, as_rgb=False)  # type: ignore[arg-type]
+    except (InputError, ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError):
+        return None
+    return array
+
+
+def same_image(before: Dataset, after: Dataset) -> bool:
+    """Whether de-identification left the image as it was: the same bytes, or bytes that
+    decode to the same pixels (what is not the image may go: JPEG comments, trailing bytes)."""
+    if after.get("PixelData") == before.get("PixelData"):
+        return True
+    old, new = decoded(before), decoded(after)
+    return old is not None and new is not None and np.array_equal(old, new)

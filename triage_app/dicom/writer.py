@@ -118,7 +118,7 @@ def _write_dataset(
         elif ascii_text and element.VR == "SQ":
             if _write_sequence(out, element, implicit=implicit):
                 continue
-        elif ascii_text:
+        elif ascii_text and not element.is_undefined_length:  # encapsulated: pydicom writes it
             encoded = _encode_simple_value(element)
             if encoded is not None and _write_element(
                 out, tag, element.VR, encoded, implicit=implicit

@@ -88,8 +88,8 @@ def _rule(boxes: tuple[tuple[int, int, int, int], ...] = BOXES, **match: Any) ->
     ],
 )
 def test_reasons_for_images_at_risk(attributes: dict[str, Any], reason: str) -> None:
-    base = {"Modality": "CT", "SOPClassUID": CTImageStorage} | attributes
-    assert burned_in_reasons(_header(**base)) == (reason,)
+    base = {"Modality": "CT", "SOPClassUID": CTImageStorage, "BurnedInAnnotation": "NO"}
+    assert burned_in_reasons(_header(**(base | attributes))) == (reason,)
 
 
 def test_every_reason_is_reported() -> None:
@@ -132,11 +132,66 @@ def test_no_reason_for_ct_or_dx_without_annotation(
     ],
 )
 def test_sop_classes_are_matched_by_whole_uid_components(sop_class: str) -> None:
-    assert burned_in_reasons(_header(Modality="OT", SOPClassUID=sop_class)) == ()
+    header = _header(Modality="OT", SOPClassUID=sop_class, BurnedInAnnotation="NO")
+    assert burned_in_reasons(header) == ()
 
 
-def test_an_empty_header_is_not_at_risk() -> None:
-    assert burned_in_reasons(Dataset()) == ()
+def test_an_empty_header_is_at_risk() -> None:
+    """A header that says nothing about the image says nothing about its text either."""
+    assert burned_in_reasons(Dataset()) == ("burned_in_annotation_missing",)
+
+
+# Kinds the allow-list does not name (dental panoramic and intra-oral, mammography, other,
+# visible light, nuclear medicine, PET, and no modality at all): silence is no answer.
+NOT_ALLOW_LISTED = ["PX", "IO", "MG", "OT", "VL", "NM", "PT", "SR", ""]
+
+
+@pytest.mark.parametrize("modality", NOT_ALLOW_LISTED)
+def test_kinds_off_the_allow_list_without_annotation_are_at_risk(modality: str) -> None:
+    header = _header(Modality=modality, ImageType=["ORIGINAL", "PRIMARY"])
+    assert burned_in_reasons(header) == ("burned_in_annotation_missing",)
+    header.BurnedInAnnotation = ""  # Type 2, empty: the same silence
+    assert burned_in_reasons(header) == ("burned_in_annotation_missing",)
+
+
+@pytest.mark.parametrize("modality", NOT_ALLOW_LISTED)
+def test_kinds_off_the_allow_list_pass_when_they_say_no(modality: str) -> None:
+    header = _header(Modality=modality, BurnedInAnnotation="NO")
+    assert burned_in_reasons(header) == ()
+
+
+@pytest.mark.parametrize("modality", ["CR", "DX", "cr "])
+@pytest.mark.parametrize("image_type", [["ORIGINAL", "PRIMARY"], ["DERIVED", "PRIMARY"], None])
+def test_chest_radiographs_pass_without_annotation(
+    modality: str, image_type: list[str] | None
+) -> None:
+    header = _header(Modality=modality)
+    if image_type is not None:
+        header.ImageType = image_type
+    assert burned_in_reasons(header) == ()
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+@pytest.mark.parametrize(
+    ("image_type", "at_risk"),
+    [
+        (["ORIGINAL", "PRIMARY", "AXIAL"], False),
+        ("ORIGINAL", False),  # single-valued, as some write it
+        (["DERIVED", "SECONDARY", "REFORMATTED"], True),  # reformats and 3D captures
+        (["DERIVED", "SECONDARY", "DOSE_INFO"], True),  # a dose report screen
+        (None, True),
+    ],
+)
+def test_ct_and_mr_pass_without_annotation_only_as_acquired(
+    modality: str, image_type: list[str] | str | None, at_risk: bool
+) -> None:
+    header = _header(Modality=modality)
+    if image_type is not None:
+        header.ImageType = image_type
+    expected = ("burned_in_annotation_missing",) if at_risk else ()
+    assert burned_in_reasons(header) == expected
+    header.BurnedInAnnotation = "NO"
+    assert burned_in_reasons(header) == ()
 
 
 # --- rules -------------------------------------------------------------------------------------

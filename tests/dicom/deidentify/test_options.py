@@ -10,6 +10,7 @@ import datetime as dt
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from pydicom import config
 from pydicom.datadict import dictionary_VR
@@ -240,6 +241,30 @@ def test_clean_structured_content_keeps_cleaned_content() -> None:
     assert ds.ContentSequence[0].ConceptNameCodeSequence[0].CodeValue == "121071"
 
 
+def test_clean_structured_content_cleans_text_without_the_patients_identifiers() -> None:
+    """Others' dates, phone numbers and IDs identify someone too: cleaned without a patient hit."""
+    ds = _patient()
+    ds.ContentSequence = Sequence(
+        [_content_item("Previous exam on 2021-03-04, call 555-0199, ref Dr House, MRN-4711")]
+    )
+    _deidentify(ds, ProfileOption.CLEAN_STRUCTURED_CONTENT)
+    text = ds.ContentSequence[0].TextValue
+    for gone in ("2021", "555", "House", "4711"):
+        assert gone not in text, text
+    assert text.startswith("Previous exam on")
+    assert ds.ContentSequence[0].ConceptNameCodeSequence[0].CodeValue == "121071"  # a code
+
+
+def test_clean_descriptors_cleans_descriptions_by_pattern() -> None:
+    ds = _patient()
+    ds.ImageComments = "tel 555-0199, ref Dr House, born 15th Feb 1980"
+    ds.StudyDescription = "CT CHEST for order 99887766"
+    _deidentify(ds, ProfileOption.CLEAN_DESCRIPTORS)
+    assert ds.StudyDescription == "CT CHEST for order"
+    for gone in ("555", "House", "Feb", "1980"):
+        assert gone not in ds.ImageComments
+
+
 def test_without_clean_structured_content_free_text_does_not_survive() -> None:
     # Content Sequence is X/D: the Basic Profile removes or replaces it; only the option keeps
     # (cleaned) content. Text naming someone else, or a date, must not come through.
@@ -317,9 +342,9 @@ def test_default_removes_whole_overlay_and_curve_groups() -> None:
     assert not [element.tag for element in ds if element.tag.group >> 8 in (0x50, 0x60)]
 
 
-def test_clean_graphics_keeps_overlays_and_curves_with_text_scrubbed() -> None:
+def test_clean_graphics_keeps_curves_with_text_scrubbed() -> None:
     ds = _deidentify(_with_graphics(), ProfileOption.CLEAN_GRAPHICS)
-    for tag, (_, value) in (_OVERLAY | _CURVE).items():
+    for tag, (_, value) in _CURVE.items():
         assert tag in ds, f"{tag:08X}"
         if isinstance(value, str) and "Okonkwo" in value:
             assert "Okonkwo" not in str(ds[tag].value)
@@ -328,12 +353,25 @@ def test_clean_graphics_keeps_overlays_and_curves_with_text_scrubbed() -> None:
             assert ds[tag].value == value, f"{tag:08X}"
 
 
-def test_clean_graphics_cleans_overlay_text_like_every_clean() -> None:
+def test_clean_graphics_removes_overlays_with_their_bitmaps() -> None:
+    """Clean Graphics (113103) promises graphics without identifiers; an overlay bitmap may be
+    a rendered name banner that no text rule can clean, so the whole overlay goes."""
+    ds = _with_graphics()
+    banner = np.zeros((16, 64), dtype=np.uint8)
+    banner[4:12, 2:60] = 1  # stands for rendered text
+    ds.add(DataElement(0x60003000, "OW", np.packbits(banner, bitorder="little").tobytes()))
+    ds = _deidentify(ds, ProfileOption.CLEAN_GRAPHICS)
+    assert not [element.tag for element in ds if element.tag.group >> 8 == 0x60]
+    assert "113103" in _codes(ds)
+
+
+def test_clean_graphics_cleans_curve_text_like_every_clean() -> None:
     # Clean (C) text loses every written date (as Clean Descriptors does), not just the birth date.
     ds = _with_graphics()
-    ds.add(DataElement(0x60024000, "LT", "arrow added 2021-05-06"))
+    ds.add(DataElement(0x50000022, "LO", "arrow added 2021-05-06"))
     ds = _deidentify(ds, ProfileOption.CLEAN_GRAPHICS)
-    assert "2021" not in str(ds[0x60024000].value)
+    assert "2021" not in str(ds[0x50000022].value)
+    assert "arrow added" in str(ds[0x50000022].value)
 
 
 # --- safe private --------------------------------------------------------------------------------

@@ -247,3 +247,35 @@ def test_blank_values_are_not_identifiers() -> None:
     ids = PatientIdentifiers.capture(ds)
     assert ids.name_parts == ids.ids == ids.birth_dates == ()
     assert Scrubber(ids).empty
+
+
+@pytest.mark.parametrize(
+    ("text", "gone"),
+    [
+        ("tel 555-0199 or +44 20 7946 0958", ["555", "0199", "7946"]),
+        ("ref MRN-4711, acc ACC 99887766", ["4711", "99887766"]),
+        ("seen by Dr House and Mrs. Smith-Jones", ["House", "Smith"]),
+        ("lives at 12 Baker Street, Springfield", ["Baker", "12"]),
+        ("born 15th Feb 1980, seen Feb 15, 1980 and 07-MAR-1965", ["Feb", "1980", "MAR"]),
+    ],
+)
+def test_clean_removes_what_identifies_anyone(text: str, gone: list[str]) -> None:
+    """Clean promises text that identifies no one, not just text without this patient."""
+    cleaned = Scrubber(PatientIdentifiers.capture(Dataset())).clean(text)
+    for token in gone:
+        assert token not in cleaned, (token, cleaned)
+
+
+@pytest.mark.parametrize(
+    "text", ["MR BRAIN W/O", "DR CHEST 2 VIEWS", "3 MARKERS placed", "lesion may 2 cm"]
+)
+def test_clean_keeps_modalities_and_measurements(text: str) -> None:
+    assert Scrubber(PatientIdentifiers.capture(Dataset())).clean(text) == text
+
+
+def test_a_name_with_accents_is_also_scrubbed_as_typed_without_them() -> None:
+    ds = Dataset()
+    ds.PatientName = "MÜLLER^JÜRGEN^^Señor"
+    scrubber = Scrubber(PatientIdentifiers.capture(ds))
+    for typed in ("Mueller", "MULLER", "Jürgen", "JURGEN", "Juergen", "Senor"):
+        assert scrubber.scrub(f"seen {typed} today") == "seen today", typed

@@ -1,8 +1,10 @@
 """Burned-in text: which images may carry identifiers in their pixels, and masking them.
 
 No header profile reaches text drawn into the pixels (ultrasound banners, screen captures,
-scanned forms). An image is *at risk* when its header says Burned In Annotation is YES, or when
-it is of a kind that usually carries burned-in text. An at-risk image is never escalated unless
+scanned forms, dental panoramics). An image is *at risk* when its header says Burned In
+Annotation is anything but NO, when it is of a kind that usually carries burned-in text whatever
+its header says, or when it says nothing and is not of a kind known to rarely carry any (see
+:func:`burned_in_reasons`). An at-risk image is never escalated unless
 a site's pixel-clean rule covers it: rectangles to black out, per device and image size, as RSNA
 CTP's DicomPixelAnonymizer does. Rules live in a TOML file named by the
 ``deidentify.pixel_clean_rules`` setting::
@@ -32,7 +34,8 @@ from triage_app.dicom.reader import ensure_file_meta
 from triage_app.errors import ConfigError
 
 # Kinds of image that usually carry burned-in text (PS3.15 E.3.1 names ultrasound, secondary
-# capture and screen captures; angiography, fluoroscopy and endoscopy add patient banners).
+# capture and screen captures; angiography, fluoroscopy and endoscopy add patient banners): at
+# risk even when their header says NO, which their devices often get wrong.
 RISKY_MODALITIES = frozenset({"US", "IVUS", "XA", "RF", "ES", "XC", "GM", "SM", "OP", "DOC"})
 _SC = "1.2.840.10008.5.1.4.1.1.7"
 # Matched by whole UID components: ".7" covers ".7.1" but never ".77.1.6" (whole slide imaging).
@@ -46,6 +49,11 @@ RISKY_SOP_CLASS_PREFIXES = (
 )
 # Conversion Type: workstation, scanned document/image, drawing, synthetic image.
 RISKY_CONVERSION_TYPES = frozenset({"WSD", "SD", "SI", "DRW", "SYN"})
+# The allow-list: kinds of image that may go without Burned In Annotation (see
+# burned_in_reasons). Projection radiographs from CR and DX devices, the chest images the model
+# is for, and CT and MR as acquired (Image Type ORIGINAL).
+RARELY_ANNOTATED_MODALITIES = frozenset({"CR", "DX"})
+RARELY_ANNOTATED_WHEN_ORIGINAL = frozenset({"CT", "MR"})
 
 
 @dataclass(frozen=True)
@@ -143,26 +151,52 @@ def load_pixel_clean_rules(path: Path | None) -> tuple[PixelCleanRule, ...]:
 def burned_in_reasons(ds: Dataset) -> tuple[str, ...]:
     """Why this image may carry burned-in identifiers; empty when nothing suggests it.
 
-    A missing Burned In Annotation is judged by the kind of image: CT, MR, DX and CR rarely
-    burn text in, and treating every one without the (Type 3) attribute as at risk would keep
-    most of them on the device.
+    PS3.15 E.1.1 lets no image with burned-in identifying information go out uncleaned, and
+    E.3.1 names where such text is usual but cannot name every device that draws it (dental
+    panoramics print the name and birth date, mammography and intra-oral images labels, NM and
+    PET workstations whole report screens). So a header that says nothing (Burned In
+    Annotation absent or empty) is trusted only for an allow-list of kinds known to rarely
+    carry text; every other kind needs Burned In Annotation NO (reason
+    ``burned_in_annotation_missing``), which the DX, MG and IO objects that carry text must
+    declare anyway (it is Type 1 there). The allow-list:
+
+    * CR and DX: the chest radiographs the model is for (DX objects must declare the
+      attribute; CR's is Type 3 and rarely present);
+    * CT and MR with Image Type ORIGINAL: acquired slices rarely burn text in, and where
+      scanners do, it is in derived images (dose report screens, reformats, 3D captures),
+      which need the attribute like every other kind.
+
+    Known-risky kinds (US, XA/RF, endoscopy, secondary and screen captures, scanned documents)
+    are at risk whatever the header says.
     """
     reasons: list[str] = []
     annotation = str(ds.get("BurnedInAnnotation") or "").strip().upper()
     if annotation and annotation != "NO":
         reasons.append("burned_in_annotation")
-    if str(ds.get("Modality") or "").strip().upper() in RISKY_MODALITIES:
+    modality = str(ds.get("Modality") or "").strip().upper()
+    image_type = ds.get("ImageType") or []
+    values = [image_type] if isinstance(image_type, str) else image_type  # VM 1 read as a str
+    image_type_values = [str(v).strip().upper() for v in values]
+    if modality in RISKY_MODALITIES:
         reasons.append("modality")
+    elif not annotation and not _rarely_annotated(modality, image_type_values):
+        reasons.append("burned_in_annotation_missing")
     sop_class = str(ds.get("SOPClassUID") or "").strip()
     if any(f"{sop_class}.".startswith(f"{prefix}.") for prefix in RISKY_SOP_CLASS_PREFIXES):
         reasons.append("sop_class")
     if str(ds.get("ConversionType") or "").strip().upper() in RISKY_CONVERSION_TYPES:
         reasons.append("conversion_type")
-    image_type = ds.get("ImageType") or []
-    values = [image_type] if isinstance(image_type, str) else image_type  # VM 1 read as a str
-    if "SCREEN SAVE" in "\\".join(str(v).upper() for v in values):
+    if "SCREEN SAVE" in "\\".join(image_type_values):
         reasons.append("screen_capture")
     return tuple(reasons)
+
+
+def _rarely_annotated(modality: str, image_type: list[str]) -> bool:
+    """Whether an image of this kind may go without Burned In Annotation (the allow-list)."""
+    if modality in RARELY_ANNOTATED_MODALITIES:
+        return True
+    original = bool(image_type) and image_type[0] == "ORIGINAL"
+    return modality in RARELY_ANNOTATED_WHEN_ORIGINAL and original
 
 
 def find_rule(ds: Dataset, rules: Sequence[PixelCleanRule]) -> PixelCleanRule | None:

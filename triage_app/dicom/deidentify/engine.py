@@ -3,13 +3,17 @@
 :class:`Deidentifier` walks the dataset (and its file meta) once. For each element it looks the
 tag up in the Annex E table (:mod:`.table`), resolves the action under the selected options and
 applies it; sequences are de-identified item by item however deep they go. What the table does
-not name is kept, but still passes the residual scrub (:mod:`.scrub`). Finally the output is
-marked (PS3.15 E.1.1: Patient Identity Removed, De-identification Method and its code sequence,
-CID 7050).
+not name falls to a safety net (:meth:`_Walk.untabled`): the table lists attributes by name, and
+every edition leaves out some that identify (retired order numbers, newer person names and
+UIDs, issuer sequences, unknown tags). The rest is kept, but still passes the residual scrub
+(:mod:`.scrub`). The file meta is rebuilt from an allow-list, and the pixel data loses what is
+not the image (:mod:`.pixel_data`). Finally the output is marked (PS3.15 E.1.1: Patient Identity
+Removed, De-identification Method and its code sequence, CID 7050).
 
 Speed: elements are read through ``Dataset.get_item``, which returns pydicom's undecoded raw
 element; an element is only decoded when it must change or when the scrub's byte pre-check
-finds a candidate. Pixel data is never touched (unless a pixel-clean rule applies).
+finds a candidate. Native pixel data is only rewritten when it has bytes or bits that are not
+the image.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 from triage_app import __version__
 from triage_app.dicom.deidentify.burned_in import (
@@ -33,6 +38,7 @@ from triage_app.dicom.deidentify.burned_in import (
     burned_in_reasons,
     find_rule,
 )
+from triage_app.dicom.deidentify.pixel_data import clean_pixel_data
 from triage_app.dicom.deidentify.scrub import PatientIdentifiers, Scrubber, text_values
 from triage_app.dicom.deidentify.table import Action, ProfileOption, ProfileTable, load_table
 from triage_app.dicom.deidentify.values import dummy_value, shift_date, shift_datetime
@@ -58,20 +64,19 @@ _UID_KEYWORDS = {
     "series": "SeriesInstanceUID",
     "instance": "SOPInstanceUID",
 }
-# File meta elements that name the sending/receiving systems: not in the Annex E table (it
-# covers data sets), yet they leak the station, so they are removed wherever group 2 appears.
-_FILE_META_REMOVED = frozenset(
-    {
-        0x00020016,  # Source Application Entity Title
-        0x00020017,  # Sending Application Entity Title
-        0x00020018,  # Receiving Application Entity Title
-        0x00020026,  # Source Presentation Address (a URL naming the host)
-        0x00020027,  # Sending Presentation Address
-        0x00020028,  # Receiving Presentation Address
-        0x00020100,  # Private Information Creator UID
-        0x00020102,  # Private Information
-    }
-)
+_FILE_META_GROUP = 0x0002
+# Groups whose attributes belong to something other than an instance, removed where the table
+# does not name them: directory records (0004: file IDs are paths, often a patient's name) and
+# signatures, MACs and encrypted attributes (0400: invalid after de-identification, and an
+# Encrypted Attributes Sequence holds the original values for some other recipient).
+_FOREIGN_GROUPS = frozenset({0x0004, 0x0400})
+# Keywords of attributes the table does not name that identify an order or an ID's issuer
+# (Issuer of Accession Number Sequence, Order Placer Identifier Sequence, the retired Placer
+# and Filler Order Numbers) or locate the instance (Retrieve URL, Pixel Data Provider URL).
+_IDENTIFYING_KEYWORD = re.compile(r"Issuer|OrderNumber|Order\w*Identifier|UR[LI]$")
+# UIDs of a kind, not of an instance: SOP classes, transfer syntaxes, coding schemes.
+_KIND_UID_KEYWORD = re.compile(r"ClassUID|TransferSyntax|CodingScheme")
+_DATE_VRS = frozenset({"DA", "DT", "TM"})
 _TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"}
 )
@@ -81,6 +86,8 @@ _SCRUBBED_VRS = frozenset({"AE", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM",
 _BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 # Text a dummy replaces inside a dummied sequence: the scrubbed VRs that are not AE, URL or date.
 _FREE_TEXT_VRS = _SCRUBBED_VRS - {"AE", "UR", "DA", "DT", "TM"}
+# Prose, never a code: what a Clean option cleans by pattern wherever the table leaves it.
+_PROSE_VRS = frozenset({"LT", "ST", "UT", "UC"})
 # Character sets whose bytes contain ASCII text as ASCII: the raw pre-check is reliable.
 
 # CID 7050 De-identification Method (PS3.16), scheme DCM.
@@ -223,8 +230,6 @@ class Deidentifier:
         options = self.config.options
         self.actions = {tag: rule.action(options) for tag, rule in self._table.by_tag.items()}
         self.curve_action = self._table.curve.action(options)
-        self.overlay_action = self._table.overlay_data.action(options)
-        self.overlay_comments_action = self._table.overlay_comments.action(options)
         self.private_action = self._table.private.action(options)
         # What some Clean option cleans (descriptions, dates): inside a sequence being cleaned
         # these are cleaned instead of removed. IDs and names have no C and are still removed.
@@ -235,22 +240,33 @@ class Deidentifier:
             (s.group, s.creator.upper(), s.element) for s in self.config.safe_private
         }
         self.shift_dates = ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in options
+        # The table's rule for every dated attribute, applied to those it does not name.
+        self.untabled_date_action = (
+            Action.KEEP if ProfileOption.RETAIN_LONGITUDINAL_FULL_DATES in options else Action.CLEAN
+        )
         self._method = tuple(self.config.describe())
 
     def uid(self, uid: str) -> str:
-        """The de-identified form of ``uid`` (itself under Retain UIDs)."""
-        if ProfileOption.RETAIN_UIDS in self.config.options or not uid:
+        """The de-identified form of ``uid`` (itself under Retain UIDs).
+
+        A UID the standard registers (a class, a transfer syntax, a well-known frame of
+        reference or mapping resource) names no instance: it is kept, so that references to it
+        keep their meaning.
+        """
+        if ProfileOption.RETAIN_UIDS in self.config.options or not uid or UID(uid).keyword:
             return uid
         return pseudonymous_uid(self.secret, uid)
 
     def deidentify(self, ds: Dataset) -> DeidentificationReport:
-        """De-identify ``ds`` (and its file meta) in place; the pixel data is left as it is."""
+        """De-identify ``ds`` (and its file meta) in place; the decoded image is left as it is."""
         with quiet_pydicom():  # pydicom's value warnings would quote the (identifying) value
             return self._deidentify(ds)
 
     def _deidentify(self, ds: Dataset) -> DeidentificationReport:
         identifiers = PatientIdentifiers.capture(ds)
-        reasons = burned_in_reasons(ds)
+        # Both read the overlay groups, so before the walk removes them. What the pixel data
+        # hides and cannot be cut out is a risk like burned-in text: a rule stores it decoded.
+        reasons = burned_in_reasons(ds) + clean_pixel_data(ds)
         rule = find_rule(ds, self.config.pixel_rules) if reasons else None
         if rule is not None:
             apply_rule(ds, rule)
@@ -258,10 +274,8 @@ class Deidentifier:
         originals = {k: str(ds.get(keyword) or "") for k, keyword in _UID_KEYWORDS.items()}
         walk = _Walk(self, identifiers, ds)
         walk.dataset(ds, clean=False)
-        meta = getattr(ds, "file_meta", None)
-        if meta is not None:
-            walk.dataset(meta, clean=False)
-            self._mark_file_meta(ds, meta)
+        if getattr(ds, "file_meta", None) is not None:
+            ds.file_meta = self._file_meta(ds, ds.file_meta)
         self._mark(ds, cleaned_pixels=rule is not None)
         if getattr(ds, "preamble", None):
             ds.preamble = bytes(128)  # free bytes before the header: anything may be in them
@@ -283,11 +297,27 @@ class Deidentifier:
             links=links,
         )
 
-    def _mark_file_meta(self, ds: Dataset, meta: Dataset) -> None:
+    def _file_meta(self, ds: Dataset, source: Dataset) -> FileMetaDataset:
+        """Group 2 rebuilt from an allow-list: what a reader needs, and this software's name.
+
+        An allow-list, because the meta is a free-for-all the Annex E table does not cover:
+        AE titles and presentation addresses name the sending station, Private Information and
+        the RTV elements carry anything, and elements no dictionary knows carry more. The
+        instance UID is the de-identified one.
+        """
+        meta = FileMetaDataset()
+        meta.FileMetaInformationVersion = b"\x00\x01"
+        if "SOPClassUID" in ds or "MediaStorageSOPClassUID" in source:
+            meta.MediaStorageSOPClassUID = ds.get("SOPClassUID") or source.MediaStorageSOPClassUID
         if "SOPInstanceUID" in ds:
             meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        elif "MediaStorageSOPInstanceUID" in source:  # no instance UID in the data set to copy
+            meta.MediaStorageSOPInstanceUID = UID(self.uid(source.MediaStorageSOPInstanceUID))
+        if "TransferSyntaxUID" in source:
+            meta.TransferSyntaxUID = source.TransferSyntaxUID
+        meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        return meta
 
     def _mark(self, ds: Dataset, *, cleaned_pixels: bool) -> None:
         """PS3.15 E.1.1 marking, with the profile and each option as CID 7050 codes."""
@@ -338,25 +368,27 @@ class _Walk:
             if group & 1:
                 self.private(ds, tag)
                 continue
-            if tag & 0xFFFF == 0 or tag in _FILE_META_REMOVED:  # group lengths, meta AE titles
-                del ds[tag]
+            if tag & 0xFFFF == 0 or group == _FILE_META_GROUP:
+                del ds[tag]  # group lengths; file meta elements only belong in the file meta
                 continue
             action = actions.get(tag)
             if action is None and group & 0xFF01 == 0x5000:
                 action = deid.curve_action
             elif action is None and group & 0xFF01 == 0x6000:
-                # Overlay Data decides for the whole overlay group: its rows, columns and
-                # origin are meaningless without it. Comments follow their own row.
-                element = tag & 0xFFFF
-                action = deid.overlay_comments_action if element == 0x4000 else deid.overlay_action
-            # Clean Graphics keeps curves and overlays; only their text can be cleaned (the
-            # bitmaps and coordinates are kept as they are).
+                # The whole overlay group goes, under Clean Graphics too: its bitmap may be
+                # rendered text (a name banner) no rule can clean, and its rows, columns and
+                # origin are meaningless without it.
+                action = Action.REMOVE
+            # Clean Graphics keeps curves; only their text can be cleaned (their data are
+            # numbers, kept as they are).
             if (
                 action is Action.CLEAN
-                and group & 0xFF01 in (0x5000, 0x6000)
+                and group & 0xFF01 == 0x5000
                 and _vr_of(tag, _element(ds, tag)) not in _TEXT_VRS
             ):
                 action = Action.KEEP
+            if action is None:
+                action = self.untabled(ds, tag)
             if action is None and self.dummy_depth and not clean:
                 vr = _vr_of(tag, _element(ds, tag))
                 if vr in _FREE_TEXT_VRS:
@@ -412,18 +444,47 @@ class _Walk:
         finally:
             self.dummy_depth -= dummy
 
+    def untabled(self, ds: Dataset, tag: BaseTag) -> Action | None:
+        """The safety net for a standard attribute the table does not name; None keeps it.
+
+        The table names attributes one by one, so each edition misses some that identify:
+        an unknown tag (or UN no dictionary knows) may hold anything, a person name is a name
+        whatever its attribute, a UID of an instance links back to the original, an issuer
+        or order identifier points into the hospital's systems, a URL names the archive. Dates
+        get the table's date rule. What the model and the central server read (image pixel
+        attributes, LUTs, SOP and transfer syntax UIDs) falls under none of these.
+        """
+        keyword = keyword_for_tag(tag)
+        if not keyword or tag >> 16 in _FOREIGN_GROUPS:
+            return Action.REMOVE
+        vr = _vr_of(tag, _element(ds, tag))
+        if vr == "PN":
+            return Action.ZERO
+        if vr == "UR" or _IDENTIFYING_KEYWORD.search(keyword):
+            return Action.REMOVE
+        if vr == "UI" and not _KIND_UID_KEYWORD.search(keyword):
+            return Action.UID
+        if vr in _DATE_VRS:
+            return self.deid.untabled_date_action
+        return None
+
     def keep(self, ds: Dataset, tag: BaseTag, *, clean: bool, search_bytes: bool = False) -> None:
         """An attribute the profile keeps: still scrubbed for this patient's identifiers.
 
         Binary values are searched only when their meaning is unknown (UN, or a retained
         private value, ``search_bytes``); pixel data, LUTs and waveforms are never searched:
-        a name part turns up in image bytes by chance.
+        a name part turns up in image bytes by chance. Inside what a Clean option cleans, prose
+        is cleaned whether or not it holds this patient's identifiers: others' dates, phone
+        numbers and IDs are no less identifying (codes and short text keep the plain scrub).
         """
         element = _element(ds, tag)
         vr = _vr_of(tag, element)
         if vr == "SQ":
             for item in ds[tag].value:
                 self.dataset(item, clean=clean)
+            return
+        if clean and vr in _PROSE_VRS:
+            self.scrub_text(ds, tag, clean=True)
             return
         if self.scrubber.empty:
             return
@@ -465,21 +526,20 @@ class _Walk:
         if element < 0x1000 or (group, creator, element & 0xFF) not in self.deid.safe_private:
             del ds[tag]
             return
-        # Clean: safe values still lose this patient's identifiers, bytes included.
-        self.keep(ds, tag, clean=True, search_bytes=True)
+        # Safe values still lose this patient's identifiers, bytes included; the Clean options'
+        # patterns are not for them (a vendor's number is no record number).
+        self.keep(ds, tag, clean=False, search_bytes=True)
 
     # --- values -----------------------------------------------------------------------------
 
     def _hit(self, value: object) -> bool:
-        values = value if isinstance(value, list | tuple | DicomSequence) else [value]
-        return any(str(v) != self.scrubber.scrub(str(v)) for v in values)
+        return any(v != self.scrubber.scrub(v) for v in text_values(value))
 
     def remap_uids(self, ds: Dataset, tag: BaseTag, element: DataElement | RawDataElement) -> None:
         if isinstance(element, RawDataElement):
             values: Sequence[str] = _strings(element.value or b"")
-        else:
-            value = element.value
-            values = [str(v) for v in value] if isinstance(value, list) else [str(value or "")]
+        else:  # a decoded multi-valued UI is a MultiValue, not a list: each value on its own
+            values = text_values(element.value)
         remapped = [self.deid.uid(v.strip()) for v in values if v.strip()]
         if ProfileOption.RETAIN_UIDS in self.deid.config.options and self._hit(remapped):
             # A UID built from an ID is replaced even under Retain UIDs.

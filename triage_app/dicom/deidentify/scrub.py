@@ -2,8 +2,15 @@
 
 The profile removes the attributes that are *meant* to identify; people still type names into
 descriptions, IDs into comments and birth dates into SR text. After the profile, every remaining
-text value (and any retained private or unknown bytes) is searched for this patient's name parts,
-IDs, birth date and accession number, and each hit is removed.
+text value (and any retained private or unknown bytes) is searched for this patient's name parts
+(also as written without accents: "Müller" is typed "Mueller" and "Muller"), IDs, birth date and
+accession number, and each hit is removed.
+
+The Clean options (Clean Descriptors, Clean Structured Content) promise text that identifies no
+one, so :meth:`Scrubber.clean` also removes, by pattern, what identifies anyone: written dates,
+phone numbers, runs of four digits or more (record numbers, IDs), titled names ("Dr House")
+and street addresses. Patterns cannot find an untitled name or a place: text that must not keep
+those is removed by the profile, which the Clean options relax only for descriptions and content.
 
 Raw element bytes are checked first with a cheap lower-case byte search, so the common case — no
 hit — never converts an element; only a hit decodes and rewrites the value.
@@ -12,6 +19,7 @@ hit — never converts an element; only a hit decodes and rewrites the value.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -26,10 +34,38 @@ MIN_EMBEDDED_ID = 6
 
 _NAME_SPLIT = re.compile(r"[\^=\s,.;-]+")  # "Smith-Jones" is also written "Jones"
 _ISO_DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
-# Dates written in free text, any order of day/month/year with -, / or . between.
-_FREE_TEXT_DATE = re.compile(
-    r"(?<!\d)(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}|"
-    r"(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))(?!\d)"
+# German-style transliterations; any other accent is simply dropped ("José" → "Jose").
+_TRANSLITERATIONS = str.maketrans(
+    {"Ä": "AE", "Ö": "OE", "Ü": "UE", "ä": "ae", "ö": "oe", "ü": "ue", "ß": "ss"}
+)
+_MONTH = (  # "Feb", "February", "Sept."
+    r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?"
+    r"|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?"
+)
+_DAY = r"\d{1,2}(?:st|nd|rd|th)?"
+_I = "(?i:{})"  # case-insensitive part of a pattern that is otherwise case-sensitive
+# What Clean removes from free text by pattern (see the module docstring), in this order.
+# Titles and street words are matched by case: "DR CHEST" and "MR BRAIN" are not names.
+_CLEANED_PATTERNS = tuple(
+    re.compile(pattern)
+    for pattern in (
+        # Dates: any order of day, month and year with -, / or . between; compact ISO dates;
+        # and with the month's name ("15th Feb 1980", "15-FEB-1980", "Feb 15, 1980").
+        r"(?<!\d)(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}|"
+        r"(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))(?!\d)",
+        _I.format(rf"(?<![0-9a-z]){_DAY}[\s./-]*{_MONTH}(?:[\s.,/-]*\d{{4}})?(?![0-9a-z])"),
+        _I.format(rf"(?<![0-9a-z]){_MONTH}\s*{_DAY},?\s+\d{{4}}(?!\d)"),
+        # Phone numbers: seven digits or more, grouped by spaces, dots, dashes, brackets.
+        r"(?<![\w+])\+?\(?\d(?:[\s().-]{0,2}\d){6,}(?!\w)",
+        # A title and the name after it.
+        r"(?<![0-9A-Za-z])(?:Dr|Prof|Mr|Mrs|Ms|Miss)\.?\s+[A-Z][\w'-]*",
+        # A house number and a street.
+        r"(?<![0-9A-Za-z])\d+[A-Za-z]?,?\s+(?:[A-Z][\w'-]*\s+){1,3}"
+        r"(?:Street|St|Road|Rd|Avenue|Ave|Lane|Ln|Drive|Way|Close|Court|Place|Square|"
+        r"Boulevard|Blvd|Strasse|Straße|Str)\.?(?![0-9A-Za-z])",
+        # What IDs, record and phone numbers are made of: runs of four digits or more.
+        r"(?<!\d)\d{4,}(?!\d)",
+    )
 )
 
 
@@ -48,6 +84,14 @@ _MONTHS = (
     "January", "February", "March", "April", "May", "June",
     "July", "August", "September", "October", "November", "December",
 )  # fmt: skip
+
+
+def _spellings(part: str) -> set[str]:
+    """A name part as written, transliterated ("MUELLER") and without its accents ("MULLER")."""
+    stripped = "".join(
+        c for c in unicodedata.normalize("NFKD", part) if not unicodedata.combining(c)
+    )
+    return {part, part.translate(_TRANSLITERATIONS), stripped}
 
 
 def _date_forms(date: str) -> list[str]:
@@ -99,7 +143,13 @@ class PatientIdentifiers:
         ids += text_values(ds.get("AccessionNumber"))
         for item in ds.get("OtherPatientIDsSequence") or []:
             ids += text_values(item.get("PatientID"))
-        parts = {p for name in names for p in _NAME_SPLIT.split(name) if len(p) >= MIN_NAME_PART}
+        parts = {
+            spelling
+            for name in names
+            for part in _NAME_SPLIT.split(name)
+            for spelling in _spellings(part)
+            if len(spelling) >= MIN_NAME_PART
+        }
         birth = str(ds.get("PatientBirthDate") or "")
         patient_id = str(ds.get("PatientID") or "").strip()
         key = f"id:{patient_id}" if patient_id else f"name:{ds.get('PatientName') or ''!s}"
@@ -175,5 +225,12 @@ class Scrubber:
         return re.sub(r"[ \t]{2,}", " ", cleaned).strip()
 
     def clean(self, text: str) -> str:
-        """The Clean action on free text: the scrub, plus every written date."""
-        return _FREE_TEXT_DATE.sub("", self.scrub(text)).strip()
+        """The Clean action on free text: the scrub, plus what identifies anyone by pattern
+        (dates, phone numbers, IDs, titled names, addresses); spacing tidied where it cut."""
+        cleaned = self.scrub(text)
+        for pattern in _CLEANED_PATTERNS:
+            cleaned = pattern.sub("", cleaned)
+        if cleaned == text:
+            return text
+        cleaned = re.sub(r"\s+([,;:.])", r"\1", re.sub(r"[ \t]{2,}", " ", cleaned))
+        return re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", cleaned).strip(" ,;:")
