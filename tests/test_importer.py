@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import write_bad_inputs, write_phantoms
+from triage_app import pipeline as pipeline_module
 from triage_app.config import Settings
+from triage_app.dicom import DicomImage
+from triage_app.dicom import load_image as load_image_for_real
 from triage_app.importer import ImportRun, ImportSummary, SkippedInput, describe_code
 from triage_app.store import CaseStore
 
@@ -95,3 +98,40 @@ def test_headline_and_details() -> None:
 def test_describe_code() -> None:
     assert describe_code("no_pixel_data") == "no pixel data"
     assert describe_code("some_new_code") == "some new code"
+
+
+# --- one file that raises does not stop the import ------------------------------------------
+
+
+@pytest.mark.expect_log_warnings
+def test_a_file_whose_processing_raises_is_refused_and_the_import_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As pydicom's BytesLengthException from a malformed PatientID did: the rest is imported."""
+    root = tmp_path / "in"
+    write_phantoms(root, 62, 4)
+    culprit = root / "p001.dcm"
+    real_load = load_image_for_real
+
+    def load_image(source: str) -> DicomImage:
+        if Path(source) == culprit:
+            raise RuntimeError("unexpected: DOE^JANE")
+        return real_load(source)
+
+    monkeypatch.setattr(pipeline_module, "load_image", load_image)
+    settings = _settings(tmp_path)
+    run_ = ImportRun([root], settings)
+    records = list(run_)
+
+    assert [r.done for r in records] == [0, 1, 2, 3, 4]
+    summary = run_.summary
+    assert summary is not None and not summary.cancelled
+    assert summary.imported == 3
+    (skipped,) = summary.skipped
+    assert (skipped.path, skipped.code) == (str(culprit), "processing_failed")
+    assert "RuntimeError" in skipped.message
+    assert summary.headline() == "3 imported, 1 skipped: could not be processed"
+    with CaseStore.open(settings.case_store_path) as store:
+        assert len(store.list_cases()) == 3
+        assert [(f.path, f.code) for f in store.failures()] == [(str(culprit), "processing_failed")]
+    assert "DOE^JANE" not in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from triage_app.threshold_preview import (
     LABELS_FILE,
     LabelledScore,
     ScoredFolder,
+    ScoringCancelledError,
     ensure_holdout,
     figures,
     labels_of,
@@ -162,9 +164,9 @@ def test_figures_equal_what_the_pipeline_decides_per_case(
 def test_ensure_holdout_renders_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
 
-    def small_set(directory: Path, seed: int, count: int) -> Path:
+    def small_set(directory: Path, seed: int, count: int, *, start: int = 0) -> Path:
         calls.append(seed)
-        return write_phantom_set(directory, seed, count, config=SMALL)
+        return write_phantom_set(directory, seed, count, start=start, config=SMALL)
 
     monkeypatch.setattr("triage_app.threshold_preview.write_phantom_set", small_set)
     folder = ensure_holdout(tmp_path, count=3)
@@ -172,3 +174,62 @@ def test_ensure_holdout_renders_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert calls == [HOLDOUT_SEED]
     assert len(read_truth(folder)) == 3
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+
+
+def _small_batches(
+    monkeypatch: pytest.MonkeyPatch, after_each: threading.Event | None = None
+) -> list[int]:
+    """Render small phantoms; returns the batches' first indexes as they are asked for."""
+    starts: list[int] = []
+
+    def small_set(directory: Path, seed: int, count: int, *, start: int = 0) -> Path:
+        starts.append(start)
+        labels = write_phantom_set(directory, seed, count, start=start, config=SMALL)
+        if after_each is not None:
+            after_each.set()
+        return labels
+
+    monkeypatch.setattr("triage_app.threshold_preview.write_phantom_set", small_set)
+    return starts
+
+
+def test_the_holdout_rendered_in_batches_is_the_set_one_call_renders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    starts = _small_batches(monkeypatch)
+    folder = ensure_holdout(tmp_path / "data", count=10)
+    assert starts == [0, 8]
+    whole = write_phantom_set(tmp_path / "whole", HOLDOUT_SEED, 10, config=SMALL)
+    assert (folder / LABELS_FILE).read_bytes() == whole.read_bytes()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        p.name for p in whole.parent.iterdir()
+    )
+
+
+def test_a_cancelled_holdout_stops_between_batches_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing the settings dialog must stop the rendering (Python waits for it at exit)."""
+    cancel = threading.Event()
+    starts = _small_batches(monkeypatch, after_each=cancel)
+    with pytest.raises(ScoringCancelledError):
+        ensure_holdout(tmp_path, count=20, cancel=cancel)
+    assert starts == [0]
+    assert list((tmp_path / "validation").iterdir()) == []
+
+
+def test_score_folder_stops_when_cancelled(
+    scored: tuple[ScoredFolder, PipelineConfig],
+) -> None:
+    result, config = scored
+    cancel = threading.Event()
+    done: list[int] = []
+
+    def progress(count: int, _total: int) -> None:
+        done.append(count)
+        if count == 2:
+            cancel.set()
+
+    with pytest.raises(ScoringCancelledError):
+        score_folder(result.folder, config, progress=progress, cancel=cancel)
+    assert done == [1, 2]

@@ -24,6 +24,8 @@ from triage_app.worklist import (
     Urgency,
     WorklistRow,
     WorklistSource,
+    feedback_allowed,
+    feedback_refusal,
     read_patient,
     row_for,
     sort_rows,
@@ -287,3 +289,85 @@ def test_writes_by_other_connections_threads_and_processes_are_seen_on_the_next_
         "queued-2": CaseState.VERDICT_RECEIVED,
     }
     assert source.rows() == _full_read(db)
+
+
+# --- a large store's first read, malformed headers, reviewed cases -----------------------------
+
+
+def test_with_a_budget_rows_come_first_and_their_names_follow(
+    tmp_path: Path, db: Path, patient_reads: Counter[str]
+) -> None:
+    """20,000 header reads took 15 s before the first row showed."""
+    write_phantoms(tmp_path / "in", 71, 3)
+    files = [str(f) for f in sorted((tmp_path / "in").iterdir())]
+    with CaseStore.open(db) as store:
+        for i, path in enumerate(files):
+            store.record_result(make_result(f"c{i}", path=path), E.DECIDE_LOCAL_NORMAL)
+    source = WorklistSource(db, name_budget_s=0.0)  # spent before the first header
+    try:
+        first = source.changed_rows()
+        assert [row.case_id for row in first] == ["c0", "c1", "c2"]
+        # One header at least per call, however small the budget: the first row's.
+        assert [row.patient.pending for row in first] == [False, True, True]
+        assert (source.names_pending, patient_reads) == (True, Counter({files[0]: 1}))
+
+        named: list[WorklistRow] = []
+        while source.names_pending:
+            batch = source.changed_rows()
+            assert len(batch) == 1
+            named += batch
+        assert [row.case_id for row in named] == ["c1", "c2"]  # in the order first returned
+        assert not any(row.patient.pending for row in named)
+        assert source.changed_rows() == []
+        assert source.rows() == _full_read(db)
+        assert patient_reads == Counter(dict.fromkeys(files, 1))
+    finally:
+        source.close()
+
+
+def test_a_header_pydicom_cannot_decode_shows_the_case_without_a_name(tmp_path: Path) -> None:
+    """A PatientID whose length does not fit its VR made pydicom raise and the worklist stop."""
+    path = tmp_path / "bad-id.dcm"
+    phantom_dataset(5, 4).save_as(path, enforce_file_format=True)
+    raw = path.read_bytes()
+    at = raw.find(b"\x10\x00\x20\x00LO")  # (0010,0020) PatientID, explicit VR little endian
+    assert at > 0
+    length = int.from_bytes(raw[at + 6 : at + 8], "little")
+    path.write_bytes(raw[:at] + b"\x10\x00\x20\x00US\x03\x00abc" + raw[at + 8 + length :])
+    assert read_patient(str(path)) == UNKNOWN_PATIENT
+
+
+def test_a_reviewed_case_is_no_longer_urgent_but_still_disagrees() -> None:
+    verdict = {"verdict": "abnormal", "score": 0.9}
+    waiting = _case("d", "escalate", 0.4, state=CaseState.VERDICT_RECEIVED, verdict=verdict)
+    reviewed = _case("d", "escalate", 0.4, state=CaseState.ACKNOWLEDGED, verdict=verdict)
+    assert row_for(waiting, UNKNOWN_PATIENT).urgency is Urgency.CENTRE_DISAGREES
+    row = row_for(reviewed, UNKNOWN_PATIENT)
+    assert row.urgency is Urgency.REVIEWED and row.urgency.label == "Reviewed"
+    assert row.centre_disagrees
+    abnormal = _case("a", "abnormal", 0.99, state=CaseState.ACKNOWLEDGED)
+    assert row_for(abnormal, UNKNOWN_PATIENT).urgency is Urgency.REVIEWED
+    normal = row_for(_case("n", "normal", 0.01), UNKNOWN_PATIENT)
+    assert sort_rows([row_for(abnormal, UNKNOWN_PATIENT), normal])[0] is normal
+
+
+@pytest.mark.parametrize(
+    ("state", "allowed", "words"),
+    [
+        (CaseState.LOCAL_ABNORMAL, True, ""),
+        (CaseState.ESCALATION_HELD, True, ""),
+        (CaseState.VERDICT_RECEIVED, True, ""),
+        (CaseState.QUEUED, False, "on its way to the central server"),
+        (CaseState.DELIVERED, False, "has not answered yet"),
+        (CaseState.ACKNOWLEDGED, False, "already been recorded"),
+    ],
+)
+def test_feedback_allowed_and_its_refusal_in_words(
+    state: CaseState, allowed: bool, words: str
+) -> None:
+    assert feedback_allowed(state) is allowed
+    refusal = feedback_refusal(state)
+    assert (refusal == "") is allowed and words in refusal
+    assert "event" not in refusal and "_" not in refusal
+    every = [feedback_refusal(s) for s in CaseState if not feedback_allowed(s)]
+    assert all(every) and not any("_" in text for text in every)

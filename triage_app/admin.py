@@ -2,18 +2,30 @@
 
 ``config`` validates and stays free of the store; this module pairs a saved change, or a
 queue retry, with its audit-log entry, so no shell can do one without the other.
+
+The order is the same for both: the audit entry is written first, then the action. The case
+store and the settings file (or the outbox) cannot share one transaction, so one of them must
+go first, and only this order fails safe: an audit store that is locked or full refuses the
+entry before anything has changed. If the action then fails, a second entry says so (the log
+is append-only, so the first is answered rather than removed). The opposite order could leave
+a change that the audit log never mentions, which an audited device must not allow.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from triage_app.config import Change, Settings, save_settings, verify_admin_password
-from triage_app.errors import AdminAuthError
+from triage_app.errors import AdminAuthError, TriageError
 from triage_app.escalation.outbox import Outbox, OutboxItem
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore
+
+log = logging.getLogger(__name__)
 
 
 def current_user() -> str:
@@ -34,11 +46,12 @@ def require_admin(settings: Settings, password: str) -> None:
 
 def retry_queued_case(outbox: Outbox, store: CaseStore, case_id: str, actor: str) -> OutboxItem:
     """Put a refused (or waiting) case back in the queue, with its state change and audit."""
-    item = outbox.retry(case_id)
+    detail = {"case_id": case_id}
+    with _audited_first(store, actor, [("queue.retry", detail)], "queue.retry_failed"):
+        item = outbox.retry(case_id)
     case = store.get(case_id)
     if case is not None and case.state is CaseState.QUARANTINED:
         store.apply(case_id, CaseEvent.ADMIN_RETRY, f"by {actor}")
-    store.audit(actor, "queue.retry", {"case_id": case_id})
     return item
 
 
@@ -52,10 +65,68 @@ def save_audited(
     change: Change | None = None,
 ) -> Path:
     """Save ``settings`` to ``config_path`` and record ``action`` (with old and new values)."""
-    written = save_settings(settings, config_path)
-    detail: dict[str, object] = {}
-    if change is not None:
-        detail = {"key": change.key, "old": change.old, "new": change.new, "admin": change.admin}
-    with CaseStore.open(store_path) as store:
-        store.audit(actor=actor, action=action, detail=detail)
-    return written
+    detail = {} if change is None else change_detail(change)
+    with CaseStore.open(store_path) as store, _audited_first(store, actor, [(action, detail)]):
+        return save_settings(settings, config_path)
+
+
+def save_changes_audited(
+    settings: Settings,
+    config_path: Path | None,
+    store_path: Path,
+    *,
+    actor: str,
+    changes: Sequence[Change],
+) -> Path:
+    """Save ``settings`` once, with one ``config.set`` entry per change (old and new values).
+
+    The settings form applies several fields at a time: one file write for all of them means
+    a failure leaves either every change or none, never the first few.
+    """
+    entries = [("config.set", change_detail(change)) for change in changes]
+    with CaseStore.open(store_path) as store, _audited_first(store, actor, entries):
+        return save_settings(settings, config_path)
+
+
+def change_detail(change: Change) -> dict[str, object]:
+    return {"key": change.key, "old": change.old, "new": change.new, "admin": change.admin}
+
+
+@contextmanager
+def _audited_first(
+    store: CaseStore,
+    actor: str,
+    entries: Sequence[tuple[str, Mapping[str, object]]],
+    failed_action: str = "config.save_failed",
+) -> Iterator[None]:
+    """Write ``entries`` to the audit log, then run the block; record it if the block fails.
+
+    See the module docstring for why the entries come first. An entry that cannot be written
+    stops everything (the ones before it are answered as failed too); a failed block is
+    answered with ``failed_action`` and the error is raised again.
+    """
+    written: list[Mapping[str, object]] = []
+    try:
+        for action, detail in entries:
+            store.audit(actor=actor, action=action, detail=detail)
+            written.append(detail)
+        yield
+    except BaseException as exc:
+        if written:
+            _record_failure(store, actor, failed_action, written, exc)
+        raise
+
+
+def _record_failure(
+    store: CaseStore,
+    actor: str,
+    action: str,
+    details: Sequence[Mapping[str, object]],
+    exc: BaseException,
+) -> None:
+    """Answer audit entries whose action did not happen; best effort, the error is raised."""
+    error = exc.code if isinstance(exc, TriageError) else type(exc).__name__
+    try:
+        store.audit(actor=actor, action=action, detail={"entries": list(details), "error": error})
+    except TriageError as err:
+        log.error("audit: %s could not be recorded (%s)", action, err.code)

@@ -44,6 +44,8 @@ _CODE_WORDS = {
     "corrupt_pixel_data": "corrupt pixel data",
     "unsupported_photometric": "unsupported colour format",
     "unprocessable_image": "image cannot be analysed",
+    "processing_failed": "could not be processed",
+    "worker_crashed": "crashed the reader",
 }
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ __all__ = [
     "LabelledScore",
     "PreviewFigures",
     "ScoredFolder",
+    "ScoringCancelledError",
     "ensure_holdout",
     "figures",
     "labels_of",
@@ -63,6 +66,10 @@ HOLDOUT_COUNT = 200
 # Symmetric thresholds (t, 1 - t) for the risk–coverage curve: the model's scores crowd near
 # 0 and 1, so the sweep is dense there.
 _SWEEP = np.concatenate(([0.0], np.geomspace(1e-4, 0.5, 160)))
+
+
+class ScoringCancelledError(Exception):
+    """:func:`score_folder` was cancelled (the settings dialog was closed): no result."""
 
 
 @dataclass(frozen=True)
@@ -153,10 +160,14 @@ def score_folder(
     config: PipelineConfig,
     *,
     progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> ScoredFolder:
     """Run every labelled image in ``folder`` through the pipeline once; ``progress(done, total)``.
 
     The pipeline's own thresholds do not matter here: only the score and the scope are kept.
+    ``cancel`` is checked before each image: scoring hundreds of images takes a while, and an
+    admin who closes the preview should not leave it running. Raises
+    :class:`ScoringCancelledError` once it is set.
     """
     truth = read_truth(folder)
     files = [f for f in expand_inputs([folder]) if f.name not in (LABELS_FILE, TRUTH_FILE)]
@@ -165,6 +176,8 @@ def score_folder(
     cases: list[LabelledScore] = []
     failed = 0
     for done, path in enumerate(labelled, start=1):
+        if cancel is not None and cancel.is_set():
+            raise ScoringCancelledError(f"scoring cancelled after {done - 1} of {len(labelled)}")
         outcome = pipeline.run(path)
         if isinstance(outcome, CaseResult):
             scope = ScopeAssessment(tuple(outcome.scope.get("findings", ())))
@@ -219,11 +232,14 @@ def risk_coverage(cases: Sequence[LabelledScore]) -> list[CurvePoint]:
     return sorted(points.values(), key=lambda p: p.coverage)
 
 
-def ensure_holdout(data_dir: Path, count: int = HOLDOUT_COUNT) -> Path:
+def ensure_holdout(
+    data_dir: Path, count: int = HOLDOUT_COUNT, *, cancel: threading.Event | None = None
+) -> Path:
     """The default validation folder: synthetic hold-out phantoms, rendered on first use.
 
     Rendered into a temporary folder and renamed, so a crash never leaves a half-written set
-    that looks complete.
+    that looks complete. Rendering takes a while, so it goes in small batches and ``cancel``
+    is checked between them (:class:`ScoringCancelledError`, and the partial set is removed).
     """
     parent = data_dir / "validation"
     folder = parent / f"synthetic-holdout-{HOLDOUT_SEED}-{count}"
@@ -232,14 +248,39 @@ def ensure_holdout(data_dir: Path, count: int = HOLDOUT_COUNT) -> Path:
     parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".holdout-", dir=parent))
     try:
-        write_phantom_set(staging, HOLDOUT_SEED, count)
+        _render_holdout(staging, count, cancel)
         staging.replace(folder)
+    except ScoringCancelledError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         if not (folder / LABELS_FILE).is_file():  # another process may have won the race
             raise
     log.info("synthetic hold-out rendered: %d images", count)
     return folder
+
+
+_HOLDOUT_BATCH = 8
+
+
+def _render_holdout(staging: Path, count: int, cancel: threading.Event | None) -> None:
+    """The hold-out set in ``staging``, a batch at a time; its labels file is written last.
+
+    Each batch writes its own labels file, so their lines are gathered and the complete file
+    replaces the last batch's (the same lines a single ``write_phantom_set`` call writes).
+    """
+    lines: list[str] = []
+    for start in range(0, count, _HOLDOUT_BATCH):
+        if cancel is not None and cancel.is_set():
+            raise ScoringCancelledError(f"hold-out rendering cancelled after {start} images")
+        batch = min(_HOLDOUT_BATCH, count - start)
+        labels = write_phantom_set(staging, HOLDOUT_SEED, batch, start=start)
+        lines.extend(labels.read_text(encoding="utf-8").splitlines())
+    with (staging / LABELS_FILE).open("w", encoding="utf-8") as out:
+        out.write("".join(line + "\n" for line in lines))
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def labels_of(cases: Iterable[LabelledScore]) -> Mapping[str, int]:

@@ -9,9 +9,10 @@ on this device only and never logged.
 from __future__ import annotations
 
 import logging
+import time
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
@@ -20,15 +21,18 @@ from typing import Any
 from triage_app.dicom import read_dataset
 from triage_app.errors import InputError
 from triage_app.policy import ABNORMAL, NORMAL
-from triage_app.states import CaseState
+from triage_app.states import TRANSITIONS, CaseEvent, CaseState
 from triage_app.store import CaseStore, StoredCase
 
 __all__ = [
     "ESCALATION_LABELS",
+    "PENDING_PATIENT",
     "PatientLabel",
     "Urgency",
     "WorklistRow",
     "WorklistSource",
+    "feedback_allowed",
+    "feedback_refusal",
     "read_patient",
     "row_for",
     "sort_rows",
@@ -62,6 +66,8 @@ class Urgency(IntEnum):
     ABNORMAL = 1
     ESCALATED = 2
     NORMAL = 3
+    #: A clinician has accepted, rejected or acknowledged the result: nothing is waiting.
+    REVIEWED = 4
 
     @property
     def label(self) -> str:
@@ -73,18 +79,55 @@ _URGENCY_LABELS = {
     Urgency.ABNORMAL: "Abnormal",
     Urgency.ESCALATED: "Uncertain",
     Urgency.NORMAL: "Routine",
+    Urgency.REVIEWED: "Reviewed",
 }
+
+#: Why the worklist refuses feedback on a case in a given state, as a sentence a clinician
+#: reads (the state machine's own message names events and states).
+_FEEDBACK_REFUSALS: Mapping[CaseState, str] = {
+    CaseState.RECEIVED: "this case is still being analysed",
+    CaseState.ANALYSED: "this case is still being analysed",
+    CaseState.QUEUED: "this case is on its way to the central server; "
+    "give feedback once its verdict is in",
+    CaseState.SENDING: "this case is being sent to the central server; "
+    "give feedback once its verdict is in",
+    CaseState.SEND_FAILED_RETRYING: "this case is waiting to be sent again to the central "
+    "server; give feedback once its verdict is in",
+    CaseState.DELIVERED: "the central server has this case but has not answered yet; "
+    "give feedback once its verdict is in",
+    CaseState.QUARANTINED: "the central server refused this case; an admin can put it back "
+    "in the upload queue (Upload queue view)",
+    CaseState.ACKNOWLEDGED: "feedback on this case has already been recorded",
+    CaseState.FAILED: "this file could not be analysed, so there is no result to review",
+}
+
+
+def feedback_allowed(state: CaseState) -> bool:
+    """Whether a clinician may accept, reject or acknowledge a case in ``state`` now."""
+    return (state, CaseEvent.ACKNOWLEDGE) in TRANSITIONS
+
+
+def feedback_refusal(state: CaseState) -> str:
+    """Why feedback is not possible in ``state``, as one sentence (empty when it is)."""
+    if feedback_allowed(state):
+        return ""
+    return _FEEDBACK_REFUSALS.get(state, f"this case is {ESCALATION_LABELS.get(state, state)}")
 
 
 @dataclass(frozen=True)
 class PatientLabel:
-    """Who the image is of, as the original file says; empty strings when it cannot be read."""
+    """Who the image is of, as the original file says; empty strings when it cannot be read.
+
+    ``pending``: not read yet (a large store's first rows are shown before every header is).
+    """
 
     name: str
     patient_id: str
+    pending: bool = False
 
 
 UNKNOWN_PATIENT = PatientLabel("", "")
+PENDING_PATIENT = PatientLabel("", "", pending=True)
 
 
 @dataclass(frozen=True)
@@ -113,7 +156,8 @@ class WorklistRow:
 
     @property
     def centre_disagrees(self) -> bool:
-        return self.urgency is Urgency.CENTRE_DISAGREES
+        """The central verdict is the other side of the device's leaning (reviewed or not)."""
+        return urgency_of(self.decision, self.score, self.verdict) is Urgency.CENTRE_DISAGREES
 
     @property
     def sort_key(self) -> tuple[int, float, str]:
@@ -159,7 +203,9 @@ def row_for(case: StoredCase, patient: PatientLabel) -> WorklistRow:
         verdict=str(label) if label is not None else None,
         verdict_score=float(score) if isinstance(score, int | float) else None,
         verdict_error=str(error.get("code")) if isinstance(error, dict) else None,
-        urgency=urgency_of(case.decision, case.score, str(label) if label is not None else None),
+        urgency=Urgency.REVIEWED
+        if case.state is CaseState.ACKNOWLEDGED
+        else urgency_of(case.decision, case.score, str(label) if label is not None else None),
         path=str(case.result.get("path", "")),
         updated_at=case.updated_at,
         result=case.result,
@@ -180,10 +226,18 @@ def read_patient(path: str) -> PatientLabel:
         # The file may have been moved (e.g. filed by the watch service): show the case anyway.
         log.debug("patient details unavailable for a case (%s)", err.code)
         return UNKNOWN_PATIENT
-    name = ds.get("PatientName")
-    text = "" if name is None else str(name)
+    try:
+        name = ds.get("PatientName")
+        text = "" if name is None else str(name)
+        patient_id = str(ds.get("PatientID") or "")
+    except Exception as exc:  # noqa: BLE001 - a malformed element must not hide the case
+        # pydicom decodes an element when it is first read and raises its own types (e.g.
+        # BytesLengthException for a length that does not fit the VR), not InputError. The
+        # type only: the message quotes the raw value.
+        log.debug("patient details unreadable for a case (%s)", type(exc).__name__)
+        return UNKNOWN_PATIENT
     display = ", ".join(part for part in text.split("^")[:2] if part)
-    return PatientLabel(display, str(ds.get("PatientID") or ""))
+    return PatientLabel(display, patient_id)
 
 
 class WorklistSource:
@@ -196,17 +250,32 @@ class WorklistSource:
     them), so a row once read stays. Patient headers are read once per file.
     :meth:`rows` and :meth:`changed_rows` share one position in the store's changes.
 
+    With ``name_budget_s``, :meth:`changed_rows` spends at most about that long reading patient
+    headers: rows whose header is not read yet carry :data:`PENDING_PATIENT` and come back,
+    named, in later calls while :attr:`names_pending`. Why: a header read costs most of a
+    millisecond, so a store of 20,000 cases would otherwise show nothing for the quarter of a
+    minute its first call takes. Names are read in the order the rows were first returned,
+    so each call's named rows sit side by side in a table that keeps that order (one update
+    for the block, not one per row). Without a budget every header is read at once.
+
     Open and use it in one thread (it keeps a SQLite connection, which is thread-bound).
     """
 
-    def __init__(self, store_path: Path) -> None:
+    def __init__(self, store_path: Path, *, name_budget_s: float | None = None) -> None:
         self._store_path = store_path
         self._store: CaseStore | None = None
+        self._name_budget_s = name_budget_s
         self._patients: dict[str, PatientLabel] = {}
+        self._unnamed: dict[str, None] = {}  # case ids whose header is still to read, in order
         self._rows: dict[str, WorklistRow] = {}
         self._seq = 0  # the store's change sequence the rows are up to date with
         self._order: list[WorklistRow] = []  # every row, most urgent first
         self._keys: list[tuple[int, float, str]] = []  # their sort keys, for bisect
+
+    @property
+    def names_pending(self) -> bool:
+        """Some rows still wait for their patient's name (see ``name_budget_s``)."""
+        return bool(self._unnamed)
 
     def rows(self) -> list[WorklistRow]:
         """Every case, most urgent first."""
@@ -214,11 +283,13 @@ class WorklistSource:
         return list(self._order)
 
     def changed_rows(self) -> list[WorklistRow]:
-        """The rows of the cases inserted or changed since the last call (every case at first)."""
+        """The rows of the cases inserted or changed since the last call (every case at first),
+        and of those whose patient's name has been read since."""
         if self._store is None:
             self._store = CaseStore.open(self._store_path)
+        deadline = None if self._name_budget_s is None else time.monotonic() + self._name_budget_s
         cases, seq = self._store.cases_changed_since(self._seq)
-        changed = [row_for(case, self._patient(case)) for case in cases]
+        changed = [row_for(case, self._patient(case, deadline)) for case in cases]
         # Only once every row is built: a failure leaves the position where it was, for a retry.
         self._seq = seq
         if len(changed) > len(self._rows):  # the first poll, or a store that grew a lot
@@ -228,7 +299,30 @@ class WorklistSource:
         else:
             for row in changed:
                 self._move(row)
-        return changed
+        for row in changed:
+            if row.patient.pending:
+                self._unnamed[row.case_id] = None
+            else:
+                self._unnamed.pop(row.case_id, None)
+        named = self._name_pending_rows(deadline)
+        if not named:
+            return changed
+        by_case = {row.case_id: row for row in changed}
+        by_case.update((row.case_id, row) for row in named)
+        return list(by_case.values())
+
+    def _name_pending_rows(self, deadline: float | None) -> list[WorklistRow]:
+        """Read waiting patients' headers until ``deadline`` (one at least, so that any budget
+        makes progress); their rows, now named."""
+        named: list[WorklistRow] = []
+        while self._unnamed and (deadline is None or not named or time.monotonic() < deadline):
+            case_id = next(iter(self._unnamed))
+            del self._unnamed[case_id]
+            row = self._rows[case_id]
+            row = replace(row, patient=self._read_patient(row.path))
+            self._move(row)
+            named.append(row)
+        return named
 
     def _move(self, row: WorklistRow) -> None:
         """Put ``row`` in its place in the order, instead of its old version if it has one.
@@ -246,8 +340,17 @@ class WorklistSource:
         self._order.insert(position, row)
         self._rows[row.case_id] = row
 
-    def _patient(self, case: StoredCase) -> PatientLabel:
+    def _patient(self, case: StoredCase, deadline: float | None) -> PatientLabel:
+        """The case's patient: known, read now, or pending once past ``deadline``."""
         path = str(case.result.get("path", ""))
+        patient = self._patients.get(path)
+        if patient is not None:
+            return patient
+        if deadline is not None and time.monotonic() >= deadline:
+            return PENDING_PATIENT
+        return self._read_patient(path)
+
+    def _read_patient(self, path: str) -> PatientLabel:
         patient = self._patients.get(path)
         if patient is None:
             patient = self._patients[path] = read_patient(path)

@@ -22,6 +22,7 @@ from triage_app.config import (
     save_settings,
     set_admin_password,
 )
+from triage_app.errors import StoreError
 from triage_app.gui.qt_settings import QtSettingsDialog
 from triage_app.gui.settings_model import describe_figures, form_specs
 from triage_app.model.manifest import Thresholds, find_bundle, load_manifest
@@ -282,3 +283,44 @@ def test_an_admin_can_preview_on_a_folder_of_their_own(
         Thresholds(page.low.value(), page.high.value()),
     )
     assert page.figures == expected
+
+
+@pytest.mark.expect_log_warnings  # the dialog logs the refused save
+def test_a_change_whose_audit_entry_cannot_be_written_is_not_saved(
+    qtbot: QtBot,
+    dialog: QtSettingsDialog,
+    admin_config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As with a store locked by the watch service: "Not saved" must be true."""
+
+    def refuse(store: CaseStore, actor: str, action: str, detail: object) -> None:
+        raise StoreError("case store: could not write the audit log: database is locked")
+
+    monkeypatch.setattr(CaseStore, "audit", refuse)
+    before = admin_config.read_bytes()
+    dialog.editors["display.theme"].set_text("light")
+    _apply(qtbot, dialog)
+    assert dialog.message.text().startswith("Not saved: case store:"), dialog.message.text()
+    assert admin_config.read_bytes() == before
+    assert dialog.changed_fields() == {"display.theme": "light"}
+
+
+def test_a_new_case_store_applies_at_the_next_start_only(
+    qtbot: QtBot, window, settings: Settings, config_path: Path, tmp_path: Path
+) -> None:
+    """Switching it live moved the importer to the new store and left the worklist on the old."""
+    window.show_settings()
+    dialog = window.settings_dialog
+    elsewhere = tmp_path / "elsewhere" / "cases.sqlite3"
+    dialog.editors["paths.case_store"].set_text(str(elsewhere))
+    dialog.editors["display.font_scale"].set_text("1.25")
+    with qtbot.waitSignal(window.settings_saved):
+        dialog.apply()
+
+    assert load_settings(config_path, env={}).case_store_path == elsewhere
+    assert window.settings.case_store_path == settings.case_store_path
+    assert window.importer.settings.case_store_path == settings.case_store_path
+    assert window.settings.font_scale == 1.25  # other changes apply at once
+    assert "Restart the app to apply paths.case_store" in dialog.message.text()
+    assert window.status.currentMessage() == "Saved; restart the app to apply paths.case_store"

@@ -8,8 +8,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from PySide6.QtWidgets import QMessageBox
 from pytestqt.qtbot import QtBot
 
+from tests.helpers import make_result
 from triage_app.admin import current_user
 from triage_app.config import Settings, set_admin_password
 from triage_app.escalation.connectivity import ConnectivityState
@@ -17,6 +19,7 @@ from triage_app.escalation.outbox import OutboxState
 from triage_app.escalation.service import open_outbox
 from triage_app.gui.qt_main_window import QtMainWindow
 from triage_app.gui.qt_queue import QtQueueDialog
+from triage_app.gui.qt_worklist import Column
 from triage_app.pipeline import PipelineConfig, TriagePipeline
 from triage_app.results import CaseResult
 from triage_app.states import CaseEvent, CaseState, Feedback
@@ -149,3 +152,99 @@ def test_status_bar_shows_offline_since_last_error_queue_and_disk(
     qtbot.waitUntil(lambda: segments["link"].text() == "● Online")
     assert segments["error"].text() == "" and segments["error"].isHidden()
     window.close()
+
+
+# --- which feedback a case's state allows ---------------------------------------------------
+
+
+def _show(qtbot: QtBot, window: QtMainWindow, settings: Settings, result: CaseResult) -> None:
+    """Record ``result`` (its final event from its decision) and select it in the worklist."""
+    event = {"abnormal": CaseEvent.DECIDE_LOCAL_ABNORMAL, "normal": CaseEvent.DECIDE_LOCAL_NORMAL}
+    with CaseStore.open(settings.case_store_path) as store:
+        store.record_result(result, event.get(result.decision, CaseEvent.HOLD))
+    window.worklist.refresh()
+    qtbot.waitUntil(lambda: window.worklist.model.row_for(result.case_id) is not None)
+    with qtbot.waitSignal(window.history.loaded):
+        assert window.worklist.select_case(result.case_id)
+
+
+def _state(settings: Settings, case_id: str) -> CaseState:
+    with CaseStore.open(settings.case_store_path) as store:
+        case = store.get(case_id)
+    assert case is not None
+    return case.state
+
+
+def test_feedback_on_a_held_case_asks_first_and_says_it_will_not_be_sent(
+    qtbot: QtBot, window: QtMainWindow, settings: Settings, phantom_folder: Path
+) -> None:
+    """Acknowledging a held case silently cancelled its escalation."""
+    path = str(phantom_folder / "p000.dcm")
+    held = make_result("case-held", decision="escalate", reason="uncertain", score=0.5, path=path)
+    _show(qtbot, window, settings, held)
+    assert window.history.buttons[Feedback.ACKNOWLEDGE].isEnabled()
+
+    window.actions_by_command["acknowledge_result"].trigger()
+    box = window.held_confirmation
+    assert box is not None and box.isVisible()
+    assert "will NOT be sent" in box.text()
+    box.button(QMessageBox.StandardButton.Cancel).click()
+    assert window.status.currentMessage() == "Feedback not recorded; the case stays held"
+    assert _state(settings, "case-held") is CaseState.ESCALATION_HELD
+
+    window.actions_by_command["acknowledge_result"].trigger()
+    box = window.held_confirmation
+    assert box is not None
+    (record,) = [b for b in box.buttons() if b.text() == "Record feedback, do not send"]
+    with qtbot.waitSignal(window.feedback_recorded):
+        record.click()
+    assert _state(settings, "case-held") is CaseState.ACKNOWLEDGED
+
+
+def test_feedback_on_a_case_on_its_way_is_refused_in_words(
+    qtbot: QtBot, window: QtMainWindow, settings: Settings, phantom_folder: Path
+) -> None:
+    path = str(phantom_folder / "p000.dcm")
+    queued = make_result("case-queued", decision="escalate", reason="uncertain", path=path)
+    with CaseStore.open(settings.case_store_path) as store:
+        store.record_result(queued, CaseEvent.ENQUEUE)
+    window.worklist.refresh()
+    qtbot.waitUntil(lambda: window.worklist.model.row_for("case-queued") is not None)
+    with qtbot.waitSignal(window.history.loaded):
+        assert window.worklist.select_case("case-queued")
+
+    sentence = "this case is on its way to the central server; give feedback once its verdict is in"
+    assert not any(button.isEnabled() for button in window.history.buttons.values())
+    assert window.history.buttons[Feedback.ACCEPT].toolTip() == sentence.capitalize() + "."
+    window.actions_by_command["accept_result"].trigger()
+    assert window.status.currentMessage() == f"Feedback not recorded: {sentence}."
+    assert _state(settings, "case-queued") is CaseState.QUEUED
+
+
+def test_feedback_refused_by_the_store_is_said_in_words_too(
+    qtbot: QtBot, window: QtMainWindow, settings: Settings, phantom_folder: Path
+) -> None:
+    """Another reader acknowledged the case after the worklist last read it."""
+    _show(qtbot, window, settings, make_result("case-1", path=str(phantom_folder / "p000.dcm")))
+    window.worklist.stop()  # the row stays as it was read
+    with CaseStore.open(settings.case_store_path) as store:
+        store.record_feedback("case-1", "dr.other", Feedback.ACKNOWLEDGE)
+    window.actions_by_command["accept_result"].trigger()
+    expected = "Feedback not recorded: feedback on this case has already been recorded."
+    qtbot.waitUntil(lambda: window.status.currentMessage() == expected)
+
+
+def test_an_accepted_abnormal_case_no_longer_counts_as_urgent(
+    qtbot: QtBot, window: QtMainWindow, settings: Settings, phantom_folder: Path
+) -> None:
+    path = str(phantom_folder / "p000.dcm")
+    abnormal = make_result("case-a", decision="abnormal", score=0.97, path=path)
+    _show(qtbot, window, settings, abnormal)
+    proxy = window.worklist.proxy
+    assert proxy.data(proxy.index(0, Column.PRIORITY)) == "⚠ Abnormal"
+    assert window.status.segments["cases"].text() == "1 cases · 1 urgent"
+
+    with qtbot.waitSignal(window.feedback_recorded):
+        window.actions_by_command["accept_result"].trigger()
+    qtbot.waitUntil(lambda: window.status.segments["cases"].text() == "1 cases · 0 urgent")
+    assert proxy.data(proxy.index(0, Column.PRIORITY)) == "Reviewed"

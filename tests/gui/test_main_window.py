@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import QMimeData, QPointF, Qt, QTimer, QUrl
+import shiboken6
+from PySide6.QtCore import QEvent, QMimeData, QPointF, Qt, QThreadPool, QTimer, QUrl
 from PySide6.QtGui import QColor, QDropEvent
 from PySide6.QtTest import QTest
-from PySide6.QtWidgets import QFileDialog, QMenu
+from PySide6.QtWidgets import QApplication, QFileDialog, QMenu
 from pytestqt.qtbot import QtBot
 
 from tests.ct_series import write_ct_series
@@ -318,3 +320,64 @@ def test_the_window_queues_the_cases_held_until_the_server_keys_are_known(
         assert central.deliveries() == {case.case_id: 1 for case in held}
     finally:
         central.thread.stop()
+
+
+# --- closing, the import dialog and the settings' scoring --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folder_of_40(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("forty")
+    write_phantoms(folder, 2025, 40)
+    return folder
+
+
+def test_closing_the_window_during_an_import_is_prompt_and_shows_no_summary(
+    qtbot: QtBot, window: QtMainWindow, folder_of_40: Path
+) -> None:
+    """It used to wait a minute for the import thread, then abort, or leave a summary box."""
+    window.import_paths([folder_of_40])
+    qtbot.waitUntil(
+        lambda: (
+            window.importer.last_progress is not None and window.importer.last_progress.done >= 1
+        ),
+        timeout=IMPORT_TIMEOUT_MS,
+    )
+    began = time.perf_counter()
+    window.close()
+    assert time.perf_counter() - began < 10
+    assert not window.importer.running and window.importer.dialog is None
+    qtbot.wait(300)  # the run's last signals, queued meanwhile, arrive now
+    assert window.importer.summary_box is None
+    shown = [w.windowTitle() for w in QApplication.topLevelWidgets() if w.isVisible()]
+    assert not [title for title in shown if "Import" in title]
+
+
+def test_the_import_dialog_leaves_the_window_usable(
+    qtbot: QtBot, window: QtMainWindow, folder_of_40: Path
+) -> None:
+    with qtbot.waitSignal(window.importer.finished, timeout=IMPORT_TIMEOUT_MS):
+        window.import_paths([folder_of_40])
+        dialog = window.importer.dialog
+        assert dialog is not None and dialog.isVisible()
+        assert dialog.windowModality() is Qt.WindowModality.NonModal and not dialog.isModal()
+        assert QApplication.activeModalWidget() is None
+        window.importer.cancel()
+
+
+def test_settings_score_outside_the_shared_pool_and_stop_once_closed(
+    qtbot: QtBot, window: QtMainWindow
+) -> None:
+    """Scoring in the pool's two threads starved image loads; closed dialogs went on scoring."""
+    window.show_settings()
+    dialog = window.settings_dialog
+    assert dialog is not None
+    assert QThreadPool.globalInstance().activeThreadCount() == 0
+    scoring = [t for t in threading.enumerate() if t.name == "threshold-preview"]
+    assert len(scoring) == 1
+
+    dialog.close()
+    QApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    assert not shiboken6.isValid(dialog) and window.settings_dialog is None
+    scoring[0].join(timeout=20)  # cancelled: far sooner than rendering and scoring 200 images
+    assert not scoring[0].is_alive()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from pytestqt.qtbot import QtBot
 
 from tests.helpers import make_result
-from triage_app.gui.qt_worklist import StorePoller, WorklistTableModel
+from triage_app.gui.qt_worklist import QtWorklist, StorePoller, WorklistTableModel
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore, StoredCase
-from triage_app.worklist import UNKNOWN_PATIENT, WorklistRow, row_for
+from triage_app.worklist import UNKNOWN_PATIENT, WorklistRow, WorklistSource, row_for
 
 
 def _row(case_id: str, state: CaseState = CaseState.LOCAL_NORMAL) -> WorklistRow:
@@ -59,7 +60,7 @@ def test_the_poller_sends_every_row_first_then_only_the_changed_ones(
             store.record_result(escalated, CaseEvent.HOLD)
     sent: list[list[WorklistRow]] = []
     poller = StorePoller(db)
-    poller.rows_changed.connect(sent.append)
+    poller.rows_changed.connect(lambda polled: sent.append(polled.rows))
     try:
         poller.poll()
         poller.poll()
@@ -74,3 +75,69 @@ def test_the_poller_sends_every_row_first_then_only_the_changed_ones(
         [],
         [("c2", CaseState.QUEUED)],
     ]
+
+
+def test_adjacent_changed_rows_are_announced_as_one_block(qtbot: QtBot) -> None:
+    """One signal per block: PySide6 6.12 loses a reference to True at every emit."""
+    model = WorklistTableModel()
+    model.update_rows([_row(name) for name in "abcde"])
+    changed: list[tuple[int, int]] = []
+    model.dataChanged.connect(lambda top, bottom: changed.append((top.row(), bottom.row())))
+    acknowledged = CaseState.ACKNOWLEDGED
+    model.update_rows([_row(name, acknowledged) for name in "dbce"] + [_row("f")])
+    assert changed == [(1, 4)]
+    assert [model.row_at(i).state for i in range(5)] == [CaseState.LOCAL_NORMAL] + [
+        acknowledged
+    ] * 4
+    changed.clear()
+    model.update_rows([_row("a"), _row("c"), _row("f", acknowledged)])
+    assert changed == [(0, 0), (2, 2), (5, 5)]
+
+
+def test_the_worklist_says_it_is_loading_until_the_first_read(qtbot: QtBot, tmp_path: Path) -> None:
+    """ "0 of 0 cases" for the quarter of a minute a large store took read like an empty one."""
+    worklist = QtWorklist(tmp_path / "cases.sqlite3")
+    qtbot.addWidget(worklist)
+    try:
+        assert worklist.loading and worklist.count.text() == "Loading cases…"
+        worklist.search.setText("x")  # a search does not pretend to have counted
+        assert worklist.count.text() == "Loading cases…"
+        qtbot.waitUntil(lambda: not worklist.loading)
+        assert worklist.count.text() == "0 of 0 cases"
+    finally:
+        worklist.stop()
+
+
+@pytest.mark.expect_log_warnings  # the failed read is logged, once
+def test_an_unexpected_error_in_a_poll_is_shown_and_polling_goes_on(
+    qtbot: QtBot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception other than StoreError left the poller busy for good: no update ever again."""
+    db = tmp_path / "cases.sqlite3"
+    with CaseStore.open(db) as store:
+        store.record_result(make_result("c1", path=""), CaseEvent.DECIDE_LOCAL_NORMAL)
+    failures = iter([ValueError("header value"), ValueError("header value")])
+    real = WorklistSource.changed_rows
+
+    def flaky(source: WorklistSource) -> list[WorklistRow]:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real(source)
+
+    monkeypatch.setattr(WorklistSource, "changed_rows", flaky)
+    worklist = QtWorklist(db)
+    qtbot.addWidget(worklist)
+    try:
+        qtbot.waitUntil(lambda: worklist.problem.isVisibleTo(worklist))
+        assert worklist.problem.text() == "Worklist not updated: unexpected ValueError. Retrying…"
+        qtbot.waitUntil(lambda: worklist.model.rowCount() == 1, timeout=5_000)
+        assert not worklist.problem.isVisibleTo(worklist)
+        assert worklist.count.text() == "1 of 1 cases"
+    finally:
+        worklist.stop()
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    (logged,) = [r.getMessage() for r in errors]  # once, though it failed twice
+    assert logged.startswith("worklist: unexpected ValueError (test_qt_worklist.py:")
+    assert logged.endswith(" in flaky)")
+    assert "header value" not in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from pytestqt.qtbot import QtBot
 
 from tests.ct_series import write_ct_series
 from tests.helpers import write_phantoms
+from triage_app.gui import qt_viewer
 from triage_app.gui.qt_viewer import QtViewer
 from triage_app.gui.viewer_model import (
     DISCLAIMER,
@@ -155,3 +157,38 @@ def test_invert_and_reset(viewer: QtViewer, dx_file: Path) -> None:
     viewer.reset()
     viewer.repaint()
     assert np.array_equal(normal, _pixels(viewer))
+
+
+def test_a_new_case_clears_the_previous_image_until_its_own_arrives(
+    qtbot: QtBot, viewer: QtViewer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The previous case's image under the new case's AI result would be read as the new one."""
+    write_phantoms(tmp_path, 32, 2)
+    first, second = tmp_path / "p000.dcm", tmp_path / "p001.dcm"
+    release = threading.Event()
+
+    def load(path: str) -> ViewerImage:
+        if path == str(second):
+            release.wait(10)
+        return load_viewer_image(path)
+
+    monkeypatch.setattr(qt_viewer, "load_viewer_image", load)
+    with qtbot.waitSignal(viewer.image_loaded):
+        viewer.show_case("case-a", str(first), AiResult.from_result(RESULT))
+    viewer.grab()
+    assert "ai" in viewer.panel_lines
+
+    try:
+        viewer.show_case("case-b", str(second), AiResult.from_result(RESULT))
+        viewer.grab()
+        assert (viewer.case_id, viewer.loading, viewer.image) == ("case-b", True, None)
+        assert viewer.panel_lines == {}  # neither the old image's panels nor the new AI result
+        assert viewer.notice == "Loading image…"
+        rgb = _pixels(viewer).reshape(viewer.height(), viewer.width(), 4)[..., :3]
+        assert (rgb.max(axis=2) > 0x20).mean() < 0.02  # black but for the notice's text
+    finally:
+        with qtbot.waitSignal(viewer.image_loaded) as loaded:
+            release.set()
+    assert (loaded.args, viewer.loading) == (["case-b"], False)
+    viewer.grab()
+    assert "ai" in viewer.panel_lines

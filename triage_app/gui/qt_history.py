@@ -93,10 +93,13 @@ class QtCaseHistory(QWidget):
         self._set_buttons(False)
 
     def show_case(self, case_id: str) -> None:
-        """Show ``case_id``'s history (read off the UI thread)."""
+        """Show ``case_id``'s history (read off the UI thread).
+
+        The feedback buttons are the window's to enable (:meth:`allow_feedback`): it knows
+        the case's state.
+        """
         self.case_id = case_id
         self.title.setText(f"Case {case_id[:16]}")
-        self._set_buttons(True)
         run_in_thread(
             partial(read_history, self._store_path, case_id),
             partial(self._show, case_id),
@@ -111,6 +114,12 @@ class QtCaseHistory(QWidget):
             items = (self.table.item(r, c) for c in range(self.table.columnCount()))
             rows.append(tuple(item.text() if item is not None else "" for item in items))
         return rows
+
+    def allow_feedback(self, refusal: str) -> None:
+        """Enable the buttons when ``refusal`` is empty; otherwise disable them and say why."""
+        self._set_buttons(not refusal)
+        for button in self.buttons.values():
+            button.setToolTip(refusal[:1].upper() + refusal[1:] + "." if refusal else "")
 
     def _set_buttons(self, enabled: bool) -> None:
         for button in self.buttons.values():

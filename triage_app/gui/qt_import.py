@@ -61,14 +61,18 @@ class _ImportWorker(QObject):
 
 
 class ImportDialog(QDialog):
-    """Determinate progress, the current file and Cancel; it never blocks the window."""
+    """Determinate progress, the current file and Cancel; it never blocks the window.
+
+    Non-modal on purpose: a large import takes minutes, and the clinician keeps reading the
+    worklist (which fills as the cases land) meanwhile.
+    """
 
     cancel_requested = Signal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Importing images")
-        self.setWindowModality(Qt.WindowModality.WindowModal)
+        self.setModal(False)
         self.counter = QLabel("Finding files…", self)
         self.counter.setAccessibleName("Import progress")
         self.bar = QProgressBar(self)
@@ -124,6 +128,7 @@ class ImportController(QObject):
         self.summary_box: QMessageBox | None = None
         self.last_summary: ImportSummary | None = None
         self.last_progress: ImportProgress | None = None
+        self._shutting_down = False
 
     @property
     def running(self) -> bool:
@@ -145,6 +150,10 @@ class ImportController(QObject):
         self._worker.progressed.connect(self._on_progress)
         self._worker.finished.connect(self._on_finished)
         self._worker.failed.connect(self._on_failed)
+        # Ended from the import thread itself: the UI thread may be blocked in shutdown(),
+        # waiting for this thread, and could not deliver a queued quit.
+        self._worker.finished.connect(self._thread.quit, Qt.ConnectionType.DirectConnection)
+        self._worker.failed.connect(self._thread.quit, Qt.ConnectionType.DirectConnection)
         self.dialog = ImportDialog(self._parent)
         self.dialog.cancel_requested.connect(self.cancel)
         self.dialog.show()
@@ -155,17 +164,30 @@ class ImportController(QObject):
         if self._run is not None:
             self._run.cancel.set()
 
-    def wait(self, timeout_ms: int = 60_000) -> bool:
-        """Block until the import thread has ended (shutdown)."""
-        return self._thread is None or self._thread.wait(timeout_ms)
+    def shutdown(self) -> None:
+        """The window is closing: stop after the current file, wait for it, and show nothing.
+
+        The worker quits its thread as soon as the run ends, so the wait lasts one file at
+        most; the summary that the run still sends is dropped, not shown over a closed window.
+        """
+        self._shutting_down = True
+        if self._thread is None:
+            return
+        self.cancel()
+        self._thread.wait()
+        self._end()
 
     def _on_progress(self, progress: ImportProgress) -> None:
+        if self._shutting_down:
+            return
         self.last_progress = progress
         if self.dialog is not None:
             self.dialog.show_progress(progress)
         self.progressed.emit(progress)
 
     def _on_finished(self, summary: ImportSummary) -> None:
+        if self._shutting_down:
+            return
         self._end()
         self.last_summary = summary
         box = QMessageBox(self._parent)
@@ -180,6 +202,8 @@ class ImportController(QObject):
         self.finished.emit(summary)
 
     def _on_failed(self, message: str) -> None:
+        if self._shutting_down:
+            return
         self._end()
         box = QMessageBox(self._parent)
         box.setWindowTitle("Import failed")

@@ -19,6 +19,7 @@ from pathlib import Path
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import (
+    QAbstractButton,
     QApplication,
     QDockWidget,
     QFileDialog,
@@ -30,7 +31,7 @@ from PySide6.QtWidgets import (
 
 from triage_app.admin import current_user
 from triage_app.config import Settings
-from triage_app.errors import ConfigError, TriageError
+from triage_app.errors import ConfigError, IllegalTransitionError, TriageError
 from triage_app.escalation.background import BackgroundUploader
 from triage_app.escalation.service import EscalationLink
 from triage_app.gui.qt_history import QtCaseHistory
@@ -49,9 +50,9 @@ from triage_app.gui.theme import font_scale, set_font_scale
 from triage_app.gui.viewer_model import AiResult, SaliencyService
 from triage_app.held_release import release_all_held
 from triage_app.importer import ImportProgress, ImportSummary
-from triage_app.states import Feedback
+from triage_app.states import CaseState, Feedback
 from triage_app.store import CaseStore, FeedbackRecord
-from triage_app.worklist import Urgency, WorklistRow
+from triage_app.worklist import Urgency, WorklistRow, feedback_allowed, feedback_refusal
 
 __all__ = ["QtMainWindow"]
 
@@ -146,6 +147,8 @@ class QtMainWindow(QMainWindow):
         self.worklist.case_selected.connect(self._show_case)
         self._counts_shown = False
         self.worklist.refreshed.connect(self._update_counts)
+        self.worklist.refreshed.connect(lambda _changed: self._sync_feedback_buttons())
+        self.held_confirmation: QMessageBox | None = None
         self.viewer.message.connect(lambda text: self.status.showMessage(text, 4000))
         self.importer.progressed.connect(self._import_progress)
         self.importer.finished.connect(self._import_finished)
@@ -267,21 +270,76 @@ class QtMainWindow(QMainWindow):
         self.worklist.search.selectAll()
 
     def give_feedback(self, kind: Feedback) -> None:
-        """Record the clinician's feedback on the selected case (off the UI thread)."""
+        """Record the clinician's feedback on the selected case (off the UI thread).
+
+        Refused, in words, where the state does not allow it. A case held on this device is
+        asked about first: feedback closes it, so it is never sent for a second opinion.
+        """
         row = self.worklist.current_row()
         if row is None:
             self.status.showMessage("Select a case first", 4000)
             return
-        store_path, case_id = self.settings.case_store_path, row.case_id
+        if not feedback_allowed(row.state):
+            self._refuse_feedback(row.state)
+            return
+        if row.state is CaseState.ESCALATION_HELD:
+            self._confirm_held_feedback(row.case_id, kind)
+            return
+        self._record_feedback(row.case_id, kind)
+
+    def _confirm_held_feedback(self, case_id: str, kind: Feedback) -> None:
+        box = QMessageBox(self)
+        box.setIcon(QMessageBox.Icon.Warning)
+        box.setWindowTitle("Case held on this device")
+        box.setText(
+            "This uncertain case is waiting on this device to be sent to the central server "
+            "for a second opinion.\n\nIf you record your feedback now, the case is closed "
+            "and will NOT be sent."
+        )
+        record = box.addButton("Record feedback, do not send", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(QMessageBox.StandardButton.Cancel)
+        box.setAccessibleName("Confirm feedback on a held case")
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+
+        def answered(button: QAbstractButton) -> None:
+            self.held_confirmation = None
+            if button is record:
+                self._record_feedback(case_id, kind)
+            else:
+                self.status.showMessage("Feedback not recorded; the case stays held", 6000)
+
+        box.buttonClicked.connect(answered)
+        self.held_confirmation = box
+        box.open()
+
+    def _record_feedback(self, case_id: str, kind: Feedback) -> None:
+        store_path = self.settings.case_store_path
         user, comment = current_user(), self.history.comment.text()
 
-        def work() -> FeedbackRecord:
+        def work() -> FeedbackRecord | CaseState:
             with CaseStore.open(store_path) as store:
-                return store.record_feedback(case_id, user, kind, comment)
+                try:
+                    return store.record_feedback(case_id, user, kind, comment)
+                except IllegalTransitionError:
+                    # The worklist's row was older than the store: say why in words.
+                    case = store.get(case_id)
+                    if case is None:
+                        raise
+                    return case.state
 
         run_in_thread(work, self._feedback_done, self._feedback_failed, owner=self)
 
-    def _feedback_done(self, record: FeedbackRecord) -> None:
+    def _refuse_feedback(self, state: CaseState) -> None:
+        sentence = feedback_refusal(state)
+        log.info("feedback refused in state %s", state)
+        self.status.showMessage(f"Feedback not recorded: {sentence}.", 8000)
+
+    def _feedback_done(self, record: FeedbackRecord | CaseState) -> None:
+        if isinstance(record, CaseState):
+            self._refuse_feedback(record)
+            self.worklist.refresh()
+            return
         self.history.comment.clear()
         self.status.showMessage(f"{_FEEDBACK_DONE[record.kind]} by {record.actor}", 6000)
         if self.history.case_id == record.case_id:
@@ -313,6 +371,8 @@ class QtMainWindow(QMainWindow):
             except ConfigError as err:
                 self.status.showMessage(f"Settings file unusable: {err.message}", 8000)
                 return
+            # Deleted once closed, with its widgets and plot: each opening builds a new one.
+            self.settings_dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
             self.settings_dialog.saved.connect(self._settings_saved)
             self.settings_dialog.finished.connect(self._settings_closed)
         self.settings_dialog.show()
@@ -322,13 +382,17 @@ class QtMainWindow(QMainWindow):
         self.settings_dialog = None
 
     def _settings_saved(self, applied: AppliedChanges) -> None:
-        """The running app takes the new values too (command-line overrides stay)."""
+        """The running app takes the new values too (command-line overrides stay), except the
+        store's location: every part of the app keeps the store it opened until a restart."""
         try:
-            self.settings = self.settings.with_values(**{c.key: c.new for c in applied.changes})
+            self.settings = self.settings.with_values(**{c.key: c.new for c in applied.live})
         except ConfigError as err:
             self.status.showMessage(f"Saved; restart to apply: {err.message}", 8000)
             return
         self.importer.settings = self.settings
+        if applied.needing_restart:
+            keys = ", ".join(applied.needing_restart)
+            self.status.showMessage(f"Saved; restart the app to apply {keys}", 10_000)
         self.settings_saved.emit(applied)
 
     def _about(self) -> None:
@@ -345,6 +409,13 @@ class QtMainWindow(QMainWindow):
     def _show_case(self, row: WorklistRow) -> None:
         self.viewer.show_case(row.case_id, row.path, AiResult.from_result(row.result))
         self.history.show_case(row.case_id)
+        self.history.allow_feedback(feedback_refusal(row.state))
+
+    def _sync_feedback_buttons(self) -> None:
+        """The selected case may have moved on (fed back, queued, answered) since selected."""
+        row = self.worklist.current_row()
+        if row is not None and row.case_id == self.history.case_id:
+            self.history.allow_feedback(feedback_refusal(row.state))
 
     def _update_counts(self, changed: int) -> None:
         if changed == 0 and self._counts_shown:
@@ -376,8 +447,9 @@ class QtMainWindow(QMainWindow):
             event.acceptProposedAction()
 
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
-        self.importer.cancel()
-        self.importer.wait()
+        if self.settings_dialog is not None:
+            self.settings_dialog.close()  # cancels its scoring, which nothing waits for
+        self.importer.shutdown()
         self.worklist.stop()
         self.monitor.stop()
         if self.uploader is not None:

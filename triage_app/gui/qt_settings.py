@@ -15,6 +15,7 @@ curve, all computed by :mod:`triage_app.threshold_preview`.
 from __future__ import annotations
 
 import logging
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -51,7 +52,7 @@ from triage_app.config import (
 )
 from triage_app.errors import ConfigError, ManifestError, ModelError, TriageError
 from triage_app.gui.qt_risk_plot import QtRiskCoveragePlot
-from triage_app.gui.qt_threading import run_in_thread
+from triage_app.gui.qt_threading import run_detached, run_in_thread
 from triage_app.gui.settings_model import (
     AppliedChanges,
     apply_form,
@@ -65,6 +66,7 @@ from triage_app.policy import resolve_thresholds
 from triage_app.threshold_preview import (
     PreviewFigures,
     ScoredFolder,
+    ScoringCancelledError,
     ensure_holdout,
     figures,
     labels_of,
@@ -220,6 +222,7 @@ class QtThresholdsPage(QWidget):
         self._folder = validation_folder
         self.scored_folder: ScoredFolder | None = None
         self.figures: PreviewFigures | None = None
+        self._scoring: threading.Event | None = None  # the running scoring's cancel
 
         self.sliders: dict[str, QSlider] = {}
         self.model_label = QLabel(self)
@@ -321,21 +324,38 @@ class QtThresholdsPage(QWidget):
             slider.setEnabled(editable)
 
     def start_scoring(self) -> None:
-        """Score the validation folder in a worker thread (rendering the hold-out on first use)."""
+        """Score the validation folder in a thread of its own (rendering the hold-out on first
+        use); a scoring already under way is cancelled."""
         if not self.model_key:
             return
+        self.stop_scoring()
         settings, folder = self._settings, self._folder
         self.source.setText(
             "Validation set: scoring…"
             if folder is not None
             else "Validation set: preparing the synthetic hold-out and scoring it…"
         )
+        cancel = self._scoring = threading.Event()
 
         def work() -> ScoredFolder:
-            target = folder if folder is not None else ensure_holdout(settings.data_dir)
-            return score_folder(target, PipelineConfig.from_settings(settings))
+            target = (
+                folder if folder is not None else ensure_holdout(settings.data_dir, cancel=cancel)
+            )
+            return score_folder(target, PipelineConfig.from_settings(settings), cancel=cancel)
 
-        run_in_thread(work, self._scored, self._scoring_failed, owner=self)
+        run_detached(
+            work,
+            partial(self._scored, cancel),
+            partial(self._scoring_failed, cancel),
+            owner=self,
+            name="threshold-preview",
+        )
+
+    def stop_scoring(self) -> None:
+        """Cancel the scoring under way, if any (it stops before its next image)."""
+        if self._scoring is not None:
+            self._scoring.set()
+            self._scoring = None
 
     def use_folder(self, folder: Path) -> None:
         """Preview on ``folder`` (a site's own labelled images) instead of the hold-out."""
@@ -348,7 +368,10 @@ class QtThresholdsPage(QWidget):
         if chosen:
             self.use_folder(Path(chosen))
 
-    def _scored(self, result: ScoredFolder) -> None:
+    def _scored(self, cancel: threading.Event, result: ScoredFolder) -> None:
+        if cancel.is_set():
+            return  # a newer scoring was started, or the dialog closed
+        self._scoring = None
         self.scored_folder = result
         counts = labels_of(result.cases)
         skipped = result.unlabelled + result.failed
@@ -362,7 +385,10 @@ class QtThresholdsPage(QWidget):
         self._update_preview()
         self.scored.emit(result)
 
-    def _scoring_failed(self, exc: BaseException) -> None:
+    def _scoring_failed(self, cancel: threading.Event, exc: BaseException) -> None:
+        if cancel.is_set() or isinstance(exc, ScoringCancelledError):
+            return
+        self._scoring = None
         message = exc.message if isinstance(exc, TriageError) else type(exc).__name__
         log.error("threshold preview: the validation set could not be scored: %s", message)
         self.source.setText(f"Validation set could not be scored: {message}")
@@ -460,6 +486,8 @@ class QtSettingsDialog(QDialog):
         layout.addLayout(buttons)
         self._set_admin(False)
         self.resize(860, 720)
+        # A closed dialog must not go on scoring for nobody.
+        self.finished.connect(self.thresholds.stop_scoring)
         self.thresholds.start_scoring()
 
     def _build_sections(self) -> None:
@@ -583,7 +611,11 @@ class QtSettingsDialog(QDialog):
             editor.set_text(applied.settings.get_text(key))
             self._initial[key] = editor.text()
         count = len(applied.changes)
-        self._say(f"Saved {count} change{'s' if count != 1 else ''}; each is in the audit log.")
+        text = f"Saved {count} change{'s' if count != 1 else ''}; each is in the audit log."
+        if applied.needing_restart:
+            keys = ", ".join(applied.needing_restart)
+            text += f" Restart the app to apply {keys}: until then it keeps using the old one."
+        self._say(text)
         self.saved.emit(applied)
 
     def _failed(self, exc: BaseException) -> None:

@@ -20,7 +20,7 @@ class QtStatusBar(QStatusBar):
         super().__init__(parent)
         self.setAccessibleName("Status bar")
         self.segments: dict[str, QLabel] = {}
-        self.add_segment("cases", "No cases yet")
+        self.add_segment("cases", "Loading cases…")  # until the worklist's first read
         self.add_segment("import", "")
         self.add_segment("link", "")
         self.add_segment("error", "")

@@ -1,6 +1,7 @@
 """Run a plain function off the UI thread and get its result back on it (napari's workers).
 
-The function runs in Qt's global thread pool; its result or exception comes back through a
+The function runs in Qt's global thread pool (or, for long jobs the user can abandon, in a
+thread of its own: :func:`run_detached`); its result or exception comes back through a
 signal, which Qt delivers in the UI thread. Workers are kept referenced until they finish, so
 Python does not collect one while Qt still runs it; a result whose ``owner`` widget has been
 deleted meanwhile (a dialog closed during a slow job) is dropped.
@@ -9,13 +10,14 @@ deleted meanwhile (a dialog closed during a slow job) is dropped.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import shiboken6
 from PySide6.QtCore import QObject, QRunnable, Qt, QThread, QThreadPool, QTimer, Signal
 
-__all__ = ["FunctionWorker", "QtPoller", "run_in_thread"]
+__all__ = ["FunctionWorker", "QtPoller", "run_detached", "run_in_thread"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,33 @@ class FunctionWorker(QRunnable):
             self.signals.finished.emit(result)
 
 
+def _connect(
+    signals: _Signals,
+    on_done: Callable[[Any], None],
+    on_error: Callable[[BaseException], None],
+    owner: QObject | None,
+    finish: Callable[[], None],
+) -> None:
+    """Deliver a job's result or error in the UI thread, unless ``owner`` is gone by then."""
+
+    def wanted() -> bool:
+        return owner is None or shiboken6.isValid(owner)
+
+    def done(result: object) -> None:
+        finish()
+        if wanted():
+            on_done(result)
+
+    def failed(exc: object) -> None:
+        finish()
+        assert isinstance(exc, BaseException)
+        if wanted():
+            on_error(exc)
+
+    signals.finished.connect(done)
+    signals.errored.connect(failed)
+
+
 def run_in_thread(
     function: Callable[[], Any],
     on_done: Callable[[Any], None],
@@ -56,26 +85,46 @@ def run_in_thread(
     With ``owner``, neither runs once the owner's C++ object is gone.
     """
     worker = FunctionWorker(function)
-
-    def wanted() -> bool:
-        return owner is None or shiboken6.isValid(owner)
-
-    def done(result: object) -> None:
-        _running.discard(worker)
-        if wanted():
-            on_done(result)
-
-    def failed(exc: object) -> None:
-        _running.discard(worker)
-        assert isinstance(exc, BaseException)
-        if wanted():
-            on_error(exc)
-
-    worker.signals.finished.connect(done)
-    worker.signals.errored.connect(failed)
+    _connect(worker.signals, on_done, on_error, owner, lambda: _running.discard(worker))
     _running.add(worker)
     QThreadPool.globalInstance().start(worker)
     return worker
+
+
+_detached: set[_Signals] = set()
+
+
+def run_detached(
+    function: Callable[[], Any],
+    on_done: Callable[[Any], None],
+    on_error: Callable[[BaseException], None],
+    *,
+    owner: QObject | None = None,
+    name: str,
+) -> None:
+    """As :func:`run_in_thread`, but in a thread of its own, outside the shared pool.
+
+    For long jobs the user can walk away from (scoring a validation folder takes minutes):
+    in the pool, a few of them would hold every thread and starve the image loads and
+    history reads queued behind them, and closing the window would wait for them. Nothing in
+    the app waits for this thread; only Python does, once the app has quit (a thread still
+    inside ONNX Runtime or OpenCV while the interpreter tears down aborts the process), so
+    ``function`` must stop soon once its owner cancels it.
+    """
+    signals = _Signals()  # created here: it lives in the UI thread, where results arrive
+    _connect(signals, on_done, on_error, owner, lambda: _detached.discard(signals))
+    _detached.add(signals)
+
+    def run() -> None:
+        # As FunctionWorker.run: everything goes to the UI thread's handlers.
+        try:
+            result = function()
+        except Exception as exc:  # noqa: BLE001
+            signals.errored.emit(exc)
+        else:
+            signals.finished.emit(result)
+
+    threading.Thread(target=run, name=name).start()
 
 
 def wait_for_workers(timeout_ms: int = 10_000) -> bool:

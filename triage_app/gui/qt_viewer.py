@@ -110,6 +110,8 @@ class QtViewer(QWidget):
 
         self.case_id: str | None = None
         self.image: ViewerImage | None = None
+        #: The case's image is being decoded: nothing of it is on screen yet.
+        self.loading = False
         self.frame = 0
         self.voi = Window(0.0, 1.0)
         self.inverted = False
@@ -141,7 +143,11 @@ class QtViewer(QWidget):
         self._saliency = function
 
     def show_case(self, case_id: str, path: str, result: AiResult | None) -> None:
-        """Load a case's image off the UI thread; the previous image stays until it arrives."""
+        """Load a case's image off the UI thread; until it arrives the viewer shows "Loading…".
+
+        The previous case's image is cleared at once: left on screen under the new case's AI
+        result, it would be read (and accepted) as the new case's image.
+        """
         if case_id == self.case_id and self.image is not None:
             return
         self._request += 1
@@ -150,8 +156,11 @@ class QtViewer(QWidget):
         self.case_id = case_id
         self._path = path
         self.ai = result
+        self.image = None
+        self._pixels = None
         self.heatmap = None
         self._heat_image = None
+        self.loading = True
         self.notice = "Loading image…"
         self.update()
 
@@ -163,8 +172,7 @@ class QtViewer(QWidget):
         def failed(exc: BaseException) -> None:
             if request != self._request:
                 return
-            self.image = None
-            self._pixels = None
+            self.loading = False
             if isinstance(exc, InputError):
                 self.notice = f"Image not available ({exc.code}): it may have been moved"
             else:
@@ -177,6 +185,7 @@ class QtViewer(QWidget):
     def set_image(self, image: ViewerImage) -> None:
         """Show an already decoded image (the first frame the triage used), fitted."""
         self.image = image
+        self.loading = False
         self.frame = image.selected_frame
         self.voi = initial_window(image)
         self.inverted = False

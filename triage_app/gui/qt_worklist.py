@@ -10,7 +10,9 @@ cases, and the UI thread never touches SQLite or a DICOM header.
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,9 @@ __all__ = ["Column", "QtWorklist", "WorklistFilter", "WorklistTableModel"]
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_MS = 1000
+#: Patient headers read per poll at most (seconds): a large store's rows show at once, and
+#: their names follow a few hundred per poll.
+NAME_BUDGET_S = 0.25
 _Index = QModelIndex | QPersistentModelIndex
 
 
@@ -105,6 +110,7 @@ _URGENCY_COLOURS = {
     Urgency.ABNORMAL: "#ff6b5e",
     Urgency.ESCALATED: "#f2c14e",
     Urgency.NORMAL: "#b8bcc2",
+    Urgency.REVIEWED: "#8a9099",
 }
 
 
@@ -177,6 +183,8 @@ class WorklistTableModel(QAbstractTableModel):
     def _text(row: WorklistRow, column: Column) -> str:
         if column is Column.PRIORITY:
             return _priority_text(row)
+        if row.patient.pending and column in (Column.PATIENT, Column.PATIENT_ID):
+            return "…"
         if column is Column.PATIENT:
             return row.patient.name or "(not available)"
         if column is Column.PATIENT_ID:
@@ -197,16 +205,22 @@ class WorklistTableModel(QAbstractTableModel):
         """Add new cases' rows and replace the others' (the store says they changed).
 
         Returns how many rows were given. Cases are never deleted, so rows not given stay.
+        Changed rows side by side are announced as one block: one signal per block rather than
+        per row (PySide6 6.12 loses a reference to ``True`` at every ``emit`` from Python, and
+        a large store's names arrive hundreds at a time).
         """
         last_column = len(Column) - 1
         new: list[WorklistRow] = []
+        replaced: list[int] = []
         for row in rows:
             position = self._index.get(row.case_id)
             if position is None:
                 new.append(row)
                 continue
             self._rows[position] = row
-            self.dataChanged.emit(self.index(position, 0), self.index(position, last_column))
+            replaced.append(position)
+        for first, last in _blocks(replaced):
+            self.dataChanged.emit(self.index(first, 0), self.index(last, last_column))
         if new:
             start = len(self._rows)
             self.beginInsertRows(QModelIndex(), start, start + len(new) - 1)
@@ -215,6 +229,17 @@ class WorklistTableModel(QAbstractTableModel):
                 self._rows.append(row)
             self.endInsertRows()
         return len(rows)
+
+
+def _blocks(positions: list[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive positions, as (first, last) pairs, in order."""
+    blocks: list[tuple[int, int]] = []
+    for position in sorted(set(positions)):
+        if blocks and position == blocks[-1][1] + 1:
+            blocks[-1] = (blocks[-1][0], position)
+        else:
+            blocks.append((position, position))
+    return blocks
 
 
 class WorklistFilter(IntEnum):
@@ -300,24 +325,51 @@ class WorklistProxy(QSortFilterProxyModel):
         return all(word in haystack for word in self._search.split())
 
 
-class StorePoller(QObject):
-    """Lives in a worker thread: reads the rows changed since the last poll when asked."""
+@dataclass(frozen=True)
+class PolledRows:
+    """One poll's answer: the rows (every case at first, then only changes), and whether some
+    rows still wait for their patient's name (then the widget asks again at once)."""
 
-    rows_changed = Signal(object)  # list[WorklistRow]: every case at first, then only changes
+    rows: list[WorklistRow]
+    names_pending: bool
+
+
+class StorePoller(QObject):
+    """Lives in a worker thread: reads the rows changed since the last poll when asked.
+
+    Every poll ends with exactly one signal, ``rows_changed`` or ``failed``: the widget waits
+    for one before it asks again, so a poll that ended without one would stop the worklist
+    for good. A failure is logged once, not at every retry while it lasts.
+    """
+
+    rows_changed = Signal(object)  # PolledRows
     failed = Signal(str)
 
     def __init__(self, store_path: Path) -> None:
         super().__init__()
-        self._source = WorklistSource(store_path)
+        self._source = WorklistSource(store_path, name_budget_s=NAME_BUDGET_S)
+        self._failing: str | None = None
 
     def poll(self) -> None:
         try:
             rows = self._source.changed_rows()
         except StoreError as err:
-            log.error("worklist: %s", err.message)
-            self.failed.emit(err.message)
+            self._fail(err.message)
             return
-        self.rows_changed.emit(rows)
+        except Exception as exc:  # noqa: BLE001 - thread boundary: the widget must hear back
+            # Where it was raised, not its text: that can quote a header value (PHI).
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            where = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+            self._fail(f"unexpected {type(exc).__name__}", where)
+            return
+        self._failing = None
+        self.rows_changed.emit(PolledRows(rows, self._source.names_pending))
+
+    def _fail(self, message: str, where: str = "") -> None:
+        if message != self._failing:
+            log.error("worklist: %s%s", message, f" ({where})" if where else "")
+            self._failing = message
+        self.failed.emit(message)
 
     def close(self) -> None:
         self._source.close()
@@ -346,8 +398,14 @@ class QtWorklist(QWidget):
             self.filter.addItem(label, int(which))
         self.filter.currentIndexChanged.connect(self._filter_changed)
 
-        self.count = QLabel(self)
+        #: Until the first poll has answered, "0 of 0" would say the store is empty.
+        self.loading = True
+        self.count = QLabel("Loading cases…", self)
         self.count.setAccessibleName("Number of cases shown")
+        self.problem = QLabel("", self)
+        self.problem.setAccessibleName("Worklist problem")
+        self.problem.setWordWrap(True)
+        self.problem.hide()
 
         self.table = QTableView(self)
         self.table.setAccessibleName("Worklist")
@@ -372,6 +430,7 @@ class QtWorklist(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(bar)
+        layout.addWidget(self.problem)
         layout.addWidget(self.table)
 
         reader = StorePoller(store_path)
@@ -379,7 +438,6 @@ class QtWorklist(QWidget):
         reader.failed.connect(self._poll_failed)
         self._poller = QtPoller(reader, "worklist-poller", POLL_INTERVAL_MS, self)
         self.refresh()
-        self._update_count()
 
     def _size_columns(self) -> None:
         metrics = self.table.fontMetrics()
@@ -419,15 +477,22 @@ class QtWorklist(QWidget):
     def visible_rows(self) -> list[WorklistRow]:
         return [self.proxy.row_at(i) for i in range(self.proxy.rowCount())]
 
-    def _apply(self, rows: list[WorklistRow]) -> None:
+    def _apply(self, polled: PolledRows) -> None:
         self._poller.ready()
-        changed = self.model.update_rows(rows)
-        if changed:
+        self.problem.hide()
+        changed = self.model.update_rows(polled.rows)
+        if changed or self.loading:
+            self.loading = False
             self._update_count()
         self.refreshed.emit(changed)
+        if polled.names_pending:
+            self.refresh()
 
-    def _poll_failed(self, _message: str) -> None:
+    def _poll_failed(self, message: str) -> None:
+        """Say so, and keep polling: the next poll may well succeed (a lock released)."""
         self._poller.ready()
+        self.problem.setText(f"Worklist not updated: {message}. Retrying…")
+        self.problem.show()
 
     def _search_changed(self, text: str) -> None:
         self.proxy.set_search(text)
@@ -438,6 +503,8 @@ class QtWorklist(QWidget):
         self._update_count()
 
     def _update_count(self) -> None:
+        if self.loading:
+            return
         self.count.setText(f"{self.proxy.rowCount():,} of {self.model.rowCount():,} cases")
 
     def _current_changed(self, current: QModelIndex, _previous: QModelIndex) -> None:

@@ -3,7 +3,8 @@
 The form is generated from :data:`triage_app.config.SETTINGS`, read when the dialog opens, so a
 new declaration appears in it without widget code. Every change goes through
 :func:`~triage_app.config.apply_change` (type, bounds, admin password, cross-field rules) and is
-saved with its audit entry by :func:`~triage_app.admin.save_audited`, as ``config set`` does.
+saved with one audit entry per field by :func:`~triage_app.admin.save_changes_audited`, as
+``config set`` does, in one write for all of them.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from triage_app import config
-from triage_app.admin import save_audited
+from triage_app.admin import save_changes_audited
 from triage_app.config import Change, Settings, SettingSpec, apply_change
 from triage_app.errors import ConfigError
 from triage_app.threshold_preview import PreviewFigures
 
 __all__ = [
+    "RESTART_KEYS",
     "AppliedChanges",
     "apply_form",
     "describe_figures",
@@ -28,6 +30,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Settings the running app cannot take over: the worklist, the history, the status monitor
+#: and the uploader each opened the case store (in the data folder) when the window opened,
+#: so switching it under some of them would split the app across two stores. Saved, they
+#: apply at the next start.
+RESTART_KEYS = frozenset({"paths.data_dir", "paths.case_store"})
 
 
 def form_specs() -> list[SettingSpec]:
@@ -39,6 +47,16 @@ def form_specs() -> list[SettingSpec]:
 class AppliedChanges:
     settings: Settings
     changes: tuple[Change, ...]
+
+    @property
+    def live(self) -> tuple[Change, ...]:
+        """The changes the running app takes over at once."""
+        return tuple(c for c in self.changes if c.key not in RESTART_KEYS)
+
+    @property
+    def needing_restart(self) -> tuple[str, ...]:
+        """The changed keys that apply only once the app is started again."""
+        return tuple(c.key for c in self.changes if c.key in RESTART_KEYS)
 
 
 def apply_form(
@@ -81,16 +99,11 @@ def save_changes(
 
     Returns the file written, or None when nothing changed.
     """
-    written: Path | None = None
-    for change in applied.changes:
-        written = save_audited(
-            applied.settings,
-            config_path,
-            store_path,
-            actor=actor,
-            action="config.set",
-            change=change,
-        )
+    if not applied.changes:
+        return None
+    written = save_changes_audited(
+        applied.settings, config_path, store_path, actor=actor, changes=applied.changes
+    )
     log.info("settings saved from the desktop app: %d changes", len(applied.changes))
     return written
 

@@ -1,0 +1,171 @@
+"""Admin actions and their audit entries: both happen, or the audit log says what did not."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from triage_app.admin import retry_queued_case, save_changes_audited
+from triage_app.config import Change, Settings, apply_change, save_settings
+from triage_app.errors import OutboxError, StoreError
+from triage_app.escalation.outbox import Outbox, OutboxItem
+from triage_app.store import CaseStore
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings({"paths.data_dir": tmp_path / "data", "processing.workers": 1})
+
+
+def _two_changes(settings: Settings) -> tuple[Settings, list[Change]]:
+    updated, first = apply_change(settings, "processing.workers", "3", admin_password=None)
+    updated, second = apply_change(updated, "display.theme", "light", admin_password=None)
+    return updated, [first, second]
+
+
+def _actions(settings: Settings) -> list[tuple[str, Mapping[str, object]]]:
+    with CaseStore.open(settings.case_store_path) as store:
+        return [(entry.action, entry.detail) for entry in store.audit_log()]
+
+
+def _refuse_audit_call(monkeypatch: pytest.MonkeyPatch, number: int) -> None:
+    """The ``number``-th audit entry fails as a locked or full store does."""
+    calls = 0
+    real = CaseStore.audit
+
+    def audit(store: CaseStore, actor: str, action: str, detail: Mapping[str, object]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == number:
+            raise StoreError("case store: could not write the audit log: database is locked")
+        real(store, actor, action, detail)
+
+    monkeypatch.setattr(CaseStore, "audit", audit)
+
+
+def test_settings_are_not_saved_when_their_audit_entry_cannot_be_written(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_path = tmp_path / "settings.toml"
+    save_settings(settings, config_path)
+    before = config_path.read_bytes()
+    updated, changes = _two_changes(settings)
+    _refuse_audit_call(monkeypatch, 1)
+
+    with pytest.raises(StoreError):
+        save_changes_audited(
+            updated, config_path, settings.case_store_path, actor="admin", changes=changes
+        )
+
+    assert config_path.read_bytes() == before
+    assert _actions(settings) == []
+
+
+def test_a_second_entry_refused_leaves_the_file_alone_and_answers_the_first(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_path = tmp_path / "settings.toml"
+    save_settings(settings, config_path)
+    before = config_path.read_bytes()
+    updated, changes = _two_changes(settings)
+    _refuse_audit_call(monkeypatch, 2)
+
+    with pytest.raises(StoreError):
+        save_changes_audited(
+            updated, config_path, settings.case_store_path, actor="admin", changes=changes
+        )
+
+    assert config_path.read_bytes() == before
+    first = {"key": "processing.workers", "old": 1, "new": 3, "admin": False}
+    assert _actions(settings) == [
+        ("config.set", first),
+        ("config.save_failed", {"entries": [first], "error": "store_error"}),
+    ]
+
+
+def test_a_settings_file_that_cannot_be_written_is_answered_in_the_audit_log(
+    tmp_path: Path, settings: Settings
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the settings folder should be", encoding="utf-8")
+    updated, changes = _two_changes(settings)
+
+    with pytest.raises(OSError):
+        save_changes_audited(
+            updated,
+            blocker / "settings.toml",
+            settings.case_store_path,
+            actor="admin",
+            changes=changes,
+        )
+
+    actions = _actions(settings)
+    assert [action for action, _detail in actions] == [
+        "config.set",
+        "config.set",
+        "config.save_failed",
+    ]
+    assert actions[2][1]["error"] == "FileExistsError"
+
+
+def test_all_changes_are_saved_in_one_write_each_with_its_entry(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_path = tmp_path / "settings.toml"
+    updated, changes = _two_changes(settings)
+    writes: list[Path | None] = []
+    real_save = save_settings
+
+    def save(saved: Settings, path: Path | None = None) -> Path:
+        writes.append(path)
+        return real_save(saved, path)
+
+    monkeypatch.setattr("triage_app.admin.save_settings", save)
+    written = save_changes_audited(
+        updated, config_path, settings.case_store_path, actor="admin", changes=changes
+    )
+
+    assert written == config_path and writes == [config_path]
+    assert [detail["key"] for _action, detail in _actions(settings)] == [
+        "processing.workers",
+        "display.theme",
+    ]
+
+
+class _Outbox:
+    """An outbox that records whether it was asked to retry, and may refuse."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.retried: list[str] = []
+        self._error = error
+
+    def retry(self, case_id: str) -> OutboxItem:
+        self.retried.append(case_id)
+        if self._error is not None:
+            raise self._error
+        return cast(OutboxItem, None)
+
+
+def test_a_queue_retry_is_not_done_when_its_audit_entry_cannot_be_written(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outbox = _Outbox()
+    _refuse_audit_call(monkeypatch, 1)
+    with CaseStore.open(settings.case_store_path) as store, pytest.raises(StoreError):
+        retry_queued_case(cast(Outbox, outbox), store, "case-1", "admin")
+    assert outbox.retried == []
+    assert _actions(settings) == []
+
+
+def test_a_refused_queue_retry_is_answered_in_the_audit_log(settings: Settings) -> None:
+    outbox = _Outbox(OutboxError("outbox: cannot retry case case-1: it is pending"))
+    with CaseStore.open(settings.case_store_path) as store, pytest.raises(OutboxError):
+        retry_queued_case(cast(Outbox, outbox), store, "case-1", "admin")
+    assert outbox.retried == ["case-1"]
+    assert _actions(settings) == [
+        ("queue.retry", {"case_id": "case-1"}),
+        ("queue.retry_failed", {"entries": [{"case_id": "case-1"}], "error": "outbox_error"}),
+    ]
