@@ -99,6 +99,23 @@ def test_admin_fields_follow_the_design() -> None:
     assert "processing.workers" not in admin
 
 
+def test_filed_images_are_kept_for_ever_unless_an_admin_sets_a_retention_period(
+    tmp_path: Path,
+) -> None:
+    spec = SPECS["intake.done_retention_days"]
+    assert Settings().done_retention_days == 0
+    assert spec.admin  # deleting images is the admin's decision
+    assert describe()[SETTINGS.index(spec)].type == "whole number 0..3650"
+    file = write_toml(tmp_path / "s.toml", "[intake]\ndone_retention_days = 90\n")
+    assert load_settings(file, env={}).done_retention_days == 90
+    env = {"TRIAGE_APP_INTAKE__DONE_RETENTION_DAYS": "30"}
+    assert load_settings(file, env=env).done_retention_days == 30
+    with pytest.raises(ConfigError, match=r"^intake\.done_retention_days: must be between"):
+        load_settings(
+            write_toml(tmp_path / "bad.toml", "[intake]\ndone_retention_days = -7\n"), env={}
+        )
+
+
 def test_env_var_names() -> None:
     assert SPECS["processing.workers"].env_var == "TRIAGE_APP_PROCESSING__WORKERS"
     assert (
@@ -140,6 +157,9 @@ def test_a_bad_declaration_fails_at_definition() -> None:
         ("paths.data_dir", "relative/dir", "must be an absolute path (got 'relative/dir')"),
         ("paths.case_store", 3, "must be a path (got 3)"),
         ("admin.password_hash", "hunter2", "must look like scrypt$n$r$p$salt$hash"),
+        ("intake.done_retention_days", -1, "must be between 0 and 3650 (got -1)"),
+        ("intake.done_retention_days", 3651, "must be between 0 and 3650 (got 3651)"),
+        ("intake.done_retention_days", 1.5, "must be a whole number (got 1.5)"),
     ],
 )
 def test_out_of_bounds_values_are_refused_naming_field_and_reason(
@@ -163,6 +183,8 @@ def test_out_of_bounds_values_are_refused_naming_field_and_reason(
         ("escalation.thresholds_model", "chest-dx-demo@1.2.0"),
         ("escalation.central_url", "http://127.0.0.1:8443/api"),
         ("model.name", "my_model.v2"),
+        ("intake.done_retention_days", 0),
+        ("intake.done_retention_days", 3650),
     ],
 )
 def test_values_at_the_bounds_are_accepted(key: str, value: object) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import logging
+import os
 import re
 import socket
 import stat
@@ -27,10 +29,11 @@ from pynetdicom import AE
 
 from tests import dcmtk
 from tests.ct_series import CtSeries, ct_dataset, write_ct_series
+from tests.helpers import make_result
 from triage_app import receiver as receiver_module
 from triage_app.config import SPECS, Settings, load_settings
 from triage_app.errors import ConfigError, ReceiverError
-from triage_app.intake import FiledOutcome, move_durably
+from triage_app.intake import SIDECAR_SUFFIX, FiledOutcome, move_durably
 from triage_app.receiver import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -41,6 +44,7 @@ from triage_app.receiver import (
     run_receiver,
     spool_key,
 )
+from triage_app.states import CaseEvent
 from triage_app.store import REPROCESSED, CaseStore
 
 AE_TITLE = "TRIAGE_TEST"
@@ -748,3 +752,45 @@ def test_the_service_triages_a_study_that_never_goes_quiet_in_batches_each_file_
         )
     assert len(list((settings.receiver_storage / "done").rglob("*.dcm"))) == count
     assert list((settings.receiver_storage / "incoming").iterdir()) == []
+
+
+@pytest.mark.timeout(120)
+def test_the_service_removes_images_filed_longer_ago_than_the_retention_period_at_start(
+    tmp_path: Path,
+) -> None:
+    settings = receiver_settings(tmp_path / "receiver", intake__done_retention_days=30)
+    done = settings.receiver_storage / "done"
+    with CaseStore.open(settings.case_store_path) as store:
+        store.record_result(make_result("case-held", decision="escalate"), CaseEvent.HOLD)
+    filed: dict[str, Path] = {}
+    for name, case_id, days in (
+        ("old", "case-old", 31),
+        ("recent", "case-recent", 29),
+        ("held", "case-held", 400),
+    ):
+        data, _ = part10(seed=5, index=len(filed))
+        image = done / spool_key(name) / f"{spool_key(case_id)}.dcm"
+        image.parent.mkdir(parents=True)
+        image.write_bytes(data)
+        sidecar = image.with_name(image.name + SIDECAR_SUFFIX)
+        sidecar.write_text(json.dumps(make_result(case_id, path=str(image)).to_json()), "utf-8")
+        moment = time.time() - days * 86400
+        os.utime(sidecar, (moment, moment))
+        filed[name] = image
+    listening = threading.Event()
+    stop = threading.Event()
+
+    with ThreadPoolExecutor(1) as pool:
+        service = pool.submit(run_receiver, settings, stop, on_tick=lambda _: listening.set())
+        try:
+            wait_for(lambda: not filed["old"].exists(), service, 60, "the old image's removal")
+        finally:
+            stop.set()
+        service.result(timeout=60)
+
+    assert not filed["old"].parent.exists()  # with its result, and its study's folder
+    assert sorted(p.relative_to(done) for p in done.rglob("*") if p.is_file()) == sorted(
+        p.relative_to(done)
+        for image in (filed["recent"], filed["held"])
+        for p in (image, image.with_name(image.name + SIDECAR_SUFFIX))
+    )

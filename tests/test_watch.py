@@ -29,10 +29,11 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import phantom_dataset, wait_until, write_phantoms
+from tests.helpers import make_result, phantom_dataset, wait_until, write_phantoms
 from triage_app.config import Settings
 from triage_app.intake import REASON_SUFFIX, SIDECAR_SUFFIX
 from triage_app.paths import lock_folder
+from triage_app.states import CaseEvent
 from triage_app.store import REPROCESSED, CaseStore
 from triage_app.watch import SettleTracker, WatchService, inbox_files, is_candidate
 
@@ -711,3 +712,50 @@ def test_sigterm_while_busy_finishes_the_files_in_flight_and_leaves_the_rest(
     assert watch_env.done_images() == names
     assert watch_env.inbox_images() == []
     assert_one_case_per_done_image(watch_env, names)
+
+
+@pytest.mark.timeout(120)
+def test_a_started_service_removes_images_filed_longer_ago_than_the_retention_period(
+    watch_env: WatchEnv, phantoms: list[Path]
+) -> None:
+    # Two images really filed by a first run; one of them then filed 40 days ago.
+    watch_env.drop(watch_env.stage(phantoms[:2]))
+    code, output = watch_env.run_once()
+    assert code == 0, output
+    old, recent = phantoms[0].name, phantoms[1].name
+    old_case = sidecar(watch_env.done, old)["case_id"]
+    backdate(watch_env.done / (old + SIDECAR_SUFFIX), days=40)
+    # A case still held for escalation, filed long ago, and a file waiting in quarantine.
+    with CaseStore.open(watch_env.case_store) as store:
+        store.record_result(make_result("case-held", decision="escalate"), CaseEvent.HOLD)
+    held = watch_env.done / "held.dcm"
+    shutil.copyfile(phantoms[2], held)
+    note = held.with_name(held.name + SIDECAR_SUFFIX)
+    note.write_text(json.dumps(make_result("case-held", path=str(held)).to_json()), "utf-8")
+    backdate(note, days=400)
+    waiting = watch_env.quarantine / "not_dicom" / "old.txt"
+    waiting.parent.mkdir(parents=True)
+    waiting.write_text("an admin will look at it\n", encoding="utf-8")
+    backdate(waiting, days=400)
+    watch_env.env["TRIAGE_APP_INTAKE__DONE_RETENTION_DAYS"] = "30"
+
+    service = watch_env.start()
+    wait_until(
+        lambda: "done folder, images filed over 30 day(s) ago" in service.output(),
+        timeout_s=30,
+        what="the retention pass at start",
+    )
+    assert service.stop() == 0
+
+    assert watch_env.done_images() == sorted(["held.dcm", recent])
+    assert (watch_env.done / (recent + SIDECAR_SUFFIX)).is_file() and note.is_file()
+    assert not (watch_env.done / (old + SIDECAR_SUFFIX)).exists()
+    assert waiting.is_file()
+    assert "1 filed image(s) removed with their results, 1 kept" in service.output()
+    with CaseStore.open(watch_env.case_store) as store:
+        assert store.get(old_case) is not None  # the record stays; only the files went
+
+
+def backdate(path: Path, *, days: float) -> None:
+    moment = time.time() - days * 86400
+    os.utime(path, (moment, moment))

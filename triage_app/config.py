@@ -625,6 +625,16 @@ SETTINGS: tuple[SettingSpec, ...] = (
         admin=True,
     ),
     SettingSpec(
+        "intake.done_retention_days",
+        Int(0, 3650),
+        0,
+        "Days the watch service and the DICOM receiver keep each triaged image, with its JSON "
+        "result, in their done folders; older ones are deleted (about once an hour), except "
+        "those of cases still held for escalation. 0 keeps them for ever. The case store keeps "
+        "every result either way.",
+        admin=True,
+    ),
+    SettingSpec(
         "metrics.watch_port",
         Int(0, 65535),
         9464,
@@ -1050,6 +1060,11 @@ class Settings:
     @property
     def receiver_network_timeout_s(self) -> float:
         return cast(float, self._values["receiver.network_timeout_s"])
+
+    @property
+    def done_retention_days(self) -> int:
+        """0 means filed images are kept for ever."""
+        return cast(int, self._values["intake.done_retention_days"])
 
     @property
     def metrics_watch_port(self) -> int:

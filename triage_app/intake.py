@@ -56,6 +56,7 @@ from triage_app.paths import (
 )
 from triage_app.pipeline import PipelineConfig
 from triage_app.results import FailedInput, InputOutcome
+from triage_app.states import CaseState
 from triage_app.store import CaseStore
 
 log = logging.getLogger(__name__)
@@ -296,6 +297,11 @@ class Intake:
     def is_in_flight(self, path: Path) -> bool:
         with self._lock:
             return path in self._pending
+
+    def held_case_ids(self) -> list[str]:
+        """The cases still held for escalation: ``held_release`` triages their filed images
+        again, so the retention of ``done/`` keeps them. From the intake's own thread."""
+        return self._store.case_ids(CaseState.ESCALATION_HELD)
 
     # --- results --------------------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ Why it is built this way:
   ``receiver.study_max_wait_s`` old, so the radiographer is never left waiting for ever.
 * **A disk reserve.** Below ``receiver.min_free_mb`` the receiver refuses with Out of Resources
   (0xA700), which scanners retry later, and logs one ``ALARM`` per low-disk episode, instead of
-  filling the disk that the case store and the outbox also need.
+  filling the disk that the case store and the outbox also need. Filed images leave ``done/``
+  only after ``intake.done_retention_days`` (:mod:`triage_app.retention`; 0 keeps them).
 
 Logs name counts, statuses, AE titles and peer addresses, never UIDs or header values.
 """
@@ -61,6 +62,7 @@ from triage_app.errors import InputError, ReceiverError
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.intake import FiledOutcome, Intake, IntakeLayout, Unfiled
 from triage_app.paths import ensure_private_dir, fsync_dir, write_private_file
+from triage_app.retention import DoneRetention
 
 __all__ = [
     "TRANSFER_SYNTAXES",
@@ -475,9 +477,11 @@ def run_receiver(
     backlog: deque[Path] = deque()
     notify = on_filed or (lambda _filed: None)
     intake = Intake(settings, IntakeLayout.for_receiver(settings), queue=queue)
+    retention = DoneRetention(intake.layout, settings.done_retention_days, intake.held_case_ids)
     try:
         with DicomReceiver(settings) as receiver:
             while not stop.is_set():
+                retention.tick()  # a batch at start, then hourly (intake.done_retention_days)
                 for study in receiver.ready_studies():
                     backlog.extend(study)
                 batch: list[Path] = []

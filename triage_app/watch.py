@@ -29,6 +29,7 @@ from watchdog.observers.api import BaseObserver
 from triage_app.config import Settings
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.intake import FiledOutcome, Intake, IntakeLayout, Unfiled
+from triage_app.retention import DoneRetention
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +221,14 @@ class WatchService:
             queue=self._queue,
             incomplete_timeout_s=settings.watch_incomplete_timeout_s,
         )
+        retention = DoneRetention(self.layout, settings.done_retention_days, intake.held_case_ids)
         observer = None if once else self._start_observer()
         try:
             log.info("watching the inbox (%d workers)", settings.workers)
             self.tracker.note_all(inbox_files(self.layout.inbox))
             next_rescan = time.monotonic() + settings.watch_rescan_s
             while not stop.is_set():
+                retention.tick()  # a batch at start, then hourly (intake.done_retention_days)
                 room = intake.room
                 if room > 0:
                     intake.submit(self.tracker.settled(room, intake.is_in_flight))
