@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -184,3 +189,35 @@ def start_central(
 def central(start_central: StartCentral) -> Central:
     """A server without a model (verdicts stay pending)."""
     return start_central()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a server started in another process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def serve_in_process(data_dir: Path, port: int, tls: ServerMaterial) -> subprocess.Popen[str]:
+    """``central.server.serve`` in a child process, as ``triage-app central serve`` runs it:
+    for tests that kill or signal the server itself. The caller stops it."""
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from triage_app.central.config import CentralConfig
+        from triage_app.central.server import serve
+        serve(CentralConfig(Path({str(data_dir)!r}), port={port},
+                            tls_cert=Path({str(tls.server_cert)!r}),
+                            tls_key=Path({str(tls.server_key)!r})))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

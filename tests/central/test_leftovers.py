@@ -7,8 +7,6 @@ import os
 import socket
 import ssl
 import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +14,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.central.conftest import ROOT, StartCentral, TestCase, make_case, new_device, seal_case
+from tests.central.conftest import (
+    StartCentral,
+    TestCase,
+    free_port,
+    make_case,
+    new_device,
+    seal_case,
+    serve_in_process,
+)
 from tests.tls import ServerMaterial
 from triage_app.central.config import CentralConfig
 from triage_app.central.server import load_key_ring
@@ -25,13 +31,6 @@ from triage_app.escalation.envelope import Payload
 
 CASE_FILES = (DICOM_FILE, RESULT_FILE, SIGNED_HEADER_FILE)
 STORE_LOGGER = "triage_app.central.storage"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def _leftover_counts(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -57,7 +56,7 @@ def test_a_server_killed_mid_upload_leaves_nothing_once_it_starts_again(
     start_central: StartCentral,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    data_dir, port = tmp_path / "server", _free_port()
+    data_dir, port = tmp_path / "server", free_port()
     config = CentralConfig(data_dir, port=port, tls_cert=tls.server_cert, tls_key=tls.server_key)
     device = new_device()
     with CentralStore.for_config(config) as store:
@@ -66,25 +65,7 @@ def test_a_server_killed_mid_upload_leaves_nothing_once_it_starts_again(
     stored = make_case(70)
     cut = TestCase(make_case(71).case_id, Payload(b'{"a": 1}', os.urandom(4 << 20)))
     cut_body = seal_case(cut, device, ring.active)
-    script = textwrap.dedent(
-        f"""
-        from pathlib import Path
-        from triage_app.central.config import CentralConfig
-        from triage_app.central.server import serve
-        serve(CentralConfig(Path({str(data_dir)!r}), port={port},
-                            tls_cert=Path({str(tls.server_cert)!r}),
-                            tls_key=Path({str(tls.server_key)!r})))
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
-    process = subprocess.Popen(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = serve_in_process(data_dir, port, tls)
     url = f"https://127.0.0.1:{port}"
     cut_folder = data_dir / "central" / "cases" / cut.case_id
     try:

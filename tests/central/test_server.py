@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -16,12 +11,13 @@ import pytest
 import requests
 
 from tests.central.conftest import (
-    ROOT,
     Central,
     StartCentral,
+    free_port,
     make_case,
     new_device,
     seal_case,
+    serve_in_process,
 )
 from tests.central.test_api import assert_refused, receipt_key_of
 from tests.helpers import run_cli
@@ -183,36 +179,11 @@ def test_server_thread_owns_and_closes_what_it_opened(tmp_path: Path, tls: Serve
         assert store.count() == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def test_serve_runs_in_the_foreground_and_stops_gracefully_on_sigterm(
     tmp_path: Path, tls: ServerMaterial, http: requests.Session
 ) -> None:
-    port = _free_port()
-    script = textwrap.dedent(
-        f"""
-        from pathlib import Path
-        from triage_app.central.config import CentralConfig
-        from triage_app.central.server import serve
-        serve(CentralConfig(Path({str(tmp_path / "server")!r}), port={port},
-                            tls_cert=Path({str(tls.server_cert)!r}),
-                            tls_key=Path({str(tls.server_key)!r})))
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
-    process = subprocess.Popen(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    port = free_port()
+    process = serve_in_process(tmp_path / "server", port, tls)
     try:
         deadline = time.monotonic() + 30
         while True:
