@@ -186,3 +186,43 @@ def test_the_gate_limits_are_what_the_server_config_says(start_central: StartCen
     assert gate.limits == UploadLimits(
         max_body_bytes=central.thread.config.max_body_bytes, idle_timeout_s=7.5, parallel=3
     )
+
+
+# --- The request head (uvicorn times a connection out only after a response) -----------------
+
+
+def _connect(central: Central, tls: ServerMaterial) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=str(tls.ca_cert))
+    port = int(central.url.rsplit(":", 1)[1])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return context.wrap_socket(raw, server_hostname="localhost")
+
+
+def test_a_connection_that_never_sends_a_whole_request_head_is_cut(
+    start_central: StartCentral, tls: ServerMaterial
+) -> None:
+    central = start_central(request_head_timeout_s=0.5)
+    with contextlib.closing(_connect(central, tls)) as conn:
+        conn.sendall(b"GET /v1/health HTTP/1.1\r\nHost: loc")  # and then nothing
+        started = time.monotonic()
+        conn.settimeout(10)
+        try:
+            data = conn.recv(4096)
+        except (ConnectionResetError, ssl.SSLError):
+            data = b""
+        took = time.monotonic() - started
+    assert data == b"", data[:80]
+    assert took < 5.0
+
+
+def test_a_slow_but_whole_request_head_in_time_is_answered(
+    start_central: StartCentral, tls: ServerMaterial
+) -> None:
+    central = start_central(request_head_timeout_s=2.0)
+    with contextlib.closing(_connect(central, tls)) as conn:
+        conn.sendall(b"GET /v1/health HTTP/1.1\r\n")
+        time.sleep(0.6)
+        conn.sendall(b"Host: localhost\r\n\r\n")
+        conn.settimeout(10)
+        answer = conn.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:80]

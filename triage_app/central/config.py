@@ -21,6 +21,7 @@ DEFAULT_MAX_BODY_BYTES = 256 * MIB
 DEFAULT_MAX_ENVELOPE_AGE = timedelta(days=30)
 DEFAULT_MAX_PARALLEL_UPLOADS = 8
 DEFAULT_UPLOAD_IDLE_TIMEOUT_S = 60.0
+DEFAULT_REQUEST_HEAD_TIMEOUT_S = 60.0
 #: How far in the future a ``created_at`` (or a signed request's timestamp) may lie.
 MAX_CLOCK_SKEW = timedelta(seconds=300)
 
@@ -33,7 +34,8 @@ class CentralConfig:
     with ``allow_plain_http=True`` (a development aid: devices always pin a TLS certificate).
     ``model_dir`` is the central model bundle; ``None`` runs no model, so verdicts stay pending.
     ``max_parallel_uploads`` bounds the uploads being checked and stored at once (each holds a
-    thread; more wait, unread); ``upload_idle_timeout_s`` cuts off a body that stops arriving.
+    thread; more wait, unread); ``upload_idle_timeout_s`` cuts off a body that stops arriving,
+    ``request_head_timeout_s`` a connection that does not send a whole request head in time.
     """
 
     data_dir: Path
@@ -47,6 +49,7 @@ class CentralConfig:
     allow_plain_http: bool = False
     max_parallel_uploads: int = DEFAULT_MAX_PARALLEL_UPLOADS
     upload_idle_timeout_s: float = DEFAULT_UPLOAD_IDLE_TIMEOUT_S
+    request_head_timeout_s: float = DEFAULT_REQUEST_HEAD_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if not isinstance(self.data_dir, Path):
@@ -98,6 +101,15 @@ class CentralConfig:
             raise ConfigError(
                 "central.upload_idle_timeout_s: must be 0.1 to 3600 seconds"
                 f" (got {self.upload_idle_timeout_s!r})"
+            )
+        if (
+            isinstance(self.request_head_timeout_s, bool)
+            or not isinstance(self.request_head_timeout_s, int | float)
+            or not 0.1 <= self.request_head_timeout_s <= 3600
+        ):
+            raise ConfigError(
+                "central.request_head_timeout_s: must be 0.1 to 3600 seconds"
+                f" (got {self.request_head_timeout_s!r})"
             )
         if self.model_dir is not None and not isinstance(self.model_dir, Path):
             raise ConfigError(f"central.model_dir: must be a path or None (got {self.model_dir!r})")

@@ -27,7 +27,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from triage_app.central.app import create_app
-from triage_app.central.config import CentralConfig
+from triage_app.central.config import DEFAULT_REQUEST_HEAD_TIMEOUT_S, CentralConfig
 from triage_app.central.storage import CentralStore
 from triage_app.errors import ConfigError
 from triage_app.escalation.keys import ServerKeyRing
@@ -131,7 +131,9 @@ def serve(config: CentralConfig) -> None:
         # the re-raise into a return, so the cleanup below runs and the exit code is 0.
         previous = {sig: signal.signal(sig, _ignore_signal) for sig in _STOP_SIGNALS}
         try:
-            asyncio.run(run_server(server, sock))
+            asyncio.run(
+                run_server(server, sock, request_head_timeout_s=config.request_head_timeout_s)
+            )
         finally:
             sock.close()
             for sig, handler in previous.items():
@@ -139,15 +141,59 @@ def serve(config: CentralConfig) -> None:
     log.info("central server stopped")
 
 
-async def run_server(server: uvicorn.Server, sock: socket.socket) -> None:
-    """uvicorn's ``serve`` on ``sock``, with idle TLS connections reaped once it stops."""
-    reaper = asyncio.create_task(_reap_closed_connections(server))
+async def run_server(
+    server: uvicorn.Server,
+    sock: socket.socket,
+    *,
+    request_head_timeout_s: float = DEFAULT_REQUEST_HEAD_TIMEOUT_S,
+) -> None:
+    """uvicorn's ``serve`` on ``sock``, with idle TLS connections reaped once it stops and
+    connections that take longer than ``request_head_timeout_s`` to send a request cut."""
+    reapers = [
+        asyncio.create_task(_reap_closed_connections(server)),
+        asyncio.create_task(_cut_slow_request_heads(server, request_head_timeout_s)),
+    ]
     try:
         await server.serve(sockets=[sock])
     finally:
-        reaper.cancel()
-        with suppress(asyncio.CancelledError):
-            await reaper
+        for reaper in reapers:
+            reaper.cancel()
+        for reaper in reapers:
+            with suppress(asyncio.CancelledError):
+                await reaper
+
+
+async def _cut_slow_request_heads(server: uvicorn.Server, timeout_s: float) -> None:
+    """Abort a connection that has waited ``timeout_s`` for a complete request head.
+
+    Why: uvicorn times a connection out only after a response (keep-alive). One that opens and
+    sends nothing, or a head a byte at a time, would hold its socket for ever, and enough of
+    them would exhaust the server's file descriptors (a body that stalls has its own limit, in
+    ``upload_stream``). This reads uvicorn's per-connection state; where that is missing it
+    does nothing (``tests/central/test_server.py`` then fails).
+    """
+    loop = asyncio.get_running_loop()
+    waiting_since: dict[int, float] = {}
+    while True:
+        await asyncio.sleep(min(1.0, timeout_s / 4))
+        now = loop.time()
+        waiting = [c for c in list(server.server_state.connections) if _waits_for_head(c)]
+        waiting_since = {id(c): waiting_since.get(id(c), now) for c in waiting}
+        for connection in waiting:
+            transport = getattr(connection, "transport", None)
+            if now - waiting_since[id(connection)] < timeout_s:
+                continue
+            if isinstance(transport, asyncio.Transport) and not transport.is_closing():
+                log.info("closed a connection that sent no whole request in %g s", timeout_s)
+                transport.abort()
+
+
+def _waits_for_head(connection: object) -> bool:
+    """Whether uvicorn's connection waits for a request head with no timer of its own."""
+    if getattr(connection, "timeout_keep_alive_task", True) is not None:
+        return False  # uvicorn's keep-alive timer runs (or this is not its HTTP/1.1 protocol)
+    cycle = getattr(connection, "cycle", False)
+    return cycle is None or getattr(cycle, "response_complete", False) is True
 
 
 async def _reap_closed_connections(server: uvicorn.Server) -> None:
@@ -236,7 +282,8 @@ class ServerThread:
 
     def _run(self, server: uvicorn.Server, sock: socket.socket) -> None:
         try:
-            asyncio.run(run_server(server, sock))
+            head_timeout_s = self.config.request_head_timeout_s
+            asyncio.run(run_server(server, sock, request_head_timeout_s=head_timeout_s))
         except SystemExit as exc:
             # uvicorn exits this way when the app's startup fails; start() reports it.
             self._error = exc
