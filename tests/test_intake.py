@@ -111,6 +111,23 @@ def _die_on_killer(path: Path) -> InputOutcome:
     return outcome
 
 
+HANG_PREFIX = "hang"  # its decode never ends, as a decoder in an endless loop
+
+
+def _hang_on_hanger(path: Path) -> InputOutcome:
+    """Runs in a worker process: a ``hang*`` file never finishes; others are triaged."""
+    if path.name.startswith(HANG_PREFIX):
+        time.sleep(3600)
+    return _run_in_worker(path)
+
+
+class HangPool(TriagePool):
+    """A real pool whose worker never returns from a ``hang*`` file."""
+
+    def submit(self, path: Path) -> Future[InputOutcome]:
+        return self._executor.submit(_hang_on_hanger, path)
+
+
 class KillerPool(TriagePool):
     """A real pool whose worker process exits hard on a ``kill-worker*`` file."""
 
@@ -992,7 +1009,7 @@ def test_a_file_that_kills_its_worker_is_quarantined_and_an_innocent_one_still_t
     assert outcome.quarantined
     assert isinstance(outcome.outcome, FailedInput)
     assert outcome.outcome.code == WORKER_CRASHED
-    assert f"died {MAX_WORKER_CRASHES} times" in outcome.outcome.message
+    assert f"{MAX_WORKER_CRASHES} times" in outcome.outcome.message
     target = layout.quarantine / WORKER_CRASHED / killer.name
     assert outcome.filed_as == target
     assert read_json(target.with_name(target.name + REASON_SUFFIX))["code"] == WORKER_CRASHED
@@ -1065,3 +1082,34 @@ def test_a_worker_that_died_while_idle_is_replaced_at_the_next_hand_over(
     with CaseStore.open(settings.case_store_path) as store:
         assert len(store.list_cases()) == 2
         assert store.failures() == []
+
+
+@pytest.mark.expect_log_warnings
+def test_a_file_that_never_finishes_is_stopped_and_quarantined_and_the_others_go_on(
+    tmp_path: Path, layout: IntakeLayout, pipeline_config: PipelineConfig
+) -> None:
+    settings = Settings(
+        {
+            "paths.data_dir": tmp_path / "data",
+            "processing.workers": 2,
+            "processing.file_timeout_s": 1,
+        }
+    )
+    innocent = layout.inbox / "innocent.dcm"
+    hanger = layout.inbox / f"{HANG_PREFIX}.dcm"
+    write_phantom(innocent, seed=53)
+    write_phantom(hanger, seed=54)
+    pool = HangPool(pipeline_config, workers=2)
+
+    started = time.monotonic()
+    with Intake(settings, layout, pool=pool) as intake:
+        filed = file_all(intake, [innocent, hanger])
+
+    assert time.monotonic() - started < 100
+    outcome = filed[hanger.name]
+    assert outcome.quarantined
+    assert isinstance(outcome.outcome, FailedInput)
+    assert outcome.outcome.code == WORKER_CRASHED
+    assert "time limit" in outcome.outcome.message
+    assert isinstance(filed[innocent.name].outcome, CaseResult), filed[innocent.name].outcome
+    assert files_under(layout.inbox) == []

@@ -118,7 +118,7 @@ def triage_files(
 
 def worker_crashed_input(path: Path, crashes: int) -> FailedInput:
     """The outcome of a file its worker died on ``crashes`` times (alone in the pool)."""
-    message = f"the triage worker died {crashes} times while reading this file"
+    message = f"the triage worker died (or ran over its time limit) {crashes} times on this file"
     return FailedInput(str(path), WORKER_CRASHED, message, file_sha256(path))
 
 
@@ -155,6 +155,14 @@ class TriagePool:
 
     def submit(self, path: Path) -> Future[InputOutcome]:
         return self._executor.submit(_run_in_worker, path)
+
+    def stop_workers(self) -> None:
+        """Kill the worker processes, e.g. one stuck on a file: the pool breaks, and every
+        future it held fails as in a crash (``BrokenProcessPool``)."""
+        # The executor has no public way to stop a task that is running.
+        processes = self._executor._processes or {}
+        for process in list(processes.values()):
+            process.kill()
 
     def restart(self) -> None:
         """Replace a broken pool; futures of the old one have already failed."""

@@ -488,6 +488,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "Number of worker processes that classify images in parallel.",
     ),
     SettingSpec(
+        "processing.file_timeout_s",
+        Int(1, 3600),
+        300,
+        "Seconds one file may take in a service's worker before the worker is stopped and the "
+        "file tried again alone (a decoder stuck on a hostile file); a file that runs over it "
+        "alone three times is quarantined as worker_crashed.",
+    ),
+    SettingSpec(
         "processing.ort_threads_per_worker",
         Int(1, 16),
         1,
@@ -983,6 +991,10 @@ class Settings:
     @property
     def workers(self) -> int:
         return cast(int, self._values["processing.workers"])
+
+    @property
+    def file_timeout_s(self) -> int:
+        return cast(int, self._values["processing.file_timeout_s"])
 
     @property
     def ort_threads_per_worker(self) -> int:

@@ -228,6 +228,10 @@ class Intake:
             undo.pop_all()
         self._lock = threading.Lock()
         self._futures: dict[Future[InputOutcome], Path] = {}
+        self._file_timeout_s = float(settings.file_timeout_s)
+        # When each future was first seen running (collect() looks): one past the time limit
+        # is a worker stuck on its file, stopped like a crash (see _stop_stuck_workers).
+        self._running_since: dict[Future[InputOutcome], float] = {}
         self._pending: dict[Path, _HandOver] = {}
         self._crashes: dict[Path, int] = {}  # kept across hand-overs until the file is filed
         # Taken but not yet given to the pool: files wait here while the files that were in
@@ -323,6 +327,7 @@ class Intake:
                 time.sleep(timeout_s)  # nothing to wait for; keep the caller's loop paced
             return []
         done, _ = wait(futures, timeout=timeout_s, return_when=FIRST_COMPLETED)
+        self._stop_stuck_workers(futures, done)
         results: list[tuple[Path, InputOutcome]] = []
         crashed: list[Path] = []
         for future in done:
@@ -341,6 +346,28 @@ class Intake:
         with self._lock:
             self._dispatch_locked()  # the next suspect, or the files held back for them
         return filed
+
+    def _stop_stuck_workers(
+        self, futures: list[Future[InputOutcome]], done: set[Future[InputOutcome]]
+    ) -> None:
+        """Kill the workers if a file has run longer than ``processing.file_timeout_s``.
+
+        A decoder in an endless loop on a hostile file would otherwise hold its worker for
+        ever while the service looks alive. Killing the workers breaks the pool, and its files
+        take the crash path: tried again one at a time, the stuck one alone, until it is
+        quarantined. A file queued behind it in the executor may look as long-running: it is
+        only tried again.
+        """
+        now = time.monotonic()
+        running = {f for f in futures if f not in done and f.running()}
+        self._running_since = {f: self._running_since.get(f, now) for f in running}
+        if any(now - since > self._file_timeout_s for since in self._running_since.values()):
+            log.error(
+                "a file ran over the %g s time limit in its triage worker; stopping the workers",
+                self._file_timeout_s,
+            )
+            self._running_since.clear()
+            self._pool.stop_workers()
 
     def drain(self) -> list[FiledOutcome]:
         """Wait for every file handed over so far and file it.
