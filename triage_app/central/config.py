@@ -22,6 +22,7 @@ DEFAULT_MAX_ENVELOPE_AGE = timedelta(days=30)
 DEFAULT_MAX_PARALLEL_UPLOADS = 8
 DEFAULT_UPLOAD_IDLE_TIMEOUT_S = 60.0
 DEFAULT_REQUEST_HEAD_TIMEOUT_S = 60.0
+MAX_TIMEOUT_S = 3600
 #: How far in the future a ``created_at`` (or a signed request's timestamp) may lie.
 MAX_CLOCK_SKEW = timedelta(seconds=300)
 
@@ -93,24 +94,8 @@ class CentralConfig:
                 "central.max_parallel_uploads: must be an integer from 1 to 256"
                 f" (got {self.max_parallel_uploads!r})"
             )
-        if (
-            isinstance(self.upload_idle_timeout_s, bool)
-            or not isinstance(self.upload_idle_timeout_s, int | float)
-            or not 0.1 <= self.upload_idle_timeout_s <= 3600
-        ):
-            raise ConfigError(
-                "central.upload_idle_timeout_s: must be 0.1 to 3600 seconds"
-                f" (got {self.upload_idle_timeout_s!r})"
-            )
-        if (
-            isinstance(self.request_head_timeout_s, bool)
-            or not isinstance(self.request_head_timeout_s, int | float)
-            or not 0.1 <= self.request_head_timeout_s <= 3600
-        ):
-            raise ConfigError(
-                "central.request_head_timeout_s: must be 0.1 to 3600 seconds"
-                f" (got {self.request_head_timeout_s!r})"
-            )
+        _check_timeout("upload_idle_timeout_s", self.upload_idle_timeout_s)
+        _check_timeout("request_head_timeout_s", self.request_head_timeout_s)
         if self.model_dir is not None and not isinstance(self.model_dir, Path):
             raise ConfigError(f"central.model_dir: must be a path or None (got {self.model_dir!r})")
 
@@ -140,3 +125,13 @@ class CentralConfig:
         for name, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
             if path is not None and not path.is_file():
                 raise ConfigError(f"central.{name}: no such file: {path}")
+
+
+def _check_timeout(name: str, value: object) -> None:
+    """A time limit in seconds: a number from 0.1 to 3600 (``ConfigError`` naming the field)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0.1 <= value <= MAX_TIMEOUT_S
+    ):
+        raise ConfigError(f"central.{name}: must be 0.1 to {MAX_TIMEOUT_S} seconds (got {value!r})")
