@@ -238,10 +238,17 @@ def describe_unexpected(err: BaseException) -> str:
     ... '/inbox/DOE^JANE/chest.dcm'``), and logs and stderr must carry no PHI. The type and the
     line are PHI-free and tell a maintainer where to look.
     """
+    where = where_raised(err)
+    what = f"unexpected {type(err).__name__}"
+    return what if where is None else f"{what} in {where}"
+
+
+def where_raised(err: BaseException) -> str | None:
+    """The last line of this package's code the exception passed through, e.g.
+    ``triage_app/pipeline.py:212 (_run)``; None if it passed through none."""
     frames = [(Path(f.filename).resolve(), f) for f in traceback.extract_tb(err.__traceback__)]
     ours = [(path, frame) for path, frame in frames if path.is_relative_to(_PACKAGE)]
     if not ours:
-        return f"unexpected {type(err).__name__}"
+        return None
     path, frame = ours[-1]
-    module = path.relative_to(_PACKAGE.parent).as_posix()
-    return f"unexpected {type(err).__name__} in {module}:{frame.lineno} ({frame.name})"
+    return f"{path.relative_to(_PACKAGE.parent).as_posix()}:{frame.lineno} ({frame.name})"

@@ -30,7 +30,6 @@ import random
 import socket
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,6 +49,7 @@ from triage_app.errors import (
     StoreError,
     TransportError,
     TriageError,
+    where_raised,
 )
 from triage_app.escalation.backoff import backoff_ceiling, next_delay
 from triage_app.escalation.connectivity import ConnectivityState
@@ -658,11 +658,8 @@ def describe_failure(exc: BaseException) -> str:
         what = f"{type(exc).__name__}: {exc.strerror or 'no error text'}"
     else:
         what = type(exc).__name__
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return what
-    last = frames[-1]
-    return f"{what}, in {last.name} ({Path(last.filename).name}:{last.lineno})"
+    where = where_raised(exc)
+    return what if where is None else f"{what}, in {where}"
 
 
 def _owner_name() -> str:
