@@ -160,3 +160,49 @@ def test_the_background_uploader_outlives_a_damaged_key_file_and_delivers_once_i
         uploader.stop()
     assert alive_after_delivery
     assert central.deliveries() == {case.case_id: 1}
+
+
+def test_stopping_for_an_exit_leaves_a_stuck_upload_and_the_next_start_delivers_it_once(
+    start_central: StartCentral,
+    device: Device,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The desktop app closing must not wait out a slow upload (minutes on a bad link)."""
+    central = start_central()
+    central.register(device.identity)
+    with FaultProxy("127.0.0.1", central.port) as proxy:
+        settings = device.settings(
+            central, url=f"https://127.0.0.1:{proxy.port}", **central.public_keys()
+        ).with_values(
+            escalation__connect_timeout_s=3.0,
+            escalation__read_timeout_s=3.0,
+            escalation__retry_cap_s=1.0,
+        )
+        with link_for(settings) as link:
+            cases = queue_cases(link, tmp_path / "scans", (0,))
+        proxy.blackhole()  # connections open, nothing ever answers
+        stuck = BackgroundUploader(settings)
+        stuck.start()
+        wait_until(lambda: proxy.connections >= 1, what="an upload under way")
+        caplog.set_level(logging.INFO, logger="triage_app.escalation.background")
+        stuck.stop(0.2, may_abandon=True)
+        assert stuck.running  # left to die with the process
+        assert "sent again at the next start" in caplog.text
+        assert "did not stop" not in caplog.text
+
+        proxy.pass_through()
+        restarted = BackgroundUploader(settings)
+        restarted.start()
+        try:
+            with link_for(settings) as link:
+
+                def delivered() -> bool:
+                    item = link.outbox.get(cases[0].case_id)
+                    return item is not None and item.state is OutboxState.DELIVERED
+
+                wait_until(delivered, timeout_s=60, what="the delivery after the restart")
+        finally:
+            restarted.stop()
+            wait_until(lambda: not stuck.running, timeout_s=30, what="the left upload's end")
+    assert central.deliveries() == {cases[0].case_id: 1}

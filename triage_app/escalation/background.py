@@ -48,10 +48,18 @@ class BackgroundUploader:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float = 30.0, *, may_abandon: bool = False) -> None:
+        """``may_abandon``: the process is about to exit (the desktop app closing), so an upload
+        still running after ``timeout_s`` is left to die with it. That is safe: its lease runs
+        out, the case is sent again at the next start, and the server answers a repeat with
+        the receipt it already gave."""
         self._stop.set()
         self._thread.join(timeout_s)
-        if self._thread.is_alive():
+        if not self._thread.is_alive():
+            return
+        if may_abandon:
+            log.info("an upload still running was left; it is sent again at the next start")
+        else:
             log.error("the uploader did not stop within %.0f s", timeout_s)
 
     @property

@@ -59,6 +59,7 @@ __all__ = ["QtMainWindow"]
 log = logging.getLogger(__name__)
 
 FONT_STEP = 0.1
+_UPLOAD_STOP_WAIT_S = 3.0  # on close: time for the upload in hand to finish, then it is left
 
 _FEEDBACK_DONE = {
     Feedback.ACCEPT: "Result accepted",
@@ -453,7 +454,8 @@ class QtMainWindow(QMainWindow):
         self.worklist.stop()
         self.monitor.stop()
         if self.uploader is not None:
-            self.uploader.stop()
+            # A case on a slow link can take minutes: closing does not wait for it.
+            self.uploader.stop(_UPLOAD_STOP_WAIT_S, may_abandon=True)
         self.viewer.shutdown()
         wait_for_workers()
         super().closeEvent(event)
