@@ -192,3 +192,24 @@ def test_a_new_case_clears_the_previous_image_until_its_own_arrives(
     assert (loaded.args, viewer.loading) == (["case-b"], False)
     viewer.grab()
     assert "ai" in viewer.panel_lines
+
+
+def test_a_large_image_is_windowed_at_screen_resolution_and_averaged_not_aliased(
+    viewer: QtViewer, qtbot: QtBot
+) -> None:
+    """A fine pattern far larger than the viewer shows as its average grey, not moiré, and the
+    window/level drag works on the reduced copy; zoomed to 100 % every pixel is back."""
+    checkerboard = (np.indices((3000, 3000)).sum(axis=0) % 2 * 1000).astype(np.float32)
+    viewer.set_image(ViewerImage((checkerboard,), "DX", "MONOCHROME2", (500.0, 1000.0), 0))
+    viewer.grab()  # the first paint fits the image
+    assert viewer.zoom < 0.25
+    assert viewer._pixels is not None and viewer._pixels.width() <= 3000 // 4
+
+    grabbed = _pixels(viewer).reshape(viewer.height(), viewer.width(), 4)[..., :3]
+    centre = grabbed[200:320, 260:380]
+    assert centre.std() < 2.0, "the checkerboard must average to one grey"
+    assert abs(float(centre.mean()) - 128) < 3
+
+    viewer.zoom_by(1.0 / viewer.zoom)  # 100 %
+    assert viewer._pixels is not None and viewer._pixels.width() == 3000
+    assert _pixels(viewer)[200:320, 260 * 4 : 380 * 4].std() > 100  # black and white again

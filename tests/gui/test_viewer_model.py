@@ -11,8 +11,10 @@ from triage_app.gui.viewer_model import (
     AiResult,
     ViewerImage,
     Window,
+    display_level,
     initial_window,
     presets_for,
+    reduce_for_display,
     render,
     resolve_preset,
 )
@@ -87,3 +89,23 @@ def test_ai_result_lines(decision: str, text: str) -> None:
     assert f"Threshold: {text}" in lines
     assert "Model: chest-dx-demo 1.0.0" in lines
     assert AiResult.from_result({}).threshold == "not recorded"
+
+
+@pytest.mark.parametrize(
+    ("zoom", "level"),
+    [(3.0, 0), (1.0, 0), (0.99, 0), (0.5, 1), (0.3, 1), (0.25, 2), (0.2, 2), (0.001, 6)],
+)
+def test_display_level_halves_while_a_screen_pixel_still_gets_an_image_pixel(
+    zoom: float, level: int
+) -> None:
+    assert display_level(zoom) == level
+
+
+def test_reduction_averages_fine_detail_instead_of_sampling_it() -> None:
+    checkerboard = (np.indices((512, 515)).sum(axis=0) % 2 * 1000).astype(np.uint16)
+    reduced = reduce_for_display(checkerboard, 2)
+    assert reduced.shape == (128, 129)  # rounded up: the last columns are not dropped
+    assert reduced.dtype == np.float32
+    inner = reduced[:, :-1]  # the last column averages a partial block
+    assert np.allclose(inner, 500.0)  # every 4x4 block holds eight 0s and eight 1000s
+    assert reduce_for_display(checkerboard, 0) is checkerboard

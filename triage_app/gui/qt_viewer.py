@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -39,9 +40,11 @@ from triage_app.gui.viewer_model import (
     AiResult,
     ViewerImage,
     Window,
+    display_level,
     initial_window,
     load_viewer_image,
     presets_for,
+    reduce_for_display,
     render,
     resolve_preset,
 )
@@ -128,6 +131,9 @@ class QtViewer(QWidget):
         self.panel_lines: dict[str, list[str]] = {}
 
         self._pixels: QImage | None = None
+        # Reduced copies of the frame on screen for zooms below 100 %, by (frame, level).
+        self._reduced: dict[tuple[int, int], npt.NDArray[Any]] = {}
+        self._rendered_level = 0
         self._heat_image: QImage | None = None
         self._drag: _Drag | None = None
         self._fit_pending = True
@@ -158,6 +164,7 @@ class QtViewer(QWidget):
         self.ai = result
         self.image = None
         self._pixels = None
+        self._reduced = {}
         self.heatmap = None
         self._heat_image = None
         self.loading = True
@@ -185,6 +192,7 @@ class QtViewer(QWidget):
     def set_image(self, image: ViewerImage) -> None:
         """Show an already decoded image (the first frame the triage used), fitted."""
         self.image = image
+        self._reduced = {}
         self.loading = False
         self.frame = image.selected_frame
         self.voi = initial_window(image)
@@ -226,7 +234,7 @@ class QtViewer(QWidget):
         self.zoom = min(MAX_ZOOM, max(MIN_ZOOM, self.zoom * factor))
         after = self._to_widget(before)
         self.pan += anchor - after
-        self.update()
+        self._zoom_changed()
 
     def fit(self) -> None:
         if self.image is None:
@@ -235,7 +243,13 @@ class QtViewer(QWidget):
         self.zoom = max(MIN_ZOOM, min(self.width() / columns, self.height() / rows))
         self.pan = QPointF(0.0, 0.0)
         self._fit_pending = False
-        self.update()
+        self._zoom_changed()
+
+    def _zoom_changed(self) -> None:
+        if display_level(self.zoom) != self._rendered_level:
+            self._render()
+        else:
+            self.update()
 
     def reset(self) -> None:
         if self.image is None:
@@ -360,11 +374,23 @@ class QtViewer(QWidget):
 
     # --- rendering --------------------------------------------------------------------------
 
+    def _displayed_values(self) -> npt.NDArray[Any]:
+        """The frame at the resolution the current zoom needs (see ``display_level``)."""
+        assert self.image is not None
+        level = display_level(self.zoom)
+        key = (self.frame, level)
+        if key not in self._reduced:
+            # Only the frame on screen keeps its copies: a long stack would pile them up.
+            self._reduced = {k: v for k, v in self._reduced.items() if k[0] == self.frame}
+            self._reduced[key] = reduce_for_display(self.image.frames[self.frame], level)
+        self._rendered_level = level
+        return self._reduced[key]
+
     def _render(self) -> None:
         if self.image is None:
             return
         pixels = render(
-            self.image.frames[self.frame],
+            self._displayed_values(),
             self.voi,
             monochrome1=self.image.monochrome1,
             invert=self.inverted,
@@ -394,9 +420,9 @@ class QtViewer(QWidget):
             painter.save()
             painter.setTransform(self._transform())
             painter.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, self.zoom < 2.0)
-            painter.drawImage(0, 0, self._pixels)
+            rows, columns = self.image.frames[self.frame].shape
+            painter.drawImage(QRectF(0, 0, columns, rows), self._pixels)
             if self.heatmap_visible and self._heat_image is not None:
-                rows, columns = self.image.frames[self.frame].shape
                 painter.setOpacity(self.heatmap_opacity)
                 painter.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, True)
                 painter.drawImage(QRectF(0, 0, columns, rows), self._heat_image)

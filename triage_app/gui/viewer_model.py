@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -170,6 +171,35 @@ def resolve_preset(preset: Preset, values: npt.NDArray[np.float32]) -> Window:
         return Window(preset.center, preset.width, preset.name)
     auto = auto_window(values, preset.low_pct, preset.high_pct)
     return Window(auto.center, max(1.0, auto.width * preset.width_factor), preset.name)
+
+
+_MAX_DISPLAY_LEVEL = 6  # 1/64: a 16k-pixel-wide image still fits a small viewer
+
+
+def display_level(zoom: float) -> int:
+    """How many times an image shown at ``zoom`` can be halved and still have at least one
+    pixel per screen pixel (0 at 100 % and above).
+
+    Why: windowing all of a 16-megapixel image on every mouse move of a window/level drag
+    takes ~80 ms on the UI thread, and drawing it shrunk by the painter samples it without
+    averaging (moiré on fine grids and noise). A reduced copy made once per level is both
+    faster to window and a faithful average of the pixels it stands for.
+    """
+    if zoom >= 1.0:
+        return 0
+    return min(_MAX_DISPLAY_LEVEL, int(np.floor(np.log2(1.0 / zoom))))
+
+
+def reduce_for_display(values: npt.NDArray[Any], level: int) -> npt.NDArray[Any]:
+    """``values`` averaged down by ``2 ** level`` in each direction (area averaging)."""
+    if level <= 0:
+        return values
+    rows, columns = values.shape
+    factor = 2**level
+    size = (max(1, -(-columns // factor)), max(1, -(-rows // factor)))  # (width, height)
+    source = values if values.dtype == np.float32 else values.astype(np.float32)
+    reduced: npt.NDArray[Any] = cv2.resize(source, size, interpolation=cv2.INTER_AREA)
+    return reduced
 
 
 def render(
