@@ -142,6 +142,9 @@ class _Outbox:
         self.retried: list[str] = []
         self._error = error
 
+    def get(self, case_id: str) -> OutboxItem | None:
+        return None
+
     def retry(self, case_id: str) -> OutboxItem:
         self.retried.append(case_id)
         if self._error is not None:
@@ -166,6 +169,9 @@ def test_a_refused_queue_retry_is_answered_in_the_audit_log(settings: Settings) 
         retry_queued_case(cast(Outbox, outbox), store, "case-1", "admin")
     assert outbox.retried == ["case-1"]
     assert _actions(settings) == [
-        ("queue.retry", {"case_id": "case-1"}),
-        ("queue.retry_failed", {"entries": [{"case_id": "case-1"}], "error": "outbox_error"}),
+        ("queue.retry", {"case_id": "case-1", "resealed": False}),
+        (
+            "queue.retry_failed",
+            {"entries": [{"case_id": "case-1", "resealed": False}], "error": "outbox_error"},
+        ),
     ]

@@ -103,3 +103,21 @@ def test_release_without_a_central_server_is_a_configuration_error(tmp_path: Pat
     run = run_cli("queue", "release", data_dir=tmp_path)
     assert run.returncode == 2
     assert "no central server is configured" in run.stderr
+
+
+def test_retry_all_with_nothing_quarantined_says_so_and_exits_0(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    config = save_settings(device.settings(central), tmp_path / "settings.toml")
+    password = "a long enough admin password"
+    made = run_cli(
+        "config", "set-admin-password", "--stdin", "--config", config,
+        data_dir=device.data_dir, stdin=f"{password}\n",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    run = run_cli(
+        "queue", "retry", "--all", "--admin-password-stdin", "--config", config,
+        data_dir=device.data_dir, stdin=f"{password}\n",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "no quarantined cases: nothing to retry"

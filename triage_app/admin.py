@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from triage_app.config import Change, Settings, save_settings, verify_admin_password
-from triage_app.errors import AdminAuthError, TriageError
-from triage_app.escalation.outbox import Outbox, OutboxItem
+from triage_app.errors import AdminAuthError, ConfigError, ResealError, TriageError
+from triage_app.escalation.outbox import Outbox, OutboxItem, OutboxState
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore
 
@@ -44,15 +45,90 @@ def require_admin(settings: Settings, password: str) -> None:
         raise AdminAuthError("the admin password is wrong")
 
 
-def retry_queued_case(outbox: Outbox, store: CaseStore, case_id: str, actor: str) -> OutboxItem:
-    """Put a refused (or waiting) case back in the queue, with its state change and audit."""
-    detail = {"case_id": case_id}
+def retry_queued_case(
+    outbox: Outbox,
+    store: CaseStore,
+    case_id: str,
+    actor: str,
+    *,
+    reseal: Callable[[str], OutboxItem] | None = None,
+) -> OutboxItem:
+    """Put a refused case back in the queue, with its state change and audit.
+
+    A case refused for how its envelope was sealed (``OutboxItem.needs_reseal``) goes back
+    through ``reseal`` (a new envelope from its source) when the shell gives one; any other goes
+    back as it is.
+    """
+    queued = outbox.get(case_id)
+    resealing = reseal is not None and queued is not None and queued.needs_reseal
+    detail: dict[str, object] = {"case_id": case_id, "resealed": resealing}
     with _audited_first(store, actor, [("queue.retry", detail)], "queue.retry_failed"):
-        item = outbox.retry(case_id)
+        item = reseal(case_id) if reseal is not None and resealing else outbox.retry(case_id)
     case = store.get(case_id)
     if case is not None and case.state is CaseState.QUARANTINED:
         store.apply(case_id, CaseEvent.ADMIN_RETRY, f"by {actor}")
     return item
+
+
+@dataclass(frozen=True)
+class RetryOutcome:
+    """What an admin retry did with one case: ``item`` as queued again, or the ``error`` that
+    kept it quarantined."""
+
+    case_id: str
+    resealed: bool
+    item: OutboxItem | None = None
+    error: TriageError | None = None
+
+    def line(self) -> str:
+        if self.error is not None:
+            return f"{self.case_id}: still quarantined: {self.error.code}: {self.error}"
+        return f"{self.case_id}: {'sealed anew and ' if self.resealed else ''}back in the queue"
+
+
+def retry_refused_cases(
+    settings: Settings, case_ids: Sequence[str], actor: str, *, every_refused: bool = False
+) -> list[RetryOutcome]:
+    """``queue retry`` and the desktop app's retry: each case back in the queue, audited; a case
+    refused for how it was sealed is sealed anew from its source image with the current keys
+    and clock (see ``held_release.reseal_from_source``). A case that cannot be is reported and
+    stays quarantined; the others go on. ``every_refused`` adds every quarantined case.
+    """
+    from triage_app.escalation.queueing import EscalationQueue
+    from triage_app.escalation.service import open_escalation, open_outbox
+    from triage_app.held_release import lazy_triage, reseal_from_source
+
+    link = open_escalation(settings, fetch_keys=False)
+    outcomes: list[RetryOutcome] = []
+    with ExitStack() as stack:
+        if link is not None:
+            outbox = stack.enter_context(link).outbox
+        else:
+            outbox = stack.enter_context(open_outbox(settings))
+        store = stack.enter_context(CaseStore.open(settings.case_store_path))
+        wanted = list(case_ids)
+        if every_refused:
+            wanted += [i.case_id for i in outbox.items() if i.state is OutboxState.QUARANTINED]
+        if not wanted and not every_refused:
+            raise ConfigError("queue retry: name the case ids to retry, or give --all")
+        reseal: Callable[[str], OutboxItem] | None = None
+        if link is not None and link.keys is not None:
+            queue = EscalationQueue(outbox, link.device, link.keys.server_key)
+            triage = lazy_triage(settings)
+
+            def reseal(case_id: str) -> OutboxItem:
+                return reseal_from_source(store, queue, triage, case_id)
+
+        for case_id in dict.fromkeys(wanted):
+            before = outbox.get(case_id)
+            resealed = reseal is not None and before is not None and before.needs_reseal
+            try:
+                item = retry_queued_case(outbox, store, case_id, actor, reseal=reseal)
+            except ResealError as err:
+                outcomes.append(RetryOutcome(case_id, resealed, error=err))
+                continue
+            outcomes.append(RetryOutcome(case_id, resealed, item=item))
+    return outcomes
 
 
 def save_audited(

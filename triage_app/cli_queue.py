@@ -15,7 +15,7 @@ import threading
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from triage_app.admin import current_user, require_admin, retry_queued_case
+from triage_app.admin import current_user, require_admin, retry_refused_cases
 from triage_app.cli_common import EXIT_OK, EXIT_SOME_FAILED, read_secret, settings_from_args
 from triage_app.config import Settings
 from triage_app.errors import ConfigError
@@ -45,7 +45,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="put quarantined cases back in the queue (admin)",
         description="Quarantined cases (refused by the central server) go back to pending. "
-        "Needs the admin password; every retry is written to the audit log.",
+        "A case refused for how its envelope was sealed (too old, sealed to a server key the "
+        "server no longer has, signed with a device key it no longer accepts, damaged on disk) "
+        "is first sealed anew from its source image; one whose image is gone, or that triaged "
+        "again is no longer escalated, stays quarantined (exit 1). Needs the admin password; "
+        "every retry is written to the audit log.",
     )
     retry.add_argument("case_ids", nargs="*", metavar="CASE_ID")
     retry.add_argument("--all", action="store_true", help="every quarantined case")
@@ -126,22 +130,14 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from triage_app.escalation.outbox import OutboxState
-    from triage_app.escalation.service import open_outbox
-    from triage_app.store import CaseStore
-
     settings = settings_from_args(args)
     _require_admin(settings, args.admin_password_stdin)
-    with open_outbox(settings) as outbox, CaseStore.open(settings.case_store_path) as store:
-        wanted = list(args.case_ids)
-        if args.all:
-            wanted += [i.case_id for i in outbox.items() if i.state is OutboxState.QUARANTINED]
-        if not wanted:
-            raise ConfigError("queue retry: name the case ids to retry, or give --all")
-        for case_id in dict.fromkeys(wanted):
-            retry_queued_case(outbox, store, case_id, current_user())
-            print(f"{case_id}: back in the queue")
-    return EXIT_OK
+    outcomes = retry_refused_cases(settings, args.case_ids, current_user(), every_refused=args.all)
+    if not outcomes:
+        print("no quarantined cases: nothing to retry")
+    for outcome in outcomes:
+        print(outcome.line(), file=sys.stderr if outcome.error is not None else sys.stdout)
+    return EXIT_SOME_FAILED if any(o.error is not None for o in outcomes) else EXIT_OK
 
 
 def _require_admin(settings: Settings, from_stdin: bool) -> None:
@@ -171,6 +167,7 @@ def _drain(args: argparse.Namespace) -> int:
         raise ConfigError("queue drain: no central server is configured (escalation.central_url)")
     with link, link.uploader() as uploader:
         if not args.follow:
+            uploader.follow_key_rotation()  # a device that only drains now and then
             for attempt in uploader.drain():
                 _print_attempt(attempt)
             uploader.poll_verdicts()

@@ -185,6 +185,13 @@ class UnknownQueuedCaseError(OutboxError):
     code = "unknown_case"
 
 
+class ResealError(OutboxError):
+    """A quarantined case cannot be sealed anew: its source image is gone or replaced, or
+    triaged again it is no longer an escalation of the same case."""
+
+    code = "reseal_failed"
+
+
 class TransportError(EscalationError):
     """The central server could not be reached or answered badly; the case stays queued."""
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from triage_app.batch import enqueue_held, record_queued
 from triage_app.config import Settings
-from triage_app.errors import QueueFullError
+from triage_app.errors import QueueFullError, ResealError
+from triage_app.escalation.outbox import OutboxItem
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.pipeline import PipelineConfig, TriagePipeline
 from triage_app.results import BLOCKED, CaseResult, FailedInput, InputOutcome
@@ -37,6 +38,7 @@ __all__ = [
     "lazy_triage",
     "release_all_held",
     "release_held",
+    "reseal_from_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -191,20 +193,53 @@ def _release_one(
     case = store.get(case_id)
     if case is None or case.state is not CaseState.ESCALATION_HELD:
         return None  # another process released or acknowledged it since the listing
-    outcome = triage(str(case.result["path"]))
-    if isinstance(outcome, FailedInput):
-        detail = f"source file missing or unreadable ({outcome.code})"
-        return _stays_held(store, case_id, ReleaseOutcome.SOURCE_UNAVAILABLE, detail)
-    if outcome.case_id != case_id:
-        detail = "the file at the recorded path is now another image"
-        return _stays_held(store, case_id, ReleaseOutcome.SOURCE_UNAVAILABLE, detail)
-    if outcome.payload is None:
-        return _stays_held(store, case_id, ReleaseOutcome.DECISION_CHANGED, _changed(outcome))
+    retriaged = _retriage(triage, case_id, str(case.result["path"]))
+    if isinstance(retriaged, HeldCase):
+        return _stays_held(store, case_id, retriaged.outcome, retriaged.detail)
     try:
-        item = enqueue_held(store, queue, case_id, outcome.payload, reason=outcome.reason)
+        item = enqueue_held(store, queue, case_id, retriaged.payload, reason=retriaged.reason)
     except QueueFullError as err:
         return _stays_held(store, case_id, ReleaseOutcome.QUEUE_FULL, err.message)
     return HeldCase(case_id, ReleaseOutcome.RELEASED, f"queued, outbox priority {item.priority}")
+
+
+def reseal_from_source(
+    store: CaseStore, queue: EscalationQueue, triage: Triage, case_id: str
+) -> OutboxItem:
+    """Seal a quarantined case anew from its source image, in place of the envelope the
+    server refused (``queue retry`` of a case refused for how it was sealed; see
+    ``outbox.needs_reseal``). The envelope's plaintext was never kept, so, as for a held case,
+    the image is triaged again and must still be an escalation of the same case.
+
+    Raises ``ResealError`` (the case stays quarantined), ``QueueFullError`` or ``OutboxError``.
+    """
+    case = store.get(case_id)
+    if case is None:
+        raise ResealError(f"case {case_id} is not in the case store: no source image to seal")
+    retriaged = _retriage(triage, case_id, str(case.result["path"]))
+    if isinstance(retriaged, HeldCase):
+        raise ResealError(f"case {case_id} not re-sealed: {retriaged.detail}")
+    return queue.reseal(case_id, retriaged.payload)
+
+
+@dataclass(frozen=True)
+class _Retriaged:
+    payload: bytes
+    reason: str
+
+
+def _retriage(triage: Triage, case_id: str, path: str) -> _Retriaged | HeldCase:
+    """The payload to send for ``case_id``, triaged again from ``path``; or why there is none."""
+    outcome = triage(path)
+    if isinstance(outcome, FailedInput):
+        detail = f"source file missing or unreadable ({outcome.code})"
+        return HeldCase(case_id, ReleaseOutcome.SOURCE_UNAVAILABLE, detail)
+    if outcome.case_id != case_id:
+        detail = "the file at the recorded path is now another image"
+        return HeldCase(case_id, ReleaseOutcome.SOURCE_UNAVAILABLE, detail)
+    if outcome.payload is None:
+        return HeldCase(case_id, ReleaseOutcome.DECISION_CHANGED, _changed(outcome))
+    return _Retriaged(outcome.payload, outcome.reason)
 
 
 def _changed(result: CaseResult) -> str:

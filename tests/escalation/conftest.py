@@ -37,10 +37,13 @@ from triage_app.escalation.keys import (
     ServerKeyRing,
     load_or_create_device_identity,
 )
+from triage_app.escalation.outbox import OutboxItem
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.escalation.service import EscalationLink, open_escalation
 from triage_app.escalation.uploader import Uploader, UploaderConfig
 from triage_app.results import CaseResult
+from triage_app.states import CaseState
+from triage_app.store import CaseStore
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The edge model doubles as the central model: it reads the de-identified DICOM and answers.
@@ -315,3 +318,29 @@ class Device:
 def device(tmp_path: Path) -> Device:
     data_dir = tmp_path / "device"
     return Device(data_dir, device_identity(data_dir))
+
+
+# --- What the tests look at ------------------------------------------------------------------
+
+
+def item_of(link: EscalationLink, case_id: str) -> OutboxItem:
+    item = link.outbox.get(case_id)
+    assert item is not None, f"case {case_id} is not in the outbox"
+    return item
+
+
+def store_state(link: EscalationLink, case_id: str) -> CaseState:
+    with CaseStore.open(link.settings.case_store_path) as store:
+        case = store.get(case_id)
+    assert case is not None
+    return case.state
+
+
+def alarms(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.get_records("call")
+        if r.levelno == level
+        and r.name == "triage_app.escalation.uploader"
+        and "ALARM" in r.getMessage()
+    ]

@@ -36,10 +36,13 @@ from tests.escalation.conftest import (
     Escalated,
     FakeClock,
     StartCentral,
+    alarms,
+    item_of,
     link_for,
     make_uploader,
     other_ed25519_public_key_b64,
     queue_cases,
+    store_state,
     triage,
 )
 from tests.fault_proxy import FaultProxy
@@ -76,33 +79,10 @@ def spool_gone(link: EscalationLink, case_id: str) -> bool:
     return not spool_file(link, case_id).exists()
 
 
-def item_of(link: EscalationLink, case_id: str) -> OutboxItem:
-    item = link.outbox.get(case_id)
-    assert item is not None, f"case {case_id} is not in the outbox"
-    return item
-
-
-def store_state(link: EscalationLink, case_id: str) -> CaseState:
-    with CaseStore.open(link.settings.case_store_path) as store:
-        case = store.get(case_id)
-    assert case is not None
-    return case.state
-
-
 def store_path_of(link: EscalationLink, case_id: str) -> list[str]:
     """The states the case store recorded for the case, oldest first."""
     with CaseStore.open(link.settings.case_store_path) as store:
         return [step.to_state.value for step in store.history(case_id)]
-
-
-def alarms(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.get_records("call")
-        if r.levelno == level
-        and r.name == "triage_app.escalation.uploader"
-        and "ALARM" in r.getMessage()
-    ]
 
 
 # --- 1. The happy path --------------------------------------------------------------------------
@@ -516,7 +496,8 @@ def test_a_refused_case_is_quarantined_with_an_alarm_until_an_admin_retries_it(
                 stdin=f"{ADMIN_PASSWORD}\n",
             )
             assert retried.returncode == 0, retried.stderr
-            assert f"{by_cli.case_id}: back in the queue" in retried.stdout
+            # Refused as from an unknown device: the envelope is sealed anew from its image.
+            assert f"{by_cli.case_id}: sealed anew and back in the queue" in retried.stdout
             for case in (by_api, by_cli):
                 item = item_of(link, case.case_id)
                 assert (item.state, item.attempts) == (OutboxState.PENDING, 0)
@@ -538,7 +519,7 @@ def test_a_refused_case_is_quarantined_with_an_alarm_until_an_admin_retries_it(
             ]
     with CaseStore.open(settings.case_store_path) as store:
         audited = [entry.detail for entry in store.audit_log() if entry.action == "queue.retry"]
-    assert audited == [{"case_id": by_cli.case_id}]
+    assert audited == [{"case_id": by_cli.case_id, "resealed": True}]
     assert central.deliveries() == {by_api.case_id: 1, by_cli.case_id: 1}
 
 

@@ -123,7 +123,7 @@ def test_queue_view_retries_a_quarantined_case_only_with_the_admin_password(
     assert not dialog.retry_button.isEnabled()
     with CaseStore.open(admin_settings.case_store_path) as store:
         entries = [(e.actor, e.action, e.detail) for e in store.audit_log()]
-    assert entries == [(current_user(), "queue.retry", {"case_id": quarantined})]
+    assert entries == [(current_user(), "queue.retry", {"case_id": quarantined, "resealed": False})]
 
 
 def test_status_bar_shows_offline_since_last_error_queue_and_disk(

@@ -90,6 +90,20 @@ ESCALATION_PRIORITY: Final[Mapping[str, int]] = MappingProxyType(
 )
 
 SPOOL_SUFFIX: Final = ".env"
+# Quarantine reasons (the server's code, or the uploader's own for a damaged file) that are
+# about the envelope, not the case: a device clock far off or an outage longer than the
+# server's maximum age, a retired server key pruned meanwhile, a device key replaced since.
+_RESEAL_REASONS: Final = frozenset(
+    {
+        "stale_envelope",
+        "unknown_server_key",
+        "bad_signature",
+        "unknown_device",
+        "envelope_tampered",
+        "envelope_truncated",
+        "damaged envelope",
+    }
+)
 _DEFAULT_BUSY_TIMEOUT_S = 10.0
 _MAX_TEXT = 500  # error and quarantine texts: one line, short (never payload)
 # Case ids are SHA-256 based hex (DESIGN 4.2); they become file names, so nothing else is allowed.
@@ -171,6 +185,14 @@ class OutboxItem:
     receipt: str | None
     quarantined_at: str | None
     quarantine_reason: str | None
+
+    @property
+    def needs_reseal(self) -> bool:
+        """Whether the server refused this envelope for how it was sealed, so that only a new
+        envelope can go (see :meth:`Outbox.reseal`); other refusals are about the case."""
+        if self.state is not OutboxState.QUARANTINED or not self.quarantine_reason:
+            return False
+        return self.quarantine_reason.split(":", 1)[0] in _RESEAL_REASONS
 
     def to_json(self) -> dict[str, Any]:
         """What ``triage-app queue list --json`` prints for the case (no receipt, no payload)."""
@@ -665,6 +687,62 @@ class Outbox:
             item = _item(self._row(case_id))
         log.info("outbox: case %s put back in the queue", case_id)
         return item
+
+    def reseal(
+        self,
+        case_id: str,
+        envelope: bytes | bytearray | memoryview,
+        *,
+        payload_sha256: str,
+        now: datetime | None = None,
+    ) -> OutboxItem:
+        """Admin action: replace a quarantined case's envelope with a newly sealed one and put
+        it back in the queue, due now (a case refused for how it was sealed: too old, sealed to
+        a server key the server no longer has, signed with a device key it no longer accepts,
+        or damaged on disk; sending the same bytes again would be refused again).
+
+        The row stays, with its place in the queue. The new file replaces the old one while the
+        write lock is held, then the row commits: a crash in between leaves the case quarantined
+        with a file that no longer matches its row, which the next re-seal replaces.
+        """
+        _check_case_id(case_id)
+        if not _SHA256.fullmatch(payload_sha256):
+            raise ValueError("payload_sha256 must be 64 lowercase hex characters")
+        size = len(envelope)
+        at = _iso(now or datetime.now(UTC))
+        final = self._path(case_id)
+        with (
+            BackgroundSha256(threaded=size >= THREAD_WORTH_BYTES) as envelope_hash,
+            _sqlite_errors(f"write the new envelope of case {case_id}"),
+        ):
+            envelope_hash.submit(envelope)
+            tmp, fd = write_locked_temp(self._spool, final.name, envelope)
+        try:
+            envelope_sha256 = envelope_hash.hexdigest()
+            with self._write(f"re-seal case {case_id}"):
+                row = self._require(case_id, OutboxState.QUARANTINED, "re-seal")
+                self._check_quota(size - int(row["size_bytes"]))
+                _publish(tmp, final)
+                self._conn.execute(
+                    "UPDATE outbox SET state = ?, payload_sha256 = ?, envelope_sha256 = ?,"
+                    " size_bytes = ?, attempts = 0, next_attempt_at = ?, updated_at = ?,"
+                    " wait_for_link = 0, quarantined_at = NULL, quarantine_reason = NULL"
+                    " WHERE case_id = ?",
+                    (
+                        OutboxState.PENDING,
+                        payload_sha256,
+                        envelope_sha256,
+                        size,
+                        at,
+                        at,
+                        case_id,
+                    ),
+                )
+        finally:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+        log.info("outbox: case %s re-sealed and put back in the queue", case_id)
+        return self._get(case_id)
 
     def release_leases(
         self, is_dead: Callable[[str], bool], *, now: datetime | None = None

@@ -38,3 +38,12 @@ class EscalationQueue:
         payload_sha256 = read_header(envelope).payload_sha256  # hashed once, while sealing
         # If another process queued the case in between, the outbox keeps the first envelope.
         return self.outbox.enqueue(case_id, envelope, reason=reason, payload_sha256=payload_sha256)
+
+    def reseal(self, case_id: str, payload: bytes) -> OutboxItem:
+        """Seal ``payload`` anew (current keys, current time) in place of a quarantined
+        case's envelope: see :meth:`Outbox.reseal`."""
+        envelope = seal_bytes(
+            payload, case_id=case_id, device=self.device, server_key=self.server_key
+        )
+        payload_sha256 = read_header(envelope).payload_sha256
+        return self.outbox.reseal(case_id, envelope, payload_sha256=payload_sha256)

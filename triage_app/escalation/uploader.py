@@ -81,6 +81,9 @@ DEFAULT_LEASE_S = 300.0
 _RENEW_FRACTION = 1 / 3
 # How long the lease keeper's thread waits for the next send before it ends.
 _KEEPER_IDLE_S = 1.0
+# A verdict poll refused with these refuses the device (401 bad signature or clock, unknown
+# device; 403 revoked), not the case: no answer about the case to record.
+_DEVICE_REFUSED = frozenset({401, 403})
 # Events that bring a case in the store to SENDING from where a crash may have left it.
 _TO_SENDING: dict[CaseState, tuple[CaseEvent, ...]] = {
     CaseState.ESCALATION_HELD: (CaseEvent.ENQUEUE, CaseEvent.START_SEND),
@@ -155,6 +158,7 @@ class Uploader:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._store: CaseStore | None = None
         self._refresh_keys = refresh_keys
+        self._unknown_to_server: set[str] = set()
         self._keeper = _LeaseKeeper(outbox, self.owner, self.config.lease_s, self._clock)
         # An uploader dropped without ``with`` (a script, a benchmark) stops its helper too.
         weakref.finalize(self, self._keeper.close)
@@ -220,6 +224,8 @@ class Uploader:
             return self._retry(item, err, "pin_mismatch", wait_for_link=True)
         except PermanentRejectionError as err:
             self.connectivity.mark_success(self._clock())  # the server answered
+            if getattr(err, "server_code", None) == "unknown_server_key":
+                self.follow_key_rotation()  # so that `queue retry` re-seals to the new key
             return self._quarantine(item, err)
         except ReceiptError as err:
             log.error("ALARM: the receipt for case %s does not verify: %s", item.case_id,
@@ -394,7 +400,7 @@ class Uploader:
         """One turn of :meth:`run`; how long to wait before the next one (0: at once)."""
         if self._refresh_keys is not None and time.monotonic() >= schedule.refresh_at:
             schedule.refresh_at = time.monotonic() + self.config.key_refresh_s
-            self._refresh()
+            self.follow_key_rotation()
         attempt = self.send_next()
         if attempt is not None:
             if on_attempt is not None:
@@ -428,13 +434,15 @@ class Uploader:
         log.info("central server reachable again; %d waiting case(s) due now", due)
         return True
 
-    def _refresh(self) -> None:
-        """Follow a server key rotation, so new envelopes are sealed to the active key.
+    def follow_key_rotation(self) -> None:
+        """Fetch the server's keys again, so new envelopes are sealed to the active key (a no-op
+        when the keys are pinned in the settings).
 
         The keys in use stay when the fetch fails: unreachable (tried again later), or keys
         that are not valid or cannot be kept (an ALARM: that needs a human).
         """
-        assert self._refresh_keys is not None
+        if self._refresh_keys is None:
+            return
         try:
             keys = self._refresh_keys()
         except TransportError as err:
@@ -469,10 +477,21 @@ class Uploader:
             try:
                 answer = self.client.get_verdict(case.case_id, headers)
             except PermanentRejectionError as err:
-                # The server cannot give this case a verdict (e.g. its model cannot read it):
-                # record that as the answer, so the clinician sees it, and go on with the others.
                 code = str(getattr(err, "server_code", err.code))
                 message = str(getattr(err, "server_message", err.message))
+                if http_status_of(err) in _DEVICE_REFUSED:
+                    # The server refuses this device, not the case (its clock is off, its key
+                    # unknown or revoked): the case keeps waiting for its verdict.
+                    self.connectivity.mark_success(self._clock())
+                    log.error(
+                        "ALARM: the central server refuses this device's verdict polls "
+                        "(%s: %s); delivered cases keep waiting for their verdicts",
+                        code,
+                        message,
+                    )
+                    return received
+                # The server cannot give this case a verdict (e.g. its model cannot read it):
+                # record that as the answer, so the clinician sees it, and go on with the others.
                 failure = {"verdict": None, "error": {"code": code, "message": message}}
                 if self._record_verdict(case.case_id, failure):
                     log.warning("central server gives case %s no verdict (%s)", case.case_id, code)
@@ -484,6 +503,13 @@ class Uploader:
             self.connectivity.mark_success(self._clock())
             if answer.status == 200 and self._record_verdict(case.case_id, answer.body):
                 received += 1
+            elif answer.status == 404 and case.case_id not in self._unknown_to_server:
+                self._unknown_to_server.add(case.case_id)  # once per case and process
+                log.error(
+                    "ALARM: the central server does not know delivered case %s (a database "
+                    "restored from a backup, or another server at this address); still asking",
+                    case.case_id,
+                )
         return received
 
     def _record_verdict(self, case_id: str, verdict: dict[str, Any]) -> bool:

@@ -25,13 +25,12 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from triage_app.admin import current_user, require_admin, retry_queued_case
+from triage_app.admin import current_user, require_admin, retry_refused_cases
 from triage_app.config import Settings
 from triage_app.errors import AdminAuthError, TriageError
 from triage_app.escalation.outbox import OutboxItem, OutboxState
 from triage_app.escalation.service import open_outbox
 from triage_app.gui.qt_threading import run_in_thread
-from triage_app.store import CaseStore
 
 __all__ = ["QtQueueDialog", "read_queue", "retry_quarantined"]
 
@@ -48,8 +47,11 @@ def read_queue(settings: Settings) -> list[OutboxItem]:
 def retry_quarantined(settings: Settings, case_id: str, password: str, actor: str) -> OutboxItem:
     """Admin action (off the UI thread): check the password, then the core's retry."""
     require_admin(settings, password)
-    with open_outbox(settings) as outbox, CaseStore.open(settings.case_store_path) as store:
-        return retry_queued_case(outbox, store, case_id, actor)
+    (outcome,) = retry_refused_cases(settings, [case_id], actor)
+    if outcome.error is not None:
+        raise outcome.error
+    assert outcome.item is not None
+    return outcome.item
 
 
 def _note(item: OutboxItem) -> str:
