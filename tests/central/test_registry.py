@@ -66,17 +66,18 @@ def test_a_bad_key_is_refused_in_one_line(store: CentralStore, text: str) -> Non
     assert store.registry.list_devices() == []
 
 
-def test_revocation_is_kept_and_not_undone_by_adding_again(tmp_path: Path) -> None:
+def test_revocation_is_kept_and_adding_the_key_again_is_refused(tmp_path: Path) -> None:
     device = new_device()
     with open_store(tmp_path) as store:
         store.registry.add_device(device.public_key_b64())
 
         revoked = store.registry.revoke_device(device.device_id)
         twice = store.registry.revoke_device(device.device_id)
-        readded = store.registry.add_device(device.public_key_b64())
+        with pytest.raises(DeviceRegistryError, match="stays revoked") as caught:
+            store.registry.add_device(device.public_key_b64())
 
         assert revoked.revoked and twice.revoked_at == revoked.revoked_at
-        assert readded.revoked
+        assert "\n" not in str(caught.value)
     with open_store(tmp_path) as reopened:
         record = reopened.registry.get(device.device_id)
         assert record is not None and record.revoked

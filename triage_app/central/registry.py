@@ -62,6 +62,8 @@ class DeviceRegistry:
     ) -> DeviceRecord:
         """Register a device key; return its record (the existing one if the key is known).
 
+        A revoked key is refused (``DeviceRegistryError``): revocation is permanent.
+
         ``device_id``, if given, must be the id the key yields: a different key under an
         existing id is refused, as is an id that does not match its key. A key that is not
         base64 of a raw 32-byte Ed25519 key raises ``KeyFileError`` (a ``ConfigError``).
@@ -81,6 +83,13 @@ class DeviceRegistry:
                 if row["public_key_b64"] != canonical:
                     raise DeviceRegistryError(
                         f"device id {derived} is registered with another public key"
+                    )
+                if row["revoked_at"] is not None:
+                    # Adding it again must not look like a success: revocation is for good.
+                    raise DeviceRegistryError(
+                        f"device {derived} was revoked at {row['revoked_at']} and stays "
+                        "revoked: to let that machine send again, give it a new device key "
+                        "and add the new key"
                     )
                 log.info("device %s already registered", derived)
                 return _record(row)
