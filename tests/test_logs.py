@@ -9,10 +9,14 @@ import subprocess
 import sys
 import textwrap
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGLSLossless
 
+from tests.helpers import phantom_dataset, run_cli
 from triage_app.logs import JsonLinesFormatter
 
 
@@ -141,3 +145,51 @@ def test_configure_logging_keeps_text_lines_by_default() -> None:
         r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO triage_app.receiver: stored 2 instances",
         lines[0],
     )
+
+
+def run_pydicom_failure(level: int) -> str:
+    """What a process configured at ``level`` writes when a pydicom decoder plugin fails: pydicom
+    logs each failure at ERROR, with its traceback."""
+    code = textwrap.dedent(
+        f"""
+        import logging
+        from triage_app.logs import configure_logging
+        configure_logging({level})
+        try:
+            raise RuntimeError("libjpeg error code -1038 returned from Decode()")
+        except RuntimeError as exc:
+            logging.getLogger("pydicom.pixels.decoders.base").exception(exc)
+        logging.getLogger("triage_app.pipeline").error("triage failed on one input")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return result.stderr
+
+
+def test_pydicom_decoder_tracebacks_stay_out_of_stderr_without_debug() -> None:
+    lines = run_pydicom_failure(logging.WARNING).splitlines()
+    assert len(lines) == 1
+    assert lines[0].endswith("ERROR triage_app.pipeline: triage failed on one input")
+
+
+def test_pydicom_decoder_tracebacks_are_shown_with_debug() -> None:
+    stderr = run_pydicom_failure(logging.DEBUG)
+    assert "Traceback" in stderr
+    assert "libjpeg error code" in stderr
+
+
+def test_classify_refuses_a_broken_codestream_in_one_line(tmp_path: Path) -> None:
+    ds = phantom_dataset(7, 0)
+    ds.PixelData = encapsulate([b"\xff\xd8" + bytes(100)])  # SOI, then nothing valid
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    path = tmp_path / "garbage.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    run = run_cli("classify", path, data_dir=tmp_path / "data")
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    refusals = [line for line in run.stderr.splitlines() if "garbage.dcm" in line]
+    assert len(refusals) == 1
+    assert "corrupt_pixel_data" in refusals[0]

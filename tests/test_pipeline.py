@@ -160,3 +160,35 @@ def test_an_unforeseen_failure_is_a_failed_input_that_names_no_value(
         assert "DOE" not in text and "19800215" not in text
     monkeypatch.undo()
     assert isinstance(pipeline.run(path), CaseResult)  # the next file goes through as usual
+
+
+class PanicException(BaseException):
+    """Stands in for pyo3's PanicException: a BaseException a Rust decoder raises on bad data."""
+
+
+@pytest.mark.expect_log_warnings
+def test_a_base_exception_from_one_file_is_that_files_refusal(pipeline, tmp_path, monkeypatch):
+    path = tmp_path / "chest.dcm"
+    phantom_dataset(44, 2).save_as(path, enforce_file_format=True)
+
+    def panic(*args: object, **kwargs: object) -> None:
+        raise PanicException("index out of bounds")
+
+    monkeypatch.setattr("triage_app.pipeline.assess_scope", panic)
+    outcome = pipeline.run(path)
+    assert isinstance(outcome, FailedInput)
+    assert outcome.code == "processing_failed"
+    assert "PanicException" in outcome.message
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit, GeneratorExit])
+def test_a_request_to_stop_is_not_taken_for_a_files_failure(pipeline, tmp_path, monkeypatch, stop):
+    path = tmp_path / "chest.dcm"
+    phantom_dataset(44, 2).save_as(path, enforce_file_format=True)
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise stop
+
+    monkeypatch.setattr("triage_app.pipeline.assess_scope", interrupted)
+    with pytest.raises(stop):
+        pipeline.run(path)

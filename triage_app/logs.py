@@ -64,7 +64,11 @@ def configure_logging(level: int, *, json_lines: bool = False) -> None:
     else:
         logging.basicConfig(level=level, format=FORMAT)
     # pydicom's value checks quote the offending value (names, UIDs) at WARNING: no PHI in logs.
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    # Its decoders log each plugin's failure at ERROR with a traceback, which the reader reports
+    # as one line already: kept for --debug only.
+    logging.getLogger("pydicom").setLevel(
+        logging.ERROR if level <= logging.DEBUG else logging.CRITICAL
+    )
     # pynetdicom logs every association at INFO and dumps data sets (UIDs, names) at DEBUG; the
     # receiver logs what an admin needs itself.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

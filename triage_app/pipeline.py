@@ -137,7 +137,10 @@ class TriagePipeline:
             return self._run(path)
         except InputError as err:
             return FailedInput(path, err.code, err.message, file_sha256(path))
-        except Exception as exc:  # noqa: BLE001 - one file's failure never stops a batch
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - one file's failure never stops a batch
+            # BaseException too: a native decoder's panic (pyo3's PanicException) is one.
             where = describe_unexpected(exc)
             log.error("triage failed on one input: %s", where)
             failed = ProcessingFailedError(f"triage failed on this file: {where}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy.typing as npt
 import pydicom
 import pytest
 from pydicom.data import get_testdata_files
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.processing import apply_color_lut
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
@@ -28,6 +30,7 @@ from tests.dicom.conftest import (
 )
 from triage_app import errors
 from triage_app.dicom import DicomImage, ImageInfo, load_image, read_dataset
+from triage_app.dicom.reader import fits_decoding_limits
 from triage_app.errors import InputError
 
 
@@ -678,6 +681,62 @@ def test_garbage_codestream(tmp_path: Path, name: str) -> None:
         bad = frame[:4] + bytes(len(frame) - 4)  # SOI/SOC marker, then nothing valid
     ds.PixelData = encapsulate([bad])
     assert code_of(save(ds, tmp_path / "garbage.dcm")) == "corrupt_pixel_data"
+
+
+def _rle_declaring(rows: int, columns: int, photometric: str) -> Dataset:
+    """An RLE file of a few hundred bytes whose header declares ``rows`` x ``columns``."""
+    samples = 3 if photometric == "RGB" else 1
+    ds = synthetic(ramp(), Rows=rows, Columns=columns, PhotometricInterpretation=photometric)
+    ds.SamplesPerPixel = samples
+    if samples == 3:
+        ds.PlanarConfiguration = 1
+    segment = b"\x81\x00" * 4
+    count = 2 * samples
+    offsets = [64 + i * len(segment) for i in range(count)]
+    header = struct.pack("<16I", count, *offsets, *[0] * (15 - count))
+    ds.PixelData = encapsulate([header + segment * count])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "photometric"),
+    [
+        (32768, 32768, "MONOCHROME2"),  # 2 GiB: malloc failed and the process aborted
+        (65535, 65535, "RGB"),  # 26 GB: MemoryError
+        (16385, 8, "MONOCHROME2"),  # small, but wider than any image this app is for
+        (16384, 16384, "RGB"),  # 1.5 GiB
+    ],
+)
+def test_a_frame_too_large_to_decode_is_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int, columns: int, photometric: str
+) -> None:
+    def never(uid: object) -> None:
+        raise AssertionError("a decoder was asked")
+
+    path = save(_rle_declaring(rows, columns, photometric), tmp_path / "bomb.dcm")
+    assert path.stat().st_size < 4096
+    monkeypatch.setattr("triage_app.dicom.reader.get_decoder", never)
+    with pytest.raises(errors.UnprocessableImageError, match="too large to decode") as caught:
+        load_image(path)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "samples", "bits", "fits"),
+    [
+        (16384, 16384, 1, 16, True),
+        (16384, 16384, 1, 32, True),  # exactly 1 GiB
+        (16384, 16384, 1, 64, False),
+        (16384, 16384, 3, 8, True),
+        (16384, 16384, 3, 16, False),
+        (16385, 1, 1, 1, False),
+        (1, 16385, 1, 8, False),
+    ],
+)
+def test_decoding_limits(rows: int, columns: int, samples: int, bits: int, fits: bool) -> None:
+    assert fits_decoding_limits(rows, columns, samples, bits) is fits
 
 
 def test_bit_flips_never_escape_as_other_exceptions() -> None:

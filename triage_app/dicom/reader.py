@@ -59,6 +59,7 @@ from triage_app.errors import (
     NoPixelDataError,
     NotDicomError,
     TruncatedError,
+    UnprocessableImageError,
     UnreadableFileError,
     UnsupportedPhotometricError,
     UnsupportedTransferSyntaxError,
@@ -80,6 +81,12 @@ _COLOUR = frozenset(
     {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_PARTIAL_422", "YBR_ICT", "YBR_RCT"}
 )
 _PALETTE = "PALETTE COLOR"
+# Decoding limits, checked before any decoder runs. A decoder allocates the whole frame the
+# header declares, whatever the file holds: 1.5 KB of RLE can declare 65535 x 65535 RGB (26 GB),
+# which raises MemoryError or aborts the process when malloc fails. The largest projection
+# images (full-field mammography, stitched long-leg radiographs) stay well inside both.
+MAX_SIDE = 16384
+MAX_FRAME_BYTES = 1 << 30  # decoded bytes of one frame: a 16384 x 16384 frame of 32-bit grey
 # ITU-R BT.601 luma: the same weights DICOM uses for the Y of YBR_FULL.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -146,6 +153,7 @@ def load_image(source: Source) -> DicomImage:
         syntax = transfer_syntax(ds)
         attrs = _pixel_attributes(ds, keyword)
         frame_index = attrs.frames // 2
+        _check_frame_size(attrs)
         decoded, properties = _decode(ds, syntax, frame_index)
         stored = _to_grey(decoded, properties, ds, attrs)
         info = _image_info(ds, syntax, attrs, frame_index)
@@ -419,6 +427,25 @@ def _pixel_attributes(ds: Dataset, keyword: str) -> _PixelAttributes:
 # --- Decoding ----------------------------------------------------------------------------------
 
 
+def fits_decoding_limits(rows: int, columns: int, samples: int, bits_allocated: int) -> bool:
+    """Whether one frame of this geometry is small enough to decode (``MAX_SIDE``,
+    ``MAX_FRAME_BYTES``): decoders allocate what the header declares."""
+    frame_bytes = rows * columns * samples * max(1, bits_allocated // 8)
+    return max(rows, columns) <= MAX_SIDE and frame_bytes <= MAX_FRAME_BYTES
+
+
+def _check_frame_size(attrs: _PixelAttributes) -> None:
+    """Refuse a frame too large to decode, before a decoder tries to allocate it."""
+    if not fits_decoding_limits(
+        attrs.rows, attrs.columns, attrs.samples_per_pixel, attrs.bits_allocated
+    ):
+        raise UnprocessableImageError(
+            f"image too large to decode ({attrs.rows} x {attrs.columns}, "
+            f"{attrs.samples_per_pixel} sample(s) of {attrs.bits_allocated} bits; the limit is "
+            f"{MAX_SIDE} pixels per side and {MAX_FRAME_BYTES >> 30} GiB per frame)"
+        )
+
+
 def _decode(
     ds: Dataset, transfer_syntax: UID, frame_index: int
 ) -> tuple[npt.NDArray[Any], dict[str, str | int]]:
@@ -442,9 +469,7 @@ def _decode(
             # annotates **kwargs as DecodeOptions rather than Unpack[DecodeOptions].
             return decoder.as_array(ds, index=frame_index, as_rgb=False)  # type: ignore[arg-type]
         except BaseException as exc:
-            # Rust decoders (pylibjpeg-rle, via pyo3) abort on some corrupt input with
-            # pyo3's PanicException: a BaseException subclass that cannot be imported by name.
-            if type(exc).__name__ != "PanicException":
+            if not is_decoder_panic(exc):
                 raise
             raise CorruptPixelDataError(f"decoder panicked: {exc}") from exc
     except _DECODE_ERRORS as exc:
@@ -452,6 +477,15 @@ def _decode(
         raise CorruptPixelDataError(
             f"pixel data cannot be decoded ({transfer_syntax.name}): {detail}"
         ) from exc
+
+
+def is_decoder_panic(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Rust decoder (pylibjpeg-rle, via pyo3) aborting on corrupt input.
+
+    pyo3's PanicException derives from BaseException (``except Exception`` misses it) and
+    cannot be imported by name, so it is recognised by its type name.
+    """
+    return type(exc).__name__ == "PanicException"
 
 
 def _to_grey(

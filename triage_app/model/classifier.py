@@ -8,6 +8,7 @@ with two threads on a 2-core box (DESIGN §7).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # ONNX Runtime's own exceptions (InvalidProtobuf, InvalidGraph, Fail, NoSuchFile, ...) derive from
 # Exception directly, not from RuntimeError or ValueError: name them all, so that a file ORT cannot
-# load is a one-line ModelError instead of a traceback.
+# load (or run on the manifest's input) is a one-line ModelError instead of a traceback.
 _ORT_LOAD_ERRORS: tuple[type[Exception], ...] = (
     RuntimeError,
     ValueError,
@@ -58,13 +59,39 @@ class Classifier:
         self.profile = InputProfile.load(bundle_dir / self.manifest.profile_file)
         self._session = make_session(bundle_dir / self.manifest.onnx_file, threads)
         self._output_name = self._session.get_outputs()[0].name
+        self._check_signature()
+        logger.info("loaded model %s (sha256 %s…)", self.manifest.key, self.manifest.sha256[:12])
+
+    def _check_signature(self) -> None:
+        """Refuse a model whose input or output the manifest misdescribes, here at start-up:
+        loaded anyway, it would fail every image (``processing_failed``) instead."""
+        manifest = self.manifest
         declared = self._session.get_inputs()[0]
-        if declared.name != self.manifest.input_name:
+        if declared.name != manifest.input_name:
             raise ModelError(
                 f"model input is named {declared.name!r} but the manifest says "
-                f"{self.manifest.input_name!r}"
+                f"{manifest.input_name!r}"
             )
-        logger.info("loaded model %s (sha256 %s…)", self.manifest.key, self.manifest.sha256[:12])
+        if declared.type != "tensor(float)":
+            raise ModelError(f"model input is {declared.type}, but preprocessing gives float32")
+        if not _accepts(declared.shape, manifest.input_shape):
+            raise ModelError(
+                f"model input has shape {declared.shape}, but the manifest's input.shape is "
+                f"{list(manifest.input_shape)}"
+            )
+        # Symbolic dimensions (and the output width) are settled by one run on a blank input of
+        # the size preprocessing gives.
+        spec = manifest.preprocessing
+        fed = (1, 1, spec.rows, spec.columns)
+        try:
+            logits = self.logits(np.zeros(fed, dtype=np.float32))
+        except _ORT_LOAD_ERRORS as exc:
+            raise ModelError(f"model cannot run on a {list(fed)} input: {exc}") from exc
+        if logits.shape != (1, len(manifest.labels)):
+            raise ModelError(
+                f"model output has shape {list(logits.shape)} for one image, but the manifest "
+                f"has {len(manifest.labels)} labels"
+            )
 
     @property
     def ref(self) -> ModelRef:
@@ -81,6 +108,13 @@ class Classifier:
         return np.asarray(
             self._session.run([self._output_name], {self.manifest.input_name: batch})[0]
         )
+
+
+def _accepts(declared: Sequence[int | str | None], shape: tuple[int, ...]) -> bool:
+    """Whether an input declared with ``declared`` (symbolic dimensions: any) takes ``shape``."""
+    return len(declared) == len(shape) and all(
+        not isinstance(dim, int) or dim == size for dim, size in zip(declared, shape, strict=True)
+    )
 
 
 def make_session(onnx_path: Path, threads: int = 1) -> ort.InferenceSession:

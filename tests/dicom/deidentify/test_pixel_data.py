@@ -9,6 +9,8 @@ while the image decodes exactly as before. Real codestreams come from dcmtk (``d
 from __future__ import annotations
 
 import io
+import itertools
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     MPEG2MPML,
     ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     RLELossless,
 )
@@ -33,7 +36,7 @@ from tests.helpers import BUNDLE, phantom_dataset
 from triage_app.dicom.deidentify import DeidConfig, Deidentifier, PixelCleanRule
 from triage_app.dicom.deidentify.files import encode
 from triage_app.dicom.deidentify.pixel_data import EMBEDDED_OVERLAY, UNVERIFIED, clean_pixel_data
-from triage_app.dicom.reader import quiet_pydicom, read_dataset
+from triage_app.dicom.reader import quiet_pydicom, read_dataset, transfer_syntax
 from triage_app.model.manifest import Thresholds
 from triage_app.pipeline import PipelineConfig, TriagePipeline
 from triage_app.policy import ActiveThresholds
@@ -368,6 +371,83 @@ def test_bits_above_bits_stored_in_rle_are_cleared() -> None:
     assert np.array_equal(raw.reshape(pixels.shape), pixels)
 
 
+class PanicException(BaseException):
+    """Stands in for pyo3's PanicException, which a Rust decoder raises and no one can import."""
+
+
+def _panic(*args: object, **kwargs: object) -> None:
+    raise PanicException("index out of bounds: the len is 0 but the index is 0")
+
+
+def _rle_frame(*segments: bytes) -> bytes:
+    """An RLE frame: the 64-byte header (segment count and offsets), then the segments."""
+    offsets = list(itertools.accumulate((len(s) for s in segments[:-1]), initial=64))
+    header = struct.pack("<16I", len(segments), *offsets, *[0] * (16 - 1 - len(segments)))
+    return header + b"".join(segments)
+
+
+def _plane(value: int, pixels: int = 64 * 64) -> bytes:
+    """A PackBits byte plane of ``pixels`` bytes of ``value`` (runs of 128)."""
+    return (b"\x81" + bytes([value])) * (pixels // 128)
+
+
+def _rle_16_bit(frames: list[bytes], rows: int = 64, columns: int = 64) -> Dataset:
+    """A 16-bit MONOCHROME2 RLE data set with these frames, read back as from a file."""
+    ds = _phantom(bits_stored=16)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, len(frames)
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds = _with_frames(ds, frames)
+    ds["PixelData"].VR = "OB"
+    return _round_trip(ds)
+
+
+def _rle_with_a_one_byte_frame() -> Dataset:
+    """Three frames; the first one's two segments are the single byte 0x00 each (the middle
+    frame, the one the reader decodes, is sound)."""
+    good = _rle_frame(_plane(0x01), _plane(0x80))
+    return _rle_16_bit([_rle_frame(b"\x00", b"\x00"), good, good])
+
+
+def test_an_rle_segment_of_a_single_zero_byte_is_unverified_not_a_decoder_panic() -> None:
+    ds = _rle_with_a_one_byte_frame()
+    with quiet_pydicom():  # as in the engine
+        assert clean_pixel_data(ds) == (UNVERIFIED,)
+
+
+def test_a_decoder_panic_while_checking_rle_segments_stores_the_frames_decoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ds = _rle(_phantom())
+    before = _array(ds)
+    monkeypatch.setattr("triage_app.dicom.deidentify.pixel_data.decode_segment", _panic)
+    assert clean_pixel_data(ds) == ()
+    assert transfer_syntax(ds) == ExplicitVRLittleEndian  # decoded, stored natively
+    assert np.array_equal(_array(ds), before)
+
+
+def test_a_decoder_panic_while_decoding_rle_is_unverified(monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = _rle(_phantom())
+    monkeypatch.setattr("triage_app.dicom.deidentify.pixel_data.decode_segment", _panic)
+    monkeypatch.setattr(Dataset, "decompress", _panic)
+    assert clean_pixel_data(ds) == (UNVERIFIED,)
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(32768, 32768), (16385, 64)])
+def test_rle_frames_too_large_to_decode_are_unverified_without_decoding(
+    monkeypatch: pytest.MonkeyPatch, rows: int, columns: int
+) -> None:
+    """A few bytes can declare a frame of gigabytes: decoding it to check it would exhaust the
+    memory (or abort the process), so it is reported, not decoded."""
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decoded")
+
+    ds = _rle_16_bit([_rle_frame(b"\x81\x00" * 4, b"\x81\x00" * 4)], rows, columns)
+    monkeypatch.setattr("triage_app.dicom.deidentify.pixel_data.decode_segment", never)
+    monkeypatch.setattr(Dataset, "decompress", never)
+    assert clean_pixel_data(ds) == (UNVERIFIED,)
+
+
 # --- embedded overlays -------------------------------------------------------------------------
 
 
@@ -424,6 +504,18 @@ def test_a_pixel_clean_rule_stores_what_cannot_be_verified_decoded(dcmtk_folder:
     with quiet_pydicom():
         after = dcmread(io.BytesIO(encode(ds))).pixel_array
     assert np.array_equal(after[1:, 1:], before[1:, 1:])
+
+
+def test_an_rle_file_that_made_the_decoder_panic_is_triaged_and_blocked(tmp_path: Path) -> None:
+    """The middle frame is sound, so the image is triaged; the first frame cannot be checked, so
+    the case never leaves the device (it used to end the batch with pyo3's PanicException)."""
+    path = tmp_path / "case.dcm"
+    _rle_with_a_one_byte_frame().save_as(path, enforce_file_format=True)
+    result = TriagePipeline(PipelineConfig(BUNDLE, site_secret=SECRET)).run(path)
+    assert isinstance(result, CaseResult), result
+    assert result.deidentification["burned_in_reasons"] == [UNVERIFIED]
+    assert result.escalation is not None
+    assert (result.escalation.state, result.escalation.reason) == ("blocked", "burned_in_risk")
 
 
 def test_a_case_whose_pixel_data_cannot_be_checked_is_blocked_and_told_so(

@@ -49,7 +49,7 @@ from pydicom.uid import (
 )
 from rle.rle import decode_segment  # type: ignore[import-not-found]  # Rust, no stubs
 
-from triage_app.dicom.reader import transfer_syntax
+from triage_app.dicom.reader import fits_decoding_limits, is_decoder_panic, transfer_syntax
 from triage_app.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -296,13 +296,19 @@ def _clean_encapsulated(ds: Dataset, syntax: UID, frames: int) -> bool:
 class _Layout:
     """What a decoder reads of uncompressed pixels: the frame geometry and the bits that count."""
 
-    pixels: int  # rows x columns: the samples of one plane of one frame
+    rows: int
+    columns: int
     frames: int
     samples: int
     bits_allocated: int
     bits_stored: int
     signed: bool
     subsampled: bool  # YBR_FULL_422: two chroma samples per pair of pixels (PS3.3 C.7.6.3.1.2)
+
+    @property
+    def pixels(self) -> int:
+        """Rows x columns: the samples of one plane of one frame."""
+        return self.rows * self.columns
 
     @property
     def native_length(self) -> int:
@@ -344,7 +350,7 @@ def _layout(ds: Dataset, keyword: str) -> _Layout | None:
         return None
     photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
     subsampled = photometric == "YBR_FULL_422"
-    return _Layout(rows * columns, frames, samples, allocated, stored, signed, subsampled)
+    return _Layout(rows, columns, frames, samples, allocated, stored, signed, subsampled)
 
 
 def _with_unused_bits_cleared(values: NDArray[Any], layout: _Layout) -> NDArray[Any]:
@@ -385,13 +391,18 @@ def _clean_native(ds: Dataset, keyword: str, little_endian: bool) -> bool:
 
 
 def _rle_segment(segment: bytes) -> bytes | None:
-    """A PackBits segment decoded in full; None if it stops inside a run."""
+    """A PackBits segment decoded in full; None if it stops inside a run or has none."""
     for data in (segment, segment[:-1] if segment.endswith(b"\x00") else None):
-        if data is not None:
-            try:
-                return bytes(decode_segment(data))
-            except ValueError:
-                continue  # an odd segment's pad byte reads as a run cut short
+        if not data:
+            continue  # no runs at all (the Rust decoder panics on an empty segment)
+        try:
+            return bytes(decode_segment(data))
+        except ValueError:
+            continue  # an odd segment's pad byte reads as a run cut short
+        except BaseException as exc:
+            if not is_decoder_panic(exc):
+                raise
+            return None
     return None
 
 
@@ -473,11 +484,22 @@ def clean_pixel_data(ds: Dataset) -> tuple[str, ...]:
     except InputError:
         return (UNVERIFIED,)
     layout = _layout(ds, keyword)
+    if (
+        syntax in _RLE_SYNTAXES
+        and layout is not None
+        and not fits_decoding_limits(
+            layout.rows, layout.columns, layout.samples, layout.bits_allocated
+        )
+    ):
+        log.debug("RLE frames too large to decode and check")
+        return (UNVERIFIED,)
     if syntax in _RLE_SYNTAXES and (layout is None or not _rle_is_clean(ds, layout)):
         try:
             # What decoding cannot see goes: the same values, stored natively.
             ds.decompress(as_rgb=False, generate_instance_uid=False)
-        except _DECODE_ERRORS as exc:
+        except BaseException as exc:
+            if not isinstance(exc, _DECODE_ERRORS) and not is_decoder_panic(exc):
+                raise
             log.debug("RLE pixel data cannot be decoded: %s", type(exc).__name__)
             return (UNVERIFIED,)
         syntax = transfer_syntax(ds)
