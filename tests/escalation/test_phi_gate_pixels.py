@@ -9,6 +9,7 @@ an engine bug would leave it; the gate must find it on its own.
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 from pathlib import Path
 
@@ -150,3 +151,15 @@ def test_identifiers_after_the_runs_of_an_rle_segment_are_found() -> None:
     frame = _frame(_rle(ds))
     assert audit_payload(_with_frame(ds, frame), SIDECAR, original) == ()
     assert audit_payload(_with_frame(ds, frame + PLANTED), SIDECAR, original) == ALL_THREE
+
+
+def test_an_rle_segment_the_decoder_cannot_take_is_searched_not_a_crash() -> None:
+    """A segment of one zero byte, retried without it, made the Rust decoder panic (a
+    BaseException) and took the whole batch down; now it is residue, searched like the rest."""
+    ds, original = _deidentified(_original())
+    rle = _rle(ds)
+    # Two segments, the first one byte long (a frame's last segment is padded to even length).
+    header = struct.pack("<16I", 2, 64, 65, *([0] * 13))
+    assert audit_payload(_with_frame(rle, header + b"\x00\x00"), SIDECAR, original) == ()
+    planted = _with_frame(rle, header + b"\x00\x00" + PLANTED)
+    assert audit_payload(planted, SIDECAR, original) == ALL_THREE

@@ -40,7 +40,7 @@ from pydicom.uid import RLELossless
 from pydicom.valuerep import PersonName
 from rle.rle import decode_segment  # type: ignore[import-not-found]  # Rust, no stubs
 
-from triage_app.dicom.reader import quiet_pydicom
+from triage_app.dicom.reader import is_decoder_panic, quiet_pydicom
 
 MIN_BYTES_LENGTH = 4
 MIN_WORD_LENGTH = 2
@@ -248,12 +248,19 @@ def _fragments(value: bytes) -> list[bytes] | None:
 
 
 def _rle_segment_length(segment: bytes) -> int | None:
-    """How many bytes a PackBits segment decodes to; None if it stops inside a run."""
+    """How many bytes a PackBits segment decodes to; None if it stops inside a run, or if
+    the decoder cannot take it (an empty segment makes it panic: counted as residue)."""
     for data in (segment, segment.removesuffix(b"\x00")):
+        if not data:
+            continue
         try:
             return len(decode_segment(data))
         except ValueError:
             continue
+        except BaseException as exc:
+            if is_decoder_panic(exc):
+                return None
+            raise
     return None
 
 
