@@ -4,12 +4,16 @@ a case held when the outbox cannot take it, and recording a refused file once.""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import resource
 import signal
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -23,13 +27,19 @@ from tests.escalation.conftest import (
     triage,
     write_identified_phantoms,
 )
-from triage_app.batch import record_queued, triage_and_record
+from tests.helpers import make_result
+from tests.other_process import acknowledge_in_another_process, light_queue
+from triage_app.batch import record_outcome, record_queued, triage_and_record
 from triage_app.central.certificates import make_self_signed
 from triage_app.config import Settings
+from triage_app.escalation.outbox import OutboxItem, Precondition
+from triage_app.escalation.queueing import EscalationQueue
 from triage_app.held_release import lazy_triage, release_held
-from triage_app.results import CaseResult
+from triage_app.results import HELD, CaseResult, EscalationRef
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_case_the_uploader_recorded_first_is_left_where_it_is(tmp_path: Path) -> None:
@@ -131,3 +141,82 @@ def test_a_case_the_disk_cannot_take_stays_held_the_batch_goes_on_and_it_is_rele
             assert sorted(i.case_id for i in link.outbox.items()) == sorted(held)
         assert (report.released, report.still_held) == (2, 0)
         assert store.case_ids(CaseState.QUEUED) == held
+
+
+# --- a clinician closes a held case between its record and its enqueue --------------------------
+
+
+@dataclass(frozen=True)
+class AcknowledgeFirstQueue(EscalationQueue):
+    """A queue before which, every time, the clinician records "do not send" in another
+    process: the window between ``record_result`` and the outbox's transaction."""
+
+    db_path: Path = Path()
+
+    def enqueue(
+        self,
+        case_id: str,
+        payload: bytes,
+        *,
+        reason: str,
+        precondition: Precondition | None = None,
+    ) -> OutboxItem:
+        assert acknowledge_in_another_process(self.db_path, case_id) == "acknowledged"
+        return super().enqueue(case_id, payload, reason=reason, precondition=precondition)
+
+
+def test_a_case_closed_between_its_record_and_its_enqueue_is_never_sent(tmp_path: Path) -> None:
+    db = tmp_path / "data" / "cases.sqlite3"
+    case_id = "ab" * 32
+    result = replace(
+        make_result(case_id, decision="escalate", reason="uncertain"),
+        escalation=EscalationRef(state=HELD),
+        payload=b"de-identified payload",
+    )
+    with CaseStore.open(db) as store, light_queue(db) as plain:
+        queue = AcknowledgeFirstQueue(plain.outbox, plain.device, plain.server_key, db_path=db)
+
+        recorded = record_outcome(store, result, queue=queue)
+
+        assert isinstance(recorded, CaseResult) and recorded.escalation is not None
+        assert recorded.escalation.state == HELD
+        assert (recorded.escalation.detail or "").startswith("not sent: ")
+        case = store.get(case_id)
+        assert case is not None and case.state is CaseState.ACKNOWLEDGED
+        assert plain.outbox.get(case_id) is None
+        assert plain.outbox.claim_next("uploader", 60) is None
+
+
+# --- worker processes log as their parent does ----------------------------------------------------
+
+_TRIAGE_WITH_JSON_LOGS = """
+import logging, sys
+from pathlib import Path
+from triage_app.batch import TriagePool, triage_files
+from triage_app.config import Settings
+from triage_app.logs import configure_logging
+from triage_app.pipeline import PipelineConfig
+configure_logging(logging.INFO, json_lines=True)
+config = PipelineConfig.from_settings(Settings({"paths.data_dir": Path(sys.argv[1])}))
+files = [Path(p) for p in sys.argv[2:]]
+assert all(o.ok for o in triage_files(files, config, workers=2))
+pool = TriagePool(config, workers=1)
+assert pool.submit(files[0]).result(timeout=120).ok
+pool.close()
+"""
+
+
+def test_worker_processes_log_json_lines_when_their_parent_does(tmp_path: Path) -> None:
+    images = sorted((ROOT / "triage_app" / "demo_data" / "images").glob("*.dcm"))[:2]
+    run = subprocess.run(
+        [sys.executable, "-c", _TRIAGE_WITH_JSON_LOGS, str(tmp_path / "data"), *map(str, images)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stderr.splitlines()
+    records = [json.loads(line) for line in lines]  # every line, the workers' too, is JSON
+    loads = [r for r in records if r["logger"] == "triage_app.model.classifier"]
+    assert len(loads) >= 3, lines  # two triage_files workers and one TriagePool worker

@@ -9,6 +9,7 @@ an admin moves the thresholds) and releases them with ``release_held``.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ from tests.escalation.conftest import (
     triage,
     write_identified_phantoms,
 )
-from triage_app.batch import triage_and_record
+from tests.helpers import make_result
+from tests.other_process import acknowledge_in_another_process, light_queue
+from triage_app.batch import store_event, triage_and_record
 from triage_app.escalation.outbox import Outbox
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.escalation.service import EscalationLink, open_escalation
@@ -36,7 +39,7 @@ from triage_app.held_release import (
     release_all_held,
     release_held,
 )
-from triage_app.results import CaseResult
+from triage_app.results import HELD, CaseResult, EscalationRef, InputOutcome
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import NOT_RELEASED, CaseStore
 
@@ -226,3 +229,71 @@ def test_without_the_keys_release_all_held_only_counts(
 ) -> None:
     hold(device, central, tmp_path / "scans", (0, 1))
     assert release_all_held(device.settings(central), None) == ReleaseReport(still_held=2)
+
+
+# --- a clinician closes a held case while it is released ---------------------------------------
+
+HELD_ID = "ab" * 32
+
+
+def held_case(store: CaseStore, case_id: str = HELD_ID) -> CaseResult:
+    """A held escalation as recorded, and its re-triage (the same case, with its payload)."""
+    result = replace(
+        make_result(case_id, decision="escalate", reason="uncertain"),
+        escalation=EscalationRef(state=HELD),
+    )
+    assert store.record_result(result, store_event(result)) is CaseState.ESCALATION_HELD
+    return replace(result, payload=b"de-identified payload")
+
+
+def test_a_held_case_closed_while_it_is_re_triaged_stays_closed_and_is_never_sent(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "data" / "cases.sqlite3"
+    with CaseStore.open(db) as store, light_queue(db) as queue:
+        outbox = queue.outbox
+        retriaged = held_case(store)
+        answers: list[str] = []
+
+        def slow_triage(path: str) -> InputOutcome:
+            # The re-triage takes a while; meanwhile the clinician records "do not send".
+            answers.append(acknowledge_in_another_process(db, HELD_ID))
+            return retriaged
+
+        report = release_held(store, queue, slow_triage)
+
+        assert answers == ["acknowledged"]
+        assert state_in(store, HELD_ID) is CaseState.ACKNOWLEDGED
+        assert outbox.get(HELD_ID) is None
+        assert outbox.claim_next("uploader", 60) is None
+        assert list(outbox.spool_dir.iterdir()) == []
+        assert report.released == 0 and report.still_held == 0
+        assert [(c.case_id, c.outcome) for c in report.cases] == [
+            (HELD_ID, ReleaseOutcome.NO_LONGER_HELD)
+        ]
+        assert "1 closed on this device meanwhile, not sent" in report.headline()
+
+
+def test_a_held_case_whose_envelope_is_queued_cannot_be_closed_and_is_sent(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "data" / "cases.sqlite3"
+    with CaseStore.open(db) as store, light_queue(db) as queue:
+        retriaged = held_case(store)
+        assert retriaged.payload is not None
+        # The release committed the envelope but has not recorded the case queued yet.
+        queue.enqueue(HELD_ID, retriaged.payload, reason="uncertain")
+
+        assert acknowledge_in_another_process(db, HELD_ID) == "already_queued"
+
+        assert state_in(store, HELD_ID) is CaseState.ESCALATION_HELD
+        assert store.feedback(HELD_ID) == []
+        report = release_held(store, queue, lambda path: retriaged)
+        assert [c.outcome for c in report.cases] == [ReleaseOutcome.RELEASED]
+        assert state_in(store, HELD_ID) is CaseState.QUEUED
+
+
+def state_in(store: CaseStore, case_id: str) -> CaseState:
+    case = store.get(case_id)
+    assert case is not None
+    return case.state

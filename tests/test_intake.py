@@ -272,6 +272,39 @@ def test_a_bad_file_goes_to_quarantine_under_its_code_with_a_reason_file(
         assert sorted(f.code for f in store.failures()) == sorted(expected.values())
 
 
+def test_files_whose_names_are_not_utf8_are_triaged_recorded_and_filed(
+    make_intake: Any, layout: IntakeLayout, settings: Settings
+) -> None:
+    # Latin-1 "Müller" from a Windows share: bytes that are not UTF-8 in a name and a folder.
+    folder = layout.inbox / os.fsdecode(b"Station M\xfcller")
+    scan = folder / os.fsdecode(b"b_M\xfcller.dcm")
+    notes = folder / os.fsdecode(b"b_M\xfcller.txt")
+    image = write_phantom(scan, seed=35)
+    notes.write_text("not an image\n", encoding="utf-8")
+    intake = make_intake()
+
+    filed = file_all(intake, [scan, notes])
+
+    assert files_under(layout.inbox) == []
+    done = layout.done / "Station M\\xfcller" / "b_M\\xfcller.dcm"  # the name, as text
+    assert filed[scan.name].filed_as == done and done.read_bytes() == image
+    case = filed[scan.name].outcome
+    assert isinstance(case, CaseResult)
+    sidecar = read_json(done.with_name(done.name + SIDECAR_SUFFIX))
+    assert sidecar["path"] == str(done)
+    refused = layout.quarantine / "not_dicom" / "Station M\\xfcller" / "b_M\\xfcller.txt"
+    assert filed[notes.name].quarantined and filed[notes.name].filed_as == refused
+    assert refused.is_file()
+    reason = read_json(refused.with_name(refused.name + REASON_SUFFIX))
+    assert reason["source"] == "Station M\\xfcller/b_M\\xfcller.txt"
+    with CaseStore.open(settings.case_store_path) as store:
+        stored = store.get(case.case_id)
+        assert stored is not None and stored.result == sidecar
+        # The record names the file where it lives: a held case's release can read it again.
+        assert Path(stored.result["path"]).read_bytes() == image
+        assert [(f.path, f.code) for f in store.failures()] == [(str(refused), "not_dicom")]
+
+
 def test_a_second_file_of_the_same_name_is_filed_beside_the_first(
     make_intake: Any, layout: IntakeLayout, settings: Settings
 ) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import re
 import sqlite3
 import stat
@@ -19,11 +21,13 @@ from typing import Any
 import pytest
 
 from tests.helpers import PHI_LIKE_PATH, make_result
+from tests.other_process import hold_write_lock
 from triage_app import store as store_module
-from triage_app.errors import IllegalTransitionError, StoreError
+from triage_app.errors import AlreadyQueuedError, IllegalTransitionError, StoreError
+from triage_app.escalation.outbox import Outbox
 from triage_app.results import FailedInput
 from triage_app.states import CaseEvent, CaseState, Feedback
-from triage_app.store import REPROCESSED, CaseStore
+from triage_app.store import REPROCESSED, CaseStore, still_held
 
 LATEST_SCHEMA = len(store_module._MIGRATIONS)
 
@@ -760,3 +764,109 @@ def test_feedback_needs_a_known_case_and_a_user(store: CaseStore) -> None:
     with pytest.raises(StoreError, match="name of the user"):
         store.record_feedback("case-0001", " ", Feedback.ACKNOWLEDGE)
     assert store.get("case-0001").state is S.LOCAL_NORMAL  # type: ignore[union-attr]
+
+
+# --- held cases and the outbox in the same file ----------------------------------------------
+
+
+HELD_ID = "ab" * 32  # the outbox takes SHA-256 hex case ids only
+
+
+def _queue_envelope(db_path: Path, case_id: str) -> None:
+    """Put the case's envelope in the outbox of the same file, as ``Outbox.enqueue`` does
+    before the case store records it as queued."""
+    envelope = b"sealed" * 10
+    with Outbox.open(db_path, db_path.parent / "outbox", quota_bytes=10_000) as outbox:
+        outbox.enqueue(
+            case_id,
+            envelope,
+            reason="uncertain",
+            payload_sha256=hashlib.sha256(envelope).hexdigest(),
+        )
+
+
+def test_a_held_case_whose_envelope_is_queued_cannot_be_acknowledged(
+    store: CaseStore, db_path: Path
+) -> None:
+    store.record_result(make_result(HELD_ID, decision="escalate", reason="uncertain"), E.HOLD)
+    _queue_envelope(db_path, HELD_ID)
+
+    with pytest.raises(AlreadyQueuedError, match="already in the outbox") as raised:
+        store.record_feedback(HELD_ID, "dr.grey", Feedback.ACCEPT, "do not send")
+
+    assert raised.value.code == "already_queued"
+    assert isinstance(raised.value, IllegalTransitionError)
+    assert store.get(HELD_ID).state is S.ESCALATION_HELD  # type: ignore[union-attr]
+    assert store.feedback(HELD_ID) == []
+    assert store.audit_log() == []
+    # A held case that is not in the outbox is closed as before.
+    store.record_result(make_result("cd" * 32, decision="escalate", reason="uncertain"), E.HOLD)
+    store.record_feedback("cd" * 32, "dr.grey", Feedback.ACCEPT, "do not send")
+    assert store.get("cd" * 32).state is S.ACKNOWLEDGED  # type: ignore[union-attr]
+
+
+def test_the_still_held_check_refuses_a_case_that_moved_on(store: CaseStore, db_path: Path) -> None:
+    store.record_result(make_result(HELD_ID, decision="escalate", reason="uncertain"), E.HOLD)
+    conn = sqlite3.connect(db_path)
+    try:
+        still_held(HELD_ID)(conn)  # held: no error
+        store.record_feedback(HELD_ID, "dr.grey", Feedback.ACCEPT, "do not send")
+        with pytest.raises(IllegalTransitionError, match="acknowledged, no longer escalation_held"):
+            still_held(HELD_ID)(conn)
+        with pytest.raises(StoreError, match="unknown case id"):
+            still_held("ef" * 32)(conn)
+    finally:
+        conn.close()
+
+
+# --- reads never wait for a writer -------------------------------------------------------------
+
+
+def test_an_up_to_date_store_opens_and_reads_while_another_process_writes(db_path: Path) -> None:
+    with CaseStore.open(db_path) as s:
+        s.record_result(make_result(), E.HOLD)
+    # Another process (a service in a slow fsync, a suspended `queue drain`) holds the write lock.
+    with hold_write_lock(db_path):
+        started = time.monotonic()
+        with CaseStore.open(db_path, busy_timeout_s=2.0) as s:
+            assert [t.event for t in s.history("case-0001")] == [E.ANALYSE, E.HOLD]
+            assert s.schema_version == LATEST_SCHEMA
+        assert time.monotonic() - started < 1.0
+
+
+def test_a_store_that_needs_a_migration_still_waits_for_the_write_lock(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    CaseStore.open(db_path).close()
+    steps = (("ALTER TABLE cases ADD COLUMN site TEXT",),)
+    monkeypatch.setattr(store_module, "_MIGRATIONS", (*store_module._MIGRATIONS, *steps))
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError, match="locked"):
+            CaseStore.open(db_path, busy_timeout_s=0.1)
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    with CaseStore.open(db_path) as s:
+        assert s.schema_version == LATEST_SCHEMA + 1
+
+
+# --- file names that are not UTF-8 -------------------------------------------------------------
+
+
+def test_a_path_that_is_not_utf8_is_recorded_as_portable_text(store: CaseStore) -> None:
+    # A Latin-1 "Müller" from a Windows share, as Python decodes it from the file system.
+    path = os.fsdecode(b"/inbox/b_M\xfcller.dcm")
+    portable = "/inbox/b_M\\xfcller.dcm"
+
+    store.record_result(make_result(path=path), E.DECIDE_LOCAL_NORMAL)
+    store.record_failure(FailedInput(path, "not_dicom", f"{path}: not a DICOM file", "0" * 64))
+    store.record_failure(FailedInput(path, "not_dicom", f"{path}: not a DICOM file", "0" * 64))
+
+    case = store.get("case-0001")
+    assert case is not None and case.result["path"] == portable
+    assert store._conn.execute("SELECT source FROM cases").fetchone()[0] == portable
+    (failure,) = store.failures()
+    assert (failure.path, failure.message) == (portable, f"{portable}: not a DICOM file")
+    json.dumps(case.result, ensure_ascii=False).encode("utf-8")  # strict UTF-8 JSON

@@ -27,7 +27,7 @@ from triage_app.errors import IllegalTransitionError, OutboxError
 from triage_app.escalation.outbox import OutboxItem
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.inputs import file_sha256
-from triage_app.logs import configure_logging
+from triage_app.logs import JsonLinesFormatter, configure_logging
 from triage_app.model.manifest import verify_bundle
 from triage_app.ordered_pool import WORKER_CRASHED, ordered_map
 from triage_app.pipeline import PipelineConfig, TriagePipeline
@@ -41,14 +41,16 @@ from triage_app.results import (
     InputOutcome,
 )
 from triage_app.states import CaseEvent, CaseState
-from triage_app.store import CaseStore
+from triage_app.store import CaseStore, still_held
 
 log = logging.getLogger(__name__)
 
 _worker_pipeline: TriagePipeline | None = None
 
 
-def _init_worker(config: PipelineConfig, log_level: int, service: bool = False) -> None:
+def _init_worker(
+    config: PipelineConfig, log_level: int, json_lines: bool, service: bool = False
+) -> None:
     """Set up one worker: the parent's logging, one OpenCV thread, its own model session.
 
     OpenCV starts a thread per core by default; with one worker per core that oversubscribes the
@@ -63,8 +65,16 @@ def _init_worker(config: PipelineConfig, log_level: int, service: bool = False) 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _exit_with_parent(os.getppid())
     cv2.setNumThreads(1)
-    configure_logging(log_level)
+    configure_logging(log_level, json_lines=json_lines)
     _worker_pipeline = TriagePipeline(config)
+
+
+def _parent_logging() -> tuple[int, bool]:
+    """This process's log level and whether it logs JSON Lines, for its spawned workers (they
+    start with no logging set up, and a service's journal must get one format)."""
+    root = logging.getLogger()
+    json_lines = any(isinstance(h.formatter, JsonLinesFormatter) for h in root.handlers)
+    return root.getEffectiveLevel(), json_lines
 
 
 def _exit_with_parent(parent: int, interval_s: float = 1.0) -> None:
@@ -101,14 +111,14 @@ def triage_files(
         yield from (pipeline.run(path) for path in files)
         return
     verify_bundle(config.bundle_dir)  # fail here, clearly, rather than inside every worker
-    level = logging.getLogger().getEffectiveLevel()
+    level, json_lines = _parent_logging()
 
     def new_executor() -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
             workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(config, level),
+            initargs=(config, level, json_lines),
         )
 
     yield from ordered_map(
@@ -137,12 +147,12 @@ class TriagePool:
         self._executor = self._new_executor()
 
     def _new_executor(self) -> ProcessPoolExecutor:
-        level = logging.getLogger().getEffectiveLevel()
+        level, json_lines = _parent_logging()
         executor = ProcessPoolExecutor(
             self._workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self._config, level, True),
+            initargs=(self._config, level, json_lines, True),
         )
         # Start the workers (and load the model) now, not when the first image arrives.
         for _ in range(self._workers):
@@ -217,6 +227,11 @@ def _enqueue(store: CaseStore, result: CaseResult, queue: EscalationQueue) -> Ca
     assert result.escalation is not None and result.payload is not None
     try:
         item = enqueue_held(store, queue, result.case_id, result.payload, reason=result.reason)
+    except IllegalTransitionError as err:
+        # A clinician closed the case ("do not send") since it was recorded: it is not sent.
+        log.info("case %s was closed on this device before it was queued: not sent", result.case_id)
+        closed = replace(result.escalation, detail=f"not sent: {err.message}")
+        return replace(result, escalation=closed)
     except OutboxError as err:  # QueueFullError, or the disk or database failing
         log.error("ALARM: %s; case %s stays held on this device", err.message, result.case_id)
         held = replace(result.escalation, detail=f"{err.message}: held on this device")
@@ -231,13 +246,16 @@ def enqueue_held(
     """Seal and queue a held case's payload, then record the case as queued.
 
     The one way a held case enters the outbox, whether just triaged or released later (see
-    ``held_release``). The outbox commits first: a crash in between leaves a held case that is
-    already queued, which the next release (or the uploader, when it claims it) records, and
-    the outbox never takes a case twice. Raises ``QueueFullError`` when the quota is reached,
-    or ``OutboxError`` when the disk or database fails (a full disk below the quota), with
-    nothing queued either way.
+    ``held_release``). The outbox commits first, in a transaction that also checks the case is
+    still held (``store.still_held``): a case a clinician closed meanwhile is never queued, and
+    one in the outbox can no longer be closed. A crash after that commit leaves a held case
+    that is already queued, which the next release (or the uploader, when it claims it)
+    records, and the outbox never takes a case twice. Raises ``IllegalTransitionError`` when
+    the case is no longer held, ``QueueFullError`` when the quota is reached, or
+    ``OutboxError`` when the disk or database fails (a full disk below the quota), with
+    nothing queued in each case.
     """
-    item = queue.enqueue(case_id, payload, reason=reason)
+    item = queue.enqueue(case_id, payload, reason=reason, precondition=still_held(case_id))
     record_queued(store, item)
     return item
 

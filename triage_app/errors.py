@@ -130,6 +130,12 @@ class IllegalTransitionError(StoreError):
     code = "illegal_transition"
 
 
+class AlreadyQueuedError(IllegalTransitionError):
+    """A held case cannot be closed on the device: its envelope is in the outbox already."""
+
+    code = "already_queued"
+
+
 # --- Escalation: envelopes, the outbox, the transfer and the central server ---------------------
 
 

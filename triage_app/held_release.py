@@ -21,7 +21,7 @@ from typing import Any
 
 from triage_app.batch import enqueue_held, record_queued
 from triage_app.config import Settings
-from triage_app.errors import QueueFullError, ResealError
+from triage_app.errors import IllegalTransitionError, QueueFullError, ResealError
 from triage_app.escalation.outbox import OutboxItem
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.pipeline import PipelineConfig, TriagePipeline
@@ -57,6 +57,7 @@ class ReleaseOutcome(StrEnum):
     SOURCE_UNAVAILABLE = "source_unavailable"  # its file is missing, unreadable or replaced
     DECISION_CHANGED = "decision_changed"  # re-triaged, it is no longer a case to send
     QUEUE_FULL = "queue_full"  # the outbox has no room for it yet
+    NO_LONGER_HELD = "no_longer_held"  # closed on this device while it was re-triaged: not sent
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ class ReleaseReport:
             parts.append(f"{n} source file missing or unreadable")
         if n := self.count(ReleaseOutcome.DECISION_CHANGED):
             parts.append(f"{n} no longer escalated on re-triage")
+        if n := self.count(ReleaseOutcome.NO_LONGER_HELD):
+            parts.append(f"{n} closed on this device meanwhile, not sent")
         if self.waiting_for_room:
             parts.append(f"{self.waiting_for_room} waiting for room in the outbox")
         text = f"{self.released} released, {self.still_held} still held"
@@ -184,7 +187,8 @@ def release_held(
 def _release_one(
     store: CaseStore, queue: EscalationQueue, triage: Triage, case_id: str
 ) -> HeldCase | None:
-    """Queue one held case, or say why it stays held; None if it is no longer held."""
+    """Queue one held case, or say why it stays held (or was closed while it was re-triaged);
+    None if it was no longer held when looked at."""
     queued = queue.outbox.get(case_id)
     if queued is not None:
         # A crash fell between the outbox and the case store: the envelope is there already.
@@ -198,6 +202,13 @@ def _release_one(
         return _stays_held(store, case_id, retriaged.outcome, retriaged.detail)
     try:
         item = enqueue_held(store, queue, case_id, retriaged.payload, reason=retriaged.reason)
+    except IllegalTransitionError:
+        # A clinician closed it ("do not send") while it was re-triaged: it stays closed.
+        now = store.get(case_id)
+        state = "gone" if now is None else now.state.value
+        log.info("held case %s was closed on this device meanwhile (%s): not sent", case_id, state)
+        detail = f"{state} on this device while it was re-triaged: not sent"
+        return HeldCase(case_id, ReleaseOutcome.NO_LONGER_HELD, detail)
     except QueueFullError as err:
         return _stays_held(store, case_id, ReleaseOutcome.QUEUE_FULL, err.message)
     return HeldCase(case_id, ReleaseOutcome.RELEASED, f"queued, outbox priority {item.priority}")

@@ -55,7 +55,7 @@ from triage_app.paths import (
     write_private_file,
 )
 from triage_app.pipeline import PipelineConfig
-from triage_app.results import FailedInput, InputOutcome
+from triage_app.results import FailedInput, InputOutcome, portable_text
 from triage_app.states import CaseState
 from triage_app.store import CaseStore
 
@@ -438,8 +438,10 @@ class Intake:
             log.info("a file is not complete yet; it will be read again once it settles")
             return unfiled(Unfiled.INCOMPLETE)
         try:
-            # The record names where the file will live, so the store and the GUI can find it.
-            relative = self.layout.relative(path)
+            # The record names where the file will live, so the store and the GUI can find it
+            # (and a held case's release can triage it again): a name that is not UTF-8 is
+            # filed under its portable form, the one the record can hold.
+            relative = Path(portable_text(str(self.layout.relative(path))))
             if isinstance(outcome, FailedInput):
                 target = _free_name(path, self.layout.quarantine / outcome.code / relative)
             else:
@@ -535,7 +537,7 @@ class Intake:
         reason = {
             "code": failure.code,
             "message": failure.message,
-            "source": str(self.layout.relative(path)),
+            "source": portable_text(str(self.layout.relative(path))),
             "quarantined_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         moved = _file_with_note(path, target, REASON_SUFFIX, reason, identity)

@@ -6,8 +6,19 @@ Lines contract the CLI prints and the case store keeps.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def portable_text(text: str) -> str:
+    """``text`` (a path, or a message quoting one) as valid Unicode, for SQLite and JSON.
+
+    Why: a file name that is not UTF-8 (a Latin-1 "Müller" from a Windows share) reaches
+    Python with its odd bytes as lone surrogates, which SQLite and strict JSON readers refuse.
+    Those bytes become ``\\xNN`` text; a UTF-8 name is returned unchanged.
+    """
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,7 @@ class CaseResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "path": self.path,
+            "path": portable_text(self.path),
             "ok": True,
             "case_id": self.case_id,
             "decision": self.decision,
@@ -117,9 +128,9 @@ class FailedInput:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "path": self.path,
+            "path": portable_text(self.path),
             "ok": False,
-            "error": {"code": self.code, "message": self.message},
+            "error": {"code": self.code, "message": portable_text(self.message)},
         }
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,8 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from triage_app.errors import StoreError
-from triage_app.results import CaseResult, FailedInput
+from triage_app.errors import AlreadyQueuedError, IllegalTransitionError, StoreError
+from triage_app.results import CaseResult, FailedInput, portable_text
 from triage_app.sqlite_wal import enable_wal
 from triage_app.states import CaseEvent, CaseState, Feedback, next_state
 
@@ -37,6 +37,7 @@ __all__ = [
     "FailureRecord",
     "FeedbackRecord",
     "StoredCase",
+    "still_held",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ REPROCESSED = "reprocessed"
 NOT_RELEASED = "not_released"
 
 _DEFAULT_BUSY_TIMEOUT_S = 10.0
+
+# The outbox's table (escalation/outbox.py), in this same file: a held case whose envelope has a
+# row there is on its way to the central server and can no longer be closed on the device.
+_OUTBOX_TABLE = "outbox"
 
 # Forward migrations: entry ``i`` takes a file from ``PRAGMA user_version`` ``i`` to ``i + 1``.
 # Append new steps, never edit released ones. Each step runs in one transaction with the version
@@ -397,7 +402,7 @@ class CaseStore:
                     result.model.name,
                     result.model.version,
                     result.model.sha256,
-                    result.path,
+                    portable_text(result.path),
                     at,
                     at,
                     result_json,
@@ -420,16 +425,17 @@ class CaseStore:
         not be read (no hash) are the same when path and code are. The first row is kept as
         it is. Checked inside the write transaction, so two processes cannot both insert.
         """
+        path, message = portable_text(failure.path), portable_text(failure.message)
         with self._write("record a failed input") as at:
             known = self._conn.execute(
                 "SELECT 1 FROM failures WHERE path = ? AND code = ? AND input_sha256 IS ?",
-                (failure.path, failure.code, failure.input_sha256),
+                (path, failure.code, failure.input_sha256),
             ).fetchone()
             if known is None:
                 self._conn.execute(
                     "INSERT INTO failures (path, code, message, at, input_sha256)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    (failure.path, failure.code, failure.message, at, failure.input_sha256),
+                    (path, failure.code, message, at, failure.input_sha256),
                 )
         if known is None:
             log.info("failed input recorded: %s", failure.code)
@@ -508,7 +514,8 @@ class CaseStore:
         ------
         IllegalTransitionError
             If the case cannot be acknowledged now (e.g. still on its way to the central server,
-            or already acknowledged); nothing changes.
+            or already acknowledged); nothing changes. :class:`AlreadyQueuedError` for a held
+            case whose envelope is in the outbox already (it is about to be sent).
         StoreError
             If ``case_id`` is unknown, ``actor`` is empty, or the database fails.
         """
@@ -686,9 +693,29 @@ class CaseStore:
             raise StoreError(f"case store: unknown case id {case_id}")
         before = CaseState(row["state"])
         after = next_state(before, event)
+        if (before, event) == (CaseState.ESCALATION_HELD, CaseEvent.ACKNOWLEDGE) and self._queued(
+            case_id
+        ):
+            raise AlreadyQueuedError(
+                f"case {case_id} is already in the outbox for the central server:"
+                " it cannot be closed without being sent"
+            )
         self._update_case(case_id, at, state=after, **columns)
         self._add_event(case_id, before, after, event, at, detail)
         return before, after
+
+    def _queued(self, case_id: str) -> bool:
+        """Inside a transaction: whether the case has a row in the outbox (if there is one)."""
+        tables = self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (_OUTBOX_TABLE,)
+        ).fetchone()
+        return (
+            tables is not None
+            and self._conn.execute(
+                f"SELECT 1 FROM {_OUTBOX_TABLE} WHERE case_id = ?", (case_id,)
+            ).fetchone()
+            is not None
+        )
 
     def _update_case(self, case_id: str, at: str, **columns: object) -> None:
         """Inside a write transaction: set ``columns`` of a stored case, as changed at ``at``.
@@ -720,23 +747,59 @@ class CaseStore:
         )
 
     def _migrate(self) -> None:
-        """Apply the pending forward migrations, one transaction each."""
-        target = len(_MIGRATIONS)
+        """Apply the pending forward migrations, one transaction each.
+
+        The version is read first without the write lock, so that opening an up-to-date store
+        (every open but the first after an upgrade) never waits for, or fails behind, a writer;
+        it is read again under the lock, as another process may have migrated meanwhile.
+        """
+        with _sqlite_errors("read the schema version"):
+            if self._check_version() is None:
+                return
         while True:
             with self._write("migrate the schema"):
-                version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-                if version > target:
-                    raise StoreError(
-                        f"case store: schema version {version} is newer than this app "
-                        f"supports ({target}); upgrade the app"
-                    )
-                if version == target:
+                version = self._check_version()
+                if version is None:
                     return
                 for statement in _MIGRATIONS[version]:
                     self._conn.execute(statement)
                 # PRAGMA takes no parameters; version is an int from SQLite itself.
                 self._conn.execute(f"PRAGMA user_version = {version + 1}")
             log.info("case store schema migrated to version %d", version + 1)
+
+    def _check_version(self) -> int | None:
+        """The schema version to migrate from, or None when the file is up to date."""
+        target = len(_MIGRATIONS)
+        version: int = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > target:
+            raise StoreError(
+                f"case store: schema version {version} is newer than this app "
+                f"supports ({target}); upgrade the app"
+            )
+        return None if version == target else version
+
+
+def still_held(case_id: str) -> Callable[[sqlite3.Connection], None]:
+    """A check that the case is still ``escalation_held``, for ``Outbox.enqueue`` to run inside
+    the transaction that queues it (the outbox shares this file).
+
+    Why: a clinician may close a held case ("do not send") while it is being released or
+    queued; checked in one transaction with the insert, the case is either queued (and can no
+    longer be closed, see ``record_feedback``) or closed and never sent, never both.
+    Raises ``IllegalTransitionError`` if the case has moved on, ``StoreError`` if it is unknown.
+    """
+
+    def check(conn: sqlite3.Connection) -> None:
+        row = conn.execute("SELECT state FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"case store: unknown case id {case_id}")
+        state = CaseState(row[0])
+        if state is not CaseState.ESCALATION_HELD:
+            raise IllegalTransitionError(
+                f"case {case_id} is {state}, no longer {CaseState.ESCALATION_HELD}: not queued"
+            )
+
+    return check
 
 
 def _stored_case(row: sqlite3.Row) -> StoredCase:

@@ -28,6 +28,7 @@ from tests.escalation.outbox_crash_child import (
     envelope_for,
     reason_for,
 )
+from tests.other_process import hold_write_lock
 from triage_app.errors import OutboxError, QueueFullError, UnknownQueuedCaseError
 from triage_app.escalation.outbox import (
     ESCALATION_PRIORITY,
@@ -836,3 +837,65 @@ def test_kills_at_random_moments_never_leave_a_broken_entry(tmp_path: Path):
         assert check_spool_matches_rows(db, spool) >= case
         recover_and_requeue(db, spool, count)
     assert killed >= 3, "the child finished before its kill too often to test anything"
+
+
+# --- a precondition in the same transaction, and opening behind a writer -------------------------
+
+
+class _RefusedError(Exception):
+    pass
+
+
+def test_a_precondition_runs_in_the_enqueue_transaction_and_can_refuse(outbox: Outbox, spool: Path):
+    seen: list[bool] = []
+
+    def agree(conn: sqlite3.Connection) -> None:
+        seen.append(conn.in_transaction)
+
+    def refuse(conn: sqlite3.Connection) -> None:
+        raise _RefusedError("the case was closed meanwhile")
+
+    data = env(1)
+    with pytest.raises(_RefusedError):
+        outbox.enqueue(
+            cid(1),
+            data,
+            reason="uncertain",
+            payload_sha256=hashlib.sha256(data).hexdigest(),
+            precondition=refuse,
+        )
+    assert outbox.get(cid(1)) is None
+    assert spool_names(spool) == set()  # neither the envelope nor its temporary file stays
+
+    item = outbox.enqueue(
+        cid(1),
+        data,
+        reason="uncertain",
+        payload_sha256=hashlib.sha256(data).hexdigest(),
+        precondition=agree,
+    )
+    assert seen == [True]
+    assert item.state is OutboxState.PENDING and spool_names(spool) == {f"{cid(1)}.env"}
+
+
+def test_an_up_to_date_outbox_opens_and_reads_while_another_process_writes(db: Path, spool: Path):
+    with Outbox.open(db, spool, quota_bytes=QUOTA) as box:
+        enqueue(box, 1)
+    with hold_write_lock(db):
+        started = time.monotonic()
+        with Outbox.open(db, spool, quota_bytes=QUOTA, busy_timeout_s=2.0) as box:
+            assert [item.case_id for item in box.items()] == [cid(1)]
+        assert time.monotonic() - started < 1.0
+
+
+def test_an_outbox_with_debris_is_tidied_under_the_write_lock(db: Path, spool: Path):
+    with Outbox.open(db, spool, quota_bytes=QUOTA) as box:
+        enqueue(box, 1)
+    orphan = spool / f"{cid(2)}.env"  # an enqueue killed between its rename and its commit
+    orphan.write_bytes(env(2))
+    with hold_write_lock(db), pytest.raises(OutboxError, match="locked"):
+        Outbox.open(db, spool, quota_bytes=QUOTA, busy_timeout_s=0.2)
+    assert orphan.exists()
+    with Outbox.open(db, spool, quota_bytes=QUOTA) as box:
+        assert [item.case_id for item in box.items()] == [cid(1)]
+    assert spool_names(spool) == {f"{cid(1)}.env"}

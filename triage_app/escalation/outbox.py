@@ -77,6 +77,7 @@ __all__ = [
     "OutboxItem",
     "OutboxState",
     "OutboxStatus",
+    "Precondition",
     "SpoolFileDamagedError",
 ]
 
@@ -109,6 +110,11 @@ _MAX_TEXT = 500  # error and quarantine texts: one line, short (never payload)
 # Case ids are SHA-256 based hex (DESIGN 4.2); they become file names, so nothing else is allowed.
 _CASE_ID = re.compile(r"[0-9a-f]{32}(?:[0-9a-f]{32})?")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+Precondition = Callable[[sqlite3.Connection], None]
+"""A check :meth:`Outbox.enqueue` runs on its connection inside its write transaction, just
+before the insert; it raises to refuse the case. Why: another table of the same file (the case
+store's) must agree with the insert, and only one transaction makes that race-free."""
 
 # Forward migrations of the outbox tables: entry ``i`` takes ``outbox_meta.schema_version`` from
 # ``i`` to ``i + 1``. Append new steps, never edit released ones.
@@ -427,11 +433,13 @@ class Outbox:
         reason: str,
         payload_sha256: str,
         now: datetime | None = None,
+        precondition: Precondition | None = None,
     ) -> OutboxItem:
         """Queue ``envelope`` for ``case_id``; a case already queued is returned unchanged.
 
         Idempotent so that a caller that crashed or timed out can simply call again: the case id
-        is deterministic and the first committed envelope wins.
+        is deterministic and the first committed envelope wins. ``precondition`` runs inside the
+        transaction that inserts the row; whatever it raises propagates, with nothing queued.
 
         Raises
         ------
@@ -471,6 +479,8 @@ class Outbox:
                     if row is not None:  # another process queued it since our first look
                         self._conn.execute("ROLLBACK")
                         return _item(row)
+                    if precondition is not None:
+                        precondition(self._conn)
                     self._check_quota(size)
                     published = True  # from here on, ``final`` may be our file
                     _publish(tmp, final)
@@ -979,24 +989,23 @@ class Outbox:
             raise _damaged(item)
 
     def _migrate(self) -> None:
-        """Apply the pending outbox migrations, one transaction each, with the version row."""
-        target = len(_MIGRATIONS)
+        """Apply the pending outbox migrations, one transaction each, with the version row.
+
+        The version is read first without the write lock, so that opening an up-to-date outbox
+        (``queue list``, a GUI panel) never waits for, or fails behind, a writer; it is read
+        again under the lock, as another process may have migrated meanwhile.
+        """
+        with _sqlite_errors("read the outbox schema version"):
+            if self._check_version() is None:
+                return
         while True:
             with self._write("migrate the outbox schema"):
                 self._conn.execute(
                     "CREATE TABLE IF NOT EXISTS outbox_meta"
                     " (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
                 )
-                row = self._conn.execute(
-                    "SELECT value FROM outbox_meta WHERE key = 'schema_version'"
-                ).fetchone()
-                version = 0 if row is None else int(row[0])
-                if version > target:
-                    raise OutboxError(
-                        f"outbox: schema version {version} is newer than this app supports"
-                        f" ({target}); upgrade the app"
-                    )
-                if version == target:
+                version = self._check_version()
+                if version is None:
                     return
                 for statement in _MIGRATIONS[version]:
                     self._conn.execute(statement)
@@ -1006,47 +1015,81 @@ class Outbox:
                 )
             log.info("outbox schema migrated to version %d", version + 1)
 
+    def _check_version(self) -> int | None:
+        """The outbox schema version to migrate from, or None when it is up to date."""
+        target = len(_MIGRATIONS)
+        version = 0
+        if self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox_meta'"
+        ).fetchone():
+            row = self._conn.execute(
+                "SELECT value FROM outbox_meta WHERE key = 'schema_version'"
+            ).fetchone()
+            version = 0 if row is None else int(row[0])
+        if version > target:
+            raise OutboxError(
+                f"outbox: schema version {version} is newer than this app supports"
+                f" ({target}); upgrade the app"
+            )
+        return None if version == target else version
+
     def _tidy_spool(self) -> None:
         """Remove what crashes leave behind, and quarantine rows whose file has been lost.
 
-        Runs under the write lock, during which no other process can rename a file into place.
-        Only undelivered rows are read: the history of delivered cases grows without bound.
+        Looked at first without the write lock: a tidy spool (nearly every open) needs no
+        write, so opening the outbox to read it does not wait behind a writer. What that look
+        finds is looked at again and dealt with under the write lock, during which no other
+        process can rename a file into place. Only undelivered rows are read: the history of
+        delivered cases grows without bound.
         """
         remove_abandoned_temps(self._spool, for_suffixes=(SPOOL_SUFFIX,))
-        lost: list[str] = []
-        removed = 0
+        with _sqlite_errors("look over the spool folder"):
+            if self._spool_debris() == ([], []):
+                return
         with self._write("tidy the spool folder"):
-            queued = {
-                r["case_id"]: (r["state"], r["size_bytes"])
-                for r in self._conn.execute(
-                    "SELECT case_id, state, size_bytes FROM outbox WHERE state != ?",
-                    (OutboxState.DELIVERED,),
-                )
-            }
-            sizes = {}
-            for path in self._spool.glob(f"*{SPOOL_SUFFIX}"):
-                case_id = path.name.removesuffix(SPOOL_SUFFIX)
-                if not _CASE_ID.fullmatch(case_id):
-                    continue  # not ours: leave it alone
-                if case_id in queued:
-                    sizes[case_id] = path.stat().st_size
-                else:  # never committed, or delivered before the file could go
-                    path.unlink(missing_ok=True)
-                    removed += 1
+            strays, lost = self._spool_debris()
+            for path in strays:
+                path.unlink(missing_ok=True)
             at = _iso(datetime.now(UTC))
-            for case_id, (state, size) in queued.items():
-                if state == OutboxState.QUARANTINED or sizes.get(case_id) == size:
-                    continue
-                lost.append(case_id)
+            for case_id in lost:
                 self._conn.execute(
                     "UPDATE outbox SET state = ?, quarantined_at = ?, quarantine_reason = ?,"
                     " updated_at = ?, lease_owner = NULL, lease_until = NULL WHERE case_id = ?",
                     (OutboxState.QUARANTINED, at, "spool file missing or damaged", at, case_id),
                 )
-        if removed:
-            log.info("outbox: removed %d spool files without a queued case", removed)
+        if strays:
+            log.info("outbox: removed %d spool files without a queued case", len(strays))
         for case_id in lost:
             log.warning("outbox: case %s quarantined: spool file missing or damaged", case_id)
+
+    def _spool_debris(self) -> tuple[list[Path], list[str]]:
+        """Spool files without a queued case (never committed, or delivered before the file
+        could go), and the queued cases whose file is missing or has the wrong size."""
+        queued = {
+            r["case_id"]: (r["state"], r["size_bytes"])
+            for r in self._conn.execute(
+                "SELECT case_id, state, size_bytes FROM outbox WHERE state != ?",
+                (OutboxState.DELIVERED,),
+            )
+        }
+        strays: list[Path] = []
+        sizes = {}
+        for path in self._spool.glob(f"*{SPOOL_SUFFIX}"):
+            case_id = path.name.removesuffix(SPOOL_SUFFIX)
+            if not _CASE_ID.fullmatch(case_id):
+                continue  # not ours: leave it alone
+            if case_id not in queued:
+                strays.append(path)
+            else:
+                # Gone since the listing (delivered meanwhile): counted as lost in this look.
+                with suppress(FileNotFoundError):
+                    sizes[case_id] = path.stat().st_size
+        lost = [
+            case_id
+            for case_id, (state, size) in queued.items()
+            if state != OutboxState.QUARANTINED and sizes.get(case_id) != size
+        ]
+        return strays, lost
 
 
 class LeaseRenewer:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from triage_app.escalation.envelope import read_header, seal_bytes
 from triage_app.escalation.keys import DeviceIdentity, ServerPublicKey
-from triage_app.escalation.outbox import Outbox, OutboxItem
+from triage_app.escalation.outbox import Outbox, OutboxItem, Precondition
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,18 @@ class EscalationQueue:
     device: DeviceIdentity
     server_key: ServerPublicKey
 
-    def enqueue(self, case_id: str, payload: bytes, *, reason: str) -> OutboxItem:
+    def enqueue(
+        self,
+        case_id: str,
+        payload: bytes,
+        *,
+        reason: str,
+        precondition: Precondition | None = None,
+    ) -> OutboxItem:
         """Queue ``payload`` for ``case_id`` (idempotent: a queued case is never sealed again).
 
-        Raises ``QueueFullError`` when the outbox quota is reached; nothing changes then.
+        Raises ``QueueFullError`` when the outbox quota is reached, or what ``precondition``
+        raises (see :meth:`Outbox.enqueue`); nothing changes then.
         """
         existing = self.outbox.get(case_id)
         if existing is not None:
@@ -37,7 +45,13 @@ class EscalationQueue:
         )
         payload_sha256 = read_header(envelope).payload_sha256  # hashed once, while sealing
         # If another process queued the case in between, the outbox keeps the first envelope.
-        return self.outbox.enqueue(case_id, envelope, reason=reason, payload_sha256=payload_sha256)
+        return self.outbox.enqueue(
+            case_id,
+            envelope,
+            reason=reason,
+            payload_sha256=payload_sha256,
+            precondition=precondition,
+        )
 
     def reseal(self, case_id: str, payload: bytes) -> OutboxItem:
         """Seal ``payload`` anew (current keys, current time) in place of a quarantined
