@@ -579,6 +579,27 @@ def test_a_full_queue_refuses_new_cases_and_keeps_everything(db: Path, spool: Pa
         assert len(spool_names(spool)) == 3
 
 
+@pytest.mark.expect_log_warnings
+def test_status_says_full_while_a_refused_case_would_still_not_fit(db: Path, spool: Path):
+    """Below the quota but refusing: ``queue status`` (another process) must say FULL."""
+    with Outbox.open(db, spool, quota_bytes=1000) as outbox:
+        enqueue(outbox, 1, size=400)
+        enqueue(outbox, 2, size=300)
+        assert not outbox.status().full
+        with pytest.raises(QueueFullError):
+            enqueue(outbox, 3, size=400)
+        with Outbox.open(db, spool, quota_bytes=1000) as other_process:
+            assert other_process.status().full
+            assert other_process.status().queued_bytes == 700
+
+        outbox.claim_next("w", 60, now=T0)
+        outbox.mark_delivered(cid(1), RECEIPT)  # 400 bytes freed: the refused case would fit
+        assert not outbox.status().full
+        enqueue(outbox, 3, size=400)
+        enqueue(outbox, 4, size=250)  # 950 of 1000: nothing refused since
+        assert not outbox.status().full
+
+
 def test_status_counts_and_ages(outbox: Outbox):
     empty = outbox.status(now=T0)
     assert (empty.pending, empty.queued_bytes, empty.oldest_pending_age_s) == (0, 0, None)

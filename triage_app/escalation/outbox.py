@@ -106,6 +106,7 @@ _RESEAL_REASONS: Final = frozenset(
     }
 )
 _DEFAULT_BUSY_TIMEOUT_S = 10.0
+_REFUSED_BYTES = "refused_bytes"  # outbox_meta: size of the last case the quota refused, or 0
 _MAX_TEXT = 500  # error and quarantine texts: one line, short (never payload)
 # Case ids are SHA-256 based hex (DESIGN 4.2); they become file names, so nothing else is allowed.
 _CASE_ID = re.compile(r"[0-9a-f]{32}(?:[0-9a-f]{32})?")
@@ -233,7 +234,9 @@ class OutboxStatus:
     queued_bytes: int  # envelopes still on disk: pending, in flight and quarantined
     quota_bytes: int
     oldest_pending_age_s: float | None  # oldest case not yet delivered nor quarantined
-    full: bool  # queued_bytes has reached the quota: the next enqueue will be refused
+    # The quota is reached, or the last case offered was refused and nothing since has made
+    # room for it: new escalations are being refused.
+    full: bool
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -459,7 +462,12 @@ class Outbox:
             return existing
         size = len(envelope)
         with _sqlite_errors("check the quota"):
-            self._check_quota(size)  # refuse early, before writing anything
+            try:
+                self._check_quota(size)  # refuse early, before writing anything
+            except QueueFullError:
+                with suppress(OutboxError):  # only a hint for status(); the refusal stands
+                    self._set_meta(_REFUSED_BYTES, size)
+                raise
         at = _iso(now or datetime.now(UTC))
         final = self._path(case_id)
         # Hashed on a helper thread while this one writes and fsyncs the file.
@@ -515,6 +523,9 @@ class Outbox:
         finally:
             os.close(fd)
             tmp.unlink(missing_ok=True)
+        with suppress(OutboxError, sqlite3.Error):  # the case is queued whatever this does
+            if self._meta(_REFUSED_BYTES):
+                self._set_meta(_REFUSED_BYTES, 0)
         log.info("outbox: case %s queued (%s, %d bytes)", case_id, reason, size)
         return self._get(case_id)
 
@@ -846,6 +857,7 @@ class Outbox:
             for row in self._conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state"):
                 counts[OutboxState(row[0])] = row[1]
             queued = self._queued_bytes()
+            refused = self._meta(_REFUSED_BYTES)
             oldest = self._conn.execute(
                 "SELECT MIN(enqueued_at) FROM outbox WHERE state IN (?, ?)",
                 (OutboxState.PENDING, OutboxState.IN_FLIGHT),
@@ -859,10 +871,20 @@ class Outbox:
             queued_bytes=queued,
             quota_bytes=self._quota,
             oldest_pending_age_s=age,
-            full=queued >= self._quota,
+            full=queued >= self._quota or (refused > 0 and queued + refused > self._quota),
         )
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _meta(self, key: str) -> int:
+        row = self._conn.execute("SELECT value FROM outbox_meta WHERE key = ?", (key,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _set_meta(self, key: str, value: int) -> None:
+        with self._write(f"set {key}"):
+            self._conn.execute(
+                "INSERT OR REPLACE INTO outbox_meta (key, value) VALUES (?, ?)", (key, value)
+            )
 
     @contextmanager
     def _write(self, what: str) -> Iterator[None]:
