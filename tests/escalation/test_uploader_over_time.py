@@ -21,13 +21,12 @@ from tests.escalation.conftest import (
     alarms,
     item_of,
     link_for,
+    make_uploader,
     queue_cases,
     store_state,
 )
 from triage_app.admin import retry_refused_cases
 from triage_app.escalation.outbox import OutboxState
-from triage_app.escalation.service import EscalationLink
-from triage_app.escalation.uploader import Uploader, UploaderConfig
 from triage_app.states import CaseState
 from triage_app.store import CaseStore
 
@@ -110,20 +109,6 @@ def test_a_case_whose_image_is_gone_stays_quarantined_when_it_cannot_be_sealed_a
     assert central.deliveries() == {}
 
 
-def _uploader(link: EscalationLink, clock: FakeClock) -> Uploader:
-    """As ``EscalationLink.uploader`` builds it, on a clock the test sets."""
-    assert link.keys is not None
-    return Uploader(
-        outbox=link.outbox,
-        client=link.client,
-        device=link.device,
-        keys=link.keys,
-        store_path=link.settings.case_store_path,
-        config=UploaderConfig(verdict_poll_s=1.0),
-        clock=clock,
-    )
-
-
 @pytest.mark.expect_log_warnings  # the ALARMs
 def test_verdict_polls_refused_for_the_device_clock_leave_the_case_waiting_for_its_verdict(
     start_central: StartCentral, device: Device, tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -134,7 +119,7 @@ def test_verdict_polls_refused_for_the_device_clock_leave_the_case_waiting_for_i
     with link_for(settings) as link:
         (case,) = queue_cases(link, tmp_path / "scans", (0,))
         clock = FakeClock()  # the real time, standing still
-        with _uploader(link, clock) as uploader:
+        with make_uploader(link, clock=clock) as uploader:
             assert [a.outcome for a in uploader.drain()] == ["delivered"]
             central.worker.submit(case.case_id)
             assert central.worker.wait_idle(60)
@@ -162,7 +147,7 @@ def test_a_delivered_case_the_server_no_longer_has_raises_one_alarm_and_is_still
     settings = device.settings(central)
     with link_for(settings) as link:
         (case,) = queue_cases(link, tmp_path / "scans", (0,))
-        with _uploader(link, FakeClock()) as uploader:
+        with make_uploader(link, clock=FakeClock()) as uploader:
             assert [a.outcome for a in uploader.drain()] == ["delivered"]
             # The server's database restored from a backup older than the delivery.
             with central.store._db.write("forget the case") as conn:

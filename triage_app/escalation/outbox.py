@@ -470,15 +470,8 @@ class Outbox:
                 raise
         at = _iso(now or datetime.now(UTC))
         final = self._path(case_id)
-        # Hashed on a helper thread while this one writes and fsyncs the file.
-        with (
-            BackgroundSha256(threaded=size >= THREAD_WORTH_BYTES) as envelope_hash,
-            _sqlite_errors(f"write the envelope of case {case_id}"),
-        ):
-            envelope_hash.submit(envelope)
-            tmp, fd = write_locked_temp(self._spool, final.name, envelope)
+        tmp, fd, envelope_sha256 = self._write_temp(case_id, envelope)
         try:
-            envelope_sha256 = envelope_hash.hexdigest()
             published = False
             with _sqlite_errors(f"enqueue case {case_id}"):
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -732,14 +725,8 @@ class Outbox:
         size = len(envelope)
         at = _iso(now or datetime.now(UTC))
         final = self._path(case_id)
-        with (
-            BackgroundSha256(threaded=size >= THREAD_WORTH_BYTES) as envelope_hash,
-            _sqlite_errors(f"write the new envelope of case {case_id}"),
-        ):
-            envelope_hash.submit(envelope)
-            tmp, fd = write_locked_temp(self._spool, final.name, envelope)
+        tmp, fd, envelope_sha256 = self._write_temp(case_id, envelope)
         try:
-            envelope_sha256 = envelope_hash.hexdigest()
             with self._write(f"re-seal case {case_id}"):
                 row = self._require(case_id, OutboxState.QUARANTINED, "re-seal")
                 self._check_quota(size - int(row["size_bytes"]))
@@ -875,6 +862,25 @@ class Outbox:
         )
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _write_temp(
+        self, case_id: str, envelope: bytes | bytearray | memoryview
+    ) -> tuple[Path, int, str]:
+        """The envelope in a fsynced, locked temporary file next to its final name: the file,
+        its open descriptor (the caller publishes or removes it, then closes it) and the
+        envelope's SHA-256, hashed on a helper thread while this one writes."""
+        with (
+            BackgroundSha256(threaded=len(envelope) >= THREAD_WORTH_BYTES) as envelope_hash,
+            _sqlite_errors(f"write the envelope of case {case_id}"),
+        ):
+            envelope_hash.submit(envelope)
+            tmp, fd = write_locked_temp(self._spool, self._path(case_id).name, envelope)
+        try:
+            return tmp, fd, envelope_hash.hexdigest()
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _meta(self, key: str) -> int:
         row = self._conn.execute("SELECT value FROM outbox_meta WHERE key = ?", (key,)).fetchone()
