@@ -8,12 +8,21 @@ background uploader has to deliver each one exactly once and bring the verdicts 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
+import shutil
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -21,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.dcmtk import free_port
 from tests.escalation.conftest import (
+    EDGE_MODEL_KEY,
     Central,
     Device,
     make_uploader,
@@ -32,7 +42,7 @@ from tests.fault_proxy import FaultProxy
 from tests.helpers import run_cli, wait_until
 from triage_app.batch import triage_and_record
 from triage_app.central.certificates import make_self_signed
-from triage_app.config import save_settings
+from triage_app.config import Settings, save_settings
 from triage_app.headless import ServiceRuntime
 from triage_app.metrics import probe_health
 from triage_app.results import CaseResult
@@ -215,3 +225,247 @@ def test_health_is_failing_once_the_uploader_thread_is_gone(
     assert alive == (0, "ok"), alive
     code, line = gone
     assert code == 1 and line == "failing: uploader: uploader thread not running", line
+
+
+# --- what health and metrics must not miss --------------------------------------------------
+
+
+@contextlib.contextmanager
+def watch_service(settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """``triage-app watch`` in its own process, as systemd runs it; answering once yielded."""
+    config = save_settings(settings, tmp_path / "settings.toml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    service = subprocess.Popen(
+        [sys.executable, "-m", "triage_app", "watch", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: probe_health(settings.metrics_watch_port, 1.0)[0] == 0,
+            timeout_s=60,
+            interval_s=0.2,
+            what="the service's health endpoint",
+        )
+        yield service
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=60)
+
+
+def local_settings(data_dir: Path, **values: object) -> Settings:
+    """A device without a central server, its watch service serving metrics on a free port."""
+    return Settings(
+        {
+            "paths.data_dir": data_dir,
+            "processing.workers": 1,
+            "watch.settle_s": 0.2,
+            "metrics.watch_port": free_port(),
+            **values,
+        }
+    )
+
+
+def drop_phantom(settings: Settings, name: str, *, modified: float | None = None) -> Path:
+    """A phantom renamed into the inbox, as a scanner or a share copy delivers it."""
+    staging = settings.data_dir / "staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    path = staging / name
+    phantom_to_dataset(render_phantom(5, len(name))).save_as(path, enforce_file_format=True)
+    if modified is not None:
+        os.utime(path, (modified, modified))  # kept by `cp -p`, `rsync -t`, an SMB copy
+    return path.rename(settings.watch_inbox / name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_health_is_failing_while_no_case_can_be_recorded_and_ok_again_once_it_can(
+    tmp_path: Path,
+) -> None:
+    settings = local_settings(tmp_path / "data")
+    port = settings.metrics_watch_port
+    with watch_service(settings, tmp_path):
+        # Another process (a hung tool mid-transaction) holds the case store's write lock.
+        holder = sqlite3.connect(settings.case_store_path, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            dropped = drop_phantom(settings, "scan.dcm")
+            wait_until(
+                lambda: probe_health(port, 5.0)[0] == 1,
+                timeout_s=150,
+                interval_s=0.5,
+                what="health failing",
+            )
+            _, line = probe_health(port, 5.0)
+            failures = scrape(port)["triage_record_failures_total{}"]
+            assert dropped.exists()  # waiting in the inbox, not lost
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        wait_until(
+            lambda: probe_health(port, 5.0) == (0, "ok"),
+            timeout_s=120,
+            interval_s=0.5,
+            what="health ok again",
+        )
+        filed = sorted(p.name for p in settings.watch_done.iterdir())
+
+    assert line.startswith("failing: store: ") and "not recorded" in line, line
+    assert failures >= 3
+    assert filed == ["scan.dcm", "scan.dcm.json"]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A folder on another file system than ``tmp_path``'s (a tmpfs), removed afterwards."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    folder = Path(tempfile.mkdtemp(dir=shm))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_health_is_failing_when_the_case_store_s_own_disk_is_below_the_reserve(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    # The case store on its own file system (paths.case_store), the one with less room: a
+    # reserve between the two is met by the data folder's disk and missed by the store's.
+    data_free = shutil.disk_usage(tmp_path).free
+    store_free = shutil.disk_usage(small_disk).free
+    data_dir, store_dir = (
+        (tmp_path, small_disk) if store_free < data_free else (small_disk, tmp_path)
+    )
+    reserve_mb = (data_free + store_free) // 2 // (1024 * 1024)
+    port = free_port()
+    settings = Settings(
+        {
+            "paths.data_dir": data_dir / "data",
+            "paths.case_store": store_dir / "store" / "cases.sqlite3",
+            "receiver.min_free_mb": reserve_mb,
+        }
+    )
+    settings.data_dir.mkdir()  # as the service's intake makes it
+    with ServiceRuntime(settings, metrics_port=port):
+        code, line = probe_health(port, 5.0)
+        samples = scrape(port)
+
+    assert code == 1, line
+    assert line.startswith("failing: disk: data: ") and "; store: " in line, line
+    assert str(store_dir) not in line
+    assert samples["triage_disk_free_bytes{folder=store}"] > 0
+
+
+class _KeysUnavailable(BaseHTTPRequestHandler):
+    """A central server that answers, but never with its keys (a broken key ring, a proxy)."""
+
+    def do_GET(self) -> None:
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.mark.expect_log_warnings  # the server's keys cannot be fetched at start
+def test_held_cases_show_in_metrics_and_health_degrades_once_one_is_held_too_long(
+    tmp_path: Path,
+) -> None:
+    central = ThreadingHTTPServer(("127.0.0.1", 0), _KeysUnavailable)
+    threading.Thread(target=central.serve_forever, daemon=True).start()
+    port = free_port()
+    settings = local_settings(
+        tmp_path / "data",
+        **{
+            "escalation.central_url": f"http://127.0.0.1:{central.server_address[1]}",
+            "escalation.thresholds_model": EDGE_MODEL_KEY,
+            "escalation.normal_below": 0.0,
+            "escalation.abnormal_at_or_above": 1.0,
+        },
+    )
+    try:
+        with ServiceRuntime(settings, metrics_port=port, uploader=False) as runtime:
+            held = triage(settings, tmp_path / "scans", (0, 1), queue=None)
+            runtime.refresh(force=True)
+            fresh = scrape(port), probe_health(port, 5.0)
+            # Held since two hours ago, as if the keys had been failing all that time.
+            db = sqlite3.connect(settings.case_store_path)
+            with db:
+                db.execute("UPDATE cases SET created_at = ?", (_hours_ago(2),))
+            db.close()
+            runtime.refresh(force=True)
+            late = scrape(port), probe_health(port, 5.0)
+    finally:
+        central.shutdown()
+        central.server_close()
+
+    assert len(held) == 2
+    samples, health = fresh
+    assert samples["triage_held_cases{}"] == 2
+    assert samples["triage_outbox_depth{}"] == 0  # the outbox alone would say all is well
+    assert health == (0, "ok"), health
+    samples, health = late
+    assert samples["triage_held_oldest_age_seconds{}"] >= 7200
+    code, line = health
+    assert code == 0 and line.startswith("degraded: held: 2 held; the oldest for 72"), line
+
+
+def _hours_ago(hours: float) -> str:
+    moment = datetime.now(UTC) - timedelta(hours=hours)
+    return moment.isoformat(timespec="milliseconds")
+
+
+@pytest.mark.timeout(120)
+def test_processing_time_runs_from_the_file_s_arrival_not_from_its_own_timestamp(
+    tmp_path: Path,
+) -> None:
+    settings = local_settings(tmp_path / "data")
+    with watch_service(settings, tmp_path):
+        started = time.monotonic()
+        drop_phantom(settings, "copy.dcm", modified=time.time() - 2 * 365 * 86400)
+        wait_until(
+            lambda: (settings.watch_done / "copy.dcm").exists(),
+            timeout_s=60,
+            interval_s=0.1,
+            what="the file filed",
+        )
+        wait_until(
+            lambda: scrape(settings.metrics_watch_port)["triage_processing_seconds_count{}"] == 1,
+            what="the file counted",
+        )
+        samples = scrape(settings.metrics_watch_port)
+        watched_s = time.monotonic() - started
+
+    # Whatever the machine's speed: no longer than the test watched it, not two years.
+    assert samples["triage_processing_seconds_sum{}"] <= watched_s
+
+
+def test_a_taken_metrics_port_is_a_settings_error_not_a_crash(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = run_cli(
+            "watch",
+            data_dir=tmp_path / "data",
+            env={"TRIAGE_APP_METRICS__WATCH_PORT": str(port)},
+            timeout=120,
+        )
+
+    assert run.returncode == 2, run.stderr
+    assert (
+        f"config_invalid: metrics.watch_port: cannot listen on 127.0.0.1:{port} "
+        "(Address already in use)" in run.stderr
+    )
+
+
+@pytest.mark.parametrize("timeout", ["-1", "nan"])
+def test_a_health_time_limit_that_is_not_a_positive_number_is_a_usage_error(
+    tmp_path: Path, timeout: str
+) -> None:
+    run = run_cli("health", "watch", "--timeout", timeout, data_dir=tmp_path / "data")
+    assert run.returncode == 2, run.stderr
+    assert "--timeout: must be a positive number of seconds" in run.stderr

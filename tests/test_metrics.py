@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -22,7 +23,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from triage_app.errors import OutboxError
+from triage_app.errors import ConfigError, OutboxError
 from triage_app.escalation.connectivity import ConnectivitySnapshot, ConnectivityState
 from triage_app.escalation.outbox import Outbox, OutboxStatus
 from triage_app.metrics import (
@@ -31,17 +32,21 @@ from triage_app.metrics import (
     Health,
     HealthCheck,
     Heartbeat,
+    HeldFigures,
     MetricsServer,
     QueueFigures,
+    RecordStreak,
     ServiceMetrics,
     alive_check,
     disk_check,
     heartbeat_check,
+    held_check,
     link_check,
     probe_health,
     queue_check,
     run_checks,
     sd_notify,
+    store_check,
     watchdog_interval_s,
 )
 from triage_app.results import CaseResult, EscalationRef, FailedInput, ModelRef
@@ -495,11 +500,15 @@ def test_port_zero_picks_a_free_port_and_stop_frees_it() -> None:
     server.stop()  # stopping twice is harmless
 
 
-def test_a_taken_port_is_an_error_at_start() -> None:
+def test_a_taken_port_is_a_settings_error_naming_the_setting_and_the_address() -> None:
     with MetricsServer(ServiceMetrics(), {}) as first:
-        second = MetricsServer(ServiceMetrics(), {}, port=first.port)
-        with pytest.raises(OSError):
+        port = first.port
+        second = MetricsServer(ServiceMetrics(), {}, port=port, setting="metrics.watch_port")
+        with pytest.raises(ConfigError) as raised:
             second.start()
+    assert str(raised.value) == (
+        f"metrics.watch_port: cannot listen on 127.0.0.1:{port} (Address already in use)"
+    )
 
 
 def test_requests_are_not_logged_above_debug(
@@ -579,10 +588,74 @@ def test_link_check_reads_a_live_connectivity_state() -> None:
 
 def test_disk_check_fails_below_the_reserve(tmp_path: Path) -> None:
     free = shutil.disk_usage(tmp_path).free
-    assert disk_check(tmp_path, reserve_bytes=0)().status is Health.OK
-    low = disk_check(tmp_path, reserve_bytes=free * 2)()
+    assert disk_check({"data": tmp_path}, reserve_bytes=0)().status is Health.OK
+    low = disk_check({"data": tmp_path}, reserve_bytes=free * 2)()
     assert low.status is Health.FAILING
     assert str(tmp_path) not in low.detail
+
+
+def test_disk_check_looks_at_each_file_system_once_by_name(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    check = disk_check({"data": tmp_path, "store": tmp_path / "store"}, reserve_bytes=0)
+    result = check()
+    assert result.status is Health.OK
+    assert result.detail.startswith("data: ") and "store" not in result.detail  # one disk
+    assert result.detail.endswith(" MiB free (reserve 0 MiB)")
+
+
+def test_store_check_fails_after_failures_in_a_row_or_too_long_without_a_record() -> None:
+    now = [0.0]
+    streak = RecordStreak(clock=lambda: now[0])
+    check = store_check(streak, max_failures=3, max_s=120.0)
+    assert check() == CheckResult(Health.OK, "recording")
+    streak.failed()
+    now[0] = 10.0
+    streak.failed()
+    assert check() == CheckResult(Health.DEGRADED, "2 file(s) in a row not recorded, for 10 s")
+    streak.failed()
+    assert check().status is Health.FAILING  # the third in a row
+    streak.recorded()
+    assert check() == CheckResult(Health.OK, "recording")
+    streak.failed()
+    now[0] = 130.0
+    assert check() == CheckResult(Health.FAILING, "1 file(s) in a row not recorded, for 120 s")
+
+
+def test_held_check_degrades_once_the_oldest_held_case_is_too_old() -> None:
+    def status(figures: HeldFigures | None) -> CheckResult:
+        return held_check(lambda: figures, max_oldest_age_s=3600)()
+
+    def held(count: int, age_s: float) -> HeldFigures:
+        return HeldFigures(count, datetime.now(UTC) - timedelta(seconds=age_s))
+
+    assert status(None) == CheckResult(Health.OK, "not counted yet")
+    assert status(HeldFigures(0, None)) == CheckResult(Health.OK, "0 held")
+    assert status(held(2, 3000)) == CheckResult(Health.OK, "2 held")
+    late = status(held(2, 4000))
+    assert late.status is Health.DEGRADED
+    assert late.detail.startswith("2 held; the oldest for 40")
+
+
+def test_held_cases_and_record_failures_show_in_the_scrape(serve: Any) -> None:
+    figures: list[HeldFigures | None] = [None]
+    metrics = ServiceMetrics(held_status=lambda: figures[0])
+    port = serve(metrics)
+    samples = scrape(port)
+    assert "triage_held_cases" not in names(samples)  # not counted yet
+    assert value(samples, "triage_record_failures_total") == 0
+
+    figures[0] = HeldFigures(3, datetime.now(UTC) - timedelta(seconds=500))
+    metrics.record_failures.inc()
+    samples = scrape(port)
+    assert value(samples, "triage_held_cases") == 3
+    oldest = value(samples, "triage_held_oldest_age_seconds")
+    assert oldest is not None and oldest >= 500
+    assert value(samples, "triage_record_failures_total") == 1
+
+    figures[0] = HeldFigures(0, None)
+    samples = scrape(port)
+    assert value(samples, "triage_held_cases") == 0
+    assert value(samples, "triage_held_oldest_age_seconds") == 0
 
 
 def test_run_checks_reports_the_worst() -> None:
@@ -624,6 +697,12 @@ def free_port() -> int:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+@pytest.mark.parametrize("timeout_s", [-1.0, 0.0, math.nan, math.inf])
+def test_probe_health_refuses_a_time_limit_that_is_not_a_positive_number(timeout_s: float) -> None:
+    with pytest.raises(ConfigError, match=r"^--timeout: must be a positive number of seconds"):
+        probe_health(free_port(), timeout_s=timeout_s)
 
 
 def test_probe_health_of_a_service_that_is_not_running_fails() -> None:

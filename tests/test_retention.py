@@ -7,6 +7,7 @@ process at each file removal in turn.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -23,8 +24,9 @@ import pytest
 
 from tests.helpers import make_result, phantom_dataset
 from triage_app.config import Settings
+from triage_app.escalation.service import open_outbox
 from triage_app.intake import SIDECAR_SUFFIX, IntakeLayout
-from triage_app.retention import PASS_EVERY_S, DoneRetention, RetentionPass
+from triage_app.retention import PASS_EVERY_S, DoneRetention, ResealCases, RetentionPass
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore
 from triage_app.worklist import UNKNOWN_PATIENT, WorklistSource
@@ -188,6 +190,49 @@ def test_an_image_whose_case_is_still_held_stays_whatever_its_age_until_it_is_re
 
     assert (second.removed, second.kept_held) == (1, 0)
     assert files_under(layout.done) == []
+
+
+@pytest.mark.expect_log_warnings  # the outbox warns of each case it quarantines
+def test_an_image_whose_case_waits_to_be_sealed_anew_stays_and_the_pass_says_why(
+    layout: IntakeLayout, tmp_path: Path, image_bytes: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server refused one envelope for how it was sealed (stale after a long outage):
+    # `queue retry` seals it anew from its image. Another it refused for the case itself, and
+    # a third still waits: their images are not needed again.
+    settings = Settings(
+        {"paths.data_dir": tmp_path / "data", "escalation.central_url": "http://127.0.0.1:9"}
+    )
+    stale, refused, pending = (hashlib.sha256(n.encode()).hexdigest() for n in "abc")
+    with open_outbox(settings) as outbox:
+        for case_id in (stale, refused, pending):
+            outbox.enqueue(case_id, b"envelope", reason="uncertain", payload_sha256="0" * 64)
+        outbox.quarantine(stale, "stale_envelope: older than the server accepts")
+        outbox.quarantine(refused, "case_refused: not a chest image")
+    for name, case_id in (("stale", stale), ("refused", refused), ("pending", pending)):
+        file_image(layout.done, f"{name}.dcm", case_id, filed_days_ago=40, data=image_bytes)
+    reseal = ResealCases(settings)
+    try:
+        retention = DoneRetention(layout, DAYS, lambda: (), reseal_cases=reseal, clock=FakeClock())
+        finished = whole_pass(retention)
+    finally:
+        reseal.close()
+
+    assert (finished.removed, finished.kept_held, finished.kept_reseal) == (2, 0, 1)
+    assert files_under(layout.done) == ["stale.dcm", "stale.dcm.json"]
+    assert (
+        "0 kept because their case is still held for escalation, 1 because their case "
+        "waits to be sealed anew" in pass_lines(caplog)[0]
+    )
+
+
+def test_without_a_central_server_no_case_waits_for_a_reseal_and_no_outbox_is_made(
+    tmp_path: Path,
+) -> None:
+    settings = Settings({"paths.data_dir": tmp_path / "data"})
+    reseal = ResealCases(settings)
+    assert reseal() == []
+    reseal.close()
+    assert not settings.outbox_dir.exists()
 
 
 def test_quarantine_foreign_hidden_and_linked_files_are_never_touched(

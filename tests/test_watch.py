@@ -11,6 +11,7 @@ sidecars, and the case store.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -31,6 +32,7 @@ import pytest
 
 from tests.helpers import make_result, phantom_dataset, wait_until, write_phantoms
 from triage_app.config import Settings
+from triage_app.escalation.service import open_outbox
 from triage_app.intake import REASON_SUFFIX, SIDECAR_SUFFIX
 from triage_app.paths import lock_folder
 from triage_app.states import CaseEvent
@@ -189,6 +191,41 @@ def test_the_inbox_scan_is_recursive_sorted_and_skips_hidden_folders(tmp_path: P
     found = [p.relative_to(tmp_path).as_posix() for p in inbox_files(tmp_path)]
     assert found == ["a.dcm", "b.dcm", "sub/c.dcm"]
     assert is_candidate("a.dcm")
+
+
+def test_a_file_arrives_when_first_noted_whatever_its_modification_time_says(
+    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+) -> None:
+    """Metrics time a file from its arrival: a copy may keep its writer's time, years old."""
+    mono, _ = clocks
+    tracker = tracker_with(clocks)
+    copied = make_file(tmp_path / "copied.dcm", b"x", modified=WALL - 2 * 365 * 86400)
+    tracker.note_all(iter([copied]))  # at start, or at a rescan
+    noted_at = mono.now
+    mono.now += 3.0
+    tracker.note(copied)  # a later event is not a new arrival
+    assert tracker.settled(10, never) == [copied]
+    tracker.defer(copied)  # cut short, read again later: still the same arrival
+    mono.now += 2.0
+    assert tracker.settled(10, never) == [copied]
+
+    assert tracker.arrived(copied) == noted_at
+    assert tracker.arrived(copied) is None  # filed: forgotten
+
+
+def test_a_vanished_file_is_forgotten_with_its_arrival(
+    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+) -> None:
+    mono, _ = clocks
+    tracker = tracker_with(clocks)
+    path = make_file(tmp_path / "a.dcm", b"x", modified=WALL - 60)
+    tracker.note(path)
+    path.unlink()
+    assert tracker.settled(10, never) == []
+    mono.now += 10.0
+    make_file(path, b"y", modified=WALL)  # a new file under the old name arrives now
+    tracker.note(path)
+    assert tracker.arrived(path) == mono.now
 
 
 def test_a_file_that_vanished_is_forgotten(
@@ -754,6 +791,43 @@ def test_a_started_service_removes_images_filed_longer_ago_than_the_retention_pe
     assert "1 filed image(s) removed with their results, 1 kept" in service.output()
     with CaseStore.open(watch_env.case_store) as store:
         assert store.get(old_case) is not None  # the record stays; only the files went
+
+
+@pytest.mark.expect_log_warnings  # the outbox warns of the case it quarantines
+def test_a_started_service_keeps_the_image_a_quarantined_case_needs_to_be_sealed_anew(
+    watch_env: WatchEnv, phantoms: list[Path]
+) -> None:
+    # A central server is configured (unreachable now); the envelope of one case was refused
+    # as stale after a long outage: `queue retry` seals it anew from its image in done/.
+    url = "http://127.0.0.1:9"
+    settings = Settings({"paths.data_dir": watch_env.data_dir, "escalation.central_url": url})
+    stale, other = (hashlib.sha256(name.encode()).hexdigest() for name in ("stale", "other"))
+    with open_outbox(settings) as outbox:
+        outbox.enqueue(stale, b"envelope", reason="uncertain", payload_sha256="0" * 64)
+        outbox.quarantine(stale, "stale_envelope: older than the server accepts")
+    for name, case_id in (("stale.dcm", stale), ("other.dcm", other)):
+        image = watch_env.done / name
+        image.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(phantoms[0], image)
+        note = image.with_name(name + SIDECAR_SUFFIX)
+        note.write_text(json.dumps(make_result(case_id, path=str(image)).to_json()), "utf-8")
+        backdate(note, days=40)
+    watch_env.env["TRIAGE_APP_INTAKE__DONE_RETENTION_DAYS"] = "30"
+    watch_env.env["TRIAGE_APP_ESCALATION__CENTRAL_URL"] = url
+
+    service = watch_env.start()
+    wait_until(
+        lambda: "done folder, images filed over 30 day(s) ago" in service.output(),
+        timeout_s=30,
+        what="the retention pass at start",
+    )
+    assert service.stop() == 0
+
+    assert watch_env.done_images() == ["stale.dcm"]
+    assert (
+        "1 filed image(s) removed with their results, 0 kept because their case is still "
+        "held for escalation, 1 because their case waits to be sealed anew" in service.output()
+    )
 
 
 def backdate(path: Path, *, days: float) -> None:

@@ -11,17 +11,17 @@ become known or deliveries make room, and every minute while any are held.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import threading
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from types import FrameType, TracebackType
 
 from triage_app.config import Settings
-from triage_app.errors import TriageError
+from triage_app.errors import StoreError, TriageError
 from triage_app.escalation.background import BackgroundUploader
 from triage_app.escalation.connectivity import ConnectivitySnapshot
 from triage_app.escalation.outbox import OutboxStatus
@@ -29,20 +29,25 @@ from triage_app.escalation.queueing import EscalationQueue
 from triage_app.escalation.server_keys import load_central_keys
 from triage_app.escalation.service import EscalationLink, open_escalation
 from triage_app.held_release import ReleaseOutcome, Triage, lazy_triage, release_held
-from triage_app.intake import FiledOutcome
+from triage_app.intake import FiledOutcome, Unfiled
 from triage_app.metrics import (
     HealthCheck,
     Heartbeat,
+    HeldFigures,
     MetricsServer,
     QueueFigures,
+    RecordStreak,
     ServiceMetrics,
     alive_check,
     disk_check,
     heartbeat_check,
+    held_check,
     link_check,
     queue_check,
     sd_notify,
+    store_check,
 )
+from triage_app.states import CaseState
 from triage_app.store import CaseStore
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,17 @@ _PARKED = frozenset({ReleaseOutcome.SOURCE_UNAVAILABLE, ReleaseOutcome.DECISION_
 _LOOP_STUCK_S = 30.0
 _QUEUE_OLD_S = 3600.0
 _OFFLINE_LONG_S = 300.0
+# Health: a file whose outcome cannot be recorded is tried again after the intake's back-off
+# (1 s, doubling), each try waiting out the store's 10 s busy timeout: three in a row is half a
+# minute without one case recorded, longer than any transient lock (a GUI's write takes
+# milliseconds). Two minutes bounds it however the tries are spaced. Then "failing".
+_RECORD_FAILURES_FAILING = 3
+_RECORD_STUCK_S = 120.0
+# Health: a held case goes within a minute of the keys becoming known or the outbox making
+# room; one held longer than an unsent case may wait (_QUEUE_OLD_S) is not leaving by itself
+# (keys never fetched, its image gone): "degraded". Only with a central server: without one,
+# held is where every escalation stays.
+_HELD_OLD_S = _QUEUE_OLD_S
 
 
 class ServiceRuntime:
@@ -79,23 +95,37 @@ class ServiceRuntime:
         self.link: EscalationLink | None = None
         self.uploader: BackgroundUploader | None = None
         self.heartbeat = Heartbeat()
+        self.record_streak = RecordStreak()
+        # The case store may live on a file system of its own (paths.case_store).
+        stores = {"data": settings.data_dir, "store": settings.case_store_path.parent}
         self.metrics = ServiceMetrics(
             queue_status=self._queue_figures,
             link_status=self.connectivity,
-            disk_paths={"data": settings.data_dir, **(disk_paths or {})},
+            held_status=self.held_figures,
+            disk_paths={**stores, **(disk_paths or {})},
         )
         self.checks: dict[str, HealthCheck] = {
             "loop": heartbeat_check(self.heartbeat, _LOOP_STUCK_S),
-            "disk": disk_check(settings.data_dir, settings.receiver_min_free_bytes),
+            "disk": disk_check(stores, settings.receiver_min_free_bytes),
+            "store": store_check(self.record_streak, _RECORD_FAILURES_FAILING, _RECORD_STUCK_S),
             "queue": queue_check(self._queue_figures, _QUEUE_OLD_S),
             "link": link_check(self.connectivity, _OFFLINE_LONG_S),
         }
         self._server = (
-            MetricsServer(self.metrics, self.checks, metrics_port) if metrics_port else None
+            MetricsServer(
+                self.metrics,
+                self.checks,
+                metrics_port,
+                setting=_port_setting(settings, metrics_port),
+            )
+            if metrics_port
+            else None
         )
         self._keys_checked_at = 0.0
         self._status_at = 0.0
         self._status: OutboxStatus | None = None
+        self._held: HeldFigures | None = None
+        self._held_unreadable = False  # warned once per streak of failed reads
         self._status_lock = threading.Lock()
         self._store: CaseStore | None = None
         self._release_at = 0.0  # time.monotonic() of the next release; 0: the first tick
@@ -104,10 +134,20 @@ class ServiceRuntime:
         self._full_bytes: int | None = None  # queued bytes when a release found no room
 
     def __enter__(self) -> ServiceRuntime:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)  # what did start (the uploader thread) stops
+            raise
+        return self
+
+    def _start(self) -> None:
         # Fetched now if the server answers, so the first cases are queued, not held.
         self.link = open_escalation(self.settings)
+        # Held cases are counted for metrics (and released, with a server) from the store.
+        self._store = CaseStore.open(self.settings.case_store_path)
         if self.link is not None:
-            self._store = CaseStore.open(self.settings.case_store_path)
+            self.checks["held"] = held_check(self.held_figures, _HELD_OLD_S)
         if self.link is not None and self._with_uploader:
             uploader = self.uploader = BackgroundUploader(self.settings)
             uploader.start()
@@ -116,7 +156,6 @@ class ServiceRuntime:
         self.refresh(force=True)
         if self._server is not None:
             self._server.start()
-        return self
 
     def __exit__(
         self,
@@ -145,11 +184,17 @@ class ServiceRuntime:
         self.release_held()
 
     def filed(self, filed: FiledOutcome) -> None:
-        """Count a filed file; its age is the time since it was written (dropped or received)."""
-        processing_s = None
-        if filed.filed_as is not None:
-            with contextlib.suppress(FileNotFoundError):
-                processing_s = max(0.0, time.time() - filed.filed_as.stat().st_mtime)
+        """Count a filed file, timed from its arrival (the service sets ``submitted_at`` to
+        when it first saw the file: the file's own time may be its writer's, years old), or a
+        file left for a retry because its outcome could not be recorded or filed."""
+        if filed.unfiled is Unfiled.RETRY:
+            self.metrics.record_failures.inc()
+            self.record_streak.failed()
+            return
+        if filed.filed_as is None:
+            return
+        self.record_streak.recorded()
+        processing_s = max(0.0, filed.finished_at - filed.submitted_at)
         self.metrics.observe(filed.outcome, processing_s=processing_s)
 
     def queue(self) -> EscalationQueue | None:
@@ -203,17 +248,48 @@ class ServiceRuntime:
             log.info("held cases: %s", report.headline())
 
     def refresh(self, *, force: bool = False) -> None:
-        """Read the queue figures again (call it from the triage thread, every tick)."""
+        """Read the queue and held figures again (call it from the triage thread, every tick)."""
         now = time.monotonic()
-        if self.link is None or (not force and now - self._status_at < _STATUS_REFRESH_S):
+        if not force and now - self._status_at < _STATUS_REFRESH_S:
             return
         self._status_at = now
+        held = self._read_held()
+        if held is not None:
+            with self._status_lock:
+                self._held = held
+        if self.link is None:
+            return
         status = self.link.outbox.status()
         with self._status_lock:
             self._status = status
         if self._full_bytes is not None and status.queued_bytes < self._full_bytes:
             self._full_bytes = None  # a delivery made room: held cases may go now
             self._release_at = 0.0
+
+    def _read_held(self) -> HeldFigures | None:
+        """Count the held cases (an indexed query); None, keeping the last figures, when the
+        store cannot be read now."""
+        store = self._store
+        if store is None:
+            return None
+        try:
+            ids = store.case_ids(CaseState.ESCALATION_HELD)
+            oldest = store.get(ids[0]) if ids else None
+        except StoreError as err:
+            if not self._held_unreadable:
+                log.warning("held cases cannot be counted now (%s)", err.code)
+            self._held_unreadable = True
+            return None
+        if self._held_unreadable:
+            log.info("held cases can be counted again")
+        self._held_unreadable = False
+        since = None if oldest is None else datetime.fromisoformat(oldest.created_at)
+        return HeldFigures(len(ids), since)
+
+    def held_figures(self) -> HeldFigures | None:
+        """The last held figures read by :meth:`refresh`; safe from any thread."""
+        with self._status_lock:
+            return self._held
 
     def queue_status(self) -> OutboxStatus | None:
         """The last queue figures read by :meth:`refresh`; safe from any thread."""
@@ -226,6 +302,19 @@ class ServiceRuntime:
     def _queue_figures(self) -> QueueFigures | None:
         status = self.queue_status()
         return None if status is None else QueueFigures.from_status(status)
+
+
+def _port_setting(settings: Settings, port: int) -> str:
+    """The setting(s) that asked for ``port``, for an error message that says what to change."""
+    named = [
+        name
+        for name, value in (
+            ("metrics.watch_port", settings.metrics_watch_port),
+            ("metrics.receive_port", settings.metrics_receive_port),
+        )
+        if value == port
+    ]
+    return " and ".join(named) or "the metrics port"
 
 
 def stop_on_signals() -> threading.Event:

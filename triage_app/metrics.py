@@ -19,6 +19,7 @@ import functools
 import http.client
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -44,7 +45,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from triage_app.errors import TriageError
+from triage_app.errors import ConfigError, TriageError
 from triage_app.escalation.connectivity import ConnectivitySnapshot
 from triage_app.escalation.outbox import OutboxStatus
 from triage_app.results import CaseResult, InputOutcome, ModelRef
@@ -94,6 +95,24 @@ HTTP server's request threads: it must not share a per-thread object such as an 
 LinkStatus = Callable[[], ConnectivitySnapshot | None]
 """Returns the uploader's connectivity, or None when no central server is configured."""
 
+
+@dataclass(frozen=True)
+class HeldFigures:
+    """The cases held on the device (``escalation_held``): they are in no outbox, so the queue
+    figures do not show them, and a server that answers but never gives its keys holds every
+    escalation for ever."""
+
+    count: int
+    oldest_since: datetime | None  # when the oldest held case was recorded; None: none held
+
+    def oldest_age_s(self) -> float:
+        return 0.0 if self.oldest_since is None else _seconds_since(self.oldest_since)
+
+
+HeldStatus = Callable[[], HeldFigures | None]
+"""Returns the held cases' figures, or None when they are not known (yet). Called from the
+HTTP server's request threads, like :data:`QueueStatus`."""
+
 # A source that fails is skipped in the scrape (the rest still answers) and logged once
 # per failure streak, not at every scrape.
 _SOURCE_ERRORS = (TriageError, OSError)
@@ -107,9 +126,11 @@ class _LiveCollector(Collector):
         queue_status: QueueStatus | None,
         link_status: LinkStatus | None,
         disk_paths: Mapping[str, Path],
+        held_status: HeldStatus | None = None,
     ) -> None:
         self._queue_status = queue_status
         self._link_status = link_status
+        self._held_status = held_status
         self._disk_paths = dict(disk_paths)
         self._failing: set[str] = set()
         self._lock = threading.Lock()
@@ -120,7 +141,9 @@ class _LiveCollector(Collector):
         return self._families()
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        outbox_depth, oldest, quarantined, queued, quota, online, offline, disk = self._families()
+        families = self._families()
+        outbox_depth, oldest, quarantined, queued, quota, online, offline, disk = families[:8]
+        held, held_oldest = families[8:]
         figures = self._read("queue", self._queue_status)
         if figures is not None:
             outbox_depth.add_metric([], figures.depth)
@@ -137,7 +160,11 @@ class _LiveCollector(Collector):
             usage = self._read(f"disk {folder}", functools.partial(shutil.disk_usage, path))
             if usage is not None:
                 disk.add_metric([folder], usage.free)
-        return (outbox_depth, oldest, quarantined, queued, quota, online, offline, disk)
+        held_figures = self._read("held cases", self._held_status)
+        if held_figures is not None:
+            held.add_metric([], held_figures.count)
+            held_oldest.add_metric([], held_figures.oldest_age_s())
+        return families
 
     def _read(self, source: str, read: Callable[[], _T | None] | None) -> _T | None:
         if read is None:
@@ -189,6 +216,14 @@ class _LiveCollector(Collector):
                 "Free bytes on the file system of each data folder.",
                 labels=["folder"],
             ),
+            GaugeMetricFamily(
+                "triage_held_cases",
+                "Escalated cases held on the device (no server keys yet, or a full outbox).",
+            ),
+            GaugeMetricFamily(
+                "triage_held_oldest_age_seconds",
+                "How long ago the oldest held case was recorded; 0 when none is held.",
+            ),
         )
 
 
@@ -237,6 +272,7 @@ class ServiceMetrics:
         queue_status: QueueStatus | None = None,
         link_status: LinkStatus | None = None,
         disk_paths: Mapping[str, Path] | None = None,
+        held_status: HeldStatus | None = None,
         model: ModelRef | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -256,6 +292,12 @@ class ServiceMetrics:
             "triage_failures",
             "Inputs refused, by stable error code.",
             ["code"],
+            registry=self.registry,
+        )
+        self.record_failures = Counter(
+            "triage_record_failures",
+            "Triaged files whose outcome could not be recorded or filed (the case store locked "
+            "or its disk full); each stays in the inbox and is tried again.",
             registry=self.registry,
         )
         self.inference_seconds = Histogram(
@@ -280,7 +322,9 @@ class ServiceMetrics:
         self._model_lock = threading.Lock()
         if model is not None:
             self.set_model(model)
-        self.registry.register(_LiveCollector(queue_status, link_status, disk_paths or {}))
+        self.registry.register(
+            _LiveCollector(queue_status, link_status, disk_paths or {}, held_status)
+        )
 
     def observe(self, outcome: InputOutcome, *, processing_s: float | None = None) -> None:
         """Count one outcome; ``processing_s`` is arrival to result as the service saw it."""
@@ -355,7 +399,7 @@ class Health(StrEnum):
 
     OK = "ok"
     DEGRADED = "degraded"  # working, but someone should look (queue ageing, link down)
-    FAILING = "failing"  # not doing its job (loop stuck, workers dead, disk below reserve)
+    FAILING = "failing"  # not doing its job (loop stuck, workers dead, disk low, not recording)
 
 
 _RANK = {Health.OK: 0, Health.DEGRADED: 1, Health.FAILING: 2}
@@ -436,16 +480,74 @@ def alive_check(is_alive: Callable[[], bool], what: str) -> HealthCheck:
     return check
 
 
-def disk_check(path: Path, reserve_bytes: int) -> HealthCheck:
-    """Failing when the file system of ``path`` has less than ``reserve_bytes`` free.
+def disk_check(paths: Mapping[str, Path], reserve_bytes: int) -> HealthCheck:
+    """Failing when the file system of any of ``paths`` (named by the service: ``data``,
+    ``store``) has less than ``reserve_bytes`` free. Each file system is looked at once.
 
-    The detail gives sizes only: the path is the caller's to know (it may be a site's share).
+    The detail gives names and sizes only: the paths are the caller's to know (a site's share).
     """
 
     def check() -> CheckResult:
-        free = shutil.disk_usage(path).free
-        status = Health.OK if free >= reserve_bytes else Health.FAILING
-        return CheckResult(status, f"{_mib(free)} MiB free (reserve {_mib(reserve_bytes)} MiB)")
+        seen: set[int] = set()
+        parts: list[str] = []
+        low = False
+        for name, path in paths.items():
+            device = path.stat().st_dev
+            if device in seen:
+                continue
+            seen.add(device)
+            free = shutil.disk_usage(path).free
+            low = low or free < reserve_bytes
+            parts.append(f"{name}: {_mib(free)} MiB free")
+        status = Health.FAILING if low else Health.OK
+        return CheckResult(status, f"{'; '.join(parts)} (reserve {_mib(reserve_bytes)} MiB)")
+
+    return check
+
+
+class RecordStreak:
+    """Whether the service manages to record what it triages: a file whose outcome cannot be
+    recorded or filed stays in the inbox for a retry, so nothing else would tell that no case
+    is being recorded at all (the case store locked by another process, its disk full).
+
+    The service loop calls :meth:`recorded` or :meth:`failed` per file; the health check reads
+    it from the HTTP thread.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = 0  # consecutive, since the last file recorded
+        self._since: float | None = None  # clock() at the first failure of the streak
+
+    def recorded(self) -> None:
+        with self._lock:
+            self._failures, self._since = 0, None
+
+    def failed(self) -> None:
+        with self._lock:
+            self._failures += 1
+            if self._since is None:
+                self._since = self._clock()
+
+    def state(self) -> tuple[int, float]:
+        """Consecutive failures, and the seconds since the first of them (0 without any)."""
+        with self._lock:
+            since = self._since
+            return self._failures, 0.0 if since is None else self._clock() - since
+
+
+def store_check(streak: RecordStreak, max_failures: int, max_s: float) -> HealthCheck:
+    """Failing after ``max_failures`` files in a row could not be recorded, or when none has
+    been recorded for ``max_s`` since the first of them failed (the files wait meanwhile)."""
+
+    def check() -> CheckResult:
+        failures, for_s = streak.state()
+        if not failures:
+            return CheckResult(Health.OK, "recording")
+        failing = failures >= max_failures or for_s >= max_s
+        detail = f"{failures} file(s) in a row not recorded, for {for_s:.0f} s"
+        return CheckResult(Health.FAILING if failing else Health.DEGRADED, detail)
 
     return check
 
@@ -489,6 +591,22 @@ def link_check(link_status: LinkStatus, max_offline_s: float = 0.0) -> HealthChe
         status = Health.DEGRADED if offline > max_offline_s else Health.OK
         code = snapshot.last_error_code or "unknown"
         return CheckResult(status, f"offline for {offline:.0f} s ({code})")
+
+    return check
+
+
+def held_check(held_status: HeldStatus, max_oldest_age_s: float) -> HealthCheck:
+    """Degraded (cases are kept, nothing is lost) when a case has been held on the device for
+    more than ``max_oldest_age_s``: its escalation is not going anywhere by itself."""
+
+    def check() -> CheckResult:
+        figures = held_status()
+        if figures is None:
+            return CheckResult(Health.OK, "not counted yet")
+        age = figures.oldest_age_s()
+        if age > max_oldest_age_s:
+            return CheckResult(Health.DEGRADED, f"{figures.count} held; the oldest for {age:.0f} s")
+        return CheckResult(Health.OK, f"{figures.count} held")
 
     return check
 
@@ -557,11 +675,17 @@ class MetricsServer:
     """
 
     def __init__(
-        self, metrics: ServiceMetrics, checks: Mapping[str, HealthCheck], port: int = 0
+        self,
+        metrics: ServiceMetrics,
+        checks: Mapping[str, HealthCheck],
+        port: int = 0,
+        *,
+        setting: str = "metrics port",
     ) -> None:
         self._metrics = metrics
         self._checks = checks
         self._requested_port = port
+        self._setting = setting
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -573,10 +697,17 @@ class MetricsServer:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        """Bind and serve; raises ``OSError`` when the port is taken."""
+        """Bind and serve; raises ``ConfigError`` naming ``setting`` when the port cannot be
+        had (taken by another process, say): a setting to change, not a crash to restart."""
         if self._server is not None:
             raise RuntimeError("the metrics server is already started")
-        self._server = _Server(self._requested_port, self._metrics, self._checks)
+        try:
+            self._server = _Server(self._requested_port, self._metrics, self._checks)
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise ConfigError(
+                f"{self._setting}: cannot listen on {HOST}:{self._requested_port} ({reason})"
+            ) from err
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.2},
@@ -610,6 +741,8 @@ def probe_health(port: int, timeout_s: float = 5.0) -> tuple[int, str]:
     http.client rather than urllib: urllib would send a loopback request through an
     ``http_proxy`` from the environment.
     """
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise ConfigError(f"--timeout: must be a positive number of seconds, not {timeout_s}")
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
     try:
         conn.request("GET", "/health")

@@ -33,7 +33,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Self, cast
@@ -62,7 +62,7 @@ from triage_app.errors import InputError, ReceiverError
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.intake import FiledOutcome, Intake, IntakeLayout, Unfiled
 from triage_app.paths import ensure_private_dir, fsync_dir, write_private_file
-from triage_app.retention import DoneRetention
+from triage_app.retention import DoneRetention, ResealCases
 
 __all__ = [
     "TRANSFER_SYNTAXES",
@@ -211,6 +211,7 @@ class DicomReceiver:
         self._refused: Counter[str] = Counter()
         self._rejected = 0
         self._low_disk = False
+        self._arrived: dict[Path, float] = {}  # spool file → clock() when last stored
         self._ae: AE | None = None
 
     # --- life cycle -----------------------------------------------------------------------------
@@ -337,10 +338,18 @@ class DicomReceiver:
                 return self._refuse(LOW_DISK, OUT_OF_RESOURCES)
             log.error("could not spool a received instance: %s", exc.strerror or type(exc).__name__)
             return self._refuse(WRITE_FAILED, OUT_OF_RESOURCES)
-        self._grouper.add(study_key, path, self._clock())
+        now = self._clock()
+        self._grouper.add(study_key, path, now)
         with self._lock:
             self._stored += 1
+            self._arrived[path] = now
         return SUCCESS
+
+    def arrived(self, path: Path) -> float | None:
+        """When the spooled instance at ``path`` was stored (a ``clock()`` time; None for one
+        a previous run left), forgotten from now on: call it when it is filed or gone."""
+        with self._lock:
+            return self._arrived.pop(path, None)
 
     def ready_studies(self) -> list[list[Path]]:
         """Studies to hand over now (quiet, waiting too long, or spool leftovers), each a list
@@ -469,17 +478,37 @@ def run_receiver(
 
     Ready studies go to the :class:`~triage_app.intake.Intake` a few files at a time (two per
     worker in flight), so a stop waits for a handful of files, not a whole study: the rest stay
-    in the spool and are handed over on the next start. ``on_filed`` sees every filed file (not
-    the ones left in the spool, see :class:`~triage_app.intake.Unfiled`), ``on_tick`` the
-    receiver once per loop (metrics, health).
+    in the spool and are handed over on the next start. ``on_filed`` sees every filed file,
+    its ``submitted_at`` being when the instance was stored (so metrics time arrival to result,
+    study waits included), and every file whose outcome could not be recorded or filed (left in
+    the spool for a retry, see :class:`~triage_app.intake.Unfiled`); ``on_tick`` the receiver
+    once per loop (metrics, health).
     """
     tick_s = min(0.25, max(0.02, settings.receiver_study_quiet_s / 4))
     backlog: deque[Path] = deque()
-    notify = on_filed or (lambda _filed: None)
+    receiver = DicomReceiver(settings)
     intake = Intake(settings, IntakeLayout.for_receiver(settings), queue=queue)
-    retention = DoneRetention(intake.layout, settings.done_retention_days, intake.held_case_ids)
+    reseal = ResealCases(settings)
+    retention = DoneRetention(
+        intake.layout, settings.done_retention_days, intake.held_case_ids, reseal_cases=reseal
+    )
+
+    def account(outcome: FiledOutcome) -> None:
+        """Tell ``on_filed`` about a filed file, timed from its arrival, or one whose outcome
+        could not be recorded (health watches those); a changed one is offered again."""
+        if outcome.unfiled is Unfiled.RETRY:
+            if on_filed is not None:
+                on_filed(outcome)
+            return
+        if outcome.unfiled is Unfiled.CHANGED:
+            return
+        arrived = receiver.arrived(outcome.source)  # filed, or gone: forgotten either way
+        if outcome.filed_as is None or on_filed is None:
+            return
+        on_filed(outcome if arrived is None else replace(outcome, submitted_at=arrived))
+
     try:
-        with DicomReceiver(settings) as receiver:
+        with receiver:
             while not stop.is_set():
                 retention.tick()  # a batch at start, then hourly (intake.done_retention_days)
                 for study in receiver.ready_studies():
@@ -490,12 +519,16 @@ def run_receiver(
                     # Re-sent while its first copy was in flight: that copy may be filed already.
                     if path.exists():
                         batch.append(path)
+                    else:
+                        receiver.arrived(path)
                 intake.submit(batch)
                 filed = intake.collect(timeout_s=tick_s)
                 for outcome in filed:
-                    if outcome.filed_as is not None:
-                        notify(outcome)
-                    elif outcome.unfiled in (Unfiled.CHANGED, Unfiled.RETRY):
+                    account(outcome)
+                    if outcome.filed_as is None and outcome.unfiled in (
+                        Unfiled.CHANGED,
+                        Unfiled.RETRY,
+                    ):
                         # Re-sent while in flight (its new copy was skipped as in flight), or
                         # its filing failed: offered again (after the intake's back-off).
                         backlog.append(outcome.source)
@@ -505,6 +538,8 @@ def run_receiver(
                     on_tick(receiver)
     finally:
         log.info("stopping: finishing %d file(s) in flight", intake.in_flight)
-        for outcome in intake.close():
-            if outcome.filed_as is not None:
-                notify(outcome)
+        try:
+            for outcome in intake.close():
+                account(outcome)
+        finally:
+            reseal.close()

@@ -22,6 +22,10 @@ What is removed, and only that:
   ``held_release`` queues such a case by triaging its file again. The case store is asked at
   every batch; a case becomes held only when its image is filed, so an old image's case never
   becomes held later.
+* **Not awaiting a re-seal**: nor does an image whose case the central server quarantined for
+  how it was sealed (``OutboxItem.needs_reseal``: a stale envelope after a long outage, a key
+  the server no longer knows), since ``queue retry`` seals it anew from that image. The outbox
+  is asked at every batch too: a case can be quarantined at any time.
 
 Crash order: a batch removes its images, syncs their folders, and only then removes their
 sidecars. A crash in between leaves sidecars without images, which the intake treats as free
@@ -48,11 +52,14 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from triage_app.errors import StoreError
+from triage_app.config import Settings
+from triage_app.errors import TriageError
+from triage_app.escalation.outbox import Outbox
+from triage_app.escalation.service import open_outbox, transport_config
 from triage_app.intake import SIDECAR_SUFFIX, IntakeLayout
 from triage_app.paths import fsync_dir
 
-__all__ = ["BATCH_ENTRIES", "PASS_EVERY_S", "DoneRetention", "RetentionPass"]
+__all__ = ["BATCH_ENTRIES", "PASS_EVERY_S", "DoneRetention", "ResealCases", "RetentionPass"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +78,7 @@ class RetentionPass:
 
     removed: int = 0  # filed images removed, each with its sidecar
     kept_held: int = 0  # images old enough, kept because their case is still held
+    kept_reseal: int = 0  # ... because the server quarantined their case until it is resealed
     orphans_removed: int = 0  # old sidecars whose image an interrupted pass had removed
     failed: int = 0  # files that could not be removed: tried again at the next pass
     errors: set[str] = field(default_factory=set)  # their errno names
@@ -80,7 +88,8 @@ class RetentionPass:
         because their case is still held for escalation``."""
         text = (
             f"{self.removed} filed image(s) removed with their results, {self.kept_held} kept "
-            "because their case is still held for escalation"
+            f"because their case is still held for escalation, {self.kept_reseal} because "
+            "their case waits to be sealed anew (queue retry)"
         )
         if self.orphans_removed:
             text += f", {self.orphans_removed} result file(s) left by an interrupted pass removed"
@@ -90,8 +99,9 @@ class RetentionPass:
 class DoneRetention:
     """Removes the filed images of one ``done/`` folder past the retention period.
 
-    Call :meth:`tick` on every turn of the service loop, in the thread ``held_cases`` may be
-    called from (it reads the case store); it does nothing while the period is 0.
+    Call :meth:`tick` on every turn of the service loop, in the thread ``held_cases`` and
+    ``reseal_cases`` may be called from (they read the case store and the outbox); it does
+    nothing while the period is 0.
     """
 
     def __init__(
@@ -100,6 +110,7 @@ class DoneRetention:
         days: int,
         held_cases: Callable[[], Collection[str]],
         *,
+        reseal_cases: Callable[[], Collection[str]] = tuple,
         batch: int = BATCH_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -107,6 +118,7 @@ class DoneRetention:
         self._quarantine = layout.quarantine
         self._days = days
         self._held_cases = held_cases
+        self._reseal_cases = reseal_cases
         self._batch = batch
         self._clock = clock
         self._next_at = float("-inf")  # the first pass starts at the first call
@@ -125,17 +137,22 @@ class DoneRetention:
             self._pass = RetentionPass()
         try:
             held = frozenset(self._held_cases())
-        except StoreError as err:
+            reseal = frozenset(self._reseal_cases())
+        except TriageError as err:
             # Nothing is removed without knowing: the pass ends here, the next one tries again.
-            log.error("the case store cannot say which cases are held (%s)", err.code)
+            log.error(
+                "the case store or the outbox cannot say which images cases still need (%s): "
+                "nothing removed until the next pass",
+                err.code,
+            )
             return self._end_pass()
         batch = list(itertools.islice(self._entries, self._batch))
-        self._expire(batch, held)
+        self._expire(batch, held, reseal)
         if len(batch) == self._batch:
             return None  # more next call
         return self._end_pass()
 
-    def _expire(self, entries: list[Path], held: Collection[str]) -> None:
+    def _expire(self, entries: list[Path], held: Collection[str], reseal: Collection[str]) -> None:
         """Remove the filed images among ``entries`` that are old and not held, then their
         sidecars and the old sidecars an interrupted pass left (see the module on the order)."""
         cutoff = time.time() - self._days * _DAY_S
@@ -148,6 +165,8 @@ class DoneRetention:
                     continue  # filed recently, or not a filed image at all
                 if case_id in held:
                     self._pass.kept_held += 1
+                elif case_id in reseal:
+                    self._pass.kept_reseal += 1
                 elif self._remove(path):
                     self._pass.removed += 1
                     sidecars[sidecar] = False
@@ -214,6 +233,29 @@ class DoneRetention:
                 ", ".join(sorted(finished.errors)),
             )
         return finished
+
+
+class ResealCases:
+    """The cases whose image ``queue retry`` needs to seal them anew: the ones the server
+    quarantined for how they were sealed. Read from the outbox at each call, opened at the
+    first one (from the thread of the calls) and only with a central server configured:
+    without one nothing is ever sealed, or resealed."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._outbox: Outbox | None = None
+
+    def __call__(self) -> list[str]:
+        if transport_config(self._settings) is None:
+            return []
+        if self._outbox is None:
+            self._outbox = open_outbox(self._settings)
+        return [item.case_id for item in self._outbox.items() if item.needs_reseal]
+
+    def close(self) -> None:
+        outbox, self._outbox = self._outbox, None
+        if outbox is not None:
+            outbox.close()
 
 
 def _entries(done: Path, quarantine: Path) -> Iterator[Path]:

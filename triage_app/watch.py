@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -29,7 +29,7 @@ from watchdog.observers.api import BaseObserver
 from triage_app.config import Settings
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.intake import FiledOutcome, Intake, IntakeLayout, Unfiled
-from triage_app.retention import DoneRetention
+from triage_app.retention import DoneRetention, ResealCases
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class SettleTracker:
         self._lock = threading.Lock()
         # path → (last signature seen, since when it has been seen unchanged); None: not stat-ed
         self._seen: dict[Path, tuple[_Signature, float] | None] = {}
+        # path → clock() when first noted, until the file is filed or gone: its arrival, which
+        # its modification time is not (a copy may keep the scanner's, years old).
+        self._first_seen: dict[Path, float] = {}
         self._unusable: set[Path] = set()  # warned about once; retried on every rescan
 
     def note(self, path: Path) -> None:
@@ -72,6 +75,13 @@ class SettleTracker:
         if is_candidate(path.name):
             with self._lock:
                 self._seen[path] = None
+                self._first_seen.setdefault(path, self._clock())
+
+    def arrived(self, path: Path) -> float | None:
+        """When ``path`` was first noted (a ``clock()`` time), forgotten from now on: call it
+        when the file is filed or gone."""
+        with self._lock:
+            return self._first_seen.pop(path, None)
 
     def defer(self, path: Path) -> None:
         """A settled file turned out cut short: track it again, ready only once it has stayed
@@ -85,9 +95,11 @@ class SettleTracker:
             self._seen[path] = (_Signature(stat.st_size, stat.st_mtime_ns), self._clock())
 
     def note_all(self, paths: Iterator[Path]) -> None:
+        now = self._clock()
         with self._lock:
             for path in paths:
                 self._seen.setdefault(path, None)
+                self._first_seen.setdefault(path, now)
 
     def __len__(self) -> int:
         with self._lock:
@@ -114,6 +126,7 @@ class SettleTracker:
             except OSError as err:
                 with self._lock:
                     self._seen.pop(path, None)
+                    self._first_seen.pop(path, None)
                 if not isinstance(err, FileNotFoundError):
                     self._skip_unusable(path, err)
                 continue
@@ -193,7 +206,12 @@ class WatchSummary:
 
 class WatchService:
     """The service loop; ``run`` returns when ``stop`` is set (or, with ``once``, when the
-    inbox has been worked through), after the files in flight are finished and filed."""
+    inbox has been worked through), after the files in flight are finished and filed.
+
+    ``on_filed`` sees every file filed, its ``submitted_at`` being when the service first saw
+    it (so metrics time arrival to result), and every file left for a retry because its
+    outcome could not be recorded or filed (so health sees a case store that records nothing).
+    """
 
     def __init__(
         self,
@@ -221,7 +239,10 @@ class WatchService:
             queue=self._queue,
             incomplete_timeout_s=settings.watch_incomplete_timeout_s,
         )
-        retention = DoneRetention(self.layout, settings.done_retention_days, intake.held_case_ids)
+        reseal = ResealCases(settings)
+        retention = DoneRetention(
+            self.layout, settings.done_retention_days, intake.held_case_ids, reseal_cases=reseal
+        )
         observer = None if once else self._start_observer()
         try:
             log.info("watching the inbox (%d workers)", settings.workers)
@@ -231,7 +252,11 @@ class WatchService:
                 retention.tick()  # a batch at start, then hourly (intake.done_retention_days)
                 room = intake.room
                 if room > 0:
-                    intake.submit(self.tracker.settled(room, intake.is_in_flight))
+                    settled = self.tracker.settled(room, intake.is_in_flight)
+                    intake.submit(settled)
+                    for path in settled:
+                        if not intake.is_in_flight(path):
+                            self.tracker.arrived(path)  # gone before it was taken
                 for filed in intake.collect(timeout_s=tick_s):
                     self._account(filed, summary, once=once)
                 self._on_tick()
@@ -245,8 +270,11 @@ class WatchService:
                 observer.stop()
                 observer.join(timeout=10)
             log.info("stopping: finishing %d file(s) in flight", intake.in_flight)
-            for filed in intake.close():
-                self._account(filed, summary, once=True)
+            try:
+                for filed in intake.close():
+                    self._account(filed, summary, once=True)
+            finally:
+                reseal.close()
         return summary
 
     def _start_observer(self) -> BaseObserver:
@@ -270,11 +298,13 @@ class WatchService:
             # Offered again once settled again; the intake's back-off keeps it waiting longer
             # while recording or filing keeps failing.
             self.tracker.defer(filed.source)
+            self._on_filed(filed)
             return
+        arrived = self.tracker.arrived(filed.source)
         if filed.unfiled is Unfiled.GONE:
             return
         if filed.quarantined:
             summary.quarantined += 1
         else:
             summary.triaged += 1
-        self._on_filed(filed)
+        self._on_filed(filed if arrived is None else replace(filed, submitted_at=arrived))
