@@ -55,6 +55,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.events import Event
+from pynetdicom.transport import AssociationServer
 
 from triage_app.config import Settings
 from triage_app.dicom.reader import read_dataset
@@ -63,6 +64,11 @@ from triage_app.escalation.queueing import EscalationQueue
 from triage_app.intake import FiledOutcome, Intake, IntakeLayout, Unfiled
 from triage_app.paths import ensure_private_dir, fsync_dir, write_private_file
 from triage_app.retention import DoneRetention, ResealCases
+
+# pynetdicom's state for "awaiting transport connection close" (PS3.8 Sta13).
+_AWAITING_CLOSE = "Sta13"
+# How long a stopping receiver lets open associations end by themselves before aborting them.
+_CLOSE_GRACE_S = 1.0
 
 __all__ = [
     "TRANSFER_SYNTAXES",
@@ -213,6 +219,7 @@ class DicomReceiver:
         self._low_disk = False
         self._arrived: dict[Path, float] = {}  # spool file → clock() when last stored
         self._ae: AE | None = None
+        self._server: AssociationServer | None = None
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -233,7 +240,7 @@ class DicomReceiver:
         _config.LOG_HANDLER_LEVEL = "none"
         ae = self._make_ae()
         try:
-            ae.start_server(
+            self._server = ae.start_server(
                 address,
                 block=False,
                 evt_handlers=[
@@ -251,8 +258,19 @@ class DicomReceiver:
     def stop(self) -> None:
         """Stop listening and abort open associations (their unacknowledged images are re-sent)."""
         if self._ae is not None:
-            self._ae.shutdown()
+            # As ``AE.shutdown``, but associations about to end by themselves (one just
+            # rejected or released) get a moment to: aborting one that reaches "awaiting
+            # close" (Sta13) first makes pynetdicom raise InvalidEventError in its thread.
+            if self._server is not None:
+                self._server.shutdown()  # no new associations
+            deadline = time.monotonic() + _CLOSE_GRACE_S
+            while self._ae.active_associations and time.monotonic() < deadline:
+                time.sleep(0.02)
+            for assoc in self._ae.active_associations:
+                if assoc.dul.state_machine.current_state != _AWAITING_CLOSE:
+                    assoc.abort()
             self._ae = None
+            self._server = None
             log.info("DICOM receiver stopped")
 
     def __enter__(self) -> Self:
