@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 from collections.abc import Mapping
 from pathlib import Path
 from typing import cast
 
 import pytest
 
-from triage_app.admin import retry_queued_case, save_changes_audited
+from triage_app.admin import current_user, require_admin, retry_queued_case, save_changes_audited
 from triage_app.config import Change, Settings, apply_change, save_settings
-from triage_app.errors import OutboxError, StoreError
+from triage_app.errors import AdminAuthError, OutboxError, StoreError
 from triage_app.escalation.outbox import Outbox, OutboxItem
 from triage_app.store import CaseStore
 
@@ -175,3 +177,23 @@ def test_a_refused_queue_retry_is_answered_in_the_audit_log(settings: Settings) 
             {"entries": [{"case_id": "case-1", "resealed": False}], "error": "outbox_error"},
         ),
     ]
+
+
+def test_the_actor_is_the_effective_user_without_a_login_or_user_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A service, cron or container has no login terminal and often no $USER: the uid still
+    names someone, and "unknown" in an audit log answers nothing."""
+
+    def no_login() -> str:
+        raise OSError("no controlling terminal")
+
+    monkeypatch.setattr(os, "getlogin", no_login)
+    monkeypatch.delenv("USER", raising=False)
+    assert current_user() == pwd.getpwuid(os.geteuid()).pw_name
+
+
+def test_without_an_admin_password_the_refusal_names_the_command_that_sets_one() -> None:
+    with pytest.raises(AdminAuthError) as info:
+        require_admin(Settings(), "anything")
+    assert "triage-app config set-admin-password" in str(info.value)

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import select
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -17,7 +22,9 @@ from tests.helpers import (
     write_bad_inputs,
     write_phantoms,
 )
+from triage_app import cli
 from triage_app.model.manifest import load_manifest
+from triage_app.paths import ensure_private_dir
 from triage_app.store import CaseStore
 
 RESULT_FIELDS = {
@@ -213,8 +220,16 @@ def test_demo_runs_on_bundled_images(tmp_path):
     assert f"{escalated} delivered exactly once ({escalated} first deliveries)" in run.stdout
 
 
+def _own_settings_file(tmp_path: Path, data_dir: Path | None = None) -> Path:
+    """A settings file naming its own data folder, as the packaged example does: ``config set``
+    audits in the case store the file configures (never the user's own)."""
+    path = tmp_path / "settings.toml"
+    path.write_text(f'[paths]\ndata_dir = "{data_dir or tmp_path}"\n', encoding="utf-8")
+    return path
+
+
 def test_config_show_lists_settings_and_set_requires_admin_password(tmp_path):
-    config = tmp_path / "settings.toml"
+    config = _own_settings_file(tmp_path)
     show = run_cli("config", "show", "--json", "--config", config, data_dir=tmp_path)
     assert show.returncode == 0
     assert "escalation.normal_below" in json.loads(show.stdout)
@@ -239,7 +254,7 @@ def test_config_show_lists_settings_and_set_requires_admin_password(tmp_path):
 
 
 def test_admin_field_changes_with_the_right_password_only_and_are_audited(tmp_path):
-    config = tmp_path / "settings.toml"
+    config = _own_settings_file(tmp_path)
     common = ("--config", config)
     created = run_cli(
         "config",
@@ -286,7 +301,7 @@ def test_admin_field_changes_with_the_right_password_only_and_are_audited(tmp_pa
 def test_deidentify_options_are_an_admin_setting_the_deidentify_command_follows(
     tmp_path: Path,
 ) -> None:
-    config = tmp_path / "settings.toml"
+    config = _own_settings_file(tmp_path)
     common = ("--config", config)
     key, value = "deidentify.options", "clean-descriptors,retain-uids"
 
@@ -346,23 +361,29 @@ def test_watch_refuses_an_inbox_given_on_the_command_line_that_holds_its_done_fo
     assert (data / "watch" / "p000.dcm").is_file()  # nothing was touched
 
 
-def test_an_unexpected_error_is_one_line_without_file_names_and_exits_70(tmp_path):
-    """The inbox given is a file whose name is a patient's: Python's own traceback would
-    quote it. ``--debug`` is the way to the full traceback."""
-    inbox = tmp_path / "DOE^JANE.dcm"
-    inbox.write_bytes(b"not a folder")
-    run = run_cli("watch", "--once", inbox, data_dir=tmp_path / "data")
+@pytest.mark.expect_log_warnings  # --debug logs the traceback at ERROR
+def test_an_unexpected_error_is_one_line_without_file_names_and_exits_70(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug met on a file whose name is a patient's: Python's own traceback would quote it.
+    ``--debug`` is the way to the full traceback."""
+    named = tmp_path / "DOE^JANE.dcm"
+    named.write_bytes(b"not a folder")
+    monkeypatch.setattr(cli, "_config_validate", lambda args: ensure_private_dir(named))
 
-    assert run.returncode == 70, run.stderr
-    assert "DOE" not in run.stderr
-    assert "Traceback" not in run.stderr
-    last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("triage-app: error: internal_error: unexpected FileExistsError in ")
-    assert "triage_app/" in last and "--debug" in last
+    assert cli.main(["config", "validate", "--data-dir", str(tmp_path)]) == 70
+    err = capsys.readouterr().err
+    assert "DOE" not in err
+    assert "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("triage-app: error: internal_error: unexpected FileExistsError in ")
+    assert "triage_app/paths.py" in line and "--debug" in line
 
-    debug = run_cli("watch", "--once", inbox, "--debug", data_dir=tmp_path / "data")
-    assert debug.returncode == 70
-    assert "Traceback" in debug.stderr and "DOE^JANE.dcm" in debug.stderr
+    assert cli.main(["config", "validate", "--data-dir", str(tmp_path), "--debug"]) == 70
+    assert "Traceback" in caplog.text and "DOE^JANE.dcm" in caplog.text
 
 
 def test_a_case_that_cannot_be_escalated_is_logged_with_its_code_not_the_error_text(tmp_path):
@@ -382,3 +403,186 @@ def test_a_case_that_cannot_be_escalated_is_logged_with_its_code_not_the_error_t
     assert len(lines) == 1, run.stderr
     assert "invalid_dicom (InvalidDicomError)" in lines[0]
     assert "SOPInstanceUID" not in lines[0]  # the error's own text
+
+
+# --- Settings from the site admin's side --------------------------------------------------------
+
+RESTART = "systemctl restart triage-watch triage-receive"
+
+
+def test_config_set_and_the_admin_password_remind_that_running_services_need_a_restart(
+    tmp_path: Path,
+) -> None:
+    config = _own_settings_file(tmp_path)
+    changed = run_cli(
+        "config", "set", "display.theme", "light", "--config", config, data_dir=tmp_path
+    )
+    password = run_cli(
+        "config", "set-admin-password", "--stdin", "--config", config,
+        data_dir=tmp_path, stdin="correct horse\n",
+    )  # fmt: skip
+    for run in (changed, password):
+        assert run.returncode == 0, run.stderr
+        (line,) = run.stderr.strip().splitlines()
+        assert "read the settings when they start" in line and RESTART in line
+
+
+def test_a_threshold_set_without_the_model_it_was_approved_for_warns_it_is_not_used(
+    tmp_path: Path,
+) -> None:
+    config = _own_settings_file(tmp_path)
+    common = ("--config", config)
+    made = run_cli(
+        "config", "set-admin-password", "--stdin", *common, data_dir=tmp_path, stdin="pw long!\n"
+    )
+    assert made.returncode == 0, made.stderr
+
+    def set_admin(key: str, value: str) -> CliRun:
+        return run_cli(
+            "config", "set", key, value, "--admin-password-stdin", *common,
+            data_dir=tmp_path, stdin="pw long!\n",
+        )  # fmt: skip
+
+    alone = set_admin("escalation.normal_below", "0.05")
+    assert alone.returncode == 0, alone.stderr
+    (warning,) = [line for line in alone.stderr.splitlines() if "warning" in line]
+    assert "escalation.thresholds_model is not set" in warning and "not used" in warning
+
+    bound = set_admin("escalation.thresholds_model", f"{load_manifest(BUNDLE).key}")
+    again = set_admin("escalation.normal_below", "0.04")
+    assert bound.returncode == again.returncode == 0, bound.stderr + again.stderr
+    assert "warning" not in bound.stderr + again.stderr
+
+
+def test_config_set_audits_in_the_case_store_the_changed_file_configures(tmp_path: Path) -> None:
+    """Not the one --data-dir or the environment point at: the audit goes with the file."""
+    file_data = tmp_path / "file-data"
+    config = _own_settings_file(tmp_path, file_data)
+    run = run_cli(
+        "config", "set", "display.theme", "light", "--config", config,
+        data_dir=tmp_path / "flag-data",
+        env={"TRIAGE_APP_PATHS__DATA_DIR": str(tmp_path / "env-data")},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    with CaseStore.open(file_data / "cases.sqlite3") as store:
+        (entry,) = store.audit_log()
+    assert (entry.action, entry.detail["key"]) == ("config.set", "display.theme")
+    assert not (tmp_path / "flag-data").exists() and not (tmp_path / "env-data").exists()
+
+
+def test_an_explicit_settings_file_that_does_not_exist_is_an_error_except_to_create_it(
+    tmp_path: Path,
+) -> None:
+    typo = tmp_path / "setings.toml"
+    for action in ("validate", "show"):
+        run = run_cli("config", action, "--config", typo, data_dir=tmp_path)
+        assert run.returncode == 2, run.stderr
+        (line,) = run.stderr.strip().splitlines()
+        assert (
+            line == f"triage-app: error: config_invalid: {typo}: no such settings file (--config)"
+        )
+        assert "valid" not in run.stdout
+    # A new file configures the default data folder: the audit goes there (here, under tmp).
+    xdg = {"XDG_DATA_HOME": str(tmp_path / "xdg")}
+    created = run_cli(
+        "config", "set", "display.theme", "light", "--config", typo, data_dir=tmp_path, env=xdg
+    )
+    assert created.returncode == 0, created.stderr
+    assert (tmp_path / "xdg" / "triage-app" / "cases.sqlite3").is_file()
+    assert run_cli("config", "validate", "--config", typo, data_dir=tmp_path).returncode == 0
+
+
+def test_a_relative_data_dir_is_taken_from_the_working_folder(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    run = subprocess.run(
+        [sys.executable, "-m", "triage_app", "config", "get", "paths.data_dir", "--data-dir", "d2"],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(tmp_path / "d2")
+
+
+def test_zero_workers_is_refused_not_ignored(tmp_path: Path) -> None:
+    run = run_cli("classify", tmp_path / "absent.dcm", "--workers", "0", data_dir=tmp_path)
+    assert run.returncode == 2
+    (line,) = run.stderr.strip().splitlines()
+    assert (
+        "config_invalid" in line and "processing.workers: must be between 1 and 64 (got 0)" in line
+    )
+
+
+@pytest.mark.parametrize("command", ["config", "classify"])
+def test_a_reader_that_goes_away_stops_the_output_quietly(command: str, tmp_path: Path) -> None:
+    """``triage-app config show | head -1``: the pipe closes under the writer. Exit 141 (128 +
+    SIGPIPE) as a C filter's, and nothing on stderr: no internal error (70)."""
+    args = ["config", "show"]
+    if command == "classify":
+        write_phantoms(tmp_path / "in", seed=43, count=1)
+        args = ["classify", str(tmp_path / "in")]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "triage_app", *args, "--data-dir", str(tmp_path / "d")],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, env=env, timeout=240,
+            check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert run.returncode == 141, run.stderr
+    assert "error" not in run.stderr and "Traceback" not in run.stderr
+
+
+def _on_a_terminal(args: list[str], answers: list[str], data_dir: Path) -> tuple[int, str]:
+    """Run the command with a terminal for stdin (its own session, so no other terminal), typing
+    each answer once its prompt (a line ending in ': ') shows."""
+    main_fd, child_fd = os.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "triage_app", *args, "--data-dir", str(data_dir)],
+        stdin=child_fd, stdout=child_fd, stderr=child_fd, env=env, start_new_session=True,
+    )  # fmt: skip
+    os.close(child_fd)
+    seen = b""
+    try:
+        for prompts, answer in enumerate(answers, start=1):
+            deadline = time.monotonic() + 60
+            while seen.count(b": ") < prompts and time.monotonic() < deadline:
+                if select.select([main_fd], [], [], 0.2)[0]:
+                    seen += os.read(main_fd, 1024)
+                elif process.poll() is not None:
+                    break  # it asked fewer questions than there are answers
+            if process.poll() is not None:
+                break
+            os.write(main_fd, answer.encode() + b"\n")
+        code = process.wait(timeout=120)
+        while select.select([main_fd], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(main_fd, 1024)
+            except OSError:  # EIO: the child's side is closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(main_fd)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return code, seen.decode(errors="replace")
+
+
+def test_a_new_admin_password_typed_on_a_terminal_is_asked_twice(tmp_path: Path) -> None:
+    config = _own_settings_file(tmp_path)
+    args = ["config", "set-admin-password", "--config", str(config)]
+
+    code, shown = _on_a_terminal(args, ["correct horse", "correct hosre"], tmp_path)
+    assert code == 2, shown
+    assert "the two passwords differ" in shown
+    assert "password_hash" not in config.read_text()
+
+    code, shown = _on_a_terminal(args, ["correct horse", "correct horse"], tmp_path)
+    assert code == 0, shown
+    assert "admin password set" in shown
+    assert "password_hash" in config.read_text()

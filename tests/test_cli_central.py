@@ -6,11 +6,14 @@ import hashlib
 import json
 import os
 import resource
+import select
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -157,3 +160,96 @@ def test_retry_needs_the_admin_password(tmp_path: Path):
     run = run_cli("queue", "retry", "--all", "--admin-password-stdin", data_dir=tmp_path)
     assert run.returncode == 2
     assert "admin_auth_failed" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [
+        (
+            ("keys", "--rotate", "--prune-days", "-1"),
+            "--prune-days: must be 0 to 3650 days (got -1)",
+        ),
+        (("keys", "--prune-days", "99999999999"), "--prune-days: must be 0 to 3650 days"),
+        (("keys", "--rotate", "--prune-days", "soon"), "--prune-days: must be a whole number"),
+        (
+            ("serve", "--tls-cert", "c.pem", "--tls-key", "k.pem", "--max-queue-age-days", "0"),
+            "--max-queue-age-days: must be 1 to 3650 days (got 0)",
+        ),
+        (
+            ("serve", "--tls-cert", "c.pem", "--tls-key", "k.pem", "--max-queue-age-days", "1e11"),
+            "--max-queue-age-days: must be a whole number",
+        ),
+        (
+            (
+                "serve",
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "k.pem",
+                "--max-queue-age-days",
+                "99999999999",
+            ),
+            "--max-queue-age-days: must be 1 to 3650 days",
+        ),
+    ],
+)
+def test_day_counts_out_of_range_are_usage_errors_before_anything_changes(
+    flags: tuple[str, ...], reason: str, tmp_path: Path
+) -> None:
+    """``--rotate --prune-days -1`` used to rotate the key, then crash (70) in the prune."""
+    before = run_cli("central", "keys", data_dir=tmp_path)
+    assert before.returncode == 0, before.stderr
+    run = run_cli("central", *flags, data_dir=tmp_path)
+    assert run.returncode == 2, run.stderr
+    errors = [line for line in run.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and reason in errors[0], run.stderr
+    assert "Traceback" not in run.stderr and "internal_error" not in run.stderr
+    assert run_cli("central", "keys", data_dir=tmp_path).stdout == before.stdout  # not rotated
+
+
+def _certificate(data_dir: Path) -> tuple[Path, Path]:
+    made = run_cli("central", "make-cert", data_dir=data_dir)
+    assert made.returncode == 0, made.stderr
+    paths = json.loads(made.stdout)
+    return Path(paths["cert"]), Path(paths["key"])
+
+
+def test_serve_refuses_a_tls_private_key_others_can_read(tmp_path: Path) -> None:
+    cert, key = _certificate(tmp_path)
+    key.chmod(0o644)
+    run = run_cli(
+        "central", "serve", "--port", "0", "--tls-cert", cert, "--tls-key", key, data_dir=tmp_path
+    )
+    assert run.returncode == 2, run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith(f"triage-app: error: key_invalid: central.tls_key: {key}: ")
+    assert "permissions 0644 are too open" in line
+
+
+def test_serve_logs_where_it_listens_without_being_asked(tmp_path: Path) -> None:
+    """A server's log is its only voice: ``listening on`` and the start-up counts at INFO."""
+    cert, key = _certificate(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    command = [
+        *(sys.executable, "-m", "triage_app", "central", "serve", "--port", "0"),
+        *("--tls-cert", str(cert), "--tls-key", str(key), "--data-dir", str(tmp_path)),
+    ]
+    lines: list[str] = []
+    # Unbuffered, so select() sees every line; a deadline, so a silent server fails the test.
+    with subprocess.Popen(
+        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, bufsize=0
+    ) as server:
+        assert server.stderr is not None
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline and server.poll() is None:
+                if not select.select([server.stderr], [], [], 0.5)[0]:
+                    continue
+                lines.append(server.stderr.readline().decode(errors="replace"))
+                if "listening on" in lines[-1]:
+                    break
+        finally:
+            # Killed, not stopped: a SIGTERM in the instant before uvicorn handles it is lost.
+            server.kill()
+            server.wait()
+    assert any("listening on 127.0.0.1:" in line for line in lines), lines

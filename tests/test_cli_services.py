@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import run_cli
 from tests.test_receiver import part10, receiver_settings
 from triage_app.cli_services import _receiver_metrics
 from triage_app.metrics import ServiceMetrics
@@ -47,3 +48,16 @@ def test_the_receive_service_shows_the_receivers_tallies_and_hand_overs(tmp_path
     hand_overs = "triage_receiver_study_hand_overs_total"
     assert figures[(hand_overs, frozenset({("why", "max_wait")}))] == 1  # the first 3, at 2.5 s
     assert figures[(hand_overs, frozenset({("why", "quiet")}))] == 1  # the last, once quiet
+
+
+def test_watch_refuses_an_inbox_that_is_a_file_as_a_settings_error_naming_it(
+    tmp_path: Path,
+) -> None:
+    """Not an internal error (70) at the first mkdir: the admin gave a file for a folder."""
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"not a folder")
+    run = run_cli("watch", "--once", afile, data_dir=tmp_path / "data")
+    assert run.returncode == 2, run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert line == f"triage-app: error: config_invalid: watch.inbox_dir: not a folder: {afile}"
+    assert afile.read_bytes() == b"not a folder"

@@ -885,3 +885,87 @@ def test_separate_service_folders_are_accepted(tmp_path: Path) -> None:
         {"paths.data_dir": tmp_path / "out" / "data", "receiver.storage_dir": tmp_path / "out"}
     )
     assert beside.watch_inbox == tmp_path / "out" / "data" / "watch" / "inbox"
+
+
+# --- What the site admin found (review round 1) ---------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["paths.data_dir", "paths.case_store"])
+def test_the_data_folder_and_the_case_store_are_admin_fields(
+    key: str, admin_settings: Settings, tmp_path: Path
+) -> None:
+    """They move the device key and the audit log (DESIGN 4.5: the device key location)."""
+    assert SPECS[key].admin
+    with pytest.raises(AdminAuthError, match=rf"^{key}: admin field"):
+        apply_change(admin_settings, key, str(tmp_path / "x"), admin_password=None)
+    updated, change = apply_change(
+        admin_settings, key, str(tmp_path / "x"), admin_password=PASSWORD
+    )
+    assert updated.get(key) == tmp_path / "x" and change.admin
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("https://[::1", "Invalid IPv6 URL"),
+        ("https://127.0.0.1:99999", "Port out of range"),
+        ("https://127.0.0.1:abc", "Port could not be cast"),
+        ("https://127.0.0.1:0", "port must be between 1 and 65535"),
+        ("https://:8443/v1", "must name a host"),
+        ("https://central example", "must look like an http:// or https://"),
+    ],
+)
+def test_a_central_url_that_does_not_parse_whole_is_refused_on_load(
+    url: str, reason: str, tmp_path: Path
+) -> None:
+    """``config validate`` refuses it, rather than the first delivery days later (or exit 70)."""
+    path = write_toml(
+        tmp_path / "settings.toml",
+        f'[escalation]\ncentral_url = "{url}"\ntls_pin = "{"ab" * 32}"\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert str(info.value).startswith("escalation.central_url: ")
+    assert reason in str(info.value) and info.value.code == "config_invalid"
+    with pytest.raises(ConfigError, match=r"^escalation\.central_url: "):
+        load_settings(tmp_path / "none.toml", env={}, overrides={"escalation.central_url": url})
+
+
+def test_a_settings_file_that_is_not_utf8_is_refused_as_invalid_toml(tmp_path: Path) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_bytes('[display]\ntheme = "dark"\n# caf\xe9\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert str(info.value) == f"{path}: not valid TOML (not UTF-8)"
+    assert info.value.code == "config_invalid"
+
+
+def test_the_admin_password_hash_never_comes_from_the_environment_or_the_command_line(
+    admin_settings: Settings, tmp_path: Path
+) -> None:
+    """Else whoever sets a service's environment chooses the password ``queue retry`` takes."""
+    path = save_settings(admin_settings, tmp_path / "settings.toml")
+    other = set_admin_password(Settings(), "another password").get("admin.password_hash")
+    variable = "TRIAGE_APP_ADMIN__PASSWORD_HASH"
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={variable: str(other)})
+    assert str(info.value) == (
+        "admin.password_hash: comes from the settings file only; set it with triage-app config "
+        f"set-admin-password [{variable}]"
+    )
+    with pytest.raises(ConfigError, match=r"^admin\.password_hash: comes from the settings file"):
+        load_settings(path, env={}, overrides={"admin.password_hash": other})
+    assert verify_admin_password(load_settings(path, env={}), PASSWORD)
+
+
+def test_thresholds_without_the_model_they_were_approved_for_are_reported_unused() -> None:
+    assert config.unused_thresholds(Settings()) is None
+    alone = Settings({"escalation.abnormal_at_or_above": 0.9})
+    assert "escalation.thresholds_model is not set" in str(config.unused_thresholds(alone))
+    bound = alone.with_values(**{"escalation.thresholds_model": "chest-dx-demo@1.0.0"})
+    assert config.unused_thresholds(bound) is None
+
+
+def test_an_admin_field_without_a_password_says_how_to_set_one() -> None:
+    with pytest.raises(AdminAuthError, match="set one with triage-app config set-admin-password"):
+        apply_change(Settings(), "escalation.normal_below", "0.1", admin_password="anything")

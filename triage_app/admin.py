@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -30,17 +31,25 @@ log = logging.getLogger(__name__)
 
 
 def current_user() -> str:
-    """The login name recorded with admin actions and clinician feedback."""
+    """The user name recorded with admin actions and clinician feedback.
+
+    The effective user first: it is who acts (``sudo -u triage`` acts as ``triage``), and it is
+    known without a login terminal or ``$USER`` (a service, cron, a container). A uid without
+    a passwd entry is recorded as its number rather than as nobody.
+    """
+    uid = os.geteuid()
     try:
-        return os.getlogin()
-    except OSError:
-        return os.environ.get("USER", "unknown")
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return os.environ.get("USER") or f"uid {uid}"
 
 
 def require_admin(settings: Settings, password: str) -> None:
     """Raise ``AdminAuthError`` unless ``password`` is the admin password."""
     if not settings.has_admin_password:
-        raise AdminAuthError("no admin password is set; set one with config set-admin-password")
+        raise AdminAuthError(
+            "no admin password is set; set one with triage-app config set-admin-password"
+        )
     if not verify_admin_password(settings, password):
         raise AdminAuthError("the admin password is wrong")
 

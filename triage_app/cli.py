@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -24,15 +25,18 @@ from triage_app.cli_common import (
     EXIT_OK,
     EXIT_SOME_FAILED,
     EXIT_USAGE,
+    read_new_secret,
     read_secret,
     settings_from_args,
 )
 from triage_app.config import (
     SPECS,
+    THRESHOLD_KEYS,
     Settings,
     apply_change,
     describe,
     set_admin_password,
+    unused_thresholds,
     verify_admin_password,
 )
 from triage_app.dicom.deidentify import ProfileOption
@@ -44,6 +48,16 @@ from triage_app.results import CaseResult, FailedInput, InputOutcome
 logger = logging.getLogger("triage_app.cli")
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE (sysexits.h): neither the input nor the settings, a bug
+# 128 + SIGPIPE, what the shell reports for a C filter stopped by a closed pipe: the output was
+# cut short (under `set -o pipefail` the pipeline says so), yet it is neither a bug (70) nor
+# "every input handled" (0), which would be untrue for the inputs never reported.
+EXIT_BROKEN_PIPE = 141
+
+RESTART_REMINDER = (
+    "triage-app: note: running services (watch, receive, the desktop app) read the settings "
+    "when they start; restart them to apply this (e.g. systemctl restart triage-watch "
+    "triage-receive)"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,6 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("triage-app: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`triage-app config show | head -1`): stop quietly. Python's
+        # recipe: point stdout at /dev/null, so the flush at exit does not fail a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as err:  # the last resort: one line without PHI, not Python's traceback
         if args.debug:
             logger.exception("unexpected error")
@@ -194,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _configure_logging(args: argparse.Namespace) -> None:
     # A service's log is its only voice, so services log progress without -v.
-    service = hasattr(args, "log_format")
+    service = hasattr(args, "log_format") or getattr(args, "progress_logs", False)
     level = logging.INFO if args.verbose or service else logging.WARNING
     configure_logging(
         logging.DEBUG if args.debug else level,
@@ -402,11 +422,21 @@ def _config_set(args: argparse.Namespace) -> int:
     ask = spec is not None and spec.admin and settings.has_admin_password
     password = read_secret("admin password: ", args.admin_password_stdin) if ask else None
     updated, change = apply_change(settings, args.key, args.value, admin_password=password)
-    store_path = settings_from_args(args).case_store_path
+    # The audit entry lands in the case store the saved file configures, whatever --data-dir or
+    # the environment say: the log must be found next to the settings it describes.
     path = save_audited(
-        updated, args.config, store_path, actor=current_user(), action="config.set", change=change
+        updated,
+        args.config,
+        updated.case_store_path,
+        actor=current_user(),
+        action="config.set",
+        change=change,
     )
     print(f"{change.key}: {change.old!s} -> {change.new!s} (saved to {path})")
+    unused = unused_thresholds(updated) if change.key in THRESHOLD_KEYS else None
+    if unused is not None:
+        print(f"triage-app: warning: {unused}", file=sys.stderr)
+    print(RESTART_REMINDER, file=sys.stderr)
     return EXIT_OK
 
 
@@ -416,15 +446,16 @@ def _config_set_admin_password(args: argparse.Namespace) -> int:
         current = read_secret("current admin password: ", args.stdin)
         if not verify_admin_password(settings, current):
             raise AdminAuthError("the current admin password is wrong")
-    new = read_secret("new admin password: ", args.stdin)
+    new = read_new_secret("new admin password: ", args.stdin)
     path = save_audited(
         set_admin_password(settings, new),
         args.config,
-        settings_from_args(args).case_store_path,
+        settings.case_store_path,  # the file's own store, as for `config set`
         actor=current_user(),
         action="config.admin_password_set",
     )
     print(f"admin password set (saved to {path})")
+    print(RESTART_REMINDER, file=sys.stderr)
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,27 @@ from triage_app.cli_common import EXIT_OK
 
 if TYPE_CHECKING:
     from triage_app.central.config import CentralConfig
+
+# Ten years: longer than any envelope waits, and far below what a date can hold (a huge value
+# made timedelta overflow after the key ring had already been rotated).
+MAX_DAYS = 3650
+
+
+def _days(least: int) -> Callable[[str], int]:
+    """An argparse type: whole days from ``least`` to :data:`MAX_DAYS`, checked before acting."""
+
+    def parse(text: str) -> int:
+        try:
+            days = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number of days (got {text!r})"
+            ) from None
+        if not least <= days <= MAX_DAYS:
+            raise argparse.ArgumentTypeError(f"must be {least} to {MAX_DAYS} days (got {days})")
+        return days
+
+    return parse
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -50,7 +72,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--max-queue-age-days",
-        type=int,
+        type=_days(1),
         default=30,
         help="oldest envelope accepted, and how long retired keys are kept (default 30)",
     )
@@ -69,7 +91,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="cut off (408) an upload that sends nothing this long "
         f"(default {DEFAULT_UPLOAD_IDLE_TIMEOUT_S:g})",
     )
-    serve.set_defaults(handler=_serve)
+    # The server's log is its only voice: "listening on" and the start-up clean-up counts.
+    serve.set_defaults(handler=_serve, progress_logs=True)
 
     add = actions.add_parser("add-device", parents=[server], help="register a device's public key")
     add.add_argument("public_key", help="the device's Ed25519 key, as `triage-app device` prints")
@@ -130,7 +153,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     keys.add_argument(
         "--prune-days",
-        type=int,
+        type=_days(0),
         help="delete retired keys retired longer than this (the longest queue age)",
     )
     keys.set_defaults(handler=_keys)

@@ -7,27 +7,35 @@ import getpass
 import sys
 
 from triage_app.config import Settings, load_settings
-from triage_app.errors import AdminAuthError
+from triage_app.errors import AdminAuthError, ConfigError
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def settings_from_args(args: argparse.Namespace, *, for_saving: bool = False) -> Settings:
-    overrides: dict[str, object] = {}
-    if getattr(args, "data_dir", None):
-        overrides["paths.data_dir"] = args.data_dir
-    if getattr(args, "model_dir", None):
-        overrides["paths.model_dir"] = args.model_dir
-    if getattr(args, "workers", None):
-        overrides["processing.workers"] = args.workers
-    if getattr(args, "options", None):
-        overrides["deidentify.options"] = args.options
+    """The settings a command runs with: the file, the environment, then the flags.
+
+    An explicit ``--config`` that does not exist is an error (a typo must not run on the
+    defaults), except ``for_saving``: ``config set`` and ``set-admin-password`` create the file.
+    """
+    config = getattr(args, "config", None)
     if for_saving:
         # What is saved must be the file's own values, not the environment's or the flags';
-        # the effective settings (e.g. which case store gets the audit entry) come from
-        # a second call without ``for_saving``.
-        return load_settings(args.config, env={})
-    return load_settings(args.config, overrides=overrides)
+        # the audit entry goes with them too (to the case store this file configures).
+        return load_settings(config, env={})
+    if config is not None and not config.exists():
+        raise ConfigError(f"{config}: no such settings file (--config)")
+    overrides: dict[str, object] = {}
+    # Relative folders mean "from here", as every other path typed on the command line does.
+    if getattr(args, "data_dir", None) is not None:
+        overrides["paths.data_dir"] = args.data_dir.expanduser().absolute()
+    if getattr(args, "model_dir", None) is not None:
+        overrides["paths.model_dir"] = args.model_dir.expanduser().absolute()
+    if getattr(args, "workers", None) is not None:
+        overrides["processing.workers"] = args.workers  # 0 is refused by the setting's bounds
+    if getattr(args, "options", None) is not None:
+        overrides["deidentify.options"] = args.options
+    return load_settings(config, overrides=overrides)
 
 
 def read_secret(prompt: str, from_stdin: bool) -> str:
@@ -39,3 +47,11 @@ def read_secret(prompt: str, from_stdin: bool) -> str:
         return getpass.getpass(prompt)
     except EOFError:
         return ""
+
+
+def read_new_secret(prompt: str, from_stdin: bool) -> str:
+    """A new password: typed twice on a terminal, since a typo there cannot be seen."""
+    secret = read_secret(prompt, from_stdin)
+    if not from_stdin and read_secret(f"{prompt.rstrip(': ')} (again): ", from_stdin) != secret:
+        raise AdminAuthError("the two passwords differ; nothing was changed")
+    return secret

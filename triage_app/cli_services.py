@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from triage_app.cli_common import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, settings_from_args
+from triage_app.errors import ConfigError
 
 if TYPE_CHECKING:
     from triage_app.metrics import ServiceMetrics
@@ -74,6 +75,11 @@ def _watch(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.inbox is not None:
         settings = settings.with_values(**{"watch.inbox_dir": args.inbox.absolute()})
+    _require_folders(
+        ("watch.inbox_dir", settings.watch_inbox),
+        ("watch.done_dir", settings.watch_done),
+        ("watch.quarantine_dir", settings.watch_quarantine),
+    )
     stop = stop_on_signals()
     # A one-off run leaves delivery to `queue drain` or the running services, and serves no
     # metrics: nothing would be there to scrape them.
@@ -106,6 +112,7 @@ def _receive(args: argparse.Namespace) -> int:
         settings = settings.with_values(**{"receiver.port": args.port})
     if args.ae_title is not None:
         settings = settings.with_values(**{"receiver.ae_title": args.ae_title})
+    _require_folders(("receiver.storage_dir", settings.receiver_storage))
     stop = stop_on_signals()
     with ServiceRuntime(
         settings,
@@ -123,6 +130,14 @@ def _receive(args: argparse.Namespace) -> int:
 
         run_receiver(settings, stop, queue=runtime.queue, on_filed=runtime.filed, on_tick=on_tick)
     return EXIT_OK
+
+
+def _require_folders(*folders: tuple[str, Path]) -> None:
+    """Refuse a service folder that exists as something else (a file): a settings mistake the
+    admin fixes, not a crash (exit 70) at the first mkdir."""
+    for key, path in folders:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{key}: not a folder: {path}")
 
 
 def _receiver_metrics(metrics: ServiceMetrics, receiver: DicomReceiver) -> None:

@@ -214,6 +214,39 @@ class FsPath(SettingType):
 
 
 @dataclass(frozen=True)
+class HttpUrl(SettingType):
+    """An ``http://`` or ``https://`` address with a host and, if any, a port that parses.
+
+    Checked whole on load, so a bad address is refused by ``config validate`` rather than by the
+    first delivery attempt, days later.
+    """
+
+    def check(self, value: object) -> object:
+        if not isinstance(value, str):
+            raise _InvalidValueError(f"must be text (got {value!r})")
+        if not value.startswith(("http://", "https://")) or any(c.isspace() for c in value):
+            raise _InvalidValueError(
+                f"must look like an http:// or https:// address (got {value!r})"
+            )
+        try:
+            parts = urlsplit(value)
+            port = parts.port  # parsed lazily: ":abc" and ":99999" raise only here
+        except ValueError as err:
+            raise _InvalidValueError(f"not a valid address: {err} (got {value!r})") from None
+        if not parts.hostname:
+            raise _InvalidValueError(f"must name a host (got {value!r})")
+        if port == 0:
+            raise _InvalidValueError(f"port must be between 1 and 65535 (got {value!r})")
+        return value
+
+    def parse(self, raw: str) -> object:
+        return self.check(raw)
+
+    def describe(self) -> str:
+        return "an http:// or https:// address"
+
+
+@dataclass(frozen=True)
 class Optional(SettingType):
     """``inner`` or None; as text, an empty string or ``none`` means None."""
 
@@ -323,6 +356,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
         FsPath(),
         default_data_dir(),
         "Folder where the app keeps its case database, outbox and keys.",
+        admin=True,  # moves the device key and the audit log (DESIGN 4.5)
     ),
     SettingSpec(
         "paths.model_dir",
@@ -336,6 +370,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
         Optional(FsPath()),
         None,
         "The local case database file; none means cases.sqlite3 in the data folder.",
+        admin=True,  # holds the audit log
     ),
     SettingSpec(
         "model.name",
@@ -369,7 +404,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     ),
     SettingSpec(
         "escalation.central_url",
-        Optional(Str(r"https?://[^\s/?#]+\S*", "an http:// or https:// address")),
+        Optional(HttpUrl()),
         None,
         "Address of the central diagnostic server; none means escalated cases are held on "
         "this device.",
@@ -1140,6 +1175,7 @@ def load_settings(
     values.update(_read_env(os.environ if env is None else env))
     for key, value in (overrides or {}).items():
         spec = _spec(key, "command line")
+        _refuse_password_hash(key, "command line")
         values[key] = (
             spec.parse(value, "command line")
             if isinstance(value, str)
@@ -1157,6 +1193,8 @@ def _read_file(path: Path) -> dict[str, object]:
         return {}
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    except UnicodeDecodeError:  # TOML is UTF-8 by definition
+        raise ConfigError(f"{path}: not valid TOML (not UTF-8)") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the settings file ({err.strerror})") from None
     values: dict[str, object] = {}
@@ -1176,8 +1214,28 @@ def _read_env(env: Mapping[str, str]) -> dict[str, object]:
         # Only SECTION__NAME-shaped variables are settings; TRIAGE_APP_DEBUG and the like are not.
         if name.startswith(ENV_PREFIX) and "__" in name[len(ENV_PREFIX) :]:
             key = name[len(ENV_PREFIX) :].replace("__", ".").lower()
-            values[key] = _spec(key, name).parse(raw, name)
+            spec = _spec(key, name)
+            _refuse_password_hash(key, name)
+            values[key] = spec.parse(raw, name)
     return values
+
+
+def _refuse_password_hash(key: str, source: str) -> None:
+    """The admin password hash comes from the settings file only.
+
+    Taken from a variable or a flag, it would let whoever sets the service's environment choose
+    the password that admin actions (``queue retry``) accept. Refused rather than ignored: a
+    stop with a clear line is found at once, a warning in a journal may never be read.
+    """
+    if key == ADMIN_PASSWORD_KEY:
+        raise ConfigError(
+            _message(
+                key,
+                "comes from the settings file only; set it with "
+                "triage-app config set-admin-password",
+                source,
+            )
+        )
 
 
 def save_settings(settings: Settings, path: Path | None = None) -> Path:
@@ -1275,7 +1333,10 @@ def apply_change(
         raise ConfigError(f"{key}: cannot be set directly; use the admin password command")
     if spec.admin:
         if not settings.has_admin_password:
-            raise AdminAuthError(f"{key}: admin field, and no admin password is set yet")
+            raise AdminAuthError(
+                f"{key}: admin field, and no admin password is set yet; "
+                "set one with triage-app config set-admin-password"
+            )
         if admin_password is None:
             raise AdminAuthError(f"{key}: admin field; the admin password is required")
         if not verify_admin_password(settings, admin_password):
@@ -1283,6 +1344,25 @@ def apply_change(
     new_value = spec.parse(raw_value)
     updated = settings.with_values(**{key: new_value})
     return updated, Change(key=key, old=settings.get(key), new=new_value, admin=spec.admin)
+
+
+THRESHOLD_KEYS = frozenset({"escalation.normal_below", "escalation.abnormal_at_or_above"})
+
+
+def unused_thresholds(settings: Settings) -> str | None:
+    """Why the admin thresholds in ``settings`` are not used, or None when they are (or unset).
+
+    Thresholds are approved for one model: without ``escalation.thresholds_model`` the policy
+    keeps every model's own defaults, so a threshold set alone silently changes nothing.
+    """
+    if settings.thresholds_model is not None or (
+        settings.normal_below is None and settings.abnormal_at_or_above is None
+    ):
+        return None
+    return (
+        "escalation.thresholds_model is not set, so the thresholds are not used (the model's "
+        "own defaults are); set it to the model they were approved for (name@version)"
+    )
 
 
 # --- Self-description -------------------------------------------------------------------------

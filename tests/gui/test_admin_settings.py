@@ -307,11 +307,14 @@ def test_a_change_whose_audit_entry_cannot_be_written_is_not_saved(
 
 
 def test_a_new_case_store_applies_at_the_next_start_only(
-    qtbot: QtBot, window, settings: Settings, config_path: Path, tmp_path: Path
+    qtbot: QtBot, window, settings: Settings, admin_config: Path, tmp_path: Path
 ) -> None:
-    """Switching it live moved the importer to the new store and left the worklist on the old."""
+    """Switching it live moved the importer to the new store and left the worklist on the old.
+    The store holds the audit log: moving it is an admin change."""
+    config_path = admin_config
     window.show_settings()
     dialog = window.settings_dialog
+    assert _unlock(qtbot, dialog, PASSWORD)
     elsewhere = tmp_path / "elsewhere" / "cases.sqlite3"
     dialog.editors["paths.case_store"].set_text(str(elsewhere))
     dialog.editors["display.font_scale"].set_text("1.25")

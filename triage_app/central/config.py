@@ -8,12 +8,13 @@ starts, not here, so that ``central cases`` can build a config just to find the 
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from triage_app.config import is_loopback_host
-from triage_app.errors import ConfigError
+from triage_app.errors import ConfigError, KeyFileError
 
 MIB = 1024 * 1024
 DEFAULT_PORT = 8443
@@ -121,10 +122,18 @@ class CentralConfig:
         return self.tls_cert is not None
 
     def check_tls_files(self) -> None:
-        """Refuse to start with a certificate or key that is not a readable file."""
+        """Refuse to start with a certificate or key that is not a readable file, or with a
+        private key other users may read (the rule the server's own key files follow)."""
         for name, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
             if path is not None and not path.is_file():
                 raise ConfigError(f"central.{name}: no such file: {path}")
+        if self.tls_key is not None:
+            mode = stat.S_IMODE(self.tls_key.stat().st_mode)
+            if mode & 0o077:
+                raise KeyFileError(
+                    f"central.tls_key: {self.tls_key}: permissions {mode:04o} are too open; "
+                    "it must be readable by this user only (chmod 600)"
+                )
 
 
 def _check_timeout(name: str, value: object) -> None:
