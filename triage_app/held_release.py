@@ -164,7 +164,9 @@ def release_held(
     batch = candidates if limit is None else candidates[:limit]
     tried: list[HeldCase] = []
     # A full outbox is seen before a model is loaded or a file read for nothing.
-    waiting = len(candidates) if queue.outbox.status().full else 0
+    # Only a quota used up to the byte: a held case smaller than the last one refused may fit.
+    status = queue.outbox.status()
+    waiting = len(candidates) if status.queued_bytes >= status.quota_bytes else 0
     if not waiting:
         for index, case_id in enumerate(batch):
             outcome = _release_one(store, queue, triage, case_id)
