@@ -43,7 +43,7 @@ ACCESSION = "ACC99887766"
 BIRTH_DATE = "19800215"
 SEED = 61
 ESCALATED = 1  # a DX phantom of SEED the model finds uncertain
-LOCAL = {"normal": 2, "abnormal": 6}  # DX phantoms of SEED it decides with the manifest defaults
+LOCAL = {"normal": 3, "abnormal": 6}  # DX phantoms of SEED it decides with the manifest defaults
 EVERYTHING_UNCERTAIN = ActiveThresholds(Thresholds(0.0, 1.0), "settings")
 RULE_NAME = "phantom banner"
 

@@ -147,7 +147,8 @@ def write_model_card(bundle: Path, manifest: dict[str, Any]) -> None:
         "- Anything else (wrong modality, body part or photometric interpretation, multi-frame, or "
         "an image unlike the training data by the input profile) is escalated as out of scope.",
         f"- Input: {manifest['input']['shape']} float32; preprocessing: resize to {prep['size']} "
-        f"(area), window {prep['windowing']}, MONOCHROME1 inverted, CLAHE {prep.get('clahe')}, "
+        f"(area, on {prep.get('resize_dtype', 'stored')} values), window {prep['windowing']}, "
+        f"MONOCHROME1 inverted, CLAHE {prep.get('clahe')}, "
         f"normalised {prep['normalise']}.",
         f"- Precision shipped: **{manifest['precision']}** "
         f"(ONNX, sha256 `{manifest['sha256'][:16]}…`).",

@@ -41,6 +41,7 @@ from triage_app.escalation.outbox import OutboxItem
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.escalation.service import EscalationLink, open_escalation
 from triage_app.escalation.uploader import Uploader, UploaderConfig
+from triage_app.model.manifest import load_manifest
 from triage_app.results import CaseResult
 from triage_app.states import CaseState
 from triage_app.store import CaseStore
@@ -48,7 +49,7 @@ from triage_app.store import CaseStore
 ROOT = Path(__file__).resolve().parents[2]
 #: The edge model doubles as the central model: it reads the de-identified DICOM and answers.
 EDGE_MODEL = ROOT / "models" / "chest-dx-demo"
-EDGE_MODEL_KEY = "chest-dx-demo@1.0.0"
+EDGE_MODEL_KEY = load_manifest(EDGE_MODEL).key  # the shipped model, whatever its version
 
 # Identifiers planted in every phantom: none may be found in anything the outbox writes.
 SEED = 61

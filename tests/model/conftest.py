@@ -140,6 +140,33 @@ def write_doc(bundle: Path, doc: dict[str, Any]) -> None:
     (bundle / MANIFEST_NAME).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
 
 
+def lossless_re_encodings(phantom: Phantom) -> dict[str, DicomImage]:
+    """The phantom's pixel values in three lossless encodings, read back as the product reads them.
+
+    ``as_written``: the generator's 12-16 bit unsigned file. ``shifted_16_bit``: the same values
+    shifted into 16 bits stored, Rescale Slope divided to match (identical modality values).
+    ``float_pixels``: Float Pixel Data holding the stored values, same rescale.
+    """
+    written = phantom_to_dataset(phantom)
+    shift = 16 - int(written.BitsStored)
+    values = phantom.stored.astype(np.int64)
+    shifted = phantom_to_dataset(phantom)
+    shifted.BitsStored, shifted.HighBit = 16, 15
+    shifted.RescaleSlope = float(written.RescaleSlope) / 2**shift
+    shifted.PixelData = (values << shift).astype("<u2").tobytes()
+    floats = phantom_to_dataset(phantom)
+    del floats.PixelData, floats.BitsStored, floats.HighBit, floats.PixelRepresentation
+    floats.BitsAllocated = 32
+    floats.FloatPixelData = values.astype("<f4").tobytes()
+    encoded = {"as_written": written, "shifted_16_bit": shifted, "float_pixels": floats}
+    images = {}
+    for name, ds in encoded.items():
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        images[name] = load_image(buffer.getvalue())
+    return images
+
+
 @pytest.fixture(scope="session")
 def phantom_units() -> FloatArray:
     """Unit images of phantoms 0 .. FIT_COUNT + 9 (the last ten are held out of the profile)."""

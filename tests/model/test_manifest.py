@@ -181,6 +181,11 @@ MALFORMED: dict[str, Callable[[dict[str, Any]], None]] = {
     "no modalities": _drop("intended_use", "modalities"),
     "no preprocessing": _drop("preprocessing"),
     "preprocessing size bad": _set([128], "preprocessing", "size"),
+    "preprocessing not an object": _set("clahe", "preprocessing"),
+    "clahe levels not allowed": _set(1024, "preprocessing", "clahe", "levels"),
+    "resize dtype not allowed": _set("int32", "preprocessing", "resize_dtype"),
+    "input shape not the preprocessing size": _set([1, 1, 96, 96], "input", "shape"),
+    "intended use not an object": _set(["DX"], "intended_use"),
     "no input profile": _drop("input_profile"),
     "no input profile hash": _drop("input_profile", "sha256"),
 }

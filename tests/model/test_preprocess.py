@@ -13,10 +13,13 @@ import pytest
 from pydicom.dataset import Dataset
 
 from tests.dicom.conftest import synthetic
-from tests.model.conftest import PHANTOM_SEED, SMALL
+from tests.helpers import BUNDLE
+from tests.model.conftest import PHANTOM_SEED, SMALL, lossless_re_encodings
 from triage_app.dicom import DicomImage, load_image
 from triage_app.errors import ManifestError
+from triage_app.model import Classifier
 from triage_app.model.preprocess import PreprocessSpec, to_tensor, to_unit_image
+from triage_app.policy import assess_scope, decide
 from triage_app.synthetic import Phantom, PhantomConfig, phantom_to_dataset, render_phantom
 
 SPEC = PreprocessSpec()
@@ -184,7 +187,8 @@ def test_header_windowing_uses_the_header_window(photometric: str, custom: bool)
     image = _load(ds)
     assert image.info.window is not None
     center, width = image.info.window
-    small = cv2.resize(image.stored, (SPEC.columns, SPEC.rows), interpolation=cv2.INTER_AREA)
+    stored = image.stored.astype(np.float32)
+    small = cv2.resize(stored, (SPEC.columns, SPEC.rows), interpolation=cv2.INTER_AREA)
     values = small.astype(np.float64) * image.info.rescale_slope + image.info.rescale_intercept
     expected = _header_window(values, center, width)
     if photometric == "MONOCHROME1":
@@ -253,6 +257,59 @@ def test_clahe_raises_local_contrast_of_a_faint_blob() -> None:
     np.testing.assert_array_equal(equalised, to_tensor(unit, SPEC)[0, 0])
 
 
+@pytest.mark.parametrize("index", range(4))
+def test_lossless_re_encodings_give_the_same_tensor(index: int) -> None:
+    """The same pixel values stored differently must give the model the same input, exactly.
+
+    Resizing the integers rounded at the stored bit depth (unit images up to ~5e-4 apart), and
+    equalisation turned that into different inputs: mean tensor differences of 0.15-0.5 on 65,536
+    levels, ~0.005 on 256 levels, both enough to change decisions near a threshold.
+    """
+    images = lossless_re_encodings(render_phantom(777, index))
+    units = {name: to_unit_image(image, SPEC) for name, image in images.items()}
+    reference = units.pop("as_written")
+    for name, unit in units.items():
+        np.testing.assert_array_equal(unit, reference, err_msg=name)
+        np.testing.assert_array_equal(to_tensor(unit, SPEC), to_tensor(reference, SPEC), name)
+
+
+def test_legacy_bundles_resize_the_stored_integers() -> None:
+    """Bundles trained before float32 resizing are still run on the rounded integer resize."""
+    images = lossless_re_encodings(render_phantom(777, 1))  # 12 bits stored
+    legacy = PreprocessSpec(resize_dtype="stored")
+    as_written = to_unit_image(images["as_written"], legacy)
+    assert not np.array_equal(as_written, to_unit_image(images["shifted_16_bit"], legacy))
+    exact = to_unit_image(images["as_written"], SPEC)
+    assert not np.array_equal(as_written, exact)
+    np.testing.assert_allclose(as_written, exact, atol=1e-3)  # rounding, nothing more
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Classifier:
+    return Classifier(BUNDLE)
+
+
+# Seed 777 phantoms whose local decision changed with the encoding under 16-bit equalisation
+# (the review's scan: 19 of 200), and three that did not.
+REVIEW_FLIPS = (5, 18, 32, 34, 43, 73, 96, 164, 176)
+
+
+@pytest.mark.parametrize("index", (0, 1, 2, *REVIEW_FLIPS))
+def test_the_shipped_models_decision_does_not_depend_on_the_encoding(
+    shipped: Classifier, index: int
+) -> None:
+    """A case must not be decided locally as normal or escalated depending on whether the
+    scanner stored 12 bits, 16 bits with a smaller Rescale Slope or float pixel data."""
+    spec = shipped.manifest.preprocessing
+    outcomes = {}
+    for name, image in lossless_re_encodings(render_phantom(777, index)).items():
+        unit = to_unit_image(image, spec)
+        score = shipped.predict(to_tensor(unit, spec)).score
+        scope = assess_scope(image.info, unit, shipped.manifest.intended_use, shipped.profile)
+        outcomes[name] = (decide(score, shipped.manifest.thresholds, scope).decision, score)
+    assert len(set(outcomes.values())) == 1, outcomes  # same decision, same score
+
+
 def test_spec_round_trips_through_json() -> None:
     spec = PreprocessSpec(
         rows=96, columns=112, windowing="header", low_percentile=1.0, high_percentile=98.0,
@@ -260,6 +317,26 @@ def test_spec_round_trips_through_json() -> None:
     )  # fmt: skip
     assert PreprocessSpec.from_json(spec.to_json()) == spec
     assert PreprocessSpec.from_json(PreprocessSpec().to_json()) == PreprocessSpec()
+    legacy = PreprocessSpec(clahe_levels=65536, resize_dtype="stored")
+    assert PreprocessSpec.from_json(legacy.to_json()) == legacy
+
+
+def test_bundles_without_the_new_fields_keep_the_preprocessing_they_were_trained_with() -> None:
+    block = PreprocessSpec().to_json()
+    del block["clahe"]["levels"], block["resize_dtype"]
+    spec = PreprocessSpec.from_json(block)
+    assert (spec.clahe_levels, spec.resize_dtype) == (65536, "stored")
+    # What new models are trained with.
+    assert (PreprocessSpec().clahe_levels, PreprocessSpec().resize_dtype) == (256, "float32")
+
+
+def test_clahe_levels_change_the_tensor() -> None:
+    unit = np.random.default_rng(1).random((SPEC.rows, SPEC.columns)).astype(np.float32)
+    eight_bit = to_tensor(unit, PreprocessSpec(clahe_levels=256))
+    sixteen_bit = to_tensor(unit, PreprocessSpec(clahe_levels=65536))
+    assert float(np.abs(eight_bit - sixteen_bit).max()) > 0
+    # 256 levels: the equalised image holds at most 256 distinct values.
+    assert len(np.unique(eight_bit)) <= 256 < len(np.unique(sixteen_bit))
 
 
 def test_spec_percentiles_default_when_absent() -> None:
@@ -300,6 +377,16 @@ def _block(**changes: Any) -> dict[str, Any]:
         _block(normalise={"mean": 0.5, "std": -0.25}),
         _block(size=[4, 128]),
         _block(size=[128, 7]),
+        _block(clahe=3.0),
+        _block(clahe={"clip_limit": 3.0}),
+        _block(clahe={"clip_limit": 3.0, "tiles": 4, "levels": 4096}),
+        _block(clahe={"clip_limit": 3.0, "tiles": 4, "levels": "256"}),
+        _block(clahe={"clip_limit": 3.0, "tiles": 4, "levels": 256.0}),
+        _block(clahe={"clip_limit": 3.0, "tiles": 4, "levels": True}),
+        _block(clahe={"clip_limit": -1.0, "tiles": 4, "levels": 256}),
+        _block(clahe={"clip_limit": 3.0, "tiles": 0, "levels": 256}),
+        _block(windowing="percentile"),
+        _block(resize_dtype="float64"),
     ],
 )
 def test_malformed_spec_blocks_are_refused(block: dict[str, Any]) -> None:
@@ -316,6 +403,9 @@ def test_malformed_spec_blocks_are_refused(block: dict[str, Any]) -> None:
         {"rows": 7},
         {"columns": 0},
         {"std": 0.0},
+        {"clahe_levels": 4096},
+        {"clahe_levels": 0},
+        {"resize_dtype": "uint16"},
     ],
 )
 def test_invalid_spec_is_refused(kwargs: dict[str, Any]) -> None:

@@ -63,6 +63,17 @@ def test_the_input_is_larger_than_the_edge_models_and_the_graph_agrees(central):
     assert dims == ["batch", 1, rows, columns]
 
 
+def test_it_declares_the_legacy_preprocessing_it_was_trained_with(central):
+    """Trained before equalisation moved to 256 levels and resizing to float32, and not
+    retrained since: it must keep running that way, and say so itself, not through a default."""
+    block = central.manifest.raw["preprocessing"]
+    assert (block["clahe"]["levels"], block["resize_dtype"]) == (65536, "stored")
+    spec = central.manifest.preprocessing
+    assert (spec.clahe_levels, spec.resize_dtype) == (65536, "stored")
+    edge = load_manifest(find_bundle(EDGE_NAME)).preprocessing
+    assert (edge.clahe_levels, edge.resize_dtype) == (256, "float32")
+
+
 def test_the_graph_is_plain_fp32(central):
     model = onnx.load(str(central.bundle_dir / central.manifest.onnx_file))
     assert not {node.op_type for node in model.graph.node} & QUANTIZED_OPS

@@ -109,13 +109,21 @@ class ModelManifest:
             if not 0.05 <= temperature <= 20:
                 raise ManifestError(f"calibration.temperature out of range: {temperature}")
             use = doc["intended_use"]
+            preprocessing = PreprocessSpec.from_json(doc["preprocessing"])
+            input_shape = tuple(int(n) for n in doc["input"]["shape"])
+            if input_shape != (1, 1, preprocessing.rows, preprocessing.columns):
+                # Caught here, not as an ONNX Runtime error on the first patient image.
+                raise ManifestError(
+                    f"input.shape {list(input_shape)} does not match preprocessing.size "
+                    f"[{preprocessing.rows}, {preprocessing.columns}]"
+                )
             return cls(
                 name=str(doc["name"]),
                 version=str(doc["version"]),
                 onnx_file=str(doc["file"]),
                 sha256=str(doc["sha256"]).lower(),
                 input_name=str(doc["input"]["name"]),
-                input_shape=tuple(int(n) for n in doc["input"]["shape"]),
+                input_shape=input_shape,
                 labels=labels,
                 positive_label=positive,
                 temperature=temperature,
@@ -130,12 +138,12 @@ class ModelManifest:
                     allow_missing_body_part=bool(use.get("allow_missing_body_part", False)),
                     description=str(use.get("description", "")),
                 ),
-                preprocessing=PreprocessSpec.from_json(doc["preprocessing"]),
+                preprocessing=preprocessing,
                 profile_file=str(doc["input_profile"]["file"]),
                 profile_sha256=str(doc["input_profile"]["sha256"]).lower(),
                 raw=doc,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"manifest is missing or has a malformed field: {exc}") from exc
 
 
