@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -124,8 +125,48 @@ def _hang_on_hanger(path: Path) -> InputOutcome:
 class HangPool(TriagePool):
     """A real pool whose worker never returns from a ``hang*`` file."""
 
+    started: set[multiprocessing.process.BaseProcess]
+
     def submit(self, path: Path) -> Future[InputOutcome]:
-        return self._executor.submit(_hang_on_hanger, path)
+        future = self._executor.submit(_hang_on_hanger, path)
+        if not hasattr(self, "started"):
+            self.started = set()
+        self.started.update((self._executor._processes or {}).values())
+        return future
+
+
+def _big_result_later(marker_dir: Path) -> bytes:
+    """Runs in a worker: says it started, then returns more than a pipe holds, later."""
+    (marker_dir / str(os.getpid())).touch()
+    time.sleep(2.0)
+    return b"x" * (4 << 20)
+
+
+class BigResultPool(TriagePool):
+    def submit_big(self, marker_dir: Path) -> Future[bytes]:
+        return self._executor.submit(_big_result_later, marker_dir)
+
+
+def test_restarting_a_broken_pool_leaves_no_worker_behind(
+    pipeline_config: PipelineConfig, tmp_path: Path
+) -> None:
+    """One worker dies while the other works: the broken pool SIGTERMs the other (ignored by
+    service workers) and waits for it, while it blocks sending a result nobody reads. It
+    stayed for ever, and so did the process at exit."""
+    pool = BigResultPool(pipeline_config, workers=2)
+    try:
+        for _ in range(2):
+            pool.submit_big(tmp_path)
+        wait_until(lambda: len(list(tmp_path.iterdir())) == 2, what="both workers at work")
+        workers = {p.pid: p for p in (pool._executor._processes or {}).values()}
+        dying, survivor = (workers[int(m.name)] for m in sorted(tmp_path.iterdir()))
+        dying.kill()
+        time.sleep(3.0)  # the survivor has finished and is stuck sending its result
+        pool.restart()
+        wait_until(lambda: not survivor.is_alive(), timeout_s=15, what="the survivor's end")
+    finally:
+        pool.stop_workers()
+        pool.close()
 
 
 class KillerPool(TriagePool):
@@ -1139,6 +1180,13 @@ def test_a_file_that_never_finishes_is_stopped_and_quarantined_and_the_others_go
         filed = file_all(intake, [innocent, hanger])
 
     assert time.monotonic() - started < 100
+    # No worker of the stopped pools is left: one that ignored the broken pool's SIGTERM
+    # while sending its last result hung the process at exit (the pool waits for it).
+    wait_until(
+        lambda: not any(p.is_alive() for p in pool.started),
+        timeout_s=30,
+        what="every worker of the stopped pools to end",
+    )
     outcome = filed[hanger.name]
     assert outcome.quarantined
     assert isinstance(outcome.outcome, FailedInput)

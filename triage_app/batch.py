@@ -169,19 +169,30 @@ class TriagePool:
     def stop_workers(self) -> None:
         """Kill the worker processes, e.g. one stuck on a file: the pool breaks, and every
         future it held fails as in a crash (``BrokenProcessPool``)."""
-        # The executor has no public way to stop a task that is running.
-        processes = self._executor._processes or {}
-        for process in list(processes.values()):
+        for process in _worker_processes(self._executor):
             process.kill()
 
     def restart(self) -> None:
         """Replace a broken pool; futures of the old one have already failed."""
+        # Also the workers started after ``stop_workers``: the broken pool stops them with
+        # SIGTERM, which service workers ignore, and then waits for them; one blocked sending
+        # its last result to the pipe nobody reads any more never ends, nor does the process
+        # that waits for it at exit. (Listed first: ``shutdown`` forgets them.)
+        workers = _worker_processes(self._executor)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        for process in workers:
+            process.kill()
         self._executor = self._new_executor()
 
     def close(self) -> None:
         """Wait for submitted work, then stop the workers."""
         self._executor.shutdown(wait=True)
+
+
+def _worker_processes(executor: ProcessPoolExecutor) -> list[multiprocessing.process.BaseProcess]:
+    """The executor's worker processes (it has no public way to stop a running task, and its
+    own SIGTERM does not reach service workers)."""
+    return list((executor._processes or {}).values())
 
 
 def triage_and_record(
