@@ -128,7 +128,7 @@ class HangPool(TriagePool):
     started: set[multiprocessing.process.BaseProcess]
 
     def submit(self, path: Path) -> Future[InputOutcome]:
-        future = self._executor.submit(_hang_on_hanger, path)
+        future = self._submit(_hang_on_hanger, path)
         if not hasattr(self, "started"):
             self.started = set()
         self.started.update((self._executor._processes or {}).values())
@@ -144,7 +144,7 @@ def _big_result_later(marker_dir: Path) -> bytes:
 
 class BigResultPool(TriagePool):
     def submit_big(self, marker_dir: Path) -> Future[bytes]:
-        return self._executor.submit(_big_result_later, marker_dir)
+        return self._submit(_big_result_later, marker_dir)
 
 
 def test_restarting_a_broken_pool_leaves_no_worker_behind(
@@ -173,7 +173,7 @@ class KillerPool(TriagePool):
     """A real pool whose worker process exits hard on a ``kill-worker*`` file."""
 
     def submit(self, path: Path) -> Future[InputOutcome]:
-        return self._executor.submit(_die_on_killer, path)
+        return self._submit(_die_on_killer, path)
 
 
 @pytest.fixture(scope="module")

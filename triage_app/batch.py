@@ -15,10 +15,11 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Generator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 
@@ -43,6 +44,7 @@ from triage_app.results import (
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore, still_held
 
+_T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 _worker_pipeline: TriagePipeline | None = None
@@ -156,7 +158,7 @@ class TriagePool:
         )
         # Start the workers (and load the model) now, not when the first image arrives.
         for _ in range(self._workers):
-            executor.submit(_warm_up)
+            _killing_workers_if_broken(executor, executor.submit(_warm_up))
         return executor
 
     @property
@@ -164,7 +166,10 @@ class TriagePool:
         return self._workers
 
     def submit(self, path: Path) -> Future[InputOutcome]:
-        return self._executor.submit(_run_in_worker, path)
+        return self._submit(_run_in_worker, path)
+
+    def _submit(self, fn: Callable[..., _T], *args: object) -> Future[_T]:
+        return _killing_workers_if_broken(self._executor, self._executor.submit(fn, *args))
 
     def stop_workers(self) -> None:
         """Kill the worker processes, e.g. one stuck on a file: the pool breaks, and every
@@ -187,6 +192,20 @@ class TriagePool:
     def close(self) -> None:
         """Wait for submitted work, then stop the workers."""
         self._executor.shutdown(wait=True)
+
+
+def _killing_workers_if_broken(executor: ProcessPoolExecutor, future: Future[_T]) -> Future[_T]:
+    """``future``, which kills the executor's workers the moment the pool breaks: a broken pool
+    stops its workers with SIGTERM, which service workers ignore, then waits for them for ever
+    (and so does the process at exit)."""
+
+    def killed_if_broken(done: Future[_T]) -> None:
+        if not done.cancelled() and isinstance(done.exception(), BrokenExecutor):
+            for process in _worker_processes(executor):
+                process.kill()
+
+    future.add_done_callback(killed_if_broken)
+    return future
 
 
 def _worker_processes(executor: ProcessPoolExecutor) -> list[multiprocessing.process.BaseProcess]:
