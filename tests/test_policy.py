@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import image_info
+from tests.helpers import BUNDLE, image_info
 from triage_app.errors import ConfigError
-from triage_app.model.manifest import IntendedUse, ModelManifest, Thresholds
+from triage_app.model.manifest import IntendedUse, ModelManifest, Thresholds, load_manifest
 from triage_app.model.preprocess import PreprocessSpec
 from triage_app.policy import (
     ABNORMAL,
@@ -146,6 +146,71 @@ def test_missing_body_part_is_allowed_when_the_model_says_so() -> None:
 
 def test_photometric_is_compared_case_insensitively() -> None:
     assert header_scope_findings(replace(CHEST_DX, photometric="monochrome2"), CHEST_USE) == ()
+
+
+# --- view position ------------------------------------------------------------------------------
+
+FRONTAL_USE = replace(CHEST_USE, view_positions=("PA", "AP"), allow_missing_view_position=False)
+CONFIDENTLY_NORMAL = 0.0  # far below any normal_below: only the scope check can stop a local call
+
+
+@pytest.mark.parametrize(
+    "view", ["LL", "RL", "LATERAL", "LAO", "RAO", "LPO", "RPO", "ll", " lateral "]
+)
+def test_a_view_the_model_is_not_for_is_out_of_scope_whatever_the_score(view: str) -> None:
+    """A lateral or oblique chest is not what a frontal model saw: never called normal."""
+    findings = header_scope_findings(replace(CHEST_DX, view_position=view), FRONTAL_USE)
+    assert findings == ("view_not_intended",)
+    decision = decide(CONFIDENTLY_NORMAL, THRESHOLDS, ScopeAssessment(findings))
+    assert decision == Decision(ESCALATE, "out_of_scope")
+
+
+@pytest.mark.parametrize("view", ["PA", "AP", "pa", " pa ", "Ap", "AP "])
+def test_frontal_views_are_in_scope_in_any_case_and_padding(view: str) -> None:
+    info = replace(CHEST_DX, view_position=view)
+    assert header_scope_findings(info, FRONTAL_USE) == ()
+    assert decide(CONFIDENTLY_NORMAL, THRESHOLDS, IN_SCOPE) == Decision(NORMAL, "confident_normal")
+
+
+@pytest.mark.parametrize("view", ["", "   "])
+def test_a_missing_view_is_refused_unless_the_model_allows_it(view: str) -> None:
+    info = replace(CHEST_DX, view_position=view, modality="CR")
+    assert header_scope_findings(info, FRONTAL_USE) == ("view_position_missing",)
+    lenient = replace(FRONTAL_USE, allow_missing_view_position=True)
+    assert header_scope_findings(info, lenient) == ()
+    # Allowing a missing view never allows a wrong one.
+    lateral = replace(info, view_position="LL")
+    assert header_scope_findings(lateral, lenient) == ("view_not_intended",)
+
+
+@pytest.mark.parametrize("view", ["LL", "LAO", "", "PA"])
+def test_a_model_that_declares_no_views_checks_none(view: str) -> None:
+    """Bundles written before the field existed keep working exactly as before."""
+    assert CHEST_USE.view_positions == ()
+    assert header_scope_findings(replace(CHEST_DX, view_position=view), CHEST_USE) == ()
+    legacy = _manifest().intended_use
+    assert header_scope_findings(replace(CHEST_DX, view_position=view), legacy) == ()
+
+
+def test_the_view_finding_comes_with_the_other_header_findings() -> None:
+    mr = replace(CHEST_DX, modality="MR", body_part="HEAD", view_position="LATERAL")
+    assert header_scope_findings(mr, FRONTAL_USE) == (
+        "modality_not_intended",
+        "body_part_not_intended",
+        "view_not_intended",
+    )
+
+
+def test_the_shipped_models_are_for_frontal_views_only() -> None:
+    """The demo models' manifests say PA/AP and let a CR without View Position through."""
+    for bundle in (BUNDLE, BUNDLE.parent / "central-dx-demo"):
+        use = load_manifest(bundle).intended_use
+        assert use.view_positions == ("PA", "AP"), bundle.name
+        assert use.allow_missing_view_position is True
+        assert header_scope_findings(replace(CHEST_DX, view_position="LL"), use) == (
+            "view_not_intended",
+        )
+        assert header_scope_findings(replace(CHEST_DX, view_position=""), use) == ()
 
 
 def test_every_problem_is_reported_at_once() -> None:

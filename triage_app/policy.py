@@ -2,8 +2,9 @@
 
 The rule is deliberately simple enough to read aloud to a clinician:
 
-* an image outside the model's intended use (modality, body part, photometric interpretation) or
-  unlike anything it was trained on is **escalated** as ``out_of_scope`` — never called normal;
+* an image outside the model's intended use (modality, body part, view position, photometric
+  interpretation) or unlike anything it was trained on is **escalated** as ``out_of_scope`` —
+  never called normal;
 * otherwise a calibrated score below ``normal_below`` is **normal**, at or above
   ``abnormal_at_or_above`` is **abnormal**, and anything in between is **escalated** as
   ``uncertain``.
@@ -71,6 +72,13 @@ def header_scope_findings(info: ImageInfo, use: IntendedUse) -> tuple[str, ...]:
             findings.append("body_part_not_intended")
     elif not use.allow_missing_body_part:
         findings.append("body_part_missing")
+    if use.view_positions:  # a frontal model must not call a lateral or oblique view normal
+        view = info.view_position.strip().upper()
+        if view:
+            if view not in use.view_positions:
+                findings.append("view_not_intended")
+        elif not use.allow_missing_view_position:
+            findings.append("view_position_missing")
     if info.photometric.upper() not in use.photometric:
         findings.append("photometric_not_intended")
     if info.number_of_frames > 1:

@@ -121,6 +121,15 @@ def _central_comparison(versus: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _views(use: dict[str, Any]) -> str:
+    """The view check as the card states it; nothing for bundles that declare no views."""
+    views = use.get("view_positions")
+    if not views:
+        return ""
+    missing = "allowed" if use.get("allow_missing_view_position") else "escalated"
+    return f"view position {', '.join(views)} (missing: {missing}); "
+
+
 def write_model_card(bundle: Path, manifest: dict[str, Any]) -> None:
     evaluation = manifest.get("evaluation") or {}
     central = manifest.get("role") is not None
@@ -143,9 +152,11 @@ def write_model_card(bundle: Path, manifest: dict[str, Any]) -> None:
         f"`{positive}` (T = {manifest['calibration']['temperature']}).",
         "",
         f"- Intended use: modalities {', '.join(use['modalities'])}; body part "
-        f"{', '.join(use['body_parts'])}; {', '.join(use['photometric'])}. {use['description']}",
-        "- Anything else (wrong modality, body part or photometric interpretation, multi-frame, or "
-        "an image unlike the training data by the input profile) is escalated as out of scope.",
+        f"{', '.join(use['body_parts'])}; {_views(use)}{', '.join(use['photometric'])}. "
+        f"{use['description']}",
+        "- Anything else (wrong modality, body part, view position or photometric "
+        "interpretation, multi-frame, or an image unlike the training data by the input "
+        "profile) is escalated as out of scope.",
         f"- Input: {manifest['input']['shape']} float32; preprocessing: resize to {prep['size']} "
         f"(area, on {prep.get('resize_dtype', 'stored')} values), window {prep['windowing']}, "
         f"MONOCHROME1 inverted, CLAHE {prep.get('clahe')}, "

@@ -372,6 +372,10 @@ def build(plan: Plan) -> dict[str, Any]:
             "body_parts": ["CHEST"],
             "photometric": ["MONOCHROME1", "MONOCHROME2"],
             "allow_missing_body_part": True,
+            # Trained on frontal views only: a lateral or oblique is escalated as out of scope.
+            # CR images often lack View Position, so a missing one is allowed.
+            "view_positions": ["PA", "AP"],
+            "allow_missing_view_position": True,
             "description": "Frontal chest radiographs (PA/AP) from the project's synthetic "
             "phantom generator. Demonstrates the pipeline; NOT for clinical use.",
         },

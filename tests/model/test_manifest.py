@@ -27,6 +27,7 @@ from triage_app.errors import (
 )
 from triage_app.model.manifest import (
     MANIFEST_NAME,
+    IntendedUse,
     ModelManifest,
     Thresholds,
     find_bundle,
@@ -153,6 +154,14 @@ def _set(value: Any, *keys: str) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
+def _set_view(views: Any, allow_missing: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(doc: dict[str, Any]) -> None:
+        doc["intended_use"]["view_positions"] = views
+        doc["intended_use"]["allow_missing_view_position"] = allow_missing
+
+    return edit
+
+
 MALFORMED: dict[str, Callable[[dict[str, Any]], None]] = {
     "no format_version": _drop("format_version"),
     "format_version 2": _set(2, "format_version"),
@@ -188,6 +197,18 @@ MALFORMED: dict[str, Callable[[dict[str, Any]], None]] = {
     "intended use not an object": _set(["DX"], "intended_use"),
     "no input profile": _drop("input_profile"),
     "no input profile hash": _drop("input_profile", "sha256"),
+    "view positions empty": _set([], "intended_use", "view_positions"),
+    "view positions null": _set(None, "intended_use", "view_positions"),
+    "view positions a string": _set("PA", "intended_use", "view_positions"),
+    "view positions an object": _set({"PA": True}, "intended_use", "view_positions"),
+    "view position a number": _set(["PA", 1], "intended_use", "view_positions"),
+    "view position null": _set(["PA", None], "intended_use", "view_positions"),
+    "view position empty": _set(["PA", ""], "intended_use", "view_positions"),
+    "view position blank": _set(["PA", "  "], "intended_use", "view_positions"),
+    "missing view flag text": _set_view(["PA"], "yes"),
+    "missing view flag number": _set_view(["PA"], 1),
+    "missing view flag null": _set_view(["PA"], None),
+    "missing view flag without views": _set(True, "intended_use", "allow_missing_view_position"),
 }
 
 
@@ -238,6 +259,54 @@ def test_intended_use_is_upper_cased_and_defaults_apply(tiny_bundle: Path) -> No
     )
     assert use.allow_missing_body_part is False  # the safe default
     assert use.to_json()["modalities"] == ["DX"]
+
+
+def test_view_positions_are_read_upper_cased_and_stripped(tiny_bundle: Path) -> None:
+    doc = read_doc(tiny_bundle)
+    doc["intended_use"]["view_positions"] = ["pa", " AP "]
+    doc["intended_use"]["allow_missing_view_position"] = True
+    use = ModelManifest.from_json(doc).intended_use
+    assert use.view_positions == ("PA", "AP")
+    assert use.allow_missing_view_position is True
+    assert use.to_json()["view_positions"] == ["PA", "AP"]
+    assert IntendedUse.from_json(use.to_json()) == use
+
+
+def test_a_missing_view_is_refused_unless_the_manifest_says_so(tiny_bundle: Path) -> None:
+    doc = read_doc(tiny_bundle)
+    doc["intended_use"]["view_positions"] = ["PA"]
+    doc["intended_use"].pop("allow_missing_view_position", None)
+    use = ModelManifest.from_json(doc).intended_use
+    assert use.allow_missing_view_position is False  # the safe default
+    assert use.to_json()["allow_missing_view_position"] is False
+
+
+def test_a_manifest_without_view_positions_checks_no_view_and_round_trips(
+    tiny_bundle: Path,
+) -> None:
+    """Bundles written before the field existed load and serialise exactly as before."""
+    doc = read_doc(tiny_bundle)
+    for field in ("view_positions", "allow_missing_view_position"):
+        doc["intended_use"].pop(field, None)
+    use = ModelManifest.from_json(doc).intended_use
+    assert use.view_positions == ()
+    assert use.allow_missing_view_position is False
+    assert use.to_json() == doc["intended_use"]  # no view fields added
+
+
+def test_the_view_error_is_one_clear_line(tiny_bundle: Path) -> None:
+    doc = read_doc(tiny_bundle)
+    doc["intended_use"]["view_positions"] = "PA"
+    with pytest.raises(ManifestError, match=r"intended_use\.view_positions") as caught:
+        ModelManifest.from_json(doc)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["chest-dx-demo", "central-dx-demo"])
+def test_the_shipped_bundles_are_for_frontal_views(name: str) -> None:
+    manifest = verify_bundle(find_bundle(name))  # unchanged model files: hashes still match
+    assert manifest.intended_use.view_positions == ("PA", "AP")
+    assert manifest.intended_use.allow_missing_view_position is True
 
 
 @pytest.mark.parametrize(

@@ -53,20 +53,70 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class IntendedUse:
+    """What the model was made for; an image outside it is escalated, never decided locally."""
+
     modalities: tuple[str, ...]
     body_parts: tuple[str, ...]
     photometric: tuple[str, ...]
     allow_missing_body_part: bool
     description: str
+    # DICOM View Position values (upper case), e.g. ("PA", "AP") for a frontal chest model, so a
+    # lateral is not classified as if frontal. Empty: bundles written before the field existed
+    # declare none, and then no view is checked.
+    view_positions: tuple[str, ...] = ()
+    allow_missing_view_position: bool = False  # only with view_positions (CR often lacks it)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "modalities": list(self.modalities),
             "body_parts": list(self.body_parts),
             "photometric": list(self.photometric),
             "allow_missing_body_part": self.allow_missing_body_part,
-            "description": self.description,
         }
+        if self.view_positions:  # absent in legacy bundles: they round-trip unchanged
+            out["view_positions"] = list(self.view_positions)
+            out["allow_missing_view_position"] = self.allow_missing_view_position
+        out["description"] = self.description
+        return out
+
+    @classmethod
+    def from_json(cls, use: dict[str, Any]) -> IntendedUse:
+        view_positions, allow_missing_view = _view_positions(use)
+        return cls(
+            modalities=tuple(str(m).upper() for m in use["modalities"]),
+            body_parts=tuple(str(b).upper() for b in use["body_parts"]),
+            photometric=tuple(str(p).upper() for p in use["photometric"]),
+            allow_missing_body_part=bool(use.get("allow_missing_body_part", False)),
+            description=str(use.get("description", "")),
+            view_positions=view_positions,
+            allow_missing_view_position=allow_missing_view,
+        )
+
+
+def _view_positions(use: dict[str, Any]) -> tuple[tuple[str, ...], bool]:
+    """The view check's two fields, validated: a typo must not silently switch the check off."""
+    if "view_positions" not in use:
+        if "allow_missing_view_position" in use:
+            raise ManifestError(
+                "intended_use.allow_missing_view_position is set without "
+                "intended_use.view_positions"
+            )
+        return (), False
+    values = use["view_positions"]
+    if not isinstance(values, list) or not values:
+        raise ManifestError(
+            f"intended_use.view_positions must be a non-empty list of strings: {values!r}"
+        )
+    if not all(isinstance(value, str) and value.strip() for value in values):
+        raise ManifestError(
+            f"intended_use.view_positions must hold non-empty strings only: {values!r}"
+        )
+    allow_missing = use.get("allow_missing_view_position", False)
+    if not isinstance(allow_missing, bool):
+        raise ManifestError(
+            f"intended_use.allow_missing_view_position must be true or false: {allow_missing!r}"
+        )
+    return tuple(value.strip().upper() for value in values), allow_missing
 
 
 @dataclass(frozen=True)
@@ -131,13 +181,7 @@ class ModelManifest:
                     float(doc["thresholds"]["normal_below"]),
                     float(doc["thresholds"]["abnormal_at_or_above"]),
                 ),
-                intended_use=IntendedUse(
-                    modalities=tuple(str(m).upper() for m in use["modalities"]),
-                    body_parts=tuple(str(b).upper() for b in use["body_parts"]),
-                    photometric=tuple(str(p).upper() for p in use["photometric"]),
-                    allow_missing_body_part=bool(use.get("allow_missing_body_part", False)),
-                    description=str(use.get("description", "")),
-                ),
+                intended_use=IntendedUse.from_json(use),
                 preprocessing=preprocessing,
                 profile_file=str(doc["input_profile"]["file"]),
                 profile_sha256=str(doc["input_profile"]["sha256"]).lower(),

@@ -1,0 +1,73 @@
+"""The view check end to end: a real DICOM file through the CLI's loop with the shipped model.
+
+The shipped chest model is for frontal views (PA/AP). A lateral or oblique chest with Body Part
+Examined CHEST used to be classified as if frontal and could be called normal on the device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+
+from triage_app.batch import triage_and_record
+from triage_app.config import Settings
+from triage_app.results import CaseResult
+from triage_app.store import CaseStore
+from triage_app.synthetic import PhantomConfig, phantom_to_dataset, render_phantom
+
+# A normal DX phantom the shipped model calls normal with confidence (score ~0.005) when frontal.
+SEED, INDEX = 2024, 5
+SMALL = PhantomConfig(size_range=(256, 384))
+
+
+def _chest(view_position: str | None) -> Dataset:
+    ds = phantom_to_dataset(render_phantom(SEED, INDEX, SMALL))
+    assert (ds.Modality, ds.BodyPartExamined) == ("DX", "CHEST")
+    if view_position is None:
+        del ds.ViewPosition
+    else:
+        ds.ViewPosition = view_position
+    return ds
+
+
+def _triage(folder: Path, ds: Dataset) -> tuple[CaseResult, dict[str, Any]]:
+    """What ``triage-app classify`` does with the file: the outcome and the stored record."""
+    folder.mkdir()
+    path = folder / "chest.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    settings = Settings({"paths.data_dir": folder / "data", "processing.workers": 1})
+    assert settings.model_name == "chest-dx-demo"
+    (outcome,) = triage_and_record([path], settings)
+    assert isinstance(outcome, CaseResult), outcome
+    with CaseStore.open(settings.case_store_path) as store:
+        stored = store.get(outcome.case_id)
+    assert stored is not None
+    return outcome, stored.result
+
+
+def test_the_frontal_view_is_decided_locally(tmp_path: Path) -> None:
+    """The control: the very same image as a PA is a confident normal."""
+    outcome, record = _triage(tmp_path / "pa", _chest("PA"))
+    assert (outcome.decision, outcome.reason) == ("normal", "confident_normal")
+    assert record["scope"]["findings"] == []
+
+
+@pytest.mark.parametrize("view", ["LL", "LAO"])
+def test_a_lateral_or_oblique_chest_is_escalated_out_of_scope(tmp_path: Path, view: str) -> None:
+    outcome, record = _triage(tmp_path / view, _chest(view))
+    assert (outcome.decision, outcome.reason) == ("escalate", "out_of_scope")
+    assert outcome.scope["in_scope"] is False
+    assert outcome.scope["findings"] == ["view_not_intended"]
+    assert (record["decision"], record["reason"]) == ("escalate", "out_of_scope")
+    assert "view_not_intended" in record["scope"]["findings"]
+    assert outcome.score < 0.025  # the score alone would have called it normal
+
+
+def test_a_chest_without_view_position_is_still_triaged(tmp_path: Path) -> None:
+    """CR images often lack View Position; the shipped model allows that."""
+    outcome, record = _triage(tmp_path / "none", _chest(None))
+    assert (outcome.decision, outcome.reason) == ("normal", "confident_normal")
+    assert "view_position_missing" not in record["scope"]["findings"]
