@@ -1,7 +1,8 @@
-"""The view check end to end: a real DICOM file through the CLI's loop with the shipped model.
+"""Scope checks end to end: a real DICOM file through the CLI's loop with the shipped model.
 
 The shipped chest model is for frontal views (PA/AP). A lateral or oblique chest with Body Part
-Examined CHEST used to be classified as if frontal and could be called normal on the device.
+Examined CHEST used to be classified as if frontal and could be called normal on the device; so
+could a chest stored left-right mirrored, which the model never saw in training.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
@@ -71,3 +73,18 @@ def test_a_chest_without_view_position_is_still_triaged(tmp_path: Path) -> None:
     outcome, record = _triage(tmp_path / "none", _chest(None))
     assert (outcome.decision, outcome.reason) == ("normal", "confident_normal")
     assert "view_position_missing" not in record["scope"]["findings"]
+
+
+def _mirrored(ds: Dataset) -> Dataset:
+    pixels = ds.pixel_array
+    ds.PixelData = np.ascontiguousarray(pixels[:, ::-1]).tobytes()
+    return ds
+
+
+def test_a_mirrored_chest_is_escalated_out_of_scope(tmp_path: Path) -> None:
+    """The same PA image stored mirrored (as after a wrong flip at the modality)."""
+    outcome, record = _triage(tmp_path / "mirrored", _mirrored(_chest("PA")))
+    assert (outcome.decision, outcome.reason) == ("escalate", "out_of_scope")
+    assert outcome.scope["findings"] == ["looks_mirrored"]
+    assert (record["decision"], record["reason"]) == ("escalate", "out_of_scope")
+    assert record["scope"]["findings"] == ["looks_mirrored"]

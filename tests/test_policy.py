@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import pytest
 
-from tests.helpers import BUNDLE, image_info
+from tests.helpers import BUNDLE, image_info, phantom_dataset
+from triage_app.dicom import load_image
 from triage_app.errors import ConfigError
+from triage_app.model.classifier import Classifier
 from triage_app.model.manifest import IntendedUse, ModelManifest, Thresholds, load_manifest
-from triage_app.model.preprocess import PreprocessSpec
+from triage_app.model.preprocess import PreprocessSpec, to_unit_image
 from triage_app.policy import (
     ABNORMAL,
     ESCALATE,
@@ -19,6 +23,7 @@ from triage_app.policy import (
     ActiveThresholds,
     Decision,
     ScopeAssessment,
+    assess_scope,
     decide,
     header_scope_findings,
     resolve_thresholds,
@@ -337,3 +342,21 @@ def test_a_setting_that_crosses_the_models_default_is_a_config_error(
     assert caught.value.code == "config_invalid"
     assert "escalation.normal_below" in str(caught.value)
     assert MANIFEST.key in str(caught.value)
+
+
+def test_a_mirrored_image_is_out_of_scope_with_the_shipped_profile() -> None:
+    """``assess_scope`` adds ``looks_mirrored`` where the manifest turns the check on."""
+    classifier = Classifier(BUNDLE)
+    assert classifier.profile.mirror_check
+    use = classifier.manifest.intended_use
+    buffer = io.BytesIO()
+    phantom_dataset(77, 3).save_as(buffer, enforce_file_format=True)
+    phantom = load_image(buffer.getvalue())
+    unit = to_unit_image(phantom, classifier.manifest.preprocessing)
+    mirrored = np.ascontiguousarray(unit[:, ::-1])
+    assert assess_scope(phantom.info, unit, use, classifier.profile).findings == ()
+    scope = assess_scope(phantom.info, mirrored, use, classifier.profile)
+    assert scope.findings == ("looks_mirrored",)
+    assert decide(0.0, THRESHOLDS, scope) == Decision(ESCALATE, "out_of_scope")
+    without = replace(classifier.profile, mirror_check=False)
+    assert assess_scope(phantom.info, mirrored, use, without).findings == ()

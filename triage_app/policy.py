@@ -3,8 +3,8 @@
 The rule is deliberately simple enough to read aloud to a clinician:
 
 * an image outside the model's intended use (modality, body part, view position, photometric
-  interpretation) or unlike anything it was trained on is **escalated** as ``out_of_scope`` —
-  never called normal;
+  interpretation), unlike anything it was trained on, or that looks left-right mirrored is
+  **escalated** as ``out_of_scope`` — never called normal;
 * otherwise a calibrated score below ``normal_below`` is **normal**, at or above
   ``abnormal_at_or_above`` is **abnormal**, and anything in between is **escalated** as
   ``uncertain``.
@@ -94,6 +94,8 @@ def assess_scope(
     findings = header_scope_findings(info, use)
     if not profile.is_typical(input_score, unit):
         findings += ("atypical_input",)
+    if profile.looks_mirrored(unit, input_score):
+        findings += ("looks_mirrored",)
     return ScopeAssessment(findings, input_score, profile.limit)
 
 

@@ -41,6 +41,7 @@ LIMITATIONS = """\
 
 - Synthetic data only: performance on real radiographs is unknown and must not be assumed.
 - Two finding types only; no devices, fractures, effusions, pneumothorax or lateral views.
+- The mirror check knows the phantoms' anatomy; on real images it needs validating anew.
 - The input profile flags images unlike the phantoms; it is not a guarantee of validity.
 """
 
@@ -121,6 +122,20 @@ def _central_comparison(versus: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _mirror_check(profile: dict[str, Any]) -> list[str]:
+    """The mirror check as the card states it, with its held-out figures; nothing if off."""
+    figures = profile.get("mirror_check")
+    if not figures:
+        return []
+    return [
+        "- A left-right mirrored image (stored mirrored, or dextrocardia) is escalated as out of "
+        f"scope (`looks_mirrored`). On {figures['data']}: {figures['images_flagged']} of "
+        f"{figures['images']} images flagged, {figures['mirrored_flagged']} of their "
+        f"{figures['images']} mirrored copies flagged (nearest image ratio "
+        f"{figures['nearest_ratio']}; 1.0 is flagged)."
+    ]
+
+
 def _views(use: dict[str, Any]) -> str:
     """The view check as the card states it; nothing for bundles that declare no views."""
     views = use.get("view_positions")
@@ -157,6 +172,7 @@ def write_model_card(bundle: Path, manifest: dict[str, Any]) -> None:
         "- Anything else (wrong modality, body part, view position or photometric "
         "interpretation, multi-frame, or an image unlike the training data by the input "
         "profile) is escalated as out of scope.",
+        *_mirror_check(manifest["input_profile"]),
         f"- Input: {manifest['input']['shape']} float32; preprocessing: resize to {prep['size']} "
         f"(area, on {prep.get('resize_dtype', 'stored')} values), window {prep['windowing']}, "
         f"MONOCHROME1 inverted, CLAHE {prep.get('clahe')}, "

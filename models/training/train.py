@@ -46,6 +46,7 @@ from torch.nn import functional
 
 from models.training.calibrate import auroc, choose_thresholds, fit_temperature
 from models.training.data import RUNS_DIR, Split, build_split
+from models.training.mirror_check import mirror_figures
 from models.training.model_card import write_model_card
 from models.training.net import CentralNet, EdgeNet
 from triage_app.model.classifier import make_session, softmax_with_temperature
@@ -384,6 +385,12 @@ def build(plan: Plan) -> dict[str, Any]:
             "sha256": sha256_file(out / "input_profile.npz"),
             "method": "PCA reconstruction error of the 32x32 unit image, 24 components",
             "limit": round(profile.limit, 6),
+            # Re-measured on held-out images by `python -m models.training.mirror_check`.
+            "mirror_check": mirror_figures(
+                profile,
+                calib.units,
+                f"calibration split, seed {CALIBRATION_SEED}, n={len(calib.units)}",
+            ),
         },
         "quantization": gate,
         "reference_fp32": {

@@ -25,6 +25,7 @@ from triage_app.errors import (
     ModelIntegrityError,
     ModelNotFoundError,
 )
+from triage_app.model.classifier import Classifier
 from triage_app.model.manifest import (
     MANIFEST_NAME,
     IntendedUse,
@@ -209,6 +210,8 @@ MALFORMED: dict[str, Callable[[dict[str, Any]], None]] = {
     "missing view flag number": _set_view(["PA"], 1),
     "missing view flag null": _set_view(["PA"], None),
     "missing view flag without views": _set(True, "intended_use", "allow_missing_view_position"),
+    "mirror check not an object": _set(True, "input_profile", "mirror_check"),
+    "mirror check null": _set(None, "input_profile", "mirror_check"),
 }
 
 
@@ -355,3 +358,24 @@ def test_manifest_round_trips_through_json(tiny_bundle: Path) -> None:
     doc = read_doc(tiny_bundle)
     again = ModelManifest.from_json(json.loads(json.dumps(doc)))
     assert again == ModelManifest.from_json(doc)
+
+
+def test_the_mirror_check_is_on_only_where_the_manifest_carries_its_figures(
+    tiny_bundle: Path,
+) -> None:
+    """Older manifests (no ``input_profile.mirror_check``) run as they were validated: off."""
+    assert Classifier(tiny_bundle).profile.mirror_check is False
+    doc = read_doc(tiny_bundle)
+    doc["input_profile"]["mirror_check"] = {"images": 10, "images_flagged": 0}
+    write_doc(tiny_bundle, doc)
+    assert load_manifest(tiny_bundle).mirror_check is True
+    assert Classifier(tiny_bundle).profile.mirror_check is True
+
+
+@pytest.mark.parametrize("bundle", ["chest-dx-demo", "central-dx-demo"])
+def test_the_shipped_models_check_for_mirrored_images(bundle: str) -> None:
+    manifest = load_manifest(find_bundle(bundle))
+    figures = manifest.raw["input_profile"]["mirror_check"]
+    assert manifest.mirror_check
+    assert figures["images_flagged"] == 0
+    assert figures["mirrored_flagged"] == figures["images"] >= 2000

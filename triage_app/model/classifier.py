@@ -56,7 +56,9 @@ class Classifier:
     def __init__(self, bundle_dir: Path, *, threads: int = 1) -> None:
         self.bundle_dir = bundle_dir
         self.manifest: ModelManifest = verify_bundle(bundle_dir)
-        self.profile = InputProfile.load(bundle_dir / self.manifest.profile_file)
+        self.profile = InputProfile.load(
+            bundle_dir / self.manifest.profile_file, mirror_check=self.manifest.mirror_check
+        )
         self._session = make_session(bundle_dir / self.manifest.onnx_file, threads)
         self._output_name = self._session.get_outputs()[0].name
         self._check_signature()

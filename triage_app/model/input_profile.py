@@ -5,6 +5,11 @@ classifier fed such an image still returns a confident-looking probability. The 
 principal-component model of the training images at 32×32: an image the components cannot
 reconstruct well is atypical and is escalated as out of scope instead of being called normal.
 It is cheap (one 1024×k matrix product) and explainable (one score against one limit).
+
+The same components also tell a mirrored image (``mirror_check``): a chest is not left-right
+symmetric (heart, aortic arch, gastric bubble), so an image stored or acquired mirrored is
+reconstructed *better* once flipped back. Mirrored, it is still "typical" by its score, and a
+model never trained on mirrored chests decides it with confidence it has not earned.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class InputProfile:
     mean: np.ndarray  # (1024,)
     components: np.ndarray  # (k, 1024), orthonormal rows
     limit: float  # reconstruction error above which an image is atypical
+    mirror_check: bool = False  # the manifest validated the mirror check for this profile
 
     def score(self, unit: np.ndarray) -> float:
         """Root-mean-square reconstruction error of the 32×32 image (0 = perfectly typical)."""
@@ -49,6 +55,11 @@ class InputProfile:
         if unit is not None and float(unit.std()) < MIN_UNIT_STD:
             return False
         return score <= self.limit
+
+    def looks_mirrored(self, unit: np.ndarray, score: float) -> bool:
+        """With the mirror check on: the left-right flipped image, given ``score`` (this
+        profile's score of ``unit``), is reconstructed better than the image itself."""
+        return self.mirror_check and self.score(unit[:, ::-1]) < score
 
     @classmethod
     def fit(
@@ -69,7 +80,7 @@ class InputProfile:
             )
 
     @classmethod
-    def load(cls, path: Path) -> InputProfile:
+    def load(cls, path: Path, *, mirror_check: bool = False) -> InputProfile:
         try:
             # Open the file here: np.load leaks its own handle when the zip is broken.
             with path.open("rb") as handle, np.load(handle, allow_pickle=False) as data:
@@ -81,4 +92,4 @@ class InputProfile:
             raise ManifestError(f"input profile {path.name} cannot be read: {exc}") from exc
         if mean.shape != (PROFILE_SIDE * PROFILE_SIDE,) or components.shape[1:] != mean.shape:
             raise ManifestError(f"input profile {path.name} has the wrong shape")
-        return cls(mean, components, limit)
+        return cls(mean, components, limit, mirror_check)

@@ -135,6 +135,7 @@ class ModelManifest:
     preprocessing: PreprocessSpec
     profile_file: str
     profile_sha256: str
+    mirror_check: bool  # input_profile.mirror_check present: its held-out figures in the object
     raw: dict[str, Any]  # the whole document, for display and for fields only tools read
 
     @property
@@ -185,10 +186,21 @@ class ModelManifest:
                 preprocessing=preprocessing,
                 profile_file=str(doc["input_profile"]["file"]),
                 profile_sha256=str(doc["input_profile"]["sha256"]).lower(),
+                mirror_check=_mirror_check(doc["input_profile"]),
                 raw=doc,
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"manifest is missing or has a malformed field: {exc}") from exc
+
+
+def _mirror_check(profile: dict[str, Any]) -> bool:
+    """Whether the manifest turns the mirror check on: an object with the figures it was
+    validated with (absent in manifests older than the check: off)."""
+    if "mirror_check" not in profile:
+        return False
+    if not isinstance(profile["mirror_check"], dict):
+        raise ManifestError("input_profile.mirror_check must be an object (its held-out figures)")
+    return True
 
 
 def load_manifest(bundle_dir: Path) -> ModelManifest:
