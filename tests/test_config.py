@@ -9,8 +9,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import tomli_w
+import tomlkit
 
+from tests.helpers import CliRun, run_cli
 from triage_app import config
 from triage_app.config import (
     SETTINGS,
@@ -33,6 +34,7 @@ from triage_app.config import (
 from triage_app.dicom.deidentify import DEFAULT_SAFE_PRIVATE, ProfileOption, SafePrivateTag
 from triage_app.dicom.deidentify.configure import deid_config
 from triage_app.errors import AdminAuthError, ConfigError
+from triage_app.store import CaseStore
 
 PASSWORD = "correct horse battery"
 
@@ -519,6 +521,181 @@ def test_save_to_default_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert load_settings(env={}).theme == "light"
 
 
+# --- Editing the admin's file: only what changed ----------------------------------------------
+
+# A site admin's file: a heading, blank lines, comments saying why, an inline comment, a default
+# written out on purpose, a non-canonical float and tables in an order of their own.
+HAND_EDITED = """\
+# Ward 3 reading-room device. Edited by hand; `triage-app config set` for the rest.
+
+[display]
+theme = "light"  # the reading room is bright
+
+[processing]
+# Two cores on this box: the default, written out so nobody "tunes" it.
+workers = 2
+file_timeout_s = 120  # the NAS is slow at night
+
+
+# thresholds approved by Dr X on 2026-10-01 after the local audit
+[escalation]
+thresholds_model = "chest-dx-demo@1.1.0"
+normal_below = 0.10
+abnormal_at_or_above = 0.90
+
+[paths]
+data_dir = '{data}'
+"""
+
+
+def hand_edited(tmp_path: Path) -> tuple[Path, str]:
+    """The admin's file, 0600 as installed, with the text it holds."""
+    text = HAND_EDITED.format(data=tmp_path / "data")
+    path = write_toml(tmp_path / "settings.toml", text)
+    path.chmod(0o600)
+    return path, text
+
+
+def config_set(path: Path, key: str, value: str) -> CliRun:
+    return run_cli("config", "set", key, value, "--config", path, data_dir=path.parent / "flag")
+
+
+def test_config_set_changes_only_its_value_in_a_hand_edited_file(tmp_path: Path) -> None:
+    path, text = hand_edited(tmp_path)
+
+    run = config_set(path, "processing.file_timeout_s", "90")
+
+    assert run.returncode == 0, run.stderr
+    assert path.read_text(encoding="utf-8") == text.replace(
+        "file_timeout_s = 120  # the NAS", "file_timeout_s = 90  # the NAS"
+    )
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    loaded = load_settings(path, env={})
+    assert (loaded.file_timeout_s, loaded.workers, loaded.normal_below) == (90, 2, 0.1)
+    with CaseStore.open(tmp_path / "data" / "cases.sqlite3") as store:
+        (entry,) = store.audit_log()
+    assert (entry.action, entry.detail) == (
+        "config.set",
+        {"key": "processing.file_timeout_s", "old": 120, "new": 90, "admin": False},
+    )
+
+
+def test_config_set_adds_a_key_under_its_table_or_a_new_table_at_the_end(tmp_path: Path) -> None:
+    path, text = hand_edited(tmp_path)
+
+    new_table = config_set(path, "watch.settle_s", "3.5")
+    # Under the last key of [processing], above the comments that head the next table.
+    in_table = config_set(path, "processing.ort_threads_per_worker", "2")
+
+    assert new_table.returncode == 0, new_table.stderr
+    assert in_table.returncode == 0, in_table.stderr
+    expected = text.replace(
+        "the NAS is slow at night\n", "the NAS is slow at night\nort_threads_per_worker = 2\n"
+    )
+    assert path.read_text(encoding="utf-8") == expected + "\n[watch]\nsettle_s = 3.5\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    loaded = load_settings(path, env={})
+    assert (loaded.watch_settle_s, loaded.ort_threads_per_worker) == (3.5, 2)
+
+
+def test_an_invalid_value_leaves_the_file_byte_identical(tmp_path: Path) -> None:
+    path, text = hand_edited(tmp_path)
+    before = path.read_bytes()
+
+    refused = config_set(path, "processing.workers", "500")
+
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "triage-app: error: config_invalid: processing.workers: must be between 1 and 64 (got 500)"
+    ]
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["settings.toml"]  # no temp file
+    # The same key, valid this time: the one value changes, its explaining comment stays.
+    accepted = config_set(path, "processing.workers", "4")
+    assert accepted.returncode == 0, accepted.stderr
+    assert path.read_text(encoding="utf-8") == text.replace("workers = 2\n", "workers = 4\n")
+
+
+def test_setting_the_same_key_twice_does_not_duplicate_it(tmp_path: Path) -> None:
+    path, text = hand_edited(tmp_path)
+
+    for value in ("3", "4"):
+        assert config_set(path, "watch.settle_s", value).returncode == 0
+    for value in ("dark", "light", "dark"):  # dark is the default: still written, in place
+        assert config_set(path, "display.theme", value).returncode == 0
+
+    written = path.read_text(encoding="utf-8")
+    assert written == (
+        text.replace('theme = "light"', 'theme = "dark"') + "\n[watch]\nsettle_s = 4.0\n"
+    )
+    assert written.count("theme =") == written.count("settle_s =") == 1
+
+
+def test_saving_keeps_what_did_not_change_as_written(tmp_path: Path) -> None:
+    """The settings form saves whole Settings: only the values that differ are touched."""
+    path, text = hand_edited(tmp_path)
+    loaded = load_settings(path, env={})
+
+    save_settings(loaded, path)  # nothing changed: 0.10 stays 0.10, workers = 2 stays
+    assert path.read_text(encoding="utf-8") == text
+    save_settings(loaded.with_values(**{"display.font_scale": 1.5, "processing.workers": 3}), path)
+    assert path.read_text(encoding="utf-8") == text.replace(
+        "bright\n", "bright\nfont_scale = 1.5\n"
+    ).replace("workers = 2\n", "workers = 3\n")
+
+
+def test_a_value_unset_to_none_is_removed_and_the_comments_stay(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path / "settings.toml",
+        "[paths]\n# the validated bundle\nmodel_dir = '/opt/models/chest'  # v1.1\n\n"
+        "# the site's folder\ndata_dir = '/srv/triage'\n",
+    )
+    save_settings(load_settings(path, env={}).with_values(**{"paths.model_dir": None}), path)
+    assert path.read_text(encoding="utf-8") == (
+        "[paths]\n# the validated bundle\n\n# the site's folder\ndata_dir = '/srv/triage'\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (  # dotted keys stay dotted, a new one joins them
+            'processing.workers = 3\ndisplay.theme = "light"\n',
+            'processing.workers = 4\nprocessing.file_timeout_s = 90\ndisplay.theme = "light"\n',
+        ),
+        (  # an inline table stays inline
+            "processing = { workers = 3 }\n",
+            "processing = { workers = 4, file_timeout_s = 90}\n",
+        ),
+        (  # indented keys and Windows line ends, as some editors write them
+            "[processing]\r\n  workers = 3\r\n",
+            "[processing]\r\n  workers = 4\r\n  file_timeout_s = 90\r\n",
+        ),
+    ],
+)
+def test_saving_edits_each_way_of_writing_a_table_in_its_own_style(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_bytes(text.encode())
+    changed = {"processing.workers": 4, "processing.file_timeout_s": 90}
+    wanted = load_settings(path, env={}).with_values(**changed)
+    save_settings(wanted, path)
+    assert path.read_bytes().decode() == expected
+    assert load_settings(path, env={}) == wanted
+
+
+def test_a_file_that_would_no_longer_load_is_not_written(tmp_path: Path) -> None:
+    """Edited meanwhile with a typo (the settings form was open): refused, nothing written."""
+    path = write_toml(tmp_path / "settings.toml", "# why\n[display]\nthemes = 'light'\n")
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match=r"^display\.themes: unknown setting") as refused:
+        save_settings(Settings({"processing.workers": 3}), path)
+    assert refused.value.code == "config_invalid"
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["settings.toml"]
+
+
 # --- Admin password and changes ---------------------------------------------------------------
 
 
@@ -845,7 +1022,7 @@ def test_an_inbox_that_overlaps_a_folder_the_service_writes_is_refused_naming_bo
         for key, value in keys.items():
             section, name = key.split(".")
             tables.setdefault(section, {})[name] = str(value)
-        return tomli_w.dumps(tables)
+        return tomlkit.dumps(tables)
 
     without_inbox = {key: value for key, value in values.items() if key != "watch.inbox_dir"}
     fine = load_settings(write_toml(tmp_path / "fine.toml", toml(without_inbox)), env={})

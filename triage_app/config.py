@@ -25,14 +25,16 @@ import re
 import secrets
 import tomllib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple, NoReturn, cast
 from urllib.parse import urlsplit
 
-import tomli_w
+import tomlkit
+from tomlkit.exceptions import TOMLKitError
+from tomlkit.items import Item, Table
 
 from triage_app.dicom.deidentify.engine import DEFAULT_SAFE_PRIVATE, SAFE_PRIVATE_PATTERN
 from triage_app.dicom.deidentify.table import ProfileOption
@@ -916,14 +918,6 @@ class Settings:
         """Keys whose value differs from the default, in declaration order."""
         return [spec.key for spec in SETTINGS if self._values[spec.key] != spec.default]
 
-    def to_toml_dict(self) -> dict[str, dict[str, object]]:
-        """The non-default values as nested TOML tables (what :func:`save_settings` writes)."""
-        out: dict[str, dict[str, object]] = {}
-        for key in self.changed_keys():
-            section, name = key.split(".")
-            out.setdefault(section, {})[name] = SPECS[key].type.to_toml(self._values[key])
-        return out
-
     # Typed views of the settings the code uses. None means "the documented fallback".
 
     @property
@@ -1185,18 +1179,35 @@ def load_settings(
 
 
 def _read_file(path: Path) -> dict[str, object]:
-    try:
-        with path.open("rb") as fh:
-            document = tomllib.load(fh)
-    except FileNotFoundError:
+    text = _read_text(path)
+    if text is None:
         log.debug("no settings file at %s: using defaults", path)
         return {}
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML ({err})") from None
-    except UnicodeDecodeError:  # TOML is UTF-8 by definition
-        raise ConfigError(f"{path}: not valid TOML (not UTF-8)") from None
+    values = _values_from_text(text, path)
+    log.debug("loaded settings from %s", path)
+    return values
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's text, or None when there is no file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the settings file ({err.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:  # TOML is UTF-8 by definition
+        raise ConfigError(f"{path}: not valid TOML (not UTF-8)") from None
+
+
+def _values_from_text(text: str, path: Path) -> dict[str, object]:
+    """The checked values a settings file's text holds: what loading it and saving it check."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
     values: dict[str, object] = {}
     for section, table in document.items():
         if not isinstance(table, dict):  # a key outside any [section] table
@@ -1204,7 +1215,6 @@ def _read_file(path: Path) -> dict[str, object]:
         for name, value in table.items():
             key = f"{section}.{name}"
             values[key] = _spec(key, str(path)).check(value, str(path))
-    log.debug("loaded settings from %s", path)
     return values
 
 
@@ -1239,15 +1249,98 @@ def _refuse_password_hash(key: str, source: str) -> None:
 
 
 def save_settings(settings: Settings, path: Path | None = None) -> Path:
-    """Write the non-default values to ``path`` (default: the config path); returns the path.
+    """Make the settings file hold ``settings``, changing only the values that differ.
 
-    The file is replaced atomically and is 0600 from creation: it holds the admin password hash.
+    The file is the admin's, edited by hand with comments saying why a value was chosen, so it
+    is edited as ``git config`` edits one, never rewritten: comments, blank lines, order,
+    quoting and every key that already holds its value (a default written out on purpose too)
+    stay byte for byte. A value that differs is replaced in place (its inline comment kept), a
+    missing non-default one is added after the last key of its table (the table is added at
+    the end if needed), and one that becomes unset (None) is removed. A missing file starts
+    empty. The new text must load back as ``settings`` before it replaces the file, atomically
+    and 0600 from creation (it holds the admin password hash); returns the path.
     """
     target = default_config_path() if path is None else path
     ensure_private_dir(target.parent)
-    write_private_file(target, tomli_w.dumps(settings.to_toml_dict()).encode())
+    text = _edited_text(_read_text(target) or "", settings, target)
+    # Checked by the loader itself: nothing is written that `config validate` would refuse.
+    if Settings(_values_from_text(text, target)) != settings:
+        raise ConfigError(
+            f"{target}: editing the file would not give the new settings; "
+            "nothing was saved (edit it by hand)"
+        )
+    write_private_file(target, text.encode())
     log.info("saved settings to %s", target)
     return target
+
+
+def _edited_text(text: str, settings: Settings, path: Path) -> str:
+    """``text`` with the values that differ from ``settings`` set, added or removed."""
+    try:
+        document = tomlkit.parse(text)
+        held = document.unwrap()
+        for spec in SETTINGS:
+            section, name = spec.key.split(".")
+            value = settings.get(spec.key)
+            table = held.get(section)
+            if isinstance(table, dict) and name in table:
+                if _holds(spec, table[name], value):
+                    continue  # as written: 0.10 stays 0.10, a default stays written out
+            elif value == spec.default:
+                continue  # an absent key already means its default
+            _set_in(document, section, name, spec.type.to_toml(value), path)
+        return document.as_string()
+    except TOMLKitError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+
+
+def _holds(spec: SettingSpec, raw: object, value: object) -> bool:
+    """Whether a value as written in the file is ``value`` (an invalid one is not)."""
+    try:
+        return spec.check(raw) == value
+    except ConfigError:
+        return False
+
+
+def _set_in(
+    document: tomlkit.TOMLDocument, section: str, name: str, value: object, path: Path
+) -> None:
+    """Set ``section.name`` in place; None (TOML has no null) removes the key."""
+    table = document.get(section)
+    if table is None:
+        if value is not None:
+            document[section] = tomlkit.table()
+            document[section][name] = value
+        return
+    if not isinstance(table, MutableMapping):  # `display = 1`: the loader refuses it too
+        raise _unknown(section, str(path))
+    if value is None:
+        del table[name]  # only a key the file holds reaches here: absent already means None
+    elif name in table:
+        table[name] = value  # tomlkit keeps the line's indent and inline comment
+    else:
+        _add_after_last_key(table, name, value)
+
+
+def _add_after_last_key(table: MutableMapping[str, object], name: str, value: object) -> None:
+    """Add ``name`` under the table's last key, not after the comments that end the table.
+
+    Those comments belong to what follows (the next table's heading, commented-out examples):
+    tomlkit appends after them, which would move a ``# approved by Dr X`` away from its table.
+    """
+    if isinstance(table, Table):
+        keys = [(key, item) for key, item in table.value.body if key is not None]
+        if keys:
+            last_key, last = keys[-1]
+            new: Item = tomlkit.item(value)
+            # The same indent and line ending as the key above.
+            new.trivia.indent = last.trivia.indent.rsplit("\n", 1)[-1]
+            if last.trivia.trail.endswith("\r\n"):
+                new.trivia.trail = "\r\n"
+            # tomlkit has no public insert-after; tests/test_config.py covers this use.
+            table.value._insert_after(last_key, name, new)
+            return
+    table[name] = value
 
 
 # --- Admin password and audited changes -------------------------------------------------------
