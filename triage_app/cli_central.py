@@ -13,7 +13,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from triage_app.central.config import DEFAULT_MAX_PARALLEL_UPLOADS, DEFAULT_UPLOAD_IDLE_TIMEOUT_S
+from triage_app.central.config import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_PARALLEL_UPLOADS,
+    DEFAULT_UPLOAD_IDLE_TIMEOUT_S,
+)
 from triage_app.cli_common import EXIT_OK
 
 if TYPE_CHECKING:
@@ -90,6 +94,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="cut off (408) an upload that sends nothing this long "
         f"(default {DEFAULT_UPLOAD_IDLE_TIMEOUT_S:g})",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="client connections served at once, idle ones included; a request on one more "
+        f"is answered 503 at once and devices retry later (default {DEFAULT_MAX_CONNECTIONS})",
     )
     # The server's log is its only voice: "listening on" and the start-up clean-up counts.
     serve.set_defaults(handler=_serve, progress_logs=True)
@@ -194,6 +205,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_envelope_age=timedelta(days=args.max_queue_age_days),
         max_parallel_uploads=args.max_parallel_uploads,
         upload_idle_timeout_s=args.upload_idle_timeout,
+        max_connections=args.max_connections,
     )
     serve(config)
     return EXIT_OK

@@ -8,7 +8,11 @@ from typing import Any
 
 import pytest
 
-from triage_app.central.config import DEFAULT_MAX_BODY_BYTES, CentralConfig
+from triage_app.central.config import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    CentralConfig,
+)
 from triage_app.errors import ConfigError
 
 TLS: dict[str, Any] = {"tls_cert": Path("cert.pem"), "tls_key": Path("key.pem")}
@@ -21,6 +25,7 @@ def test_defaults_follow_the_protocol(tmp_path: Path) -> None:
     assert config.max_body_bytes == DEFAULT_MAX_BODY_BYTES == 256 * 1024 * 1024
     assert config.max_envelope_age == timedelta(days=30)
     assert config.model_dir is None
+    assert config.max_connections == DEFAULT_MAX_CONNECTIONS == 1000
     assert config.keys_dir == tmp_path / "central" / "keys"
     assert config.cases_dir == tmp_path / "central" / "cases"
 
@@ -40,6 +45,12 @@ def test_defaults_follow_the_protocol(tmp_path: Path) -> None:
         ({"max_envelope_age": timedelta(0)}, "central.max_envelope_age"),
         ({"max_envelope_age": 30}, "central.max_envelope_age"),
         ({"model_dir": "models/x"}, "central.model_dir"),
+        ({"max_connections": 3}, "central.max_connections"),
+        ({"max_connections": 100_001}, "central.max_connections"),
+        ({"max_connections": "1000"}, "central.max_connections"),
+        ({"max_connections": 1000.0}, "central.max_connections"),
+        ({"max_connections": True}, "central.max_connections"),
+        ({"max_connections": None}, "central.max_connections"),
     ],
 )
 def test_bad_values_are_refused(tmp_path: Path, fields: dict[str, Any], field: str) -> None:
@@ -60,3 +71,14 @@ def test_tls_files_are_checked_when_the_server_starts(tmp_path: Path) -> None:
     config = CentralConfig(tmp_path, **TLS)
     with pytest.raises(ConfigError, match=r"central\.tls_cert: no such file"):
         config.check_tls_files()
+
+
+def test_the_connection_cap_is_bounded_with_the_settings_code(tmp_path: Path) -> None:
+    for fine in (4, 100_000):
+        assert CentralConfig(tmp_path, **TLS, max_connections=fine).max_connections == fine
+    with pytest.raises(ConfigError) as caught:
+        CentralConfig(tmp_path, **TLS, max_connections=0)
+    assert caught.value.code == "config_invalid"
+    assert str(caught.value) == (
+        "central.max_connections: must be an integer from 4 to 100000 (got 0)"
+    )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from fastapi import FastAPI
 
 from tests.central.conftest import (
     Central,
@@ -23,7 +24,13 @@ from tests.central.test_api import assert_refused, receipt_key_of
 from tests.helpers import run_cli
 from tests.tls import ServerMaterial, make_self_signed_server
 from triage_app.central.config import CentralConfig
-from triage_app.central.server import ServerThread, bind_socket
+from triage_app.central.server import (
+    KEEP_ALIVE_TIMEOUT_S,
+    MIN_BACKLOG,
+    ServerThread,
+    bind_socket,
+    uvicorn_config,
+)
 from triage_app.central.storage import DICOM_FILE, CentralStore
 from triage_app.errors import ConfigError
 from triage_app.escalation.keys import ServerPublicKey
@@ -166,6 +173,29 @@ def test_tls_is_required_and_verified(central: Central, tmp_path: Path) -> None:
 def test_a_taken_port_is_a_config_error(central: Central, tls: ServerMaterial) -> None:
     with pytest.raises(ConfigError, match="cannot listen"):
         bind_socket("127.0.0.1", central.thread.port or 0)
+
+
+@pytest.mark.parametrize(
+    ("max_connections", "limit", "backlog"),
+    [(4, 5, MIN_BACKLOG), (1000, 1001, 1000), (100_000, 100_001, 100_000)],
+)
+def test_uvicorn_is_told_the_cap_a_short_keep_alive_and_a_backlog_as_deep(
+    tmp_path: Path, tls: ServerMaterial, max_connections: int, limit: int, backlog: int
+) -> None:
+    """uvicorn refuses a request once ``limit_concurrency`` connections are open, counting the
+    one it came on (hence + 1), and listens with its own backlog (2048 unless told)."""
+    config = CentralConfig(
+        tmp_path,
+        tls_cert=tls.server_cert,
+        tls_key=tls.server_key,
+        max_connections=max_connections,
+    )
+
+    settings = uvicorn_config(FastAPI(), config, graceful_s=5)
+
+    assert settings.limit_concurrency == limit
+    assert settings.backlog == backlog
+    assert settings.timeout_keep_alive == KEEP_ALIVE_TIMEOUT_S == 5
 
 
 def test_server_thread_owns_and_closes_what_it_opened(tmp_path: Path, tls: ServerMaterial) -> None:

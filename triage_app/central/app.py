@@ -126,6 +126,8 @@ class CentralMetrics:
     verdicts: Counter
     stored_cases: Gauge
     request_seconds: Histogram
+    open_connections: Gauge
+    requests_in_progress: Gauge
 
     @classmethod
     def create(cls, store: CentralStore) -> CentralMetrics:
@@ -165,7 +167,26 @@ class CentralMetrics:
                 ["method", "route"],
                 registry=registry,
             ),
+            open_connections=Gauge(
+                "triage_central_open_connections",
+                "Client connections open now, idle keep-alive ones included (what"
+                " max_connections caps).",
+                registry=registry,
+            ),
+            requests_in_progress=Gauge(
+                "triage_central_requests_in_progress",
+                "Requests being answered now, this scrape included.",
+                registry=registry,
+            ),
         )
+
+    def count_connections(
+        self, connections: Callable[[], int], requests_in_progress: Callable[[], int]
+    ) -> None:
+        """Read the two gauges from the HTTP server at each scrape (the app does not see
+        connections: ``server.make_server`` hands it uvicorn's counts)."""
+        self.open_connections.set_function(lambda: float(connections()))
+        self.requests_in_progress.set_function(lambda: float(requests_in_progress()))
 
 
 class CaseReceiver:

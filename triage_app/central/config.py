@@ -23,6 +23,13 @@ DEFAULT_MAX_ENVELOPE_AGE = timedelta(days=30)
 DEFAULT_MAX_PARALLEL_UPLOADS = 8
 DEFAULT_UPLOAD_IDLE_TIMEOUT_S = 60.0
 DEFAULT_REQUEST_HEAD_TIMEOUT_S = 60.0
+#: Client connections served at once: a site's devices with room to spare. ``serve`` raises
+#: the process's open-file limit to cover them (``server.raise_open_file_limit``).
+DEFAULT_MAX_CONNECTIONS = 1000
+#: An upload, a verdict poll and a health check at once need a few; tests use the floor.
+MIN_CONNECTIONS = 4
+#: Beyond this no ordinary host has the file descriptors, nor the kernel the listen backlog.
+MAX_CONNECTIONS = 100_000
 MAX_TIMEOUT_S = 3600
 #: How far in the future a ``created_at`` (or a signed request's timestamp) may lie.
 MAX_CLOCK_SKEW = timedelta(seconds=300)
@@ -38,6 +45,10 @@ class CentralConfig:
     ``max_parallel_uploads`` bounds the uploads being checked and stored at once (each holds a
     thread; more wait, unread); ``upload_idle_timeout_s`` cuts off a body that stops arriving,
     ``request_head_timeout_s`` a connection that does not send a whole request head in time.
+    ``max_connections`` caps the client connections served at once (idle keep-alive ones
+    included): a request on a further connection is answered 503 at once and that connection
+    closed, so that a surge of devices backs off instead of exhausting the server's file
+    descriptors (``server.uvicorn_config``).
     """
 
     data_dir: Path
@@ -52,6 +63,7 @@ class CentralConfig:
     max_parallel_uploads: int = DEFAULT_MAX_PARALLEL_UPLOADS
     upload_idle_timeout_s: float = DEFAULT_UPLOAD_IDLE_TIMEOUT_S
     request_head_timeout_s: float = DEFAULT_REQUEST_HEAD_TIMEOUT_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
         if not isinstance(self.data_dir, Path):
@@ -94,6 +106,15 @@ class CentralConfig:
             raise ConfigError(
                 "central.max_parallel_uploads: must be an integer from 1 to 256"
                 f" (got {self.max_parallel_uploads!r})"
+            )
+        if (
+            isinstance(self.max_connections, bool)
+            or not isinstance(self.max_connections, int)
+            or not MIN_CONNECTIONS <= self.max_connections <= MAX_CONNECTIONS
+        ):
+            raise ConfigError(
+                f"central.max_connections: must be an integer from {MIN_CONNECTIONS} to"
+                f" {MAX_CONNECTIONS} (got {self.max_connections!r})"
             )
         _check_timeout("upload_idle_timeout_s", self.upload_idle_timeout_s)
         _check_timeout("request_head_timeout_s", self.request_head_timeout_s)

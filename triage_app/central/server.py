@@ -6,12 +6,18 @@ port before the first request. TLS is always on except for the explicit loopback
 flag, with TLS 1.2 as the floor. Shutdown is uvicorn's graceful one (SIGINT/SIGTERM in the
 foreground, ``stop()`` for a thread): open requests finish, the verdict worker stops after its
 current case, and the database is closed last.
+
+Why connections are capped (``CentralConfig.max_connections``): every open connection holds a
+file descriptor and TLS buffers, and after an outage a whole fleet reconnects at once. Past the
+cap a request is answered 503 at once and its connection closed (the device backs off and
+retries), instead of the server running out of descriptors and failing for every device.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import socket
 import ssl
@@ -26,7 +32,7 @@ from typing import Self
 import uvicorn
 from fastapi import FastAPI
 
-from triage_app.central.app import create_app
+from triage_app.central.app import CentralMetrics, create_app
 from triage_app.central.config import DEFAULT_REQUEST_HEAD_TIMEOUT_S, CentralConfig
 from triage_app.central.storage import CentralStore
 from triage_app.errors import ConfigError
@@ -37,6 +43,15 @@ log = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN_S = 30
 _START_TIMEOUT_S = 30.0
 _CLOSE_GRACE_S = 1.0
+#: Seconds an idle keep-alive connection stays open (see ``uvicorn_config``).
+KEEP_ALIVE_TIMEOUT_S = 5
+#: The least listen backlog, whatever the connection cap (see :func:`listen_backlog`).
+MIN_BACKLOG = 128
+#: File descriptors the server opens besides its connections: the store (SQLite, its journal),
+#: keys, the model, logs, the event loop, TLS handshakes not yet counted as connections.
+FD_HEADROOM = 256
+#: Files an upload being stored holds open (image, small files, their folder).
+FD_PER_UPLOAD = 4
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -63,11 +78,15 @@ def open_store(config: CentralConfig) -> CentralStore:
     return store
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (0 = any free port), or a one-line ConfigError."""
+def bind_socket(host: str, port: int, *, backlog: int = MIN_BACKLOG) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0 = any free port), or a one-line ConfigError.
+
+    uvicorn listens on it again with its own ``backlog`` when it starts: pass the same value
+    (:func:`listen_backlog`).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        sock = socket.create_server((host, port), family=family, backlog=128)
+        sock = socket.create_server((host, port), family=family, backlog=backlog)
     except OSError as exc:
         raise ConfigError(f"central: cannot listen on {host}:{port} ({exc.strerror})") from None
     # Answers go out as two writes (headers, body); without TCP_NODELAY the second waits for
@@ -76,9 +95,21 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def listen_backlog(config: CentralConfig) -> int:
+    """Connections the kernel may complete and queue before the server accepts them.
+
+    Why as deep as the cap: after an outage the devices reconnect within a second or two, and
+    a connection that finds the queue full has its SYN dropped, which the device sees as a
+    network down (a connect timeout) rather than as an answer; accepted, it gets one at once
+    (served, or 503 past the cap). The kernel shortens it to ``net.core.somaxconn`` (4096 by
+    default since Linux 5.4); queued connections hold no file descriptor of ours.
+    """
+    return max(MIN_BACKLOG, config.max_connections)
+
+
 def uvicorn_config(app: FastAPI, config: CentralConfig, *, graceful_s: int) -> uvicorn.Config:
-    """uvicorn's settings for our app: TLS files, no access log, no logging setup of its own
-    (the entry point configures logging)."""
+    """uvicorn's settings for our app: TLS files, the connection cap, no access log, no logging
+    setup of its own (the entry point configures logging)."""
     config.check_tls_files()
     return uvicorn.Config(
         app,
@@ -92,7 +123,62 @@ def uvicorn_config(app: FastAPI, config: CentralConfig, *, graceful_s: int) -> u
         lifespan="on",
         timeout_graceful_shutdown=graceful_s,
         server_header=False,
+        # uvicorn answers a request 503 "Service Unavailable" (text, "Connection: close", no
+        # Retry-After: the app never sees it, so no middleware can add one) when, as its head
+        # arrives, at least limit_concurrency connections are open, its own included, or that
+        # many requests are in progress. Connections themselves are still accepted. Hence the
+        # + 1: max_connections connections are served, a request on one more is refused.
+        limit_concurrency=config.max_connections + 1,
+        # Idle keep-alive connections count against the cap, so they are closed soon: 5 s
+        # keeps a device's connection for the next case of a drain pass (no new TLS handshake)
+        # but not across verdict polls, 15 s apart. Set here so that a change of uvicorn's
+        # default cannot change it.
+        timeout_keep_alive=KEEP_ALIVE_TIMEOUT_S,
+        backlog=listen_backlog(config),
     )
+
+
+def make_server(app: FastAPI, config: CentralConfig, *, graceful_s: int) -> uvicorn.Server:
+    """uvicorn's server for our app, its connection counts shown in the app's ``/metrics``."""
+    server = uvicorn.Server(uvicorn_config(app, config, graceful_s=graceful_s))
+    metrics = getattr(app.state, "metrics", None)
+    if isinstance(metrics, CentralMetrics):
+        state = server.server_state
+        metrics.count_connections(lambda: len(state.connections), lambda: len(state.tasks))
+    return server
+
+
+def open_files_needed(config: CentralConfig) -> int:
+    """The file descriptors a server with ``config`` may hold at its connection cap."""
+    return config.max_connections + FD_PER_UPLOAD * config.max_parallel_uploads + FD_HEADROOM
+
+
+def raise_open_file_limit(needed: int) -> None:
+    """Raise this process's soft limit on open files to ``needed``, within its hard limit.
+
+    Why: systemd and most shells start a process with a soft limit of 1024, fewer than the
+    default cap of connections plus the server's own files; past it ``accept`` fails with "Too
+    many open files", and so does every file the store opens, for every device. The soft limit
+    is raised only as far as needed (descriptors above 1024 break ``select()``).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+            return
+        log.info("open-file limit raised from %d to %d for the connection cap", soft, target)
+    if target < needed:
+        log.warning(
+            "the server may need %d open files at its connection cap but may open only %d: "
+            "lower --max-connections or raise the hard limit (LimitNOFILE=, ulimit -Hn)",
+            needed,
+            target,
+        )
 
 
 def _tls12_floor(_: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
@@ -110,6 +196,7 @@ def serve(config: CentralConfig) -> None:
     run meanwhile take effect at the next start.
     """
     config.check_tls_files()
+    raise_open_file_limit(open_files_needed(config))
     key_ring = load_key_ring(config)
     # A retired key is kept as long as an envelope sealed to it can still be accepted: envelopes
     # older than the maximum queue age are refused as stale anyway.
@@ -117,14 +204,15 @@ def serve(config: CentralConfig) -> None:
         log.info("retired server key %s pruned (older than the maximum queue age)", key_id)
     with open_store(config) as store:
         app = create_app(config, key_ring=key_ring, store=store)
-        sock = bind_socket(config.host, config.port)
-        server = uvicorn.Server(uvicorn_config(app, config, graceful_s=GRACEFUL_SHUTDOWN_S))
+        sock = bind_socket(config.host, config.port, backlog=listen_backlog(config))
+        server = make_server(app, config, graceful_s=GRACEFUL_SHUTDOWN_S)
         log.info(
-            "central server %s listening on %s:%d (%s)",
+            "central server %s listening on %s:%d (%s, at most %d connections)",
             key_ring.server_id,
             config.host,
             sock.getsockname()[1],
             "https" if config.uses_tls else "plain http",
+            config.max_connections,
         )
         # uvicorn re-raises SIGINT/SIGTERM once it has shut down gracefully; with the default
         # handlers that would end the process before the store is closed. No-op handlers turn
@@ -259,9 +347,9 @@ class ServerThread:
         """Start serving and return the port once the server accepts connections."""
         if self._thread is not None:
             raise RuntimeError("the server is already started")
-        sock = bind_socket(self.config.host, self.config.port)
+        sock = bind_socket(self.config.host, self.config.port, backlog=listen_backlog(self.config))
         port: int = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn_config(self.app, self.config, graceful_s=5))
+        server = make_server(self.app, self.config, graceful_s=5)
         self._server = server
         self._thread = threading.Thread(
             target=self._run, args=(server, sock), name=f"central-server-{port}", daemon=True
