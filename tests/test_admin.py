@@ -48,14 +48,16 @@ def _refuse_audit_call(monkeypatch: pytest.MonkeyPatch, number: int) -> None:
     monkeypatch.setattr(CaseStore, "audit", audit)
 
 
-def test_settings_are_not_saved_when_their_audit_entry_cannot_be_written(
-    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _save_refused_by_audit_call(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch, number: int
+) -> list[tuple[str, Mapping[str, object]]]:
+    """Two changes saved while the ``number``-th audit entry is refused: the save fails and
+    the settings file is as it was. Returns the audit log's entries."""
     config_path = tmp_path / "settings.toml"
     save_settings(settings, config_path)
     before = config_path.read_bytes()
     updated, changes = _two_changes(settings)
-    _refuse_audit_call(monkeypatch, 1)
+    _refuse_audit_call(monkeypatch, number)
 
     with pytest.raises(StoreError):
         save_changes_audited(
@@ -63,26 +65,20 @@ def test_settings_are_not_saved_when_their_audit_entry_cannot_be_written(
         )
 
     assert config_path.read_bytes() == before
-    assert _actions(settings) == []
+    return _actions(settings)
+
+
+def test_settings_are_not_saved_when_their_audit_entry_cannot_be_written(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _save_refused_by_audit_call(tmp_path, settings, monkeypatch, 1) == []
 
 
 def test_a_second_entry_refused_leaves_the_file_alone_and_answers_the_first(
     tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config_path = tmp_path / "settings.toml"
-    save_settings(settings, config_path)
-    before = config_path.read_bytes()
-    updated, changes = _two_changes(settings)
-    _refuse_audit_call(monkeypatch, 2)
-
-    with pytest.raises(StoreError):
-        save_changes_audited(
-            updated, config_path, settings.case_store_path, actor="admin", changes=changes
-        )
-
-    assert config_path.read_bytes() == before
     first = {"key": "processing.workers", "old": 1, "new": 3, "admin": False}
-    assert _actions(settings) == [
+    assert _save_refused_by_audit_call(tmp_path, settings, monkeypatch, 2) == [
         ("config.set", first),
         ("config.save_failed", {"entries": [first], "error": "store_error"}),
     ]

@@ -76,6 +76,42 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
+@contextlib.contextmanager
+def watch_service(
+    settings: Settings, tmp_path: Path, *, stderr: Path | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    """``triage-app watch`` in its own process, as systemd runs it; answering once yielded.
+
+    Its log goes to ``stderr`` when given (read it once the block has ended), else nowhere.
+    """
+    config = save_settings(settings, tmp_path / "settings.toml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    with contextlib.ExitStack() as files:
+        log = (
+            subprocess.DEVNULL
+            if stderr is None
+            else files.enter_context(stderr.open("w", encoding="utf-8"))
+        )
+        service = subprocess.Popen(
+            [sys.executable, "-m", "triage_app", "watch", "--config", str(config)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            text=True,
+        )
+        try:
+            wait_until(
+                lambda: probe_health(settings.metrics_watch_port, 1.0)[0] == 0,
+                timeout_s=60,
+                interval_s=0.2,
+                what="the service's health endpoint",
+            )
+            yield service
+        finally:
+            service.send_signal(signal.SIGTERM)
+            service.wait(timeout=60)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_the_watch_service_delivers_its_escalations_and_reports_them(
@@ -85,22 +121,8 @@ def test_the_watch_service_delivers_its_escalations_and_reports_them(
     settings = device.settings(central).with_values(
         **{"watch.settle_s": 0.2, "metrics.watch_port": port, "escalation.retry_cap_s": 2.0}
     )
-    config = save_settings(settings, tmp_path / "settings.toml")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
-    service = subprocess.Popen(
-        [sys.executable, "-m", "triage_app", "watch", "--config", str(config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_until(
-            lambda: probe_health(port, 1.0)[0] == 0,
-            timeout_s=60,
-            interval_s=0.2,
-            what="the service's health endpoint",
-        )
+    log = tmp_path / "watch.stderr"
+    with watch_service(settings, tmp_path, stderr=log) as service:
         staging = tmp_path / "staging"
         written = write_identified_phantoms(staging, range(4))
         for path, _ in written:  # as a scanner does: write elsewhere, rename into the inbox
@@ -114,9 +136,7 @@ def test_the_watch_service_delivers_its_escalations_and_reports_them(
         wait_until(verdicts_back, timeout_s=120, interval_s=0.2, what="the four verdicts")
         samples = scrape(port)
         code, line = probe_health(port, 5.0)
-    finally:
-        service.send_signal(signal.SIGTERM)
-        _, stderr = service.communicate(timeout=60)
+    stderr = log.read_text(encoding="utf-8")
 
     assert service.returncode == 0, stderr
     assert sorted(central.deliveries().values()) == [1, 1, 1, 1]
@@ -228,31 +248,6 @@ def test_health_is_failing_once_the_uploader_thread_is_gone(
 
 
 # --- what health and metrics must not miss --------------------------------------------------
-
-
-@contextlib.contextmanager
-def watch_service(settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
-    """``triage-app watch`` in its own process, as systemd runs it; answering once yielded."""
-    config = save_settings(settings, tmp_path / "settings.toml")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
-    service = subprocess.Popen(
-        [sys.executable, "-m", "triage_app", "watch", "--config", str(config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        wait_until(
-            lambda: probe_health(settings.metrics_watch_port, 1.0)[0] == 0,
-            timeout_s=60,
-            interval_s=0.2,
-            what="the service's health endpoint",
-        )
-        yield service
-    finally:
-        service.send_signal(signal.SIGTERM)
-        service.wait(timeout=60)
 
 
 def local_settings(data_dir: Path, **values: object) -> Settings:

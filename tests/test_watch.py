@@ -56,14 +56,15 @@ class FakeClock:
 
 
 @pytest.fixture
-def clocks() -> tuple[FakeClock, FakeClock]:
-    """(monotonic, wall) clocks that move only when a test moves them."""
-    return FakeClock(100.0), FakeClock(WALL)
+def mono() -> FakeClock:
+    """The made-up monotonic clock: it moves only when a test moves it."""
+    return FakeClock(100.0)
 
 
-def tracker_with(clocks: tuple[FakeClock, FakeClock], settle_s: float = 2.0) -> SettleTracker:
-    mono, wall = clocks
-    return SettleTracker(settle_s, clock=mono, wall_clock=wall)
+@pytest.fixture
+def tracker(mono: FakeClock) -> SettleTracker:
+    """A 2 s settle time on the made-up clocks (the wall clock stays at ``WALL``)."""
+    return SettleTracker(2.0, clock=mono, wall_clock=FakeClock(WALL))
 
 
 def make_file(path: Path, data: bytes, *, modified: float) -> Path:
@@ -78,28 +79,31 @@ def never(_path: Path) -> bool:
     return False
 
 
-def test_a_new_file_is_ready_once_unchanged_for_the_settle_time(
-    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+def assert_settles_after(
+    tracker: SettleTracker, mono: FakeClock, path: Path, almost_s: float, rest_s: float
 ) -> None:
-    mono, _ = clocks
-    tracker = tracker_with(clocks)
+    """``path`` is not handed over now, nor ``almost_s`` later; it is ``rest_s`` after that."""
+    assert tracker.settled(10, never) == []
+    mono.now += almost_s
+    assert tracker.settled(10, never) == []
+    mono.now += rest_s
+    assert tracker.settled(10, never) == [path]
+
+
+def test_a_new_file_is_ready_once_unchanged_for_the_settle_time(
+    tmp_path: Path, tracker: SettleTracker, mono: FakeClock
+) -> None:
     path = make_file(tmp_path / "a.dcm", b"x" * 10, modified=WALL)
     tracker.note(path)
 
-    assert tracker.settled(10, never) == []
-    mono.now += 1.9
-    assert tracker.settled(10, never) == []
-    mono.now += 0.1
-    assert tracker.settled(10, never) == [path]
+    assert_settles_after(tracker, mono, path, 1.9, 0.1)
     assert len(tracker) == 0  # handed over: no longer tracked
     assert tracker.settled(10, never) == []
 
 
 def test_a_change_of_size_or_modification_time_starts_the_wait_again(
-    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    tmp_path: Path, tracker: SettleTracker, mono: FakeClock
 ) -> None:
-    mono, _ = clocks
-    tracker = tracker_with(clocks)
     path = make_file(tmp_path / "a.dcm", b"x" * 10, modified=WALL)
     tracker.note(path)
     assert tracker.settled(10, never) == []
@@ -111,17 +115,12 @@ def test_a_change_of_size_or_modification_time_starts_the_wait_again(
     assert tracker.settled(10, never) == []
 
     make_file(path, b"y" * 20, modified=WALL + 1)  # same size, rewritten
-    assert tracker.settled(10, never) == []
-    mono.now += 1.99
-    assert tracker.settled(10, never) == []
-    mono.now += 0.01
-    assert tracker.settled(10, never) == [path]
+    assert_settles_after(tracker, mono, path, 1.99, 0.01)
 
 
 def test_a_file_already_older_than_the_settle_time_is_ready_at_first_sight(
-    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    tmp_path: Path, tracker: SettleTracker
 ) -> None:
-    tracker = tracker_with(clocks)
     old = make_file(tmp_path / "old.dcm", b"x", modified=WALL - 2.0)
     young = make_file(tmp_path / "young.dcm", b"x", modified=WALL - 1.9)
     tracker.note_all(iter([old, young]))
@@ -131,21 +130,15 @@ def test_a_file_already_older_than_the_settle_time_is_ready_at_first_sight(
 
 
 def test_a_file_first_seen_part_way_through_its_settle_time_waits_only_the_rest(
-    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    tmp_path: Path, tracker: SettleTracker, mono: FakeClock
 ) -> None:
     """Its modification time says how long it has been unchanged: a late event (watchdog
     holds events behind a move out of the inbox for up to 0.5 s) does not add to the wait."""
-    mono, _ = clocks
-    tracker = tracker_with(clocks)
     path = make_file(tmp_path / "late.dcm", b"x", modified=WALL - 1.5)
     future = make_file(tmp_path / "skewed.dcm", b"x", modified=WALL + 30)  # a share's clock
     tracker.note_all(iter([path, future]))
 
-    assert tracker.settled(10, never) == []
-    mono.now += 0.49
-    assert tracker.settled(10, never) == []
-    mono.now += 0.01
-    assert tracker.settled(10, never) == [path]
+    assert_settles_after(tracker, mono, path, 0.49, 0.01)
     mono.now += 1.49  # a modification time in the future earns nothing: the full wait
     assert tracker.settled(10, never) == []
     mono.now += 0.01
@@ -153,9 +146,8 @@ def test_a_file_first_seen_part_way_through_its_settle_time_waits_only_the_rest(
 
 
 def test_no_more_than_the_limit_is_handed_over_and_skipped_files_stay_tracked(
-    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    tmp_path: Path, tracker: SettleTracker
 ) -> None:
-    tracker = tracker_with(clocks)
     paths = [make_file(tmp_path / f"f{i}.dcm", b"x", modified=WALL - 60) for i in range(5)]
     busy = paths[0]
     tracker.note_all(iter(paths))
@@ -175,9 +167,8 @@ def test_no_more_than_the_limit_is_handed_over_and_skipped_files_stay_tracked(
     [".hidden.dcm", "scan.dcm.part", "scan.tmp", "scan.TMP", "scan.crdownload", "scan.dcm~"],
 )
 def test_hidden_and_unfinished_names_are_ignored(
-    tmp_path: Path, clocks: tuple[FakeClock, FakeClock], name: str
+    tmp_path: Path, tracker: SettleTracker, name: str
 ) -> None:
-    tracker = tracker_with(clocks)
     path = make_file(tmp_path / name, b"x", modified=WALL - 60)
     assert not is_candidate(name)
     tracker.note(path)
@@ -194,11 +185,9 @@ def test_the_inbox_scan_is_recursive_sorted_and_skips_hidden_folders(tmp_path: P
 
 
 def test_a_file_arrives_when_first_noted_whatever_its_modification_time_says(
-    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    tmp_path: Path, tracker: SettleTracker, mono: FakeClock
 ) -> None:
     """Metrics time a file from its arrival: a copy may keep its writer's time, years old."""
-    mono, _ = clocks
-    tracker = tracker_with(clocks)
     copied = make_file(tmp_path / "copied.dcm", b"x", modified=WALL - 2 * 365 * 86400)
     tracker.note_all(iter([copied]))  # at start, or at a rescan
     noted_at = mono.now
@@ -214,10 +203,8 @@ def test_a_file_arrives_when_first_noted_whatever_its_modification_time_says(
 
 
 def test_a_vanished_file_is_forgotten_with_its_arrival(
-    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    tmp_path: Path, tracker: SettleTracker, mono: FakeClock
 ) -> None:
-    mono, _ = clocks
-    tracker = tracker_with(clocks)
     path = make_file(tmp_path / "a.dcm", b"x", modified=WALL - 60)
     tracker.note(path)
     path.unlink()
@@ -228,10 +215,7 @@ def test_a_vanished_file_is_forgotten_with_its_arrival(
     assert tracker.arrived(path) == mono.now
 
 
-def test_a_file_that_vanished_is_forgotten(
-    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
-) -> None:
-    tracker = tracker_with(clocks)
+def test_a_file_that_vanished_is_forgotten(tmp_path: Path, tracker: SettleTracker) -> None:
     path = make_file(tmp_path / "a.dcm", b"x", modified=WALL - 60)
     tracker.note(path)
     path.unlink()
@@ -240,30 +224,23 @@ def test_a_file_that_vanished_is_forgotten(
 
 
 def test_a_deferred_file_waits_a_full_settle_time_again_even_when_old(
-    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    tmp_path: Path, tracker: SettleTracker, mono: FakeClock
 ) -> None:
-    mono, _ = clocks
-    tracker = tracker_with(clocks)
     path = make_file(tmp_path / "cut.dcm", b"x", modified=WALL - 60)
     tracker.note(path)
     assert tracker.settled(10, never) == [path]  # old: ready at first sight
 
     tracker.defer(path)  # it was cut short: read it again later, not at the next tick
-    assert tracker.settled(10, never) == []
-    mono.now += 1.9
-    assert tracker.settled(10, never) == []
-    mono.now += 0.1
-    assert tracker.settled(10, never) == [path]
+    assert_settles_after(tracker, mono, path, 1.9, 0.1)
     path.unlink()
     tracker.defer(path)  # gone meanwhile: nothing to track
     assert len(tracker) == 0
 
 
 def test_an_entry_that_cannot_be_followed_settles_as_itself(
-    tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    tmp_path: Path, tracker: SettleTracker
 ) -> None:
     """A symbolic link loop: handed over like any file, for the intake to quarantine."""
-    tracker = tracker_with(clocks)
     loop = tmp_path / "loop.dcm"
     loop.symlink_to("loop.dcm")
     os.utime(loop, (WALL - 60, WALL - 60), follow_symlinks=False)
@@ -274,9 +251,8 @@ def test_an_entry_that_cannot_be_followed_settles_as_itself(
 
 @pytest.mark.expect_log_warnings
 def test_an_entry_that_cannot_be_examined_is_skipped_with_one_warning_without_its_name(
-    tmp_path: Path, clocks: tuple[FakeClock, FakeClock], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, tracker: SettleTracker, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tracker = tracker_with(clocks)
     (tmp_path / "DOE^JANE").symlink_to("DOE^JANE")  # a folder name that loops
     entry = tmp_path / "DOE^JANE" / "chest.dcm"
     for _ in range(3):  # as every rescan would offer it again
@@ -765,24 +741,13 @@ def test_a_started_service_removes_images_filed_longer_ago_than_the_retention_pe
     # A case still held for escalation, filed long ago, and a file waiting in quarantine.
     with CaseStore.open(watch_env.case_store) as store:
         store.record_result(make_result("case-held", decision="escalate"), CaseEvent.HOLD)
-    held = watch_env.done / "held.dcm"
-    shutil.copyfile(phantoms[2], held)
-    note = held.with_name(held.name + SIDECAR_SUFFIX)
-    note.write_text(json.dumps(make_result("case-held", path=str(held)).to_json()), "utf-8")
-    backdate(note, days=400)
+    note = file_in_done(watch_env, phantoms[2], "held.dcm", "case-held", days=400)
     waiting = watch_env.quarantine / "not_dicom" / "old.txt"
     waiting.parent.mkdir(parents=True)
     waiting.write_text("an admin will look at it\n", encoding="utf-8")
     backdate(waiting, days=400)
-    watch_env.env["TRIAGE_APP_INTAKE__DONE_RETENTION_DAYS"] = "30"
 
-    service = watch_env.start()
-    wait_until(
-        lambda: "done folder, images filed over 30 day(s) ago" in service.output(),
-        timeout_s=30,
-        what="the retention pass at start",
-    )
-    assert service.stop() == 0
+    service = start_for_its_retention_pass(watch_env, days=30)
 
     assert watch_env.done_images() == sorted(["held.dcm", recent])
     assert (watch_env.done / (recent + SIDECAR_SUFFIX)).is_file() and note.is_file()
@@ -806,22 +771,10 @@ def test_a_started_service_keeps_the_image_a_quarantined_case_needs_to_be_sealed
         outbox.enqueue(stale, b"envelope", reason="uncertain", payload_sha256="0" * 64)
         outbox.quarantine(stale, "stale_envelope: older than the server accepts")
     for name, case_id in (("stale.dcm", stale), ("other.dcm", other)):
-        image = watch_env.done / name
-        image.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(phantoms[0], image)
-        note = image.with_name(name + SIDECAR_SUFFIX)
-        note.write_text(json.dumps(make_result(case_id, path=str(image)).to_json()), "utf-8")
-        backdate(note, days=40)
-    watch_env.env["TRIAGE_APP_INTAKE__DONE_RETENTION_DAYS"] = "30"
+        file_in_done(watch_env, phantoms[0], name, case_id, days=40)
     watch_env.env["TRIAGE_APP_ESCALATION__CENTRAL_URL"] = url
 
-    service = watch_env.start()
-    wait_until(
-        lambda: "done folder, images filed over 30 day(s) ago" in service.output(),
-        timeout_s=30,
-        what="the retention pass at start",
-    )
-    assert service.stop() == 0
+    service = start_for_its_retention_pass(watch_env, days=30)
 
     assert watch_env.done_images() == ["stale.dcm"]
     assert (
@@ -833,3 +786,29 @@ def test_a_started_service_keeps_the_image_a_quarantined_case_needs_to_be_sealed
 def backdate(path: Path, *, days: float) -> None:
     moment = time.time() - days * 86400
     os.utime(path, (moment, moment))
+
+
+def file_in_done(env: WatchEnv, source: Path, name: str, case_id: str, *, days: float) -> Path:
+    """A copy of ``source`` filed in done/ as ``name`` with the sidecar of ``case_id``,
+    ``days`` ago; returns the sidecar."""
+    image = env.done / name
+    image.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, image)
+    note = image.with_name(name + SIDECAR_SUFFIX)
+    note.write_text(json.dumps(make_result(case_id, path=str(image)).to_json()), "utf-8")
+    backdate(note, days=days)
+    return note
+
+
+def start_for_its_retention_pass(env: WatchEnv, *, days: int) -> WatchProcess:
+    """The service started with a done folder kept ``days`` days, stopped (cleanly) once its
+    retention pass at start has run."""
+    env.env["TRIAGE_APP_INTAKE__DONE_RETENTION_DAYS"] = str(days)
+    service = env.start()
+    wait_until(
+        lambda: f"done folder, images filed over {days} day(s) ago" in service.output(),
+        timeout_s=30,
+        what="the retention pass at start",
+    )
+    assert service.stop() == 0
+    return service

@@ -24,11 +24,19 @@ PHANTOM_SEED = 21
 FOLDER_COUNT = 12
 
 
+def phantoms_in_new_folder(
+    tmp_path_factory: pytest.TempPathFactory, name: str, seed: int, count: int
+) -> Path:
+    """A new folder named after ``name`` holding ``count`` phantoms drawn from ``seed``."""
+    folder = tmp_path_factory.mktemp(name)
+    write_phantoms(folder, seed, count)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def phantom_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A dozen phantoms and one file that is not DICOM."""
-    folder = tmp_path_factory.mktemp("open-folder")
-    write_phantoms(folder, PHANTOM_SEED, FOLDER_COUNT)
+    folder = phantoms_in_new_folder(tmp_path_factory, "open-folder", PHANTOM_SEED, FOLDER_COUNT)
     (folder / "notes.txt").write_text("not an image\n", encoding="utf-8")
     return folder
 
@@ -36,8 +44,7 @@ def phantom_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """Thirty phantoms and one file per failure mode; returns the folder and expected codes."""
-    folder = tmp_path_factory.mktemp("mixed")
-    write_phantoms(folder, PHANTOM_SEED + 1, 30)
+    folder = phantoms_in_new_folder(tmp_path_factory, "mixed", PHANTOM_SEED + 1, 30)
     return folder, write_bad_inputs(folder)
 
 

@@ -18,7 +18,7 @@ from pytestqt.qtbot import QtBot
 
 from tests.ct_series import write_ct_series
 from tests.escalation.conftest import Device, device_identity, start_central_server, triage
-from tests.gui.conftest import FOLDER_COUNT
+from tests.gui.conftest import FOLDER_COUNT, phantoms_in_new_folder
 from tests.helpers import write_phantoms
 from triage_app.batch import triage_and_record
 from triage_app.central.certificates import make_self_signed
@@ -234,9 +234,7 @@ def test_cancel_stops_early_and_the_summary_counts_skipped_files(
 
 @pytest.fixture(scope="module")
 def folder_of_200(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("two-hundred")
-    write_phantoms(folder, 2024, 200)
-    return folder
+    return phantoms_in_new_folder(tmp_path_factory, "two-hundred", 2024, 200)
 
 
 def test_ui_stays_responsive_during_a_200_image_import(
@@ -327,9 +325,7 @@ def test_the_window_queues_the_cases_held_until_the_server_keys_are_known(
 
 @pytest.fixture(scope="module")
 def folder_of_40(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("forty")
-    write_phantoms(folder, 2025, 40)
-    return folder
+    return phantoms_in_new_folder(tmp_path_factory, "forty", 2025, 40)
 
 
 def test_closing_the_window_during_an_import_is_prompt_and_shows_no_summary(
