@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from tests.helpers import BUNDLE, image_info, phantom_dataset
+from triage_app import policy
 from triage_app.dicom import load_image
 from triage_app.errors import ConfigError
 from triage_app.model.classifier import Classifier
@@ -20,11 +23,13 @@ from triage_app.policy import (
     ABNORMAL,
     ESCALATE,
     NORMAL,
+    SCOPE_FINDING_TEXT,
     ActiveThresholds,
     Decision,
     ScopeAssessment,
     assess_scope,
     decide,
+    describe_findings,
     header_scope_findings,
     resolve_thresholds,
 )
@@ -360,3 +365,15 @@ def test_a_mirrored_image_is_out_of_scope_with_the_shipped_profile() -> None:
     assert decide(0.0, THRESHOLDS, scope) == Decision(ESCALATE, "out_of_scope")
     without = replace(classifier.profile, mirror_check=False)
     assert assess_scope(phantom.info, mirrored, use, without).findings == ()
+
+
+def test_every_scope_finding_has_words_for_the_clinician() -> None:
+    """The GUI explains an out-of-scope result from these: a code added to the checks
+    without its text would show as a bare code."""
+    source = Path(policy.__file__).read_text(encoding="utf-8")
+    reported = set(re.findall(r'findings(?:\.append\(| \+= \()"([a-z_]+)"', source))
+    assert len(reported) >= 9
+    assert reported == set(SCOPE_FINDING_TEXT)
+    assert describe_findings(["body_part_missing", "something_new"]) == (
+        "no body part in the header; something new"
+    )

@@ -16,6 +16,7 @@ defaults apply until an admin approves new ones (DESIGN 4.3).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,26 @@ logger = logging.getLogger(__name__)
 
 NORMAL, ABNORMAL, ESCALATE = "normal", "abnormal", "escalate"
 OUT_OF_SCOPE = "out_of_scope"
+
+
+#: Why an image is out of scope, as a clinician reads it (the GUI's result panel and tooltip):
+#: every finding code :func:`header_scope_findings` and :func:`assess_scope` report.
+SCOPE_FINDING_TEXT: dict[str, str] = {
+    "modality_not_intended": "modality not one this model reads",
+    "body_part_not_intended": "body part not one this model reads",
+    "body_part_missing": "no body part in the header",
+    "view_not_intended": "view not one this model reads (e.g. a lateral or oblique)",
+    "view_position_missing": "no view position in the header",
+    "photometric_not_intended": "colour model not one this model reads",
+    "multi_frame_not_intended": "multi-frame image",
+    "atypical_input": "image unlike the model's training images",
+    "looks_mirrored": "image looks left-right mirrored (side marker? dextrocardia?)",
+}
+
+
+def describe_findings(findings: Sequence[str]) -> str:
+    """The findings as one clinician-readable phrase; an unknown code is shown as it is."""
+    return "; ".join(SCOPE_FINDING_TEXT.get(code, code.replace("_", " ")) for code in findings)
 
 
 @dataclass(frozen=True)

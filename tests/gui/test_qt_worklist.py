@@ -5,28 +5,40 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from PySide6.QtCore import Qt
 from pytestqt.qtbot import QtBot
 
 from tests.helpers import make_result
-from triage_app.gui.qt_worklist import QtWorklist, StorePoller, WorklistTableModel
+from triage_app.gui.qt_worklist import Column, QtWorklist, StorePoller, WorklistTableModel
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore, StoredCase
 from triage_app.worklist import UNKNOWN_PATIENT, WorklistRow, WorklistSource, row_for
 
 
-def _row(case_id: str, state: CaseState = CaseState.LOCAL_NORMAL) -> WorklistRow:
+def _row(
+    case_id: str,
+    state: CaseState = CaseState.LOCAL_NORMAL,
+    *,
+    reason: str = "confident_normal",
+    findings: tuple[str, ...] = (),
+) -> WorklistRow:
     case = StoredCase(
         case_id=case_id,
         state=state,
-        decision="normal",
-        reason="confident_normal",
+        decision="escalate" if reason == "out_of_scope" else "normal",
+        reason=reason,
         score=0.05,
         model_name="m",
         model_version="1",
         model_sha256="0" * 64,
         created_at="2026-01-01T10:00:00.000+00:00",
         updated_at="2026-01-01T10:00:00.000+00:00",
-        result={"path": "", "image": {"modality": "DX"}},
+        result={
+            "path": "",
+            "image": {"modality": "DX"},
+            "reason": reason,
+            "scope": {"in_scope": not findings, "findings": list(findings)},
+        },
     )
     return row_for(case, UNKNOWN_PATIENT)
 
@@ -141,3 +153,18 @@ def test_an_unexpected_error_in_a_poll_is_shown_and_polling_goes_on(
     assert logged.startswith("worklist: unexpected ValueError (test_qt_worklist.py:")
     assert logged.endswith(" in flaky)")
     assert "header value" not in caplog.text
+
+
+def test_the_decision_tooltip_says_what_put_an_image_out_of_scope(qtbot: QtBot) -> None:
+    model = WorklistTableModel()
+    rows = [
+        _row("m", CaseState.ESCALATION_HELD, reason="out_of_scope", findings=("looks_mirrored",)),
+        _row("n"),
+    ]
+    model.update_rows(rows)
+    column = int(Column.DECISION)
+    mirrored = model.data(model.index(0, column), Qt.ItemDataRole.ToolTipRole)
+    assert "out of scope" in mirrored
+    assert "image looks left-right mirrored" in mirrored
+    normal = model.data(model.index(1, column), Qt.ItemDataRole.ToolTipRole)
+    assert normal.endswith("confident normal")

@@ -109,3 +109,24 @@ def test_reduction_averages_fine_detail_instead_of_sampling_it() -> None:
     inner = reduced[:, :-1]  # the last column averages a partial block
     assert np.allclose(inner, 500.0)  # every 4x4 block holds eight 0s and eight 1000s
     assert reduce_for_display(checkerboard, 0) is checkerboard
+
+
+def test_an_out_of_scope_result_says_why_and_that_no_threshold_applied() -> None:
+    record = {
+        "decision": "escalate",
+        "reason": "out_of_scope",
+        "score": 0.002,
+        "thresholds": {"normal_below": 0.04, "abnormal_at_or_above": 0.99},
+        "scope": {"in_scope": False, "findings": ["view_not_intended", "looks_mirrored"]},
+        "model": {"name": "chest-dx-demo", "version": "1.1.0"},
+    }
+    lines = AiResult.from_result(record).lines()
+    assert lines[1] == "Result: escalate (out of scope)"
+    assert lines[2] == (
+        "Why: view not one this model reads (e.g. a lateral or oblique); "
+        "image looks left-right mirrored (side marker? dextrocardia?)"
+    )
+    assert "Threshold: not applied: out of scope" in lines
+    assert "Why: not recorded" in AiResult.from_result({**record, "scope": None}).lines()
+    uncertain = AiResult.from_result({**record, "reason": "uncertain"})
+    assert not [line for line in uncertain.lines() if line.startswith("Why:")]

@@ -43,6 +43,7 @@ from PySide6.QtWidgets import (
 from triage_app.errors import StoreError
 from triage_app.gui.qt_threading import QtPoller
 from triage_app.gui.theme import decision_icon, decision_style
+from triage_app.gui.viewer_model import out_of_scope_why
 from triage_app.worklist import Urgency, WorklistRow, WorklistSource
 
 __all__ = ["Column", "QtWorklist", "WorklistFilter", "WorklistTableModel"]
@@ -174,7 +175,7 @@ class WorklistTableModel(QAbstractTableModel):
             if column is Column.PRIORITY:
                 return QColor(_URGENCY_COLOURS[row.urgency])
         if role == Qt.ItemDataRole.ToolTipRole and column is Column.DECISION:
-            return f"{decision_style(row.decision).text}: {row.reason.replace('_', ' ')}"
+            return _decision_tooltip(row)
         if role == Qt.ItemDataRole.TextAlignmentRole and column is Column.SCORE:
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         return None
@@ -510,3 +511,10 @@ class QtWorklist(QWidget):
     def _current_changed(self, current: QModelIndex, _previous: QModelIndex) -> None:
         if current.isValid():
             self.case_selected.emit(self.proxy.row_at(current.row()))
+
+
+def _decision_tooltip(row: WorklistRow) -> str:
+    """The decision and its reason; for an out-of-scope image, also what made it so."""
+    text = f"{decision_style(row.decision).text}: {row.reason.replace('_', ' ')}"
+    why = out_of_scope_why(row.result)
+    return f"{text} ({why})" if why else text

@@ -25,6 +25,7 @@ from triage_app.dicom.reader import quiet_pydicom
 from triage_app.model.classifier import Classifier
 from triage_app.model.manifest import find_bundle
 from triage_app.model.saliency import SaliencyMap, occlusion_map
+from triage_app.policy import OUT_OF_SCOPE, describe_findings
 
 __all__ = [
     "DISCLAIMER",
@@ -223,6 +224,7 @@ class AiResult:
     score: float
     threshold: str
     model: str
+    why: str = ""  # for an out-of-scope image: what made it so, in words
 
     @classmethod
     def from_result(cls, result: Mapping[str, Any]) -> AiResult:
@@ -231,21 +233,38 @@ class AiResult:
         score = float(result.get("score", 0.0))
         thresholds = result.get("thresholds") or {}
         model = result.get("model") or {}
+        why = out_of_scope_why(result)
         return cls(
             label=f"{decision} ({reason.replace('_', ' ')})" if reason else decision,
             score=score,
-            threshold=_threshold_text(decision, score, thresholds),
+            # Out of scope, the score is shown but no threshold decided anything.
+            threshold="not applied: out of scope"
+            if why
+            else _threshold_text(decision, score, thresholds),
             model=f"{model.get('name', '?')} {model.get('version', '?')}",
+            why=why,
         )
 
     def lines(self) -> list[str]:
         return [
             DISCLAIMER,
             f"Result: {self.label}",
+            *([f"Why: {self.why}"] if self.why else []),
             f"Score: {self.score:.3f}",
             f"Threshold: {self.threshold}",
             f"Model: {self.model}",
         ]
+
+
+def out_of_scope_why(result: Mapping[str, Any]) -> str:
+    """For a result record escalated as out of scope, what made it so in words; else ""."""
+    if result.get("reason") != OUT_OF_SCOPE:
+        return ""
+    scope = result.get("scope")
+    findings = scope.get("findings") if isinstance(scope, Mapping) else None
+    if not isinstance(findings, list) or not findings:
+        return "not recorded"
+    return describe_findings([str(code) for code in findings])
 
 
 def _threshold_text(decision: str, score: float, thresholds: Mapping[str, Any]) -> str:
