@@ -65,6 +65,7 @@ def test_a_lateral_or_oblique_chest_is_escalated_out_of_scope(tmp_path: Path, vi
     assert outcome.scope["findings"] == ["view_not_intended"]
     assert (record["decision"], record["reason"]) == ("escalate", "out_of_scope")
     assert "view_not_intended" in record["scope"]["findings"]
+    assert record["image"]["view_position"] == view  # what the finding refers to
     assert outcome.score < 0.025  # the score alone would have called it normal
 
 

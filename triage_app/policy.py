@@ -84,7 +84,8 @@ class Decision:
 
 
 def header_scope_findings(info: ImageInfo, use: IntendedUse) -> tuple[str, ...]:
-    """Checks that need only the header, so an MR or CT is refused before any pixel work."""
+    """The checks that need only the header. They run with the pixel checks, not before them:
+    an out-of-scope image is still escalated, and its de-identified pixels are what is sent."""
     findings = []
     if info.modality not in use.modalities:
         findings.append("modality_not_intended")

@@ -321,6 +321,7 @@ def test_image_info_facts_and_json() -> None:
         "frame_index",
         "modality",
         "body_part",
+        "view_position",
         "photometric",
         "bits_stored",
         "transfer_syntax",

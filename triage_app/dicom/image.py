@@ -48,6 +48,7 @@ class ImageInfo:
             "frame_index": self.frame_index,
             "modality": self.modality,
             "body_part": self.body_part,
+            "view_position": self.view_position,  # what view_not_intended refers to
             "photometric": self.photometric,
             "bits_stored": self.bits_stored,
             "transfer_syntax": self.transfer_syntax_uid,
