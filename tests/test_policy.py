@@ -352,7 +352,7 @@ def test_a_setting_that_crosses_the_models_default_is_a_config_error(
 def test_a_mirrored_image_is_out_of_scope_with_the_shipped_profile() -> None:
     """``assess_scope`` adds ``looks_mirrored`` where the manifest turns the check on."""
     classifier = Classifier(BUNDLE)
-    assert classifier.profile.mirror_check
+    assert classifier.profile.mirror_margin == 1.05
     use = classifier.manifest.intended_use
     buffer = io.BytesIO()
     phantom_dataset(77, 3).save_as(buffer, enforce_file_format=True)
@@ -363,8 +363,13 @@ def test_a_mirrored_image_is_out_of_scope_with_the_shipped_profile() -> None:
     scope = assess_scope(phantom.info, mirrored, use, classifier.profile)
     assert scope.findings == ("looks_mirrored",)
     assert decide(0.0, THRESHOLDS, scope) == Decision(ESCALATE, "out_of_scope")
-    without = replace(classifier.profile, mirror_check=False)
+    without = replace(classifier.profile, mirror_margin=None)
     assert assess_scope(phantom.info, mirrored, use, without).findings == ()
+    # An image unlike a chest either way round is atypical, not "mirrored".
+    blank = np.zeros_like(mirrored)
+    assert assess_scope(phantom.info, blank, use, classifier.profile).findings == (
+        "atypical_input",
+    )
 
 
 def test_every_scope_finding_has_words_for_the_clinician() -> None:

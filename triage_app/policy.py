@@ -116,7 +116,7 @@ def assess_scope(
     findings = header_scope_findings(info, use)
     if not profile.is_typical(input_score, unit):
         findings += ("atypical_input",)
-    if profile.looks_mirrored(unit, input_score):
+    elif profile.looks_mirrored(unit):  # an atypical image's orientation means nothing
         findings += ("looks_mirrored",)
     return ScopeAssessment(findings, input_score, profile.limit)
 

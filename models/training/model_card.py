@@ -127,13 +127,21 @@ def _mirror_check(profile: dict[str, Any]) -> list[str]:
     figures = profile.get("mirror_check")
     if not figures:
         return []
-    return [
-        "- A left-right mirrored image (stored mirrored, or dextrocardia) is escalated as out of "
-        f"scope (`looks_mirrored`). On {figures['data']}: {figures['images_flagged']} of "
-        f"{figures['images']} images flagged, {figures['mirrored_flagged']} of their "
-        f"{figures['images']} mirrored copies flagged (nearest image ratio "
-        f"{figures['nearest_ratio']}; 1.0 is flagged)."
+    n = figures["images"]
+    lines = [
+        "- A left-right mirrored image (stored mirrored, or dextrocardia) is "
+        f"{figures['rule']} ({figures['margin']}). On "
+        f"{figures['data']}: {figures['images_flagged']} of {n} images flagged, "
+        f"{figures['mirrored_flagged']} of their {n} mirrored copies caught."
     ]
+    for name, cut in (figures.get("framing") or {}).items():
+        share = name.removeprefix("cut_").removesuffix("pct")
+        lines.append(
+            f"  - With {share}% of the width cut off one side ({cut['images']} images, each "
+            f"side in turn): {cut['images_flagged']} flagged, {cut['mirrored_flagged']} of "
+            f"their mirrored copies caught."
+        )
+    return lines
 
 
 def _views(use: dict[str, Any]) -> str:

@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-count", type=int, help="default: 4000")
     parser.add_argument("--epochs", type=int, help="default: 16 edge, 14 central")
     parser.add_argument("--out", type=Path, help="default: models/<the target's bundle name>")
-    parser.add_argument("--version", default="1.1.0")
+    parser.add_argument("--version", default="1.2.0")
     parser.add_argument(
         "--recalibrate",
         action="store_true",

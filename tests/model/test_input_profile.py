@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -214,26 +215,39 @@ def test_mirrored_phantoms_look_mirrored_and_phantoms_do_not() -> None:
     """A chest is not left-right symmetric: flipped, a phantom is reconstructed worse by the
     shipped profile, so a mirrored one is reconstructed better once flipped back. (A profile
     of a few dozen phantoms does not tell them apart reliably: hence the figures per bundle.)"""
-    manifest = load_manifest(find_bundle("chest-dx-demo"))
     bundle = find_bundle("chest-dx-demo")
-    profile = InputProfile.load(bundle / manifest.profile_file, mirror_check=True)
+    manifest = load_manifest(bundle)
+    profile = InputProfile.load(bundle / manifest.profile_file, mirror_margin=1.05)
     for i in HELD_OUT:
-        unit = to_unit_image(phantom_image(i), manifest.preprocessing)
-        mirrored = np.ascontiguousarray(unit[:, ::-1])
-        assert not profile.looks_mirrored(unit, profile.score(unit)), i
-        assert profile.looks_mirrored(mirrored, profile.score(mirrored)), i
+        image = phantom_image(i)
+        width = image.stored.shape[1]
+        cut = width // 10
+        # As acquired, and cut off on one side or the other (the midline moves).
+        for stored in (image.stored, image.stored[:, cut:], image.stored[:, : width - cut]):
+            framed = dataclasses.replace(image, stored=np.ascontiguousarray(stored))
+            unit = to_unit_image(framed, manifest.preprocessing)
+            assert not profile.looks_mirrored(unit), (i, stored.shape)
+            assert profile.looks_mirrored(np.ascontiguousarray(unit[:, ::-1])), (i, stored.shape)
+
+
+def test_the_margin_decides(fitted_profile: InputProfile, phantom_units: FloatArray) -> None:
+    unit = phantom_units[HELD_OUT.start]
+    ratio = fitted_profile.mirror_ratio(unit)
+    assert ratio > 0
+    assert dataclasses.replace(fitted_profile, mirror_margin=ratio * 0.99).looks_mirrored(unit)
+    assert not dataclasses.replace(fitted_profile, mirror_margin=ratio * 1.01).looks_mirrored(unit)
 
 
 def test_without_the_mirror_check_nothing_looks_mirrored(
     fitted_profile: InputProfile, phantom_units: FloatArray
 ) -> None:
-    assert fitted_profile.mirror_check is False
+    assert fitted_profile.mirror_margin is None
     mirrored = np.ascontiguousarray(phantom_units[HELD_OUT.start][:, ::-1])
-    assert not fitted_profile.looks_mirrored(mirrored, fitted_profile.score(mirrored))
+    assert not fitted_profile.looks_mirrored(mirrored)
 
 
-def test_the_mirror_check_is_set_at_load(tmp_path: Path, fitted_profile: InputProfile) -> None:
+def test_the_mirror_margin_is_set_at_load(tmp_path: Path, fitted_profile: InputProfile) -> None:
     path = tmp_path / "profile.npz"
     fitted_profile.save(path)
-    assert InputProfile.load(path).mirror_check is False
-    assert InputProfile.load(path, mirror_check=True).mirror_check is True
+    assert InputProfile.load(path).mirror_margin is None
+    assert InputProfile.load(path, mirror_margin=1.05).mirror_margin == 1.05

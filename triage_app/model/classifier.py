@@ -57,7 +57,7 @@ class Classifier:
         self.bundle_dir = bundle_dir
         self.manifest: ModelManifest = verify_bundle(bundle_dir)
         self.profile = InputProfile.load(
-            bundle_dir / self.manifest.profile_file, mirror_check=self.manifest.mirror_check
+            bundle_dir / self.manifest.profile_file, mirror_margin=self.manifest.mirror_margin
         )
         self._session = make_session(bundle_dir / self.manifest.onnx_file, threads)
         self._output_name = self._session.get_outputs()[0].name

@@ -6,10 +6,12 @@ principal-component model of the training images at 32×32: an image the compone
 reconstruct well is atypical and is escalated as out of scope instead of being called normal.
 It is cheap (one 1024×k matrix product) and explainable (one score against one limit).
 
-The same components also tell a mirrored image (``mirror_check``): a chest is not left-right
+The same components also tell a mirrored image (``mirror_margin``): a chest is not left-right
 symmetric (heart, aortic arch, gastric bubble), so an image stored or acquired mirrored is
 reconstructed *better* once flipped back. Mirrored, it is still "typical" by its score, and a
-model never trained on mirrored chests decides it with confidence it has not earned.
+model never trained on mirrored chests decides it with confidence it has not earned. Framing
+moves the midline (a chest cut off on one side), so each orientation is scored at its best
+alignment among a few one-sided crops, and the flipped one must win by a margin.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ PROFILE_SIDE = 32
 # with almost none is blank or flat whatever the components say (a black image is close to a
 # multiple of the mean chest, so its reconstruction error alone looks typical).
 MIN_UNIT_STD = 0.05
+#: Shares of the width cut off one side or the other when aligning an image for the mirror check.
+MIRROR_CROPS = (0.05, 0.10, 0.15)
 
 
 def _features(unit: np.ndarray) -> np.ndarray:
@@ -42,7 +46,8 @@ class InputProfile:
     mean: np.ndarray  # (1024,)
     components: np.ndarray  # (k, 1024), orthonormal rows
     limit: float  # reconstruction error above which an image is atypical
-    mirror_check: bool = False  # the manifest validated the mirror check for this profile
+    #: The mirror check's margin as the manifest validated it for this profile; None: off.
+    mirror_margin: float | None = None
 
     def score(self, unit: np.ndarray) -> float:
         """Root-mean-square reconstruction error of the 32×32 image (0 = perfectly typical)."""
@@ -56,10 +61,26 @@ class InputProfile:
             return False
         return score <= self.limit
 
-    def looks_mirrored(self, unit: np.ndarray, score: float) -> bool:
-        """With the mirror check on: the left-right flipped image, given ``score`` (this
-        profile's score of ``unit``), is reconstructed better than the image itself."""
-        return self.mirror_check and self.score(unit[:, ::-1]) < score
+    def aligned_score(self, unit: np.ndarray) -> float:
+        """The best score of the image and its one-sided crops (:data:`MIRROR_CROPS`)."""
+        width = unit.shape[1]
+        scores = [self.score(unit)]
+        for share in MIRROR_CROPS:
+            cut = round(width * share)
+            if 0 < cut < width:
+                scores += [self.score(unit[:, cut:]), self.score(unit[:, : width - cut])]
+        return min(scores)
+
+    def mirror_ratio(self, unit: np.ndarray) -> float:
+        """How much better the flipped image is reconstructed than the image, each at its best
+        alignment: above 1, it looks mirrored."""
+        flipped = self.aligned_score(unit[:, ::-1])
+        return self.aligned_score(unit) / max(flipped, 1e-12)
+
+    def looks_mirrored(self, unit: np.ndarray) -> bool:
+        """With the mirror check on, the flipped image wins by more than the margin."""
+        margin = self.mirror_margin
+        return margin is not None and self.mirror_ratio(unit) > margin
 
     @classmethod
     def fit(
@@ -80,7 +101,7 @@ class InputProfile:
             )
 
     @classmethod
-    def load(cls, path: Path, *, mirror_check: bool = False) -> InputProfile:
+    def load(cls, path: Path, *, mirror_margin: float | None = None) -> InputProfile:
         try:
             # Open the file here: np.load leaks its own handle when the zip is broken.
             with path.open("rb") as handle, np.load(handle, allow_pickle=False) as data:
@@ -92,4 +113,4 @@ class InputProfile:
             raise ManifestError(f"input profile {path.name} cannot be read: {exc}") from exc
         if mean.shape != (PROFILE_SIDE * PROFILE_SIDE,) or components.shape[1:] != mean.shape:
             raise ManifestError(f"input profile {path.name} has the wrong shape")
-        return cls(mean, components, limit, mirror_check)
+        return cls(mean, components, limit, mirror_margin)

@@ -13,7 +13,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from triage_app.errors import ManifestError, ModelIntegrityError, ModelNotFoundError
 from triage_app.model.preprocess import PreprocessSpec
@@ -135,7 +135,7 @@ class ModelManifest:
     preprocessing: PreprocessSpec
     profile_file: str
     profile_sha256: str
-    mirror_check: bool  # input_profile.mirror_check present: its held-out figures in the object
+    mirror_margin: float | None  # input_profile.mirror_check.margin; None: the check is off
     raw: dict[str, Any]  # the whole document, for display and for fields only tools read
 
     @property
@@ -186,21 +186,48 @@ class ModelManifest:
                 preprocessing=preprocessing,
                 profile_file=str(doc["input_profile"]["file"]),
                 profile_sha256=str(doc["input_profile"]["sha256"]).lower(),
-                mirror_check=_mirror_check(doc["input_profile"]),
+                mirror_margin=_mirror_margin(doc["input_profile"]),
                 raw=doc,
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"manifest is missing or has a malformed field: {exc}") from exc
 
 
-def _mirror_check(profile: dict[str, Any]) -> bool:
-    """Whether the manifest turns the mirror check on: an object with the figures it was
+#: The mirror check's held-out figures must show it works before a manifest may turn it on.
+MIRROR_MAX_FLAGGED_SHARE = 0.01
+MIRROR_MIN_CAUGHT_SHARE = 0.99
+
+
+def _mirror_margin(profile: dict[str, Any]) -> float | None:
+    """The margin of the mirror check the manifest turns on, with the held-out figures it was
     validated with (absent in manifests older than the check: off)."""
     if "mirror_check" not in profile:
-        return False
-    if not isinstance(profile["mirror_check"], dict):
+        return None
+    figures = profile["mirror_check"]
+    if not isinstance(figures, dict):
         raise ManifestError("input_profile.mirror_check must be an object (its held-out figures)")
-    return True
+    margin = figures.get("margin")
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 1 <= margin <= 2:
+        raise ManifestError("input_profile.mirror_check.margin must be a number from 1 to 2")
+    counts = [figures.get(key) for key in ("images", "images_flagged", "mirrored_flagged")]
+    if not isinstance(figures.get("data"), str) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts
+    ):
+        raise ManifestError(
+            "input_profile.mirror_check needs its figures: data, images, images_flagged, "
+            "mirrored_flagged"
+        )
+    images, flagged, caught = cast("list[int]", counts)
+    if (
+        images == 0
+        or flagged > images * MIRROR_MAX_FLAGGED_SHARE
+        or caught < images * MIRROR_MIN_CAUGHT_SHARE
+    ):
+        raise ManifestError(
+            f"input_profile.mirror_check: its figures show it does not work for this profile "
+            f"({flagged} of {images} images flagged, {caught} of their mirrored copies)"
+        )
+    return float(margin)
 
 
 def load_manifest(bundle_dir: Path) -> ModelManifest:
