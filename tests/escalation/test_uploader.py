@@ -58,7 +58,7 @@ from triage_app.escalation.receipt import verify_receipt
 from triage_app.escalation.server_keys import central_keys_path
 from triage_app.escalation.service import EscalationLink
 from triage_app.escalation.transport import CentralClient
-from triage_app.escalation.uploader import Attempt, Uploader, UploaderConfig
+from triage_app.escalation.uploader import Attempt, Uploader, UploaderConfig, _Schedule
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore
 
@@ -1293,3 +1293,24 @@ def test_server_keys_that_cannot_be_kept_do_not_stop_the_uploader(
     assert len(refresh_alarms) == 1 and "IsADirectoryError" in refresh_alarms[0]
     assert str(settings.data_dir) not in refresh_alarms[0], "no paths in the log"
     assert central.deliveries() == {case.case_id: 1}
+
+
+def test_an_offline_uploader_probes_at_jittered_intervals(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    """Devices that lost the server together must not probe it, and send to it, in step."""
+    central.register(device.identity)
+    with FaultProxy("127.0.0.1", central.port) as proxy:
+        settings = device.settings(central, url=proxied_url(proxy), **central.public_keys())
+        proxy.refuse()
+        with link_for(settings) as link, make_uploader(link) as uploader:
+            schedule = _Schedule()
+            waits = []
+            for _ in range(12):
+                schedule.probe_at = 0.0  # due: this pass probes, and fails
+                before = time.monotonic()
+                uploader._pass(schedule, None, idle_s=0.0)
+                waits.append(schedule.probe_at - before)
+    probe_s = UploaderConfig().probe_s
+    assert all(0.5 * probe_s - 0.5 <= wait <= 1.5 * probe_s + 0.5 for wait in waits), waits
+    assert max(waits) - min(waits) > 0.5, waits  # fixed intervals would differ by ~0

@@ -113,8 +113,9 @@ class UploaderConfig:
     lease_s: float = DEFAULT_LEASE_S
     verdict_poll_s: float = 15.0
     key_refresh_s: float = 3600.0  # how often a following uploader asks for the server's keys
-    # While offline, how often to ask the server's health: when the link is back, the cases
-    # that waited for it go at once instead of each waiting out its backoff (up to the cap).
+    # While offline, how often to ask the server's health (on average: each wait is drawn from
+    # half to one and a half times it): when the link is back, the cases that waited for it go
+    # at once instead of each waiting out its backoff (up to the cap).
     probe_s: float = 5.0
 
 
@@ -412,7 +413,9 @@ class Uploader:
             self.connectivity.snapshot().online is not True
             and time.monotonic() >= schedule.probe_at
         ):
-            schedule.probe_at = time.monotonic() + self.config.probe_s
+            # Jittered: devices that lost the server together would otherwise probe, and then
+            # send their waiting cases, in step, and meet it all at once when it is back.
+            schedule.probe_at = time.monotonic() + self.config.probe_s * self._rng.uniform(0.5, 1.5)
             if self.probe():
                 return 0.0
         if time.monotonic() >= schedule.poll_at:
