@@ -7,6 +7,7 @@ could a chest stored left-right mirrored, which the model never saw in training.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,47 @@ def test_a_mirrored_chest_is_escalated_out_of_scope(tmp_path: Path) -> None:
     assert outcome.scope["findings"] == ["looks_mirrored"]
     assert (record["decision"], record["reason"]) == ("escalate", "out_of_scope")
     assert record["scope"]["findings"] == ["looks_mirrored"]
+
+
+# --- View Position the check used to miss (several values, a View Code Sequence) ----------------
+
+
+def _coded_chest(value: str, meaning: str) -> Dataset:
+    """A chest without View Position whose View Code Sequence (0054,0220) states the view."""
+    ds = _chest(None)
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "SCT", meaning
+    ds.ViewCodeSequence = [item]
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("make", "shown"),
+    [
+        # Read as "PA" before (the first value only), then as "" (missing, which is allowed).
+        pytest.param(lambda: _chest("PA\\LL"), "PA\\LL", id="pa-and-ll"),
+        pytest.param(lambda: _chest("\\LL"), "LL", id="empty-and-ll"),
+        # No View Position: the View Code Sequence was ignored, so this too was "missing".
+        pytest.param(
+            lambda: _coded_chest("399198007", "right lateral"), "RIGHT LATERAL", id="coded-lateral"
+        ),
+    ],
+)
+def test_a_lateral_view_stated_another_way_is_escalated_out_of_scope(
+    tmp_path: Path, make: Callable[[], Dataset], shown: str
+) -> None:
+    outcome, record = _triage(tmp_path / "case", make())
+    assert (outcome.decision, outcome.reason) == ("escalate", "out_of_scope")
+    assert outcome.scope["findings"] == ["view_not_intended"]
+    assert (record["decision"], record["reason"]) == ("escalate", "out_of_scope")
+    assert record["scope"]["findings"] == ["view_not_intended"]
+    assert record["image"]["view_position"] == shown  # the value the check used
+    assert outcome.score < 0.025  # the score alone would have called it normal
+
+
+def test_a_view_code_sequence_saying_postero_anterior_is_decided_locally(tmp_path: Path) -> None:
+    """The control: a CR-style header with no View Position but a PA view code (CID 4010)."""
+    outcome, record = _triage(tmp_path / "coded-pa", _coded_chest("272479007", "postero-anterior"))
+    assert (outcome.decision, outcome.reason) == ("normal", "confident_normal")
+    assert record["scope"]["findings"] == []
+    assert record["image"]["view_position"] == "PA"

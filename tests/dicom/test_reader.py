@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -14,9 +15,11 @@ import numpy.typing as npt
 import pydicom
 import pytest
 from pydicom.data import get_testdata_files
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.processing import apply_color_lut
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from tests.dicom.conftest import (
@@ -30,7 +33,7 @@ from tests.dicom.conftest import (
 )
 from triage_app import errors
 from triage_app.dicom import DicomImage, ImageInfo, load_image, read_dataset
-from triage_app.dicom.reader import fits_decoding_limits
+from triage_app.dicom.reader import fits_decoding_limits, view_position
 from triage_app.errors import InputError
 
 
@@ -336,6 +339,195 @@ def test_image_info_is_frozen() -> None:
     assert isinstance(info, ImageInfo)
     with pytest.raises(AttributeError):
         info.rows = 1  # type: ignore[misc]
+
+
+# --- View position: what the scope check compares with the model's list -----------------------
+# The shipped chest model is for PA/AP only and accepts a missing view, so anything that is not
+# one clear view must come out as a string in no list, never as "" (which reads as "missing").
+
+# CID 4010 "DX View" codes (PS3.16; the same pairs as pydicom.sr's concept tables).
+SCT_PA = ("272479007", "SCT", "postero-anterior")
+SCT_AP = ("399348003", "SCT", "antero-posterior")
+SRT_PA = ("R-10214", "SRT", "postero-anterior")
+SRT_AP = ("R-10206", "SRT", "antero-posterior")
+SCT_RIGHT_LATERAL = ("399198007", "SCT", "right lateral")
+SCT_PA_OBLIQUE = ("399059000", "SCT", "postero-anterior oblique")
+
+
+def view_code(
+    value: str | None = None, scheme: str | None = None, meaning: str | None = None
+) -> Dataset:
+    """One View Code Sequence item; ``None`` leaves an attribute out (values may be invalid)."""
+    item = Dataset()
+    with pydicom.config.disable_value_validation():
+        for keyword, text in [
+            ("CodeValue", value),
+            ("CodingSchemeDesignator", scheme),
+            ("CodeMeaning", meaning),
+        ]:
+            if text is not None:
+                setattr(item, keyword, text)
+    return item
+
+
+def read_view(view_position: Any = None, codes: list[Dataset] | None = None) -> str:
+    """The view a file with these attributes is read with (``None``: attribute absent)."""
+    ds = synthetic(ramp())
+    with pydicom.config.disable_value_validation():
+        if view_position is not None:
+            ds.ViewPosition = view_position
+        if codes is not None:
+            ds.ViewCodeSequence = codes
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return load_image(buffer.getvalue()).info.view_position
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("PA", "PA"),
+        (" ap ", "AP"),  # what the policy compares: stripped, upper-case
+        (["PA", "PA"], "PA"),
+        (["PA", "pa "], "PA"),
+        (["", "PA"], "PA"),
+        (["PA", "LL"], "PA\\LL"),  # was "PA": the lateral hid behind the first value
+        (["", "LL"], "LL"),  # was "": read as missing, which the chest model allows
+        (["PA", "", "AP"], "PA\\AP"),  # two frontal views still contradict each other
+        ("LL", "LL"),
+    ],
+)
+def test_view_position_values(value: str | list[str], expected: str) -> None:
+    assert read_view(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", ["", ""]])
+def test_an_empty_view_position_without_view_codes_is_missing(value: str | list[str]) -> None:
+    assert read_view(value) == ""
+    assert read_view() == ""
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (SCT_PA, "PA"),
+        (SRT_PA, "PA"),
+        (("R-10214", "SNM3", "postero-anterior"), "PA"),
+        (SCT_AP, "AP"),
+        (SRT_AP, "AP"),
+        (("399348003", "SCT", "Antero-posterior projection (qualifier value)"), "AP"),
+        (("272479007", "SCT", "Posteroanterior projection"), "PA"),
+        ((None, None, "postero-anterior"), "PA"),  # a meaning alone is clear enough
+        (("272479007", "SCT", None), "PA"),  # so is a known code alone
+        (SCT_RIGHT_LATERAL, "RIGHT LATERAL"),  # was "": missing
+        (SCT_PA_OBLIQUE, "POSTERO-ANTERIOR OBLIQUE"),  # an oblique is not a PA
+        ((None, None, "left lateral"), "LEFT LATERAL"),
+        # The code and the meaning contradict each other, or the code is not one we know.
+        (("272479007", "SCT", "right lateral"), "PA\\RIGHT LATERAL"),
+        (("272479007", "SCT", "antero-posterior"), "PA\\ANTERO-POSTERIOR"),
+        (("399198007", "SCT", "postero-anterior"), "399198007\\POSTERO-ANTERIOR"),
+        (("272479007", "99LOCAL", "PA"), "272479007\\PA"),
+        (("399198007", "SCT", None), "UNKNOWN"),  # a code that is not frontal, no meaning
+        ((None, None, None), "UNKNOWN"),  # an empty item
+    ],
+)
+def test_view_code_sequence_without_view_position(
+    code: tuple[str | None, str | None, str | None], expected: str
+) -> None:
+    assert read_view(codes=[view_code(*code)]) == expected
+    assert read_view("", [view_code(*code)]) == expected  # empty View Position: the same
+
+
+def test_view_code_sequence_items_must_agree() -> None:
+    assert read_view(codes=[view_code(*SCT_PA), view_code(*SRT_PA)]) == "PA"
+    both = [view_code(*SCT_PA), view_code(*SCT_RIGHT_LATERAL)]
+    assert read_view(codes=both) == "PA\\RIGHT LATERAL"
+
+
+def test_an_empty_view_code_sequence_is_unknown_not_missing() -> None:
+    assert read_view(codes=[]) == "UNKNOWN"
+
+
+def test_view_position_is_used_before_the_view_code_sequence() -> None:
+    assert read_view("AP", [view_code(*SCT_PA)]) == "AP"
+
+
+def test_a_non_ascii_view_position_is_kept_and_matches_no_view() -> None:
+    ds = synthetic(ramp(), SpecificCharacterSet="ISO_IR 100")
+    with pydicom.config.disable_value_validation():
+        ds.ViewPosition = "P\u00c4"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    assert load_image(buffer.getvalue()).info.view_position == "P\u00c4"
+
+
+def test_view_code_meaning_is_capped_and_cleaned() -> None:
+    long = "left lateral, " + "very " * 30 + "long"
+    assert read_view(codes=[view_code(meaning=long)]) == long.upper()[:64]
+    assert read_view(codes=[view_code(meaning="left\tlateral\r\n")]) == "LEFT LATERAL"
+
+
+def test_view_position_in_the_record() -> None:
+    ds = synthetic(ramp())
+    ds.ViewCodeSequence = [view_code(*SCT_RIGHT_LATERAL)]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    assert load_image(buffer.getvalue()).info.to_json()["view_position"] == "RIGHT LATERAL"
+
+
+def raw(tag: int, vr: str, value: bytes) -> RawDataElement:
+    return RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+
+
+@pytest.mark.parametrize(
+    ("element", "expected"),
+    [
+        (raw(0x00185101, "CS", b"PA\\LL"), "PA\\LL"),
+        (raw(0x00185101, "CS", b"\\LL"), "LL"),
+        (raw(0x00185101, "OB", b"PA"), "PA"),  # a wrong VR: the value stays bytes
+        (raw(0x00185101, "OB", b"L\xc4"), "L\ufffd"),  # not ASCII: matches no view
+        (raw(0x00185101, "US", b"abc"), "UNKNOWN"),  # three bytes for a two-byte number
+        (raw(0x00185101, "SQ", b"abcd"), "UNKNOWN"),  # no item tag where one must be
+        (raw(0x00540220, "SQ", b"\xfe\xff\x00\xe0\x10\x00\x00\x00ab"), "UNKNOWN"),  # cut item
+    ],
+)
+def test_unreadable_or_odd_raw_values_never_raise(element: RawDataElement, expected: str) -> None:
+    ds = Dataset()
+    ds[element.tag] = element
+    assert view_position(ds) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"PA", "PA"),
+        ("P\u00c4", "P\u00c4"),
+        (None, ""),
+        (7, "7"),
+        ([b"PA", "LL"], "PA\\LL"),
+    ],
+)
+def test_odd_python_values_give_a_string(value: Any, expected: str) -> None:
+    ds = Dataset()
+    ds.add(DataElement(0x00185101, "CS", value, validation_mode=pydicom.config.IGNORE))
+    assert view_position(ds) == expected
+
+
+def test_nothing_but_the_view_reaches_the_record() -> None:
+    """A sequence where a string belongs is not dumped (its str() would list the name)."""
+    item = Dataset()
+    item.PatientName = PATIENT_NAME
+    item.CodeMeaning = "right lateral"
+    ds = Dataset()
+    ds.add(DataElement(0x00185101, "SQ", [item]))
+    assert view_position(ds) == "UNKNOWN"
+    ds = Dataset()
+    ds.ViewCodeSequence = [item]
+    assert view_position(ds) == "RIGHT LATERAL"  # other attributes of the item are not read
+    coded = Dataset()  # a nested data set where the meaning belongs
+    coded.add(DataElement(0x00080104, "LO", [item], validation_mode=pydicom.config.IGNORE))
+    ds.ViewCodeSequence = [coded]
+    assert view_position(ds) == "UNKNOWN"
 
 
 # --- Frame policy and photometric handling -----------------------------------------------------

@@ -22,7 +22,10 @@ class ImageInfo:
     sop_instance_uid: str  # "" if absent (used only for keyed pseudonyms, never logged)
     modality: str  # upper-case, "" if absent
     body_part: str  # BodyPartExamined upper-case stripped, "" if absent
-    view_position: str  # "" if absent
+    # Upper-case; "" if neither View Position nor View Code Sequence states one. Anything that
+    # is not one clear view (PA\LL, a lateral code, an unreadable value) is a string in no
+    # model's list, never "": see ``reader.view_position``.
+    view_position: str
     photometric: str  # PhotometricInterpretation as in the header (colour is grey in `stored`)
     rows: int
     columns: int

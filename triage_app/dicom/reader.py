@@ -541,7 +541,7 @@ def _image_info(
         sop_instance_uid=_text(ds, "SOPInstanceUID"),
         modality=_text(ds, "Modality").upper(),
         body_part=_text(ds, "BodyPartExamined").upper(),
-        view_position=_text(ds, "ViewPosition"),
+        view_position=view_position(ds),
         photometric=attrs.photometric,
         rows=attrs.rows,
         columns=attrs.columns,
@@ -558,6 +558,141 @@ def _image_info(
         has_voi_lut_sequence=_has_items(ds, "VOILUTSequence"),
         has_modality_lut_sequence=_has_items(ds, "ModalityLUTSequence"),
     )
+
+
+# View Code Sequence (0054,0220) codes that say "frontal, PA" or "frontal, AP" (CID 4010 DX View:
+# SNOMED CT, and the legacy SNOMED RT codes under SRT or under SNM3, the designator SRT replaced).
+# Any other code is read as "not a view this mapping knows", never as frontal.
+_FRONTAL_CODES: dict[tuple[str, str], str] = {
+    ("SCT", "272479007"): "PA",  # postero-anterior
+    ("SRT", "R-10214"): "PA",
+    ("SNM3", "R-10214"): "PA",
+    ("SCT", "399348003"): "AP",  # antero-posterior
+    ("SRT", "R-10206"): "AP",
+    ("SNM3", "R-10206"): "AP",
+}
+# Code Meanings with hyphens, spaces and a trailing "projection"/"view"/"(qualifier value)"
+# removed: "postero-anterior" (CID 4010), "Posteroanterior projection (qualifier value)" (SCT).
+# The oblique variants ("postero-anterior oblique") deliberately do not match.
+_FRONTAL_MEANINGS: dict[str, str] = {
+    "POSTEROANTERIOR": "PA",
+    "PA": "PA",
+    "ANTEROPOSTERIOR": "AP",
+    "AP": "AP",
+}
+_MEANING_SUFFIXES = ("(QUALIFIER VALUE)", "PROJECTION", "VIEW")
+_MAX_VIEW_CHARS = 64  # Code Meaning is LO (64 chars): a terminology string, capped all the same
+_UNKNOWN_VIEW = "UNKNOWN"  # a view is stated but cannot be read: in no model's list, escalated
+# An element's value is converted on first access; one stored as a sequence (as it should be, or
+# by mistake) is parsed only then, so a damaged one fails there with any parse error.
+_ELEMENT_ERRORS: tuple[type[Exception], ...] = (*_PARSE_ERRORS, EOFError, OSError)
+
+
+def view_position(ds: Dataset) -> str:
+    r"""The view the scope check compares with the model's list, upper-case; "" if none stated.
+
+    The check must fail safe: anything that is not one clear view comes out as a string that is
+    in no model's list (so the image is escalated as ``view_not_intended``), never as "", which
+    a model may accept as "missing". Rules:
+
+    * View Position (0018,5101), values stripped and upper-cased, empty ones dropped: one
+      distinct value is the view (``PA``, ``PA\PA``, ``\PA`` give ``PA``); several distinct
+      values are joined with a backslash (``PA\LL``); an unreadable element is ``UNKNOWN``.
+    * Absent or empty View Position: the View Code Sequence (0054,0220) decides (see
+      ``_coded_view``); its items must all agree, else their readings are joined as above. A
+      sequence that is present but empty or unreadable is ``UNKNOWN``.
+    * Neither: "" (missing).
+    """
+    if "ViewPosition" in ds:
+        try:
+            values = _texts(ds.get("ViewPosition"))
+        except _ELEMENT_ERRORS:
+            logger.debug("unreadable View Position")
+            return _UNKNOWN_VIEW
+        if values:
+            return _agreed(values)
+    if "ViewCodeSequence" not in ds:
+        return ""
+    try:
+        items = list(ds.get("ViewCodeSequence") or ())
+        views = [_coded_view(item) for item in items]
+    except _ELEMENT_ERRORS:
+        logger.debug("unreadable View Code Sequence")
+        return _UNKNOWN_VIEW
+    return _agreed(views) if views else _UNKNOWN_VIEW
+
+
+def _agreed(values: list[str]) -> str:
+    r"""The one distinct value, or all of them joined with "\" (in no model's list)."""
+    distinct = list(dict.fromkeys(values))
+    return _capped("\\".join(distinct))
+
+
+def _coded_view(item: Any) -> str:
+    r"""The view a View Code Sequence item states.
+
+    ``PA``/``AP`` only when every part that is present agrees: a known CID 4010 code (scheme
+    and value) and/or a Code Meaning that says postero-anterior/antero-posterior. A known code
+    with a Code Meaning that says something else, or an unknown code with a frontal meaning, is
+    a contradiction: both parts joined with "\". Otherwise the Code Meaning upper-cased (e.g.
+    ``RIGHT LATERAL``), or ``UNKNOWN`` when the item has no meaning to show.
+    """
+    if not isinstance(item, Dataset):
+        return _UNKNOWN_VIEW
+    value = _agreed(_texts(item.get("CodeValue")))
+    scheme = _agreed(_texts(item.get("CodingSchemeDesignator")))
+    meaning = _agreed(_texts(item.get("CodeMeaning")))
+    by_code = _FRONTAL_CODES.get((scheme, value)) if value else None
+    by_meaning = _FRONTAL_MEANINGS.get(_meaning_key(meaning)) if meaning else None
+    if by_code and (not meaning or by_meaning == by_code):
+        return by_code
+    if by_meaning and not value:
+        return by_meaning
+    if by_code or by_meaning:  # the code and the meaning say different things
+        return _capped(f"{(by_code or value)[:16]}\\{meaning}")  # CodeValue is SH: 16
+    return meaning or _UNKNOWN_VIEW
+
+
+def _meaning_key(meaning: str) -> str:
+    """A Code Meaning reduced to the word that names the view (see ``_FRONTAL_MEANINGS``)."""
+    key = meaning
+    for suffix in _MEANING_SUFFIXES:
+        key = key.removesuffix(suffix).strip()
+    return key.replace("-", "").replace(" ", "")
+
+
+def _texts(value: Any) -> list[str]:
+    """The non-empty values of a string element, cleaned and upper-case.
+
+    All values, not just the first: a second value (VM 1 attributes are malformed with two) must
+    not be hidden behind a harmless first one.
+    """
+    values = value if isinstance(value, MultiValue | list | tuple) else [value]
+    return [text for text in (_cleaned(v).upper() for v in values) if text]
+
+
+def _cleaned(value: Any) -> str:
+    """A header value as printable text with single spaces; "" for None or empty.
+
+    Bytes (a value pydicom left undecoded) are read as ASCII with replacement characters, so
+    odd encodings still give a string that matches no view instead of an exception. Anything
+    that is not text or a number (a sequence item where a string belongs) is ``UNKNOWN``: its
+    ``str()`` would dump other attributes, names included, into the record.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        text = value.decode("ascii", "replace")
+    elif isinstance(value, str | int | float):
+        text = str(value)
+    else:
+        return _UNKNOWN_VIEW
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
+def _capped(text: str) -> str:
+    """At most ``_MAX_VIEW_CHARS`` characters: records and logs get no free text of any size."""
+    return text[:_MAX_VIEW_CHARS]
 
 
 def _first(value: Any) -> Any:
