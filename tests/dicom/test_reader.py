@@ -31,6 +31,7 @@ from tests.dicom.conftest import (
     strip_file_meta,
     synthetic,
 )
+from tests.helpers import phantom_dataset
 from triage_app import errors
 from triage_app.dicom import DicomImage, ImageInfo, load_image, read_dataset
 from triage_app.dicom.reader import fits_decoding_limits, view_position
@@ -448,8 +449,37 @@ def test_an_empty_view_code_sequence_is_unknown_not_missing() -> None:
     assert read_view(codes=[]) == "UNKNOWN"
 
 
-def test_view_position_is_used_before_the_view_code_sequence() -> None:
-    assert read_view("AP", [view_code(*SCT_PA)]) == "AP"
+@pytest.mark.parametrize(
+    ("position", "code", "expected"),
+    [
+        ("PA", SCT_PA, "PA"),
+        ("AP", SCT_PA, "AP\\PA"),  # they disagree: in no model's list
+        ("PA", SCT_RIGHT_LATERAL, "PA\\RIGHT LATERAL"),
+    ],
+)
+def test_view_position_and_the_view_code_sequence_must_agree(
+    position: str, code: tuple[str, str, str], expected: str
+) -> None:
+    assert read_view(position, [view_code(*code)]) == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ("CHEST", "CHEST"),
+        (" CHEST ", "CHEST"),
+        ("\\CHEST", "CHEST"),
+        ("CHEST\\CHEST", "CHEST"),
+        ("CHEST\\SKULL", "CHEST\\SKULL"),  # no body part a chest model reads
+        ("", ""),
+    ],
+)
+def test_every_body_part_value_counts(values: str, expected: str) -> None:
+    ds = phantom_dataset()
+    ds.BodyPartExamined = values
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    assert load_image(buffer.getvalue()).info.body_part == expected
 
 
 def test_a_non_ascii_view_position_is_kept_and_matches_no_view() -> None:

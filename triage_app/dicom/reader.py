@@ -540,7 +540,7 @@ def _image_info(
         sop_class_uid=sop_class,
         sop_instance_uid=_text(ds, "SOPInstanceUID"),
         modality=_text(ds, "Modality").upper(),
-        body_part=_text(ds, "BodyPartExamined").upper(),
+        body_part=body_part(ds),
         view_position=view_position(ds),
         photometric=attrs.photometric,
         rows=attrs.rows,
@@ -598,28 +598,43 @@ def view_position(ds: Dataset) -> str:
     * View Position (0018,5101), values stripped and upper-cased, empty ones dropped: one
       distinct value is the view (``PA``, ``PA\PA``, ``\PA`` give ``PA``); several distinct
       values are joined with a backslash (``PA\LL``); an unreadable element is ``UNKNOWN``.
-    * Absent or empty View Position: the View Code Sequence (0054,0220) decides (see
-      ``_coded_view``); its items must all agree, else their readings are joined as above. A
-      sequence that is present but empty or unreadable is ``UNKNOWN``.
-    * Neither: "" (missing).
+    * The View Code Sequence (0054,0220) read as ``_coded_view`` says; its items must all agree,
+      else their readings are joined as above; present but empty or unreadable: ``UNKNOWN``.
+    * Both present: they must agree too (``PA`` and a postero-anterior code give ``PA``; ``PA``
+      and a right lateral code give ``PA\RIGHT LATERAL``). One present: that one. Neither: "".
     """
-    if "ViewPosition" in ds:
-        try:
-            values = _texts(ds.get("ViewPosition"))
-        except _ELEMENT_ERRORS:
-            logger.debug("unreadable View Position")
-            return _UNKNOWN_VIEW
-        if values:
-            return _agreed(values)
-    if "ViewCodeSequence" not in ds:
-        return ""
+    stated = _scope_values(ds, "ViewPosition")
+    coded = _coded_views(ds) if "ViewCodeSequence" in ds else []
+    return _agreed(stated + coded) if stated or coded else ""
+
+
+def body_part(ds: Dataset) -> str:
+    r"""Body Part Examined (0018,0015) as the scope check reads it: the view's rules for several
+    values (``CHEST\SKULL`` is no body part a chest model reads); "" when absent or empty."""
+    values = _scope_values(ds, "BodyPartExamined")
+    return _agreed(values) if values else ""
+
+
+def _scope_values(ds: Dataset, keyword: str) -> list[str]:
+    """The element's non-empty values, cleaned and upper-case; ``[UNKNOWN]`` if unreadable."""
+    if keyword not in ds:
+        return []
     try:
-        items = list(ds.get("ViewCodeSequence") or ())
-        views = [_coded_view(item) for item in items]
+        return _texts(ds.get(keyword))
+    except _ELEMENT_ERRORS:
+        logger.debug("unreadable %s", keyword)
+        return [_UNKNOWN_VIEW]
+
+
+def _coded_views(ds: Dataset) -> list[str]:
+    """Each View Code Sequence item's reading; ``[UNKNOWN]`` if the sequence is empty or
+    cannot be read."""
+    try:
+        views = [_coded_view(item) for item in list(ds.get("ViewCodeSequence") or ())]
     except _ELEMENT_ERRORS:
         logger.debug("unreadable View Code Sequence")
-        return _UNKNOWN_VIEW
-    return _agreed(views) if views else _UNKNOWN_VIEW
+        return [_UNKNOWN_VIEW]
+    return views or [_UNKNOWN_VIEW]
 
 
 def _agreed(values: list[str]) -> str:
