@@ -11,8 +11,8 @@ from typing import cast
 import pytest
 
 from triage_app.admin import current_user, require_admin, retry_queued_case, save_changes_audited
-from triage_app.config import Change, Settings, apply_change, save_settings
-from triage_app.errors import AdminAuthError, OutboxError, StoreError
+from triage_app.config import Change, Settings, apply_change, load_settings, save_settings
+from triage_app.errors import AdminAuthError, ConfigError, OutboxError, StoreError
 from triage_app.escalation.outbox import Outbox, OutboxItem
 from triage_app.store import CaseStore
 
@@ -61,7 +61,12 @@ def _save_refused_by_audit_call(
 
     with pytest.raises(StoreError):
         save_changes_audited(
-            updated, config_path, settings.case_store_path, actor="admin", changes=changes
+            updated,
+            config_path,
+            settings.case_store_path,
+            base=settings,
+            actor="admin",
+            changes=changes,
         )
 
     assert config_path.read_bytes() == before
@@ -96,6 +101,7 @@ def test_a_settings_file_that_cannot_be_written_is_answered_in_the_audit_log(
             updated,
             blocker / "settings.toml",
             settings.case_store_path,
+            base=settings,
             actor="admin",
             changes=changes,
         )
@@ -112,25 +118,60 @@ def test_a_settings_file_that_cannot_be_written_is_answered_in_the_audit_log(
 def test_all_changes_are_saved_in_one_write_each_with_its_entry(
     tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config_path = tmp_path / "settings.toml"
+    config_path = save_settings(settings, tmp_path / "settings.toml")
     updated, changes = _two_changes(settings)
-    writes: list[Path | None] = []
+    writes: list[tuple[Path | None, Settings | None]] = []
     real_save = save_settings
 
-    def save(saved: Settings, path: Path | None = None) -> Path:
-        writes.append(path)
-        return real_save(saved, path)
+    def save(saved: Settings, path: Path | None = None, *, base: Settings | None = None) -> Path:
+        writes.append((path, base))
+        return real_save(saved, path, base=base)
 
     monkeypatch.setattr("triage_app.admin.save_settings", save)
     written = save_changes_audited(
-        updated, config_path, settings.case_store_path, actor="admin", changes=changes
+        updated,
+        config_path,
+        settings.case_store_path,
+        base=settings,
+        actor="admin",
+        changes=changes,
     )
 
-    assert written == config_path and writes == [config_path]
+    assert written == config_path and writes == [(config_path, settings)]
     assert [detail["key"] for _action, detail in _actions(settings)] == [
         "processing.workers",
         "display.theme",
     ]
+
+
+def test_a_save_refused_for_a_value_changed_meanwhile_is_answered_in_the_audit_log(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """The entries go first (module docstring); a save refused because someone else changed
+    the same key since ``base`` was loaded is answered, and the file keeps their value."""
+    config_path = save_settings(settings, tmp_path / "settings.toml")
+    meanwhile = settings.with_values(**{"processing.workers": 5})
+    save_settings(meanwhile, config_path, base=settings)
+    updated, changes = _two_changes(settings)
+
+    with pytest.raises(ConfigError, match=r"processing\.workers was changed meanwhile \(now 5\)"):
+        save_changes_audited(
+            updated,
+            config_path,
+            settings.case_store_path,
+            base=settings,
+            actor="admin",
+            changes=changes,
+        )
+
+    assert load_settings(config_path, env={}) == meanwhile
+    entries = [detail for _action, detail in _actions(settings)]
+    assert [action for action, _detail in _actions(settings)] == [
+        "config.set",
+        "config.set",
+        "config.save_failed",
+    ]
+    assert entries[2] == {"entries": entries[:2], "error": "config_invalid"}
 
 
 class _Outbox:

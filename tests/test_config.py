@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import sqlite3
 import stat
+import subprocess
+import sys
+import threading
+import time
 import tomllib
 from pathlib import Path
 
@@ -13,6 +19,7 @@ import tomlkit
 
 from tests.helpers import CliRun, run_cli
 from triage_app import config
+from triage_app.admin import save_changes_audited
 from triage_app.config import (
     SETTINGS,
     SPECS,
@@ -34,6 +41,7 @@ from triage_app.config import (
 from triage_app.dicom.deidentify import DEFAULT_SAFE_PRIVATE, ProfileOption, SafePrivateTag
 from triage_app.dicom.deidentify.configure import deid_config
 from triage_app.errors import AdminAuthError, ConfigError
+from triage_app.paths import ensure_private_dir, lock_folder
 from triage_app.store import CaseStore
 
 PASSWORD = "correct horse battery"
@@ -638,7 +646,8 @@ def test_saving_keeps_what_did_not_change_as_written(tmp_path: Path) -> None:
 
     save_settings(loaded, path)  # nothing changed: 0.10 stays 0.10, workers = 2 stays
     assert path.read_text(encoding="utf-8") == text
-    save_settings(loaded.with_values(**{"display.font_scale": 1.5, "processing.workers": 3}), path)
+    changed = loaded.with_values(**{"display.font_scale": 1.5, "processing.workers": 3})
+    save_settings(changed, path, base=loaded)
     assert path.read_text(encoding="utf-8") == text.replace(
         "bright\n", "bright\nfont_scale = 1.5\n"
     ).replace("workers = 2\n", "workers = 3\n")
@@ -694,6 +703,250 @@ def test_a_file_that_would_no_longer_load_is_not_written(tmp_path: Path) -> None
     assert refused.value.code == "config_invalid"
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["settings.toml"]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        (  # a new table, after a file written on Windows
+            '[display]\r\ntheme = "light"\r\n',
+            "watch.settle_s",
+            '[display]\r\ntheme = "light"\r\n\r\n[watch]\r\nsettle_s = 3.0\r\n',
+        ),
+        (  # a new key after a last line that has no line end
+            '[display]\r\ntheme = "light"',
+            "display.font_scale",
+            '[display]\r\ntheme = "light"\r\nfont_scale = 3.0\r\n',
+        ),
+    ],
+)
+def test_what_is_added_to_a_crlf_file_ends_its_lines_with_crlf_too(
+    tmp_path: Path, text: str, key: str, expected: str
+) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_bytes(text.encode())
+    loaded = load_settings(path, env={})
+    save_settings(loaded.with_values(**{key: 3.0}), path, base=loaded)
+    assert path.read_bytes().decode() == expected
+
+
+def test_a_key_for_a_table_without_keys_goes_right_under_its_header(tmp_path: Path) -> None:
+    """Not below the comment that heads the next table, which tomlkit appends after."""
+    text = (
+        "[display] # UI\n# font: the ward has old monitors\n\n"
+        "# --- receiver below ---\n[receiver]\n"
+    )
+    path = write_toml(tmp_path / "settings.toml", text)
+    loaded = load_settings(path, env={})
+    save_settings(loaded.with_values(**{"display.font_scale": 1.5}), path, base=loaded)
+    assert path.read_text(encoding="utf-8") == text.replace(
+        "[display] # UI\n", "[display] # UI\nfont_scale = 1.5\n"
+    )
+    assert load_settings(path, env={}).font_scale == 1.5
+
+
+# --- Saving while someone else saves: nobody's change is undone -------------------------------
+
+
+def test_a_value_saved_meanwhile_under_another_key_stays(tmp_path: Path) -> None:
+    """The settings form was open while ``config set`` saved: the form's save keeps that."""
+    path, text = hand_edited(tmp_path)
+    form = load_settings(path, env={})
+    meanwhile = load_settings(path, env={})
+    save_settings(meanwhile.with_values(**{"processing.workers": 3}), path, base=meanwhile)
+
+    save_settings(form.with_values(**{"processing.file_timeout_s": 90}), path, base=form)
+
+    assert path.read_text(encoding="utf-8") == text.replace(
+        "workers = 2\n", "workers = 3\n"
+    ).replace("file_timeout_s = 120", "file_timeout_s = 90")
+    loaded = load_settings(path, env={})
+    assert (loaded.workers, loaded.file_timeout_s) == (3, 90)
+
+
+def test_a_key_changed_meanwhile_is_refused_and_the_file_is_left_alone(tmp_path: Path) -> None:
+    path, _text = hand_edited(tmp_path)
+    form = load_settings(path, env={})
+    assert config_set(path, "processing.workers", "3").returncode == 0
+    before = path.read_bytes()
+
+    with pytest.raises(ConfigError) as refused:
+        save_settings(form.with_values(**{"processing.workers": 4}), path, base=form)
+
+    assert refused.value.code == "config_invalid"
+    assert str(refused.value) == (
+        f"{path}: processing.workers was changed meanwhile (now 3); "
+        "nothing was saved: reload and try again"
+    )
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "settings.toml"]
+
+
+def test_a_change_that_only_the_value_saved_meanwhile_makes_invalid_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Checked against the stale settings it was fine; with the file as it is now it is not."""
+    path, _text = hand_edited(tmp_path)
+    form = load_settings(path, env={})
+    meanwhile = load_settings(path, env={})
+    lower = meanwhile.with_values(**{"escalation.abnormal_at_or_above": 0.3})
+    save_settings(lower, path, base=meanwhile)
+    before = path.read_bytes()
+
+    with pytest.raises(ConfigError, match=r"must be below escalation\.abnormal_at_or_above") as no:
+        save_settings(form.with_values(**{"escalation.normal_below": 0.5}), path, base=form)
+
+    assert str(no.value).startswith(f"{path}: with the file as it is now, escalation.normal_below")
+    assert str(no.value).endswith("; nothing was saved: reload and try again")
+    assert path.read_bytes() == before
+
+
+def test_the_admin_password_and_a_threshold_set_meanwhile_stay(tmp_path: Path) -> None:
+    """The review's case: the settings form open while an admin, at a shell, changes the admin
+    password and a threshold; a clinician then changes only the theme in the form."""
+    path, _text = hand_edited(tmp_path)
+    save_settings(set_admin_password(load_settings(path, env={}), "old password"), path)
+    form = load_settings(path, env={})
+    data = tmp_path / "flag"
+    new_password = run_cli(
+        "config", "set-admin-password", "--stdin", "--config", path,
+        data_dir=data, stdin="old password\nnew password\n",
+    )  # fmt: skip
+    threshold = run_cli(
+        "config", "set", "escalation.normal_below", "0.05", "--admin-password-stdin",
+        "--config", path, data_dir=data, stdin="new password\n",
+    )  # fmt: skip
+    assert new_password.returncode == 0, new_password.stderr
+    assert threshold.returncode == 0, threshold.stderr
+
+    updated, change = apply_change(form, "display.theme", "dark", admin_password=None)
+    save_changes_audited(
+        updated, path, form.case_store_path, base=form, actor="clinician", changes=[change]
+    )
+
+    after = load_settings(path, env={})
+    assert (after.normal_below, after.theme) == (0.05, "dark")
+    assert verify_admin_password(after, "new password")
+    assert not verify_admin_password(after, "old password")
+    with CaseStore.open(tmp_path / "data" / "cases.sqlite3") as store:
+        entries = [(entry.action, entry.detail) for entry in store.audit_log()]
+    assert entries == [
+        ("config.admin_password_set", {}),
+        (
+            "config.set",
+            {"key": "escalation.normal_below", "old": 0.1, "new": 0.05, "admin": True},
+        ),
+        ("config.set", {"key": "display.theme", "old": "light", "new": "dark", "admin": False}),
+    ]
+
+
+def test_an_admin_change_after_the_admin_password_changed_meanwhile_is_refused(
+    tmp_path: Path, admin_settings: Settings
+) -> None:
+    """It was allowed by the old password, which the new one was set to revoke."""
+    path = save_settings(admin_settings, tmp_path / "settings.toml")
+    form = load_settings(path, env={})
+    meanwhile = load_settings(path, env={})
+    save_settings(set_admin_password(meanwhile, "another password"), path, base=meanwhile)
+    before = path.read_bytes()
+    updated, _change = apply_change(
+        form, "escalation.queue_quota_mb", "4096", admin_password=PASSWORD
+    )
+
+    with pytest.raises(ConfigError) as refused:
+        save_settings(updated, path, base=form)
+
+    assert str(refused.value) == (
+        f"{path}: admin.password_hash was changed meanwhile (now another admin password); "
+        "nothing was saved: reload and try again"
+    )
+    assert path.read_bytes() == before
+    # A clinician field needs no password, so the new one does not stand in its way.
+    theme, _change = apply_change(form, "display.theme", "light", admin_password=None)
+    save_settings(theme, path, base=form)
+    assert verify_admin_password(load_settings(path, env={}), "another password")
+
+
+def test_a_save_waits_for_the_one_in_progress(tmp_path: Path) -> None:
+    """Read, edit and replace happen under the folder's lock, so two saves never interleave."""
+    path, _text = hand_edited(tmp_path)
+    loaded = load_settings(path, env={})
+    held = lock_folder(tmp_path)
+    assert held is not None
+    saving = threading.Thread(
+        target=save_settings,
+        args=(loaded.with_values(**{"processing.workers": 3}), path),
+        kwargs={"base": loaded},
+    )
+    try:
+        saving.start()
+        saving.join(timeout=0.5)
+        assert saving.is_alive(), "saved while another save held the lock"
+        assert load_settings(path, env={}).workers == 2
+    finally:
+        os.close(held)
+    saving.join(timeout=30)
+    assert not saving.is_alive()
+    assert load_settings(path, env={}).workers == 3
+
+
+def _holding(process: subprocess.Popen[str], target: Path) -> bool:
+    """Whether ``process`` has ``target`` open (Linux: its descriptors under /proc)."""
+    fds = Path(f"/proc/{process.pid}/fd")
+    try:
+        return any(fd.readlink() == target.resolve() for fd in fds.iterdir())
+    except OSError:  # gone, or a descriptor closed while listed
+        return False
+
+
+def _config_set_started(path: Path, key: str, value: str, data_dir: Path) -> subprocess.Popen[str]:
+    """The real ``triage-app config set KEY VALUE`` in a new process, not waited for."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    command = [sys.executable, "-m", "triage_app", "config", "set", key, value]
+    return subprocess.Popen(
+        [*command, "--config", str(path), "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_two_config_set_commands_started_at_once_both_land(tmp_path: Path) -> None:
+    """Each round starts two real ``config set`` on different keys and lets them go on together
+    only once both have read the settings (they wait on the case store the test holds, where
+    their audit entries go before the save): the second save must not undo the first."""
+    deadline = time.monotonic() + 120
+    for round_ in range(3):
+        folder = tmp_path / f"round{round_}"
+        path, _text = hand_edited(ensure_private_dir(folder))
+        store_path = folder / "data" / "cases.sqlite3"
+        CaseStore.open(store_path).close()  # created and migrated: opening it writes nothing
+        wanted = {"processing.workers": str(3 + round_), "watch.settle_s": f"{4 + round_}.5"}
+        holder = sqlite3.connect(store_path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the audit entries wait (store busy timeout 10 s)
+        processes: list[subprocess.Popen[str]] = []
+        try:
+            for key, value in wanted.items():
+                processes.append(_config_set_started(path, key, value, folder / "flag"))
+            while not all(_holding(p, store_path) for p in processes):
+                assert time.monotonic() < deadline, "the commands never opened the case store"
+                assert all(p.poll() is None for p in processes), "a command ended early"
+                time.sleep(0.01)
+            holder.execute("ROLLBACK")
+            for process in processes:
+                _out, err = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                assert process.returncode == 0, err
+        finally:
+            holder.close()
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.communicate()
+        loaded = load_settings(path, env={})
+        assert (loaded.workers, loaded.watch_settle_s) == (3 + round_, 4.5 + round_)
+        with CaseStore.open(store_path) as store:
+            assert sorted(entry.detail["key"] for entry in store.audit_log()) == sorted(wanted)
 
 
 # --- Admin password and changes ---------------------------------------------------------------

@@ -145,14 +145,22 @@ def save_audited(
     config_path: Path | None,
     store_path: Path,
     *,
+    base: Settings,
     actor: str,
     action: str,
     change: Change | None = None,
 ) -> Path:
-    """Save ``settings`` to ``config_path`` and record ``action`` (with old and new values)."""
+    """Save what ``settings`` changes from ``base`` (the settings as loaded) to ``config_path``
+    and record ``action`` (with old and new values).
+
+    Only the changed values are written (see :func:`~triage_app.config.save_settings`): a
+    change saved by someone else since ``base`` was loaded stays, and a save whose key they
+    changed too is refused (and answered in the log), so an entry's old value is what the file
+    held.
+    """
     detail = {} if change is None else change_detail(change)
     with CaseStore.open(store_path) as store, _audited_first(store, actor, [(action, detail)]):
-        return save_settings(settings, config_path)
+        return save_settings(settings, config_path, base=base)
 
 
 def save_changes_audited(
@@ -160,17 +168,20 @@ def save_changes_audited(
     config_path: Path | None,
     store_path: Path,
     *,
+    base: Settings,
     actor: str,
     changes: Sequence[Change],
 ) -> Path:
-    """Save ``settings`` once, with one ``config.set`` entry per change (old and new values).
+    """Save what ``settings`` changes from ``base`` once, with one ``config.set`` entry per
+    change (old and new values).
 
     The settings form applies several fields at a time: one file write for all of them means
-    a failure leaves either every change or none, never the first few.
+    a failure leaves either every change or none, never the first few. As for
+    :func:`save_audited`, only the changed values are written.
     """
     entries = [("config.set", change_detail(change)) for change in changes]
     with CaseStore.open(store_path) as store, _audited_first(store, actor, entries):
-        return save_settings(settings, config_path)
+        return save_settings(settings, config_path, base=base)
 
 
 def change_detail(change: Change) -> dict[str, object]:

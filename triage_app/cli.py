@@ -428,6 +428,7 @@ def _config_set(args: argparse.Namespace) -> int:
         updated,
         args.config,
         updated.case_store_path,
+        base=settings,  # only this key is written: others saved meanwhile stay
         actor=current_user(),
         action="config.set",
         change=change,
@@ -451,6 +452,7 @@ def _config_set_admin_password(args: argparse.Namespace) -> int:
         set_admin_password(settings, new),
         args.config,
         settings.case_store_path,  # the file's own store, as for `config set`
+        base=settings,
         actor=current_user(),
         action="config.admin_password_set",
     )

@@ -23,9 +23,11 @@ import logging
 import os
 import re
 import secrets
+import time
 import tomllib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -43,6 +45,7 @@ from triage_app.paths import (
     default_config_path,
     default_data_dir,
     ensure_private_dir,
+    lock_folder,
     write_private_file,
 )
 
@@ -59,6 +62,9 @@ _SCRYPT_SALT_BYTES = 16
 _SCRYPT_HASH_BYTES = 32
 # n=2**14, r=8 needs 16 MiB; OpenSSL's default cap (32 MiB) leaves no room for stronger params.
 _SCRYPT_MAXMEM = 64 * 1024 * 1024
+# A save holds the settings folder's lock for milliseconds; this long means something is stuck.
+_LOCK_WAIT_S = 10.0
+_LOCK_POLL_S = 0.02
 
 
 # --- Types: small, each refuses a bad value with a reason an admin understands -----------------
@@ -1248,40 +1254,136 @@ def _refuse_password_hash(key: str, source: str) -> None:
         )
 
 
-def save_settings(settings: Settings, path: Path | None = None) -> Path:
-    """Make the settings file hold ``settings``, changing only the values that differ.
+def save_settings(
+    settings: Settings, path: Path | None = None, *, base: Settings | None = None
+) -> Path:
+    """Write to the settings file the values the caller changed from ``base``; returns the path.
+
+    ``base`` is what the caller loaded and edited into ``settings``. Only the keys whose value
+    differs between the two are written: every other key keeps what the file holds *now*, so
+    a change another process saved since the caller loaded (``config set``, the settings form)
+    survives. A key the caller changes that the file no longer holds at its ``base`` value was
+    changed by someone else meanwhile and is refused (``ConfigError``), as is a change of an
+    admin field after the admin password changed (it was authorised by the old one): nothing
+    is written, never someone else's change silently undone. Without ``base`` the file is made
+    to hold ``settings`` whole: for creating a file (set-up, tests), not for editing one.
 
     The file is the admin's, edited by hand with comments saying why a value was chosen, so it
     is edited as ``git config`` edits one, never rewritten: comments, blank lines, order,
-    quoting and every key that already holds its value (a default written out on purpose too)
-    stay byte for byte. A value that differs is replaced in place (its inline comment kept), a
-    missing non-default one is added after the last key of its table (the table is added at
-    the end if needed), and one that becomes unset (None) is removed. A missing file starts
-    empty. The new text must load back as ``settings`` before it replaces the file, atomically
-    and 0600 from creation (it holds the admin password hash); returns the path.
+    quoting, line endings and every key not written stay byte for byte. A value that differs is
+    replaced in place (its inline comment kept), a missing non-default one is added after the
+    last key of its table (the table is added at the end if needed), and one that becomes unset
+    (None) is removed. A missing file starts empty. Reading the file, editing it, checking that
+    the result loads back as intended and replacing it (atomically, 0600 from creation: it
+    holds the admin password hash) happen under one lock on the file's folder, so two saves
+    never interleave.
     """
     target = default_config_path() if path is None else path
     ensure_private_dir(target.parent)
-    text = _edited_text(_read_text(target) or "", settings, target)
-    # Checked by the loader itself: nothing is written that `config validate` would refuse.
-    if Settings(_values_from_text(text, target)) != settings:
-        raise ConfigError(
-            f"{target}: editing the file would not give the new settings; "
-            "nothing was saved (edit it by hand)"
-        )
-    write_private_file(target, text.encode())
+    with _settings_folder_locked(target):
+        text = _read_text(target) or ""
+        if base is None:
+            wanted = {spec.key: settings.get(spec.key) for spec in SETTINGS}
+            intended = settings
+        else:
+            wanted, intended = _changes_onto_file(settings, base, text, target)
+        edited = _edited_text(text, wanted, target)
+        # Checked by the loader itself: nothing is written that `config validate` would refuse.
+        if Settings(_values_from_text(edited, target)) != intended:
+            raise ConfigError(
+                f"{target}: editing the file would not give the new settings; "
+                "nothing was saved (edit it by hand)"
+            )
+        write_private_file(target, edited.encode())
     log.info("saved settings to %s", target)
     return target
 
 
-def _edited_text(text: str, settings: Settings, path: Path) -> str:
-    """``text`` with the values that differ from ``settings`` set, added or removed."""
+def _changes_onto_file(
+    settings: Settings, base: Settings, text: str, path: Path
+) -> tuple[dict[str, object], Settings]:
+    """The values to write (those ``settings`` changes from ``base``) and the settings the
+    file will then hold, or ``ConfigError`` when the file changed under one of them."""
+    now = _values_from_text(text, path)
+    changed = [spec for spec in SETTINGS if settings.get(spec.key) != base.get(spec.key)]
+    guarded = list(changed)
+    if any(spec.admin for spec in changed) and SPECS[ADMIN_PASSWORD_KEY] not in guarded:
+        # The caller's admin password was checked against base's hash.
+        guarded.append(SPECS[ADMIN_PASSWORD_KEY])
+    for spec in guarded:
+        held = now.get(spec.key, spec.default)
+        if held != base.get(spec.key):
+            raise ConfigError(
+                f"{path}: {spec.key} was changed meanwhile (now {_shown(spec, held)}); "
+                "nothing was saved: reload and try again"
+            )
+    wanted = {spec.key: settings.get(spec.key) for spec in changed}
+    try:
+        intended = Settings({**now, **wanted})
+    except ConfigError as err:  # a cross-field rule, with another key changed meanwhile
+        raise ConfigError(
+            f"{path}: with the file as it is now, {err.message}; "
+            "nothing was saved: reload and try again"
+        ) from None
+    return wanted, intended
+
+
+def _shown(spec: SettingSpec, value: object) -> str:
+    """A value for a message; never the password hash, which is only ever compared."""
+    if spec.key == ADMIN_PASSWORD_KEY and value is not None:
+        return "another admin password"
+    return spec.type.format(value)
+
+
+@contextmanager
+def _settings_folder_locked(target: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the settings file's folder while the block runs.
+
+    Read-edit-replace is not atomic: two saves at once would each edit the text they read, and
+    the second rename would undo the first's change. The folder rather than a lock file, so
+    nothing is left beside the settings. Waits a while for another save (which takes
+    milliseconds); on a file system without locks it goes on unlocked, as saves did before.
+    """
+    deadline = time.monotonic() + _LOCK_WAIT_S
+    while True:
+        try:
+            fd = lock_folder(target.parent)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"{target}: another program kept the settings folder locked for "
+                    f"{_LOCK_WAIT_S:g} s; nothing was saved: try again"
+                ) from None
+            time.sleep(_LOCK_POLL_S)
+            continue
+        except OSError as err:
+            raise ConfigError(
+                f"{target}: cannot lock the settings folder ({err.strerror})"
+            ) from None
+        break
+    if fd is None:
+        log.warning(
+            "%s: the file system has no locks: saved without protection against another "
+            "save at the same moment",
+            target.parent,
+        )
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _edited_text(text: str, wanted: Mapping[str, object], path: Path) -> str:
+    """``text`` with each of the ``wanted`` values it does not hold set, added or removed."""
     try:
         document = tomlkit.parse(text)
         held = document.unwrap()
         for spec in SETTINGS:
+            if spec.key not in wanted:
+                continue
             section, name = spec.key.split(".")
-            value = settings.get(spec.key)
+            value = wanted[spec.key]
             table = held.get(section)
             if isinstance(table, dict) and name in table:
                 if _holds(spec, table[name], value):
@@ -1289,9 +1391,22 @@ def _edited_text(text: str, settings: Settings, path: Path) -> str:
             elif value == spec.default:
                 continue  # an absent key already means its default
             _set_in(document, section, name, spec.type.to_toml(value), path)
-        return document.as_string()
+        return _with_line_endings_of(text, document.as_string())
     except TOMLKitError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
+
+
+def _with_line_endings_of(original: str, edited: str) -> str:
+    """``edited`` with the lines tomlkit added ended as ``original``'s are (CRLF or LF).
+
+    tomlkit ends every line it writes (a new table, a key after a last line without an end)
+    with LF. In a file written with CRLF only, every LF alone in the result is one of those.
+    A file that mixes both is left as tomlkit writes it: LF is already one of its endings.
+    """
+    crlf = original.count("\r\n")
+    if crlf == 0 or crlf != original.count("\n"):
+        return edited
+    return re.sub(r"(?<!\r)\n", "\r\n", edited)
 
 
 def _holds(spec: SettingSpec, raw: object, value: object) -> bool:
@@ -1327,18 +1442,27 @@ def _add_after_last_key(table: MutableMapping[str, object], name: str, value: ob
 
     Those comments belong to what follows (the next table's heading, commented-out examples):
     tomlkit appends after them, which would move a ``# approved by Dr X`` away from its table.
+    A table without keys yet gets it right under its header, for the same reason.
     """
     if isinstance(table, Table):
-        keys = [(key, item) for key, item in table.value.body if key is not None]
+        body = table.value.body
+        keys = [(key, item) for key, item in body if key is not None]
+        new: Item = tomlkit.item(value)
         if keys:
             last_key, last = keys[-1]
-            new: Item = tomlkit.item(value)
             # The same indent and line ending as the key above.
             new.trivia.indent = last.trivia.indent.rsplit("\n", 1)[-1]
             if last.trivia.trail.endswith("\r\n"):
                 new.trivia.trail = "\r\n"
             # tomlkit has no public insert-after; tests/test_config.py covers this use.
             table.value._insert_after(last_key, name, new)
+            return
+        if body:  # comments or blank lines only: the header's line ends, the key comes next
+            new.trivia.indent = table.trivia.indent.rsplit("\n", 1)[-1]
+            if table.trivia.trail.endswith("\r\n"):
+                new.trivia.trail = "\r\n"
+            # No public insert-at either; covered by tests/test_config.py too.
+            table.value._insert_at(0, name, new)
             return
     table[name] = value
 

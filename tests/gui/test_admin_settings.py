@@ -137,6 +137,40 @@ def test_with_the_password_a_change_is_saved_and_audited_with_old_and_new(
     assert dialog.changed_fields() == {}
 
 
+def test_the_form_saves_its_own_changes_only_and_keeps_what_was_saved_meanwhile(
+    qtbot: QtBot, dialog: QtSettingsDialog, settings: Settings, admin_config: Path
+) -> None:
+    """The dialog stays open while an admin runs ``config set``: saving the form must not put
+    back the values it was opened with; a field changed in both is refused, not overwritten."""
+    meanwhile = load_settings(admin_config, env={})
+    elsewhere = meanwhile.with_values(
+        **{"escalation.queue_quota_mb": 4096, "display.font_scale": 1.5}
+    )
+    save_settings(elsewhere, admin_config, base=meanwhile)
+
+    dialog.editors["display.theme"].set_text("light")
+    _apply(qtbot, dialog)
+
+    assert dialog.message.text().startswith("Saved 1 change"), dialog.message.text()
+    on_disk = load_settings(admin_config, env={})
+    assert on_disk == elsewhere.with_values(**{"display.theme": "light"})
+
+    before = admin_config.read_bytes()
+    dialog.editors["display.font_scale"].set_text("1.25")  # the form still shows 1.0
+    _apply(qtbot, dialog)
+
+    assert dialog.message.text() == (
+        f"Not saved: {admin_config}: display.font_scale was changed meanwhile (now 1.5); "
+        "nothing was saved: reload and try again"
+    )
+    assert admin_config.read_bytes() == before
+    assert [(e.action, e.detail.get("key")) for e in _audit(settings)] == [
+        ("config.set", "display.theme"),
+        ("config.set", "display.font_scale"),
+        ("config.save_failed", None),
+    ]
+
+
 @pytest.mark.parametrize(
     ("key", "text", "reason"),
     [

@@ -45,6 +45,9 @@ def form_specs() -> list[SettingSpec]:
 
 @dataclass(frozen=True)
 class AppliedChanges:
+    """The form's changes applied to ``base``, the file's settings the form was filled from."""
+
+    base: Settings
     settings: Settings
     changes: tuple[Change, ...]
 
@@ -89,20 +92,27 @@ def apply_form(
         if first_error is not None and len(refused) == len(pending):
             raise first_error
         pending = refused
-    return AppliedChanges(current, tuple(changes))
+    return AppliedChanges(base=settings, settings=current, changes=tuple(changes))
 
 
 def save_changes(
     applied: AppliedChanges, config_path: Path | None, store_path: Path, actor: str
 ) -> Path | None:
-    """Save the new settings with one audit entry (old and new value) per changed field.
+    """Save the changed fields with one audit entry (old and new value) each.
 
+    Only those fields are written: a value saved meanwhile by ``config set`` (or another
+    window) stays, and one changed meanwhile in a field the form changes too is refused.
     Returns the file written, or None when nothing changed.
     """
     if not applied.changes:
         return None
     written = save_changes_audited(
-        applied.settings, config_path, store_path, actor=actor, changes=applied.changes
+        applied.settings,
+        config_path,
+        store_path,
+        base=applied.base,
+        actor=actor,
+        changes=applied.changes,
     )
     log.info("settings saved from the desktop app: %d changes", len(applied.changes))
     return written
