@@ -1,15 +1,21 @@
 """The connection cap (``CentralConfig.max_connections``) on the real server, over loopback TLS.
 
-Past the cap a request must be answered 503 at once (and its connection closed) rather than the
-server taking ever more connections until its file descriptors run out; the server must serve
-again as soon as connections close, and a device must take the 503 as "retry later", never as a
-refusal of the case. Idle connections (TLS handshake done, nothing sent) and requests in
-progress (an upload whose body stalls) both count.
+The app enforces it (``app.ConnectionCap``): a connection is admitted by its first request if
+fewer than the cap of admitted connections are open, and served until it closes; a request on
+a connection that is not admitted at the cap is answered 503 ``server_busy`` at once, in the
+protocol's error shape with ``Retry-After``, and its connection closed. ``/v1/health`` and
+``/metrics`` are always answered. The server must serve again as soon as connections close, log
+a storm of refusals in one line, and a device must take the 503 as "retry after", never as a
+refusal of the case. Uploads in progress (a body that stalls) hold their places for sure; they
+fill the cap here, since an idle keep-alive connection is closed after 5 s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import os
 import re
 import resource
@@ -21,18 +27,27 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-import requests
 
-from tests.central.conftest import Central, StartCentral, make_case, new_device
+from tests.central.conftest import Central, StartCentral, TestCase, make_case, new_device
 from tests.escalation.conftest import FakeClock, device_settings, link_for, make_uploader
 from tests.helpers import run_cli
 from tests.tls import ServerMaterial
+from triage_app.central.app import (
+    BUSY_RETRY_AFTER_S,
+    CAP_PRUNE_INTERVAL_S,
+    SERVER_BUSY,
+    BusyLog,
+    ConnectionCap,
+)
 from triage_app.central.config import DEFAULT_MAX_CONNECTIONS, CentralConfig
 from triage_app.central.server import open_files_needed
 from triage_app.errors import PermanentRejectionError
+from triage_app.escalation.envelope import Payload
 from triage_app.escalation.outbox import OutboxState
 from triage_app.escalation.transport import (
     CentralClient,
@@ -44,6 +59,20 @@ from triage_app.escalation.transport import (
 CAP = 4
 #: An answer at the cap must come at once; this only bounds a loaded test machine.
 QUICK_S = 3.0
+#: What the refusals are logged as (``app.BusyLog``).
+BUSY_LINE = "at the connection cap"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP/1.1 answer as read off the socket."""
+
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+    def error_code(self) -> str:
+        return str(json.loads(self.body)["error"]["code"])
 
 
 def _connect(central: Central, tls: ServerMaterial) -> ssl.SSLSocket:
@@ -58,20 +87,72 @@ def _connect(central: Central, tls: ServerMaterial) -> ssl.SSLSocket:
         raise
 
 
+def _request(conn: ssl.SSLSocket, path: str, *, close: bool = False) -> Answer:
+    """``GET path`` on ``conn`` and its whole answer."""
+    extra = "Connection: close\r\n" if close else ""
+    conn.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n".encode())
+    return _answer(conn)
+
+
+def _answer(conn: ssl.SSLSocket) -> Answer:
+    """The next answer on ``conn``, read whole (by ``Content-Length``)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        assert chunk, f"the connection closed before an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        assert chunk, "the connection closed within the body"
+        body += chunk
+    return Answer(int(status_line.split()[1]), headers, body)
+
+
+def _get(central: Central, tls: ServerMaterial, path: str) -> tuple[Answer, float]:
+    """``GET path`` on a new connection (no ``Connection: close`` asked for): the answer and
+    how long it took."""
+    started = time.monotonic()
+    with contextlib.closing(_connect(central, tls)) as conn:
+        answer = _request(conn, path)
+    return answer, time.monotonic() - started
+
+
+def _closed_by_server(conn: ssl.SSLSocket) -> bool:
+    """Whether the server closed ``conn`` (within ``QUICK_S``)."""
+    conn.settimeout(QUICK_S)
+    try:
+        return conn.recv(1) == b""
+    except (ConnectionResetError, ssl.SSLError):
+        return True
+    except TimeoutError:
+        return False
+
+
 @pytest.fixture
 def hold(tls: ServerMaterial) -> Iterator[Callable[[Central, str], ssl.SSLSocket]]:
     """Open connections that stay open until the test closes them (or ends):
 
     * ``"idle"``: the TLS handshake done, not a byte of a request sent;
+    * ``"served"``: one request answered, the connection kept alive (for 5 s: keep-alive);
     * ``"upload"``: an upload in progress: the server has begun reading its body (it answered
-      ``100 Continue``, so it counts it for sure), and the body then stalls.
+      ``100 Continue``), and the body then stalls (the idle timeout is 60 s).
     """
     held: list[ssl.SSLSocket] = []
 
     def open_one(central: Central, kind: str) -> ssl.SSLSocket:
         conn = _connect(central, tls)
         held.append(conn)
-        if kind == "upload":
+        if kind == "served":
+            answer = _request(conn, "/v1/keys")
+            assert answer.status == 200, answer
+        elif kind == "upload":
             conn.sendall(
                 (
                     f"POST /v1/cases/{make_case(0).case_id} HTTP/1.1\r\nHost: localhost\r\n"
@@ -89,100 +170,288 @@ def hold(tls: ServerMaterial) -> Iterator[Callable[[Central, str], ssl.SSLSocket
             conn.close()
 
 
-def _get(central: Central, tls: ServerMaterial, path: str) -> tuple[str, float]:
-    """``GET path`` on a new connection: the whole answer (read to the connection's end) and
-    how long it took."""
-    started = time.monotonic()
-    with contextlib.closing(_connect(central, tls)) as conn:
-        conn.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
-        )
-        answer = b""
-        while chunk := conn.recv(4096):
-            answer += chunk
-    return answer.decode("latin-1"), time.monotonic() - started
+def _fill(
+    central: Central, hold: Callable[[Central, str], ssl.SSLSocket], n: int = CAP
+) -> list[ssl.SSLSocket]:
+    """``n`` uploads in progress: admitted connections that stay (no keep-alive timer)."""
+    return [hold(central, "upload") for _ in range(n)]
 
 
-def _healthy_again(central: Central, timeout_s: float = 5.0) -> float:
-    """Seconds until ``/v1/health`` answers 200 again (on a new connection each time)."""
+def _served_again(central: Central, tls: ServerMaterial, timeout_s: float = 5.0) -> float:
+    """Seconds until a request on a new connection is served again (``/v1/keys``: health is
+    answered even at the cap)."""
     started = time.monotonic()
     while True:
-        with requests.Session() as session:
-            session.trust_env = False
-            session.verify = central.http.verify
-            status = session.get(f"{central.url}/v1/health", timeout=5).status_code
+        status = _get(central, tls, "/v1/keys")[0].status
         if status == 200:
             return time.monotonic() - started
-        assert time.monotonic() - started < timeout_s, f"/v1/health still answers {status}"
+        assert time.monotonic() - started < timeout_s, f"/v1/keys still answers {status}"
         time.sleep(0.05)
 
 
-def test_a_request_past_the_cap_is_answered_503_at_once_and_health_recovers(
+def _small_case(index: int) -> TestCase:
+    """A case whose envelope is a few KiB: the server has it all before it answers, so the
+    answer is never lost to a reset (see the large upload below)."""
+    case_id = hashlib.sha256(f"connection-cap-{index}".encode()).hexdigest()
+    result = {"case_id": case_id, "decision": "escalate", "reason": "uncertain", "score": 0.5}
+    return TestCase(case_id, Payload(json.dumps(result).encode(), b"\0" * 2048))
+
+
+@pytest.mark.expect_log_warnings  # the cap's own line
+def test_at_the_cap_a_request_on_a_new_connection_is_refused_server_busy_at_once(
     start_central: StartCentral, tls: ServerMaterial, hold: Callable[[Central, str], ssl.SSLSocket]
 ) -> None:
     central = start_central(max_connections=CAP)
-    held = [hold(central, "idle"), hold(central, "idle"), hold(central, "upload")]
-    held.append(hold(central, "upload"))  # the cap: CAP connections open
+    held = _fill(central, hold)
 
-    answer, took = _get(central, tls, "/v1/health")
+    started = time.monotonic()
+    conn = _connect(central, tls)
+    with contextlib.closing(conn):
+        answer = _request(conn, "/v1/keys")  # no "Connection: close" asked for
+        closed = _closed_by_server(conn)
+    took = time.monotonic() - started
 
-    assert answer.startswith("HTTP/1.1 503 "), answer[:80]
-    head = answer.lower()
-    assert "connection: close" in head  # the excess connection is not kept
-    assert answer.endswith("Service Unavailable")  # uvicorn's own answer, not the app's
+    assert answer.status == 503, answer
+    assert answer.headers["content-type"] == "application/json"
+    assert json.loads(answer.body) == {
+        "error": {
+            "code": SERVER_BUSY,
+            "message": f"the server is serving its maximum of {CAP} connections; retry later",
+        }
+    }
+    assert BUSY_RETRY_AFTER_S[0] <= int(answer.headers["retry-after"]) <= BUSY_RETRY_AFTER_S[1]
+    assert answer.headers["connection"].lower() == "close"
+    assert closed, "the refused connection was kept open"
     assert took < QUICK_S, f"the 503 took {took:.2f} s"
     for conn in held:
         conn.close()
-    assert _healthy_again(central) < 5.0
+    assert _served_again(central, tls) < 5.0
 
 
-def test_exactly_max_connections_are_served(
+@pytest.mark.expect_log_warnings  # the cap's own line
+def test_a_refused_upload_is_answered_without_its_body_being_read(
     start_central: StartCentral, tls: ServerMaterial, hold: Callable[[Central, str], ssl.SSLSocket]
 ) -> None:
-    """The cap counts the connection a request comes on: at ``CAP`` connections open, a request
-    on one of them is served, and one on a further connection is not."""
+    """A device that asks ``Expect: 100-continue`` gets the 503 instead of the go-ahead: the
+    refusal reads nothing of the body (nor buffers it)."""
     central = start_central(max_connections=CAP)
-    held = [hold(central, "idle") for _ in range(CAP)]
+    _fill(central, hold)
 
-    held[-1].sendall(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    assert held[-1].recv(4096).startswith(b"HTTP/1.1 200 ")  # kept alive: still CAP open
-    assert _get(central, tls, "/v1/health")[0].startswith("HTTP/1.1 503 ")
+    with contextlib.closing(_connect(central, tls)) as conn:
+        conn.sendall(
+            (
+                f"POST /v1/cases/{make_case(0).case_id} HTTP/1.1\r\nHost: localhost\r\n"
+                "Content-Type: application/octet-stream\r\nContent-Length: 1000000\r\n"
+                "Expect: 100-continue\r\n\r\n"
+            ).encode("ascii")
+        )
+        first = _answer(conn)  # a "100 Continue" would come first
+
+    assert first.status == 503, first
+    assert first.error_code() == SERVER_BUSY
 
 
-def test_the_device_takes_the_503_as_retry_later_not_as_a_refusal(
+def test_connections_that_sent_no_request_take_no_place(
     start_central: StartCentral, tls: ServerMaterial, hold: Callable[[Central, str], ssl.SSLSocket]
 ) -> None:
-    """Through the product's transport: a retryable error, never one that quarantines."""
+    """A connection is admitted by its first request: idle ones (closed after the 60 s head
+    timeout) do not keep devices out."""
+    central = start_central(max_connections=CAP)
+    for _ in range(CAP + 2):
+        hold(central, "idle")
+
+    assert _get(central, tls, "/v1/keys")[0].status == 200
+
+
+@pytest.mark.expect_log_warnings  # the cap's own line
+def test_a_connection_served_before_the_cap_was_reached_keeps_being_served(
+    start_central: StartCentral, tls: ServerMaterial, hold: Callable[[Central, str], ssl.SSLSocket]
+) -> None:
+    """Connections opened after it, idle or refused, do not cut off one being served."""
+    central = start_central(max_connections=CAP)
+    first = hold(central, "served")
+    _fill(central, hold, CAP - 1)  # the cap: CAP admitted
+    for _ in range(CAP):
+        hold(central, "idle")
+    assert _get(central, tls, "/v1/keys")[0].status == 503
+
+    assert _request(first, "/v1/keys").status == 200
+    assert _request(first, "/v1/health").status == 200
+    assert _request(first, "/v1/keys").status == 200
+
+
+@pytest.mark.expect_log_warnings  # the cap's own line
+def test_health_and_metrics_are_answered_at_the_cap_and_show_the_refusals(
+    start_central: StartCentral, tls: ServerMaterial, hold: Callable[[Central, str], ssl.SSLSocket]
+) -> None:
+    """Monitoring sees a busy server as busy, not down; a liveness probe does not restart it."""
+    central = start_central(max_connections=CAP)
+    _fill(central, hold)
+    for _ in range(3):
+        assert _get(central, tls, "/v1/cases/nothing/verdict")[0].status == 503
+
+    health, took = _get(central, tls, "/v1/health")
+    scrape = _get(central, tls, "/metrics")[0]
+
+    assert health.status == 200, health
+    assert json.loads(health.body)["status"] == "ok"
+    assert took < QUICK_S
+    assert scrape.status == 200, scrape
+    lines = set(scrape.body.decode().splitlines())
+    assert f'triage_central_rejections_total{{code="{SERVER_BUSY}"}} 3.0' in lines
+    assert f"triage_central_admitted_connections {float(CAP)}" in lines  # the scrape is not
+    assert _get(central, tls, "/v1/keys")[0].status == 503  # ... nor did they take a place
+
+
+@pytest.mark.expect_log_warnings  # the cap's own line, once
+def test_a_storm_of_refusals_is_one_log_line_not_one_per_request(
+    start_central: StartCentral,
+    tls: ServerMaterial,
+    hold: Callable[[Central, str], ssl.SSLSocket],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="uvicorn")
+    central = start_central(max_connections=CAP)
+    _fill(central, hold)
+
+    for _ in range(40):
+        assert _get(central, tls, "/v1/keys")[0].status == 503
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert "Exceeded concurrency limit." not in messages  # uvicorn's, once per request
+    assert [m for m in messages if BUSY_LINE in m] == [
+        f"{BUSY_LINE} ({CAP} connections served): requests on further connections are refused"
+        f" 503 {SERVER_BUSY} (a count follows at most every 60 s)"
+    ]
+
+
+@pytest.mark.expect_log_warnings  # what is logged is the test
+def test_the_busy_log_counts_refusals_at_most_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [1000.0]
+    scheduled: list[tuple[float, Callable[[], None]]] = []
+    busy = BusyLog(CAP, clock=lambda: now[0], schedule=lambda d, f: scheduled.append((d, f)))
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if BUSY_LINE in r.getMessage()]
+
+    for _ in range(100):  # refusals begin: one line at once
+        busy.refused()
+        now[0] += 0.1
+    assert len(lines()) == 1 and "are refused 503 server_busy" in lines()[0]
+    assert [delay for delay, _ in scheduled] == [60.0]  # the count, once the minute is over
+
+    now[0] = 1060.0
+    scheduled.pop()[1]()
+    assert len(lines()) == 2
+    assert "100 request(s) refused 503 server_busy in the last 60 s" in lines()[1]
+
+    now[0] = 1061.0
+    for _ in range(50):  # still refusing: counted, not logged
+        busy.refused()
+    assert len(lines()) == 2
+    assert [delay for delay, _ in scheduled] == [59.0]
+    now[0] = 1120.0
+    scheduled.pop()[1]()
+    assert "50 request(s) refused 503 server_busy in the last 59 s" in lines()[2]
+
+    now[0] = 1500.0  # a quiet spell, then refusals again: a line at once
+    busy.refused()
+    assert len(lines()) == 4 and "are refused" in lines()[3]
+    busy.summarise()  # as the server's shutdown does
+    assert "1 request(s) refused" in lines()[4]
+    busy.summarise()
+    assert len(lines()) == 5  # nothing left to count
+
+
+@dataclass
+class _Connection:
+    """What the cap reads of one of uvicorn's protocol objects."""
+
+    client: tuple[str, int]
+    server: tuple[str, int] = ("127.0.0.1", 8443)
+
+
+def test_the_cap_admits_a_connection_by_its_first_request_and_forgets_it_once_closed() -> None:
+    now = [0.0]
+    connections = [_Connection(("10.0.0.1", port)) for port in (1001, 1002, 1003)]
+    cap = ConnectionCap(2, clock=lambda: now[0])
+    one, two, three = (c.client for c in connections)
+    server = connections[0].server
+
+    assert cap.admit(three, server)  # no server watched (TestClient): no cap
+    cap.watch(lambda: connections)
+    assert cap.admit(one, server) and cap.admit(two, server)
+    assert not cap.admit(three, server)  # the cap
+    assert cap.admit(one, server)  # admitted: served whatever opened since
+    assert cap.admitted() == 2
+
+    del connections[0]  # the first closes
+    assert not cap.admit(three, server)  # looked for closed ones a moment ago: not yet seen
+    now[0] += CAP_PRUNE_INTERVAL_S
+    assert cap.admit(three, server)
+    assert cap.admitted() == 2
+    assert not cap.admit(one, server)  # forgotten: back, it would be a new connection
+
+
+@pytest.mark.expect_log_warnings  # the cap's own line
+def test_the_device_client_takes_the_503_as_retry_after_not_as_a_refusal(
+    start_central: StartCentral, tls: ServerMaterial, hold: Callable[[Central, str], ssl.SSLSocket]
+) -> None:
+    """Through the product's transport: a retryable error with the server's ``Retry-After``,
+    never one that quarantines; health answers, so the device knows the link works."""
+    central = start_central(max_connections=CAP)
+    device = central.register(new_device())
+    case = _small_case(1)
+    envelope = central.seal(case, device)
+    _fill(central, hold)
+    config = TransportConfig(central.url, pinned_sha256=tls.fingerprint_sha256)
+
+    with CentralClient(config) as client:
+        health = client.health()
+        with pytest.raises(RetryableTransportError) as upload:
+            client.post_case(case.case_id, envelope)
+
+    assert health["status"] == "ok"
+    assert upload.value.status == 503, upload.value
+    assert SERVER_BUSY in upload.value.message
+    retry_after = upload.value.retry_after_s
+    assert retry_after is not None
+    assert BUSY_RETRY_AFTER_S[0] <= retry_after <= BUSY_RETRY_AFTER_S[1]
+    assert central.store.count() == 0
+
+
+@pytest.mark.expect_log_warnings  # the cap's own line
+def test_a_large_upload_refused_unread_is_retried_not_quarantined(
+    start_central: StartCentral, tls: ServerMaterial, hold: Callable[[Central, str], ssl.SSLSocket]
+) -> None:
+    """The server answers before reading the body and closes the connection: a client still
+    sending a large envelope may see the close instead of the 503. Both are retried."""
     central = start_central(max_connections=CAP)
     device = central.register(new_device())
     case = make_case(40)
     envelope = central.seal(case, device)
-    for _ in range(CAP):
-        hold(central, "idle")
+    _fill(central, hold)
     config = TransportConfig(central.url, pinned_sha256=tls.fingerprint_sha256)
 
-    with CentralClient(config) as client:
-        with pytest.raises(RetryableTransportError) as health:
-            client.health()
-        with pytest.raises(RetryableTransportError) as upload:
-            client.post_case(case.case_id, envelope)
+    with CentralClient(config) as client, pytest.raises(RetryableTransportError) as upload:
+        client.post_case(case.case_id, envelope)
 
-    assert health.value.status == 503
-    # The server answers before reading the body and closes the connection: a client still
-    # sending the envelope may see the close instead of the 503. Both are retried.
     assert upload.value.status in (503, None), upload.value
     assert not isinstance(upload.value, PermanentRejectionError)
     assert central.store.count() == 0
 
 
-def test_the_uploader_keeps_the_case_and_delivers_it_once_there_is_room(
+@pytest.mark.expect_log_warnings  # the cap's own line
+def test_the_uploader_waits_the_retry_after_and_delivers_once_there_is_room(
     start_central: StartCentral,
     tls: ServerMaterial,
     hold: Callable[[Central, str], ssl.SSLSocket],
     tmp_path: Path,
 ) -> None:
-    """The device's own uploader and outbox: the case waits (pending, not quarantined) and goes
-    through once connections are free."""
+    """The device's own uploader and outbox: the case waits (pending, not quarantined, the link
+    still online) at least the server's ``Retry-After``, and goes through once there is room."""
     central = start_central(max_connections=CAP)
     info = central.key_ring.public_info()
     settings = device_settings(
@@ -194,39 +463,52 @@ def test_the_uploader_keeps_the_case_and_delivers_it_once_there_is_room(
             "escalation.receipt_public_key": str(info["receipt_public_key"]),
         },
     )
-    case = make_case(41)
+    case = _small_case(2)
     with link_for(settings) as link:
         central.register(link.device)
         assert link.queue is not None
         link.queue.enqueue(case.case_id, case.payload.to_bytes(), reason="uncertain")
         clock = FakeClock()  # from now: the case is due
-        held = [hold(central, "idle") for _ in range(CAP)]
+        held = _fill(central, hold)
         with make_uploader(link, clock=clock) as uploader:
             refused = uploader.send_next()
             assert refused is not None and refused.outcome == "retry", refused
-            assert refused.detail.startswith("transport_error: "), refused
+            assert f"HTTP 503 {SERVER_BUSY}, retry after " in refused.detail, refused
+            retry_after = re.search(r"retry after (\d+) s", refused.detail)
+            assert retry_after is not None
             item = link.outbox.get(case.case_id)
             assert item is not None and item.state is OutboxState.PENDING, item
             assert item.quarantined_at is None
+            due = datetime.fromisoformat(item.next_attempt_at)
+            # At least Retry-After from now (the outbox keeps milliseconds).
+            assert due + timedelta(milliseconds=1) >= clock.now + timedelta(
+                seconds=int(retry_after.group(1))
+            )
+            assert uploader.connectivity.snapshot().online is True  # not a link down
             for conn in held:
                 conn.close()
-            _healthy_again(central)
+            _served_again(central, tls)
+            clock.now = due - timedelta(milliseconds=50)
+            assert uploader.send_next() is None  # room now, but the case keeps its time
             clock.advance_past(item.next_attempt_at)
             delivered = uploader.send_next()
         assert delivered is not None and delivered.outcome == "delivered", delivered
     assert central.store.get_case(case.case_id) is not None
 
 
-def test_metrics_show_open_connections_and_requests_in_progress(
+def test_metrics_show_open_and_admitted_connections_and_requests_in_progress(
     central: Central, hold: Callable[[Central, str], ssl.SSLSocket]
 ) -> None:
     hold(central, "upload")
     hold(central, "upload")
+    hold(central, "idle")
 
     lines = set(central.get("/metrics").text.splitlines())
 
-    # The two uploads and the scrape itself.
-    assert "triage_central_open_connections 3.0" in lines
+    # The two uploads, the idle connection and the scrape itself; the scrape (always answered)
+    # and the idle connection are not admitted; the uploads and the scrape are in progress.
+    assert "triage_central_open_connections 4.0" in lines
+    assert "triage_central_admitted_connections 2.0" in lines
     assert "triage_central_requests_in_progress 3.0" in lines
 
 

@@ -12,14 +12,23 @@ only the device itself can learn it was revoked. Every refusal is ``{"error": {"
 
 Privacy: requests are logged with case ids, device ids and codes only; payloads never are. A
 refusal's message never repeats what the client sent unless it has the shape of an id.
+
+The connection cap (``CentralConfig.max_connections``) is enforced here (:class:`ConnectionCap`)
+rather than by uvicorn's ``limit_concurrency``, which answered its own plain 503 (no code, no
+``Retry-After``) to health checks and scrapes too, refused requests on connections it was
+already serving, and logged a warning per refusal.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import random
 import re
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -104,6 +113,31 @@ _LOGGABLE_ID = re.compile(r"[0-9a-f]{64}|dev-[0-9a-f]{16}")
 _DEVICE_ID = re.compile(r"dev-[0-9a-f]{16}")
 #: Seconds a device should wait before retrying after a 503 (storage failed).
 RETRY_AFTER_S = 30
+#: The code of a request refused at the connection cap (503, :class:`ConnectionCap`).
+SERVER_BUSY = "server_busy"
+#: The codes the API answers with that are no exception's ``code`` (those are in
+#: ``STATUS_BY_CODE``), with their HTTP status (None: the status of the HTTP error itself).
+#: docs/error-codes.md has a row for each (tests/test_docs.py).
+API_ERROR_CODES: dict[str, int | None] = {
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "bad_request": 400,
+    "http_error": None,
+    SERVER_BUSY: 503,
+}
+#: The ``Retry-After`` of a ``server_busy`` 503, drawn per refusal from this range of seconds.
+#: At least the keep-alive timeout (5 s, ``server.KEEP_ALIVE_TIMEOUT_S``): by then the idle
+#: connections holding places have been closed. Spread over 5 s more because the device waits
+#: exactly ``Retry-After`` while its own jitter is shorter (its first retries): a fleet refused in
+#: the same second would otherwise come back in the same second, and be refused again.
+BUSY_RETRY_AFTER_S = (5, 10)
+#: At most one log line about requests refused at the cap per this many seconds.
+BUSY_LOG_INTERVAL_S = 60.0
+#: The least time between two scans of the open connections for admitted ones that closed
+#: (:meth:`ConnectionCap.admit`): a scan costs a pass over every open connection.
+CAP_PRUNE_INTERVAL_S = 0.25
+#: Requests answered at the cap: cheap, and monitoring must see a busy server as busy, not down.
+ALWAYS_ANSWERED = frozenset({("GET", "/v1/health"), ("GET", "/metrics")})
 
 
 def error_response(
@@ -127,6 +161,7 @@ class CentralMetrics:
     stored_cases: Gauge
     request_seconds: Histogram
     open_connections: Gauge
+    admitted_connections: Gauge
     requests_in_progress: Gauge
 
     @classmethod
@@ -169,8 +204,12 @@ class CentralMetrics:
             ),
             open_connections=Gauge(
                 "triage_central_open_connections",
-                "Client connections open now, idle keep-alive ones included (what"
-                " max_connections caps).",
+                "Client connections open now, idle and refused ones included.",
+                registry=registry,
+            ),
+            admitted_connections=Gauge(
+                "triage_central_admitted_connections",
+                "Open client connections admitted under max_connections (what the cap counts).",
                 registry=registry,
             ),
             requests_in_progress=Gauge(
@@ -353,12 +392,16 @@ def create_app(
         )
     )
 
+    cap = ConnectionCap(config.max_connections)
+    busy_log = BusyLog(config.max_connections)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         worker.start()
         try:
             yield
         finally:
+            busy_log.summarise()  # refusals since the last count, not left untold
             await run_in_threadpool(worker.stop)
 
     app = FastAPI(
@@ -371,7 +414,16 @@ def create_app(
     app.state.worker = worker
     app.state.uploads = uploads
     app.state.metrics = metrics
+    app.state.connection_cap = cap  # server.make_server hands it the server's connections
+    metrics.admitted_connections.set_function(lambda: float(cap.admitted()))
     app.add_middleware(_TimingMiddleware, histogram=metrics.request_seconds)
+    # Added last, so it runs first: a refusal is not timed as a request of some route.
+    app.add_middleware(
+        _ConnectionCapMiddleware,
+        cap=cap,
+        refusals=metrics.rejections.labels(code=SERVER_BUSY),
+        busy_log=busy_log,
+    )
 
     def reject(err: EnvelopeError) -> JSONResponse:
         metrics.rejections.labels(code=err.code).inc()
@@ -523,3 +575,211 @@ class _TimingMiddleware:
             self._histogram.labels(method=scope["method"], route=template).observe(
                 time.perf_counter() - started
             )
+
+
+_ConnectionKey = tuple[tuple[Any, ...], tuple[Any, ...] | None]
+
+
+def _connection_key(client: Any, server: Any) -> _ConnectionKey | None:
+    """A connection's identity: its client's and the server's (host, port); None if unknown."""
+    if client is None:
+        return None
+    return tuple(client), None if server is None else tuple(server)
+
+
+class ConnectionCap:
+    """Which connections are served under ``CentralConfig.max_connections``.
+
+    The rule: a connection is *admitted* by its first request that is not always answered
+    (:data:`ALWAYS_ANSWERED`), if fewer than ``limit`` admitted connections are open then; it
+    stays admitted, and every later request on it is served, until it closes. A request on a
+    connection that is not admitted while ``limit`` are is refused (503 ``server_busy``).
+
+    Why admission rather than "more than ``limit`` connections open" (uvicorn's rule): a
+    connection being served is never refused because others opened after it, so a device's
+    drain pass or a stalled upload's own connection is not cut off by a crowd; and connections
+    that open and send nothing take no place (the request-head timeout closes them).
+
+    How: the ASGI scope tells no connection apart, so a connection is known by its client's and
+    the server's address (unique among open TCP connections), and one that closed is forgotten
+    by comparing the admitted ones with the HTTP server's open connections (uvicorn's protocol
+    objects carry the same ``client``/``server``). That pass costs one look at every open
+    connection, so it runs only when the cap looks reached, at most every
+    :data:`CAP_PRUNE_INTERVAL_S`; a place freed in between may be seen that much later. Until
+    :meth:`watch` is given the server's connections (``server.make_server`` does; TestClient
+    tests have none) there is no cap. Thread-safe: scrapes count from a worker thread.
+    """
+
+    def __init__(self, limit: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._admitted: set[_ConnectionKey] = set()
+        self._open: Callable[[], Iterable[object]] | None = None
+        self._pruned_at = -math.inf
+
+    def watch(self, open_connections: Callable[[], Iterable[object]]) -> None:
+        """Enforce the cap over the connections ``open_connections`` lists (objects with the
+        ``client`` and ``server`` addresses of uvicorn's protocols)."""
+        with self._lock:
+            self._open = open_connections
+            self._admitted.clear()
+
+    def admit(self, client: Any, server: Any) -> bool:
+        """Whether a request on the connection from ``client`` to ``server`` is served;
+        admits the connection if it is new and there is room."""
+        if self._open is None:
+            return True
+        key = _connection_key(client, server)
+        with self._lock:
+            if key in self._admitted:
+                return True
+            if len(self._admitted) >= self.limit:
+                if self._clock() - self._pruned_at < CAP_PRUNE_INTERVAL_S:
+                    return False
+                self._prune()
+                if len(self._admitted) >= self.limit:
+                    return False
+            if key is not None:  # no address (not TCP): served while there is room, not counted
+                self._admitted.add(key)
+            return True
+
+    def admitted(self) -> int:
+        """Admitted connections open now (the gauge ``triage_central_admitted_connections``)."""
+        with self._lock:
+            self._prune()
+            return len(self._admitted)
+
+    def _prune(self) -> None:
+        if self._open is None:
+            return
+        try:
+            connections = list(self._open())
+        except RuntimeError:  # changed size while a scrape's thread copied it: stale this once
+            return
+        live = {
+            key
+            for c in connections
+            if (key := _connection_key(getattr(c, "client", None), getattr(c, "server", None)))
+        }
+        self._admitted &= live
+        self._pruned_at = self._clock()
+
+
+class BusyLog:
+    """The log of requests refused at the connection cap: one line when refusals begin after a
+    quiet spell, then a count at most every ``interval_s``, never a line per request (a reconnect
+    storm refuses thousands a second; journald would rate-limit and drop real errors).
+
+    ``clock`` (seconds) and ``schedule`` (run a callable after a delay; the event loop's
+    ``call_later`` by default, so call :meth:`refused` on it) are for tests.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        *,
+        interval_s: float = BUSY_LOG_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        schedule: Callable[[float, Callable[[], None]], object] | None = None,
+    ) -> None:
+        self._limit = limit
+        self._interval_s = interval_s
+        self._clock = clock
+        self._schedule = schedule
+        self._count = 0  # refusals not yet in a summary line
+        self._since = 0.0  # when the first of them came
+        self._line_at: float | None = None
+        self._summary_scheduled = False
+
+    def refused(self) -> None:
+        """Count one refusal; log now if no line was logged in the last interval."""
+        now = self._clock()
+        if self._count == 0:
+            self._since = now
+        self._count += 1
+        if self._line_at is not None and now - self._line_at < self._interval_s:
+            self._arm(now)
+        elif self._count == 1:
+            log.warning(
+                "at the connection cap (%d connections served): requests on further"
+                " connections are refused 503 %s (a count follows at most every %.0f s)",
+                self._limit,
+                SERVER_BUSY,
+                self._interval_s,
+            )
+            self._line_at = now
+            self._arm(now)
+        else:  # the scheduled summary did not run (a test's clock): this one says it
+            self.summarise()
+
+    def _arm(self, now: float) -> None:
+        """Have the refusals counted so far summarised once the interval is over."""
+        if self._summary_scheduled or self._line_at is None or not self._count:
+            return
+        self._summary_scheduled = True
+        schedule = self._schedule or asyncio.get_running_loop().call_later
+        schedule(max(0.0, self._line_at + self._interval_s - now), self._scheduled_summary)
+
+    def _scheduled_summary(self) -> None:
+        self._summary_scheduled = False
+        now = self._clock()
+        if self._line_at is not None and now - self._line_at < self._interval_s:
+            self._arm(now)  # a summary was logged meanwhile
+        else:
+            self.summarise()
+
+    def summarise(self) -> None:
+        """Log how many requests were refused since the last count, if any were."""
+        if not self._count:
+            return
+        now = self._clock()
+        log.warning(
+            "at the connection cap (%d connections served): %d request(s) refused 503 %s in"
+            " the last %.0f s; raise --max-connections or find the devices holding connections",
+            self._limit,
+            self._count,
+            SERVER_BUSY,
+            now - self._since,
+        )
+        self._count = 0
+        self._line_at = now
+
+
+class _ConnectionCapMiddleware:
+    """Refuse a request 503 ``server_busy`` when :class:`ConnectionCap` does not serve its
+    connection: the protocol's error body, ``Retry-After`` and ``Connection: close`` (the body
+    is not read, so the connection cannot carry another request). Pure ASGI, so that an upload
+    that is served streams through untouched."""
+
+    def __init__(
+        self,
+        app: Callable[[_Scope, _Receive, _Send], Awaitable[None]],
+        cap: ConnectionCap,
+        refusals: Counter,
+        busy_log: BusyLog,
+    ) -> None:
+        self._app = app
+        self._cap = cap
+        self._refusals = refusals
+        self._busy_log = busy_log
+        self._rng = random.Random()
+
+    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        if (
+            scope["type"] != "http"
+            or (scope["method"], scope["path"]) in ALWAYS_ANSWERED
+            or self._cap.admit(scope.get("client"), scope.get("server"))
+        ):
+            await self._app(scope, receive, send)
+            return
+        self._refusals.inc()
+        self._busy_log.refused()
+        retry_after = self._rng.randint(*BUSY_RETRY_AFTER_S)
+        response = error_response(
+            503,
+            SERVER_BUSY,
+            f"the server is serving its maximum of {self._cap.limit} connections; retry later",
+            {"Retry-After": str(retry_after), "Connection": "close"},
+        )
+        await response(scope, receive, send)

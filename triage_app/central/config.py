@@ -46,9 +46,11 @@ class CentralConfig:
     thread; more wait, unread); ``upload_idle_timeout_s`` cuts off a body that stops arriving,
     ``request_head_timeout_s`` a connection that does not send a whole request head in time.
     ``max_connections`` caps the client connections served at once (idle keep-alive ones
-    included): a request on a further connection is answered 503 at once and that connection
-    closed, so that a surge of devices backs off instead of exhausting the server's file
-    descriptors (``server.uvicorn_config``).
+    included): a connection takes a place with its first request and keeps it until it closes;
+    a request on another while all are taken is answered 503 ``server_busy`` at once, with
+    ``Retry-After``, and that connection closed, so that a surge of devices backs off instead of
+    exhausting the server's file descriptors (``app.ConnectionCap``; health and metrics are
+    always answered).
     """
 
     data_dir: Path

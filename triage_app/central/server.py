@@ -8,9 +8,13 @@ foreground, ``stop()`` for a thread): open requests finish, the verdict worker s
 current case, and the database is closed last.
 
 Why connections are capped (``CentralConfig.max_connections``): every open connection holds a
-file descriptor and TLS buffers, and after an outage a whole fleet reconnects at once. Past the
-cap a request is answered 503 at once and its connection closed (the device backs off and
-retries), instead of the server running out of descriptors and failing for every device.
+file descriptor and TLS buffers, and after an outage a whole fleet reconnects at once. The app
+enforces the cap (``app.ConnectionCap``): a connection is admitted by its first request if
+fewer than the cap of admitted connections are open, and all its requests are served; a request
+on a connection not admitted at the cap is answered 503 ``server_busy`` at once, with
+``Retry-After``, and its connection closed (the device retries), instead of the server running
+out of descriptors and failing for every device. ``GET /v1/health`` and ``GET /metrics`` are
+always answered. ``make_server`` hands the app uvicorn's set of open connections for that.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Self
 import uvicorn
 from fastapi import FastAPI
 
-from triage_app.central.app import CentralMetrics, create_app
+from triage_app.central.app import CentralMetrics, ConnectionCap, create_app
 from triage_app.central.config import DEFAULT_REQUEST_HEAD_TIMEOUT_S, CentralConfig
 from triage_app.central.storage import CentralStore
 from triage_app.errors import ConfigError
@@ -101,15 +105,16 @@ def listen_backlog(config: CentralConfig) -> int:
     Why as deep as the cap: after an outage the devices reconnect within a second or two, and
     a connection that finds the queue full has its SYN dropped, which the device sees as a
     network down (a connect timeout) rather than as an answer; accepted, it gets one at once
-    (served, or 503 past the cap). The kernel shortens it to ``net.core.somaxconn`` (4096 by
-    default since Linux 5.4); queued connections hold no file descriptor of ours.
+    (served, or 503 ``server_busy`` at the cap). The kernel shortens it to
+    ``net.core.somaxconn`` (4096 by default since Linux 5.4); queued connections hold no file
+    descriptor of ours.
     """
     return max(MIN_BACKLOG, config.max_connections)
 
 
 def uvicorn_config(app: FastAPI, config: CentralConfig, *, graceful_s: int) -> uvicorn.Config:
-    """uvicorn's settings for our app: TLS files, the connection cap, no access log, no logging
-    setup of its own (the entry point configures logging)."""
+    """uvicorn's settings for our app: TLS files, keep-alive and backlog for the connection cap,
+    no access log, no logging setup of its own (the entry point configures logging)."""
     config.check_tls_files()
     return uvicorn.Config(
         app,
@@ -123,12 +128,12 @@ def uvicorn_config(app: FastAPI, config: CentralConfig, *, graceful_s: int) -> u
         lifespan="on",
         timeout_graceful_shutdown=graceful_s,
         server_header=False,
-        # uvicorn answers a request 503 "Service Unavailable" (text, "Connection: close", no
-        # Retry-After: the app never sees it, so no middleware can add one) when, as its head
-        # arrives, at least limit_concurrency connections are open, its own included, or that
-        # many requests are in progress. Connections themselves are still accepted. Hence the
-        # + 1: max_connections connections are served, a request on one more is refused.
-        limit_concurrency=config.max_connections + 1,
+        # No limit_concurrency: the app enforces max_connections (app.ConnectionCap), because
+        # uvicorn's own 503 (plain text, no Retry-After, a warning logged per request) refuses
+        # health checks and scrapes too, and requests on connections it is serving already.
+        # uvicorn accepts every connection; the app refuses a request on one it has not
+        # admitted while max_connections admitted ones are open.
+        #
         # Idle keep-alive connections count against the cap, so they are closed soon: 5 s
         # keeps a device's connection for the next case of a drain pass (no new TLS handshake)
         # but not across verdict polls, 15 s apart. Set here so that a change of uvicorn's
@@ -139,11 +144,15 @@ def uvicorn_config(app: FastAPI, config: CentralConfig, *, graceful_s: int) -> u
 
 
 def make_server(app: FastAPI, config: CentralConfig, *, graceful_s: int) -> uvicorn.Server:
-    """uvicorn's server for our app, its connection counts shown in the app's ``/metrics``."""
+    """uvicorn's server for our app: its open connections handed to the app's connection cap
+    (the app alone does not see connections) and counted in its ``/metrics``."""
     server = uvicorn.Server(uvicorn_config(app, config, graceful_s=graceful_s))
+    state = server.server_state
+    cap = getattr(app.state, "connection_cap", None)
+    if isinstance(cap, ConnectionCap):
+        cap.watch(lambda: state.connections)
     metrics = getattr(app.state, "metrics", None)
     if isinstance(metrics, CentralMetrics):
-        state = server.server_state
         metrics.count_connections(lambda: len(state.connections), lambda: len(state.tasks))
     return server
 
