@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,3 +168,34 @@ def wait_until(
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(interval_s)
+
+
+def serve_until_listening(
+    command: Sequence[str], on_listening: Callable[[int], None] | None = None
+) -> list[str]:
+    """Run a ``central serve`` command line until it logs ``listening on`` (60 s at most), call
+    ``on_listening`` with its pid while it listens, then kill it; the stderr lines it wrote.
+
+    Unbuffered, so select() sees every line; a deadline, so a silent server fails the test.
+    Killed, not stopped: a SIGTERM in the instant before uvicorn handles it is lost.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    lines: list[str] = []
+    with subprocess.Popen(
+        list(command), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, bufsize=0
+    ) as server:
+        assert server.stderr is not None
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline and server.poll() is None:
+                if not select.select([server.stderr], [], [], 0.5)[0]:
+                    continue
+                lines.append(server.stderr.readline().decode(errors="replace"))
+                if "listening on" in lines[-1]:
+                    if on_listening is not None:
+                        on_listening(server.pid)
+                    break
+        finally:
+            server.kill()
+            server.wait()
+    return lines

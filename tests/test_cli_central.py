@@ -6,18 +6,16 @@ import hashlib
 import json
 import os
 import resource
-import select
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, serve_until_listening
 
 
 def test_make_cert_writes_a_private_key_and_prints_the_pin_of_the_certificate(tmp_path: Path):
@@ -229,27 +227,9 @@ def test_serve_refuses_a_tls_private_key_others_can_read(tmp_path: Path) -> None
 def test_serve_logs_where_it_listens_without_being_asked(tmp_path: Path) -> None:
     """A server's log is its only voice: ``listening on`` and the start-up counts at INFO."""
     cert, key = _certificate(tmp_path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
     command = [
         *(sys.executable, "-m", "triage_app", "central", "serve", "--port", "0"),
         *("--tls-cert", str(cert), "--tls-key", str(key), "--data-dir", str(tmp_path)),
     ]
-    lines: list[str] = []
-    # Unbuffered, so select() sees every line; a deadline, so a silent server fails the test.
-    with subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, bufsize=0
-    ) as server:
-        assert server.stderr is not None
-        deadline = time.monotonic() + 60
-        try:
-            while time.monotonic() < deadline and server.poll() is None:
-                if not select.select([server.stderr], [], [], 0.5)[0]:
-                    continue
-                lines.append(server.stderr.readline().decode(errors="replace"))
-                if "listening on" in lines[-1]:
-                    break
-        finally:
-            # Killed, not stopped: a SIGTERM in the instant before uvicorn handles it is lost.
-            server.kill()
-            server.wait()
+    lines = serve_until_listening(command)
     assert any("listening on 127.0.0.1:" in line for line in lines), lines

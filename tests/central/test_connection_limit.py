@@ -16,13 +16,10 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import resource
-import select
 import socket
 import ssl
-import subprocess
 import sys
 import textwrap
 import time
@@ -35,7 +32,7 @@ import pytest
 
 from tests.central.conftest import Central, StartCentral, TestCase, make_case, new_device
 from tests.escalation.conftest import FakeClock, device_settings, link_for, make_uploader
-from tests.helpers import run_cli
+from tests.helpers import run_cli, serve_until_listening
 from tests.tls import ServerMaterial
 from triage_app.central.app import (
     BUSY_RETRY_AFTER_S,
@@ -547,31 +544,13 @@ def test_serve_raises_a_low_open_file_limit_to_cover_the_cap(
         runpy.run_module("triage_app", run_name="__main__")
         """
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
-    lines: list[str] = []
-    limits = ""
-    with subprocess.Popen(
+    limits: list[str] = []
+    lines = serve_until_listening(
         [sys.executable, "-c", script],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        env=env,
-        bufsize=0,
-    ) as server:
-        assert server.stderr is not None
-        deadline = time.monotonic() + 60
-        try:
-            while time.monotonic() < deadline and server.poll() is None:
-                if not select.select([server.stderr], [], [], 0.5)[0]:
-                    continue
-                lines.append(server.stderr.readline().decode(errors="replace"))
-                if "listening on" in lines[-1]:
-                    limits = Path(f"/proc/{server.pid}/limits").read_text()
-                    break
-        finally:
-            server.kill()
-            server.wait()
+        lambda pid: limits.append(Path(f"/proc/{pid}/limits").read_text()),
+    )
     assert any("at most 1000 connections" in line for line in lines), lines
-    soft_limit = re.search(r"^Max open files\s+(\d+)", limits, flags=re.MULTILINE)
+    soft_limit = re.search(r"^Max open files\s+(\d+)", "".join(limits), flags=re.MULTILINE)
     assert soft_limit is not None, limits
     assert int(soft_limit.group(1)) == expected
     assert any(f"raised from 256 to {expected}" in line for line in lines), lines
