@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Generator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Generator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -51,6 +53,43 @@ def test_a_dying_worker_costs_only_its_file_and_the_order_is_kept() -> None:
         f"crashed killer2 {MAX_WORKER_CRASHES}",
         "F",
     ]
+
+
+class _BreaksAfterOneHandOver:
+    """An executor whose worker dies on the first file before the second is handed over: the
+    race a real pool loses now and then (its submit raises ``BrokenProcessPool``)."""
+
+    def __init__(self, healthy: bool) -> None:
+        self.healthy = healthy
+        self.handed_over: list[str] = []
+
+    def submit(self, work: Callable[[Path], str], path: Path) -> Future[str]:
+        if not self.healthy and self.handed_over:
+            raise BrokenProcessPool("a child process terminated abruptly")
+        self.handed_over.append(path.name)
+        future: Future[str] = Future()
+        if self.healthy:
+            future.set_result(work(path))
+        else:
+            future.set_exception(BrokenProcessPool("a child process terminated abruptly"))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass
+
+
+@pytest.mark.expect_log_warnings
+def test_a_pool_that_breaks_before_a_hand_over_loses_no_file() -> None:
+    made: list[_BreaksAfterOneHandOver] = []
+
+    def new_executor() -> ProcessPoolExecutor:
+        made.append(_BreaksAfterOneHandOver(healthy=bool(made)))
+        return cast(ProcessPoolExecutor, made[-1])
+
+    files = [Path(n) for n in ("a", "b", "c")]
+    outcomes = list(ordered_map(new_executor, _shout_or_die, files, window=3, crashed=_crashed))
+    assert outcomes == ["A", "B", "C"]
+    assert made[0].handed_over == ["a"]  # then broken: b and c went to the new pool
 
 
 def test_without_crashes_every_file_is_done_once_in_order() -> None:

@@ -52,9 +52,18 @@ def ordered_map(
         in_flight: deque[tuple[Path, Future[R]]] = deque()
         while waiting or in_flight:
             while waiting and len(in_flight) < window:
-                path = waiting.popleft()
-                in_flight.append((path, executor.submit(work, path)))
-            path, future = in_flight[0]
+                try:
+                    future = executor.submit(work, waiting[0])
+                except BrokenProcessPool:
+                    # A file in flight killed its worker since the last hand-over: its futures
+                    # fail below and their files are tried again; with none in flight, nothing
+                    # is in doubt and a new pool takes over.
+                    if in_flight:
+                        break
+                    executor = _replaced(executor, new_executor)
+                    continue
+                in_flight.append((waiting.popleft(), future))
+            future = in_flight[0][1]
             try:
                 outcome = future.result()
             except BrokenProcessPool:
