@@ -154,13 +154,18 @@ def test_the_form_saves_its_own_changes_only_and_keeps_what_was_saved_meanwhile(
     assert dialog.message.text().startswith("Saved 1 change"), dialog.message.text()
     on_disk = load_settings(admin_config, env={})
     assert on_disk == elsewhere.with_values(**{"display.theme": "light"})
+    # After saving, the form shows the file as it is, other people's changes included.
+    assert dialog.editors["display.font_scale"].text() == on_disk.get_text("display.font_scale")
+    assert dialog.editors["escalation.queue_quota_mb"].text() == "4096"
 
+    # Changed elsewhere again after the form's save: editing it now is refused.
+    save_settings(on_disk.with_values(**{"display.font_scale": 1.75}), admin_config, base=on_disk)
     before = admin_config.read_bytes()
-    dialog.editors["display.font_scale"].set_text("1.25")  # the form still shows 1.0
+    dialog.editors["display.font_scale"].set_text("1.25")  # the form still shows 1.5
     _apply(qtbot, dialog)
 
     assert dialog.message.text() == (
-        f"Not saved: {admin_config}: display.font_scale was changed meanwhile (now 1.5); "
+        f"Not saved: {admin_config}: display.font_scale was changed meanwhile (now 1.75); "
         "nothing was saved: reload and try again"
     )
     assert admin_config.read_bytes() == before

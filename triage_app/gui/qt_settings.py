@@ -593,22 +593,24 @@ class QtSettingsDialog(QDialog):
         config_path, store_path = self._config_path, self._settings.case_store_path
         user = current_user()
 
-        def work() -> AppliedChanges:
+        def work() -> tuple[AppliedChanges, Settings]:
             applied = apply_form(file_settings, changed, password)
             save_changes(applied, config_path, store_path, user)
-            return applied
+            # The file as saved: another window or `config set` may have changed other keys.
+            return applied, load_settings(config_path, env={})
 
         self._busy = True
         self.apply_button.setEnabled(False)
         self._say("Saving…")
         run_in_thread(work, self._saved, self._failed, owner=self)
 
-    def _saved(self, applied: AppliedChanges) -> None:
+    def _saved(self, result: tuple[AppliedChanges, Settings]) -> None:
+        applied, saved = result
         self._busy = False
         self.apply_button.setEnabled(True)
-        self.file_settings = applied.settings
+        self.file_settings = saved
         for key, editor in self.editors.items():
-            editor.set_text(applied.settings.get_text(key))
+            editor.set_text(saved.get_text(key))
             self._initial[key] = editor.text()
         count = len(applied.changes)
         text = f"Saved {count} change{'s' if count != 1 else ''}; each is in the audit log."
