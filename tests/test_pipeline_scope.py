@@ -134,3 +134,21 @@ def test_a_view_code_sequence_saying_postero_anterior_is_decided_locally(tmp_pat
     assert (outcome.decision, outcome.reason) == ("normal", "confident_normal")
     assert record["scope"]["findings"] == []
     assert record["image"]["view_position"] == "PA"
+
+
+def test_a_frontal_code_worded_differently_is_decided_locally(tmp_path: Path) -> None:
+    """View Position PA and the SNOMED RT PA code with a reworded Code Meaning: a frontal view.
+
+    This was read as ``PA\\PA\\POSTERIOR-ANTERIOR`` and escalated, so every chest from such a
+    modality went to escalation. The (scheme, value) pair is the concept; the meaning is text.
+    """
+    ds = _chest("PA")
+    item = Dataset()
+    item.CodeValue = "R-10214"  # SNOMED RT postero-anterior (CID 4010)
+    item.CodingSchemeDesignator = "SRT"
+    item.CodeMeaning = "Posterior-Anterior"  # not CID 4010's "postero-anterior"
+    ds.ViewCodeSequence = [item]
+    outcome, record = _triage(tmp_path / "srt-pa", ds)
+    assert (outcome.decision, outcome.reason) == ("normal", "confident_normal")
+    assert record["scope"]["findings"] == []
+    assert record["image"]["view_position"] == "PA"

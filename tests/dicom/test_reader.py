@@ -371,9 +371,13 @@ def view_code(
     return item
 
 
-def read_view(view_position: Any = None, codes: list[Dataset] | None = None) -> str:
+def read_view(
+    view_position: Any = None, codes: list[Dataset] | None = None, *, charset: str | None = None
+) -> str:
     """The view a file with these attributes is read with (``None``: attribute absent)."""
     ds = synthetic(ramp())
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
     with pydicom.config.disable_value_validation():
         if view_position is not None:
             ds.ViewPosition = view_position
@@ -423,13 +427,15 @@ def test_an_empty_view_position_without_view_codes_is_missing(value: str | list[
         (SCT_RIGHT_LATERAL, "RIGHT LATERAL"),  # was "": missing
         (SCT_PA_OBLIQUE, "POSTERO-ANTERIOR OBLIQUE"),  # an oblique is not a PA
         ((None, None, "left lateral"), "LEFT LATERAL"),
-        # The code and the meaning contradict each other, or the code is not one we know.
+        # A known code decides whatever its meaning says (was "PA\\RIGHT LATERAL" and
+        # "PA\\ANTERO-POSTERIOR"): see test_a_known_code_decides_over_its_meaning.
         (("272479007", "SCT", "right lateral"), "PA\\RIGHT LATERAL"),
-        (("272479007", "SCT", "antero-posterior"), "PA\\ANTERO-POSTERIOR"),
+        (("272479007", "SCT", "antero-posterior"), "PA"),
+        # A code that is not one we know is never frontal, whatever its meaning says.
         (("399198007", "SCT", "postero-anterior"), "399198007\\POSTERO-ANTERIOR"),
         (("272479007", "99LOCAL", "PA"), "272479007\\PA"),
         (("399198007", "SCT", None), "UNKNOWN"),  # a code that is not frontal, no meaning
-        ((None, None, None), "UNKNOWN"),  # an empty item
+        ((None, None, None), ""),  # an empty item states nothing (was "UNKNOWN")
     ],
 )
 def test_view_code_sequence_without_view_position(
@@ -445,8 +451,143 @@ def test_view_code_sequence_items_must_agree() -> None:
     assert read_view(codes=both) == "PA\\RIGHT LATERAL"
 
 
-def test_an_empty_view_code_sequence_is_unknown_not_missing() -> None:
-    assert read_view(codes=[]) == "UNKNOWN"
+@pytest.mark.parametrize(
+    ("position", "codes", "expected"),
+    [
+        # Was "UNKNOWN", "UNKNOWN", "PA\\UNKNOWN", "AP\\UNKNOWN", "PA\\UNKNOWN": escalated,
+        # although an empty sequence, like an empty View Position, states no view at all.
+        (None, [], ""),
+        ("", [], ""),
+        ("PA", [], "PA"),
+        ("AP", [], "AP"),
+        ("PA", [view_code()], "PA"),  # an item with neither a code value nor a meaning
+        ("", [view_code()], ""),
+        ("PA", [view_code(scheme="SRT")], "PA"),  # a designator alone names no concept
+        (None, [view_code(), view_code(*SRT_PA)], "PA"),  # empty items are dropped
+        (None, [view_code(), view_code(*SCT_RIGHT_LATERAL)], "RIGHT LATERAL"),
+        ("PA", [view_code(), view_code(*SCT_RIGHT_LATERAL)], "PA\\RIGHT LATERAL"),
+    ],
+)
+def test_an_empty_view_code_sequence_states_nothing(
+    position: str | None, codes: list[Dataset], expected: str
+) -> None:
+    assert read_view(position, codes) == expected
+
+
+# Frontal headers as modalities send them. Each was escalated before (the old reading is in the
+# comment): the site's local rate collapses when every chest from such a modality is escalated.
+@pytest.mark.parametrize(
+    ("position", "code", "expected"),
+    [
+        ("PA", ("R-10214", "SRT", "Posterior-Anterior"), "PA"),  # PA\PA\POSTERIOR-ANTERIOR
+        ("AP", ("R-10206", "SRT", "Anterior-Posterior"), "AP"),  # AP\AP\ANTERIOR-POSTERIOR
+        ("PA", ("R-10214", "SRT", "PA erect"), "PA"),  # PA\PA\PA ERECT
+        ("AP", ("R-10206", "SRT", "AP supine"), "AP"),  # AP\AP\AP SUPINE
+        ("PA", ("R-10214", "SRT", "postero-anterior (PA)"), "PA"),  # PA\PA\POSTERO-ANTERIOR (PA)
+        ("PA", ("R-10214", None, "postero-anterior"), "PA"),  # PA\R-10214\POSTERO-ANTERIOR
+        ("PA", ("R-10214", "", "postero-anterior"), "PA"),  # a blank designator: the same
+        ("AP", ("399348003", None, "antero-posterior"), "AP"),  # AP\399348003\ANTERO-POSTERIOR
+        ("PA", ("272479007", None, None), "PA"),  # PA\UNKNOWN
+    ],
+)
+def test_a_frontal_code_reads_as_frontal_however_it_is_worded(
+    position: str, code: tuple[str, str | None, str | None], expected: str
+) -> None:
+    assert read_view(position, [view_code(*code)]) == expected
+    assert read_view(codes=[view_code(*code)]) == expected  # without View Position: the same
+
+
+def test_a_localised_code_meaning_does_not_matter() -> None:
+    """Code Meaning is display text and may be translated; the code is what DICOM defines."""
+    french = [view_code("R-10214", "SRT", "post\u00e9ro-ant\u00e9rieur")]
+    assert read_view("PA", french, charset="ISO_IR 192") == "PA"  # was PA\PA\POSTÉRO-ANTÉRIEUR
+    assert read_view(codes=french, charset="ISO_IR 100") == "PA"
+    # Without a code the meaning is all there is, and a translation is not recognised.
+    text_only = [view_code(meaning="post\u00e9ro-ant\u00e9rieur")]
+    assert read_view(codes=text_only, charset="ISO_IR 192") == "POST\u00c9RO-ANT\u00c9RIEUR"
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        # The code is the concept: DICOM identifies a coded entry by Coding Scheme Designator
+        # and Code Value, while Code Meaning is display text that modalities reword and
+        # translate freely. If the text could overrule a known code, every wording not on our
+        # list would have to be escalated. Only a text that names a view no frontal image has
+        # (lateral, oblique) makes the header contradict itself: escalated, never frontal.
+        (("R-10206", "SNM3", "postero-anterior"), "AP"),  # was AP\POSTERO-ANTERIOR
+        (("R-10214", "SRT", "PA erect"), "PA"),
+        (("R-10214", "SRT", "right lateral"), "PA\\RIGHT LATERAL"),
+        (("399348003", None, "left lateral"), "AP\\LEFT LATERAL"),
+        (("272479007", "SCT", "postero-anterior oblique"), "PA\\POSTERO-ANTERIOR OBLIQUE"),
+    ],
+)
+def test_a_known_code_decides_over_its_meaning(
+    code: tuple[str, str | None, str], expected: str
+) -> None:
+    assert read_view(codes=[view_code(*code)]) == expected
+    stated = expected.split("\\")[0]  # View Position as the code says
+    with_position = read_view(stated, [view_code(*code)])
+    if "\\" in expected:  # contradicting: still escalated, whatever View Position says
+        assert with_position.endswith(expected) and with_position not in ("PA", "AP")
+    else:
+        assert with_position == expected
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        # Not one of our codes: never frontal, whatever its meaning says (unchanged).
+        (("399198007", "SCT", "PA"), "399198007\\PA"),
+        (("F-10440", "SRT", "postero-anterior"), "F-10440\\POSTERO-ANTERIOR"),
+        (("R-10214", "99SDM", "postero-anterior"), "R-10214\\POSTERO-ANTERIOR"),  # local scheme
+        (("399198007", "SCT", "right lateral"), "RIGHT LATERAL"),
+        (("399198007", None, "right lateral"), "RIGHT LATERAL"),
+    ],
+)
+def test_an_unknown_code_is_not_frontal(code: tuple[str, str | None, str], expected: str) -> None:
+    assert read_view(codes=[view_code(*code)]) == expected
+    assert read_view("PA", [view_code(*code)]) == f"PA\\{expected}"  # escalated either way
+
+
+@pytest.mark.parametrize(
+    ("meaning", "expected"),
+    [
+        # An item without a code value: the meaning, normalised, is all there is.
+        ("Posterior-Anterior", "PA"),  # was POSTERIOR-ANTERIOR
+        ("anterior-posterior", "AP"),  # was ANTERIOR-POSTERIOR
+        ("postero-anterior (PA)", "PA"),  # was POSTERO-ANTERIOR (PA)
+        ("Antero-posterior view (AP)", "AP"),  # was ANTERO-POSTERIOR VIEW (AP)
+        # Not recognised, so escalated (unchanged).
+        ("antero-posterior (PA)", "ANTERO-POSTERIOR (PA)"),  # the abbreviation contradicts
+        ("PA erect", "PA ERECT"),
+        ("(PA)", "(PA)"),
+        # Obliques are never frontal, however they are worded (unchanged).
+        ("postero-anterior oblique", "POSTERO-ANTERIOR OBLIQUE"),
+        ("Posterior-anterior oblique", "POSTERIOR-ANTERIOR OBLIQUE"),
+        ("PA oblique", "PA OBLIQUE"),
+        ("oblique (PA)", "OBLIQUE (PA)"),
+        ("postero-anterior oblique (PA)", "POSTERO-ANTERIOR OBLIQUE (PA)"),
+        ("Oblique PA", "OBLIQUE PA"),
+    ],
+)
+def test_a_code_meaning_without_a_code_value(meaning: str, expected: str) -> None:
+    assert read_view(codes=[view_code(meaning=meaning)]) == expected
+    assert read_view(codes=[view_code(scheme="SRT", meaning=meaning)]) == expected
+
+
+def test_a_long_or_urn_code_value_is_a_code_not_nothing() -> None:
+    """A code this reader does not look up is still a stated view: never "" and never frontal."""
+    for keyword, code in [("LongCodeValue", "L-10214"), ("URNCodeValue", "urn:x:pa")]:
+        item = Dataset()
+        setattr(item, keyword, code)
+        ds = Dataset()
+        ds.ViewCodeSequence = [item]
+        assert view_position(ds) == "UNKNOWN"
+        item.CodeMeaning = "postero-anterior"
+        assert view_position(ds) == "UNKNOWN\\POSTERO-ANTERIOR"
+        item.CodeMeaning = "right lateral"
+        assert view_position(ds) == "RIGHT LATERAL"
 
 
 @pytest.mark.parametrize(
@@ -505,6 +646,11 @@ def test_view_position_in_the_record() -> None:
     assert load_image(buffer.getvalue()).info.to_json()["view_position"] == "RIGHT LATERAL"
 
 
+ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian; its 4-byte length follows
+ITEM_END = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"  # (FFFE,E00D) item delimitation item
+PA_MEANING = b"\x08\x00\x04\x01\x02\x00\x00\x00PA"  # (0008,0104) "PA", implicit VR
+
+
 def raw(tag: int, vr: str, value: bytes) -> RawDataElement:
     return RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
 
@@ -519,12 +665,31 @@ def raw(tag: int, vr: str, value: bytes) -> RawDataElement:
         (raw(0x00185101, "US", b"abc"), "UNKNOWN"),  # three bytes for a two-byte number
         (raw(0x00185101, "SQ", b"abcd"), "UNKNOWN"),  # no item tag where one must be
         (raw(0x00540220, "SQ", b"\xfe\xff\x00\xe0\x10\x00\x00\x00ab"), "UNKNOWN"),  # cut item
+        # pydicom makes the items below empty data sets without a word; an empty item states
+        # nothing, so these must be told apart from a real empty item (length 0).
+        (raw(0x00540220, "SQ", ITEM + b"\x02\x00\x00\x00ab"), "UNKNOWN"),  # no element in it
+        (raw(0x00540220, "SQ", ITEM + b"\x00\x00\x00\x00abc"), "UNKNOWN"),  # a cut header
+        (raw(0x00540220, "SQ", b"\x08\x00\x04\x01\x02\x00\x00\x00PA"), "UNKNOWN"),  # no item
+        (raw(0x00540220, "SQ", b""), ""),  # no items: nothing stated
+        (raw(0x00540220, "SQ", ITEM + b"\x00\x00\x00\x00"), ""),  # one empty item
+        (raw(0x00540220, "SQ", ITEM + b"\x00" * 4 + b"\xfe\xff\xdd\xe0" + b"\x00" * 4), ""),
+        (raw(0x00540220, "SQ", ITEM + b"\x0a\x00\x00\x00" + PA_MEANING), "PA"),
+        (raw(0x00540220, "SQ", ITEM + b"\xff" * 4 + PA_MEANING + ITEM_END), "PA"),
     ],
 )
 def test_unreadable_or_odd_raw_values_never_raise(element: RawDataElement, expected: str) -> None:
     ds = Dataset()
     ds[element.tag] = element
     assert view_position(ds) == expected
+
+
+def test_an_unreadable_view_code_sequence_is_still_unknown() -> None:
+    """Nothing stated means *empty*: a sequence that cannot be parsed may hide any view."""
+    ds = Dataset()
+    ds.ViewPosition = "PA"
+    cut = raw(0x00540220, "SQ", b"\xfe\xff\x00\xe0\x10\x00\x00\x00ab")
+    ds[cut.tag] = cut
+    assert view_position(ds) == "PA\\UNKNOWN"
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import stat
 import struct
 import warnings
@@ -562,7 +563,10 @@ def _image_info(
 
 # View Code Sequence (0054,0220) codes that say "frontal, PA" or "frontal, AP" (CID 4010 DX View:
 # SNOMED CT, and the legacy SNOMED RT codes under SRT or under SNM3, the designator SRT replaced).
-# Any other code is read as "not a view this mapping knows", never as frontal.
+# In DICOM the concept is the (Coding Scheme Designator, Code Value) pair; Code Meaning is only
+# display text, which modalities reword ("Posterior-Anterior", "PA erect") and localise
+# ("postéro-antérieur"), so a known pair decides the view whatever its meaning says. Any other
+# pair is read as "not a view this mapping knows", never as frontal.
 _FRONTAL_CODES: dict[tuple[str, str], str] = {
     ("SCT", "272479007"): "PA",  # postero-anterior
     ("SRT", "R-10214"): "PA",
@@ -571,16 +575,33 @@ _FRONTAL_CODES: dict[tuple[str, str], str] = {
     ("SRT", "R-10206"): "AP",
     ("SNM3", "R-10206"): "AP",
 }
-# Code Meanings with hyphens, spaces and a trailing "projection"/"view"/"(qualifier value)"
-# removed: "postero-anterior" (CID 4010), "Posteroanterior projection (qualifier value)" (SCT).
-# The oblique variants ("postero-anterior oblique") deliberately do not match.
+# The same values for an item whose designator is missing or blank: each value names the same
+# view under every scheme above and no value is shared between views, so it is unambiguous
+# alone. A value under any *other* designator ("99LOCAL") is a local code that may mean
+# anything: not frontal.
+_FRONTAL_VALUES: dict[str, str] = {value: view for (_, value), view in _FRONTAL_CODES.items()}
+# Used only for an item without a code value: Code Meanings with hyphens, spaces, a trailing
+# "projection"/"view"/"(qualifier value)" and a trailing abbreviation that agrees ("(PA)")
+# removed: "postero-anterior" (CID 4010), "Posteroanterior projection (qualifier value)" (SCT),
+# "Posterior-Anterior", "postero-anterior (PA)". Obliques ("postero-anterior oblique") never
+# match; other wordings ("PA erect", localised text) stay unrecognised, hence escalated.
 _FRONTAL_MEANINGS: dict[str, str] = {
     "POSTEROANTERIOR": "PA",
+    "POSTERIORANTERIOR": "PA",
     "PA": "PA",
     "ANTEROPOSTERIOR": "AP",
+    "ANTERIORPOSTERIOR": "AP",
     "AP": "AP",
 }
 _MEANING_SUFFIXES = ("(QUALIFIER VALUE)", "PROJECTION", "VIEW")
+_ABBREVIATION = re.compile(r"\(([A-Z]{1,4})\)$")  # a trailing "(PA)" (meanings are upper-case)
+# Code Sequence Macro attributes that state a code this mapping does not look up (Long Code
+# Value, URN Code Value): an item with one states *something*, so it is never "nothing stated".
+# Only their presence is checked; their values are never read.
+_OTHER_CODE_VALUES = ("LongCodeValue", "URNCodeValue")
+_VIEW_CODE_SEQUENCE = 0x00540220
+_ITEM = (0xFFFE, 0xE000)
+_SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
 _MAX_VIEW_CHARS = 64  # Code Meaning is LO (64 chars): a terminology string, capped all the same
 _UNKNOWN_VIEW = "UNKNOWN"  # a view is stated but cannot be read: in no model's list, escalated
 # An element's value is converted on first access; one stored as a sequence (as it should be, or
@@ -593,15 +614,20 @@ def view_position(ds: Dataset) -> str:
 
     The check must fail safe: anything that is not one clear view comes out as a string that is
     in no model's list (so the image is escalated as ``view_not_intended``), never as "", which
-    a model may accept as "missing". Rules:
+    a model may accept as "missing". But a header that states nothing must stay "": escalating
+    every image of a modality that sends, say, an empty View Code Sequence would collapse the
+    local rate for that site. Rules:
 
     * View Position (0018,5101), values stripped and upper-cased, empty ones dropped: one
       distinct value is the view (``PA``, ``PA\PA``, ``\PA`` give ``PA``); several distinct
       values are joined with a backslash (``PA\LL``); an unreadable element is ``UNKNOWN``.
-    * The View Code Sequence (0054,0220) read as ``_coded_view`` says; its items must all agree,
-      else their readings are joined as above; present but empty or unreadable: ``UNKNOWN``.
-    * Both present: they must agree too (``PA`` and a postero-anterior code give ``PA``; ``PA``
-      and a right lateral code give ``PA\RIGHT LATERAL``). One present: that one. Neither: "".
+    * The View Code Sequence (0054,0220), each item read as ``_coded_view`` says; items that
+      state nothing are dropped, the rest must agree, else their readings are joined as above.
+      Present but empty (no items, or only empty items): nothing stated. Unreadable:
+      ``UNKNOWN``.
+    * Both state something: they must agree too (``PA`` and a postero-anterior code, however
+      its meaning is worded, give ``PA``; ``PA`` and a right lateral code give
+      ``PA\RIGHT LATERAL``). One states something: that one. Neither: "".
     """
     stated = _scope_values(ds, "ViewPosition")
     coded = _coded_views(ds) if "ViewCodeSequence" in ds else []
@@ -627,14 +653,54 @@ def _scope_values(ds: Dataset, keyword: str) -> list[str]:
 
 
 def _coded_views(ds: Dataset) -> list[str]:
-    """Each View Code Sequence item's reading; ``[UNKNOWN]`` if the sequence is empty or
-    cannot be read."""
+    """The readings of the View Code Sequence items that state something (none for an empty
+    sequence); ``[UNKNOWN]`` if the sequence cannot be read or its items are damaged."""
     try:
-        views = [_coded_view(item) for item in list(ds.get("ViewCodeSequence") or ())]
+        # pydicom's overload omits RawDataElement, which is what a not yet parsed sequence is.
+        stored = cast(
+            "DataElement | RawDataElement | None",
+            ds.get_item(_VIEW_CODE_SEQUENCE, keep_deferred=True),
+        )
+        items = list(ds.get("ViewCodeSequence") or ())
+        damaged = isinstance(stored, RawDataElement) and _items_damaged(stored, items)
+        views = [] if damaged else [_coded_view(item) for item in items]
     except _ELEMENT_ERRORS:
+        damaged = True
+    if damaged:
         logger.debug("unreadable View Code Sequence")
         return [_UNKNOWN_VIEW]
-    return views or [_UNKNOWN_VIEW]
+    return [view for view in views if view]
+
+
+def _items_damaged(stored: RawDataElement, items: list[Any]) -> bool:
+    """Whether the stored sequence's item headers disagree with the items pydicom made of them.
+
+    pydicom reads an item that claims more bytes than there are, or bytes that hold no element,
+    as an empty item and says nothing. An empty item states no view, so a damaged one must not
+    pass for one: it could have held any view. Only the item headers are read, never values.
+    """
+    value = bytes(stored.value or b"")
+    header = struct.Struct("<HHL" if stored.is_little_endian else ">HHL")
+    lengths: list[int] = []
+    position = 0
+    while position < len(value):
+        if len(value) - position < header.size:
+            return True
+        group, element, length = header.unpack_from(value, position)
+        if (group, element) == _SEQUENCE_DELIMITER and position + header.size == len(value):
+            break  # a needless delimiter at the end of a defined-length sequence: harmless
+        if (group, element) != _ITEM:
+            return True
+        if length == _UNDEFINED_LENGTH:
+            return False  # its end is a delimiter pydicom searches for: not checked here
+        lengths.append(length)
+        position += header.size + length
+    if position > len(value) or len(lengths) != len(items):
+        return True
+    return any(
+        length and isinstance(item, Dataset) and not len(item)
+        for length, item in zip(lengths, items, strict=True)
+    )
 
 
 def _agreed(values: list[str]) -> str:
@@ -644,28 +710,61 @@ def _agreed(values: list[str]) -> str:
 
 
 def _coded_view(item: Any) -> str:
-    r"""The view a View Code Sequence item states.
+    r"""The view a View Code Sequence item states; "" when it states nothing.
 
-    ``PA``/``AP`` only when every part that is present agrees: a known CID 4010 code (scheme
-    and value) and/or a Code Meaning that says postero-anterior/antero-posterior. A known code
-    with a Code Meaning that says something else, or an unknown code with a frontal meaning, is
-    a contradiction: both parts joined with "\". Otherwise the Code Meaning upper-cased (e.g.
-    ``RIGHT LATERAL``), or ``UNKNOWN`` when the item has no meaning to show.
+    * A Code Value: the code decides, because (scheme, value) is the concept and the meaning
+      only display text (reworded, localised). A known CID 4010 code (``_FRONTAL_CODES``, or a
+      value from ``_FRONTAL_VALUES`` with no designator) is ``PA``/``AP`` whatever its meaning
+      says, unless the meaning says lateral or oblique (a contradiction: both, joined). An
+      unknown code is never frontal: its meaning upper-cased (``RIGHT LATERAL``), ``UNKNOWN``
+      without one, and code and meaning joined with "\" when the meaning alone would read as
+      frontal (a bare ``PA`` must not come out of a local code).
+    * No Code Value: the meaning, normalised (``_meaning_view``), if it says PA/AP; else the
+      meaning upper-cased. A Long or URN Code Value counts as an unknown code.
+    * Neither a code value nor a meaning (an empty item): "", nothing stated.
     """
     if not isinstance(item, Dataset):
         return _UNKNOWN_VIEW
     value = _agreed(_texts(item.get("CodeValue")))
     scheme = _agreed(_texts(item.get("CodingSchemeDesignator")))
     meaning = _agreed(_texts(item.get("CodeMeaning")))
-    by_code = _FRONTAL_CODES.get((scheme, value)) if value else None
-    by_meaning = _FRONTAL_MEANINGS.get(_meaning_key(meaning)) if meaning else None
-    if by_code and (not meaning or by_meaning == by_code):
+    if not value and any(keyword in item for keyword in _OTHER_CODE_VALUES):
+        value = _UNKNOWN_VIEW  # a code is stated in a form this mapping does not read (unread)
+    by_meaning = _meaning_view(meaning) if meaning else None
+    if not value:
+        return by_meaning or meaning
+    by_code = _FRONTAL_CODES.get((scheme, value)) if scheme else _FRONTAL_VALUES.get(value)
+    if by_code and any(word in meaning for word in _NOT_FRONTAL_WORDS):
+        # A frontal code whose text says lateral or oblique: the header contradicts itself,
+        # and a frontal model must not decide such an image.
+        return _capped(f"{by_code}\\{meaning}")
+    if by_code:
         return by_code
-    if by_meaning and not value:
-        return by_meaning
-    if by_code or by_meaning:  # the code and the meaning say different things
-        return _capped(f"{(by_code or value)[:16]}\\{meaning}")  # CodeValue is SH: 16
+    if by_meaning:  # an unknown code with a meaning that reads as frontal
+        return _capped(f"{value[:16]}\\{meaning}")  # CodeValue is SH: 16
     return meaning or _UNKNOWN_VIEW
+
+
+#: Words in a Code Meaning that no frontal view has: with a frontal code, a contradiction.
+_NOT_FRONTAL_WORDS = ("LATERAL", "OBLIQUE")
+
+
+def _meaning_view(meaning: str) -> str | None:
+    """``PA``/``AP`` when a Code Meaning (upper-case) names a frontal view, else ``None``.
+
+    A trailing abbreviation ("(PA)") is dropped only when it names the same view as the rest,
+    and anything oblique is never frontal.
+    """
+    if any(word in meaning for word in _NOT_FRONTAL_WORDS):
+        return None
+    key = meaning
+    abbreviation = _ABBREVIATION.search(key)
+    if abbreviation:
+        key = key[: abbreviation.start()].strip()
+    view = _FRONTAL_MEANINGS.get(_meaning_key(key))
+    if abbreviation and _FRONTAL_MEANINGS.get(abbreviation.group(1)) != view:
+        return None
+    return view
 
 
 def _meaning_key(meaning: str) -> str:
