@@ -4,37 +4,44 @@ The app enforces it (``app.ConnectionCap``): a connection is admitted by its fir
 fewer than the cap of admitted connections are open, and served until it closes; a request on
 a connection that is not admitted at the cap is answered 503 ``server_busy`` at once, in the
 protocol's error shape with ``Retry-After``, and its connection closed. ``/v1/health`` and
-``/metrics`` are always answered. The server must serve again as soon as connections close, log
-a storm of refusals in one line, and a device must take the 503 as "retry after", never as a
-refusal of the case. Uploads in progress (a body that stalls) hold their places for sure; they
-fill the cap here, since an idle keep-alive connection is closed after 5 s.
+``/metrics`` are always answered, health saying "busy". The server must serve again as soon as
+connections close, log a storm of refusals in one line, and a device must take the 503 (or the
+reset a large upload may see instead) as "retry later", never as a refusal of the case, and
+not send its cases again before their time because health answers. Uploads in progress (a
+body that stalls) hold their places for sure; they fill the cap here, since an idle keep-alive
+connection is closed after 5 s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
+import random
 import re
 import resource
 import socket
 import ssl
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from tests.central.conftest import Central, StartCentral, TestCase, make_case, new_device
 from tests.escalation.conftest import FakeClock, device_settings, link_for, make_uploader
-from tests.helpers import run_cli, serve_until_listening
+from tests.helpers import run_cli, serve_until_listening, wait_until
 from tests.tls import ServerMaterial
 from triage_app.central.app import (
+    BUSY_LINGER_BYTES,
+    BUSY_LINGER_S,
     BUSY_RETRY_AFTER_S,
     CAP_PRUNE_INTERVAL_S,
     SERVER_BUSY,
@@ -43,6 +50,7 @@ from triage_app.central.app import (
 )
 from triage_app.central.config import DEFAULT_MAX_CONNECTIONS, CentralConfig
 from triage_app.central.server import open_files_needed
+from triage_app.config import Settings
 from triage_app.errors import PermanentRejectionError
 from triage_app.escalation.envelope import Payload
 from triage_app.escalation.outbox import OutboxState
@@ -51,6 +59,7 @@ from triage_app.escalation.transport import (
     RetryableTransportError,
     TransportConfig,
 )
+from triage_app.escalation.uploader import Attempt, Uploader, UploaderConfig
 
 #: The smallest cap the configuration accepts.
 CAP = 4
@@ -84,11 +93,19 @@ def _connect(central: Central, tls: ServerMaterial) -> ssl.SSLSocket:
         raise
 
 
-def _request(conn: ssl.SSLSocket, path: str, *, close: bool = False) -> Answer:
-    """``GET path`` on ``conn`` and its whole answer."""
-    extra = "Connection: close\r\n" if close else ""
+def _request(conn: ssl.SSLSocket, path: str, *, close: bool = False, headers: str = "") -> Answer:
+    """``GET path`` on ``conn`` (with the header lines ``headers``) and its whole answer."""
+    extra = headers + ("Connection: close\r\n" if close else "")
     conn.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n".encode())
     return _answer(conn)
+
+
+def _upload_head(length: int, extra: str = "") -> bytes:
+    """The head of an upload of ``length`` bytes (the body is the caller's to send)."""
+    return (
+        f"POST /v1/cases/{make_case(0).case_id} HTTP/1.1\r\nHost: localhost\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n{extra}\r\n"
+    ).encode("ascii")
 
 
 def _answer(conn: ssl.SSLSocket) -> Answer:
@@ -186,12 +203,30 @@ def _served_again(central: Central, tls: ServerMaterial, timeout_s: float = 5.0)
         time.sleep(0.05)
 
 
-def _small_case(index: int) -> TestCase:
-    """A case whose envelope is a few KiB: the server has it all before it answers, so the
-    answer is never lost to a reset (see the large upload below)."""
+def _small_case(index: int, image_bytes: int = 2048) -> TestCase:
+    """A case whose envelope is a few KiB (by default): the server has it all before it
+    answers, so the answer is never lost to a reset (see the large upload below)."""
     case_id = hashlib.sha256(f"connection-cap-{index}".encode()).hexdigest()
     result = {"case_id": case_id, "decision": "escalate", "reason": "uncertain", "score": 0.5}
-    return TestCase(case_id, Payload(json.dumps(result).encode(), b"\0" * 2048))
+    return TestCase(case_id, Payload(json.dumps(result).encode(), b"\0" * image_bytes))
+
+
+#: An image as large as a real radiograph's: a refused upload of it is never read at the cap.
+LARGE_IMAGE_BYTES = 8 << 20
+
+
+def _device(central: Central, tls: ServerMaterial, tmp_path: Path) -> Settings:
+    """A device that escalates to ``central``, its keys configured (not fetched)."""
+    info = central.key_ring.public_info()
+    return device_settings(
+        tmp_path / "device",
+        central.url,
+        tls.fingerprint_sha256,
+        **{
+            "escalation.server_public_key": str(info["server_public_key"]),
+            "escalation.receipt_public_key": str(info["receipt_public_key"]),
+        },
+    )
 
 
 @pytest.mark.expect_log_warnings  # the cap's own line
@@ -235,17 +270,70 @@ def test_a_refused_upload_is_answered_without_its_body_being_read(
     _fill(central, hold)
 
     with contextlib.closing(_connect(central, tls)) as conn:
-        conn.sendall(
-            (
-                f"POST /v1/cases/{make_case(0).case_id} HTTP/1.1\r\nHost: localhost\r\n"
-                "Content-Type: application/octet-stream\r\nContent-Length: 1000000\r\n"
-                "Expect: 100-continue\r\n\r\n"
-            ).encode("ascii")
-        )
+        conn.sendall(_upload_head(1_000_000, "Expect: 100-continue\r\n"))
         first = _answer(conn)  # a "100 Continue" would come first
+        closed = _closed_by_server(conn)
 
     assert first.status == 503, first
     assert first.error_code() == SERVER_BUSY
+    assert closed, "the connection waited for a body the client was told not to send"
+
+
+@pytest.mark.expect_log_warnings  # the cap's own line
+def test_a_refused_small_upload_is_read_so_that_its_sender_gets_the_503_not_a_reset(
+    start_central: StartCentral, tls: ServerMaterial, hold: Callable[[Central, str], ssl.SSLSocket]
+) -> None:
+    """A device sends its whole body before it reads the answer (urllib3 does). Were the
+    connection closed while the body still arrives (a slow link), the rest would meet a reset
+    and the 503, with its ``Retry-After``, be lost: up to ``BUSY_LINGER_BYTES`` the server reads
+    the body and throws it away first."""
+    central = start_central(max_connections=CAP)
+    _fill(central, hold)
+    piece = b"\0" * 16384
+    pieces = 16
+
+    with contextlib.closing(_connect(central, tls)) as conn:
+        conn.sendall(_upload_head(len(piece) * pieces))
+        conn.sendall(piece)
+        answer = _answer(conn)  # at once, before the rest of the body
+        time.sleep(0.3)  # the rest comes after the answer, as over a slow link
+        sent = 1
+        with contextlib.suppress(OSError):
+            for _ in range(pieces - 1):
+                conn.sendall(piece)
+                sent += 1
+                time.sleep(0.01)
+        conn.settimeout(QUICK_S)
+        end = conn.recv(1)
+
+    assert answer.status == 503, answer
+    assert answer.error_code() == SERVER_BUSY
+    assert BUSY_RETRY_AFTER_S[0] <= int(answer.headers["retry-after"]) <= BUSY_RETRY_AFTER_S[1]
+    assert sent == pieces, f"the body met a reset after {sent} of {pieces} pieces"
+    assert end == b"", "the connection was kept open after the body"
+
+
+@pytest.mark.expect_log_warnings  # the cap's own line
+def test_a_refused_body_is_read_for_at_most_a_second_and_a_large_one_not_at_all(
+    start_central: StartCentral, tls: ServerMaterial, hold: Callable[[Central, str], ssl.SSLSocket]
+) -> None:
+    """What a refusal may cost the busy server is bounded: a body that stalls holds its
+    connection ``BUSY_LINGER_S``, and a body over ``BUSY_LINGER_BYTES`` is not read."""
+    central = start_central(max_connections=CAP)
+    _fill(central, hold)
+    took: dict[int, float] = {}
+
+    for length in (1000, BUSY_LINGER_BYTES + 1):
+        with contextlib.closing(_connect(central, tls)) as conn:
+            started = time.monotonic()
+            conn.sendall(_upload_head(length))  # and not a byte of the body
+            answer = _answer(conn)
+            assert answer.status == 503, answer
+            assert _closed_by_server(conn), f"a refused upload of {length} bytes kept open"
+            took[length] = time.monotonic() - started
+
+    assert BUSY_LINGER_S - 0.1 <= took[1000] < BUSY_LINGER_S + QUICK_S, took
+    assert took[BUSY_LINGER_BYTES + 1] < BUSY_LINGER_S - 0.1, took
 
 
 def test_connections_that_sent_no_request_take_no_place(
@@ -273,7 +361,9 @@ def test_a_connection_served_before_the_cap_was_reached_keeps_being_served(
     assert _get(central, tls, "/v1/keys")[0].status == 503
 
     assert _request(first, "/v1/keys").status == 200
-    assert _request(first, "/v1/health").status == 200
+    health = _request(first, "/v1/health")
+    assert health.status == 200
+    assert json.loads(health.body)["status"] == "ok"  # this connection is served: not busy
     assert _request(first, "/v1/keys").status == 200
 
 
@@ -283,6 +373,7 @@ def test_health_and_metrics_are_answered_at_the_cap_and_show_the_refusals(
 ) -> None:
     """Monitoring sees a busy server as busy, not down; a liveness probe does not restart it."""
     central = start_central(max_connections=CAP)
+    before = json.loads(_get(central, tls, "/v1/health")[0].body)
     _fill(central, hold)
     for _ in range(3):
         assert _get(central, tls, "/v1/cases/nothing/verdict")[0].status == 503
@@ -290,8 +381,9 @@ def test_health_and_metrics_are_answered_at_the_cap_and_show_the_refusals(
     health, took = _get(central, tls, "/v1/health")
     scrape = _get(central, tls, "/metrics")[0]
 
+    assert before == {"status": "ok", "cases": 0, "model": None}
     assert health.status == 200, health
-    assert json.loads(health.body)["status"] == "ok"
+    assert json.loads(health.body) == {"status": "busy", "cases": 0, "model": None}
     assert took < QUICK_S
     assert scrape.status == 200, scrape
     lines = set(scrape.body.decode().splitlines())
@@ -397,7 +489,8 @@ def test_the_device_client_takes_the_503_as_retry_after_not_as_a_refusal(
     start_central: StartCentral, tls: ServerMaterial, hold: Callable[[Central, str], ssl.SSLSocket]
 ) -> None:
     """Through the product's transport: a retryable error with the server's ``Retry-After``,
-    never one that quarantines; health answers, so the device knows the link works."""
+    never one that quarantines; health answers, so the device knows the link works, and says
+    the server is busy."""
     central = start_central(max_connections=CAP)
     device = central.register(new_device())
     case = _small_case(1)
@@ -410,7 +503,7 @@ def test_the_device_client_takes_the_503_as_retry_after_not_as_a_refusal(
         with pytest.raises(RetryableTransportError) as upload:
             client.post_case(case.case_id, envelope)
 
-    assert health["status"] == "ok"
+    assert health["status"] == "busy"
     assert upload.value.status == 503, upload.value
     assert SERVER_BUSY in upload.value.message
     retry_after = upload.value.retry_after_s
@@ -423,21 +516,36 @@ def test_the_device_client_takes_the_503_as_retry_after_not_as_a_refusal(
 def test_a_large_upload_refused_unread_is_retried_not_quarantined(
     start_central: StartCentral, tls: ServerMaterial, hold: Callable[[Central, str], ssl.SSLSocket]
 ) -> None:
-    """The server answers before reading the body and closes the connection: a client still
-    sending a large envelope may see the close instead of the 503. Both are retried."""
+    """The server answers a body over ``BUSY_LINGER_BYTES`` without reading it and closes the
+    connection: the client, still sending, sees either the 503 or the connection reset (a
+    network error, no status). Either is retried; nothing is stored, no place taken."""
     central = start_central(max_connections=CAP)
     device = central.register(new_device())
-    case = make_case(40)
+    case = _small_case(40, LARGE_IMAGE_BYTES)
     envelope = central.seal(case, device)
+    assert len(envelope) > 4 * BUSY_LINGER_BYTES
     _fill(central, hold)
     config = TransportConfig(central.url, pinned_sha256=tls.fingerprint_sha256)
 
+    started = time.monotonic()
     with CentralClient(config) as client, pytest.raises(RetryableTransportError) as upload:
         client.post_case(case.case_id, envelope)
+    took = time.monotonic() - started
 
-    assert upload.value.status in (503, None), upload.value
-    assert not isinstance(upload.value, PermanentRejectionError)
+    error = upload.value
+    assert not isinstance(error, PermanentRejectionError)
+    if error.status is None:  # the reset: a network error, which says nothing of a wait
+        assert error.message.startswith("upload: cannot reach "), error.message
+        assert "timed out" not in error.message, error.message
+        assert error.retry_after_s is None
+    else:
+        assert error.status == 503, error
+        assert SERVER_BUSY in error.message
+        assert error.retry_after_s is not None
+        assert BUSY_RETRY_AFTER_S[0] <= error.retry_after_s <= BUSY_RETRY_AFTER_S[1]
+    assert took < QUICK_S, f"refused after {took:.2f} s"
     assert central.store.count() == 0
+    assert _get(central, tls, "/v1/keys")[0].status == 503  # still at the cap
 
 
 @pytest.mark.expect_log_warnings  # the cap's own line
@@ -450,16 +558,7 @@ def test_the_uploader_waits_the_retry_after_and_delivers_once_there_is_room(
     """The device's own uploader and outbox: the case waits (pending, not quarantined, the link
     still online) at least the server's ``Retry-After``, and goes through once there is room."""
     central = start_central(max_connections=CAP)
-    info = central.key_ring.public_info()
-    settings = device_settings(
-        tmp_path / "device",
-        central.url,
-        tls.fingerprint_sha256,
-        **{
-            "escalation.server_public_key": str(info["server_public_key"]),
-            "escalation.receipt_public_key": str(info["receipt_public_key"]),
-        },
-    )
+    settings = _device(central, tls, tmp_path)
     case = _small_case(2)
     with link_for(settings) as link:
         central.register(link.device)
@@ -491,6 +590,122 @@ def test_the_uploader_waits_the_retry_after_and_delivers_once_there_is_room(
             delivered = uploader.send_next()
         assert delivered is not None and delivered.outcome == "delivered", delivered
     assert central.store.get_case(case.case_id) is not None
+
+
+@pytest.mark.expect_log_warnings  # the cap's own line
+def test_an_uploader_reset_at_the_cap_keeps_its_backoff_while_health_says_busy(
+    start_central: StartCentral,
+    tls: ServerMaterial,
+    hold: Callable[[Central, str], ssl.SSLSocket],
+    tmp_path: Path,
+) -> None:
+    """A case too large to be read at the cap sees its connection reset (or the 503): to the
+    device a link down. Its health probes, every 0.1 s here, are answered (health is never
+    refused) but say "busy", so the case goes again only when its own backoff is over, never
+    at a probe: a fleet at a busy server does not push its cases at it every few seconds. Once
+    places are free it goes through."""
+    central = start_central(max_connections=CAP)
+    settings = _device(central, tls, tmp_path)
+    case = _small_case(3, LARGE_IMAGE_BYTES)
+    with link_for(settings) as link:
+        central.register(link.device)
+        assert link.queue is not None
+        link.queue.enqueue(case.case_id, case.payload.to_bytes(), reason="uncertain")
+        assert len(link.outbox.envelope(case.case_id)) > 4 * BUSY_LINGER_BYTES
+    held = _fill(central, hold)
+    # (when the attempt was reported, the attempt, the case's next attempt after it)
+    seen: list[tuple[datetime, Attempt, str]] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        with link_for(settings) as own:
+            assert own.keys is not None
+            uploader = Uploader(
+                outbox=own.outbox,
+                client=own.client,
+                device=own.device,
+                keys=own.keys,
+                store_path=settings.case_store_path,
+                config=UploaderConfig(retry_cap_s=2.0, probe_s=0.1, verdict_poll_s=60.0),
+                rng=random.Random(7),
+            )
+
+            def record(attempt: Attempt) -> None:
+                item = own.outbox.get(attempt.case_id)
+                seen.append((datetime.now(UTC), attempt, item.next_attempt_at if item else ""))
+
+            with uploader:
+                uploader.run(stop, on_attempt=record, idle_s=0.05)
+
+    runner = threading.Thread(target=run, name="uploader")
+    runner.start()
+    try:
+        time.sleep(3.0)  # thirty probe intervals at the cap
+        refused = list(seen)
+        for conn in held:
+            conn.close()
+        with link_for(settings) as link:
+
+            def delivered() -> bool:
+                item = link.outbox.get(case.case_id)
+                return item is not None and item.state is OutboxState.DELIVERED
+
+            wait_until(delivered, timeout_s=30, what="the delivery once places are free")
+    finally:
+        stop.set()
+        runner.join(30)
+
+    assert refused, "the case was never tried"
+    assert all(attempt.outcome == "retry" for _, attempt, _ in refused), refused
+    early = [
+        n
+        for n, ((_, _, due), (tried, _, _)) in enumerate(itertools.pairwise(refused), start=2)
+        if tried < datetime.fromisoformat(due)
+    ]
+    assert not early, f"attempts {early} of {len(refused)} came before the case's time"
+    # Its backoff (full jitter, at most 2 s here) allows a few in 3 s; a probe every 0.1 s that
+    # made it due each time allowed dozens.
+    assert len(refused) <= 8, f"{len(refused)} attempts in 3 s"
+    assert central.store.get_case(case.case_id) is not None
+
+
+@pytest.mark.expect_log_warnings  # the cap's own line
+def test_x_forwarded_for_changes_neither_the_client_nor_the_cap(
+    start_central: StartCentral,
+    tls: ServerMaterial,
+    hold: Callable[[Central, str], ssl.SSLSocket],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server terminates TLS itself behind no proxy: a header from 127.0.0.1 naming
+    another client is not believed (uvicorn would by default), so the cap, which knows a
+    connection by its client's address, finds the connection among the open ones."""
+    central = start_central(max_connections=CAP)
+    cap = central.thread.app.state.connection_cap
+    assert isinstance(cap, ConnectionCap)
+    clients: list[tuple[str, int]] = []
+    admit = cap.admit
+
+    def recording(client: tuple[str, int], server: tuple[str, int]) -> bool:
+        clients.append(client)
+        return admit(client, server)
+
+    monkeypatch.setattr(cap, "admit", recording)
+    conns = [hold(central, "idle") for _ in range(CAP + 3)]
+
+    def forwarded(i: int) -> str:
+        return f"X-Forwarded-For: 10.0.0.{i}\r\n"
+
+    statuses = [_request(c, "/v1/keys", headers=forwarded(i)).status for i, c in enumerate(conns)]
+    time.sleep(CAP_PRUNE_INTERVAL_S)  # so the next refusal looks for closed connections again
+    again = [_request(c, "/v1/keys", headers=forwarded(9)).status for c in conns[:CAP]]
+    late = _get(central, tls, "/v1/keys")[0].status
+    scrape = set(_get(central, tls, "/metrics")[0].body.decode().splitlines())
+
+    assert clients[: len(conns)] == [("127.0.0.1", c.getsockname()[1]) for c in conns]
+    assert statuses == [200] * CAP + [503] * 3
+    assert again == [200] * CAP, "a connection being served was refused"
+    assert late == 503
+    assert f"triage_central_admitted_connections {float(CAP)}" in scrape
 
 
 def test_metrics_show_open_and_admitted_connections_and_requests_in_progress(

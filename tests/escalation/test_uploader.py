@@ -1314,3 +1314,137 @@ def test_an_offline_uploader_probes_at_jittered_intervals(
     probe_s = UploaderConfig().probe_s
     assert all(0.5 * probe_s - 0.5 <= wait <= 1.5 * probe_s + 0.5 for wait in waits), waits
     assert max(waits) - min(waits) > 0.5, waits  # fixed intervals would differ by ~0
+
+
+# --- 14. A busy server's health keeps the waiting cases' times ---------------------------------
+
+
+def _central_with_cap(tmp_path: Path, max_connections: int) -> Central:
+    """A central server (as ``start_central_server``) that serves at most ``max_connections``
+    connections at once; the caller stops it."""
+    from triage_app.central.config import CentralConfig
+    from triage_app.central.server import ServerThread
+
+    certificate = make_self_signed(tmp_path / "capped-tls")
+    config = CentralConfig(
+        data_dir=tmp_path / "capped",
+        host="127.0.0.1",
+        port=0,
+        tls_cert=certificate.cert,
+        tls_key=certificate.key,
+        max_connections=max_connections,
+    )
+    thread = ServerThread(config)
+    try:
+        thread.start()
+    except BaseException:
+        thread.stop()
+        raise
+    return Central(thread, certificate)
+
+
+@contextmanager
+def places_held(central: Central, count: int) -> Iterator[None]:
+    """``count`` of the server's places taken while the block runs: uploads in progress (the
+    server answered ``100 Continue``) whose bodies stall."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(central.certificate.cert))
+    held: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(count):
+            raw = socket.create_connection(("127.0.0.1", central.port), timeout=10)
+            try:
+                conn = context.wrap_socket(raw, server_hostname="127.0.0.1")
+            except BaseException:
+                raw.close()
+                raise
+            held.append(conn)
+            conn.sendall(
+                (
+                    f"POST /v1/cases/{'0' * 64} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    "Content-Type: application/octet-stream\r\nContent-Length: 1000000\r\n"
+                    "Expect: 100-continue\r\n\r\n"
+                ).encode("ascii")
+            )
+            assert conn.recv(4096).startswith(b"HTTP/1.1 100 ")
+        yield
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def test_a_probe_that_finds_the_server_busy_marks_the_link_up_but_keeps_the_cases_times(
+    device: Device, tmp_path: Path
+) -> None:
+    """Health is answered at the server's connection cap too, saying "busy": the link works,
+    but the cases that waited for it keep their backoff (the server would refuse them now).
+    Once it says "ok" they are due at once."""
+    central = _central_with_cap(tmp_path, 4)
+    try:
+        central.register(device.identity)
+        with FaultProxy("127.0.0.1", central.port) as proxy:
+            settings = device.settings(central, url=proxied_url(proxy), **central.public_keys())
+            with link_for(settings) as link:
+                cases = queue_cases(link, tmp_path / "in", (1, 2))
+                clock = FakeClock()  # stands still: no wait runs out by itself
+                with make_uploader(link, clock=clock) as uploader:
+                    proxy.refuse()
+                    cut_off = uploader.drain()
+                    assert [a.outcome for a in cut_off] == ["retry", "retry"], cut_off
+                    assert uploader.connectivity.snapshot().online is False
+                    waiting = {c.case_id: item_of(link, c.case_id).next_attempt_at for c in cases}
+                    assert all(datetime.fromisoformat(t) > clock() for t in waiting.values())
+                    proxy.pass_through()
+
+                    with places_held(central, 4):
+                        assert uploader.probe() is False  # answered, but busy
+                        online = uploader.connectivity.snapshot().online
+                        after_busy = {c: item_of(link, c).next_attempt_at for c in waiting}
+                        assert uploader.drain() == []  # nothing due
+
+                    # A closed connection's place may be seen free up to 0.25 s late.
+                    wait_until(uploader.probe, timeout_s=10, interval_s=0.05, what="'ok'")
+                    after_ok = {c: item_of(link, c).next_attempt_at for c in waiting}
+                    delivered = uploader.drain()
+    finally:
+        central.thread.stop()
+
+    assert online is True, "the server answered: the link is up"
+    assert after_busy == waiting, "a busy server's answer made the waiting cases due"
+    assert all(datetime.fromisoformat(t) <= clock() for t in after_ok.values()), after_ok
+    assert sorted((a.case_id, a.outcome) for a in delivered) == sorted(
+        (c.case_id, "delivered") for c in cases
+    )
+
+
+def test_a_health_answer_without_a_status_counts_as_healthy(
+    central: Central, device: Device, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older server's answer, without the status a busy server sends, is taken as today:
+    the link is back, the waiting cases go at once."""
+    central.register(device.identity)
+    with FaultProxy("127.0.0.1", central.port) as proxy:
+        settings = device.settings(central, url=proxied_url(proxy), **central.public_keys())
+        with link_for(settings) as link:
+            (case,) = queue_cases(link, tmp_path / "in", (1,))
+            clock = FakeClock()
+            with make_uploader(link, clock=clock) as uploader:
+                proxy.refuse()
+                assert uploader.send_next() is not None
+                assert datetime.fromisoformat(item_of(link, case.case_id).next_attempt_at) > clock()
+                proxy.pass_through()
+                health = link.client.health
+
+                def without_status() -> dict[str, Any]:
+                    answer = health()
+                    answer.pop("status")
+                    return answer
+
+                monkeypatch.setattr(link.client, "health", without_status)
+                assert uploader.probe() is True
+                due = item_of(link, case.case_id).next_attempt_at
+                assert uploader.connectivity.snapshot().online is True
+
+    assert datetime.fromisoformat(due) <= clock()

@@ -16,7 +16,9 @@ refusal's message never repeats what the client sent unless it has the shape of 
 The connection cap (``CentralConfig.max_connections``) is enforced here (:class:`ConnectionCap`)
 rather than by uvicorn's ``limit_concurrency``, which answered its own plain 503 (no code, no
 ``Retry-After``) to health checks and scrapes too, refused requests on connections it was
-already serving, and logged a warning per refusal.
+already serving, and logged a warning per refusal. ``GET /v1/health`` says ``"busy"`` (still
+200) while a request on its connection would be refused, so that a device does not answer a
+busy server by sending it every waiting case at once (``uploader.Uploader.probe``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -138,6 +140,14 @@ BUSY_LOG_INTERVAL_S = 60.0
 CAP_PRUNE_INTERVAL_S = 0.25
 #: Requests answered at the cap: cheap, and monitoring must see a busy server as busy, not down.
 ALWAYS_ANSWERED = frozenset({("GET", "/v1/health"), ("GET", "/metrics")})
+#: A refused request that declares a body of at most this many bytes has it read and thrown away
+#: before its connection is closed (:class:`_ConnectionCapMiddleware`), for at most
+#: :data:`BUSY_LINGER_S`: closed with unread bytes, the connection is reset, and a client still
+#: sending loses the 503 and its ``Retry-After``. A larger body is not read at all (the server
+#: at its cap does not take in megabytes it will not keep): its sender may see the reset.
+BUSY_LINGER_BYTES = 1 << 20
+#: The longest a refused request's body is read (:data:`BUSY_LINGER_BYTES`), whatever arrives.
+BUSY_LINGER_S = 1.0
 
 
 def error_response(
@@ -496,8 +506,14 @@ def create_app(
         return JSONResponse({"case_id": case_id, "status": "pending"}, status_code=202)
 
     @app.get("/v1/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "cases": store.count(), "model": worker.model_info}
+    def health(request: Request) -> dict[str, Any]:
+        # Answered 200 even at the cap (ALWAYS_ANSWERED): monitoring sees a busy server, not a
+        # dead one. "busy" when a request on this connection would be refused now, so that a
+        # device probing the link does not send its waiting cases at once (Uploader.probe).
+        # The same keys either way: clients that read only "cases" or "model" see no change.
+        served = cap.would_serve(request.scope.get("client"), request.scope.get("server"))
+        status = "ok" if served else "busy"
+        return {"status": status, "cases": store.count(), "model": worker.model_info}
 
     @app.get("/v1/keys")
     def keys() -> dict[str, Any]:
@@ -628,6 +644,15 @@ class ConnectionCap:
     def admit(self, client: Any, server: Any) -> bool:
         """Whether a request on the connection from ``client`` to ``server`` is served;
         admits the connection if it is new and there is room."""
+        return self._serves(client, server, admit=True)
+
+    def would_serve(self, client: Any, server: Any) -> bool:
+        """Whether a request on the connection from ``client`` to ``server`` would be served
+        now, without admitting it (``/v1/health`` says "busy" otherwise). As cheap as
+        :meth:`admit`: it looks for closed connections no more often."""
+        return self._serves(client, server, admit=False)
+
+    def _serves(self, client: Any, server: Any, *, admit: bool) -> bool:
         if self._open is None:
             return True
         key = _connection_key(client, server)
@@ -640,7 +665,7 @@ class ConnectionCap:
                 self._prune()
                 if len(self._admitted) >= self.limit:
                     return False
-            if key is not None:  # no address (not TCP): served while there is room, not counted
+            if admit and key is not None:  # no address (not TCP): served, not counted
                 self._admitted.add(key)
             return True
 
@@ -749,8 +774,14 @@ class BusyLog:
 class _ConnectionCapMiddleware:
     """Refuse a request 503 ``server_busy`` when :class:`ConnectionCap` does not serve its
     connection: the protocol's error body, ``Retry-After`` and ``Connection: close`` (the body
-    is not read, so the connection cannot carry another request). Pure ASGI, so that an upload
-    that is served streams through untouched."""
+    is not kept, so the connection cannot carry another request). Pure ASGI, so that an upload
+    that is served streams through untouched.
+
+    The answer goes out before any of the body is read (a client that asked
+    ``Expect: 100-continue`` gets it instead of the go-ahead). A small body is then read and
+    thrown away before the connection closes (:func:`_lingers`), so that its sender, still
+    sending, gets the answer rather than a reset.
+    """
 
     def __init__(
         self,
@@ -782,4 +813,40 @@ class _ConnectionCapMiddleware:
             f"the server is serving its maximum of {self._cap.limit} connections; retry later",
             {"Retry-After": str(retry_after), "Connection": "close"},
         )
-        await response(scope, receive, send)
+        if not _lingers(scope):
+            await response(scope, receive, send)
+            return
+        start = {"type": "http.response.start", "status": 503, "headers": response.raw_headers}
+        await send(start)
+        await send({"type": "http.response.body", "body": response.body, "more_body": True})
+        await _discard_body(receive)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _lingers(scope: _Scope) -> bool:
+    """Whether a refused request's body is read before its connection closes: only one that
+    declares a length of at most :data:`BUSY_LINGER_BYTES` and is sent without waiting for a
+    go-ahead (``Expect: 100-continue``: that client sends nothing more after the 503)."""
+    length: int | None = None
+    for name, value in scope.get("headers", ()):
+        if name in (b"expect", b"transfer-encoding"):
+            return False
+        if name == b"content-length":
+            text = value.decode("latin-1").strip()
+            length = int(text) if text.isdigit() else None
+    return length is not None and 0 < length <= BUSY_LINGER_BYTES
+
+
+async def _discard_body(receive: _Receive) -> None:
+    """Read and throw away a refused request's body: at most :data:`BUSY_LINGER_BYTES`, for
+    at most :data:`BUSY_LINGER_S`, then the connection is closed whatever is left."""
+    read = 0
+    with suppress(TimeoutError):
+        async with asyncio.timeout(BUSY_LINGER_S):
+            while read <= BUSY_LINGER_BYTES:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                read += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return

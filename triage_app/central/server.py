@@ -14,7 +14,8 @@ fewer than the cap of admitted connections are open, and all its requests are se
 on a connection not admitted at the cap is answered 503 ``server_busy`` at once, with
 ``Retry-After``, and its connection closed (the device retries), instead of the server running
 out of descriptors and failing for every device. ``GET /v1/health`` and ``GET /metrics`` are
-always answered. ``make_server`` hands the app uvicorn's set of open connections for that.
+always answered (health with ``"status": "busy"`` at the cap). ``make_server`` hands the app
+uvicorn's set of open connections for that.
 """
 
 from __future__ import annotations
@@ -140,6 +141,13 @@ def uvicorn_config(app: FastAPI, config: CentralConfig, *, graceful_s: int) -> u
         # default cannot change it.
         timeout_keep_alive=KEEP_ALIVE_TIMEOUT_S,
         backlog=listen_backlog(config),
+        # The server terminates TLS itself and supports no reverse proxy, so the peer is the
+        # client. With uvicorn's default (True) a request from 127.0.0.1 carrying
+        # X-Forwarded-For would get that header's address as its scope["client"]: any local
+        # process could pose as another host, and the connection cap, which knows a connection
+        # by its client's address, would match it with no open connection and forget every
+        # admitted one (unlimited connections served, the admitted gauge 0).
+        proxy_headers=False,
     )
 
 

@@ -425,14 +425,29 @@ class Uploader:
 
     def probe(self) -> bool:
         """Ask the server's health; when it is healthy, make the cases that waited for the link
-        due now. An answer that is not healthy still proves the link works, but the waiting
-        cases keep their time: the server would refuse them now anyway."""
+        due now (True). An answer that is not healthy still proves the link works, but the
+        waiting cases keep their time: the server would refuse them now anyway.
+
+        Why the status matters: health is answered 200 at the server's connection cap too, with
+        ``"status": "busy"``, and an upload refused there may have seen a reset (a link down).
+        Sending every waiting case on such an answer would push each device's cases to the
+        busy server every few seconds, whatever its ``Retry-After``. An answer without a status
+        (an older server) counts as healthy.
+        """
         try:
-            self.client.health()
+            answer = self.client.health()
         except TransportError as err:
             self._link_trouble(err)
             return False
         self.connectivity.mark_success(self._clock())
+        status = answer.get("status", "ok")
+        if status != "ok":
+            log.info(
+                "central server reachable but not healthy (status %.40r); waiting cases keep"
+                " their time",
+                status,
+            )
+            return False
         due = self.outbox.due_now(now=self._clock())
         log.info("central server reachable again; %d waiting case(s) due now", due)
         return True
