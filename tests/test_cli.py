@@ -23,6 +23,23 @@ from tests.helpers import (
     write_phantoms,
 )
 from triage_app import cli
+from triage_app.central.errors import DeviceRegistryError
+from triage_app.errors import (
+    AlreadyQueuedError,
+    CertificatePinError,
+    ConfigError,
+    IllegalTransitionError,
+    InboxInUseError,
+    KeyFileError,
+    ModelIntegrityError,
+    OutboxError,
+    ReceiverError,
+    StoreError,
+    TransportError,
+    TriageError,
+)
+from triage_app.escalation.outbox import SpoolFileDamagedError
+from triage_app.escalation.transport import RetryableTransportError, ServerRejectionError
 from triage_app.model.manifest import load_manifest
 from triage_app.paths import ensure_private_dir
 from triage_app.store import CaseStore
@@ -384,6 +401,138 @@ def test_an_unexpected_error_is_one_line_without_file_names_and_exits_70(
 
     assert cli.main(["config", "validate", "--data-dir", str(tmp_path), "--debug"]) == 70
     assert "Traceback" in caplog.text and "DOE^JANE.dcm" in caplog.text
+
+
+#: Every error class of the application, by whether it is temporary (exit 75) or not (exit 2).
+#: A new class fails the test below until it is put in one of the two: whether a restart can
+#: fix it is decided on purpose, never inherited unseen from its parent.
+TEMPORARY_ERRORS = {
+    "InboxInUseError",
+    "OutboxError",
+    "ReceiverError",
+    "RetryableTransportError",
+    "SpoolFileDamagedError",
+    "StoreError",
+    "TransportError",
+}
+LASTING_ERRORS = {
+    "AdminAuthError",
+    "AlreadyQueuedError",
+    "BodyTimeoutError",
+    "BodyTooLargeError",
+    "CaseConflictError",
+    "CaseIdMismatchError",
+    "CertificateExistsError",
+    "CertificatePinError",
+    "ConfigError",
+    "CorruptPixelDataError",
+    "DeviceRegistryError",
+    "DeviceRevokedError",
+    "EmptyFileError",
+    "EnvelopeError",
+    "EnvelopeSignatureError",
+    "EnvelopeTamperedError",
+    "EnvelopeTruncatedError",
+    "EscalationError",
+    "IllegalTransitionError",
+    "InputError",
+    "InvalidDicomError",
+    "KeyFileError",
+    "MalformedEnvelopeError",
+    "ManifestError",
+    "ModelError",
+    "ModelIntegrityError",
+    "ModelNotFoundError",
+    "NoPixelDataError",
+    "NotDicomError",
+    "PermanentRejectionError",
+    "ProcessingFailedError",
+    "QueueFullError",
+    "ReceiptError",
+    "ReplayedEnvelopeError",
+    "ResealError",
+    "ServerRejectionError",
+    "StaleEnvelopeError",
+    "TruncatedError",
+    "UnknownDeviceError",
+    "UnknownQueuedCaseError",
+    "UnknownServerKeyError",
+    "UnprocessableImageError",
+    "UnreadableFileError",
+    "UnsupportedPhotometricError",
+    "UnsupportedTransferSyntaxError",
+}
+
+
+def _error_classes() -> list[type[TriageError]]:
+    """Every subclass of ``TriageError`` the application defines (not the tests' own).
+
+    Those outside ``triage_app.errors`` are there once their modules are imported: this
+    module imports each (central.errors, escalation.outbox, escalation.transport).
+    """
+    found: list[type[TriageError]] = []
+    pending = list(TriageError.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.__module__.startswith("triage_app."):
+            found.append(cls)
+    return found
+
+
+def test_every_error_class_is_temporary_or_not_on_purpose() -> None:
+    classes = _error_classes()
+    for defined_elsewhere in (
+        DeviceRegistryError,
+        SpoolFileDamagedError,
+        RetryableTransportError,
+        ServerRejectionError,
+    ):
+        assert defined_elsewhere in classes
+    assert not TEMPORARY_ERRORS & LASTING_ERRORS
+    assert {c.__name__ for c in classes} == TEMPORARY_ERRORS | LASTING_ERRORS
+    assert {c.__name__ for c in classes if c.temporary} == TEMPORARY_ERRORS
+    # One code, one exit status: the reference says it per code.
+    by_code: dict[str, set[bool]] = {}
+    for cls in classes:
+        by_code.setdefault(cls.code, set()).add(cls.temporary)
+    assert {code: kinds for code, kinds in by_code.items() if len(kinds) > 1} == {}
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (InboxInUseError("another service is already taking files from this inbox"), 75),
+        (StoreError("case store: could not open cases.sqlite3: database is locked"), 75),
+        (OutboxError("outbox: could not read the queue status: database is locked"), 75),
+        (ReceiverError("cannot listen for DICOM on 0.0.0.0:11112 (Address already in use)"), 75),
+        (TransportError("the central server's keys are not known yet"), 75),
+        (ConfigError("processing.workers: must be between 1 and 64 (got 0)"), 2),
+        (KeyFileError("keys/device_ed25519.pem: permissions 0644 are too open"), 2),
+        (ModelIntegrityError("model.onnx: SHA-256 does not match the manifest"), 2),
+        (IllegalTransitionError("case c1 is acknowledged, no longer escalation_held"), 2),
+        (AlreadyQueuedError("case c1 is already in the outbox for the central server"), 2),
+        (CertificatePinError("the server's certificate is not the pinned one"), 2),
+    ],
+    ids=lambda value: value.code if isinstance(value, TriageError) else str(value),
+)
+def test_a_temporary_failure_exits_75_and_a_mistake_2_with_the_same_one_line(
+    error: TriageError,
+    status: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """75 (EX_TEMPFAIL) is what systemd restarts (``RestartPreventExitStatus=2``): a lock, a
+    port or a server that comes back. A mistake stays 2, and the line is the same for both."""
+
+    def fails(args: object) -> int:
+        raise error
+
+    monkeypatch.setattr(cli, "_config_validate", fails)
+    assert cli.main(["config", "validate", "--data-dir", str(tmp_path)]) == status
+    err = capsys.readouterr().err
+    assert err == f"triage-app: error: {error.code}: {error}\n"
 
 
 def test_a_case_that_cannot_be_escalated_is_logged_with_its_code_not_the_error_text(tmp_path):

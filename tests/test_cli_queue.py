@@ -15,6 +15,7 @@ from tests.escalation.conftest import (
     Central,
     Device,
     Escalated,
+    device_settings,
     triage,
 )
 from tests.helpers import CliRun, run_cli
@@ -97,6 +98,24 @@ def test_release_while_the_server_is_unreachable_leaves_the_cases_held(
     assert run.returncode == 1, run.stderr
     assert run.stdout == "0 released, 2 still held\n"
     assert "central server keys unknown and the server is unreachable" in run.stderr
+
+
+def test_drain_while_the_server_was_never_reachable_is_a_temporary_failure(
+    tmp_path: Path,
+) -> None:
+    """Without the server's keys nothing can be sent: exit 75 (try again later), not 2, which
+    would say the settings are wrong; the same line as before."""
+    url = f"https://127.0.0.1:{free_port()}"  # nothing listens there
+    settings = device_settings(tmp_path / "device", url, "ab" * 32)
+    config = save_settings(settings, tmp_path / "settings.toml")
+    run = run_cli("queue", "drain", "--config", config, data_dir=settings.data_dir)
+    assert run.returncode == 75, run.stderr
+    assert run.stdout == ""
+    errors = [line for line in run.stderr.splitlines() if ": error: " in line]
+    assert errors == [
+        "triage-app: error: transport_error: the central server's keys are not known yet: "
+        "it has not been reachable"
+    ], run.stderr
 
 
 def test_release_without_a_central_server_is_a_configuration_error(tmp_path: Path) -> None:

@@ -1,12 +1,16 @@
-"""The service commands' wiring: what the receive service shows on ``/metrics``."""
+"""The service commands' wiring: what the receive service shows on ``/metrics``, and the exit
+status a service that cannot start leaves for systemd (2: a mistake; 75: try again)."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import run_cli
+from tests.helpers import CliRun, run_cli
+from tests.other_process import hold_write_lock
 from tests.test_receiver import part10, receiver_settings
 from triage_app.cli_services import _receiver_metrics
 from triage_app.metrics import ServiceMetrics
@@ -61,3 +65,61 @@ def test_watch_refuses_an_inbox_that_is_a_file_as_a_settings_error_naming_it(
     (line,) = run.stderr.strip().splitlines()
     assert line == f"triage-app: error: config_invalid: watch.inbox_dir: not a folder: {afile}"
     assert afile.read_bytes() == b"not a folder"
+
+
+def _error_line(run: CliRun) -> str:
+    """The one error line of a service that stopped (its INFO log lines go to stderr too)."""
+    errors = [line for line in run.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    return errors[0]
+
+
+@pytest.mark.timeout(180)
+def test_a_case_store_another_process_holds_stops_watch_with_75_and_a_bad_setting_with_2(
+    tmp_path: Path,
+) -> None:
+    """A lock another process holds passes: exit 75, which the units restart. A settings
+    mistake does not: exit 2, which they leave failed (``RestartPreventExitStatus=2``)."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    with hold_write_lock(data / "cases.sqlite3"):  # a tool mid-transaction on a new store
+        locked = run_cli("watch", "--once", data_dir=data)
+    assert locked.returncode == 75, locked.stderr
+    line = _error_line(locked)
+    assert line.startswith("triage-app: error: store_error: case store: could not "), line
+    assert "database is locked" in line
+
+    freed = run_cli("watch", "--once", data_dir=data)  # what the restart finds
+    assert freed.returncode == 0, freed.stderr
+
+    mistaken = run_cli(
+        "watch", "--once", data_dir=data, env={"TRIAGE_APP_PROCESSING__WORKERS": "0"}
+    )
+    assert mistaken.returncode == 2, mistaken.stderr
+    assert _error_line(mistaken).startswith("triage-app: error: config_invalid: ")
+
+
+@pytest.mark.timeout(120)
+def test_a_dicom_port_still_taken_stops_receive_with_75(tmp_path: Path) -> None:
+    """The port the instance before still holds while it closes: a restart finds it free."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = run_cli(
+            "receive",
+            "--port",
+            str(port),
+            data_dir=tmp_path / "data",
+            env={
+                "TRIAGE_APP_RECEIVER__BIND_ADDRESS": "127.0.0.1",
+                "TRIAGE_APP_METRICS__RECEIVE_PORT": "0",
+            },
+            timeout=120,
+        )
+    assert run.returncode == 75, run.stderr
+    assert _error_line(run) == (
+        "triage-app: error: receiver_error: cannot listen for DICOM on "
+        f"127.0.0.1:{port} (Address already in use)"
+    )

@@ -57,11 +57,23 @@ def test_every_exit_status_has_a_row_in_the_reference() -> None:
         cli_common.EXIT_OK,
         cli_common.EXIT_SOME_FAILED,
         cli_common.EXIT_USAGE,
+        cli.EXIT_TEMPFAIL,
         cli.EXIT_INTERNAL,
         cli.EXIT_BROKEN_PIPE,
     }
     listed = {int(n) for n in re.findall(r"^\| `(\d+)` \|", text, flags=re.MULTILINE)}
     assert sorted(statuses - listed) == []
+    # The row of each code says it exits 75 exactly when its class is temporary.
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \|(.*)$", text, flags=re.MULTILINE))
+    temporary: set[str] = set()
+    pending: list[type[TriageError]] = [TriageError]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.temporary:
+            temporary.add(cls.code)
+    saying_75 = {code for code, row in rows.items() if f"exits `{cli.EXIT_TEMPFAIL}`" in row}
+    assert saying_75 == temporary
 
 
 def test_the_central_api_codes_are_found_and_used() -> None:

@@ -149,6 +149,15 @@ def test_the_unit_runs_the_service_as_a_notify_service_that_stops_cleanly(unit_n
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 
+def test_the_unit_restarts_a_temporary_failure_but_not_a_settings_mistake(any_unit: str) -> None:
+    """Exit 2 (a settings mistake) would fail again at once: not restarted. Exit 75 (a lock, a
+    port, an inbox another process holds for now) passes: restarted, so never prevented."""
+    unit = parse_unit(SYSTEMD / any_unit)
+    prevented = single(unit, "RestartPreventExitStatus").split()
+    assert (prevented, single(unit, "Restart")) == ([str(EXIT_USAGE)], "on-failure")
+    assert str(cli.EXIT_TEMPFAIL) not in prevented + unit["Service"].get("SuccessExitStatus", [])
+
+
 def test_the_unit_is_hardened(any_unit: str) -> None:
     unit = parse_unit(SYSTEMD / any_unit)
     for key, expected in HARDENING.items():

@@ -688,13 +688,33 @@ def test_a_second_service_on_the_same_inbox_refuses_to_start_and_touches_nothing
     finally:
         os.close(held)
 
-    assert code == 2, output
+    # 75 (EX_TEMPFAIL), not 2: the other one goes away; the units refuse to restart on 2 only.
+    assert code == 75, output
     assert "triage-app: error: inbox_in_use: " in output
     assert "Traceback" not in output
     assert watch_env.inbox_images() == [phantoms[0].name]
     code, output = watch_env.run_once()  # once the other one is gone
     assert code == 0, output
     assert watch_env.done_images() == [phantoms[0].name]
+
+
+@pytest.mark.timeout(120)
+def test_a_second_watch_service_exits_75_so_systemd_restarts_it_and_the_first_goes_on(
+    watch_env: WatchEnv,
+) -> None:
+    """The inbox held by a running service is a passing condition (an admin's ``watch --once``
+    as much as a service): exit 75, which the units restart, not 2, which they leave failed."""
+    first = watch_env.start()
+    second = watch_env.start(ready=False)
+    code = second.proc.wait(timeout=60)
+
+    output = second.output()
+    assert code == 75, output
+    errors = [line for line in output.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and errors[0].startswith("triage-app: error: inbox_in_use: "), output
+    assert "Traceback" not in output
+    first.check_alive()
+    assert first.stop(signal.SIGTERM) == 0
 
 
 @pytest.mark.timeout(120)

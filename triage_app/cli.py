@@ -1,8 +1,9 @@
 """``triage-app``: argument parsing and output only; every subcommand calls into the core.
 
 Exit codes (DESIGN 4.1): 0 every input handled; 1 some inputs failed (all others were still
-processed); 2 usage or configuration error; 70 (``EX_SOFTWARE``) an unexpected error, a bug.
-Errors go to stderr as one line; ``--debug`` adds the traceback.
+processed); 2 usage or configuration error; 75 (``EX_TEMPFAIL``) a temporary failure, worth
+trying again (an error whose class is ``temporary``); 70 (``EX_SOFTWARE``) an unexpected error,
+a bug. Errors go to stderr as one line; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ from triage_app.results import CaseResult, FailedInput, InputOutcome
 logger = logging.getLogger("triage_app.cli")
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE (sysexits.h): neither the input nor the settings, a bug
+# EX_TEMPFAIL (sysexits.h): a condition that passes (a lock, a port not yet freed, a server
+# down). Not 2: the systemd units prevent a restart on 2 only, so a service stopped by one of
+# these is restarted instead of staying failed for good.
+EXIT_TEMPFAIL = 75
 # 128 + SIGPIPE, what the shell reports for a C filter stopped by a closed pipe: the output was
 # cut short (under `set -o pipefail` the pipeline says so), yet it is neither a bug (70) nor
 # "every input handled" (0), which would be untrue for the inputs never reported.
@@ -71,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             logger.exception("failed")
         print(f"triage-app: error: {err.code}: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_TEMPFAIL if err.temporary else EXIT_USAGE
     except KeyboardInterrupt:
         print("triage-app: interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,10 @@
 Every error carries a stable machine-readable ``code`` (used in result records, quarantine folder
 names and exit paths) and a one-line human message. Codes never change once released; add new
 ones instead.
+
+Each class also says whether it is ``temporary``: a condition that passes by itself (a lock
+another process holds, a port not yet freed, a server down), for which ``triage-app`` exits 75
+(``EX_TEMPFAIL``) and systemd restarts a service, rather than 2, a mistake restarting cannot fix.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ class TriageError(Exception):
     """Base class: ``code`` is stable, ``str(err)`` is one clear line."""
 
     code: ClassVar[str] = "error"
+    #: The condition may pass by itself: trying again later (a service restart) can succeed.
+    #: False by default, so that a new kind of error is a mistake to fix (exit 2) unless its
+    #: class says otherwise; a subclass of a temporary class that is a refusal says False again.
+    #: ``tests/test_cli.py`` pins the value of every class, so none inherits one unreviewed.
+    temporary: ClassVar[bool] = False
 
     def __init__(self, message: str) -> None:
         # Keep the message to one line: it goes to stderr, JSON records and the GUI.
@@ -121,13 +130,20 @@ class AdminAuthError(ConfigError):
 
 
 class StoreError(TriageError):
+    """The case store cannot be read or written: locked by another process, disk full, ..."""
+
     code = "store_error"
+    # Mostly a lock or a full disk that passes. A lasting cause (a schema newer than this app)
+    # is then restarted in vain, its line in the journal each time: better than a passing one
+    # leaving a service down for good, as exit 2 would.
+    temporary = True
 
 
 class IllegalTransitionError(StoreError):
     """A case event that is not allowed in the case's current state."""
 
     code = "illegal_transition"
+    temporary = False  # a refusal of the action: the same action is refused again
 
 
 class AlreadyQueuedError(IllegalTransitionError):
@@ -178,17 +194,22 @@ class EnvelopeTruncatedError(EnvelopeError):
 
 
 class OutboxError(EscalationError):
+    """The outbox cannot store or read a case: its database busy or its disk failing."""
+
     code = "outbox_error"
+    temporary = True  # as StoreError: the outbox shares the case store's SQLite file
 
 
 class QueueFullError(OutboxError):
     """The outbox byte quota is reached: the new case is refused, nothing queued is dropped."""
 
     code = "queue_full"
+    temporary = False  # a refusal of one case, which is held; not a failure of a command
 
 
 class UnknownQueuedCaseError(OutboxError):
     code = "unknown_case"
+    temporary = False  # a case id the outbox does not have: a typo stays a typo
 
 
 class ResealError(OutboxError):
@@ -196,24 +217,28 @@ class ResealError(OutboxError):
     triaged again it is no longer an escalation of the same case."""
 
     code = "reseal_failed"
+    temporary = False  # the source image is gone or re-triage no longer escalates: for good
 
 
 class TransportError(EscalationError):
     """The central server could not be reached or answered badly; the case stays queued."""
 
     code = "transport_error"
+    temporary = True  # the network or the server comes back
 
 
 class CertificatePinError(TransportError):
     """The server's certificate is not the pinned one: fail closed, never send."""
 
     code = "certificate_pin_mismatch"
+    temporary = False  # the pinned certificate is not the server's: a setting to fix
 
 
 class PermanentRejectionError(TransportError):
     """The server refused the case for good (a 4xx other than 408/429): quarantine it."""
 
     code = "rejected"
+    temporary = False  # refused for good, by definition
 
 
 class ReceiptError(EscalationError):
@@ -229,6 +254,9 @@ class ReceiverError(TriageError):
     """The DICOM receiver cannot start: its address is taken or its storage folder unusable."""
 
     code = "receiver_error"
+    # Mostly the port still held by the instance before (closing) or another program; a
+    # storage folder on a mount not there yet comes back too.
+    temporary = True
 
 
 class InboxInUseError(TriageError):
@@ -236,6 +264,7 @@ class InboxInUseError(TriageError):
     would triage every file twice and race to move it. Refused at start-up."""
 
     code = "inbox_in_use"
+    temporary = True  # free again once the other service or the `watch --once` is done
 
 
 # --- Unexpected errors ---------------------------------------------------------------------------
