@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from tests.helpers import phantom_dataset
 from triage_app.batch import triage_and_record
 from triage_app.central.certificates import ServerCertificate, make_self_signed
-from triage_app.central.config import CentralConfig
+from triage_app.central.config import DEFAULT_MAX_CONNECTIONS, CentralConfig
 from triage_app.central.server import ServerThread
 from triage_app.central.storage import CentralStore
 from triage_app.central.verdicts import VerdictWorker
@@ -111,7 +111,11 @@ class Central:
 
 
 def start_central_server(
-    data_dir: Path, certificate: ServerCertificate, *, model: bool = False
+    data_dir: Path,
+    certificate: ServerCertificate,
+    *,
+    model: bool = False,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> Central:
     config = CentralConfig(
         data_dir=data_dir,
@@ -120,6 +124,7 @@ def start_central_server(
         tls_cert=certificate.cert,
         tls_key=certificate.key,
         model_dir=EDGE_MODEL if model else None,
+        max_connections=max_connections,
     )
     thread = ServerThread(config)
     try:

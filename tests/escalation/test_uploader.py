@@ -15,7 +15,9 @@ import json
 import logging
 import os
 import resource
+import socket
 import sqlite3
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +44,7 @@ from tests.escalation.conftest import (
     make_uploader,
     other_ed25519_public_key_b64,
     queue_cases,
+    start_central_server,
     store_state,
     triage,
 )
@@ -1320,35 +1323,16 @@ def test_an_offline_uploader_probes_at_jittered_intervals(
 
 
 def _central_with_cap(tmp_path: Path, max_connections: int) -> Central:
-    """A central server (as ``start_central_server``) that serves at most ``max_connections``
-    connections at once; the caller stops it."""
-    from triage_app.central.config import CentralConfig
-    from triage_app.central.server import ServerThread
-
+    """A central server that serves at most ``max_connections`` connections at once; the
+    caller stops it."""
     certificate = make_self_signed(tmp_path / "capped-tls")
-    config = CentralConfig(
-        data_dir=tmp_path / "capped",
-        host="127.0.0.1",
-        port=0,
-        tls_cert=certificate.cert,
-        tls_key=certificate.key,
-        max_connections=max_connections,
-    )
-    thread = ServerThread(config)
-    try:
-        thread.start()
-    except BaseException:
-        thread.stop()
-        raise
-    return Central(thread, certificate)
+    return start_central_server(tmp_path / "capped", certificate, max_connections=max_connections)
 
 
 @contextmanager
 def places_held(central: Central, count: int) -> Iterator[None]:
     """``count`` of the server's places taken while the block runs: uploads in progress (the
     server answered ``100 Continue``) whose bodies stall."""
-    import socket
-    import ssl
 
     context = ssl.create_default_context(cafile=str(central.certificate.cert))
     held: list[ssl.SSLSocket] = []
