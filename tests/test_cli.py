@@ -417,6 +417,7 @@ TEMPORARY_ERRORS = {
 }
 LASTING_ERRORS = {
     "AdminAuthError",
+    "StoreIncompatibleError",
     "AlreadyQueuedError",
     "BodyTimeoutError",
     "BodyTooLargeError",

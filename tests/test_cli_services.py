@@ -4,6 +4,7 @@ status a service that cannot start leaves for systemd (2: a mistake; 75: try aga
 from __future__ import annotations
 
 import socket
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,15 @@ def test_a_case_store_another_process_holds_stops_watch_with_75_and_a_bad_settin
     )
     assert mistaken.returncode == 2, mistaken.stderr
     assert _error_line(mistaken).startswith("triage-app: error: config_invalid: ")
+
+    # A store written by a newer version: a restart cannot fix it either.
+    raw = sqlite3.connect(data / "cases.sqlite3")
+    raw.execute("PRAGMA user_version = 99")
+    raw.close()
+    newer = run_cli("watch", "--once", data_dir=data)
+    assert newer.returncode == 2, newer.stderr
+    line = _error_line(newer)
+    assert line.startswith("triage-app: error: store_incompatible: case store: schema version 99")
 
 
 @pytest.mark.timeout(120)

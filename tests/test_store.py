@@ -23,7 +23,12 @@ import pytest
 from tests.helpers import PHI_LIKE_PATH, make_result
 from tests.other_process import hold_write_lock
 from triage_app import store as store_module
-from triage_app.errors import AlreadyQueuedError, IllegalTransitionError, StoreError
+from triage_app.errors import (
+    AlreadyQueuedError,
+    IllegalTransitionError,
+    StoreError,
+    StoreIncompatibleError,
+)
 from triage_app.escalation.outbox import Outbox
 from triage_app.results import FailedInput
 from triage_app.states import CaseEvent, CaseState, Feedback
@@ -404,8 +409,9 @@ def test_a_file_that_cannot_use_wal_is_refused(
 ) -> None:
     # E.g. a network file system without shared memory: SQLite keeps the old journal mode.
     monkeypatch.setattr(store_module, "enable_wal", lambda conn, timeout_s: "delete")
-    with pytest.raises(StoreError, match="cannot use WAL mode"):
+    with pytest.raises(StoreIncompatibleError, match="cannot use WAL mode") as refused:
         CaseStore.open(db_path)
+    assert (refused.value.code, refused.value.temporary) == ("store_incompatible", False)
 
 
 def test_history_rows_need_an_existing_case(store: CaseStore) -> None:
@@ -435,7 +441,7 @@ def test_a_newer_schema_is_refused(db_path: Path) -> None:
     raw = sqlite3.connect(db_path)
     raw.execute("PRAGMA user_version = 99")
     raw.close()
-    with pytest.raises(StoreError, match="schema version 99 is newer"):
+    with pytest.raises(StoreIncompatibleError, match="schema version 99 is newer"):
         CaseStore.open(db_path)
 
 

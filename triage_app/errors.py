@@ -133,10 +133,19 @@ class StoreError(TriageError):
     """The case store cannot be read or written: locked by another process, disk full, ..."""
 
     code = "store_error"
-    # Mostly a lock or a full disk that passes. A lasting cause (a schema newer than this app)
-    # is then restarted in vain, its line in the journal each time: better than a passing one
-    # leaving a service down for good, as exit 2 would.
+    # Mostly a lock or a full disk that passes; the lasting causes we can tell are
+    # StoreIncompatibleError. An unforeseen lasting one is then restarted in vain, its line in
+    # the journal each time: better than a passing one leaving a service down for good.
     temporary = True
+
+
+class StoreIncompatibleError(StoreError):
+    """A case store or outbox this app cannot use as it is: its schema is newer than the app
+    (written by a newer version), or its file system cannot do WAL mode. A restart changes
+    neither: the admin must update the app or move the data folder."""
+
+    code = "store_incompatible"
+    temporary = False
 
 
 class IllegalTransitionError(StoreError):

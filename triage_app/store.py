@@ -23,7 +23,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from triage_app.errors import AlreadyQueuedError, IllegalTransitionError, StoreError
+from triage_app.errors import (
+    AlreadyQueuedError,
+    IllegalTransitionError,
+    StoreError,
+    StoreIncompatibleError,
+)
 from triage_app.results import CaseResult, FailedInput, portable_text
 from triage_app.sqlite_wal import enable_wal
 from triage_app.states import CaseEvent, CaseState, Feedback, next_state
@@ -284,7 +289,9 @@ class CaseStore:
                 conn.row_factory = sqlite3.Row
                 mode = enable_wal(conn, busy_timeout_s)
                 if mode != "wal":
-                    raise StoreError(f"case store: {path} cannot use WAL mode (got {mode!r})")
+                    raise StoreIncompatibleError(
+                        f"case store: {path} cannot use WAL mode (got {mode!r})"
+                    )
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA foreign_keys=ON")
                 store = cls(conn)
@@ -772,7 +779,7 @@ class CaseStore:
         target = len(_MIGRATIONS)
         version: int = self._conn.execute("PRAGMA user_version").fetchone()[0]
         if version > target:
-            raise StoreError(
+            raise StoreIncompatibleError(
                 f"case store: schema version {version} is newer than this app "
                 f"supports ({target}); upgrade the app"
             )
