@@ -571,6 +571,20 @@ def test_sysusers_and_tmpfiles_create_the_user_and_private_folders(
 # --- MemoryDenyWriteExecute ------------------------------------------------------------------
 
 PR_SET_MDWE, PR_GET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 66, 1
+#: Python lines that switch the kernel's W^X on for the process (PR_SET_MDWE), as
+#: MemoryDenyWriteExecute= does, and prove it bites: a writable and executable map is refused.
+UNDER_MDWE = f"""\
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) == 0
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+except PermissionError:
+    pass
+else:
+    sys.exit("W^X is not enforced")
+"""
+#: Then the CLI itself, with the script's arguments.
+RUN_CLI = "from triage_app.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
 def _kernel_has_mdwe() -> bool:
@@ -587,22 +601,9 @@ def test_the_pipeline_runs_without_writable_executable_memory(tmp_path: Path) ->
         pytest.skip("this kernel has no PR_SET_MDWE")
     script = tmp_path / "under_mdwe.py"
     script.write_text(
-        textwrap.dedent(
-            f"""
-            import ctypes, mmap, sys
-            if __name__ == "__main__":  # spawned workers re-import this file
-                libc = ctypes.CDLL(None, use_errno=True)
-                assert libc.prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) == 0
-                try:
-                    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-                except PermissionError:
-                    pass
-                else:
-                    sys.exit("W^X is not enforced")
-                from triage_app.cli import main
-                sys.exit(main(sys.argv[1:]))
-            """
-        )
+        "import ctypes, mmap, sys\n"
+        'if __name__ == "__main__":  # spawned workers re-import this file\n'
+        + textwrap.indent(UNDER_MDWE + RUN_CLI, "    ")
     )
     images = ROOT / "triage_app" / "demo_data" / "images"
     result = subprocess.run(
@@ -660,24 +661,9 @@ def test_the_central_units_command_serves_verdicts_within_the_units_limits(
     mdwe = _kernel_has_mdwe()
     script = tmp_path / "as_the_unit.py"
     script.write_text(
-        textwrap.dedent(
-            f"""
-            import ctypes, mmap, os, resource, sys
-            resource.setrlimit(resource.RLIMIT_NOFILE, ({int(soft)}, {int(hard or soft)}))
-            os.umask(0o077)
-            if {mdwe}:
-                libc = ctypes.CDLL(None, use_errno=True)
-                assert libc.prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) == 0
-                try:
-                    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-                except PermissionError:
-                    pass
-                else:
-                    sys.exit("W^X is not enforced")
-            from triage_app.cli import main
-            sys.exit(main(sys.argv[1:]))
-            """
-        )
+        "import ctypes, mmap, os, resource, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({int(soft)}, {int(hard or soft)}))\n"
+        "os.umask(0o077)\n" + (UNDER_MDWE if mdwe else "") + RUN_CLI
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
     log = tmp_path / "server.log"
