@@ -398,6 +398,11 @@ class ServerProcess:
             raise RuntimeError(f"{self.name} did not start within 60 s")
         self.port = int(self._conn.recv())
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server's process has used so far, all its threads (Linux's
+        ``/proc/PID/task/*/schedstat``, nanoseconds); None where that cannot be read."""
+        return process_cpu_seconds(self._process.pid)
+
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             self._conn.send("stop")
@@ -405,6 +410,25 @@ class ServerProcess:
         if self._process.is_alive():
             self._process.kill()
             self._process.join(5.0)
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """Sum of the CPU time of every thread of ``pid`` (``schedstat``'s first field, in ns: far
+    finer than ``/proc/PID/stat``'s clock ticks of 10 ms); None off Linux or once it ended."""
+    if pid is None:
+        return None
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+                total += int((task / "schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
+
+
+def _cpu_spent(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,6 +628,12 @@ class UploadResult:
     plain_server_s: list[float] = field(default_factory=list)
     buffered_total_s: list[float] = field(default_factory=list)
     buffered_server_s: list[float] = field(default_factory=list)
+    # CPU time a round used, this process (seal + send_next, or the PUT's client) and the
+    # server's process: unlike wall time, not stretched by the two ends sharing the cores.
+    ours_client_cpu_s: list[float] = field(default_factory=list)
+    ours_server_cpu_s: list[float] = field(default_factory=list)
+    plain_client_cpu_s: list[float] = field(default_factory=list)
+    plain_server_cpu_s: list[float] = field(default_factory=list)
     components: list[Component] = field(default_factory=list)
 
     @property
@@ -623,6 +653,15 @@ class UploadResult:
         return _median(pairs)
 
     @property
+    def cpu_ratio(self) -> float | None:
+        """CPU time of both ends, ours / the streamed PUT (medians): the work each does, which
+        a machine with cores to spare for the server's receiving thread would run in parallel
+        with the transfer, where on a shared 2-core machine it stretches the wall time."""
+        ours = _sum_medians(self.ours_client_cpu_s, self.ours_server_cpu_s)
+        plain = _sum_medians(self.plain_client_cpu_s, self.plain_server_cpu_s)
+        return _ratio(ours, plain)
+
+    @property
     def buffered_ratio(self) -> float | None:
         """Against the buffering PUT handler (the weaker baseline, for comparison)."""
         return _ratio(_median(self.ours_total_s), _median(self.buffered_total_s))
@@ -640,6 +679,11 @@ class UploadResult:
 
 def _ratio(ours: float | None, plain: float | None) -> float | None:
     return ours / plain if ours and plain else None
+
+
+def _sum_medians(*series: list[float]) -> float | None:
+    medians = [_median(runs) for runs in series]
+    return None if None in medians else sum(m for m in medians if m is not None)
 
 
 def measure_upload(world: World, case_bytes: int, repeat: int, seed: int) -> UploadResult:
@@ -667,6 +711,7 @@ def measure_upload(world: World, case_bytes: int, repeat: int, seed: int) -> Upl
             def ours(record: bool) -> None:
                 case_id = _case_id()
                 server_before = world.server_post_seconds()
+                cpu0 = time.process_time()
                 t0 = time.perf_counter()
                 # As EscalationQueue.enqueue: the payload is hashed once, while sealing.
                 envelope = seal_bytes(
@@ -674,12 +719,17 @@ def measure_upload(world: World, case_bytes: int, repeat: int, seed: int) -> Upl
                 )
                 payload_sha256 = read_header(envelope).payload_sha256
                 t1 = time.perf_counter()
+                cpu1 = time.process_time()
                 link.outbox.enqueue(
                     case_id, envelope, reason="uncertain", payload_sha256=payload_sha256
                 )
+                server_cpu0 = world.central.cpu_seconds()
+                cpu2 = time.process_time()
                 t2 = time.perf_counter()
                 attempt = uploader.send_next()
                 t3 = time.perf_counter()
+                cpu3 = time.process_time()
+                server_cpu = _cpu_spent(server_cpu0, world.central.cpu_seconds())
                 if attempt is None or attempt.outcome != "delivered":
                     raise RuntimeError(f"the 20 MB case was not delivered: {attempt}")
                 result.envelope_bytes = len(envelope)
@@ -690,12 +740,17 @@ def measure_upload(world: World, case_bytes: int, repeat: int, seed: int) -> Upl
                     result.ours_total_s.append((t1 - t0) + (t3 - t2))
                     result.ours_with_enqueue_s.append(t3 - t0)
                     result.ours_server_s.append(world.server_post_seconds() - server_before)
+                    result.ours_client_cpu_s.append((cpu1 - cpu0) + (cpu3 - cpu2))
+                    if server_cpu is not None:
+                        result.ours_server_cpu_s.append(server_cpu)
                 link.outbox.wait_for_removals()  # the spool file's removal, outside the timings
                 # As the PUT's file is removed after its round: neither server's disk fills up.
                 shutil.rmtree(world.store.case_dir(case_id), ignore_errors=True)
 
             def put(route: str, totals: list[float], servers: list[float], record: bool) -> None:
                 name = _case_id()
+                server_cpu0 = plain.cpu_seconds()
+                cpu0 = time.process_time()
                 t0 = time.perf_counter()
                 response = session.put(
                     f"{plain.url}/{route}/{name}",
@@ -705,11 +760,17 @@ def measure_upload(world: World, case_bytes: int, repeat: int, seed: int) -> Upl
                 )
                 _ = response.content
                 t1 = time.perf_counter()
+                cpu1 = time.process_time()
+                server_cpu = _cpu_spent(server_cpu0, plain.cpu_seconds())
                 if response.status_code != 201:
                     raise RuntimeError(f"plain PUT answered HTTP {response.status_code}")
                 if record:
                     totals.append(t1 - t0)
                     servers.append(float(response.headers[HANDLER_SECONDS]))
+                    if route == "blobs":
+                        result.plain_client_cpu_s.append(cpu1 - cpu0)
+                        if server_cpu is not None:
+                            result.plain_server_cpu_s.append(server_cpu)
                 (plain_folder / name).unlink()
 
             def streamed(record: bool) -> None:
@@ -1256,10 +1317,42 @@ def render_upload(upload: UploadResult) -> list[str]:
         f"(sealing happens when the case is triaged); against the buffering PUT "
         f"{times(upload.buffered_ratio)}"
     )
+    lines += render_cpu(upload)
     lines += ["", f"  where ours spends it: each step alone on the same bytes, median of "
               f"{upload.rounds}"]  # fmt: skip
     rows = [(c.what, _ms(c.median_s), c.product) for c in upload.components]
     lines += _table(("step", "ms", "product code"), rows, indent="    ", align="lrl")
+    return lines
+
+
+def render_cpu(upload: UploadResult) -> list[str]:
+    """CPU time per case at each end: the work, where the wall times above also hold the two
+    ends (and the server's two threads) waiting for each other on the shared cores."""
+    if not upload.ours_server_cpu_s or not upload.plain_server_cpu_s:
+        return ["  (CPU time per case: not measured, no /proc on this system)"]
+    ours_device, ours_server = _median(upload.ours_client_cpu_s), _median(upload.ours_server_cpu_s)
+    put_client, put_server = _median(upload.plain_client_cpu_s), _median(upload.plain_server_cpu_s)
+    rows = [
+        (
+            "ours (device: seal + send_next)",
+            _ms(ours_device),
+            _ms(ours_server),
+            _ms(_sum_medians(upload.ours_client_cpu_s, upload.ours_server_cpu_s)),
+        ),
+        (
+            "plain PUT (streamed)",
+            _ms(put_client),
+            _ms(put_server),
+            _ms(_sum_medians(upload.plain_client_cpu_s, upload.plain_server_cpu_s)),
+        ),
+    ]
+    ratio = upload.cpu_ratio
+    lines = ["", f"  CPU time per case (median of {upload.rounds}; {os.cpu_count()} CPUs "
+             "shared by both ends)"]  # fmt: skip
+    lines += _table(("", "client ms", "server ms", "both ms"), rows, indent="    ")
+    lines.append(
+        "    ratio of CPU time, ours / plain PUT: " + ("-" if ratio is None else f"{ratio:.2f}×")
+    )
     return lines
 
 
@@ -1381,6 +1474,7 @@ def upload_json(upload: UploadResult, sizes: Sizes, tls: str) -> dict[str, Any]:
             "with_enqueue_ratio": upload.with_enqueue_ratio,
             "send_ratio": upload.send_ratio,
             "buffered_ratio": upload.buffered_ratio,
+            "cpu_ratio": upload.cpu_ratio,
             "ours_median_s": _median(upload.ours_total_s),
             "plain_median_s": _median(upload.plain_total_s),
         },

@@ -418,6 +418,7 @@ TEMPORARY_ERRORS = {
 LASTING_ERRORS = {
     "AdminAuthError",
     "StoreIncompatibleError",
+    "OutboxIncompatibleError",
     "AlreadyQueuedError",
     "BodyTimeoutError",
     "BodyTooLargeError",

@@ -6,6 +6,7 @@ unknown (``triage_and_record`` without a queue); the command then runs as an adm
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from tests.dcmtk import free_port
@@ -20,6 +21,7 @@ from tests.escalation.conftest import (
 )
 from tests.helpers import CliRun, run_cli
 from triage_app.config import Settings, save_settings
+from triage_app.escalation.outbox import _MIGRATIONS
 from triage_app.states import CaseState
 from triage_app.store import CaseStore
 
@@ -115,6 +117,23 @@ def test_drain_while_the_server_was_never_reachable_is_a_temporary_failure(
     assert errors == [
         "triage-app: error: transport_error: the central server's keys are not known yet: "
         "it has not been reachable"
+    ], run.stderr
+
+
+def test_an_outbox_written_by_a_newer_version_is_refused_for_good(tmp_path: Path) -> None:
+    """Exit 2, which the units do not restart: restarting cannot make the app newer."""
+    data = tmp_path / "data"
+    assert run_cli("queue", "status", data_dir=data).returncode == 0  # makes the outbox
+    raw = sqlite3.connect(data / "cases.sqlite3")
+    with raw:
+        raw.execute("UPDATE outbox_meta SET value = 99 WHERE key = 'schema_version'")
+    raw.close()
+    run = run_cli("queue", "status", data_dir=data)
+    assert run.returncode == 2, run.stderr
+    errors = [line for line in run.stderr.splitlines() if ": error: " in line]
+    assert errors == [
+        "triage-app: error: outbox_incompatible: outbox: schema version 99 is newer than this"
+        f" app supports ({len(_MIGRATIONS)}); upgrade the app"
     ], run.stderr
 
 

@@ -140,9 +140,10 @@ class StoreError(TriageError):
 
 
 class StoreIncompatibleError(StoreError):
-    """A case store or outbox this app cannot use as it is: its schema is newer than the app
-    (written by a newer version), or its file system cannot do WAL mode. A restart changes
-    neither: the admin must update the app or move the data folder."""
+    """A case store this app cannot use as it is: its schema is newer than the app (written by
+    a newer version), or its file system cannot do WAL mode. A restart changes neither: the
+    admin must update the app or move the data folder. (The outbox's own:
+    :class:`OutboxIncompatibleError`.)"""
 
     code = "store_incompatible"
     temporary = False
@@ -207,6 +208,15 @@ class OutboxError(EscalationError):
 
     code = "outbox_error"
     temporary = True  # as StoreError: the outbox shares the case store's SQLite file
+
+
+class OutboxIncompatibleError(OutboxError):
+    """An outbox this app cannot use as it is, for :class:`StoreIncompatibleError`'s reasons:
+    its schema is newer than the app, or its file system cannot do WAL mode. With the
+    temporary ``outbox_error`` a service was restarted on it every few seconds for ever."""
+
+    code = "outbox_incompatible"
+    temporary = False
 
 
 class QueueFullError(OutboxError):

@@ -29,7 +29,13 @@ from tests.escalation.outbox_crash_child import (
     reason_for,
 )
 from tests.other_process import hold_write_lock
-from triage_app.errors import OutboxError, QueueFullError, UnknownQueuedCaseError
+from triage_app.errors import (
+    OutboxError,
+    OutboxIncompatibleError,
+    QueueFullError,
+    UnknownQueuedCaseError,
+)
+from triage_app.escalation import outbox as outbox_module
 from triage_app.escalation.outbox import (
     ESCALATION_PRIORITY,
     Outbox,
@@ -708,8 +714,20 @@ def test_open_refuses_a_newer_outbox_schema(db: Path, spool: Path):
     with conn:
         conn.execute("UPDATE outbox_meta SET value = 99 WHERE key = 'schema_version'")
     conn.close()
-    with pytest.raises(OutboxError, match="newer"):
+    with pytest.raises(OutboxIncompatibleError, match="newer") as refused:
         Outbox.open(db, spool, quota_bytes=QUOTA)
+    # Lasting: a service must not be restarted on it for ever (exit 2, not 75).
+    assert (refused.value.code, refused.value.temporary) == ("outbox_incompatible", False)
+
+
+def test_open_refuses_a_file_that_cannot_use_wal(
+    db: Path, spool: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # E.g. a network file system without shared memory: SQLite keeps the old journal mode.
+    monkeypatch.setattr(outbox_module, "enable_wal", lambda conn, timeout_s: "delete")
+    with pytest.raises(OutboxIncompatibleError, match="cannot use WAL mode") as refused:
+        Outbox.open(db, spool, quota_bytes=QUOTA)
+    assert refused.value.temporary is False
 
 
 def test_logs_name_cases_but_never_contents(outbox: Outbox, caplog):

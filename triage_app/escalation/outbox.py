@@ -65,7 +65,12 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Self
 
-from triage_app.errors import OutboxError, QueueFullError, UnknownQueuedCaseError
+from triage_app.errors import (
+    OutboxError,
+    OutboxIncompatibleError,
+    QueueFullError,
+    UnknownQueuedCaseError,
+)
 from triage_app.escalation.hashing import THREAD_WORTH_BYTES, BackgroundSha256
 from triage_app.paths import fsync_dir, remove_abandoned_temps, write_locked_temp
 from triage_app.sqlite_wal import enable_wal
@@ -380,7 +385,9 @@ class Outbox:
                 conn.row_factory = sqlite3.Row
                 journal = enable_wal(conn, busy_timeout_s)
                 if journal != "wal":
-                    raise OutboxError(f"outbox: {db_path} cannot use WAL mode (got {journal!r})")
+                    raise OutboxIncompatibleError(
+                        f"outbox: {db_path} cannot use WAL mode (got {journal!r})"
+                    )
                 conn.execute("PRAGMA synchronous=FULL")
                 outbox = cls(
                     conn, spool_dir, quota_bytes, db_path=db_path, busy_timeout_s=busy_timeout_s
@@ -1055,7 +1062,7 @@ class Outbox:
             ).fetchone()
             version = 0 if row is None else int(row[0])
         if version > target:
-            raise OutboxError(
+            raise OutboxIncompatibleError(
                 f"outbox: schema version {version} is newer than this app supports"
                 f" ({target}); upgrade the app"
             )
