@@ -294,7 +294,7 @@ def test_health_is_failing_while_no_case_can_be_recorded_and_ok_again_once_it_ca
                 what="health failing",
             )
             _, line = probe_health(port, 5.0)
-            failures = scrape(port)["triage_record_failures_total{}"]
+            failures = scrape(port)["triage_record_failures_total{code=store_error}"]
             assert dropped.exists()  # waiting in the inbox, not lost
         finally:
             holder.execute("ROLLBACK")

@@ -713,7 +713,7 @@ def test_an_outcome_the_busy_case_store_refuses_stays_in_the_inbox_for_a_retry(
     finally:
         other.close()
 
-    assert refused.unfiled is Unfiled.RETRY
+    assert (refused.unfiled, refused.retry_code) == (Unfiled.RETRY, "store_error")
     assert path.is_file()
     assert files_under(layout.done) == []
     errors = [r.getMessage() for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
@@ -724,7 +724,7 @@ def test_an_outcome_the_busy_case_store_refuses_stays_in_the_inbox_for_a_retry(
     back_off_over(intake)
     again = file_all(intake, [path])[path.name]
 
-    assert again.filed_as == layout.done / path.name
+    assert (again.filed_as, again.retry_code) == (layout.done / path.name, None)
     with CaseStore.open(settings.case_store_path) as store:
         assert len(store.list_cases()) == 1
 
@@ -741,7 +741,7 @@ def test_a_file_that_cannot_be_moved_stays_in_the_inbox_and_is_filed_once_it_can
 
     refused = file_all(intake, [path])["scan.dcm"]
 
-    assert refused.unfiled is Unfiled.RETRY
+    assert (refused.unfiled, refused.retry_code) == (Unfiled.RETRY, "EEXIST")
     assert path.is_file()
     assert intake.room == 0
     errors = [r.getMessage() for r in caplog.get_records("call") if r.levelno >= logging.ERROR]

@@ -642,15 +642,16 @@ def test_held_cases_and_record_failures_show_in_the_scrape(serve: Any) -> None:
     port = serve(metrics)
     samples = scrape(port)
     assert "triage_held_cases" not in names(samples)  # not counted yet
-    assert value(samples, "triage_record_failures_total") == 0
+    assert value(samples, "triage_record_failures_total", code="store_error") == 0
 
     figures[0] = HeldFigures(3, datetime.now(UTC) - timedelta(seconds=500))
-    metrics.record_failures.inc()
+    metrics.record_failures.labels(code="ENOSPC").inc()
     samples = scrape(port)
     assert value(samples, "triage_held_cases") == 3
     oldest = value(samples, "triage_held_oldest_age_seconds")
     assert oldest is not None and oldest >= 500
-    assert value(samples, "triage_record_failures_total") == 1
+    assert value(samples, "triage_record_failures_total", code="ENOSPC") == 1
+    assert value(samples, "triage_record_failures_total", code="store_error") == 0
 
     figures[0] = HeldFigures(0, None)
     samples = scrape(port)

@@ -188,7 +188,7 @@ class ServiceRuntime:
         when it first saw the file: the file's own time may be its writer's, years old), or a
         file left for a retry because its outcome could not be recorded or filed."""
         if filed.unfiled is Unfiled.RETRY:
-            self.metrics.record_failures.inc()
+            self.metrics.record_failures.labels(code=filed.retry_code or "unknown").inc()
             self.record_streak.failed()
             return
         if filed.filed_as is None:

@@ -177,6 +177,10 @@ class FiledOutcome:
     submitted_at: float  # time.monotonic() when the file was handed over
     finished_at: float
     unfiled: Unfiled | None = None
+    #: For ``Unfiled.RETRY``: what failed, as a stable error code (``store_error``) or an errno
+    #: name (``ENOSPC``), for the failure counter's label; never a message, which can quote a
+    #: file name.
+    retry_code: str | None = None
 
     @property
     def deferred(self) -> bool:
@@ -418,10 +422,18 @@ class Intake:
         case store does, so one file never stops the service (see :class:`Unfiled`)."""
         handed = self._forget(path)
 
-        def unfiled(why: Unfiled, reported: InputOutcome = outcome) -> FiledOutcome:
+        def unfiled(
+            why: Unfiled,
+            reported: InputOutcome = outcome,
+            *,
+            failure: TriageError | OSError | None = None,
+        ) -> FiledOutcome:
             if why in (Unfiled.CHANGED, Unfiled.GONE):
                 self._crashes.pop(path, None)  # those crashes were another file's
-            return FiledOutcome(path, reported, None, handed.at, time.monotonic(), unfiled=why)
+            code = None if failure is None else _why(failure)
+            return FiledOutcome(
+                path, reported, None, handed.at, time.monotonic(), unfiled=why, retry_code=code
+            )
 
         try:
             now = FileIdentity.read(path)
@@ -430,7 +442,7 @@ class Intake:
             return unfiled(Unfiled.GONE)
         except OSError as err:
             self._failed_to_file(err)
-            return unfiled(Unfiled.RETRY)
+            return unfiled(Unfiled.RETRY, failure=err)
         if now != handed.identity:
             log.info("a file changed while it was triaged: it will be triaged again")
             return unfiled(Unfiled.CHANGED)
@@ -457,7 +469,7 @@ class Intake:
                 )
         except (TriageError, OSError) as err:
             self._failed_to_file(err)
-            return unfiled(Unfiled.RETRY)
+            return unfiled(Unfiled.RETRY, failure=err)
         with self._lock:
             self._retry_delay_s = 0.0
         if not moved:

@@ -45,7 +45,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from triage_app.errors import ConfigError, TriageError
+from triage_app.errors import ConfigError, StoreError, TriageError
 from triage_app.escalation.connectivity import ConnectivitySnapshot
 from triage_app.escalation.outbox import OutboxStatus
 from triage_app.results import CaseResult, InputOutcome, ModelRef
@@ -296,10 +296,14 @@ class ServiceMetrics:
         )
         self.record_failures = Counter(
             "triage_record_failures",
-            "Triaged files whose outcome could not be recorded or filed (the case store locked "
-            "or its disk full); each stays in the inbox and is tried again.",
+            "Triaged files whose outcome could not be recorded or filed, by what failed: an "
+            "error code (store_error: the case store locked) or an errno name (ENOSPC: the "
+            "disk full); each stays in the inbox and is tried again.",
+            ["code"],
             registry=self.registry,
         )
+        # Shown at 0 from the start, so that an alert on it has a series before the first one.
+        self.record_failures.labels(code=StoreError.code)
         self.inference_seconds = Histogram(
             "triage_inference_seconds",
             "Model inference time per image.",
