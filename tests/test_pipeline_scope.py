@@ -7,6 +7,7 @@ could a chest stored left-right mirrored, which the model never saw in training.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,16 @@ def _chest(view_position: str | None) -> Dataset:
     return ds
 
 
-def _triage(folder: Path, ds: Dataset) -> tuple[CaseResult, dict[str, Any]]:
-    """What ``triage-app classify`` does with the file: the outcome and the stored record."""
+def _triage(
+    folder: Path, ds: Dataset, rewrite: Callable[[bytes], bytes] | None = None
+) -> tuple[CaseResult, dict[str, Any]]:
+    """What ``triage-app classify`` does with the file (its bytes passed through ``rewrite``
+    first, if given): the outcome and the stored record."""
     folder.mkdir()
     path = folder / "chest.dcm"
     ds.save_as(path, enforce_file_format=True)
+    if rewrite is not None:
+        path.write_bytes(rewrite(path.read_bytes()))
     settings = Settings({"paths.data_dir": folder / "data", "processing.workers": 1})
     assert settings.model_name == "chest-dx-demo"
     (outcome,) = triage_and_record([path], settings)
@@ -152,3 +158,102 @@ def test_a_frontal_code_worded_differently_is_decided_locally(tmp_path: Path) ->
     assert (outcome.decision, outcome.reason) == ("normal", "confident_normal")
     assert record["scope"]["findings"] == []
     assert record["image"]["view_position"] == "PA"
+
+
+# --- Body part stated by the Anatomic Region Sequence (0008,2218) only -------------------------
+
+
+def _region(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _regioned(body_part: str | None, *items: Dataset) -> Dataset:
+    """A frontal chest whose Body Part Examined is empty (``""``) or absent (``None``) and whose
+    Anatomic Region Sequence holds these items, as many CR/DX modalities write the region."""
+    ds = _chest("PA")
+    if body_part is None:
+        del ds.BodyPartExamined
+    else:
+        ds.BodyPartExamined = body_part
+    ds.AnatomicRegionSequence = list(items)
+    return ds
+
+
+@pytest.mark.parametrize("body_part", ["", None], ids=["empty", "absent"])
+def test_a_head_coded_only_in_the_anatomic_region_sequence_is_escalated_out_of_scope(
+    tmp_path: Path, body_part: str | None
+) -> None:
+    """The reviewer's case: a skull film with no Body Part Examined but an Anatomic Region
+    Sequence saying Head was read as "missing", which the chest model allows, and decided here
+    by a chest model. Its pixels are the chest phantom's: only the header puts it out of scope.
+    """
+    ds = _regioned(body_part, _region("69536005", "SCT", "Head"))
+    outcome, record = _triage(tmp_path / "head", ds)
+    assert (outcome.decision, outcome.reason) == ("escalate", "out_of_scope")
+    assert outcome.scope["findings"] == ["body_part_not_intended"]
+    assert (record["decision"], record["reason"]) == ("escalate", "out_of_scope")
+    assert record["scope"]["findings"] == ["body_part_not_intended"]
+    assert record["image"]["body_part"] == "HEAD"  # the value the check used
+    assert outcome.score < 0.025  # the score alone would have called it normal
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        ("816094009", "SCT", "Chest"),  # CID 4031 now
+        ("51185008", "SCT", "Thorax"),  # before CP 1962
+        ("T-D3000", "SRT", "Chest"),  # SNOMED RT
+    ],
+    ids=["sct", "sct-before-cp-1962", "srt"],
+)
+def test_a_chest_coded_only_in_the_anatomic_region_sequence_is_decided_locally(
+    tmp_path: Path, code: tuple[str, str, str]
+) -> None:
+    """The control: the same image with a chest region code and no Body Part Examined."""
+    outcome, record = _triage(tmp_path / "chest", _regioned(None, _region(*code)))
+    assert (outcome.decision, outcome.reason) == ("normal", "confident_normal")
+    assert record["scope"]["findings"] == []
+    assert record["image"]["body_part"] == "CHEST"
+
+
+@pytest.mark.parametrize(
+    ("body_part", "item", "shown"),
+    [
+        # A local code is a region this reader does not know, whatever its meaning says.
+        pytest.param(None, _region("CHX1", "99LOCAL", "Chest"), "CHX1\\CHEST", id="local-code"),
+        # Body Part Examined and the sequence disagree.
+        pytest.param(
+            "CHEST", _region("89546000", "SCT", "Skull"), "CHEST\\SKULL", id="chest-and-skull"
+        ),
+    ],
+)
+def test_a_region_that_is_not_one_clear_chest_is_escalated_out_of_scope(
+    tmp_path: Path, body_part: str | None, item: Dataset, shown: str
+) -> None:
+    outcome, record = _triage(tmp_path / "case", _regioned(body_part, item))
+    assert (outcome.decision, outcome.reason) == ("escalate", "out_of_scope")
+    assert outcome.scope["findings"] == ["body_part_not_intended"]
+    assert record["scope"]["findings"] == ["body_part_not_intended"]
+    assert record["image"]["body_part"] == shown
+
+
+_EMPTY_REGIONS = b"\x08\x00\x18\x22SQ\x00\x00\x00\x00\x00\x00"  # (0008,2218) SQ, length 0
+
+
+def _cut_region_item(data: bytes) -> bytes:
+    """The file with its empty Anatomic Region Sequence given one item of 16 bytes holding 2,
+    which pydicom reads as an empty item (one that states nothing) without a word."""
+    assert data.count(_EMPTY_REGIONS) == 1
+    cut = b"\xfe\xff\x00\xe0\x10\x00\x00\x00ab"
+    return data.replace(_EMPTY_REGIONS, _EMPTY_REGIONS[:8] + struct.pack("<L", len(cut)) + cut)
+
+
+def test_a_damaged_anatomic_region_sequence_is_escalated_out_of_scope(tmp_path: Path) -> None:
+    """A sequence that cannot be read may have said Head: never read as "missing"."""
+    outcome, record = _triage(tmp_path / "damaged", _regioned(None), _cut_region_item)
+    assert (outcome.decision, outcome.reason) == ("escalate", "out_of_scope")
+    assert outcome.scope["findings"] == ["body_part_not_intended"]
+    assert record["scope"]["findings"] == ["body_part_not_intended"]
+    assert record["image"]["body_part"] == "UNKNOWN"

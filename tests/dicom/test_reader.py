@@ -33,7 +33,7 @@ from tests.dicom.conftest import (
 )
 from tests.helpers import phantom_dataset
 from triage_app import errors
-from triage_app.dicom import DicomImage, ImageInfo, load_image, read_dataset
+from triage_app.dicom import DicomImage, ImageInfo, load_image, read_dataset, reader
 from triage_app.dicom.reader import fits_decoding_limits, view_position
 from triage_app.errors import InputError
 
@@ -623,6 +623,195 @@ def test_every_body_part_value_counts(values: str, expected: str) -> None:
     assert load_image(buffer.getvalue()).info.body_part == expected
 
 
+# --- Body part: Body Part Examined and the Anatomic Region Sequence ---------------------------
+# A skull film with no Body Part Examined but an Anatomic Region Sequence saying "Head" was read
+# as "missing", which the shipped chest models accept. Codes as PS3.16 Annex L maps them.
+SCT_CHEST = ("816094009", "SCT", "Chest")  # CID 4031 now (CP 1962)
+SCT_THORAX = ("51185008", "SCT", "Thorax")  # CHEST before CP 1962
+SRT_CHEST = ("T-D3000", "SRT", "Chest")  # SNOMED RT
+SCT_HEAD = ("69536005", "SCT", "Head")
+SCT_SKULL = ("89546000", "SCT", "Skull")
+LOCAL_CHEST = ("CHX1", "99LOCAL", "Chest")
+
+
+def read_body_part(
+    folder: Path,
+    body_part: str | None = None,
+    regions: list[Dataset] | None = None,
+    *,
+    charset: str | None = None,
+) -> str:
+    """The body part a file with these attributes is read with (``None``: attribute absent)."""
+    ds = synthetic(ramp())
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
+    with pydicom.config.disable_value_validation():
+        if body_part is not None:
+            ds.BodyPartExamined = body_part
+        if regions is not None:
+            ds.AnatomicRegionSequence = regions
+    path = save(ds, folder / f"{len(list(folder.iterdir()))}.dcm")
+    return load_image(path).info.body_part
+
+
+def region(code: tuple[str | None, str | None, str | None]) -> Dataset:
+    """One Anatomic Region Sequence item: a Code Sequence Macro item, as the view's."""
+    return view_code(*code)
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (SCT_CHEST, "CHEST"),
+        (SCT_THORAX, "CHEST"),
+        (SRT_CHEST, "CHEST"),
+        (("T-D3000", "SNM3", "Chest"), "CHEST"),  # the designator SRT replaced
+        (("816094009", None, "Chest"), "CHEST"),  # no designator: the value alone is unambiguous
+        (("51185008", "", "Thorax"), "CHEST"),  # a blank designator: the same
+        (("T-D3000", None, None), "CHEST"),  # a known code without a meaning
+        (("816094009", "SCT", "Poitrine"), "CHEST"),  # a translated meaning does not matter
+        (("51185008", "SCT", "Thoracic structure"), "CHEST"),  # nor a reworded one
+        # Each of these was "", missing, which the shipped chest models accept.
+        (SCT_HEAD, "HEAD"),
+        (SCT_SKULL, "SKULL"),
+        (("T-D1100", "SRT", "Head"), "HEAD"),
+        (("818981001", "SCT", "Abdomen"), "ABDOMEN"),
+        (("113345001", "SCT", "Abdomen"), "ABDOMEN"),  # before CP 1962
+        (("816092008", "SCT", "Pelvis"), "PELVIS"),
+        (("122496007", "SCT", "Lumbar spine"), "LSPINE"),
+        (("297171002", "SCT", "Cervico-thoracic spine"), "CTSPINE"),  # before 1217257000
+        (("54735007", "SCT", "Sacrum"), "SSPINE"),
+        (("74670003", "SCT", "Wrist joint"), "WRIST"),
+        (("T-D9200", "SRT", "Knee"), "KNEE"),
+        (("16982005", "SCT", "Shoulder"), "SHOULDER"),
+        (("38266002", "SCT", "Entire body"), "WHOLEBODY"),
+    ],
+)
+def test_the_anatomic_region_sequence_without_body_part_examined(
+    tmp_path: Path, code: tuple[str, str | None, str | None], expected: str
+) -> None:
+    assert read_body_part(tmp_path, regions=[region(code)]) == expected
+    assert read_body_part(tmp_path, "", [region(code)]) == expected  # empty: the same
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        # Stated, but not a region this mapping knows: escalated, never "" and never CHEST,
+        # whatever its meaning or value says.
+        (LOCAL_CHEST, "CHX1\\CHEST"),
+        (("816094009", "99LOCAL", "Chest"), "816094009\\CHEST"),  # a local scheme
+        (("T-D3000", "SCT", "Chest"), "T-D3000\\CHEST"),  # a SNOMED RT id is no SCT code
+        (("CHEST", "99LOCAL", None), "CHEST\\UNKNOWN"),  # a local code named like the term
+        (("CHEST", "99LOCAL", "CHEST"), "CHEST\\CHEST"),
+        (("40983000", "SCT", "Upper arm"), "40983000\\UPPER ARM"),  # a region left out
+        (("12345678", "SCT", None), "12345678\\UNKNOWN"),
+        ((None, None, "Chest"), "UNKNOWN\\CHEST"),  # a meaning without a code
+        ((None, "SCT", "Head"), "UNKNOWN\\HEAD"),
+    ],
+)
+def test_an_unknown_region_code_is_in_no_models_list(
+    tmp_path: Path, code: tuple[str | None, str | None, str | None], expected: str
+) -> None:
+    assert read_body_part(tmp_path, regions=[region(code)]) == expected
+    assert read_body_part(tmp_path, "CHEST", [region(code)]) == f"CHEST\\{expected}"
+
+
+def test_a_long_or_urn_code_value_is_a_region_not_nothing(tmp_path: Path) -> None:
+    """A code this reader does not look up still states a region: never "", never a term."""
+    for keyword, code in [("LongCodeValue", "816094009"), ("URNCodeValue", "urn:x:chest")]:
+        item = Dataset()
+        setattr(item, keyword, code)
+        item.CodingSchemeDesignator = "SCT"
+        assert read_body_part(tmp_path, regions=[item]) == "UNKNOWN"
+        item.CodeMeaning = "Chest"
+        assert read_body_part(tmp_path, regions=[item]) == "UNKNOWN\\CHEST"
+        assert read_body_part(tmp_path, "CHEST", [item]) == "CHEST\\UNKNOWN\\CHEST"
+
+
+@pytest.mark.parametrize(
+    ("body_part", "codes", "expected"),
+    [
+        # An empty sequence or item, like an empty Body Part Examined, states nothing.
+        (None, [], ""),
+        ("", [], ""),
+        ("CHEST", [], "CHEST"),
+        (None, [()], ""),  # an item with neither a code value nor a meaning
+        ("", [()], ""),
+        ("CHEST", [()], "CHEST"),
+        ("CHEST", [(None, "SCT", None)], "CHEST"),  # a designator alone names no region
+        (None, [(), SCT_HEAD], "HEAD"),  # empty items are dropped
+        ("CHEST", [(), SCT_CHEST], "CHEST"),
+    ],
+)
+def test_an_empty_anatomic_region_sequence_states_nothing(
+    tmp_path: Path, body_part: str | None, codes: list[tuple[str | None, ...]], expected: str
+) -> None:
+    assert read_body_part(tmp_path, body_part, [view_code(*code) for code in codes]) == expected
+
+
+@pytest.mark.parametrize(
+    ("body_part", "code", "expected"),
+    [
+        ("CHEST", SCT_CHEST, "CHEST"),
+        ("CHEST", SCT_THORAX, "CHEST"),
+        ("CHEST", SRT_CHEST, "CHEST"),
+        (" chest ", SCT_CHEST, "CHEST"),
+        ("HEAD", SCT_HEAD, "HEAD"),
+        ("CHEST", SCT_HEAD, "CHEST\\HEAD"),  # they disagree: in no model's list
+        ("SKULL", SCT_CHEST, "SKULL\\CHEST"),
+        ("\\CHEST", SCT_SKULL, "CHEST\\SKULL"),
+        ("THORAX", SCT_CHEST, "THORAX\\CHEST"),  # not a defined term: escalated, as it was
+    ],
+)
+def test_body_part_examined_and_the_anatomic_region_sequence_must_agree(
+    tmp_path: Path, body_part: str, code: tuple[str, str, str], expected: str
+) -> None:
+    assert read_body_part(tmp_path, body_part, [region(code)]) == expected
+
+
+def test_anatomic_region_sequence_items_must_agree(tmp_path: Path) -> None:
+    assert read_body_part(tmp_path, regions=[region(SCT_CHEST), region(SRT_CHEST)]) == "CHEST"
+    both = [region(SCT_CHEST), region(SCT_HEAD)]
+    assert read_body_part(tmp_path, regions=both) == "CHEST\\HEAD"
+
+
+def test_a_localised_region_meaning_does_not_matter(tmp_path: Path) -> None:
+    chest = [region(("816094009", "SCT", "R\u00e9gion thoracique"))]
+    assert read_body_part(tmp_path, "CHEST", chest, charset="ISO_IR 192") == "CHEST"
+    local = [region(("TX1", "99LOCAL", "R\u00e9gion thoracique"))]
+    assert read_body_part(tmp_path, regions=local, charset="ISO_IR 100") == (
+        "TX1\\R\u00c9GION THORACIQUE"
+    )
+
+
+def test_an_unknown_region_is_capped_and_cleaned(tmp_path: Path) -> None:
+    long = "left hand, " + "very " * 30 + "long"
+    read = read_body_part(tmp_path, regions=[region(("H1", "99LOCAL", long))])
+    assert read == f"H1\\{long.upper()}"[:64]
+    code = ("1234567890123456789", "99LOCAL", "left\thand\r\n")  # a value beyond SH's 16
+    assert read_body_part(tmp_path, regions=[region(code)]) == "1234567890123456\\LEFT HAND"
+
+
+def test_the_region_mapping_is_unambiguous() -> None:
+    """A value with no designator is looked up alone: it must name one region under every
+    scheme, and every SNOMED RT id must be known under SNM3 as well as SRT."""
+    for (scheme, value), term in reader._REGION_CODES.items():
+        assert reader._REGION_VALUES[value] == term, (scheme, value)
+        if scheme == "SRT":
+            assert reader._REGION_CODES["SNM3", value] == term
+    assert reader._REGION_CODES["SCT", "51185008"] == "CHEST"
+    assert reader._REGION_CODES["SCT", "816094009"] == "CHEST"
+    assert reader._REGION_CODES["SRT", "T-D3000"] == "CHEST"
+
+
+def test_anatomic_region_in_the_record(tmp_path: Path) -> None:
+    ds = synthetic(ramp())
+    ds.AnatomicRegionSequence = [region(SCT_SKULL)]
+    image = load_image(save(ds, tmp_path / "skull.dcm"))
+    assert image.info.to_json()["body_part"] == "SKULL"
+
+
 def test_a_non_ascii_view_position_is_kept_and_matches_no_view() -> None:
     ds = synthetic(ramp(), SpecificCharacterSet="ISO_IR 100")
     with pydicom.config.disable_value_validation():
@@ -690,6 +879,51 @@ def test_an_unreadable_view_code_sequence_is_still_unknown() -> None:
     cut = raw(0x00540220, "SQ", b"\xfe\xff\x00\xe0\x10\x00\x00\x00ab")
     ds[cut.tag] = cut
     assert view_position(ds) == "PA\\UNKNOWN"
+
+
+EMPTY_REGIONS = b"\x08\x00\x18\x22SQ\x00\x00\x00\x00\x00\x00"  # (0008,2218) SQ, length 0
+HEAD_ITEM = (
+    b"\x08\x00\x00\x01SH\x08\x0069536005"  # Code Value
+    b"\x08\x00\x02\x01SH\x04\x00SCT "  # Coding Scheme Designator
+    b"\x08\x00\x04\x01LO\x04\x00Head"  # Code Meaning
+)
+
+
+def with_regions_value(data: bytes, value: bytes) -> bytes:
+    """A file whose empty Anatomic Region Sequence is given these bytes as its value, as a
+    modality or a broken copy may write them (explicit VR little endian, defined length)."""
+    assert data.count(EMPTY_REGIONS) == 1
+    return data.replace(EMPTY_REGIONS, EMPTY_REGIONS[:8] + struct.pack("<L", len(value)) + value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (ITEM + struct.pack("<L", len(HEAD_ITEM)) + HEAD_ITEM, "HEAD"),  # the control
+        (ITEM + b"\x10\x00\x00\x00ab", "UNKNOWN"),  # an item cut short
+        # pydicom makes the items below empty data sets without a word; an empty item states
+        # nothing, so these must be told apart from a real empty item (length 0).
+        (ITEM + b"\x02\x00\x00\x00ab", "UNKNOWN"),  # no element in the item
+        (ITEM + b"\x00\x00\x00\x00abc", "UNKNOWN"),  # a cut item header after an empty item
+        (HEAD_ITEM, "UNKNOWN"),  # elements with no item around them
+        (ITEM + struct.pack("<L", len(HEAD_ITEM)) + HEAD_ITEM + b"ab", "UNKNOWN"),
+        (b"", ""),  # no items: nothing stated
+        (ITEM + b"\x00\x00\x00\x00", ""),  # one empty item
+    ],
+)
+def test_a_damaged_anatomic_region_sequence_is_unknown(
+    tmp_path: Path, value: bytes, expected: str
+) -> None:
+    """A sequence that cannot be read may hide any region: escalated, never "missing"."""
+    ds = synthetic(ramp())
+    ds.AnatomicRegionSequence = []
+    path = save(ds, tmp_path / "regions.dcm")
+    path.write_bytes(with_regions_value(path.read_bytes(), value))
+    assert load_image(path).info.body_part == expected
+    ds.BodyPartExamined = "CHEST"
+    save(ds, path)
+    path.write_bytes(with_regions_value(path.read_bytes(), value))
+    assert load_image(path).info.body_part == (f"CHEST\\{expected}" if expected else "CHEST")
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,10 @@ class ImageInfo:
     sop_class_uid: str  # "" if absent
     sop_instance_uid: str  # "" if absent (used only for keyed pseudonyms, never logged)
     modality: str  # upper-case, "" if absent
-    body_part: str  # BodyPartExamined upper-case stripped, "" if absent
+    # Upper-case; "" if neither Body Part Examined nor the Anatomic Region Sequence states one.
+    # Parts that disagree, an unknown region code or an unreadable value give a string in no
+    # model's list, never "": see ``reader.body_part``.
+    body_part: str
     # Upper-case; "" if neither View Position nor View Code Sequence states one. Anything that
     # is not one clear view (PA\LL, a lateral code, an unreadable value) is a string in no
     # model's list, never "": see ``reader.view_position``.

@@ -26,7 +26,7 @@ import stat
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -595,15 +595,117 @@ _FRONTAL_MEANINGS: dict[str, str] = {
 }
 _MEANING_SUFFIXES = ("(QUALIFIER VALUE)", "PROJECTION", "VIEW")
 _ABBREVIATION = re.compile(r"\(([A-Z]{1,4})\)$")  # a trailing "(PA)" (meanings are upper-case)
+
+# Anatomic Region Sequence (0008,2218) codes and the Body Part Examined defined term each stands
+# for, from DICOM PS3.16 Annex L (Table L-1, "Correspondence of Anatomic Region Codes and Body
+# Part Examined Defined Terms"), for the regions a radiography site meets. Each row: defined
+# term, SNOMED CT code (SCT, as CID 4031 has it now), the SNOMED RT code Annex L gave it before
+# (SRT, or SNM3, the designator SRT replaced). Code values as CID 4031 in PS3.16 (as pydicom 3.0
+# ships it; SNOMED RT ids as DCMTK's table generated from PS3.16-2015c), terms as DCMTK's mapping
+# of PS3.16-2023b Table L-1. A region whose term differs between editions and sources (upper arm
+# ARM/UPPERARM, lower leg LEG/LOWERLEG, mandible JAW/MANDIBLE) is left out: its code reads as
+# unknown, hence escalated.
+_REGIONS: tuple[tuple[str, str, str], ...] = (
+    # Trunk and combined regions
+    ("CHEST", "816094009", "T-D3000"),
+    ("ABDOMEN", "818981001", "T-D4000"),
+    ("PELVIS", "816092008", "T-D6000"),
+    ("ABDOMENPELVIS", "818982008", "R-FAB57"),
+    ("CHESTABDOMEN", "416550000", "R-FAB55"),
+    ("CHESTABDPELVIS", "416775004", "R-FAB56"),
+    ("NECKCHEST", "417437006", "R-FAB52"),
+    ("NECKCHESTABDOMEN", "416152001", "R-FAB53"),
+    ("NECKCHESTABDPELV", "416319003", "R-FAB54"),
+    ("WHOLEBODY", "38266002", "T-D0010"),
+    ("BREAST", "76752008", "T-04000"),
+    ("HEART", "80891009", "T-32000"),
+    ("MEDIASTINUM", "72410000", "T-D3300"),
+    ("RIB", "113197003", "T-11300"),
+    ("STERNUM", "56873002", "T-11210"),
+    # Head and neck
+    ("HEAD", "69536005", "T-D1100"),
+    ("SKULL", "89546000", "T-11100"),
+    ("HEADNECK", "774007", "T-D1000"),
+    ("NECK", "45048000", "T-D1600"),
+    ("JAW", "661005", "T-D1213"),  # jaw region
+    ("MAXILLA", "70925003", "T-11170"),
+    ("ZYGOMA", "13881006", "T-11166"),
+    ("ORBIT", "363654007", "T-D14AE"),
+    ("SELLA", "42575006", "T-D1460"),
+    ("TMJ", "53620006", "T-15290"),
+    ("MASTOID", "59066005", "T-11133"),
+    ("IAC", "361078006", "T-AB959"),
+    # Spine
+    ("SPINE", "421060004", "T-D04FF"),
+    ("CSPINE", "122494005", "T-11501"),
+    ("CTSPINE", "1217257000", "T-D00F7"),
+    ("TSPINE", "122495006", "T-11502"),
+    ("TLSPINE", "1217256009", "T-D00F8"),
+    ("LSPINE", "122496007", "T-11503"),
+    ("LSSPINE", "1217253001", "T-D00F9"),
+    ("SSPINE", "54735007", "T-11AD0"),  # sacrum
+    ("COCCYX", "64688005", "T-11BF0"),
+    # Pelvic girdle and lower limb
+    ("SIJOINT", "39723000", "T-15680"),
+    ("ILIUM", "22356005", "T-12340"),
+    ("HIP", "24136001", "T-15710"),  # hip joint
+    ("FEMUR", "71341001", "T-12710"),
+    ("THIGH", "68367000", "T-D9100"),
+    ("KNEE", "72696002", "T-D9200"),
+    ("PATELLA", "64234005", "T-12730"),
+    ("FIBULA", "87342007", "T-12750"),
+    ("ANKLE", "70258002", "T-15750"),
+    ("FOOT", "56459004", "T-D9700"),
+    ("CALCANEUS", "80144004", "T-12770"),
+    ("TOE", "29707007", "T-D9800"),
+    ("LOWERLIMB", "61685007", "T-D9000"),
+    # Shoulder girdle and upper limb
+    ("SHOULDER", "16982005", "T-D2220"),
+    ("CLAVICLE", "51299004", "T-12310"),
+    ("SCAPULA", "79601000", "T-12280"),
+    ("ACJOINT", "85856004", "T-15420"),
+    ("SCJOINT", "7844006", "T-15610"),
+    ("HUMERUS", "85050009", "T-12410"),
+    ("ELBOW", "16953009", "T-15430"),
+    ("FOREARM", "14975008", "T-D8500"),
+    ("WRIST", "74670003", "T-15460"),
+    ("HAND", "85562004", "T-D8700"),
+    ("FINGER", "7569003", "T-D8800"),
+    ("THUMB", "76505004", "T-D8810"),
+    ("UPPERLIMB", "53120007", "T-D8000"),
+    ("EXTREMITY", "66019005", "T-D0300"),
+)
+# SNOMED CT codes Annex L gave before the cross-sectional concepts above replaced them (CP 1962;
+# chest was 51185008, the SCT twin of T-D3000), and those of the spine sections before theirs
+# (the SCT twins of T-D00F7/8/9 by pydicom's SNOMED RT to CT map): modalities still send them,
+# and they name the same region.
+_RETIRED_SCT: tuple[tuple[str, str], ...] = (
+    ("51185008", "CHEST"),
+    ("113345001", "ABDOMEN"),
+    ("12921003", "PELVIS"),
+    ("416949008", "ABDOMENPELVIS"),
+    ("297171002", "CTSPINE"),
+    ("297172009", "TLSPINE"),
+    ("297173004", "LSSPINE"),
+)
+_REGION_CODES: dict[tuple[str, str], str] = {
+    **{("SCT", code): term for term, code, _ in _REGIONS},
+    **{("SCT", code): term for code, term in _RETIRED_SCT},
+    **{(scheme, old): term for term, _, old in _REGIONS for scheme in ("SRT", "SNM3")},
+}
+# For an item whose designator is missing or blank, as with the view: SNOMED CT ids are digits,
+# SNOMED RT ids are not, and no value names two regions, so a value alone is unambiguous.
+_REGION_VALUES: dict[str, str] = {value: term for (_, value), term in _REGION_CODES.items()}
 # Code Sequence Macro attributes that state a code this mapping does not look up (Long Code
 # Value, URN Code Value): an item with one states *something*, so it is never "nothing stated".
 # Only their presence is checked; their values are never read.
 _OTHER_CODE_VALUES = ("LongCodeValue", "URNCodeValue")
 _VIEW_CODE_SEQUENCE = 0x00540220
+_ANATOMIC_REGION_SEQUENCE = 0x00082218
 _ITEM = (0xFFFE, 0xE000)
 _SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
-_MAX_VIEW_CHARS = 64  # Code Meaning is LO (64 chars): a terminology string, capped all the same
-_UNKNOWN_VIEW = "UNKNOWN"  # a view is stated but cannot be read: in no model's list, escalated
+_MAX_SCOPE_CHARS = 64  # Code Meaning is LO (64 chars): a terminology string, capped all the same
+_UNKNOWN = "UNKNOWN"  # a view or body part is stated but cannot be read: in no model's list
 # An element's value is converted on first access; one stored as a sequence (as it should be, or
 # by mistake) is parsed only then, so a damaged one fails there with any parse error.
 _ELEMENT_ERRORS: tuple[type[Exception], ...] = (*_PARSE_ERRORS, EOFError, OSError)
@@ -630,15 +732,36 @@ def view_position(ds: Dataset) -> str:
       ``PA\RIGHT LATERAL``). One states something: that one. Neither: "".
     """
     stated = _scope_values(ds, "ViewPosition")
-    coded = _coded_views(ds) if "ViewCodeSequence" in ds else []
+    coded = (
+        _coded_readings(ds, "ViewCodeSequence", _VIEW_CODE_SEQUENCE, _coded_view)
+        if "ViewCodeSequence" in ds
+        else []
+    )
     return _agreed(stated + coded) if stated or coded else ""
 
 
 def body_part(ds: Dataset) -> str:
-    r"""Body Part Examined (0018,0015) as the scope check reads it: the view's rules for several
-    values (``CHEST\SKULL`` is no body part a chest model reads); "" when absent or empty."""
-    values = _scope_values(ds, "BodyPartExamined")
-    return _agreed(values) if values else ""
+    r"""The body part the scope check compares with the model's list, upper-case; "" if none.
+
+    Body Part Examined is optional and often empty while the Anatomic Region Sequence says what
+    was imaged: read alone, a skull film coded "Head" would be "missing", which a chest model
+    may accept. The view's rules apply, with the same reasons:
+
+    * Body Part Examined (0018,0015): as View Position (``CHEST\SKULL`` is ``CHEST\SKULL``, an
+      unreadable element ``UNKNOWN``).
+    * The Anatomic Region Sequence (0008,2218), each item read as ``_coded_body_part`` says
+      (the PS3.16 Annex L defined term of a known code); items that state nothing are dropped,
+      the rest must agree. Present but empty: nothing stated. Unreadable: ``UNKNOWN``.
+    * Both state something: they must agree (``CHEST`` and a thorax code give ``CHEST``;
+      ``CHEST`` and a head code give ``CHEST\HEAD``). One states something: that one.
+    """
+    stated = _scope_values(ds, "BodyPartExamined")
+    coded = (
+        _coded_readings(ds, "AnatomicRegionSequence", _ANATOMIC_REGION_SEQUENCE, _coded_body_part)
+        if "AnatomicRegionSequence" in ds
+        else []
+    )
+    return _agreed(stated + coded) if stated or coded else ""
 
 
 def _scope_values(ds: Dataset, keyword: str) -> list[str]:
@@ -649,35 +772,34 @@ def _scope_values(ds: Dataset, keyword: str) -> list[str]:
         return _texts(ds.get(keyword))
     except _ELEMENT_ERRORS:
         logger.debug("unreadable %s", keyword)
-        return [_UNKNOWN_VIEW]
+        return [_UNKNOWN]
 
 
-def _coded_views(ds: Dataset) -> list[str]:
-    """The readings of the View Code Sequence items that state something (none for an empty
+def _coded_readings(
+    ds: Dataset, keyword: str, tag: int, reading: Callable[[Any], str]
+) -> list[str]:
+    """The readings of a code sequence's items that state something (none for an empty
     sequence); ``[UNKNOWN]`` if the sequence cannot be read or its items are damaged."""
     try:
         # pydicom's overload omits RawDataElement, which is what a not yet parsed sequence is.
-        stored = cast(
-            "DataElement | RawDataElement | None",
-            ds.get_item(_VIEW_CODE_SEQUENCE, keep_deferred=True),
-        )
-        items = list(ds.get("ViewCodeSequence") or ())
+        stored = cast("DataElement | RawDataElement | None", ds.get_item(tag, keep_deferred=True))
+        items = list(ds.get(keyword) or ())
         damaged = isinstance(stored, RawDataElement) and _items_damaged(stored, items)
-        views = [] if damaged else [_coded_view(item) for item in items]
+        readings = [] if damaged else [reading(item) for item in items]
     except _ELEMENT_ERRORS:
         damaged = True
     if damaged:
-        logger.debug("unreadable View Code Sequence")
-        return [_UNKNOWN_VIEW]
-    return [view for view in views if view]
+        logger.debug("unreadable %s", keyword)
+        return [_UNKNOWN]
+    return [value for value in readings if value]
 
 
 def _items_damaged(stored: RawDataElement, items: list[Any]) -> bool:
     """Whether the stored sequence's item headers disagree with the items pydicom made of them.
 
     pydicom reads an item that claims more bytes than there are, or bytes that hold no element,
-    as an empty item and says nothing. An empty item states no view, so a damaged one must not
-    pass for one: it could have held any view. Only the item headers are read, never values.
+    as an empty item and says nothing. An empty item states nothing, so a damaged one must not
+    pass for one: it could have held any view or body part. Only the item headers are read.
     """
     value = bytes(stored.value or b"")
     header = struct.Struct("<HHL" if stored.is_little_endian else ">HHL")
@@ -724,12 +846,12 @@ def _coded_view(item: Any) -> str:
     * Neither a code value nor a meaning (an empty item): "", nothing stated.
     """
     if not isinstance(item, Dataset):
-        return _UNKNOWN_VIEW
+        return _UNKNOWN
     value = _agreed(_texts(item.get("CodeValue")))
     scheme = _agreed(_texts(item.get("CodingSchemeDesignator")))
     meaning = _agreed(_texts(item.get("CodeMeaning")))
     if not value and any(keyword in item for keyword in _OTHER_CODE_VALUES):
-        value = _UNKNOWN_VIEW  # a code is stated in a form this mapping does not read (unread)
+        value = _UNKNOWN  # a code is stated in a form this mapping does not read (unread)
     by_meaning = _meaning_view(meaning) if meaning else None
     if not value:
         return by_meaning or meaning
@@ -742,7 +864,7 @@ def _coded_view(item: Any) -> str:
         return by_code
     if by_meaning:  # an unknown code with a meaning that reads as frontal
         return _capped(f"{value[:16]}\\{meaning}")  # CodeValue is SH: 16
-    return meaning or _UNKNOWN_VIEW
+    return meaning or _UNKNOWN
 
 
 #: Words in a Code Meaning that no frontal view has: with a frontal code, a contradiction.
@@ -775,6 +897,35 @@ def _meaning_key(meaning: str) -> str:
     return key.replace("-", "").replace(" ", "")
 
 
+def _coded_body_part(item: Any) -> str:
+    r"""The Body Part Examined term an Anatomic Region Sequence item states; "" for nothing.
+
+    * A known code (``_REGION_CODES``, or a value from ``_REGION_VALUES`` with no designator) is
+      its Annex L term whatever its meaning says: meanings are reworded and translated
+      ("Thorax", "Poitrine"), the (scheme, value) pair is the concept.
+    * Anything else that states something (a local code, a Long or URN Code Value, a meaning
+      without a code) is a region this mapping does not know. It comes out as code and meaning
+      joined with "\" (``99X\HEAD``, ``UNKNOWN\CHEST``, ``HD1\UNKNOWN``; ``UNKNOWN`` alone when
+      neither can be read): a region may be called anything a model lists, so neither part may
+      pass alone for a term, and a local code saying "Chest" must not read as CHEST.
+    * Neither a code value nor a meaning (an empty item): "", nothing stated.
+    """
+    if not isinstance(item, Dataset):
+        return _UNKNOWN
+    value = _agreed(_texts(item.get("CodeValue")))
+    scheme = _agreed(_texts(item.get("CodingSchemeDesignator")))
+    meaning = _agreed(_texts(item.get("CodeMeaning")))
+    if not value and any(keyword in item for keyword in _OTHER_CODE_VALUES):
+        value = _UNKNOWN  # a code is stated in a form this mapping does not read (unread)
+    if not value and not meaning:
+        return ""
+    term = _REGION_CODES.get((scheme, value)) if scheme else _REGION_VALUES.get(value)
+    if term:
+        return term
+    parts = (value[:16] or _UNKNOWN, meaning or _UNKNOWN)  # CodeValue is SH: 16
+    return _UNKNOWN if parts == (_UNKNOWN, _UNKNOWN) else _capped("\\".join(parts))
+
+
 def _texts(value: Any) -> list[str]:
     """The non-empty values of a string element, cleaned and upper-case.
 
@@ -800,13 +951,13 @@ def _cleaned(value: Any) -> str:
     elif isinstance(value, str | int | float):
         text = str(value)
     else:
-        return _UNKNOWN_VIEW
+        return _UNKNOWN
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
 def _capped(text: str) -> str:
-    """At most ``_MAX_VIEW_CHARS`` characters: records and logs get no free text of any size."""
-    return text[:_MAX_VIEW_CHARS]
+    """At most ``_MAX_SCOPE_CHARS`` characters: records and logs get no free text of any size."""
+    return text[:_MAX_SCOPE_CHARS]
 
 
 def _first(value: Any) -> Any:
