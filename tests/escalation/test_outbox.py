@@ -36,8 +36,11 @@ from triage_app.errors import (
     UnknownQueuedCaseError,
 )
 from triage_app.escalation import outbox as outbox_module
+from triage_app.escalation.backoff import MAX_RETRY_AFTER_S
 from triage_app.escalation.outbox import (
     ESCALATION_PRIORITY,
+    MAX_LEASE_S,
+    MAX_WAIT_S,
     Outbox,
     OutboxItem,
     OutboxState,
@@ -437,6 +440,54 @@ def test_expired_lease_is_reclaimed(outbox: Outbox):
     # The dead sender's late receipt still lands (the server treats repeats as the same case).
     assert outbox.mark_delivered(cid(1), RECEIPT, owner="dead-sender") is True
     assert state_of(outbox, 1) is OutboxState.DELIVERED
+
+
+@pytest.mark.expect_log_warnings
+def test_waits_and_leases_dated_by_a_clock_that_went_back_end_now(
+    outbox: Outbox, caplog: pytest.LogCaptureFixture
+):
+    """A PC booted with its clock a day ahead queues cases, NTP puts the clock right: the
+    cases must not wait a day for nothing (nor a dead sender's lease hold one a day)."""
+    ahead = T0 + timedelta(days=1)
+    enqueue(outbox, 1, at=ahead)  # due at once, by the wrong clock
+    enqueue(outbox, 2, at=ahead)
+    enqueue(outbox, 3, at=ahead)
+    assert outbox.claim_next("dead-sender", 300, now=ahead) is not None  # case 1
+    assert outbox.claim_next("w", 300, now=ahead) is not None  # case 2
+    outbox.mark_failed(cid(2), "timeout", ahead + timedelta(seconds=30), owner="w", now=ahead)
+
+    claimed = claim_all(outbox, at=T0)  # the clock put right
+
+    assert sorted(claimed) == sorted([cid(1), cid(2), cid(3)])
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        "outbox: 2 case(s) due and 1 lease(s) ending further ahead than any wait or lease can"
+        " be: the clock went back; they are due now"
+    ]
+
+
+def test_a_long_wait_or_lease_that_a_clock_can_explain_is_kept(outbox: Outbox):
+    """The limit is above the longest a case is ever told to wait: a Retry-After of an hour
+    (the cap) is kept, and so is a lease renewed to its end."""
+    enqueue(outbox, 1)
+    enqueue(outbox, 2)
+    outbox.claim_next("w", 60, now=T0)
+    hour = T0 + timedelta(seconds=MAX_RETRY_AFTER_S)
+    outbox.mark_failed(cid(1), "busy", hour, owner="w", now=T0)
+    assert outbox.claim_next("sender", MAX_LEASE_S, now=T0) is not None  # case 2
+
+    assert outbox.claim_next("other", 60, now=T0 + timedelta(seconds=1)) is None
+    assert outbox.next_attempt_at() == hour
+
+
+def test_a_wait_or_lease_beyond_the_limits_is_refused(outbox: Outbox):
+    enqueue(outbox, 1)
+    with pytest.raises(ValueError, match="lease_s"):
+        outbox.claim_next("w", MAX_LEASE_S + 1, now=T0)
+    assert outbox.claim_next("w", 60, now=T0) is not None
+    with pytest.raises(ValueError, match="retry_at"):
+        outbox.mark_failed(cid(1), "x", T0 + timedelta(seconds=MAX_WAIT_S + 1), now=T0)
+    assert state_of(outbox, 1) is OutboxState.IN_FLIGHT
 
 
 def test_next_attempt_at_is_the_earliest_pending_due_time(outbox: Outbox):

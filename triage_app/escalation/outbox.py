@@ -71,12 +71,15 @@ from triage_app.errors import (
     QueueFullError,
     UnknownQueuedCaseError,
 )
+from triage_app.escalation.backoff import MAX_RETRY_AFTER_S
 from triage_app.escalation.hashing import THREAD_WORTH_BYTES, BackgroundSha256
 from triage_app.paths import fsync_dir, remove_abandoned_temps, write_locked_temp
 from triage_app.sqlite_wal import enable_wal
 
 __all__ = [
     "ESCALATION_PRIORITY",
+    "MAX_LEASE_S",
+    "MAX_WAIT_S",
     "LeaseRenewer",
     "Outbox",
     "OutboxItem",
@@ -94,6 +97,14 @@ log = logging.getLogger(__name__)
 ESCALATION_PRIORITY: Final[Mapping[str, int]] = MappingProxyType(
     {"uncertain": 0, "out_of_scope": 1}
 )
+
+#: The longest a queued case may be told to wait (backoff and the server's ``Retry-After``
+#: are capped well below it) and the longest a sending lease may last. A case due, or a lease
+#: running, further ahead than that was dated by a clock that has since gone back (a PC that
+#: booted with its clock hours ahead, put right by NTP): without a limit it would wait as long
+#: as the clock was wrong, though nothing told it to. :meth:`Outbox.claim_next` makes it due.
+MAX_WAIT_S: Final = 2 * MAX_RETRY_AFTER_S
+MAX_LEASE_S: Final = 3600.0
 
 SPOOL_SUFFIX: Final = ".env"
 # Quarantine reasons (the server's code, or the uploader's own for a damaged file) that are
@@ -266,6 +277,11 @@ def _utc(moment: datetime) -> datetime:
 def _iso(moment: datetime) -> str:
     """UTC, ISO-8601, milliseconds (as the case store): sorts as text, so SQL can compare it."""
     return _utc(moment).isoformat(timespec="milliseconds")
+
+
+def _check_lease(lease_s: float) -> None:
+    if not 0 < lease_s <= MAX_LEASE_S:
+        raise ValueError(f"lease_s must be > 0 and <= {MAX_LEASE_S:g}, not {lease_s}")
 
 
 def _one_line(text: str) -> str:
@@ -547,13 +563,13 @@ class Outbox:
         """
         if not owner or owner != _one_line(owner):
             raise ValueError("owner must be a non-empty single line")
-        if lease_s <= 0:
-            raise ValueError(f"lease_s must be > 0, not {lease_s}")
+        _check_lease(lease_s)
         moment = now or datetime.now(UTC)
         at = _iso(moment)
         due = _iso(min(due_by, moment)) if due_by is not None else at
         until = _iso(moment + timedelta(seconds=lease_s))
         with self._write("claim the next case"):
+            self._undo_clock_steps(moment)
             row = self._conn.execute(
                 "SELECT * FROM outbox"
                 " WHERE (state = ? AND next_attempt_at <= ?) OR (state = ? AND lease_until <= ?)"
@@ -579,6 +595,26 @@ class Outbox:
             item = _item(self._row(row["case_id"]))
         log.info("outbox: case %s claimed%s", item.case_id, " (expired lease)" if expired else "")
         return item
+
+    def _undo_clock_steps(self, moment: datetime) -> None:
+        """Make due now the waits and leases that end further ahead than any may (see
+        :data:`MAX_WAIT_S`); inside the caller's write transaction."""
+        at = _iso(moment)
+        waits = self._conn.execute(
+            "UPDATE outbox SET next_attempt_at = ? WHERE state = ? AND next_attempt_at > ?",
+            (at, OutboxState.PENDING, _iso(moment + timedelta(seconds=MAX_WAIT_S))),
+        ).rowcount
+        leases = self._conn.execute(
+            "UPDATE outbox SET lease_until = ? WHERE state = ? AND lease_until > ?",
+            (at, OutboxState.IN_FLIGHT, _iso(moment + timedelta(seconds=MAX_LEASE_S))),
+        ).rowcount
+        if waits or leases:
+            log.warning(
+                "outbox: %d case(s) due and %d lease(s) ending further ahead than any wait or "
+                "lease can be: the clock went back; they are due now",
+                waits,
+                leases,
+            )
 
     def mark_delivered(
         self,
@@ -646,8 +682,11 @@ class Outbox:
         sender's lease or undo its delivery. ``None`` is for a caller that is the only sender
         (tools, demos): the case must then be in flight, else :class:`OutboxError`.
         """
+        moment = now or datetime.now(UTC)
+        if retry_at > moment + timedelta(seconds=MAX_WAIT_S):
+            raise ValueError(f"retry_at is more than {MAX_WAIT_S:g} s ahead: {retry_at}")
         retry = _iso(retry_at)
-        at = _iso(now or datetime.now(UTC))
+        at = _iso(moment)
         with self._write(f"mark case {case_id} failed"):
             if not self._holds(case_id, owner, "mark failed"):
                 return False
@@ -1145,6 +1184,7 @@ class LeaseRenewer:
     ) -> bool:
         """Extend ``owner``'s lease on the case to ``lease_s`` from ``now``; False when it no
         longer holds it (taken over, or reported meanwhile): nothing changes then."""
+        _check_lease(lease_s)
         until = _iso((now or datetime.now(UTC)) + timedelta(seconds=lease_s))
         with _sqlite_errors(f"renew the lease on case {case_id}"):
             if self._conn is None:
