@@ -23,7 +23,7 @@ from tests.helpers import (
     write_phantoms,
 )
 from triage_app import cli
-from triage_app.central.errors import DeviceRegistryError
+from triage_app.central.errors import DeviceRegistryError, PortInUseError
 from triage_app.errors import (
     AlreadyQueuedError,
     CertificatePinError,
@@ -33,6 +33,7 @@ from triage_app.errors import (
     KeyFileError,
     ModelIntegrityError,
     OutboxError,
+    OutboxIncompatibleError,
     ReceiverError,
     StoreError,
     TransportError,
@@ -409,6 +410,7 @@ def test_an_unexpected_error_is_one_line_without_file_names_and_exits_70(
 TEMPORARY_ERRORS = {
     "InboxInUseError",
     "OutboxError",
+    "PortInUseError",
     "ReceiverError",
     "RetryableTransportError",
     "SpoolFileDamagedError",
@@ -509,6 +511,8 @@ def test_every_error_class_is_temporary_or_not_on_purpose() -> None:
         (OutboxError("outbox: could not read the queue status: database is locked"), 75),
         (ReceiverError("cannot listen for DICOM on 0.0.0.0:11112 (Address already in use)"), 75),
         (TransportError("the central server's keys are not known yet"), 75),
+        (PortInUseError("central: cannot listen on 0.0.0.0:8443 (Address already in use)"), 75),
+        (OutboxIncompatibleError("outbox: schema version 99 is newer than this app"), 2),
         (ConfigError("processing.workers: must be between 1 and 64 (got 0)"), 2),
         (KeyFileError("keys/device_ed25519.pem: permissions 0644 are too open"), 2),
         (ModelIntegrityError("model.onnx: SHA-256 does not match the manifest"), 2),

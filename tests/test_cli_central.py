@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
+import re
 import resource
+import signal
+import socket
 import stat
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.helpers import run_cli, serve_until_listening
+from triage_app import cli
 
 
 def test_make_cert_writes_a_private_key_and_prints_the_pin_of_the_certificate(tmp_path: Path):
@@ -227,9 +237,135 @@ def test_serve_refuses_a_tls_private_key_others_can_read(tmp_path: Path) -> None
 def test_serve_logs_where_it_listens_without_being_asked(tmp_path: Path) -> None:
     """A server's log is its only voice: ``listening on`` and the start-up counts at INFO."""
     cert, key = _certificate(tmp_path)
-    command = [
-        *(sys.executable, "-m", "triage_app", "central", "serve", "--port", "0"),
-        *("--tls-cert", str(cert), "--tls-key", str(key), "--data-dir", str(tmp_path)),
-    ]
-    lines = serve_until_listening(command)
+    lines = serve_until_listening(_serve_command(tmp_path, cert, key, "--port", "0"))
     assert any("listening on 127.0.0.1:" in line for line in lines), lines
+
+
+def _serve_command(data_dir: Path, cert: Path, key: Path, *flags: str) -> list[str]:
+    return [
+        *(sys.executable, "-m", "triage_app", "central", "serve", *flags),
+        *("--tls-cert", str(cert), "--tls-key", str(key), "--data-dir", str(data_dir)),
+    ]
+
+
+def _log_records(text: str) -> list[dict[str, Any]]:
+    """Every line of a ``--log-format json`` log, each a JSON object (or the test fails)."""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    """A real datagram socket where systemd's would be, for $NOTIFY_SOCKET."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "notify"))
+        sock.settimeout(60)
+        yield sock
+
+
+@pytest.mark.timeout(180)
+def test_serve_tells_systemd_it_is_ready_once_it_listens_pings_the_watchdog_and_stops(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    """As the unit runs it (Type=notify, WatchdogSec=): READY=1 when a request is answered at
+    once, WATCHDOG=1 every half interval, STOPPING=1 on SIGTERM, then exit 0; JSON logs."""
+    cert, key = _certificate(tmp_path)
+    watchdog_s = 2.0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    env |= {
+        "NOTIFY_SOCKET": notify_socket.getsockname(),
+        "WATCHDOG_USEC": str(int(watchdog_s * 1e6)),
+    }
+    command = _serve_command(tmp_path, cert, key, "--port", "0", "--log-format", "json")
+    log = tmp_path / "server.log"
+    with (
+        log.open("w") as stderr,
+        subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env) as server,
+    ):
+        try:
+            assert notify_socket.recv(64) == b"READY=1", log.read_text()
+            # Logged before READY=1 was sent: where it listens, and the app's startup (its
+            # verdict worker) has run.
+            messages = [record["message"] for record in _log_records(log.read_text())]
+            (listening,) = [m for m in messages if "listening on 127.0.0.1:" in m]
+            assert any(m.startswith("verdict worker started") for m in messages), messages
+            found = re.search(r"127\.0\.0\.1:(\d+) ", listening)
+            assert found is not None
+            with requests.Session() as http:
+                http.trust_env = False
+                health = http.get(
+                    f"https://127.0.0.1:{found[1]}/v1/health", verify=str(cert), timeout=10
+                )
+            assert health.status_code == 200, health.text
+
+            # Timed from here, the test waiting in recv: pings queued meanwhile are dropped.
+            notify_socket.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    assert notify_socket.recv(64) == b"WATCHDOG=1"
+            notify_socket.settimeout(60)
+            pings = []
+            for _ in range(3):
+                assert notify_socket.recv(64) == b"WATCHDOG=1"
+                pings.append(time.monotonic())
+            gaps = [later - earlier for earlier, later in itertools.pairwise(pings)]
+            assert max(gaps) < watchdog_s, gaps  # systemd's limit, never reached
+            assert sum(gaps) / len(gaps) > watchdog_s / 4, gaps  # paced, not a burst
+
+            server.send_signal(signal.SIGTERM)
+            after_term = [notify_socket.recv(64)]
+            while after_term[-1] == b"WATCHDOG=1":  # one may have been on its way
+                after_term.append(notify_socket.recv(64))
+            assert after_term[-1] == b"STOPPING=1", after_term
+            returncode = server.wait(timeout=60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+    output = log.read_text()
+    assert returncode == 0, output
+    records = _log_records(output)
+    assert {r["level"] for r in records} <= {"INFO"}, output
+    assert records[-1]["message"] == "central server stopped"
+    notify_socket.setblocking(False)
+    with pytest.raises(BlockingIOError):  # nothing after STOPPING=1
+        notify_socket.recv(64)
+
+
+@pytest.mark.timeout(180)
+def test_a_port_still_taken_stops_serve_with_75_and_one_line(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    """As the DICOM receiver: the port the instance before still holds while it closes comes
+    free, so systemd's restart is the cure (exit 75, not 2), and it never says READY=1."""
+    cert, key = _certificate(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = run_cli(
+            *("central", "serve", "--port", str(port), "--log-format", "json"),
+            *("--tls-cert", cert, "--tls-key", key),
+            data_dir=tmp_path,
+            env={"NOTIFY_SOCKET": notify_socket.getsockname()},
+            timeout=150,
+        )
+    assert run.returncode == 75, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("triage-app: ")]
+    assert errors == [
+        "triage-app: error: port_in_use: central: cannot listen on "
+        f"127.0.0.1:{port} (Address already in use)"
+    ]
+    _log_records("\n".join(line for line in run.stderr.splitlines() if line not in errors))
+    notify_socket.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        notify_socket.recv(64)
+
+
+def test_serve_takes_the_device_services_log_format_option() -> None:
+    """``--log-format`` means for the central server what it means for watch and receive."""
+    parser = cli._parser()
+    serve = ["central", "serve", "--tls-cert", "c", "--tls-key", "k", "--data-dir", "d"]
+    for command in (["watch"], ["receive"], serve):
+        assert parser.parse_args(command).log_format == "text"
+        assert parser.parse_args([*command, "--log-format", "json"]).log_format == "json"
+        with pytest.raises(SystemExit):
+            parser.parse_args([*command, "--log-format", "xml"])

@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -392,19 +393,21 @@ def test_the_central_unit_restarts_failures_but_not_configuration_errors() -> No
     unit = central_unit()
     assert single(unit, "Restart") == "on-failure"
     assert seconds(single(unit, "RestartSec")) > 0
-    # Exit 2 (EXIT_USAGE: a bad flag, TLS file, model bundle, port) would fail again at once.
-    # Nothing else is exempt: a crash, a kill or an internal error (70) is restarted.
+    # Exit 2 (EXIT_USAGE: a bad flag, TLS file, model bundle, address) would fail again at
+    # once. Nothing else is exempt: a crash, a kill, an internal error (70), a watchdog timeout
+    # or a temporary failure (75: the port still taken) is restarted.
     assert single(unit, "RestartPreventExitStatus").split() == [str(EXIT_USAGE)]
     assert "SuccessExitStatus" not in unit["Service"]
 
 
-def test_the_central_unit_does_not_wait_for_notifications_the_server_never_sends() -> None:
-    """``central serve`` sends no READY=1 and no WATCHDOG=1: ``Type=notify`` would time out at
-    start and ``WatchdogSec=`` kill it every minute. Change them together when it does."""
+def test_the_central_unit_is_a_notify_service_with_a_watchdog_as_the_device_units() -> None:
+    """``central serve`` says READY=1, pings the watchdog and says STOPPING=1 (run below by
+    test_the_central_units_command_serves_verdicts_within_the_units_limits), and logs JSON."""
     unit = central_unit()
-    assert single(unit, "Type") == "exec"
-    for key in ("WatchdogSec", "NotifyAccess"):
-        assert key not in unit["Service"], key
+    for key in ("Type", "NotifyAccess", "WatchdogSec"):
+        assert single(unit, key) == SERVICE[key], key
+    argv = central_argv()
+    assert argv[argv.index("--log-format") + 1] == "json"
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
     assert "network-online.target" in single(unit, "After", "Unit").split()
 
@@ -469,8 +472,17 @@ def test_the_readme_installs_and_explains_the_central_server() -> None:
         f"{DEFAULT_PORT}/tcp",
     ):
         assert line in section, line
-    for key in ("Type", "LimitNOFILE", "RestartPreventExitStatus", "TimeoutStopSec"):
+    for key in (
+        "Type",
+        "NotifyAccess",
+        "WatchdogSec",
+        "LimitNOFILE",
+        "RestartPreventExitStatus",
+        "TimeoutStopSec",
+    ):
         assert f"`{key}=" in section, key
+    assert "journalctl -u triage-central -o cat" in section  # JSON Lines, one per line
+    assert "port_in_use" in section and "Exit 75" in section
 
 
 def test_the_readmes_drop_in_for_the_central_server_is_one_it_accepts(
@@ -484,7 +496,9 @@ def test_the_readmes_drop_in_for_the_central_server_is_one_it_accepts(
     (tmp_path / "override.conf").write_text(block)
     assert parse_unit(tmp_path / "override.conf")["Service"]["ExecStart"][0] == ""
     exec_start = parse_unit(tmp_path / "override.conf")["Service"]["ExecStart"][-1]
-    changed = central_config(monkeypatch, shlex.split(exec_start))
+    argv = shlex.split(exec_start)
+    assert argv[argv.index("--log-format") + 1] == "json"  # the journal's JSON, kept
+    changed = central_config(monkeypatch, argv)
     shipped = central_config(monkeypatch)
     for field in ("data_dir", "host", "port", "tls_cert", "tls_key", "model_dir"):
         assert getattr(changed, field) == getattr(shipped, field), field
@@ -633,9 +647,10 @@ def test_the_central_units_command_serves_verdicts_within_the_units_limits(
 ) -> None:
     """The unit's own command line, its folders moved under tmp_path and on a free loopback
     port, with the TLS files made as the README says, under the unit's open-file limits and
-    (where the kernel has it) W^X as MemoryDenyWriteExecute=yes imposes: the central model
-    gives a registered device's case its verdict, and SIGTERM stops the server, exit 0, well
-    within TimeoutStopSec."""
+    (where the kernel has it) W^X as MemoryDenyWriteExecute=yes imposes, with a notify socket
+    and the unit's watchdog interval as systemd passes them: it says READY=1 and pings, the
+    central model gives a registered device's case its verdict, and SIGTERM stops the server
+    (STOPPING=1, exit 0) well within TimeoutStopSec; its log is JSON Lines throughout."""
     unit = central_unit()
     etc, data = tmp_path / "etc", tmp_path / "data"
     made = run_cli("central", "make-cert", data_dir=etc)  # loopback names by default
@@ -665,28 +680,29 @@ def test_the_central_units_command_serves_verdicts_within_the_units_limits(
         f"resource.setrlimit(resource.RLIMIT_NOFILE, ({int(soft)}, {int(hard or soft)}))\n"
         "os.umask(0o077)\n" + (UNDER_MDWE if mdwe else "") + RUN_CLI
     )
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    env |= {
+        "NOTIFY_SOCKET": str(tmp_path / "notify"),
+        "WATCHDOG_USEC": str(int(seconds(single(unit, "WatchdogSec")) * 1e6)),
+    }
     log = tmp_path / "server.log"
     http = requests.Session()
     http.trust_env = False
     http.verify = cert  # the self-signed certificate itself, as a device pins it
     url = f"https://127.0.0.1:{port}"
     with (
+        notify,
         log.open("w") as stderr,
         subprocess.Popen(
             [sys.executable, str(script), *argv], stdout=subprocess.DEVNULL, stderr=stderr, env=env
         ) as server,
     ):
         try:
-
-            def healthy() -> bool:
-                assert server.poll() is None, log.read_text()
-                try:
-                    return http.get(f"{url}/v1/health", timeout=5).status_code == 200
-                except requests.ConnectionError:
-                    return False
-
-            wait_until(healthy, timeout_s=60, interval_s=0.2, what="the server to listen")
+            assert notify.recv(64) == b"READY=1", log.read_text()
+            assert notify.recv(64) == b"WATCHDOG=1"  # the first ping, at once
             health = http.get(f"{url}/v1/health", timeout=5).json()
             assert health["model"] is not None, health  # --model-dir was loaded
             keys = http.get(f"{url}/v1/keys", timeout=5).json()
@@ -712,6 +728,7 @@ def test_the_central_units_command_serves_verdicts_within_the_units_limits(
             http.close()  # idle keep-alive connections would otherwise hold the TLS shutdown
             started = time.monotonic()
             server.send_signal(signal.SIGTERM)
+            assert notify.recv(64) == b"STOPPING=1"  # the next ping is 30 s away
             returncode = server.wait(timeout=seconds(single(unit, "TimeoutStopSec")))
             stopped_in = time.monotonic() - started
         finally:
@@ -720,8 +737,9 @@ def test_the_central_units_command_serves_verdicts_within_the_units_limits(
     output = log.read_text()
     assert returncode == 0, output
     assert stopped_in < GRACEFUL_SHUTDOWN_S, output
-    assert "Traceback" not in output
-    assert " WARNING " not in output and " ERROR " not in output, output
+    records = [json.loads(line) for line in output.splitlines()]  # --log-format json
+    assert {r["level"] for r in records} == {"INFO"}, output
+    messages = [r["message"] for r in records]
     needed = open_files_needed(central_config(monkeypatch))
-    assert f"open-file limit raised from {soft} to {needed} " in output
-    assert f"listening on 127.0.0.1:{port} (https" in output
+    assert any(m.startswith(f"open-file limit raised from {soft} to {needed} ") for m in messages)
+    assert any(f"listening on 127.0.0.1:{port} (https" in m for m in messages), messages

@@ -219,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _configure_logging(args: argparse.Namespace) -> None:
     # A service's log is its only voice, so services log progress without -v.
-    service = hasattr(args, "log_format") or getattr(args, "progress_logs", False)
+    service = hasattr(args, "log_format")  # cli_common.add_log_format_option
     level = logging.INFO if args.verbose or service else logging.WARNING
     configure_logging(
         logging.DEBUG if args.debug else level,

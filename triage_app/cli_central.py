@@ -18,7 +18,7 @@ from triage_app.central.config import (
     DEFAULT_MAX_PARALLEL_UPLOADS,
     DEFAULT_UPLOAD_IDLE_TIMEOUT_S,
 )
-from triage_app.cli_common import EXIT_OK
+from triage_app.cli_common import EXIT_OK, add_log_format_option
 
 if TYPE_CHECKING:
     from triage_app.central.config import CentralConfig
@@ -63,7 +63,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="receive escalated cases over HTTPS and return verdicts",
         description="Runs the central API (POST /v1/cases/{id}, GET /v1/cases/{id}/verdict, "
         "/v1/health, /v1/keys, /metrics) over TLS until SIGINT or SIGTERM. Keys are created "
-        "in the data folder on first run.",
+        "in the data folder on first run. Under systemd (Type=notify) it says READY=1 once it "
+        "listens, pings the watchdog (WatchdogSec=) and says STOPPING=1 when it stops. Exit 0 "
+        "after SIGINT or SIGTERM, 2 for a configuration mistake, 75 for a temporary failure "
+        "(its port still taken, its database locked): worth starting again.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8443)
@@ -102,8 +105,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="client connections served at once, idle ones included; a request on one more "
         f"is answered 503 at once and devices retry later (default {DEFAULT_MAX_CONNECTIONS})",
     )
-    # The server's log is its only voice: "listening on" and the start-up clean-up counts.
-    serve.set_defaults(handler=_serve, progress_logs=True)
+    # As the device services: its log is its only voice ("listening on", the start-up
+    # clean-up counts), so it logs progress without -v, as JSON Lines for the journal.
+    add_log_format_option(serve)
+    serve.set_defaults(handler=_serve)
 
     add = actions.add_parser("add-device", parents=[server], help="register a device's public key")
     add.add_argument("public_key", help="the device's Ed25519 key, as `triage-app device` prints")

@@ -12,6 +12,17 @@ from triage_app.errors import AdminAuthError, ConfigError
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def add_log_format_option(parser: argparse.ArgumentParser) -> None:
+    """``--log-format`` of the services (``watch``, ``receive``, ``central serve``): having it
+    also makes the command log its progress without ``-v`` (``cli._configure_logging``)."""
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="json: one JSON object per log line, for journald or a log shipper",
+    )
+
+
 def settings_from_args(args: argparse.Namespace, *, for_saving: bool = False) -> Settings:
     """The settings a command runs with: the file, the environment, then the flags.
 

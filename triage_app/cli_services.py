@@ -8,7 +8,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from triage_app.cli_common import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, settings_from_args
+from triage_app.cli_common import (
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_USAGE,
+    add_log_format_option,
+    settings_from_args,
+)
 from triage_app.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -20,12 +26,7 @@ log = logging.getLogger(__name__)
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     service = argparse.ArgumentParser(add_help=False)
-    service.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default="text",
-        help="json: one JSON object per log line, for journald or a log shipper",
-    )
+    add_log_format_option(service)
     service.add_argument(
         "--workers", type=int, help="worker processes (default: processing.workers)"
     )

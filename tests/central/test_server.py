@@ -24,6 +24,7 @@ from tests.central.test_api import assert_refused, receipt_key_of
 from tests.helpers import run_cli
 from tests.tls import ServerMaterial, make_self_signed_server
 from triage_app.central.config import CentralConfig
+from triage_app.central.errors import PortInUseError
 from triage_app.central.server import (
     KEEP_ALIVE_TIMEOUT_S,
     MIN_BACKLOG,
@@ -170,9 +171,25 @@ def test_tls_is_required_and_verified(central: Central, tmp_path: Path) -> None:
             session.get(central.url + "/v1/health", timeout=10)
 
 
-def test_a_taken_port_is_a_config_error(central: Central, tls: ServerMaterial) -> None:
-    with pytest.raises(ConfigError, match="cannot listen"):
-        bind_socket("127.0.0.1", central.thread.port or 0)
+def test_a_taken_port_is_a_temporary_error(central: Central) -> None:
+    """Mostly the instance before, still closing: ``serve`` exits 75 and systemd tries again."""
+    port = central.thread.port
+    assert port is not None
+    with pytest.raises(PortInUseError) as caught:
+        bind_socket("127.0.0.1", port)
+    reason = "Address already in use"  # once: not create_server's repeat of the address
+    assert str(caught.value) == f"central: cannot listen on 127.0.0.1:{port} ({reason})"
+    assert caught.value.temporary
+
+
+def test_an_address_not_of_this_machine_is_a_config_error() -> None:
+    """A wrong ``--host`` (192.0.2.1: TEST-NET-1) does not come right by itself: exit 2, the
+    unit stays failed."""
+    with pytest.raises(ConfigError) as caught:
+        bind_socket("192.0.2.1", 0)
+    reason = "Cannot assign requested address"
+    assert str(caught.value) == f"central: cannot listen on 192.0.2.1:0 ({reason})"
+    assert not caught.value.temporary
 
 
 @pytest.mark.parametrize(

@@ -68,3 +68,15 @@ class CertificateExistsError(ConfigError):
     """``make-cert`` would replace the TLS key and certificate whose fingerprint devices pin."""
 
     code = "certificate_exists"
+
+
+class PortInUseError(TriageError):
+    """``central serve`` cannot listen: another process holds its port.
+
+    Temporary, as the DICOM receiver's taken port (``receiver_error``): mostly the instance
+    before, still closing, or a restart racing it; systemd tries again instead of leaving the
+    server down for good.
+    """
+
+    code = "port_in_use"
+    temporary = True

@@ -1,11 +1,11 @@
 """Running the central API under uvicorn: in the foreground (``serve``) or in a thread.
 
 Why we bind the listening socket ourselves: a port that is taken becomes one clear
-``ConfigError`` instead of uvicorn's ``sys.exit``, and port 0 (tests, the demo) yields the real
-port before the first request. TLS is always on except for the explicit loopback development
-flag, with TLS 1.2 as the floor. Shutdown is uvicorn's graceful one (SIGINT/SIGTERM in the
-foreground, ``stop()`` for a thread): open requests finish, the verdict worker stops after its
-current case, and the database is closed last.
+``PortInUseError`` (exit 75: systemd tries again) instead of uvicorn's ``sys.exit``, and port 0
+(tests, the demo) yields the real port before the first request. TLS is always on except for
+the explicit loopback development flag, with TLS 1.2 as the floor. Shutdown is uvicorn's
+graceful one (SIGINT/SIGTERM in the foreground, ``stop()`` for a thread): open requests finish,
+the verdict worker stops after its current case, and the database is closed last.
 
 Why connections are capped (``CentralConfig.max_connections``): every open connection holds a
 file descriptor and TLS buffers, and after an outage a whole fleet reconnects at once. The app
@@ -16,12 +16,18 @@ on a connection not admitted at the cap is answered 503 ``server_busy`` at once,
 out of descriptors and failing for every device. ``GET /v1/health`` and ``GET /metrics`` are
 always answered (health with ``"status": "busy"`` at the cap). ``make_server`` hands the app
 uvicorn's set of open connections for that.
+
+Under systemd (``Type=notify``) ``serve`` says ``READY=1`` once uvicorn serves, pings the
+watchdog from the event loop and says ``STOPPING=1`` when it shuts down
+(:class:`NotifyingServer`), as the device's services do (``headless``, ``metrics.sd_notify``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import resource
 import signal
 import socket
@@ -39,9 +45,11 @@ from fastapi import FastAPI
 
 from triage_app.central.app import CentralMetrics, ConnectionCap, create_app
 from triage_app.central.config import DEFAULT_REQUEST_HEAD_TIMEOUT_S, CentralConfig
+from triage_app.central.errors import PortInUseError
 from triage_app.central.storage import CentralStore
 from triage_app.errors import ConfigError
 from triage_app.escalation.keys import ServerKeyRing
+from triage_app.metrics import sd_notify, watchdog_interval_s
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +92,9 @@ def open_store(config: CentralConfig) -> CentralStore:
 
 
 def bind_socket(host: str, port: int, *, backlog: int = MIN_BACKLOG) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (0 = any free port), or a one-line ConfigError.
+    """A listening TCP socket on ``host:port`` (0 = any free port), or a one-line error:
+    :class:`PortInUseError` (temporary) for a port another process holds, ``ConfigError`` for
+    anything else (an address not of this machine, a port below 1024 without the capability).
 
     uvicorn listens on it again with its own ``backlog`` when it starts: pass the same value
     (:func:`listen_backlog`).
@@ -93,7 +103,13 @@ def bind_socket(host: str, port: int, *, backlog: int = MIN_BACKLOG) -> socket.s
     try:
         sock = socket.create_server((host, port), family=family, backlog=backlog)
     except OSError as exc:
-        raise ConfigError(f"central: cannot listen on {host}:{port} ({exc.strerror})") from None
+        # The errno's own text: create_server's strerror repeats the address the line names.
+        # A name lookup's failure has a negative code and no errno text of its own.
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
+        message = f"central: cannot listen on {host}:{port} ({reason})"
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(message) from None
+        raise ConfigError(message) from None
     # Answers go out as two writes (headers, body); without TCP_NODELAY the second waits for
     # the client's delayed ACK, ~40 ms per answer. Linux hands the option to accepted sockets.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -151,10 +167,50 @@ def uvicorn_config(app: FastAPI, config: CentralConfig, *, graceful_s: int) -> u
     )
 
 
-def make_server(app: FastAPI, config: CentralConfig, *, graceful_s: int) -> uvicorn.Server:
+class NotifyingServer(uvicorn.Server):
+    """uvicorn's server as a systemd ``Type=notify`` service (nothing is sent without
+    ``$NOTIFY_SOCKET``).
+
+    ``READY=1`` once uvicorn serves: the app's startup has run and the event loop accepts on
+    the bound socket, so a unit ordered after this one finds the port answering. ``WATCHDOG=1``
+    every half ``WatchdogSec=`` from a task on the event loop, so a loop that hangs stops the
+    pings and systemd restarts the server, not only one that exits. ``STOPPING=1`` as the
+    graceful shutdown begins (systemd stops watching then).
+    """
+
+    _watchdog: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        sd_notify("READY=1")
+        interval_s = watchdog_interval_s()
+        if interval_s is not None:
+            self._watchdog = asyncio.create_task(_ping_watchdog(interval_s))
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        sd_notify("STOPPING=1")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._watchdog
+        await super().shutdown(sockets=sockets)
+
+
+async def _ping_watchdog(interval_s: float) -> None:
+    """Half the interval, as the device services' loops turn: a ping is never older than that."""
+    while True:
+        sd_notify("WATCHDOG=1")
+        await asyncio.sleep(interval_s / 2)
+
+
+def make_server(
+    app: FastAPI, config: CentralConfig, *, graceful_s: int, notify: bool = False
+) -> uvicorn.Server:
     """uvicorn's server for our app: its open connections handed to the app's connection cap
-    (the app alone does not see connections) and counted in its ``/metrics``."""
-    server = uvicorn.Server(uvicorn_config(app, config, graceful_s=graceful_s))
+    (the app alone does not see connections) and counted in its ``/metrics``; with ``notify``,
+    one that tells systemd how it is (:class:`NotifyingServer`, for ``serve`` only)."""
+    server_class = NotifyingServer if notify else uvicorn.Server
+    server = server_class(uvicorn_config(app, config, graceful_s=graceful_s))
     state = server.server_state
     cap = getattr(app.state, "connection_cap", None)
     if isinstance(cap, ConnectionCap):
@@ -210,7 +266,8 @@ def serve(config: CentralConfig) -> None:
     Loads (or creates) the key ring, opens the store (removing crash leftovers) and loads the
     central model before it listens, so every configuration error surfaces at once as a
     ``TriageError``. The key ring is read once: ``central keys --rotate`` or ``--prune-days``
-    run meanwhile take effect at the next start.
+    run meanwhile take effect at the next start. Under systemd it notifies readiness, the
+    watchdog and its stop (:class:`NotifyingServer`).
     """
     config.check_tls_files()
     raise_open_file_limit(open_files_needed(config))
@@ -222,7 +279,7 @@ def serve(config: CentralConfig) -> None:
     with open_store(config) as store:
         app = create_app(config, key_ring=key_ring, store=store)
         sock = bind_socket(config.host, config.port, backlog=listen_backlog(config))
-        server = make_server(app, config, graceful_s=GRACEFUL_SHUTDOWN_S)
+        server = make_server(app, config, graceful_s=GRACEFUL_SHUTDOWN_S, notify=True)
         log.info(
             "central server %s listening on %s:%d (%s, at most %d connections)",
             key_ring.server_id,
