@@ -631,6 +631,7 @@ class UploadResult:
     # CPU time a round used, this process (seal + send_next, or the PUT's client) and the
     # server's process: unlike wall time, not stretched by the two ends sharing the cores.
     ours_client_cpu_s: list[float] = field(default_factory=list)
+    ours_seal_cpu_s: list[float] = field(default_factory=list)
     ours_server_cpu_s: list[float] = field(default_factory=list)
     plain_client_cpu_s: list[float] = field(default_factory=list)
     plain_server_cpu_s: list[float] = field(default_factory=list)
@@ -660,6 +661,17 @@ class UploadResult:
         ours = _sum_medians(self.ours_client_cpu_s, self.ours_server_cpu_s)
         plain = _sum_medians(self.plain_client_cpu_s, self.plain_server_cpu_s)
         return _ratio(ours, plain)
+
+    @property
+    def floor_s(self) -> float | None:
+        """The least time ours could take here from its CPU time alone: the seal (done before
+        the upload starts), then the upload's CPU time at both ends spread perfectly over every
+        CPU, with no waiting at all. Against the PUT's measured time: a bound, not a forecast."""
+        seal = _median(self.ours_seal_cpu_s)
+        both = _sum_medians(self.ours_client_cpu_s, self.ours_server_cpu_s)
+        if seal is None or both is None:
+            return None
+        return seal + (both - seal) / (os.cpu_count() or 1)
 
     @property
     def buffered_ratio(self) -> float | None:
@@ -741,6 +753,7 @@ def measure_upload(world: World, case_bytes: int, repeat: int, seed: int) -> Upl
                     result.ours_with_enqueue_s.append(t3 - t0)
                     result.ours_server_s.append(world.server_post_seconds() - server_before)
                     result.ours_client_cpu_s.append((cpu1 - cpu0) + (cpu3 - cpu2))
+                    result.ours_seal_cpu_s.append(cpu1 - cpu0)
                     if server_cpu is not None:
                         result.ours_server_cpu_s.append(server_cpu)
                 link.outbox.wait_for_removals()  # the spool file's removal, outside the timings
@@ -1353,6 +1366,13 @@ def render_cpu(upload: UploadResult) -> list[str]:
     lines.append(
         "    ratio of CPU time, ours / plain PUT: " + ("-" if ratio is None else f"{ratio:.2f}×")
     )
+    floor, plain = upload.floor_s, _median(upload.plain_total_s)
+    if floor is not None and plain:
+        lines.append(
+            f"    the least ours could take on {os.cpu_count()} CPUs from that CPU time alone "
+            f"(the seal, then the upload's CPU at both ends spread over every CPU, no waiting): "
+            f"{_ms(floor)} ms, {floor / plain:.2f}× the PUT's median"
+        )
     return lines
 
 
@@ -1475,6 +1495,7 @@ def upload_json(upload: UploadResult, sizes: Sizes, tls: str) -> dict[str, Any]:
             "send_ratio": upload.send_ratio,
             "buffered_ratio": upload.buffered_ratio,
             "cpu_ratio": upload.cpu_ratio,
+            "floor_s": upload.floor_s,
             "ours_median_s": _median(upload.ours_total_s),
             "plain_median_s": _median(upload.plain_total_s),
         },
