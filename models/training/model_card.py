@@ -153,6 +153,15 @@ def _views(use: dict[str, Any]) -> str:
     return f"view position {', '.join(views)} (missing: {missing}); "
 
 
+def _body_parts(use: dict[str, Any]) -> str:
+    """The body part check as the card states it (``reader.body_part`` reads both places)."""
+    missing = "allowed" if use.get("allow_missing_body_part") else "escalated"
+    return (
+        f"body part {', '.join(use['body_parts'])} (Body Part Examined and the Anatomic Region "
+        f"Sequence's code, which must agree; missing: {missing}); "
+    )
+
+
 def write_model_card(bundle: Path, manifest: dict[str, Any]) -> None:
     evaluation = manifest.get("evaluation") or {}
     central = manifest.get("role") is not None
@@ -174,8 +183,8 @@ def write_model_card(bundle: Path, manifest: dict[str, Any]) -> None:
         f"`{positive}` (nodules or opacities). Output: a temperature-calibrated probability of "
         f"`{positive}` (T = {manifest['calibration']['temperature']}).",
         "",
-        f"- Intended use: modalities {', '.join(use['modalities'])}; body part "
-        f"{', '.join(use['body_parts'])}; {_views(use)}{', '.join(use['photometric'])}. "
+        f"- Intended use: modalities {', '.join(use['modalities'])}; {_body_parts(use)}"
+        f"{_views(use)}{', '.join(use['photometric'])}. "
         f"{use['description']}",
         "- Anything else (wrong modality, body part, view position or photometric "
         "interpretation, multi-frame, or an image unlike the training data by the input "
