@@ -418,6 +418,7 @@ def test_an_empty_view_position_without_view_codes_is_missing(value: str | list[
         (SCT_PA, "PA"),
         (SRT_PA, "PA"),
         (("R-10214", "SNM3", "postero-anterior"), "PA"),
+        (("R-10214", "99SDM", "postero-anterior"), "PA"),  # PS3.16: read 99SDM as SRT
         (SCT_AP, "AP"),
         (SRT_AP, "AP"),
         (("399348003", "SCT", "Antero-posterior projection (qualifier value)"), "AP"),
@@ -540,7 +541,7 @@ def test_a_known_code_decides_over_its_meaning(
         # Not one of our codes: never frontal, whatever its meaning says (unchanged).
         (("399198007", "SCT", "PA"), "399198007\\PA"),
         (("F-10440", "SRT", "postero-anterior"), "F-10440\\POSTERO-ANTERIOR"),
-        (("R-10214", "99SDM", "postero-anterior"), "R-10214\\POSTERO-ANTERIOR"),  # local scheme
+        (("R-10214", "99LOCAL", "postero-anterior"), "R-10214\\POSTERO-ANTERIOR"),  # local scheme
         (("399198007", "SCT", "right lateral"), "RIGHT LATERAL"),
         (("399198007", None, "right lateral"), "RIGHT LATERAL"),
     ],
@@ -666,6 +667,7 @@ def region(code: tuple[str | None, str | None, str | None]) -> Dataset:
         (SCT_THORAX, "CHEST"),
         (SRT_CHEST, "CHEST"),
         (("T-D3000", "SNM3", "Chest"), "CHEST"),  # the designator SRT replaced
+        (("T-D3000", "99SDM", "Chest"), "CHEST"),  # another PS3.16 says to read as SRT
         (("816094009", None, "Chest"), "CHEST"),  # no designator: the value alone is unambiguous
         (("51185008", "", "Thorax"), "CHEST"),  # a blank designator: the same
         (("T-D3000", None, None), "CHEST"),  # a known code without a meaning
@@ -795,11 +797,12 @@ def test_an_unknown_region_is_capped_and_cleaned(tmp_path: Path) -> None:
 
 def test_the_region_mapping_is_unambiguous() -> None:
     """A value with no designator is looked up alone: it must name one region under every
-    scheme, and every SNOMED RT id must be known under SNM3 as well as SRT."""
+    scheme, and every SNOMED RT id must be known under SNM3 and 99SDM as well as SRT."""
     for (scheme, value), term in reader._REGION_CODES.items():
         assert reader._REGION_VALUES[value] == term, (scheme, value)
         if scheme == "SRT":
             assert reader._REGION_CODES["SNM3", value] == term
+            assert reader._REGION_CODES["99SDM", value] == term
     assert reader._REGION_CODES["SCT", "51185008"] == "CHEST"
     assert reader._REGION_CODES["SCT", "816094009"] == "CHEST"
     assert reader._REGION_CODES["SRT", "T-D3000"] == "CHEST"
@@ -881,6 +884,8 @@ def test_an_unreadable_view_code_sequence_is_still_unknown() -> None:
     assert view_position(ds) == "PA\\UNKNOWN"
 
 
+UNDEFINED = b"\xff\xff\xff\xff"  # an item's length, to its delimiter
+ITEM_END = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"  # (FFFE,E00D), length 0
 EMPTY_REGIONS = b"\x08\x00\x18\x22SQ\x00\x00\x00\x00\x00\x00"  # (0008,2218) SQ, length 0
 HEAD_ITEM = (
     b"\x08\x00\x00\x01SH\x08\x0069536005"  # Code Value
@@ -907,8 +912,18 @@ def with_regions_value(data: bytes, value: bytes) -> bytes:
         (ITEM + b"\x00\x00\x00\x00abc", "UNKNOWN"),  # a cut item header after an empty item
         (HEAD_ITEM, "UNKNOWN"),  # elements with no item around them
         (ITEM + struct.pack("<L", len(HEAD_ITEM)) + HEAD_ITEM + b"ab", "UNKNOWN"),
+        # The second review's: pydicom reads these as elements no code item has, or as an empty
+        # undefined-length item, where a code was.
+        (ITEM + struct.pack("<L", len(HEAD_ITEM)) + bytes(len(HEAD_ITEM)), "UNKNOWN"),  # zeroed
+        (ITEM + UNDEFINED + b"ab" + ITEM_END, "UNKNOWN"),  # junk in an undefined-length item
+        (ITEM + UNDEFINED + ITEM_END + ITEM + b"\x02\x00\x00\x00ab", "UNKNOWN"),
         (b"", ""),  # no items: nothing stated
         (ITEM + b"\x00\x00\x00\x00", ""),  # one empty item
+        (ITEM + UNDEFINED + ITEM_END, ""),  # one empty item of undefined length
+        (
+            ITEM + UNDEFINED + ITEM_END + ITEM + struct.pack("<L", len(HEAD_ITEM)) + HEAD_ITEM,
+            "HEAD",
+        ),
     ],
 )
 def test_a_damaged_anatomic_region_sequence_is_unknown(

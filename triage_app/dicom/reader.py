@@ -561,19 +561,20 @@ def _image_info(
     )
 
 
+#: The designators of legacy SNOMED RT codes: SRT, and SNM3 and 99SDM, which PS3.16 (section 8)
+#: says are to be read as SRT (older modalities still send them).
+_SNOMED_RT_SCHEMES = ("SRT", "SNM3", "99SDM")
 # View Code Sequence (0054,0220) codes that say "frontal, PA" or "frontal, AP" (CID 4010 DX View:
-# SNOMED CT, and the legacy SNOMED RT codes under SRT or under SNM3, the designator SRT replaced).
+# SNOMED CT, and the legacy SNOMED RT codes under any of its designators).
 # In DICOM the concept is the (Coding Scheme Designator, Code Value) pair; Code Meaning is only
 # display text, which modalities reword ("Posterior-Anterior", "PA erect") and localise
 # ("postéro-antérieur"), so a known pair decides the view whatever its meaning says. Any other
 # pair is read as "not a view this mapping knows", never as frontal.
 _FRONTAL_CODES: dict[tuple[str, str], str] = {
     ("SCT", "272479007"): "PA",  # postero-anterior
-    ("SRT", "R-10214"): "PA",
-    ("SNM3", "R-10214"): "PA",
     ("SCT", "399348003"): "AP",  # antero-posterior
-    ("SRT", "R-10206"): "AP",
-    ("SNM3", "R-10206"): "AP",
+    **{(scheme, "R-10214"): "PA" for scheme in _SNOMED_RT_SCHEMES},
+    **{(scheme, "R-10206"): "AP" for scheme in _SNOMED_RT_SCHEMES},
 }
 # The same values for an item whose designator is missing or blank: each value names the same
 # view under every scheme above and no value is shared between views, so it is unambiguous
@@ -600,7 +601,7 @@ _ABBREVIATION = re.compile(r"\(([A-Z]{1,4})\)$")  # a trailing "(PA)" (meanings 
 # for, from DICOM PS3.16 Annex L (Table L-1, "Correspondence of Anatomic Region Codes and Body
 # Part Examined Defined Terms"), for the regions a radiography site meets. Each row: defined
 # term, SNOMED CT code (SCT, as CID 4031 has it now), the SNOMED RT code Annex L gave it before
-# (SRT, or SNM3, the designator SRT replaced). Code values as CID 4031 in PS3.16 (as pydicom 3.0
+# (under any of ``_SNOMED_RT_SCHEMES``). Code values as CID 4031 in PS3.16 (as pydicom 3.0
 # ships it; SNOMED RT ids as DCMTK's table generated from PS3.16-2015c), terms as DCMTK's mapping
 # of PS3.16-2023b Table L-1. A region whose term differs between editions and sources (upper arm
 # ARM/UPPERARM, lower leg LEG/LOWERLEG, mandible JAW/MANDIBLE) is left out: its code reads as
@@ -691,7 +692,7 @@ _RETIRED_SCT: tuple[tuple[str, str], ...] = (
 _REGION_CODES: dict[tuple[str, str], str] = {
     **{("SCT", code): term for term, code, _ in _REGIONS},
     **{("SCT", code): term for code, term in _RETIRED_SCT},
-    **{(scheme, old): term for term, _, old in _REGIONS for scheme in ("SRT", "SNM3")},
+    **{(scheme, old): term for term, _, old in _REGIONS for scheme in _SNOMED_RT_SCHEMES},
 }
 # For an item whose designator is missing or blank, as with the view: SNOMED CT ids are digits,
 # SNOMED RT ids are not, and no value names two regions, so a value alone is unambiguous.
@@ -700,10 +701,22 @@ _REGION_VALUES: dict[str, str] = {value: term for (_, value), term in _REGION_CO
 # Value, URN Code Value): an item with one states *something*, so it is never "nothing stated".
 # Only their presence is checked; their values are never read.
 _OTHER_CODE_VALUES = ("LongCodeValue", "URNCodeValue")
+# What a code item may hold (PS3.3 Table 8.8-1, the Code Sequence Macro with its Enhanced
+# attributes, and the modifier sequences of the two sequences read here). An item whose only
+# elements are others (a zeroed block parses as (0000,0000), junk as private or unknown tags)
+# is damaged, not empty: it states something unreadable, never "nothing".
+_CODE_ITEM_TAGS = frozenset(
+    {
+        *range(0x00080100, 0x00080123),  # Code Value ... Mapping Resource Name
+        0x00082220,  # Anatomic Region Modifier Sequence
+        0x00540222,  # View Modifier Code Sequence
+    }
+)
 _VIEW_CODE_SEQUENCE = 0x00540220
 _ANATOMIC_REGION_SEQUENCE = 0x00082218
 _ITEM = (0xFFFE, 0xE000)
 _SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
+_ITEM_DELIMITER = (0xFFFE, 0xE00D)
 _MAX_SCOPE_CHARS = 64  # Code Meaning is LO (64 chars): a terminology string, capped all the same
 _UNKNOWN = "UNKNOWN"  # a view or body part is stated but cannot be read: in no model's list
 # An element's value is converted on first access; one stored as a sequence (as it should be, or
@@ -814,7 +827,20 @@ def _items_damaged(stored: RawDataElement, items: list[Any]) -> bool:
         if (group, element) != _ITEM:
             return True
         if length == _UNDEFINED_LENGTH:
-            return False  # its end is a delimiter pydicom searches for: not checked here
+            index = len(lengths)
+            item = items[index] if index < len(items) else None
+            if not isinstance(item, Dataset) or len(item):
+                return False  # its end is a delimiter pydicom found past its elements: unchecked
+            # An item pydicom read as empty must be its delimiter and nothing else: bytes before
+            # it are an element pydicom could not read.
+            end = position + header.size
+            if len(value) - end < header.size:
+                return True
+            if header.unpack_from(value, end) != (*_ITEM_DELIMITER, 0):
+                return True
+            lengths.append(0)
+            position = end + header.size
+            continue
         lengths.append(length)
         position += header.size + length
     if position > len(value) or len(lengths) != len(items):
@@ -847,11 +873,7 @@ def _coded_view(item: Any) -> str:
     """
     if not isinstance(item, Dataset):
         return _UNKNOWN
-    value = _agreed(_texts(item.get("CodeValue")))
-    scheme = _agreed(_texts(item.get("CodingSchemeDesignator")))
-    meaning = _agreed(_texts(item.get("CodeMeaning")))
-    if not value and any(keyword in item for keyword in _OTHER_CODE_VALUES):
-        value = _UNKNOWN  # a code is stated in a form this mapping does not read (unread)
+    value, scheme, meaning = _item_code(item)
     by_meaning = _meaning_view(meaning) if meaning else None
     if not value:
         return by_meaning or meaning
@@ -912,11 +934,7 @@ def _coded_body_part(item: Any) -> str:
     """
     if not isinstance(item, Dataset):
         return _UNKNOWN
-    value = _agreed(_texts(item.get("CodeValue")))
-    scheme = _agreed(_texts(item.get("CodingSchemeDesignator")))
-    meaning = _agreed(_texts(item.get("CodeMeaning")))
-    if not value and any(keyword in item for keyword in _OTHER_CODE_VALUES):
-        value = _UNKNOWN  # a code is stated in a form this mapping does not read (unread)
+    value, scheme, meaning = _item_code(item)
     if not value and not meaning:
         return ""
     term = _REGION_CODES.get((scheme, value)) if scheme else _REGION_VALUES.get(value)
@@ -924,6 +942,26 @@ def _coded_body_part(item: Any) -> str:
         return term
     parts = (value[:16] or _UNKNOWN, meaning or _UNKNOWN)  # CodeValue is SH: 16
     return _UNKNOWN if parts == (_UNKNOWN, _UNKNOWN) else _capped("\\".join(parts))
+
+
+def _item_code(item: Dataset) -> tuple[str, str, str]:
+    """A code item's value, designator and meaning, cleaned and upper-case ("" if absent).
+
+    The value is ``UNKNOWN`` when the item states a code this mapping does not read (a Long or
+    URN Code Value) or, lacking any code or meaning, holds elements no code item has (a damaged
+    item: see ``_CODE_ITEM_TAGS``). Only an item with nothing but code attributes, all of them
+    empty, states nothing.
+    """
+    value = _agreed(_texts(item.get("CodeValue")))
+    scheme = _agreed(_texts(item.get("CodingSchemeDesignator")))
+    meaning = _agreed(_texts(item.get("CodeMeaning")))
+    if not value and (
+        any(keyword in item for keyword in _OTHER_CODE_VALUES)
+        # keys(): the tags only; iterating a Dataset would parse every element's value.
+        or (not meaning and any(int(tag) not in _CODE_ITEM_TAGS for tag in item.keys()))  # noqa: SIM118
+    ):
+        value = _UNKNOWN
+    return value, scheme, meaning
 
 
 def _texts(value: Any) -> list[str]:
