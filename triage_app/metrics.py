@@ -297,8 +297,9 @@ class ServiceMetrics:
         self.record_failures = Counter(
             "triage_record_failures",
             "Triaged files whose outcome could not be recorded or filed, by what failed: an "
-            "error code (store_error: the case store locked) or an errno name (ENOSPC: the "
-            "disk full); each stays in the inbox and is tried again.",
+            "error code (store_error: the case store locked, or its disk full) or, when moving "
+            "the file failed, an errno name (ENOSPC, EACCES); each stays in the inbox and is "
+            "tried again.",
             ["code"],
             registry=self.registry,
         )

@@ -105,6 +105,9 @@ ESCALATION_PRIORITY: Final[Mapping[str, int]] = MappingProxyType(
 #: as the clock was wrong, though nothing told it to. :meth:`Outbox.claim_next` makes it due.
 MAX_WAIT_S: Final = 2 * MAX_RETRY_AFTER_S
 MAX_LEASE_S: Final = 3600.0
+# Beyond the limits before a time counts as dated by a clock that went back: two senders read
+# the clock a little apart, and a lease of exactly MAX_LEASE_S must not be cut by the other.
+_CLOCK_STEP_MARGIN_S: Final = 300.0
 
 SPOOL_SUFFIX: Final = ".env"
 # Quarantine reasons (the server's code, or the uploader's own for a damaged file) that are
@@ -277,6 +280,10 @@ def _utc(moment: datetime) -> datetime:
 def _iso(moment: datetime) -> str:
     """UTC, ISO-8601, milliseconds (as the case store): sorts as text, so SQL can compare it."""
     return _utc(moment).isoformat(timespec="milliseconds")
+
+
+def _beyond(limit_s: float) -> float:
+    return limit_s + _CLOCK_STEP_MARGIN_S
 
 
 def _check_lease(lease_s: float) -> None:
@@ -569,7 +576,7 @@ class Outbox:
         due = _iso(min(due_by, moment)) if due_by is not None else at
         until = _iso(moment + timedelta(seconds=lease_s))
         with self._write("claim the next case"):
-            self._undo_clock_steps(moment)
+            self._undo_clock_steps(moment, due)
             row = self._conn.execute(
                 "SELECT * FROM outbox"
                 " WHERE (state = ? AND next_attempt_at <= ?) OR (state = ? AND lease_until <= ?)"
@@ -596,17 +603,17 @@ class Outbox:
         log.info("outbox: case %s claimed%s", item.case_id, " (expired lease)" if expired else "")
         return item
 
-    def _undo_clock_steps(self, moment: datetime) -> None:
-        """Make due now the waits and leases that end further ahead than any may (see
+    def _undo_clock_steps(self, moment: datetime, due: str) -> None:
+        """Make due by ``due`` (the claim's, so that a drain that started before sends them
+        too) the waits and leases that end further ahead than any may (see
         :data:`MAX_WAIT_S`); inside the caller's write transaction."""
-        at = _iso(moment)
         waits = self._conn.execute(
             "UPDATE outbox SET next_attempt_at = ? WHERE state = ? AND next_attempt_at > ?",
-            (at, OutboxState.PENDING, _iso(moment + timedelta(seconds=MAX_WAIT_S))),
+            (due, OutboxState.PENDING, _iso(moment + timedelta(seconds=_beyond(MAX_WAIT_S)))),
         ).rowcount
         leases = self._conn.execute(
             "UPDATE outbox SET lease_until = ? WHERE state = ? AND lease_until > ?",
-            (at, OutboxState.IN_FLIGHT, _iso(moment + timedelta(seconds=MAX_LEASE_S))),
+            (due, OutboxState.IN_FLIGHT, _iso(moment + timedelta(seconds=_beyond(MAX_LEASE_S)))),
         ).rowcount
         if waits or leases:
             log.warning(
