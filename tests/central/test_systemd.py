@@ -7,14 +7,20 @@ The whole command under a notify socket is in ``tests/test_cli_central.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
 import requests
+from fastapi import FastAPI
 
+from tests.central.conftest import CENTRAL_MODEL
 from tests.tls import ServerMaterial
 from triage_app.central.app import create_app
 from triage_app.central.config import CentralConfig
@@ -131,3 +137,96 @@ def test_a_server_in_a_thread_tells_systemd_nothing(
     with ServerThread(config):
         pass
     assert _pending(notify_socket) == []
+
+
+@contextlib.contextmanager
+def notifying_server(
+    config: CentralConfig,
+) -> Iterator[tuple[list[asyncio.AbstractEventLoop], FastAPI]]:
+    """``serve``'s server on port 0 in a thread: its loop (once running) and its app."""
+    loops: list[asyncio.AbstractEventLoop] = []
+    with open_store(config) as store:
+        app = create_app(config, key_ring=load_key_ring(config), store=store)
+        sock = bind_socket(config.host, 0)
+        server = make_server(app, config, graceful_s=5, notify=True)
+
+        async def run() -> None:
+            loops.append(asyncio.get_running_loop())
+            await run_server(server, sock)
+
+        thread = threading.Thread(target=asyncio.run, args=(run(),))
+        thread.start()
+        try:
+            yield loops, app
+        finally:
+            server.should_exit = True
+            thread.join(30)
+            sock.close()
+    assert not thread.is_alive()
+
+
+def _no_ping_for(sock: socket.socket, seconds: float) -> bool:
+    """Whether no WATCHDOG=1 arrived for ``seconds`` (from now)."""
+    _pending(sock)
+    sock.settimeout(seconds)
+    try:
+        while True:
+            if sock.recv(64) == b"WATCHDOG=1":
+                return False
+    except TimeoutError:
+        return True
+    finally:
+        sock.settimeout(30)
+
+
+@pytest.mark.timeout(60)
+def test_no_ping_while_every_request_thread_is_stuck(
+    tmp_path: Path, tls: ServerMaterial, notify_socket: socket.socket
+) -> None:
+    """A loop that turns is not enough: with the request threads all stuck (a store call that
+    never returns, say), no request is answered, and systemd must restart the server."""
+    config = CentralConfig(
+        tmp_path / "server", port=0, tls_cert=tls.server_cert, tls_key=tls.server_key
+    )
+    release = threading.Event()
+    with notifying_server(config) as (loops, _):
+        assert notify_socket.recv(64) == b"READY=1"
+        assert notify_socket.recv(64) == b"WATCHDOG=1"
+
+        async def occupy_every_thread() -> None:
+            limiter = anyio.to_thread.current_default_thread_limiter()
+            async with anyio.create_task_group() as tasks:
+                for _ in range(int(limiter.total_tokens)):
+                    tasks.start_soon(wait_in_a_thread)
+
+        async def wait_in_a_thread() -> None:
+            await anyio.to_thread.run_sync(release.wait)
+
+        stuck = asyncio.run_coroutine_threadsafe(occupy_every_thread(), loops[0])
+        try:
+            assert _no_ping_for(notify_socket, 2.5 * WATCHDOG_S)
+        finally:
+            release.set()
+        stuck.result(30)
+        assert notify_socket.recv(64) == b"WATCHDOG=1"  # requests get threads again
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.expect_log_warnings
+def test_no_ping_once_the_verdict_worker_has_stopped(
+    tmp_path: Path, tls: ServerMaterial, notify_socket: socket.socket, caplog: Any
+) -> None:
+    """Cases would be received and never decided: a restart starts the worker again."""
+    config = CentralConfig(
+        tmp_path / "server",
+        port=0,
+        tls_cert=tls.server_cert,
+        tls_key=tls.server_key,
+        model_dir=CENTRAL_MODEL,
+    )
+    with notifying_server(config) as (_, app):
+        assert notify_socket.recv(64) == b"READY=1"
+        assert notify_socket.recv(64) == b"WATCHDOG=1"
+        app.state.worker.stop()
+        assert _no_ping_for(notify_socket, 2.5 * WATCHDOG_S)
+    assert "watchdog not pinged: the verdict worker has stopped" in caplog.text

@@ -422,6 +422,21 @@ def create_app(
         openapi_url=None,
     )
     app.state.worker = worker
+
+    def serving() -> bool:
+        """For systemd's watchdog (``server.NotifyingServer``): run in a request thread, it
+        proves that requests get a thread, the store answers and verdicts are made."""
+        try:
+            store.ping()
+        except StoreError as err:
+            log.error("watchdog not pinged: the store does not answer (%s)", err.code)
+            return False
+        if not worker.alive():
+            log.error("watchdog not pinged: the verdict worker has stopped")
+            return False
+        return True
+
+    app.state.serving = serving
     app.state.uploads = uploads
     app.state.metrics = metrics
     app.state.connection_cap = cap  # server.make_server hands it the server's connections

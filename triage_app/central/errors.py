@@ -73,9 +73,10 @@ class CertificateExistsError(ConfigError):
 class PortInUseError(TriageError):
     """``central serve`` cannot listen: another process holds its port.
 
-    Temporary, as the DICOM receiver's taken port (``receiver_error``): mostly the instance
-    before, still closing, or a restart racing it; systemd tries again instead of leaving the
-    server down for good.
+    Temporary, as the DICOM receiver's taken port (``receiver_error``). Not the instance before:
+    the socket is bound with ``SO_REUSEADDR`` and systemd waits for it to exit; another program
+    or a server started by hand. systemd tries again, so the server comes up once the port is
+    free, instead of staying down until someone restarts it.
     """
 
     code = "port_in_use"

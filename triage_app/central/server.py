@@ -40,6 +40,8 @@ from datetime import datetime
 from types import FrameType, TracebackType
 from typing import Self
 
+import anyio
+import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI
 
@@ -173,19 +175,22 @@ class NotifyingServer(uvicorn.Server):
 
     ``READY=1`` once uvicorn serves: the app's startup has run and the event loop accepts on
     the bound socket, so a unit ordered after this one finds the port answering. ``WATCHDOG=1``
-    every half ``WatchdogSec=`` from a task on the event loop, so a loop that hangs stops the
-    pings and systemd restarts the server, not only one that exits. ``STOPPING=1`` as the
-    graceful shutdown begins (systemd stops watching then).
+    every half ``WatchdogSec=`` from a task on the event loop, and only after the app's
+    ``serving`` check ran in a request thread and passed: a hung loop, request threads all
+    stuck, a store that does not answer or a dead verdict worker stop the pings, and systemd
+    restarts the server, not only one that exits. ``STOPPING=1`` as the graceful shutdown
+    begins (systemd stops watching then).
     """
 
     _watchdog: asyncio.Task[None] | None = None
+    serving: Callable[[], bool] = staticmethod(lambda: True)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         sd_notify("READY=1")
         interval_s = watchdog_interval_s()
         if interval_s is not None:
-            self._watchdog = asyncio.create_task(_ping_watchdog(interval_s))
+            self._watchdog = asyncio.create_task(_ping_watchdog(interval_s, self.serving))
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         sd_notify("STOPPING=1")
@@ -196,10 +201,16 @@ class NotifyingServer(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
-async def _ping_watchdog(interval_s: float) -> None:
-    """Half the interval, as the device services' loops turn: a ping is never older than that."""
+async def _ping_watchdog(interval_s: float, serving: Callable[[], bool]) -> None:
+    """Half the interval, as the device services' loops turn: a ping is never older than that.
+
+    ``serving`` runs where the sync endpoints run (anyio's default thread limiter): when every
+    one of those threads is stuck, it waits too, and no ping goes out.
+    """
     while True:
-        sd_notify("WATCHDOG=1")
+        with anyio.move_on_after(interval_s / 2):
+            if await anyio.to_thread.run_sync(serving, abandon_on_cancel=True):
+                sd_notify("WATCHDOG=1")
         await asyncio.sleep(interval_s / 2)
 
 
@@ -211,6 +222,9 @@ def make_server(
     one that tells systemd how it is (:class:`NotifyingServer`, for ``serve`` only)."""
     server_class = NotifyingServer if notify else uvicorn.Server
     server = server_class(uvicorn_config(app, config, graceful_s=graceful_s))
+    serving = getattr(app.state, "serving", None)
+    if isinstance(server, NotifyingServer) and serving is not None:
+        server.serving = serving
     state = server.server_state
     cap = getattr(app.state, "connection_cap", None)
     if isinstance(cap, ConnectionCap):

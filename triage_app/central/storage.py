@@ -472,6 +472,11 @@ class CentralStore:
             rows = conn.execute(f"{_CASES_SELECT} ORDER BY c.received_at, c.rowid").fetchall()
         return [_central_case(r) for r in rows]
 
+    def ping(self) -> None:
+        """Read one row: a store that cannot be read now raises ``StoreError``."""
+        with self._db.read("check the store") as conn:
+            conn.execute("SELECT 1 FROM cases LIMIT 1").fetchall()
+
     def count(self) -> int:
         with self._db.read("count cases") as conn:
             n: int = conn.execute("SELECT COUNT(*) FROM cases").fetchone()[0]

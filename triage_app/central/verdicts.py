@@ -158,6 +158,10 @@ class VerdictWorker:
         self._thread.start()
         log.info("verdict worker started (%d stored cases pending)", len(pending))
 
+    def alive(self) -> bool:
+        """Whether verdicts are being made: the thread runs (or there is no model to run)."""
+        return self.model is None or (self._thread is not None and self._thread.is_alive())
+
     def submit(self, case_id: str) -> None:
         """Queue a newly stored case (ignored without a model)."""
         if self.model is not None:
