@@ -39,9 +39,22 @@ def test_default_locations_follow_platformdirs(
 
 def test_ensure_private_dir_creates_0700_with_parents(tmp_path: Path) -> None:
     target = tmp_path / "a" / "b" / "keys"
-    assert ensure_private_dir(target) == target
+    old = os.umask(0o022)  # a usual umask: mkdir -p would make the parents 0755
+    try:
+        assert ensure_private_dir(target) == target
+    finally:
+        os.umask(old)
     assert target.is_dir()
-    assert mode(target) == 0o700
+    assert [mode(f) for f in (tmp_path / "a", tmp_path / "a" / "b", target)] == [0o700] * 3
+    assert ensure_private_dir(target) == target  # there already: fine
+
+
+def test_ensure_private_dir_refuses_a_file_in_the_way(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"")
+    with pytest.raises((FileExistsError, NotADirectoryError)):
+        ensure_private_dir(tmp_path / "a")
+    with pytest.raises((FileExistsError, NotADirectoryError)):
+        ensure_private_dir(tmp_path / "a" / "b")
 
 
 def test_ensure_private_dir_leaves_an_existing_folder_alone(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ writer holds an ``flock`` on it until it is renamed, so a clean-up can tell a de
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -43,13 +44,22 @@ def default_config_path() -> Path:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and missing parents) if needed; the folder itself is created 0700.
+    """Create ``path`` and its missing parents if needed, each 0700 (``mkdir -p`` would give
+    the parents the umask's mode: ``central/`` over ``central/tls/`` readable by all).
 
     An existing folder is left as it is: the caller may point at a shared place such as ``/tmp``,
     and tightening that would break other users. Callers that need an existing folder to be
     private (the key folder) check its mode themselves.
     """
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    missing = []
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile by another process
+            folder.mkdir(mode=0o700)
+    path.mkdir(mode=0o700, exist_ok=True)  # a file in the way raises FileExistsError
     return path
 
 
