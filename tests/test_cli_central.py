@@ -24,6 +24,7 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tests.central.conftest import first_started
 from tests.helpers import run_cli, serve_until_listening
 from triage_app import cli
 
@@ -119,6 +120,14 @@ def test_a_device_is_registered_listed_and_revoked(tmp_path: Path):
     assert identity == json.loads(run_cli("device", data_dir=tmp_path / "device").stdout)
 
     server = tmp_path / "server"
+    refused = run_cli("central", "add-device", identity["public_key"], data_dir=server)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith("triage-app: error: config_invalid: central: no central store")
+    for listing in ("devices", "cases"):
+        assert run_cli("central", listing, data_dir=server).returncode == 2
+    assert not server.exists()  # nothing made in a folder that is not the server's
+
+    first_started(server)
     added = run_cli(
         "central", "add-device", identity["public_key"], "--label", "CT room", data_dir=server
     )
@@ -141,6 +150,8 @@ def test_a_device_is_registered_listed_and_revoked(tmp_path: Path):
 
 
 def test_keys_rotate_and_keep_the_retired_key(tmp_path: Path):
+    assert run_cli("central", "keys", data_dir=tmp_path).returncode == 2  # not the server's
+    first_started(tmp_path)
     first = json.loads(run_cli("central", "keys", data_dir=tmp_path).stdout)
     rotated = run_cli("central", "keys", "--rotate", data_dir=tmp_path)
     assert rotated.returncode == 0, rotated.stderr
@@ -205,7 +216,7 @@ def test_day_counts_out_of_range_are_usage_errors_before_anything_changes(
     flags: tuple[str, ...], reason: str, tmp_path: Path
 ) -> None:
     """``--rotate --prune-days -1`` used to rotate the key, then crash (70) in the prune."""
-    before = run_cli("central", "keys", data_dir=tmp_path)
+    before = run_cli("central", "keys", data_dir=first_started(tmp_path))
     assert before.returncode == 0, before.stderr
     run = run_cli("central", *flags, data_dir=tmp_path)
     assert run.returncode == 2, run.stderr

@@ -41,6 +41,7 @@ from typing import Any
 
 import pytest
 
+from tests.central.conftest import first_started
 from tests.escalation.conftest import (
     Escalated,
     device_identity,
@@ -356,6 +357,7 @@ def test_every_case_arrives_exactly_once_through_uploader_kills_server_kills_and
     made = run_cli("central", "make-cert", data_dir=server_dir)
     assert made.returncode == 0, made.stderr
     (cert,) = made.records
+    first_started(server_dir)  # as the server's first start would
     keys_run = run_cli("central", "keys", data_dir=server_dir)
     assert keys_run.returncode == 0, keys_run.stderr
     keys = json.loads(keys_run.stdout)

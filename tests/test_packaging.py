@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 import requests
 
-from tests.central.conftest import free_port, make_case, new_device, seal_case
+from tests.central.conftest import first_started, free_port, make_case, new_device, seal_case
 from tests.helpers import run_cli, wait_until
 from triage_app import cli
 from triage_app.central import server as central_server
@@ -657,7 +657,7 @@ def test_the_central_units_command_serves_verdicts_within_the_units_limits(
     assert made.returncode == 0, made.stderr
     cert = json.loads(made.stdout)["cert"]
     device = new_device()
-    added = run_cli("central", "add-device", device.public_key_b64(), data_dir=data)
+    added = run_cli("central", "add-device", device.public_key_b64(), data_dir=first_started(data))
     assert added.returncode == 0, added.stderr
 
     moved = {

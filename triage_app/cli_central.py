@@ -182,6 +182,25 @@ def _offline_config(args: argparse.Namespace) -> CentralConfig:
     return CentralConfig(data_dir=args.data_dir, allow_plain_http=True)
 
 
+def _server_config(args: argparse.Namespace) -> CentralConfig:
+    """:func:`_offline_config` for the actions on the server's own data (devices, cases, keys).
+
+    Refused when the folder holds no central store: ``central serve`` makes it when it first
+    starts, so a folder without one is not the server's, and the action would register a
+    device, or print keys, in a store and key ring the server never reads.
+    """
+    from triage_app.errors import ConfigError
+
+    config = _offline_config(args)
+    if not config.db_path.is_file():
+        raise ConfigError(
+            f"central: no central store in {config.data_dir} ({config.db_path.name} is "
+            "missing): give the --data-dir `central serve` runs with (the unit's is "
+            "/var/lib/triage-central); the server makes its store when it first starts"
+        )
+    return config
+
+
 CENTRAL_MODEL_NAME = "central-dx-demo"
 
 
@@ -219,7 +238,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _add_device(args: argparse.Namespace) -> int:
     from triage_app.central.storage import CentralStore
 
-    with CentralStore.for_config(_offline_config(args)) as store:
+    with CentralStore.for_config(_server_config(args)) as store:
         record = store.registry.add_device(args.public_key, args.label)
     print(json.dumps(record.to_json()))
     return EXIT_OK
@@ -228,7 +247,7 @@ def _add_device(args: argparse.Namespace) -> int:
 def _revoke_device(args: argparse.Namespace) -> int:
     from triage_app.central.storage import CentralStore
 
-    with CentralStore.for_config(_offline_config(args)) as store:
+    with CentralStore.for_config(_server_config(args)) as store:
         record = store.registry.revoke_device(args.device_id)
     print(json.dumps(record.to_json()))
     return EXIT_OK
@@ -237,7 +256,7 @@ def _revoke_device(args: argparse.Namespace) -> int:
 def _devices(args: argparse.Namespace) -> int:
     from triage_app.central.storage import CentralStore
 
-    with CentralStore.for_config(_offline_config(args)) as store:
+    with CentralStore.for_config(_server_config(args)) as store:
         for record in store.registry.list_devices():
             print(json.dumps(record.to_json()))
     return EXIT_OK
@@ -246,7 +265,7 @@ def _devices(args: argparse.Namespace) -> int:
 def _cases(args: argparse.Namespace) -> int:
     from triage_app.central.storage import CentralStore
 
-    with CentralStore.for_config(_offline_config(args)) as store:
+    with CentralStore.for_config(_server_config(args)) as store:
         cases = store.cases()
     if args.json:
         for case in cases:
@@ -265,7 +284,7 @@ def _cases(args: argparse.Namespace) -> int:
 def _keys(args: argparse.Namespace) -> int:
     from triage_app.central.server import load_key_ring
 
-    ring = load_key_ring(_offline_config(args))
+    ring = load_key_ring(_server_config(args))
     if args.rotate:
         ring.rotate()
     if args.prune_days is not None:

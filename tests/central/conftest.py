@@ -58,6 +58,17 @@ class TestCase:
 
 
 @lru_cache(maxsize=64)
+def first_started(data_dir: Path) -> Path:
+    """What ``central serve`` makes in its data folder when it first starts (its store and key
+    ring), without a server: the admin commands refuse a folder without them."""
+    from triage_app.central.server import load_key_ring
+
+    config = CentralConfig(data_dir=data_dir, allow_plain_http=True)
+    load_key_ring(config)
+    CentralStore.for_config(config).close()
+    return data_dir
+
+
 def make_case(index: int) -> TestCase:
     """Phantom ``index``, de-identified and encoded, with a protocol case id (64 hex).
 
