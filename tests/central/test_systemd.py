@@ -72,21 +72,9 @@ def test_the_watchdog_is_pinged_from_the_event_loop_and_stops_while_it_hangs(
     config = CentralConfig(
         tmp_path / "server", port=0, tls_cert=tls.server_cert, tls_key=tls.server_key
     )
-    loops: list[asyncio.AbstractEventLoop] = []
     release = threading.Event()
-    with open_store(config) as store:
-        app = create_app(config, key_ring=load_key_ring(config), store=store)
-        sock = bind_socket(config.host, 0)
-        port = sock.getsockname()[1]
-        server = make_server(app, config, graceful_s=5, notify=True)
-
-        async def run() -> None:
-            loops.append(asyncio.get_running_loop())
-            await run_server(server, sock)
-
-        thread = threading.Thread(target=asyncio.run, args=(run(),))
-        thread.start()
-        try:
+    try:
+        with notifying_server(config) as (loops, _, port):
             assert notify_socket.recv(64) == b"READY=1"
             # Ready means served: the first request is answered, no retry needed.
             with requests.Session() as http:
@@ -113,12 +101,8 @@ def test_the_watchdog_is_pinged_from_the_event_loop_and_stops_while_it_hangs(
             release.set()
             notify_socket.settimeout(30)
             assert notify_socket.recv(64) == b"WATCHDOG=1"  # the loop turns again
-        finally:
-            release.set()
-            server.should_exit = True
-            thread.join(30)
-            sock.close()
-    assert not thread.is_alive()
+    finally:
+        release.set()
     messages = []
     while b"STOPPING=1" not in messages:
         messages.append(notify_socket.recv(64))
@@ -142,8 +126,8 @@ def test_a_server_in_a_thread_tells_systemd_nothing(
 @contextlib.contextmanager
 def notifying_server(
     config: CentralConfig,
-) -> Iterator[tuple[list[asyncio.AbstractEventLoop], FastAPI]]:
-    """``serve``'s server on port 0 in a thread: its loop (once running) and its app."""
+) -> Iterator[tuple[list[asyncio.AbstractEventLoop], FastAPI, int]]:
+    """``serve``'s server on a free port in a thread: its loop (once running), app and port."""
     loops: list[asyncio.AbstractEventLoop] = []
     with open_store(config) as store:
         app = create_app(config, key_ring=load_key_ring(config), store=store)
@@ -157,7 +141,7 @@ def notifying_server(
         thread = threading.Thread(target=asyncio.run, args=(run(),))
         thread.start()
         try:
-            yield loops, app
+            yield loops, app, sock.getsockname()[1]
         finally:
             server.should_exit = True
             thread.join(30)
@@ -189,7 +173,7 @@ def test_no_ping_while_every_request_thread_is_stuck(
         tmp_path / "server", port=0, tls_cert=tls.server_cert, tls_key=tls.server_key
     )
     release = threading.Event()
-    with notifying_server(config) as (loops, _):
+    with notifying_server(config) as (loops, _, _):
         assert notify_socket.recv(64) == b"READY=1"
         assert notify_socket.recv(64) == b"WATCHDOG=1"
 
@@ -224,7 +208,7 @@ def test_no_ping_once_the_verdict_worker_has_stopped(
         tls_key=tls.server_key,
         model_dir=CENTRAL_MODEL,
     )
-    with notifying_server(config) as (_, app):
+    with notifying_server(config) as (_, app, _):
         assert notify_socket.recv(64) == b"READY=1"
         assert notify_socket.recv(64) == b"WATCHDOG=1"
         app.state.worker.stop()
