@@ -39,6 +39,15 @@ def formatted(rec: logging.LogRecord) -> dict[str, Any]:
     return parsed
 
 
+def test_a_librarys_console_copy_of_the_message_is_left_out() -> None:
+    """uvicorn adds ``color_message``, the message with ANSI escapes, for its own console."""
+    out = formatted(
+        record(msg="Started", args=(), extra={"color_message": "\x1b[1mStarted\x1b[0m"})
+    )
+    assert out["message"] == "Started"
+    assert "color_message" not in out
+
+
 def test_a_record_is_one_json_object_with_time_level_logger_and_message() -> None:
     before = datetime.now(UTC)
     out = formatted(record())

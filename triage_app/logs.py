@@ -23,6 +23,9 @@ _STANDARD_ATTRIBUTES = frozenset(
 ) | {"message", "asctime", "taskName"}
 # Fields of the JSON object itself; an ``extra`` of the same name does not replace them.
 _OWN_FIELDS = frozenset({"ts", "level", "logger", "message", "exc", "stack"})
+# Extras libraries add for their own console: uvicorn's copy of the message with ANSI colours.
+_CONSOLE_EXTRAS = frozenset({"color_message"})
+_NOT_EXTRAS = _STANDARD_ATTRIBUTES | _OWN_FIELDS | _CONSOLE_EXTRAS
 
 
 class JsonLinesFormatter(logging.Formatter):
@@ -41,7 +44,7 @@ class JsonLinesFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         for key, value in record.__dict__.items():
-            if key in _STANDARD_ATTRIBUTES or key in _OWN_FIELDS or key.startswith("_"):
+            if key in _NOT_EXTRAS or key.startswith("_"):
                 continue
             if isinstance(value, float) and not math.isfinite(value):
                 out[key] = str(value)  # JSON has no NaN or infinity
