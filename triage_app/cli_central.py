@@ -66,10 +66,16 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "in the data folder on first run. Under systemd (Type=notify) it says READY=1 once it "
         "listens, pings the watchdog (WatchdogSec=) and says STOPPING=1 when it stops. Exit 0 "
         "after SIGINT or SIGTERM, 2 for a configuration mistake, 75 for a temporary failure "
-        "(its port still taken, its database locked): worth starting again.",
+        "(its port taken by another program, its database locked): worth starting again.",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8443)
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on (default 127.0.0.1; 0.0.0.0 for every IPv4 address)",
+    )
+    serve.add_argument(
+        "--port", type=int, default=8443, help="the TCP port to listen on (default 8443)"
+    )
     serve.add_argument("--tls-cert", type=Path, required=True, help="server certificate (PEM)")
     serve.add_argument("--tls-key", type=Path, required=True, help="its private key (PEM)")
     serve.add_argument(
