@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from tests.dcmtk import free_port
 from tests.escalation.conftest import (
     PATIENT_ID,
@@ -16,10 +18,14 @@ from tests.escalation.conftest import (
     Central,
     Device,
     Escalated,
+    device_identity,
     device_settings,
+    link_for,
+    queue_cases,
     triage,
 )
 from tests.helpers import CliRun, run_cli
+from triage_app.central.certificates import make_self_signed
 from triage_app.config import Settings, save_settings
 from triage_app.escalation.outbox import _MIGRATIONS
 from triage_app.states import CaseState
@@ -102,22 +108,138 @@ def test_release_while_the_server_is_unreachable_leaves_the_cases_held(
     assert "central server keys unknown and the server is unreachable" in run.stderr
 
 
+def drain(settings: Settings, tmp_path: Path) -> CliRun:
+    config = save_settings(settings, tmp_path / "settings.toml")
+    return run_cli("queue", "drain", "--config", config, data_dir=settings.data_dir)
+
+
+def error_lines(run: CliRun) -> list[str]:
+    return [line for line in run.stderr.splitlines() if ": error: " in line]
+
+
 def test_drain_while_the_server_was_never_reachable_is_a_temporary_failure(
     tmp_path: Path,
 ) -> None:
     """Without the server's keys nothing can be sent: exit 75 (try again later), not 2, which
-    would say the settings are wrong; the same line as before."""
-    url = f"https://127.0.0.1:{free_port()}"  # nothing listens there
+    would say the settings are wrong. The one line says where it looked (the URL's origin,
+    never its path) and what the system answered, without -v."""
+    port = free_port()  # nothing listens there
+    url = f"https://127.0.0.1:{port}/site-a"
     settings = device_settings(tmp_path / "device", url, "ab" * 32)
-    config = save_settings(settings, tmp_path / "settings.toml")
-    run = run_cli("queue", "drain", "--config", config, data_dir=settings.data_dir)
+    run = drain(settings, tmp_path)
     assert run.returncode == 75, run.stderr
     assert run.stdout == ""
-    errors = [line for line in run.stderr.splitlines() if ": error: " in line]
-    assert errors == [
+    assert error_lines(run) == [
         "triage-app: error: transport_error: the central server's keys are not known yet: "
-        "it has not been reachable"
+        f"key fetch: cannot reach https://127.0.0.1:{port}: connection refused (ECONNREFUSED); "
+        "check that the central server runs and escalation.central_url (host and port)"
     ], run.stderr
+    assert "site-a" not in run.stderr
+
+
+@pytest.mark.parametrize("keys", ["fetched", "configured"])
+def test_drain_with_a_wrong_pin_stops_for_the_setting_with_the_servers_fingerprint(
+    central: Central, device: Device, tmp_path: Path, keys: str
+) -> None:
+    """A pin that is not the server's certificate is a setting to fix: exit 2 (a service is
+    not restarted on it) with certificate_pin_mismatch, whether the keys were still to fetch
+    (first contact) or known; the line names the setting and the fingerprint the server
+    showed, so the admin can compare it with the one the server's admin has."""
+    stale_pin = make_self_signed(tmp_path / "old-tls").sha256
+    extra = {} if keys == "fetched" else central.public_keys()
+    right = device.settings(central, **extra)
+    if keys == "configured":
+        with link_for(right) as link:
+            (case,) = queue_cases(link, tmp_path / "in", (0,))
+    run = drain(right.with_values(**{"escalation.tls_pin": stale_pin}), tmp_path)
+    assert run.returncode == 2, run.stderr
+    (line,) = error_lines(run)
+    prefix = (
+        "triage-app: error: certificate_pin_mismatch: the central server's keys are not known"
+        " yet: key fetch: "
+        if keys == "fetched"
+        else "triage-app: error: certificate_pin_mismatch: 1 case left waiting: upload: "
+    )
+    assert line.startswith(prefix), run.stderr
+    assert (
+        f"the certificate of https://127.0.0.1:{central.port} does not match escalation.tls_pin"
+        f" (its SHA-256 fingerprint is {central.pin}); nothing was sent" in line
+    )
+    assert central.store.count() == 0
+    if keys == "configured":
+        # The attempt prints the documented code, and the queue keeps it as the case's error.
+        (printed,) = run.records
+        assert (printed["case_id"], printed["outcome"], printed["code"]) == (
+            case.case_id, "retry", "certificate_pin_mismatch",
+        )  # fmt: skip
+        assert "1 sent now" not in run.stderr
+        assert "0 sent now, 1 still waiting, 0 quarantined now" in run.stderr
+        config = save_settings(right, tmp_path / "settings.toml")
+        listed = run_cli("queue", "list", "--json", "--config", config, data_dir=device.data_dir)
+        (record,) = listed.records
+        assert record["state"] == "pending"
+        assert record["last_error"].startswith("certificate_pin_mismatch: upload: ")
+
+
+def test_drain_reports_this_run_and_why_cases_wait_while_the_server_is_down(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    """The counts are this run's, not the queue's lifetime; cases left waiting because the
+    link is down give one line with the last failure and exit 75; once the server is back the
+    next drain sends them without waiting out their backoff."""
+    live = device.settings(central)
+    with link_for(live) as link:  # fetches and keeps the server's keys
+        queue_cases(link, tmp_path / "first", (0, 1))
+    first = drain(live, tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "2 sent now, 0 still waiting, 0 quarantined now" in first.stderr
+    with link_for(live) as link:
+        later = queue_cases(link, tmp_path / "later", (2, 3))
+
+    port = free_port()  # the same server, unreachable: as a central_url without its port
+    down = live.with_values(**{"escalation.central_url": f"https://127.0.0.1:{port}"})
+    tried = sorted((c.case_id, "retry", "transport_error") for c in later)
+    # The second run finds the cases waiting out their backoff (some, or all): it asks the
+    # server's health rather than say nothing.
+    for run_number in range(2):
+        run = drain(down, tmp_path)
+        assert run.returncode == 75, run.stderr
+        assert "0 sent now, 2 still waiting, 0 quarantined now" in run.stderr
+        (line,) = error_lines(run)
+        assert line.startswith("triage-app: error: transport_error: 2 cases left waiting: ")
+        assert f"cannot reach https://127.0.0.1:{port}: connection refused (ECONNREFUSED)" in line
+        assert line.endswith("check that the central server runs and escalation.central_url"
+                             " (host and port)")  # fmt: skip
+        printed = sorted((r["case_id"], r["outcome"], r["code"]) for r in run.records)
+        assert printed == tried if run_number == 0 else set(printed) <= set(tried)
+
+    back = drain(live, tmp_path)
+    assert back.returncode == 0, back.stderr
+    assert "2 sent now, 0 still waiting, 0 quarantined now" in back.stderr
+    assert sorted((r["case_id"], r["outcome"]) for r in back.records) == sorted(
+        (c.case_id, "delivered") for c in later
+    )
+    assert error_lines(back) == []
+
+
+@pytest.mark.expect_log_warnings  # the server logs the refused device
+def test_drain_exits_1_for_the_cases_it_quarantined_and_0_after(
+    central: Central, tmp_path: Path
+) -> None:
+    stranger = Device(tmp_path / "stranger", device_identity(tmp_path / "stranger"))
+    settings = stranger.settings(central)  # a device the server does not know
+    with link_for(settings) as link:
+        (case,) = queue_cases(link, tmp_path / "in", (0,))
+    run = drain(settings, tmp_path)
+    assert run.returncode == 1, run.stderr
+    (printed,) = run.records
+    assert (printed["case_id"], printed["outcome"], printed["code"]) == (
+        case.case_id, "quarantined", "unknown_device",
+    )  # fmt: skip
+    assert "0 sent now, 0 still waiting, 1 quarantined now" in run.stderr
+    again = drain(settings, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "0 sent now, 0 still waiting, 0 quarantined now" in again.stderr
 
 
 def test_an_outbox_written_by_a_newer_version_is_refused_for_good(tmp_path: Path) -> None:

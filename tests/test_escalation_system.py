@@ -123,7 +123,7 @@ def test_queue_drain_delivers_every_queued_case_exactly_once(
     assert sorted((r["case_id"], r["outcome"], r["deliveries"]) for r in drained.records) == [
         (case_id, "delivered", 1) for case_id in ids
     ]
-    assert "3 delivered, 0 waiting, 0 quarantined" in drained.stderr
+    assert "3 sent now, 0 still waiting, 0 quarantined now" in drained.stderr
     listed = queue_records(config, device.data_dir)
     assert sorted((r["case_id"], r["state"]) for r in listed) == [
         (case_id, "delivered") for case_id in ids
@@ -256,7 +256,7 @@ def test_a_killed_queue_drain_s_case_is_taken_back_at_once_by_the_next_drain(
             restarted = run_cli("queue", "drain", "--config", config, data_dir=device.data_dir)
 
             assert restarted.returncode == 0, restarted.stderr
-            assert "3 delivered, 0 waiting, 0 quarantined" in restarted.stderr
+            assert "3 sent now, 0 still waiting, 0 quarantined now" in restarted.stderr
             assert sorted((r["case_id"], r["outcome"]) for r in restarted.records) == sorted(
                 (c.case_id, "delivered") for c in cases
             )

@@ -22,7 +22,7 @@ from triage_app.errors import ConfigError
 
 if TYPE_CHECKING:
     from triage_app.escalation.outbox import OutboxItem
-    from triage_app.escalation.uploader import Attempt
+    from triage_app.escalation.uploader import Attempt, Uploader
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -62,7 +62,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "drain",
         parents=[common],
         help="deliver queued cases to the central server",
-        description="Sends every case that is due now, once, and exits (1 if some remain). "
+        description="Sends every case that is due now, once, prints one JSON object per "
+        "attempt and what this run did (sent now, still waiting, quarantined now), and exits: "
+        "0 when every case due was sent (none left waiting, none quarantined); 75 when cases "
+        "are left waiting because the central server cannot be reached (the reason on one "
+        "line; try again later); 2 when its certificate is not the one escalation.tls_pin "
+        "names; 1 when this run quarantined a case, or cases are left waiting for another "
+        "reason (the server answered with an error, or their next attempt is not due yet). "
         "With --follow it keeps running, sending as cases arrive and retries come due and "
         "fetching the central verdicts, until interrupted (SIGINT or SIGTERM).",
     )
@@ -150,6 +156,7 @@ def _print_attempt(attempt: Attempt) -> None:
             {
                 "case_id": attempt.case_id,
                 "outcome": attempt.outcome,
+                "code": attempt.code,
                 "detail": attempt.detail,
                 "deliveries": attempt.deliveries,
             }
@@ -162,32 +169,63 @@ def _drain(args: argparse.Namespace) -> int:
     from triage_app.escalation.service import open_escalation
 
     settings = settings_from_args(args)
-    link = open_escalation(settings)
+    # The keys are fetched here rather than by open_escalation, which would hold cases
+    # without them: this command stops instead, saying why (link.require_keys).
+    link = open_escalation(settings, fetch_keys=False)
     if link is None:
         raise ConfigError("queue drain: no central server is configured (escalation.central_url)")
-    with link, link.uploader() as uploader:
-        if not args.follow:
-            uploader.follow_key_rotation()  # a device that only drains now and then
-            for attempt in uploader.drain():
-                _print_attempt(attempt)
-            uploader.poll_verdicts()
-            status = link.outbox.status()
-            waiting = status.pending + status.in_flight
-            print(
-                f"{status.delivered} delivered, {waiting} waiting, "
-                f"{status.quarantined} quarantined",
-                file=sys.stderr,
-            )
-            return EXIT_SOME_FAILED if waiting or status.quarantined else EXIT_OK
-        stop = threading.Event()
+    with link:
+        link.require_keys()
+        with link.uploader() as uploader:
+            if not args.follow:
+                return _drain_once(uploader)
+            stop = threading.Event()
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            stop.set()
+            def on_signal(signum: int, frame: FrameType | None) -> None:
+                stop.set()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        uploader.run(stop, on_attempt=_print_attempt)
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+            uploader.run(stop, on_attempt=_print_attempt)
     return EXIT_OK
+
+
+def _drain_once(uploader: Uploader) -> int:
+    """One pass over the queue; the exit status says what is left and why (see --help)."""
+    from triage_app.errors import CertificatePinError, TransportError
+    from triage_app.escalation.service import UNREACHABLE_FIX
+
+    uploader.follow_key_rotation()  # a device that only drains now and then
+    report = uploader.drain_once()
+    for attempt in report.attempts:
+        _print_attempt(attempt)
+    uploader.poll_verdicts()
+    waiting = report.waiting
+    print(
+        f"{report.sent} sent now, {waiting} still waiting, {report.quarantined} quarantined now",
+        file=sys.stderr,
+    )
+    if not waiting:
+        return EXIT_SOME_FAILED if report.quarantined else EXIT_OK
+    left = f"{waiting} case{'s' if waiting > 1 else ''} left waiting: "
+    if report.link_error is not None:
+        code, message = report.link_error
+        if code == CertificatePinError.code:
+            raise CertificatePinError(left + message)
+        down = TransportError(f"{left}{message}; {UNREACHABLE_FIX}")
+        if not report.quarantined:
+            raise down  # exit 75: nothing else went wrong, running again later can succeed
+        print(f"triage-app: error: {down.code}: {down}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    failed = report.last_failure
+    if failed is not None:
+        why = f"the last failure: {failed.detail}"
+    elif report.next_attempt_at is not None:
+        why = f"the next attempt is due at {report.next_attempt_at.isoformat()}"
+    else:
+        why = "in flight with another sender"
+    print(f"triage-app: queue drain: {left}{why}", file=sys.stderr)
+    return EXIT_SOME_FAILED
 
 
 def _release(args: argparse.Namespace) -> int:

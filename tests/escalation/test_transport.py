@@ -320,7 +320,13 @@ def test_a_wrong_pin_fails_closed_before_sending(
 ) -> None:
     with pytest.raises(CertificatePinError) as caught:
         post(pinned(server.port, material.other.fingerprint_sha256))
-    assert material.main.fingerprint_sha256 in str(caught.value)
+    # One line naming the setting to fix and the fingerprint the server showed.
+    assert str(caught.value) == (
+        f"upload: the certificate of https://127.0.0.1:{server.port} does not match "
+        f"escalation.tls_pin (its SHA-256 fingerprint is {material.main.fingerprint_sha256}); "
+        "nothing was sent. If it is the server's (compare with the tls_pin `central make-cert` "
+        "printed there), set escalation.tls_pin to it"
+    )
     assert caught.value.code == "certificate_pin_mismatch"
     assert server.requests == []
     assert server.incomplete == 0
@@ -383,7 +389,7 @@ def test_ca_file_refuses_a_self_signed_stranger(
     config = TransportConfig(
         f"https://127.0.0.1:{stranger_server.port}", ca_file=material.main.ca_cert
     )
-    with pytest.raises(CertificatePinError, match="not trusted"):
+    with pytest.raises(CertificatePinError, match=r"not trusted by escalation\.ca_file"):
         post(config)
     assert stranger_server.requests == []
 
@@ -652,9 +658,25 @@ def test_refused_connections(proxied: tuple[FaultProxy, CentralClient]) -> None:
     proxy, client = proxied
     proxy.refuse()
     error = expect_network_error(lambda: client.post_case(CASE_ID, ENVELOPE))
-    assert "ConnectionRefusedError" in str(error)
+    # Where (the origin with its scheme and port) and the system's reason, in words.
+    assert str(error) == (
+        f"upload: cannot reach https://127.0.0.1:{proxy.port}: connection refused (ECONNREFUSED)"
+    )
     proxy.pass_through()
     assert client.post_case(CASE_ID, ENVELOPE).status == 201
+
+
+def test_a_name_that_does_not_resolve_says_so(material: Material) -> None:
+    """``.invalid`` never resolves (RFC 6761); the path of the URL is never in the message."""
+    config = TransportConfig(
+        "https://central.invalid/site-a", pinned_sha256=material.main.fingerprint_sha256
+    )
+    with client_for(config) as client:
+        error = expect_network_error(client.health, within_s=30)
+    assert str(error).startswith(
+        "health check: cannot reach https://central.invalid:443: name not resolved ("
+    ), error
+    assert "site-a" not in str(error)
 
 
 def test_reset_connections(

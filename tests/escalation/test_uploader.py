@@ -177,11 +177,12 @@ def test_an_outage_is_retried_with_capped_backoff_then_delivered_exactly_once(
                 attempt = uploader.send_next()
 
                 assert attempt is not None and attempt.outcome == "retry"
-                assert "ConnectionRefusedError" in attempt.detail
+                assert "connection refused (ECONNREFUSED)" in attempt.detail
+                assert attempt.code == "transport_error"
                 seen = uploader.connectivity.snapshot()
                 assert seen.online is False
                 assert seen.offline_since == outage_began
-                assert seen.last_error is not None and "ConnectionRefusedError" in seen.last_error
+                assert seen.last_error is not None and "connection refused" in seen.last_error
                 item = item_of(link, case.case_id)
                 assert (item.state, item.attempts) == (OutboxState.PENDING, 1)
                 assert item.last_error is not None and "cannot reach" in item.last_error
@@ -221,6 +222,46 @@ def test_an_outage_is_retried_with_capped_backoff_then_delivered_exactly_once(
             assert spool_gone(link, case.case_id)
             assert store_state(link, case.case_id) is CaseState.DELIVERED
     assert central.deliveries() == {case.case_id: 1}
+
+
+def test_drain_once_says_why_cases_wait_and_sends_them_when_the_link_is_back(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    """``queue drain``'s pass: a run while the server is down reports the failure that left
+    the link down; the next run, before any backoff has passed, asks the server's health and
+    sends the cases that waited for the link."""
+    central.register(device.identity)
+    with FaultProxy("127.0.0.1", central.port) as proxy:
+        settings = device.settings(central, url=proxied_url(proxy), **central.public_keys())
+        with link_for(settings) as link:
+            cases = queue_cases(link, tmp_path / "in", (0, 1))
+            clock = FakeClock()
+            proxy.refuse()
+            with make_uploader(link, clock=clock) as uploader:
+                down = uploader.drain_once()
+
+                assert [a.outcome for a in down.attempts] == ["retry", "retry"]
+                assert (down.sent, down.quarantined, down.waiting) == (0, 0, 2)
+                assert down.link_error is not None
+                code, message = down.link_error
+                assert code == "transport_error"
+                assert message == (
+                    f"upload: cannot reach https://127.0.0.1:{proxy.port}: connection refused "
+                    "(ECONNREFUSED)"
+                )
+                assert down.next_attempt_at is not None and down.next_attempt_at > clock()
+
+            proxy.pass_through()
+            # A new run (a fresh uploader, as a new `queue drain`), at the same time: nothing
+            # is due, yet the link is asked and the cases go.
+            with make_uploader(link, clock=clock) as uploader:
+                back = uploader.drain_once()
+
+            assert sorted((a.case_id, a.outcome) for a in back.attempts) == sorted(
+                (c.case_id, "delivered") for c in cases
+            )
+            assert (back.sent, back.quarantined, back.waiting, back.link_error) == (2, 0, 0, None)
+    assert central.deliveries() == {c.case_id: 1 for c in cases}
 
 
 # --- 3. Drops ----------------------------------------------------------------------------------
@@ -582,7 +623,10 @@ def test_a_certificate_that_is_not_the_pinned_one_gets_nothing_whatever_the_envi
             with make_uploader(link) as uploader:
                 attempt = uploader.send_next()
 
-                assert attempt is not None and attempt.outcome == "pin_mismatch"
+                # Given back to the queue, with the documented code.
+                assert attempt is not None and attempt.outcome == "retry"
+                assert attempt.code == "certificate_pin_mismatch"
+                assert attempt.detail.startswith("certificate_pin_mismatch: upload: ")
                 assert "nothing was sent" in attempt.detail
                 assert uploader.connectivity.snapshot().last_error_code == (
                     "certificate_pin_mismatch"

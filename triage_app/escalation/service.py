@@ -14,15 +14,23 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from triage_app.config import Settings, is_loopback_host
-from triage_app.errors import TransportError
+from triage_app.errors import CertificatePinError, PermanentRejectionError, TransportError
 from triage_app.escalation.keys import DeviceIdentity, load_or_create_device_identity
 from triage_app.escalation.outbox import Outbox
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.escalation.server_keys import CentralKeys, fetch_central_keys, load_central_keys
-from triage_app.escalation.transport import CentralClient, TransportConfig
+from triage_app.escalation.transport import (
+    CentralClient,
+    RetryableTransportError,
+    TransportConfig,
+    http_status_of,
+)
 from triage_app.escalation.uploader import Uploader, UploaderConfig
 
 log = logging.getLogger(__name__)
+
+#: The fix to name when the central server does not answer at all.
+UNREACHABLE_FIX = "check that the central server runs and escalation.central_url (host and port)"
 
 
 def transport_config(settings: Settings) -> TransportConfig | None:
@@ -57,6 +65,8 @@ class EscalationLink:
     device: DeviceIdentity
     client: CentralClient
     keys: CentralKeys | None
+    #: Why the server's keys could not be fetched, when they are not known.
+    keys_error: TransportError | None = None
 
     @property
     def queue(self) -> EscalationQueue | None:
@@ -68,9 +78,7 @@ class EscalationLink:
     def uploader(self) -> Uploader:
         """A sender over this link (enter it with ``with`` to mirror states in the store)."""
         if self.keys is None:
-            raise TransportError(
-                "the central server's keys are not known yet: it has not been reachable"
-            )
+            raise keys_unknown(self.keys_error)
         settings = self.settings
         pinned_keys = bool(settings.server_public_key and settings.receipt_public_key)
         return Uploader(
@@ -84,6 +92,18 @@ class EscalationLink:
             ),
             refresh_keys=None if pinned_keys else self._refresh_keys,
         )
+
+    def require_keys(self) -> CentralKeys:
+        """The server's keys, fetched now when they are not known yet; raises what stands in
+        the way (see :func:`keys_unknown`)."""
+        if self.keys is None:
+            try:
+                self.keys = fetch_central_keys(self.client, self.settings.data_dir)
+            except TransportError as err:
+                self.keys_error = err
+                raise keys_unknown(err) from None
+            self.keys_error = None
+        return self.keys
 
     def _refresh_keys(self) -> CentralKeys:
         """Fetch the server's keys again; later enqueues on this link use the new ones."""
@@ -101,6 +121,28 @@ class EscalationLink:
         self.close()
 
 
+def keys_unknown(err: TransportError | None) -> TransportError:
+    """The error that stops a sender while the server's keys are not known, saying why: the
+    fetch's own error, of its kind. A certificate that is not the pinned one, or a server that
+    refused the fetch for good, is a setting to fix (exit 2); a server that did not answer is
+    temporary (exit 75)."""
+    prefix = "the central server's keys are not known yet: "
+    if err is None:
+        return TransportError(f"{prefix}they have not been fetched")
+    if isinstance(err, CertificatePinError):
+        return CertificatePinError(prefix + err.message)
+    if isinstance(err, PermanentRejectionError):
+        return PermanentRejectionError(f"{prefix}{err.message}; check escalation.central_url")
+    if unreachable(err):
+        return TransportError(f"{prefix}{err.message}; {UNREACHABLE_FIX}")
+    return TransportError(prefix + err.message)
+
+
+def unreachable(err: TransportError) -> bool:
+    """The server did not answer at all (refused, reset, timed out, name not resolved)."""
+    return isinstance(err, RetryableTransportError) and http_status_of(err) is None
+
+
 def open_escalation(settings: Settings, *, fetch_keys: bool = True) -> EscalationLink | None:
     """The link to the configured central server, or None when there is none."""
     config = transport_config(settings)
@@ -113,13 +155,17 @@ def open_escalation(settings: Settings, *, fetch_keys: bool = True) -> Escalatio
         receipt_public_key=settings.receipt_public_key,
     )
     client = CentralClient(config)
+    keys_error: TransportError | None = None
     if keys is None and fetch_keys:
         try:
             keys = fetch_central_keys(client, settings.data_dir)
         except TransportError as err:
+            keys_error = err
             log.warning(
-                "central server keys unknown and the server is unreachable (%s): escalated "
-                "cases are held on this device",
+                "central server keys unknown and %s (%s: %s): escalated cases are held on "
+                "this device",
+                "the server is unreachable" if unreachable(err) else "not fetched",
                 err.code,
+                err.message,
             )
-    return EscalationLink(settings, open_outbox(settings), device, client, keys)
+    return EscalationLink(settings, open_outbox(settings), device, client, keys, keys_error)

@@ -20,10 +20,12 @@ the server's own error code and message.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import re
+import socket
 import ssl
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -198,11 +200,13 @@ class TransportConfig:
 
     @property
     def origin(self) -> str:
-        """``host:port`` for messages (never the path: it may carry a case id)."""
+        """``scheme://host:port`` for messages, the port always written out (the usual mistake
+        is a URL without the server's port) and never the path (it may carry a case id)."""
         parts = urlsplit(self.base_url)
+        scheme = parts.scheme.lower()
         port = parts.port or (443 if self.is_https else 80)
-        host = parts.hostname or ""
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        host = (parts.hostname or "").lower()
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def _tls_pool_kwargs(config: TransportConfig) -> dict[str, Any]:
@@ -380,6 +384,23 @@ def _root_cause(error: BaseException) -> BaseException:
     return plain[-1] if plain else error
 
 
+def _os_reason(cause: BaseException) -> str:
+    """What the operating system said, in words an admin reads: ``connection refused
+    (ECONNREFUSED)``, ``name not resolved (Name or service not known)``, ...; the exception's
+    type and text for anything else."""
+    if isinstance(cause, socket.gaierror):
+        return f"name not resolved ({_one_line(cause.strerror or str(cause))})"
+    if isinstance(cause, ssl.SSLError):  # its errno is OpenSSL's, not the system's
+        return f"TLS error ({_one_line(cause.reason or str(cause))})"
+    if isinstance(cause, TimeoutError) and cause.errno is None:
+        return "timed out"
+    if isinstance(cause, OSError) and isinstance(cause.errno, int):
+        symbol = errno.errorcode.get(cause.errno)
+        if symbol is not None and cause.strerror:
+            return f"{cause.strerror[:1].lower()}{cause.strerror[1:]} ({symbol})"
+    return f"{type(cause).__name__}: {_one_line(str(cause))}"
+
+
 def _one_line(text: str, limit: int = 200) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
@@ -516,27 +537,29 @@ class CentralClient:
         if failure is not None:
             kind, detail = failure
             if kind == "pin":
+                found = (
+                    f"its SHA-256 fingerprint is {detail}"
+                    if detail
+                    else "it presented no certificate"
+                )
                 log.warning(
-                    "%s: certificate of %s does not match the pinned fingerprint (got %s)",
-                    what,
-                    origin,
-                    detail or "no certificate",
+                    "%s: the certificate of %s is not the pinned one (%s)", what, origin, found
                 )
                 return CertificatePinError(
-                    f"{what}: certificate of {origin} does not match the pinned SHA-256 "
-                    f"fingerprint (got {detail or 'no certificate'}); nothing was sent"
+                    f"{what}: the certificate of {origin} does not match escalation.tls_pin "
+                    f"({found}); nothing was sent. If it is the server's (compare with the "
+                    "tls_pin `central make-cert` printed there), set escalation.tls_pin to it"
                 )
             log.warning("%s: certificate of %s is not trusted: %s", what, origin, detail)
             return CertificatePinError(
-                f"{what}: certificate of {origin} is not trusted by the configured CA file "
+                f"{what}: the certificate of {origin} is not trusted by escalation.ca_file "
                 f"({_one_line(detail or 'verification failed')}); nothing was sent"
             )
         if isinstance(exc, requests.Timeout):
             phase = "connecting to" if isinstance(exc, requests.ConnectTimeout) else "waiting for"
             reason = f"timed out {phase} {origin}"
         else:
-            cause = _root_cause(exc)
-            reason = f"cannot reach {origin}: {type(cause).__name__}: {_one_line(str(cause))}"
+            reason = f"cannot reach {origin}: {_os_reason(_root_cause(exc))}"
         log.debug("%s failed: %s", what, reason)
         return RetryableTransportError(f"{what}: {reason}")
 

@@ -100,11 +100,40 @@ class Attempt:
     """What one delivery attempt did (for the CLI's progress lines and for tests)."""
 
     case_id: str
-    # delivered | retry | quarantined | pin_mismatch | lease_lost (another sender took the
-    # case over while this one worked: it is that sender's to report)
+    # delivered | retry (given back to the queue) | quarantined | lease_lost (another sender
+    # took the case over while this one worked: it is that sender's to report)
     outcome: str
     detail: str
     deliveries: int | None = None  # the server's count, once delivered
+    #: The stable error code of a case not delivered (docs/error-codes.md: ``transport_error``,
+    #: ``certificate_pin_mismatch``, ``receipt_invalid``, the server's refusal code, ...).
+    code: str | None = None
+
+
+@dataclass(frozen=True)
+class DrainReport:
+    """What one :meth:`Uploader.drain_once` did, and what it left."""
+
+    attempts: list[Attempt]
+    waiting: int  # cases pending or in flight after the run
+    #: ``(code, message)`` of the failure that left the link down at the end (no answer from
+    #: the server, or a certificate that is not the pinned one); None when it answered.
+    link_error: tuple[str, str] | None
+    next_attempt_at: datetime | None  # when the next waiting case is due
+
+    @property
+    def sent(self) -> int:
+        """Delivered by this run (not those another sender delivered meanwhile)."""
+        return sum(a.outcome == "delivered" and a.deliveries is not None for a in self.attempts)
+
+    @property
+    def quarantined(self) -> int:
+        return sum(a.outcome == "quarantined" for a in self.attempts)
+
+    @property
+    def last_failure(self) -> Attempt | None:
+        """The last attempt of this run that gave its case back to the queue."""
+        return next((a for a in reversed(self.attempts) if a.outcome == "retry"), None)
 
 
 @dataclass(frozen=True)
@@ -222,7 +251,7 @@ class Uploader:
             log.error("ALARM: central server certificate is not the pinned one: %s", err.message)
             # The pinned server was not reached: for the queue that is a link down.
             self.connectivity.mark_failure(err.code, err.message, self._clock())
-            return self._retry(item, err, "pin_mismatch", wait_for_link=True)
+            return self._retry(item, err, "retry", wait_for_link=True)
         except PermanentRejectionError as err:
             self.connectivity.mark_success(self._clock())  # the server answered
             if getattr(err, "server_code", None) == "unknown_server_key":
@@ -278,7 +307,7 @@ class Uploader:
         log.info(
             "case %s not delivered (%s); next attempt in %.1f s", item.case_id, err.code, delay
         )
-        return Attempt(item.case_id, kind, detail)
+        return Attempt(item.case_id, kind, detail, code=err.code)
 
     def _envelope(self, item: OutboxItem) -> memoryview:
         """The case's envelope, if it is this device's envelope for this case and payload and
@@ -299,7 +328,7 @@ class Uploader:
             return self._lease_lost(item)
         self._store_event(item.case_id, CaseEvent.QUARANTINE, "damaged envelope")
         log.error("ALARM: the envelope of case %s is damaged; quarantined", item.case_id)
-        return Attempt(item.case_id, "quarantined", f"{err.code}: {err.message}")
+        return Attempt(item.case_id, "quarantined", f"{err.code}: {err.message}", code=err.code)
 
     def _unreadable(self, item: OutboxItem, err: OutboxError) -> Attempt:
         """The spool file could not be read now (a descriptor limit, an I/O error, a busy
@@ -322,7 +351,7 @@ class Uploader:
         self._store_event(item.case_id, CaseEvent.QUARANTINE, reason)
         log.warning("ALARM: case %s refused by the central server and quarantined (%s)",
                     item.case_id, code)  # fmt: skip
-        return Attempt(item.case_id, "quarantined", reason)
+        return Attempt(item.case_id, "quarantined", reason, code=code)
 
     def _lease_lost(self, item: OutboxItem) -> Attempt:
         """The lease ran out during this attempt and another sender took the case over (this
@@ -360,6 +389,30 @@ class Uploader:
                 break
             attempts.append(attempt)
         return attempts
+
+    def drain_once(self) -> DrainReport:
+        """``queue drain`` without ``--follow``: every case due now, once, and what is left.
+
+        Cases that wait out a backoff drawn while the link was down are not due; when they
+        remain, and this run has not seen the link down, the server's health is asked: if it
+        is back they go now (as :meth:`run` does), and if not the report says why they wait.
+        """
+        attempts = self.drain()
+        link_not_down = self.connectivity.snapshot().online is not False
+        if link_not_down and self.outbox.status().pending and self.probe():
+            attempts += self.drain()
+        status = self.outbox.status()
+        link = self.connectivity.snapshot()
+        link_error = None
+        if link.online is False and link.last_error_code is not None:
+            message = (link.last_error or "").removeprefix(f"{link.last_error_code}: ")
+            link_error = (link.last_error_code, message)
+        return DrainReport(
+            attempts=attempts,
+            waiting=status.pending + status.in_flight,
+            link_error=link_error,
+            next_attempt_at=self.outbox.next_attempt_at(),
+        )
 
     def run(
         self,
