@@ -310,6 +310,32 @@ def test_the_shipped_models_decision_does_not_depend_on_the_encoding(
     assert len(set(outcomes.values())) == 1, outcomes  # same decision, same score
 
 
+@pytest.fixture(scope="module")
+def shipped_central() -> Classifier:
+    return Classifier(BUNDLE.parent / "central-dx-demo")
+
+
+# Seed 777 phantoms whose central verdict changed with the encoding under central-dx-demo 1.0.x's
+# 16-bit equalisation and integer resize (4 of 200; scores up to 0.80 apart), and three that
+# did not.
+CENTRAL_FLIPS = (151, 180, 185, 193)
+
+
+@pytest.mark.parametrize("index", (0, 1, 2, *CENTRAL_FLIPS))
+def test_the_central_verdict_does_not_depend_on_the_encoding(
+    shipped_central: Classifier, index: int
+) -> None:
+    """The central verdict is what a radiologist is shown for a hard case: the same pixels
+    stored another way must not turn it from normal to abnormal."""
+    spec = shipped_central.manifest.preprocessing
+    outcomes = {}
+    for name, image in lossless_re_encodings(render_phantom(777, index)).items():
+        prediction = shipped_central.predict(to_tensor(to_unit_image(image, spec), spec))
+        label = max(prediction.probabilities, key=prediction.probabilities.__getitem__)
+        outcomes[name] = (label, prediction.score)
+    assert len(set(outcomes.values())) == 1, outcomes  # same verdict, same score
+
+
 def test_spec_round_trips_through_json() -> None:
     spec = PreprocessSpec(
         rows=96, columns=112, windowing="header", low_percentile=1.0, high_percentile=98.0,
