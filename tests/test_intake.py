@@ -7,17 +7,20 @@ a file of a given name.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import pwd
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, wait
@@ -517,6 +520,28 @@ def test_a_cut_short_file_is_deferred_while_recent_and_quarantined_once_old(
         assert sorted(f.code for f in store.failures()) == ["empty_file", "truncated"]
 
 
+def test_a_cut_short_file_waited_for_is_logged_once_and_once_more_when_quarantined(
+    make_intake: Any, layout: IntakeLayout, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A zero-byte file (a writer may have created it and not written yet) is read again each
+    time it settles, every 2 s, for the whole wait: it filled the log with one line a read."""
+    layout.inbox.mkdir(parents=True)
+    path = layout.inbox / "DOE^JANE.dcm"
+    path.write_bytes(b"")
+    intake = make_intake(incomplete_timeout_s=60.0)
+
+    for _ in range(3):
+        assert file_all(intake, [path])[path.name].deferred
+    set_age(path, 120)  # the writer never came back
+    assert file_all(intake, [path])[path.name].quarantined
+
+    assert intake_messages(caplog) == [
+        "a file is cut short (empty_file) and may still be being written: it is read again as "
+        "it settles, and quarantined if it stays so 60 s after its last change",
+        "a file still cut short when the 60 s wait was over went to quarantine: empty_file",
+    ]
+
+
 def test_a_file_cut_just_before_its_pixel_data_is_deferred_while_recent_and_refused_once_old(
     make_intake: Any, layout: IntakeLayout, settings: Settings
 ) -> None:
@@ -756,6 +781,361 @@ def test_a_file_that_cannot_be_moved_stays_in_the_inbox_and_is_filed_once_it_can
     assert files_under(layout.inbox) == []
     with CaseStore.open(settings.case_store_path) as store:
         assert len(store.list_cases()) == 1  # recorded at the first try, the same case again
+
+
+# --- files the service user may not read, or not take out of the inbox ---------------------------
+
+# Root reads and moves files whatever their mode, and these tests run as root: the intake runs in
+# a child process as ``nobody`` (see service_user_command) while the test, as root, leaves files
+# in its inbox that nobody may read, in a folder nobody may change, as a site admin might.
+NOBODY = pwd.getpwnam("nobody")
+AS_ROOT = os.geteuid() == 0
+
+
+def service_user_command(*args: str | Path) -> list[str]:
+    """A command line run as an unprivileged service user: ``nobody`` when the tests run as
+    root; the tests' own user otherwise (file modes then refuse it, as they refuse nobody)."""
+    prefix = (
+        ["setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}", "--clear-groups"]
+        if AS_ROOT
+        else []
+    )
+    return [*prefix, sys.executable, *map(str, args)]
+
+
+def give_to_service_user(top: Path, *, recursive: bool = True) -> None:
+    """``top`` (and with ``recursive`` everything under it) the service user's, as its own
+    files would be: a folder it may change, a file it may read."""
+    for path in [top, *top.rglob("*")] if recursive else [top]:
+        if AS_ROOT:
+            os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
+        elif path.is_dir():
+            path.chmod(0o755)
+
+
+def keep_from_service_user(path: Path, *, readable: bool = False) -> None:
+    """A file the service user may not read (or, ``readable``, only read), or a folder it may
+    list but not change: root's, as an admin copying as root leaves them."""
+    if path.is_dir():
+        mode = 0o755 if AS_ROOT else 0o555
+    elif readable:
+        mode = 0o644
+    else:
+        mode = 0o600 if AS_ROOT else 0o000
+    if AS_ROOT:
+        os.chown(path, 0, 0)
+    path.chmod(mode)
+
+
+# Put first in a script run as the service user: it triages in a thread of its own process, not
+# in worker processes, which start the interpreter again from where it lives (here: root's home,
+# which the service user cannot enter). What is tested, the filing, is the same.
+THREAD_TRIAGE = """
+from concurrent.futures import ThreadPoolExecutor
+from triage_app import batch, intake
+from triage_app.pipeline import TriagePipeline
+
+class ThreadTriagePool(batch.TriagePool):
+    def _new_executor(self):
+        self._pipeline = TriagePipeline(self._config)
+        return ThreadPoolExecutor(self._workers)
+
+    def submit(self, path):
+        return self._executor.submit(self._pipeline.run, path)
+
+intake.TriagePool = ThreadTriagePool
+"""
+
+
+@contextlib.contextmanager
+def service_user_home() -> Iterator[Path]:
+    """A folder of the service user's, in one it can reach (pytest's temporary folders are
+    the tests' user's alone), removed afterwards; the folder above it is the test's."""
+    base = Path(tempfile.mkdtemp(prefix="triage-service-user-"))
+    base.chmod(0o755)
+    home = base / "home"
+    home.mkdir()
+    give_to_service_user(home)
+    try:
+        yield home
+    finally:
+        for folder in [home, *(p for p in home.rglob("*") if p.is_dir())]:
+            folder.chmod(0o755)  # a folder kept from the service user (not root) can go
+        shutil.rmtree(base)
+
+
+@pytest.fixture
+def service_home() -> Iterator[Path]:
+    with service_user_home() as home:
+        yield home
+
+
+def test_move_durably_renames_a_file_it_may_not_read_and_syncs_both_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root may read it: the refusal is simulated at open() (the real one is below, as nobody).
+    Neither linked nor copied, it is renamed, and both folders are synced: durable."""
+    source = tmp_path / "inbox" / "scan.dcm"
+    source.parent.mkdir()
+    source.write_bytes(b"bytes nobody may read")
+    target = tmp_path / "quarantine" / "scan.dcm"
+    target.parent.mkdir()
+    inode = source.stat().st_ino
+    real_open = os.open
+
+    def refuse(path: Any, *args: Any, **kwargs: Any) -> int:
+        if Path(path) == source:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    synced: list[Path] = []
+
+    def sync(folder: Path) -> None:
+        synced.append(folder)
+        fsync_dir(folder)
+
+    monkeypatch.setattr(os, "open", refuse)
+    monkeypatch.setattr(intake_module, "fsync_dir", sync)
+    assert move_durably(source, target, expected=FileIdentity.read(source))
+
+    assert not source.exists()
+    assert target.stat().st_ino == inode  # renamed, not copied
+    assert synced == [target.parent, source.parent]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["scan.dcm"]
+
+
+# Moves, as the service user, what argv[1] holds (see the test below) and prints each result.
+_MOVES_AS_THE_SERVICE_USER = """
+import json, sys
+from pathlib import Path
+from triage_app import intake
+
+home = Path(sys.argv[1])
+inbox, done, quarantine = home / "inbox", home / "done", home / "quarantine"
+
+def attempt(move):
+    try:
+        return "moved" if move() else "not moved"
+    except intake.StuckInInboxError as err:
+        return f"stuck {intake._why(err)}"
+
+def refusal(path):
+    refused = intake._cannot_take_out(path)
+    return None if refused is None else intake._why(refused)
+
+jane = inbox / "DOE^JANE.dcm"
+john = inbox / "locked" / "DOE^JOHN.dcm"
+smith = inbox / "locked" / "SMITH^ANN.dcm"
+print(json.dumps({
+    "checked, its own folder": refusal(jane),
+    "checked, locked folder": refusal(john),
+    "checked, sticky folder": refusal(inbox / "sticky" / "SMITH^BOB.dcm"),
+    "unreadable": attempt(lambda: intake.move_durably(
+        jane, quarantine / "DOE^JANE.dcm", expected=intake.FileIdentity.read(jane))),
+    "unreadable, locked folder": attempt(lambda: intake._file_with_note(
+        john, quarantine / "DOE^JOHN.dcm", intake.REASON_SUFFIX, {"code": "unreadable"},
+        intake.FileIdentity.read(john))),
+    "readable, locked folder": attempt(lambda: intake.move_durably(
+        smith, done / "SMITH^ANN.dcm", expected=intake.FileIdentity.read(smith))),
+}))
+"""
+
+
+def test_as_the_service_user_an_unreadable_file_is_moved_and_one_it_may_not_take_out_is_left(
+    service_home: Path,
+) -> None:
+    """A file it may not read is renamed (the same inode, still root's); from a folder it may
+    not change, nothing is moved and nothing is left in the target folders: not the reason
+    file, nor a copy (a root-owned file nobody may write cannot be hard-linked either)."""
+    inbox = service_home / "inbox"
+    jane = inbox / "DOE^JANE.dcm"
+    john = inbox / "locked" / "DOE^JOHN.dcm"
+    smith = inbox / "locked" / "SMITH^ANN.dcm"
+    bob = inbox / "sticky" / "SMITH^BOB.dcm"
+    for path, seed in ((jane, 95), (john, 96), (smith, 97), (bob, 98)):
+        write_phantom(path, seed=seed)
+    for folder in ("done", "quarantine"):
+        (service_home / folder).mkdir()
+    give_to_service_user(service_home)
+    keep_from_service_user(jane)
+    keep_from_service_user(john)
+    keep_from_service_user(smith, readable=True)
+    keep_from_service_user(inbox / "locked")
+    keep_from_service_user(bob, readable=True)
+    keep_from_service_user(inbox / "sticky")
+    (inbox / "sticky").chmod(0o1777)  # a shared drop folder: anyone may add, only owners take
+    before = {path: path.stat() for path in (jane, john, smith)}
+
+    run = subprocess.run(
+        service_user_command("-c", _MOVES_AS_THE_SERVICE_USER, service_home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == {
+        "checked, its own folder": None,
+        "checked, locked folder": "EACCES",
+        # Without root, no file of another user can be made: the tests' user owns them all.
+        "checked, sticky folder": "EPERM" if AS_ROOT else None,
+        "unreadable": "moved",
+        "unreadable, locked folder": "stuck EACCES",
+        "readable, locked folder": "stuck EACCES",
+    }
+    moved = (service_home / "quarantine" / "DOE^JANE.dcm").stat()
+    assert (moved.st_ino, moved.st_uid, moved.st_mode) == (
+        before[jane].st_ino,
+        before[jane].st_uid,
+        before[jane].st_mode,
+    )
+    assert not jane.exists()
+    for path in (john, smith):
+        assert path.stat().st_ino == before[path].st_ino  # left whole, where it was
+    assert sorted(p.name for p in (service_home / "quarantine").iterdir()) == ["DOE^JANE.dcm"]
+    assert list((service_home / "done").iterdir()) == []  # the copy filed in vain is undone
+
+
+# Runs an intake as the service user on argv[1], in three passes; after each, one JSON line of
+# what it filed, whether it takes more files (room) and what it logged. Between the second and
+# the third it waits for a line on stdin (the admin fixing the folder's permissions).
+_INTAKE_AS_THE_SERVICE_USER = """
+import json, logging, sys, time
+from pathlib import Path
+from triage_app import intake as intake_module
+from triage_app.config import Settings
+from triage_app.intake import Intake, IntakeLayout
+
+class Kept(logging.Handler):
+    lines = []
+    def emit(self, record):
+        self.lines.append([record.levelname, record.getMessage()])
+
+logging.getLogger("triage_app").addHandler(Kept())
+logging.getLogger("triage_app").setLevel(logging.INFO)
+intake_module.STUCK_RETRY_FIRST_S = 2.0  # the file's own wait, shorter for the test
+
+home = Path(sys.argv[1])
+layout = IntakeLayout(home / "inbox", home / "done", home / "quarantine")
+settings = Settings({"paths.data_dir": home / "data", "processing.workers": 1})
+locked = sorted((layout.inbox / "locked").iterdir())
+
+def name(path):
+    return None if path is None else str(path.relative_to(home))
+
+def file_all(intake, paths):
+    assert intake.submit(paths) == len(paths)
+    filed = {name(f.source): [f.unfiled, name(f.filed_as), f.retry_code] for f in intake.drain()}
+    print(json.dumps({
+        "filed": filed,
+        "room": intake.room,
+        "waiting": [name(p) for p in locked if intake.is_waiting(p)],
+        "log": Kept.lines,
+    }), flush=True)
+    Kept.lines.clear()
+
+with Intake(settings, layout) as intake:
+    file_all(intake, sorted(p for p in layout.inbox.rglob("*") if p.is_file()))
+    file_all(intake, locked)  # offered again at once all the same
+    sys.stdin.readline()
+    deadline = time.monotonic() + 30
+    while any(intake.is_waiting(p) for p in locked) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    file_all(intake, locked)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_an_unreadable_file_is_quarantined_and_one_stuck_in_the_inbox_holds_up_no_other(
+    service_home: Path,
+) -> None:
+    """The site admin's report: a root-owned 0600 file in the inbox of a service running as
+    an unprivileged user stalled the whole intake (its move opened it for reading), backing
+    off for ever, and left an orphaned reason file. Now it is quarantined by a rename; a file
+    in a folder the service may not change stays, logged once, tried again on its own, and
+    filed once the folder is fixed, while the other files go on."""
+    inbox = service_home / "inbox"
+    write_phantom(inbox / "good.dcm", seed=91)
+    write_phantom(inbox / "DOE^JANE.dcm", seed=92)
+    write_phantom(inbox / "locked" / "DOE^JOHN.dcm", seed=93)
+    write_phantom(inbox / "locked" / "SMITH^ANN.dcm", seed=94)
+    give_to_service_user(service_home)
+    keep_from_service_user(inbox / "DOE^JANE.dcm")
+    keep_from_service_user(inbox / "locked" / "DOE^JOHN.dcm")
+    keep_from_service_user(inbox / "locked" / "SMITH^ANN.dcm", readable=True)
+    keep_from_service_user(inbox / "locked")
+    jane_inode = (inbox / "DOE^JANE.dcm").stat().st_ino
+
+    log = service_home.parent / "intake.log"
+    with (
+        log.open("w") as stderr,
+        subprocess.Popen(
+            service_user_command("-c", THREAD_TRIAGE + _INTAKE_AS_THE_SERVICE_USER, service_home),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        ) as child,
+    ):
+        assert child.stdout is not None and child.stdin is not None
+        passes = [json.loads(child.stdout.readline() or "null") for _ in range(2)]
+        assert None not in passes, log.read_text()
+        first, again = passes
+        assert first["filed"] == {
+            "inbox/good.dcm": [None, "done/good.dcm", None],
+            "inbox/DOE^JANE.dcm": [None, "quarantine/unreadable/DOE^JANE.dcm", None],
+            "inbox/locked/DOE^JOHN.dcm": ["stuck", None, "EACCES"],
+            "inbox/locked/SMITH^ANN.dcm": ["stuck", None, "EACCES"],
+        }
+        assert first["room"] > 0  # no back-off: the next files are taken at once
+        assert first["waiting"] == ["inbox/locked/DOE^JOHN.dcm", "inbox/locked/SMITH^ANN.dcm"]
+        assert again["filed"] == {
+            "inbox/locked/DOE^JOHN.dcm": ["stuck", None, "EACCES"],
+            "inbox/locked/SMITH^ANN.dcm": ["stuck", None, "EACCES"],
+        }
+        assert again["room"] > 0
+        # Nothing filed for the stuck files: no reason file, no sidecar.
+        assert files_under(service_home / "done") == [Path("good.dcm"), Path("good.dcm.json")]
+        assert files_under(service_home / "quarantine") == [
+            Path("unreadable/DOE^JANE.dcm"),
+            Path("unreadable/DOE^JANE.dcm" + REASON_SUFFIX),
+        ]
+        assert (service_home / "quarantine/unreadable/DOE^JANE.dcm").stat().st_ino == jane_inode
+
+        # The admin fixes the folder's permissions (not its files').
+        give_to_service_user(inbox / "locked", recursive=False)
+        child.stdin.write("fixed\n")
+        child.stdin.flush()
+        fixed = json.loads(child.stdout.readline() or "null")
+        assert fixed is not None, log.read_text()
+        child.stdin.close()
+        assert child.wait(timeout=60) == 0, log.read_text()
+
+    assert fixed["filed"] == {
+        "inbox/locked/DOE^JOHN.dcm": [None, "quarantine/unreadable/locked/DOE^JOHN.dcm", None],
+        "inbox/locked/SMITH^ANN.dcm": [None, "done/locked/SMITH^ANN.dcm", None],
+    }
+    assert fixed["waiting"] == []
+    assert files_under(inbox) == []
+    with CaseStore.open(service_home / "data" / "cases.sqlite3") as store:
+        # Nothing was recorded while the files were stuck: each input once.
+        assert len(store.list_cases()) == 2
+        assert REPROCESSED not in [
+            t.event for c in store.list_cases() for t in store.history(c.case_id)
+        ]
+        assert sorted(f.path for f in store.failures()) == [
+            str(service_home / "quarantine/unreadable/DOE^JANE.dcm"),
+            str(service_home / "quarantine/unreadable/locked/DOE^JOHN.dcm"),
+        ]
+    logged = [line for one in (first, again, fixed) for line in one["log"]]
+    problems = [message for level, message in logged if level in {"WARNING", "ERROR"}]
+    assert len(problems) == 2, problems  # one line per stuck file, none per try
+    assert all(m.startswith("a file cannot be taken out of the inbox (EACCES)") for m in problems)
+    assert sum("could not be taken out of the inbox before" in m for _, m in logged) == 2
+    for _, message in logged:
+        assert "DOE" not in message and "SMITH" not in message and "locked" not in message
+        assert str(inbox) not in message
 
 
 # --- one intake per inbox -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ sidecars, and the case store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -30,10 +31,19 @@ from typing import Any
 
 import pytest
 
+from tests.dcmtk import free_port
 from tests.helpers import make_result, phantom_dataset, wait_until, write_phantoms
+from tests.test_intake import (
+    THREAD_TRIAGE,
+    give_to_service_user,
+    keep_from_service_user,
+    service_user_command,
+    service_user_home,
+)
 from triage_app.config import Settings
 from triage_app.escalation.service import open_outbox
 from triage_app.intake import REASON_SUFFIX, SIDECAR_SUFFIX
+from triage_app.metrics import probe_health
 from triage_app.paths import lock_folder
 from triage_app.states import CaseEvent
 from triage_app.store import REPROCESSED, CaseStore
@@ -270,8 +280,10 @@ def test_an_entry_that_cannot_be_examined_is_skipped_with_one_warning_without_it
 
 @pytest.mark.timeout(60)
 def test_a_cut_short_file_that_stopped_growing_is_read_again_once_per_settle_time(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Read again every settle time for the whole wait, but said once: a zero-byte file put
+    one line in the log every 2 s for 5 minutes."""
     timeout_s, settle_s = 3.0, 0.2
     settings = Settings(
         {
@@ -288,9 +300,18 @@ def test_a_cut_short_file_that_stopped_growing_is_read_again_once_per_settle_tim
     cut.write_bytes(data[: len(data) // 2])  # the writer died half-way
     quarantined = settings.watch_quarantine / "truncated" / "cut.dcm"
     stop = threading.Event()
+    service = WatchService(settings)
+    reads: list[Path] = []  # each read that found it still cut short defers it
+    defer = service.tracker.defer
+
+    def read_and_deferred(path: Path) -> None:
+        reads.append(path)
+        defer(path)
+
+    monkeypatch.setattr(service.tracker, "defer", read_and_deferred)
 
     with ThreadPoolExecutor(1) as thread:
-        running = thread.submit(WatchService(settings).run, stop)
+        running = thread.submit(service.run, stop)
         try:
             wait_until(
                 quarantined.exists, timeout_s=30, what="the cut-short file to be quarantined"
@@ -299,9 +320,18 @@ def test_a_cut_short_file_that_stopped_growing_is_read_again_once_per_settle_tim
             stop.set()
         summary = running.result(timeout=30)
 
-    reads = [r for r in caplog.get_records("call") if "not complete yet" in r.getMessage()]
     # Read when it settled, then again every settle time until the timeout: not every tick.
-    assert 1 <= len(reads) <= timeout_s / settle_s + 2
+    assert 2 <= len(reads) <= timeout_s / settle_s + 2
+    said = [
+        r.getMessage()
+        for r in caplog.get_records("call")
+        if r.name == "triage_app.intake" and "cut short" in r.getMessage()
+    ]
+    assert said == [
+        "a file is cut short (truncated) and may still be being written: it is read again as "
+        "it settles, and quarantined if it stays so 3 s after its last change",
+        "a file still cut short when the 3 s wait was over went to quarantine: truncated",
+    ]
     assert summary.quarantined == 1
     assert (quarantined.parent / ("cut.dcm" + REASON_SUFFIX)).is_file()
     with CaseStore.open(settings.case_store_path) as store:
@@ -327,6 +357,171 @@ def test_a_symlink_loop_in_the_inbox_is_quarantined_and_the_service_goes_on(
     assert (quarantined.parent / ("loop.dcm" + REASON_SUFFIX)).is_file()
     assert image_names(settings.watch_done) == ["p000.dcm"]
     assert list(inbox.iterdir()) == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.expect_log_warnings  # the one warning about the file left in the inbox
+def test_once_leaves_a_file_it_may_not_take_out_of_the_inbox_for_the_next_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused only at the move (its folder looked writable): the copy filed in done/ is
+    undone, and a one-off run ends instead of trying the file again and again."""
+    settings = Settings(
+        {
+            "paths.data_dir": tmp_path / "data",
+            "processing.workers": 1,
+            "watch.settle_s": 0.1,
+            "watch.rescan_s": 0.5,
+        }
+    )
+    write_phantoms(settings.watch_inbox, seed=73, count=2)
+    stuck = settings.watch_inbox / "p001.dcm"
+    unlink = Path.unlink
+
+    def refuse_for_stuck(self: Path, missing_ok: bool = False) -> None:
+        if self == stuck:
+            raise PermissionError(errno.EACCES, "Permission denied")  # a sticky folder, say
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse_for_stuck)
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as thread:
+        running = thread.submit(WatchService(settings).run, stop, once=True)
+        try:
+            summary = running.result(timeout=90)
+        finally:
+            stop.set()
+
+    assert (summary.triaged, summary.quarantined, summary.left_stuck) == (1, 0, 1)
+    assert stuck.is_file()
+    assert sorted(p.name for p in settings.watch_done.iterdir()) == ["p000.dcm", "p000.dcm.json"]
+
+
+def write_phantom_file(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(part10_bytes(seed))
+
+
+# The service as the service user: ``triage-app watch`` (argv[1:]), its file's own wait before a
+# retry shorter for the test, triaging in a thread (see tests.test_intake.THREAD_TRIAGE).
+_WATCH_AS_THE_SERVICE_USER = """
+import sys
+from triage_app import intake
+from triage_app.cli import main
+
+intake.STUCK_RETRY_FIRST_S = 0.5
+sys.exit(main(sys.argv[1:]))
+"""
+LOG_LINE = re.compile(r"\S+ \S+ (?P<level>[A-Z]+) (?P<name>[\w.]+): (?P<message>.*)")
+
+
+def app_log_lines(log: Path) -> list[tuple[str, str]]:
+    """(level, message) of each line the app's own loggers wrote."""
+    lines = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        match = LOG_LINE.fullmatch(line)
+        if match and match["name"].startswith("triage_app"):
+            lines.append((match["level"], match["message"]))
+    return lines
+
+
+@pytest.mark.timeout(180)
+def test_as_an_unprivileged_user_a_file_it_may_not_read_or_take_out_stops_nothing(
+    tmp_path: Path,
+) -> None:
+    """The site admin's report, as they ran it: ``triage-app watch`` as an unprivileged user,
+    a root-owned 0600 file dropped in its inbox. It stalled the whole inbox (backing off up to
+    60 s, one ERROR a try), health went failing blaming the store, and the file was never
+    quarantined (its reason file was). Now it is quarantined at once; a file in a folder the
+    service may not change is said once and waits alone, health stays ok, and it is filed
+    once the folder is fixed."""
+    port = free_port()
+    with service_user_home() as home:
+        data = home / "data"
+        settings = Settings({"paths.data_dir": data})
+        locked = settings.watch_inbox / "locked"
+        write_phantom_file(locked / "DOE^JOHN.dcm", seed=81)
+        staging = home / "staging"
+        write_phantom_file(staging / "DOE^JANE.dcm", seed=82)
+        write_phantom_file(staging / "scan.dcm", seed=83)
+        give_to_service_user(home)
+        keep_from_service_user(locked / "DOE^JOHN.dcm")
+        keep_from_service_user(locked)
+        keep_from_service_user(staging / "DOE^JANE.dcm")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+        env.update(
+            {
+                "HOME": str(home),
+                "XDG_CONFIG_HOME": str(home / "config"),
+                "TRIAGE_APP_WATCH__SETTLE_S": str(SETTLE_S),
+                "TRIAGE_APP_WATCH__RESCAN_S": "1.0",
+                "TRIAGE_APP_PROCESSING__WORKERS": "1",
+                "TRIAGE_APP_METRICS__WATCH_PORT": str(port),
+            }
+        )
+        log = tmp_path / "watch.log"
+        script = THREAD_TRIAGE + _WATCH_AS_THE_SERVICE_USER
+        command = service_user_command("-c", script, "watch", "--debug", "--data-dir", data)
+        with (
+            log.open("w") as out,
+            subprocess.Popen(
+                command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            ) as service,
+        ):
+            try:
+                wait_until(
+                    lambda: probe_health(port, 1.0)[0] == 0 or service.poll() is not None,
+                    timeout_s=60,
+                    interval_s=0.2,
+                    what="the service's health endpoint",
+                )
+                assert service.poll() is None, log.read_text()
+                for name in ("DOE^JANE.dcm", "scan.dcm"):
+                    (staging / name).rename(settings.watch_inbox / name)
+                jane = settings.watch_quarantine / "unreadable" / "DOE^JANE.dcm"
+                wait_until(jane.exists, timeout_s=30, what="the unreadable file in quarantine")
+                wait_until(
+                    (settings.watch_done / "scan.dcm").exists,
+                    timeout_s=30,
+                    what="the good file in done/",
+                )
+
+                def tries_of_the_stuck_file() -> int:
+                    return sum("cannot be taken out" in m for _, m in app_log_lines(log))
+
+                # Three failures in a row made health fail, blaming the store: four tries.
+                wait_until(
+                    lambda: tries_of_the_stuck_file() >= 4,
+                    timeout_s=60,
+                    what="four tries of the file in the locked folder",
+                )
+                health = probe_health(port, 5.0)
+                left = sorted(p.name for p in locked.iterdir())
+                reasons = sorted(p.name for p in settings.watch_quarantine.rglob("*.reason.json"))
+
+                give_to_service_user(locked, recursive=False)  # the admin fixes the folder
+                john = settings.watch_quarantine / "unreadable" / "locked" / "DOE^JOHN.dcm"
+                wait_until(john.exists, timeout_s=60, what="the fixed file in quarantine")
+            finally:
+                service.send_signal(signal.SIGTERM)
+                service.wait(timeout=60)
+
+        assert service.returncode == 0, log.read_text()
+        assert health == (0, "ok")
+        assert left == ["DOE^JOHN.dcm"]  # waiting where it was
+        assert reasons == ["DOE^JANE.dcm.reason.json"]  # none for a file that was not moved
+        assert sorted(p.name for p in settings.watch_done.iterdir()) == [
+            "scan.dcm",
+            "scan.dcm.json",
+        ]
+        assert list(settings.watch_inbox.rglob("*.dcm")) == []
+
+    logged = app_log_lines(log)
+    errors = [m for level, m in logged if level == "ERROR"]
+    warnings = [m for level, m in logged if level == "WARNING"]
+    assert errors == []
+    assert len(warnings) == 1 and "cannot be taken out of the inbox (EACCES)" in warnings[0]
+    assert not [m for _, m in logged if "DOE" in m or "locked" in m or "scan.dcm" in m]
 
 
 # --- the real service, in its own process ---------------------------------------------------------

@@ -68,7 +68,9 @@ _OFFLINE_LONG_S = 300.0
 # Health: a file whose outcome cannot be recorded is tried again after the intake's back-off
 # (1 s, doubling), each try waiting out the store's 10 s busy timeout: three in a row is half a
 # minute without one case recorded, longer than any transient lock (a GUI's write takes
-# milliseconds). Two minutes bounds it however the tries are spaced. Then "failing".
+# milliseconds). Two minutes bounds it however the tries are spaced. Then "failing". A file the
+# service may not read or take out of the inbox is that file's problem, not the store's: it is
+# quarantined, or waits on its own (intake.Unfiled.STUCK), and is never counted here.
 _RECORD_FAILURES_FAILING = 3
 _RECORD_STUCK_S = 120.0
 # Health: a held case goes within a minute of the keys becoming known or the outbox making
@@ -186,7 +188,9 @@ class ServiceRuntime:
     def filed(self, filed: FiledOutcome) -> None:
         """Count a filed file, timed from its arrival (the service sets ``submitted_at`` to
         when it first saw the file: the file's own time may be its writer's, years old), or a
-        file left for a retry because its outcome could not be recorded or filed."""
+        file left for a retry because its outcome could not be recorded or filed. A file stuck
+        in the inbox by its own permissions is not a failure to record: the "store" check
+        never hears of it."""
         if filed.unfiled is Unfiled.RETRY:
             self.metrics.record_failures.labels(code=filed.retry_code or "unknown").inc()
             self.record_streak.failed()

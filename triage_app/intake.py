@@ -15,7 +15,10 @@ service (or an admin's ``watch --once``) on the same inbox refuses to start inst
 every file twice and racing to move it. A file that changes or disappears while it is triaged
 is not filed with a result for bytes that are no longer there: it is left for the next pass
 (or forgotten); a failure to record or file an outcome leaves the file in the inbox for a retry
-after a back-off. Log lines never name a file: inbox file names often carry patient names.
+after a back-off. A file the service may not take out of the inbox (no write permission on its
+folder) is a problem of that file alone: it stays, logged once, and is tried again on its own
+while the other files go on. Log lines never name a file: inbox file names often carry patient
+names.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from triage_app.batch import TriagePool, record_outcome, worker_crashed_input
 from triage_app.config import Settings
@@ -61,6 +65,8 @@ from triage_app.store import CaseStore
 
 log = logging.getLogger(__name__)
 
+_V = TypeVar("_V")
+
 # Outcomes that mean "not all there yet" while a writer may still be busy (watch folder only). A
 # file cut just before its pixel data reads as a whole header without pixels: no_pixel_data.
 INCOMPLETE_CODES = frozenset({"truncated", "empty_file", "no_pixel_data"})
@@ -74,6 +80,15 @@ PARTIAL_SUFFIX = ".partial"
 # disk), no file is handed over for this long, doubling up to the cap while failures go on.
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 60.0
+# A file that cannot be taken out of the inbox waits this long before its next try, doubling up
+# to the cap while it stays stuck; the other files are not held up meanwhile.
+STUCK_RETRY_FIRST_S = 5.0
+STUCK_RETRY_MAX_S = 300.0
+# What a move out of the inbox fails with when this user may not change the file's folder.
+_STUCK_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+_TAKEN_OUT_REFUSED = "the file cannot be taken out of its folder"
+# Permissions are checked as the kernel does for a move: for the effective user.
+_EFFECTIVE_IDS = os.access in os.supports_effective_ids
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,11 @@ class Unfiled(StrEnum):
     #: a full disk); the file stays in the inbox. Offer it again: the intake takes no file
     #: until its back-off is over (``room`` is 0 meanwhile).
     RETRY = "retry"
+    #: The file cannot be taken out of the inbox (no write permission on its folder, a
+    #: read-only share): a problem of this file alone, so nothing else waits. It stays, with
+    #: nothing left in done/ or quarantine/ for it; offer it again once its own wait is over
+    #: (:meth:`Intake.is_waiting`).
+    STUCK = "stuck"
 
 
 @dataclass(frozen=True)
@@ -177,9 +197,9 @@ class FiledOutcome:
     submitted_at: float  # time.monotonic() when the file was handed over
     finished_at: float
     unfiled: Unfiled | None = None
-    #: For ``Unfiled.RETRY``: what failed, as a stable error code (``store_error``) or an errno
-    #: name (``ENOSPC``), for the failure counter's label; never a message, which can quote a
-    #: file name.
+    #: For ``Unfiled.RETRY`` and ``Unfiled.STUCK``: what failed, as a stable error code
+    #: (``store_error``) or an errno name (``ENOSPC``), for the failure counter's label; never a
+    #: message, which can quote a file name.
     retry_code: str | None = None
 
     @property
@@ -196,6 +216,19 @@ class FiledOutcome:
 class _HandOver:
     at: float  # time.monotonic()
     identity: FileIdentity
+
+
+@dataclass(frozen=True)
+class _Stuck:
+    """A file's own wait before it is tried again, after it could not leave the inbox."""
+
+    delay_s: float
+    until: float  # time.monotonic()
+
+
+class StuckInInboxError(OSError):
+    """The file cannot be taken out of its folder (no write permission there): a problem of this
+    one file, not of the filing. Nothing was moved. Carries the errno of the refusal."""
 
 
 class Intake:
@@ -245,6 +278,10 @@ class Intake:
         self._closed = False
         self._retry_delay_s = 0.0  # the current back-off; 0 while filing works
         self._paused_until = 0.0  # time.monotonic() before which no file is taken
+        # Per file, until it is filed or gone (one line each, not one per try): the files that
+        # could not leave the inbox, and the cut-short ones waited for (their error code).
+        self._stuck: dict[Path, _Stuck] = {}
+        self._cut_short: dict[Path, str] = {}
 
     # --- hand-over ------------------------------------------------------------------------------
 
@@ -305,6 +342,13 @@ class Intake:
     def is_in_flight(self, path: Path) -> bool:
         with self._lock:
             return path in self._pending
+
+    def is_waiting(self, path: Path) -> bool:
+        """Whether ``path`` could not be taken out of the inbox and its own wait before the
+        next try is not over yet: offer it only once it is (the other files need not wait)."""
+        with self._lock:
+            stuck = self._stuck.get(path)
+        return stuck is not None and time.monotonic() < stuck.until
 
     def held_case_ids(self) -> list[str]:
         """The cases still held for escalation: ``held_release`` triages their filed images
@@ -430,6 +474,8 @@ class Intake:
         ) -> FiledOutcome:
             if why in (Unfiled.CHANGED, Unfiled.GONE):
                 self._crashes.pop(path, None)  # those crashes were another file's
+            if why is Unfiled.GONE:
+                self._done_with(path, filed=False)
             code = None if failure is None else _why(failure)
             return FiledOutcome(
                 path, reported, None, handed.at, time.monotonic(), unfiled=why, retry_code=code
@@ -446,9 +492,16 @@ class Intake:
         if now != handed.identity:
             log.info("a file changed while it was triaged: it will be triaged again")
             return unfiled(Unfiled.CHANGED)
-        if self._still_being_written(outcome, path):
-            log.info("a file is not complete yet; it will be read again once it settles")
+        if isinstance(outcome, FailedInput) and self._still_being_written(outcome, path):
+            self._wait_for_writer(path, outcome.code)
             return unfiled(Unfiled.INCOMPLETE)
+        # Checked before anything is recorded or written: such a file would only be recorded
+        # again at each try, and leave a note in done/ or quarantine/ without its file.
+        refused = _cannot_take_out(path)
+        if refused is not None:
+            self._stuck_in_inbox(path, refused)
+            return unfiled(Unfiled.STUCK, failure=refused)
+        recorded = outcome
         try:
             # The record names where the file will live, so the store and the GUI can find it
             # (and a held case's release can triage it again): a name that is not UTF-8 is
@@ -467,6 +520,11 @@ class Intake:
                 moved = _file_with_note(
                     path, target, SIDECAR_SUFFIX, recorded.to_json(), handed.identity
                 )
+        except StuckInInboxError as err:
+            # Refused at the move all the same (an immutable file, a sticky folder): recorded,
+            # which the next try does again (idempotent), but still this file's problem only.
+            self._stuck_in_inbox(path, err)
+            return unfiled(Unfiled.STUCK, recorded, failure=err)
         except (TriageError, OSError) as err:
             self._failed_to_file(err)
             return unfiled(Unfiled.RETRY, failure=err)
@@ -480,7 +538,64 @@ class Intake:
             log.info("a file was removed from the inbox while it was filed: not filed")
             return unfiled(Unfiled.GONE, recorded)
         self._crashes.pop(path, None)
+        self._done_with(path, filed=True)
         return FiledOutcome(path, recorded, target, handed.at, time.monotonic())
+
+    def _stuck_in_inbox(self, path: Path, err: OSError) -> None:
+        """Give a file that cannot leave the inbox a wait of its own; log it once per file.
+
+        Not the intake's back-off: the store and the other folders work, and the other files
+        must not wait behind this one.
+        """
+        with self._lock:
+            before = self._stuck.get(path)
+            delay = STUCK_RETRY_FIRST_S if before is None else 2 * before.delay_s
+            delay = min(STUCK_RETRY_MAX_S, delay)
+            if before is None:
+                _drop_missing(self._stuck)
+            self._stuck[path] = _Stuck(delay, time.monotonic() + delay)
+        if before is None:
+            fix = (
+                "make it readable by the service user (unread, it cannot be moved to another "
+                "file system)"
+                if err.errno == errno.EXDEV
+                else "check that the service user may change its folder"
+            )
+            log.warning(
+                "a file cannot be taken out of the inbox (%s): %s; it stays there and is "
+                "tried again on its own, at most every %g s, while the other files go on",
+                _why(err),
+                fix,
+                STUCK_RETRY_MAX_S,
+            )
+        else:
+            log.debug("a file still cannot be taken out of the inbox (%s)", _why(err))
+
+    def _wait_for_writer(self, path: Path, code: str) -> None:
+        """Say once per file that a cut-short file is waited for (it is read again each time it
+        settles, every few seconds, until the wait is over)."""
+        with self._lock:
+            if path in self._cut_short:
+                first = False
+            else:
+                first = True
+                _drop_missing(self._cut_short)
+                self._cut_short[path] = code
+        if first:
+            log.info(
+                "a file is cut short (%s) and may still be being written: it is read again "
+                "as it settles, and quarantined if it stays so %g s after its last change",
+                code,
+                self._incomplete_timeout_s,
+            )
+
+    def _done_with(self, path: Path, *, filed: bool) -> None:
+        """The file is filed or gone: forget its waits."""
+        with self._lock:
+            stuck = self._stuck.pop(path, None)
+            self._cut_short.pop(path, None)
+        if stuck is not None and filed:
+            log.info("a file that could not be taken out of the inbox before is filed now")
 
     def _failed_to_file(self, err: TriageError | OSError) -> None:
         """Log a failure to record or file an outcome, and back off before taking more."""
@@ -553,9 +668,19 @@ class Intake:
             "quarantined_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         moved = _file_with_note(path, target, REASON_SUFFIX, reason, identity)
-        if moved:
+        if not moved:
+            return False
+        with self._lock:
+            waited = path in self._cut_short
+        if waited:
+            log.info(
+                "a file still cut short when the %g s wait was over went to quarantine: %s",
+                self._incomplete_timeout_s,
+                failure.code,
+            )
+        else:
             log.info("a file went to quarantine: %s", failure.code)
-        return moved
+        return True
 
 
 def _lock_inbox(inbox: Path) -> int | None:
@@ -593,18 +718,56 @@ def _file_with_note(
     """Write the JSON note next to ``target``, then move the file there (the move is last).
 
     Returns False when the file was not moved because it is no longer the ``identity`` that
-    was triaged (or gone); its note goes too, unless a twin already sits at ``target`` (the
-    note is then the twin's, and right for it).
+    was triaged (or gone); its note goes too, as it does when the move fails, unless a twin
+    already sits at ``target`` (the note is then the twin's, and right for it).
     """
     ensure_private_dir(target.parent)
     text = json.dumps(note, indent=2, sort_keys=True) + "\n"
     note_path = target.with_name(target.name + suffix)
     write_private_file(note_path, text.encode(), sync_folder=False)
-    if move_durably(path, target, expected=identity):
-        return True
+    try:
+        if move_durably(path, target, expected=identity):
+            return True
+    except BaseException:
+        if not os.path.lexists(target):
+            with contextlib.suppress(OSError):
+                note_path.unlink(missing_ok=True)
+        raise
     if not os.path.lexists(target):
         note_path.unlink(missing_ok=True)
     return False
+
+
+def _drop_missing(entries: dict[Path, _V]) -> None:
+    """Forget the files no longer there (removed while waiting, never handed over again)."""
+    for path in [p for p in entries if not os.path.lexists(p)]:
+        del entries[path]
+
+
+def _cannot_take_out(path: Path) -> StuckInInboxError | None:
+    """Why this user may not take ``path`` out of its folder, or None when it may, as far as
+    can be told without trying (an immutable file refuses only at the move:
+    :func:`move_durably` raises :class:`StuckInInboxError` then).
+
+    Taking a file out changes its folder, not the file: what counts is write permission on
+    the folder, whatever the file's own mode, and in a sticky folder (``/tmp``'s mode, a shared
+    drop folder) owning the file or the folder.
+    """
+    folder = path.parent
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+        folder_status = folder.stat()
+        owner = os.lstat(path).st_uid
+    except OSError:
+        return None  # the move will tell
+    if read_only:
+        return StuckInInboxError(errno.EROFS, "the inbox is on a read-only file system")
+    if not os.access(folder, os.W_OK | os.X_OK, effective_ids=_EFFECTIVE_IDS):
+        return StuckInInboxError(errno.EACCES, "no write permission on the file's folder")
+    me = os.geteuid()
+    if folder_status.st_mode & stat.S_ISVTX and me not in (0, owner, folder_status.st_uid):
+        return StuckInInboxError(errno.EPERM, "a sticky folder, and another user's file")
+    return None
 
 
 def _is_real_dir(path: Path) -> bool:
@@ -645,7 +808,10 @@ def move_durably(source: Path, target: Path, *, expected: FileIdentity | None = 
     triaged again (same case, same bytes). Not a rename out of the inbox: watchdog holds every
     "moved out" event for half a second waiting for its pair, and all the inbox's later events
     wait behind it, so a busy inbox would be seen late. Where links are impossible (another
-    filesystem, a share without them) the bytes are copied and fsynced.
+    filesystem, a share without them) the bytes are copied and fsynced. A file this user may
+    not read can be neither linked (the kernel's protected hard links) nor copied: it is
+    renamed, which needs write permission on the two folders only (see
+    :func:`_rename_unreadable`).
 
     Until it is renamed into place, the link or copy has a temporary name the start-up clean-up
     knows (:meth:`IntakeLayout.remove_crash_leftovers`), and it is locked from its first
@@ -655,7 +821,9 @@ def move_durably(source: Path, target: Path, *, expected: FileIdentity | None = 
     Returns False, having moved nothing, when ``source`` is gone or is no longer the
     ``expected`` version (replaced or rewritten since it was triaged): it stays for the next
     pass. A file put in the source's place after the move (a scanner re-sending the instance,
-    renamed over it) is left where it is too: only the file that was moved is removed.
+    renamed over it) is left where it is too: only the file that was moved is removed. Raises
+    :class:`StuckInInboxError`, having moved nothing, when the source may not be taken out of its
+    folder.
     """
     try:
         entry = os.lstat(source)
@@ -672,6 +840,8 @@ def move_durably(source: Path, target: Path, *, expected: FileIdentity | None = 
                 fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except FileNotFoundError:
                 return False
+            except PermissionError:
+                return _rename_unreadable(source, target, entry)
             held.callback(os.close, fd)
             if not _same_inode(os.fstat(fd), entry):
                 return False  # replaced in the instant since it was examined
@@ -682,7 +852,9 @@ def move_durably(source: Path, target: Path, *, expected: FileIdentity | None = 
         tmp = _stage(source, target, entry, fd, held)
         if tmp is None:
             return False
+        took_free_name = not os.path.lexists(target)
         try:
+            placed = os.lstat(tmp)
             tmp.replace(target)
         finally:
             tmp.unlink(missing_ok=True)  # (its lock goes only after this, with ``held``)
@@ -690,7 +862,53 @@ def move_durably(source: Path, target: Path, *, expected: FileIdentity | None = 
     if not _is_same_file(source, entry):
         log.info("a new file took the place of one just filed: left for the next pass")
         return True
-    source.unlink(missing_ok=True)
+    try:
+        source.unlink(missing_ok=True)
+    except OSError as err:
+        if err.errno not in _STUCK_ERRNOS:
+            raise
+        # Undone, so that the file is in one place, not filed while it stays in the inbox
+        # (a twin's place is left as it was: its own file has the same bytes).
+        if took_free_name and _is_same_file(target, placed):
+            target.unlink()
+            fsync_dir(target.parent)
+        raise StuckInInboxError(err.errno, _TAKEN_OUT_REFUSED) from None
+    fsync_dir(source.parent)
+    return True
+
+
+def _rename_unreadable(source: Path, target: Path, entry: os.stat_result) -> bool:
+    """Move a file this user may not read: a rename, durable once both folders are synced.
+
+    Neither linked nor copied, so no temporary name and no lock: nothing for the start-up
+    clean-up to mistake. Seen by watchdog as a move out of the inbox (its later events wait
+    half a second for a pair), which such rare files can afford. A file renamed over the
+    source in the instant since it was examined would be moved in its place: it is put back
+    (unless yet another took the source's name meanwhile: then it stays, with a warning).
+    """
+    try:
+        source.replace(target)
+    except FileNotFoundError:
+        if not os.path.lexists(source):
+            return False
+        raise  # the target folder is missing
+    except OSError as err:
+        # The refusal is the source folder's unless the target folder is not writable
+        # either (a filing problem, for every file alike). Across file systems a file that
+        # cannot be read cannot be moved at all.
+        writable = os.access(target.parent, os.W_OK | os.X_OK, effective_ids=_EFFECTIVE_IDS)
+        if err.errno == errno.EXDEV or (err.errno in _STUCK_ERRNOS and writable):
+            raise StuckInInboxError(err.errno, _TAKEN_OUT_REFUSED) from None
+        raise
+    if not _is_same_file(target, entry):
+        if os.path.lexists(source):
+            log.warning("a file put in the place of one being filed was moved with it: it stays")
+        else:
+            target.replace(source)
+        fsync_dir(target.parent)
+        fsync_dir(source.parent)
+        return False
+    fsync_dir(target.parent)
     fsync_dir(source.parent)
     return True
 

@@ -8,7 +8,10 @@ only after ``watch.incomplete_timeout_s``.
 
 Nothing one inbox entry does stops the service: an entry that cannot be followed (a symbolic
 link loop, a target it may not read) settles as the entry itself and is quarantined as
-``unreadable``; one it cannot even examine is skipped, with one path-free warning.
+``unreadable``, and so is a file the service user may not read; one it cannot even examine is
+skipped, with one path-free warning, and one it may not take out of the inbox (no write
+permission on its folder) waits on its own schedule (see ``Unfiled.STUCK``) while the other
+files go on.
 """
 
 from __future__ import annotations
@@ -93,6 +96,12 @@ class SettleTracker:
             return  # gone, or unusable: the next rescan finds it again if it is still there
         with self._lock:
             self._seen[path] = (_Signature(stat.st_size, stat.st_mtime_ns), self._clock())
+
+    def forget(self, path: Path) -> None:
+        """Stop tracking ``path`` (a one-off run leaves it for the next)."""
+        with self._lock:
+            self._seen.pop(path, None)
+            self._first_seen.pop(path, None)
 
     def note_all(self, paths: Iterator[Path]) -> None:
         now = self._clock()
@@ -202,6 +211,7 @@ class WatchSummary:
     triaged: int = 0
     quarantined: int = 0
     left_incomplete: int = 0
+    left_stuck: int = 0  # could not be taken out of the inbox: left for the next run
 
 
 class WatchService:
@@ -227,6 +237,8 @@ class WatchService:
         self._on_filed = on_filed or (lambda _filed: None)
         self._on_tick = on_tick or (lambda: None)
         self.tracker = SettleTracker(settings.watch_settle_s)
+        # Files one run (``once``) leaves for the next: a rescan must not offer them again.
+        self._left: set[Path] = set()
 
     def run(self, stop: threading.Event, *, once: bool = False) -> WatchSummary:
         settings = self.settings
@@ -244,6 +256,11 @@ class WatchService:
             self.layout, settings.done_retention_days, intake.held_case_ids, reseal_cases=reseal
         )
         observer = None if once else self._start_observer()
+        self._left.clear()
+
+        def not_now(path: Path) -> bool:
+            return intake.is_in_flight(path) or intake.is_waiting(path)
+
         try:
             log.info("watching the inbox (%d workers)", settings.workers)
             self.tracker.note_all(inbox_files(self.layout.inbox))
@@ -252,7 +269,7 @@ class WatchService:
                 retention.tick()  # a batch at start, then hourly (intake.done_retention_days)
                 room = intake.room
                 if room > 0:
-                    settled = self.tracker.settled(room, intake.is_in_flight)
+                    settled = self.tracker.settled(room, not_now)
                     intake.submit(settled)
                     for path in settled:
                         if not intake.is_in_flight(path):
@@ -263,7 +280,8 @@ class WatchService:
                 if once and not len(self.tracker) and not intake.in_flight:
                     break
                 if time.monotonic() >= next_rescan:
-                    self.tracker.note_all(inbox_files(self.layout.inbox))
+                    found = inbox_files(self.layout.inbox)
+                    self.tracker.note_all(p for p in found if p not in self._left)
                     next_rescan = time.monotonic() + settings.watch_rescan_s
         finally:
             if observer is not None:
@@ -284,10 +302,25 @@ class WatchService:
         observer.start()
         return observer
 
+    def _leave(self, path: Path) -> None:
+        """Leave ``path`` for the next run: a rescan while it was in flight noted it again."""
+        self._left.add(path)
+        self.tracker.forget(path)
+
     def _account(self, filed: FiledOutcome, summary: WatchSummary, *, once: bool) -> None:
         if filed.unfiled is Unfiled.INCOMPLETE:
             if once:
                 summary.left_incomplete += 1  # stays in the inbox for the next run
+                self._leave(filed.source)
+            else:
+                self.tracker.defer(filed.source)
+            return
+        if filed.unfiled is Unfiled.STUCK:
+            # This file's problem alone (logged by the intake): not a failure to record, so
+            # health does not hear of it; offered again once its own wait is over.
+            if once:
+                summary.left_stuck += 1
+                self._leave(filed.source)
             else:
                 self.tracker.defer(filed.source)
             return
