@@ -449,6 +449,40 @@ def test_a_port_in_use_is_a_clear_receiver_error(tmp_path: Path) -> None:
     with DicomReceiver(settings), pytest.raises(ReceiverError, match="cannot listen") as caught:
         DicomReceiver(settings).start()
     assert caught.value.code == "receiver_error"
+    assert caught.value.temporary  # the instance before still closing it: a restart finds it free
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        # TEST-NET-1 (RFC 5737): never an address of this machine.
+        ("192.0.2.1", "Cannot assign requested address"),
+        ("no-such-host.invalid", None),  # RFC 2606: never resolves; the resolver's own words
+    ],
+)
+def test_an_address_not_of_this_machine_is_a_setting_to_fix_naming_it(
+    tmp_path: Path, address: str, reason: str | None
+) -> None:
+    """Not the temporary receiver_error (exit 75, restarted every 5 s for ever): a restart
+    cannot give the machine that address. As ``central serve`` does (``bind_socket``)."""
+    settings = receiver_settings(tmp_path / "receiver", receiver__bind_address=address)
+    port = settings.receiver_port
+
+    with pytest.raises(ConfigError) as caught:
+        DicomReceiver(settings).start()
+
+    assert caught.value.code == "config_invalid"
+    assert not caught.value.temporary
+    message = str(caught.value)
+    assert message.startswith(
+        f"receiver.bind_address: cannot listen for DICOM on {address}:{port} ("
+    )
+    assert message.endswith(
+        "): it must be an address of this machine (ip -brief address lists them), or 0.0.0.0 "
+        "for all of them"
+    )
+    if reason is not None:
+        assert f"({reason})" in message
 
 
 # --- settings: the max wait and the network timeouts -----------------------------------------

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import pwd
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -115,3 +124,181 @@ def test_a_secret_created_concurrently_wins_over_ours(
     monkeypatch.setattr("triage_app.secrets.write_private_file", other_process_first)
     assert load_or_create_site_secret(tmp_path) == theirs
     assert site_secret_path(tmp_path).read_bytes() == theirs
+
+
+# --- Files the service user may not use -----------------------------------------------------------
+
+# Root uses any file whatever its mode, and these tests run as root: what the service user meets
+# is run in a child process as ``nobody`` (the service user here), in folders the test, as root,
+# leaves root's, as an admin's first run as root does (``sudo triage-app device``).
+SERVICE_USER = pwd.getpwnam("nobody")
+ROOT = pwd.getpwuid(0).pw_name
+
+
+def as_service_user(*args: str | Path) -> list[str]:
+    """A Python command line run as the service user, without root's powers."""
+    assert os.geteuid() == 0, "these tests give files to another user: run them as root"
+    return [
+        "setpriv",
+        f"--reuid={SERVICE_USER.pw_uid}",
+        f"--regid={SERVICE_USER.pw_gid}",
+        "--clear-groups",
+        sys.executable,
+        *map(str, args),
+    ]
+
+
+def service_user_env(home: Path) -> dict[str, str]:
+    """The environment for a command as the service user: a home it may read (root's may not
+    be, and the default settings file is looked for there), no settings of the tests' own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIAGE_APP_", "XDG_"))}
+    env.update(HOME=str(home), PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
+@contextlib.contextmanager
+def reachable_folder() -> Iterator[Path]:
+    """A new folder the service user may enter (pytest's are under root's 0700 folder), and
+    everything in it removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="triage-access-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+def give_to_service_user(*paths: Path, mode: int = 0o700) -> None:
+    for path in paths:
+        os.chown(path, SERVICE_USER.pw_uid, SERVICE_USER.pw_gid)
+        path.chmod(mode)
+
+
+def run_as_service_user(script: str, *args: str | Path, home: Path) -> dict[str, str | None]:
+    """Run ``script`` (which prints one JSON object) as the service user; return the object."""
+    run = subprocess.run(
+        as_service_user("-c", script, *args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=service_user_env(home),
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    result: dict[str, str | None] = json.loads(run.stdout)
+    return result
+
+
+_LOAD_SECRET = """
+import json, sys
+from pathlib import Path
+from triage_app.errors import ConfigError
+from triage_app.secrets import load_or_create_site_secret
+try:
+    load_or_create_site_secret(Path(sys.argv[1]))
+    print(json.dumps({"error": None}))
+except ConfigError as err:
+    print(json.dumps({"error": str(err)}))
+"""
+
+
+def test_a_key_folder_left_to_root_is_refused_as_unreadable_with_the_fix() -> None:
+    """An admin ran ``triage-app device`` as root first: the key folder is root's. Whether the
+    secret is in it cannot be told, so the line says "cannot read", and how to fix it (it was
+    an unexpected PermissionError, an internal error, before)."""
+    with reachable_folder() as base:
+        data = base / "data"
+        load_or_create_site_secret(data)  # as root
+        give_to_service_user(base, data)
+        keys = data / "keys"
+
+        result = run_as_service_user(_LOAD_SECRET, data, home=base)
+
+        assert result["error"] == (
+            f"{keys}: cannot read the key folder: owned by {ROOT}, not by nobody, the user this "
+            f"runs as (mode 0700): chown -R nobody: {data}"
+        )
+
+
+def test_a_site_secret_left_to_root_says_cannot_read_it_and_the_fix() -> None:
+    with reachable_folder() as base:
+        data = base / "data"
+        secret = load_or_create_site_secret(data)  # as root
+        give_to_service_user(base, data, data / "keys")
+
+        result = run_as_service_user(_LOAD_SECRET, data, home=base)
+
+        path = site_secret_path(data)
+        assert result["error"] == (
+            f"{path}: cannot read the site secret: owned by {ROOT}, not by nobody, the user this "
+            f"runs as (mode 0600): chown -R nobody: {data}"
+        )
+        assert path.read_bytes() == secret  # refused, not replaced
+
+
+def test_a_site_secret_that_cannot_be_created_says_why() -> None:
+    """A key folder of the service user's that it may not write in (0500): a clear line, not
+    an internal error."""
+    with reachable_folder() as base:
+        data = base / "data"
+        (data / "keys").mkdir(parents=True)
+        give_to_service_user(base, data)
+        give_to_service_user(data / "keys", mode=0o500)
+
+        result = run_as_service_user(_LOAD_SECRET, data, home=base)
+
+        path = site_secret_path(data)
+        assert result["error"] == (
+            f"{path}: cannot write the site secret: its mode is 0500: chmod u+rwx {data / 'keys'}"
+        )
+        assert not path.exists()
+
+
+_ACCESS_PROBLEMS = """
+import json, os, sys
+from pathlib import Path
+from triage_app.secrets import FOLDER_ACCESS, access_problem
+base = Path(sys.argv[1])
+print(json.dumps({
+    "its own folder": access_problem(base / "own", FOLDER_ACCESS),
+    "its own, read-only": access_problem(base / "own" / "read-only", FOLDER_ACCESS),
+    "root's file": access_problem(base / "own" / "roots.bin", os.R_OK),
+    "root's file, in a tree": access_problem(
+        base / "own" / "roots.bin", os.R_OK, tree=base / "own"
+    ),
+    "to make in root's folder": access_problem(base / "roots" / "new" / "deeper", FOLDER_ACCESS),
+    "behind root's folder": access_problem(base / "closed" / "open", FOLDER_ACCESS),
+    "behind root's folder, in a tree": access_problem(
+        base / "closed" / "open", FOLDER_ACCESS, tree=base / "closed"
+    ),
+}))
+"""
+
+
+def test_access_problems_name_the_obstacle_and_the_fix() -> None:
+    with reachable_folder() as base:
+        own, roots, closed = base / "own", base / "roots", base / "closed"
+        for folder in (own, own / "read-only", roots, closed, closed / "open"):
+            folder.mkdir()
+        (own / "roots.bin").write_bytes(b"root's")
+        (own / "roots.bin").chmod(0o600)
+        roots.chmod(0o755)
+        closed.chmod(0o700)
+        give_to_service_user(own, closed / "open")
+        give_to_service_user(own / "read-only", mode=0o500)
+
+        result = run_as_service_user(_ACCESS_PROBLEMS, base, home=base)
+
+        by_root = f"owned by {ROOT}, not by nobody, the user this runs as"
+        assert result == {
+            "its own folder": None,
+            "its own, read-only": f"its mode is 0500: chmod u+rwx {own / 'read-only'}",
+            "root's file": f"{by_root} (mode 0600): chown nobody: {own / 'roots.bin'}",
+            "root's file, in a tree": f"{by_root} (mode 0600): chown -R nobody: {own}",
+            "to make in root's folder": f"{roots} is {by_root} (mode 0755): create it for nobody "
+            f"first (install -d -o nobody -m 700 {roots / 'new' / 'deeper'})",
+            "behind root's folder": f"{closed} is {by_root} (mode 0700): let nobody in (e.g. "
+            f"chmod o+x {closed}) or choose another folder",
+            "behind root's folder, in a tree": f"{closed} is {by_root} (mode 0700): chown -R "
+            f"nobody: {closed}",
+        }

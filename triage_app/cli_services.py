@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,8 +17,10 @@ from triage_app.cli_common import (
     settings_from_args,
 )
 from triage_app.errors import ConfigError
+from triage_app.secrets import FOLDER_ACCESS, access_problem
 
 if TYPE_CHECKING:
+    from triage_app.config import Settings
     from triage_app.metrics import ServiceMetrics
     from triage_app.receiver import DicomReceiver
 
@@ -77,9 +80,11 @@ def _watch(args: argparse.Namespace) -> int:
     if args.inbox is not None:
         settings = settings.with_values(**{"watch.inbox_dir": args.inbox.absolute()})
     _require_folders(
+        settings,
         ("watch.inbox_dir", settings.watch_inbox),
         ("watch.done_dir", settings.watch_done),
         ("watch.quarantine_dir", settings.watch_quarantine),
+        quarantine=settings.watch_quarantine,
     )
     stop = stop_on_signals()
     # A one-off run leaves delivery to `queue drain` or the running services, and serves no
@@ -95,13 +100,19 @@ def _watch(args: argparse.Namespace) -> int:
         )
         runtime.ready()
         summary = service.run(stop, once=args.once)
+    stuck = (
+        f", {summary.left_stuck} left in the inbox (cannot be moved out of it: see the log)"
+        if summary.left_stuck
+        else ""
+    )
     print(
         f"triage-app watch: {summary.triaged} triaged, {summary.quarantined} quarantined, "
-        f"{summary.left_incomplete} left in the inbox (still being written)",
+        f"{summary.left_incomplete} left in the inbox (still being written){stuck}",
         file=sys.stderr,
     )
     # A one-off run reports like `classify`; a service stopped on purpose has done its job.
-    return EXIT_SOME_FAILED if args.once and summary.quarantined else EXIT_OK
+    failed = summary.quarantined or summary.left_stuck
+    return EXIT_SOME_FAILED if args.once and failed else EXIT_OK
 
 
 def _receive(args: argparse.Namespace) -> int:
@@ -113,7 +124,13 @@ def _receive(args: argparse.Namespace) -> int:
         settings = settings.with_values(**{"receiver.port": args.port})
     if args.ae_title is not None:
         settings = settings.with_values(**{"receiver.ae_title": args.ae_title})
-    _require_folders(("receiver.storage_dir", settings.receiver_storage))
+    storage = settings.receiver_storage
+    _require_folders(
+        settings,
+        ("receiver.storage_dir", storage),
+        *(("receiver.storage_dir", storage / name) for name in ("incoming", "done", "quarantine")),
+        quarantine=storage / "quarantine",
+    )
     stop = stop_on_signals()
     with ServiceRuntime(
         settings,
@@ -133,12 +150,58 @@ def _receive(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _require_folders(*folders: tuple[str, Path]) -> None:
-    """Refuse a service folder that exists as something else (a file): a settings mistake the
-    admin fixes, not a crash (exit 70) at the first mkdir."""
+def _require_folders(
+    settings: Settings, *folders: tuple[str, Path], quarantine: Path | None = None
+) -> None:
+    """Refuse, before the service starts, a folder of its own that this user may not use, or
+    that exists as something else (a file): a setup mistake the admin fixes (exit 2), not an
+    internal error (70) at the first mkdir, nor a "temporary" one (75) restarted for ever.
+
+    Checked: the data folder, the case store (the file, its journals and its folder), the
+    outbox with a central server, the service's own ``folders`` and the code folders in its
+    ``quarantine``. The key folder and its files are checked where they are read (the site
+    secret, the device key); folders below the inbox, ``done/`` and the spool are not (their
+    names may come from the sender, and a message must not quote them), and a file there that
+    cannot be filed waits in the inbox, the service reporting it on ``/health``.
+    """
+    data_dir = settings.data_dir
+    store = settings.case_store_path
+    store_tree = data_dir if store.is_relative_to(data_dir) else store.parent
+    _require_folder("paths.data_dir", data_dir, tree=data_dir)
+    # SQLite makes its journals next to the store: a folder it may write in, not list.
+    _require_usable("paths.case_store", store.parent, os.W_OK | os.X_OK, tree=store_tree)
+    for suffix in ("", "-wal", "-shm", "-journal"):  # SQLite's own names
+        journal = store.with_name(store.name + suffix)
+        if journal.exists():
+            _require_usable("paths.case_store", journal, os.R_OK | os.W_OK, tree=store_tree)
+    if settings.central_url is not None:
+        _require_folder("paths.data_dir", settings.outbox_dir, tree=data_dir)
+    # A folder outside the data folder is fixed from the setting's own folder down.
+    trees: dict[str, Path] = {}
     for key, path in folders:
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"{key}: not a folder: {path}")
+        trees.setdefault(key, data_dir if path.is_relative_to(data_dir) else path)
+        _require_folder(key, path, tree=trees[key])
+    if quarantine is not None and quarantine.is_dir():
+        key = next(key for key, path in folders if path == quarantine)
+        for code in quarantine.iterdir():  # quarantine/<error code>/
+            if code.is_dir() and not code.is_symlink():
+                _require_folder(key, code, tree=trees[key])
+
+
+def _require_folder(key: str, path: Path, *, tree: Path) -> None:
+    try:
+        not_a_folder = path.exists() and not path.is_dir()
+    except OSError:
+        not_a_folder = False  # it cannot be told: the access check below says why
+    if not_a_folder:
+        raise ConfigError(f"{key}: not a folder: {path}")
+    _require_usable(key, path, FOLDER_ACCESS, tree=tree)
+
+
+def _require_usable(key: str, path: Path, need: int, *, tree: Path) -> None:
+    problem = access_problem(path, need, tree=tree)
+    if problem is not None:
+        raise ConfigError(f"{key}: cannot use {path}: {problem}")
 
 
 def _receiver_metrics(metrics: ServiceMetrics, receiver: DicomReceiver) -> None:

@@ -28,7 +28,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import os
 import shutil
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -59,16 +61,22 @@ from pynetdicom.transport import AssociationServer
 
 from triage_app.config import Settings
 from triage_app.dicom.reader import read_dataset
-from triage_app.errors import InputError, ReceiverError
+from triage_app.errors import ConfigError, InputError, ReceiverError
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.intake import FiledOutcome, Intake, IntakeLayout, Unfiled
 from triage_app.paths import ensure_private_dir, fsync_dir, write_private_file
 from triage_app.retention import DoneRetention, ResealCases
+from triage_app.secrets import FOLDER_ACCESS, denied_because
 
 # pynetdicom's state for "awaiting transport connection close" (PS3.8 Sta13).
 _AWAITING_CLOSE = "Sta13"
 # How long a stopping receiver lets open associations end by themselves before aborting them.
 _CLOSE_GRACE_S = 1.0
+# Ports below this one need CAP_NET_BIND_SERVICE (Linux's net.ipv4.ip_unprivileged_port_start).
+_PRIVILEGED_PORTS_BELOW = 1024
+# The registered DICOM port (IANA "dicom-iscl") for those that cannot use 104.
+_UNPRIVILEGED_DICOM_PORT = 11112
+_DENIED = frozenset({errno.EACCES, errno.EPERM})
 
 __all__ = [
     "TRANSFER_SYNTAXES",
@@ -230,6 +238,9 @@ class DicomReceiver:
             ensure_private_dir(self._incoming)
             leftovers = self._recover_spool()
         except OSError as exc:
+            if exc.errno in _DENIED:
+                # A folder this user may not use stays so: a restart cannot help (exit 2).
+                raise self._storage_denied(exc) from None
             raise ReceiverError(
                 f"cannot use the receiver's storage folder {self._incoming} ({exc.strerror})"
             ) from exc
@@ -249,9 +260,7 @@ class DicomReceiver:
                 ],
             )
         except OSError as exc:
-            raise ReceiverError(
-                f"cannot listen for DICOM on {address[0]}:{address[1]} ({exc.strerror})"
-            ) from exc
+            raise _listen_error(exc, *address) from None
         self._ae = ae
         log.info("DICOM receiver %r listening on %s:%d", self._settings.receiver_ae_title, *address)
 
@@ -470,6 +479,19 @@ class DicomReceiver:
             self._refused[reason] += 1
         return status
 
+    def _storage_denied(self, exc: OSError) -> ConfigError:
+        """The spool folder, or a study folder in it (a first run as root left it root's),
+        that this user may not use, named (spool names are hashes) with the fix."""
+        folder = self._incoming
+        if isinstance(exc.filename, str):
+            failed = Path(exc.filename)
+            if failed.is_relative_to(folder):
+                folder = failed if failed.is_dir() else failed.parent
+        storage, data_dir = self._settings.receiver_storage, self._settings.data_dir
+        tree = data_dir if storage.is_relative_to(data_dir) else storage  # as the CLI's checks
+        why = denied_because(exc, folder, FOLDER_ACCESS, tree=tree)
+        return ConfigError(f"receiver.storage_dir: cannot use {folder}{why}")
+
     def _recover_spool(self) -> int:
         """Queue what a previous run stored but did not hand over; drop half-written temp files."""
         count = 0
@@ -482,6 +504,30 @@ class DicomReceiver:
                     self._grouper.add(folder.name, path, float("-inf"))
                     count += 1
         return count
+
+
+def _listen_error(exc: OSError, host: str, port: int) -> ReceiverError | ConfigError:
+    """Why the receiver cannot listen: only a port another process holds passes by itself
+    (temporary, exit 75: the instance before still closing it); anything else is a setting to
+    fix (exit 2), named with the fix, as ``central serve`` does (``bind_socket``)."""
+    # The errno's own text; a name lookup's failure has a negative code and a text of its own.
+    reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
+    where = f"cannot listen for DICOM on {host}:{port} ({reason})"
+    if exc.errno == errno.EADDRINUSE:
+        return ReceiverError(where)
+    if exc.errno in _DENIED and port < _PRIVILEGED_PORTS_BELOW:
+        return ConfigError(
+            f"receiver.port: {where}: a port below {_PRIVILEGED_PORTS_BELOW} needs the "
+            "CAP_NET_BIND_SERVICE capability (systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE "
+            "and CapabilityBoundingSet=CAP_NET_BIND_SERVICE in a drop-in, systemctl edit "
+            f"triage-receive), or use port {_UNPRIVILEGED_DICOM_PORT}"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        return ConfigError(
+            f"receiver.bind_address: {where}: it must be an address of this machine "
+            "(ip -brief address lists them), or 0.0.0.0 for all of them"
+        )
+    return ConfigError(f"receiver.bind_address, receiver.port: {where}")
 
 
 def run_receiver(

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from tests.test_secrets import ROOT, give_to_service_user, reachable_folder, run_as_service_user
 from triage_app.errors import ConfigError, KeyFileError, UnknownServerKeyError
 from triage_app.escalation.envelope import Payload, open_envelope, seal
 from triage_app.escalation.keys import (
@@ -208,6 +209,70 @@ def test_a_directory_in_place_of_the_key_is_refused(tmp_path: Path) -> None:
     device_key_path(tmp_path).parent.chmod(0o700)
     with pytest.raises(KeyFileError):
         load_or_create_device_identity(tmp_path)
+
+
+# The device key as the service user meets it when an admin's first run as root left root's
+# files: run in a child process as that user (helpers: tests/test_secrets.py).
+_LOAD_DEVICE_KEY = """
+import json, sys
+from pathlib import Path
+from triage_app.errors import KeyFileError
+from triage_app.escalation.keys import load_or_create_device_identity
+try:
+    load_or_create_device_identity(Path(sys.argv[1]))
+    print(json.dumps({"error": None}))
+except KeyFileError as err:
+    print(json.dumps({"error": str(err)}))
+"""
+
+
+def test_a_key_folder_left_to_root_says_cannot_read_not_cannot_write() -> None:
+    """``sudo triage-app device`` first: the key is there, in a folder the service user may
+    not enter. It said "cannot write the key file" (the key looked missing); now it says the
+    folder cannot be read, whose it is and the command that fixes it."""
+    with reachable_folder() as base:
+        data = base / "data"
+        created = load_or_create_device_identity(data)  # as root
+        give_to_service_user(base, data)
+        keys = data / "keys"
+
+        result = run_as_service_user(_LOAD_DEVICE_KEY, data, home=base)
+
+        assert result["error"] == (
+            f"{keys}: cannot read the key folder: owned by {ROOT}, not by nobody, the user this "
+            f"runs as (mode 0700): chown -R nobody: {data}"
+        )
+        assert load_or_create_device_identity(data) == created  # as root: untouched
+
+
+def test_a_device_key_left_to_root_says_cannot_read_it_and_the_fix() -> None:
+    with reachable_folder() as base:
+        data = base / "data"
+        load_or_create_device_identity(data)  # as root
+        give_to_service_user(base, data, data / "keys")
+
+        result = run_as_service_user(_LOAD_DEVICE_KEY, data, home=base)
+
+        assert result["error"] == (
+            f"{device_key_path(data)}: cannot read the device signing key: owned by {ROOT}, not "
+            f"by nobody, the user this runs as (mode 0600): chown -R nobody: {data}"
+        )
+
+
+def test_a_device_key_that_cannot_be_created_says_cannot_write_and_why() -> None:
+    with reachable_folder() as base:
+        data = base / "data"
+        (data / "keys").mkdir(parents=True)
+        give_to_service_user(base, data)
+        give_to_service_user(data / "keys", mode=0o500)
+
+        result = run_as_service_user(_LOAD_DEVICE_KEY, data, home=base)
+
+        assert result["error"] == (
+            f"{device_key_path(data)}: cannot write the key file: its mode is 0500: "
+            f"chmod u+rwx {data / 'keys'}"
+        )
+        assert not device_key_path(data).exists()
 
 
 def test_device_identity_must_match_its_key() -> None:

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 from triage_app.errors import KeyFileError
 from triage_app.paths import ensure_private_dir, write_private_file
+from triage_app.secrets import FOLDER_ACCESS, access_problem, denied_because
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,8 @@ def load_or_create_device_identity(data_dir: Path) -> DeviceIdentity:
     ------
     KeyFileError
         If the key folder or file is readable by other users, the file is a link or not a
-        regular file, or it does not hold an unencrypted PKCS8 Ed25519 key. Nothing is
+        regular file, or it does not hold an unencrypted PKCS8 Ed25519 key; or this user may
+        not read them (or create the file), the message then saying what to change. Nothing is
         regenerated: a new key would be a new device, unknown to the server.
     """
     path = device_key_path(data_dir)
@@ -247,7 +249,7 @@ class ServerKeyRing:
                 server_id = server_id_for(receipt_key.public_key())
                 log.info("created server receipt key %s at %s", server_id, receipt_path)
             ring_path = keys_dir / RING_FILE_NAME
-            if os.path.lexists(ring_path):
+            if _exists(ring_path, "server key ring"):
                 return cls._load(keys_dir, receipt_key, stamp)
             files = _x25519_files(keys_dir)
             if len(files) > 1:
@@ -414,7 +416,12 @@ class ServerKeyRing:
             },
         }
         data = json.dumps(body, indent=2, sort_keys=True).encode("utf-8") + b"\n"
-        write_private_file(self._keys_dir / RING_FILE_NAME, data)
+        path = self._keys_dir / RING_FILE_NAME
+        try:
+            write_private_file(path, data)
+        except OSError as err:
+            why = denied_because(err, self._keys_dir, FOLDER_ACCESS, tree=self._keys_dir.parent)
+            raise KeyFileError(f"{path}: cannot write the server key ring{why}") from None
 
 
 def _x25519_name(key_id: str) -> str:
@@ -489,12 +496,17 @@ def _utc_now(now: datetime | None) -> datetime:
 
 
 def _private_key_dir(keys_dir: Path) -> Path:
-    """Create the key folder 0700 if needed and refuse it if others may enter it."""
+    """Create the key folder 0700 if needed and refuse it if others may enter it, or if this
+    user may not (then whether a key is in it cannot even be told)."""
     try:
         ensure_private_dir(keys_dir)
         dir_mode = stat.S_IMODE(keys_dir.stat().st_mode)
     except OSError as err:
-        raise KeyFileError(f"{keys_dir}: cannot use the key folder ({err.strerror})") from None
+        why = denied_because(err, keys_dir, os.R_OK | os.X_OK, tree=keys_dir.parent)
+        raise KeyFileError(f"{keys_dir}: cannot use the key folder{why}") from None
+    problem = access_problem(keys_dir, os.R_OK | os.X_OK, tree=keys_dir.parent)
+    if problem is not None:
+        raise KeyFileError(f"{keys_dir}: cannot read the key folder: {problem}")
     if dir_mode & 0o077:
         raise KeyFileError(
             f"{keys_dir}: key folder permissions {dir_mode:04o} are too open; "
@@ -509,7 +521,9 @@ def _ring_lock(keys_dir: Path) -> Iterator[None]:
     try:
         fd = os.open(keys_dir / RING_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as err:
-        raise KeyFileError(f"{keys_dir}: cannot lock the key ring ({err.strerror})") from None
+        lock = keys_dir / RING_LOCK_NAME
+        why = denied_because(err, lock, os.R_OK | os.W_OK, tree=keys_dir.parent)
+        raise KeyFileError(f"{keys_dir}: cannot lock the key ring{why}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -532,13 +546,14 @@ def _write_key(path: Path, key: Ed25519PrivateKey | X25519PrivateKey) -> None:
     except FileExistsError:
         raise
     except OSError as err:
-        raise KeyFileError(f"{path}: cannot write the key file ({err.strerror})") from None
+        why = denied_because(err, path.parent, FOLDER_ACCESS, tree=path.parent.parent)
+        raise KeyFileError(f"{path}: cannot write the key file{why}") from None
 
 
 def _load_or_create_ed25519(path: Path, what: str) -> tuple[Ed25519PrivateKey, bool]:
     """Load the Ed25519 key at ``path``, creating it first if absent; say if it was created."""
     created = False
-    if not os.path.lexists(path):
+    if not _exists(path, what):
         try:
             _write_key(path, Ed25519PrivateKey.generate())
             created = True
@@ -548,6 +563,20 @@ def _load_or_create_ed25519(path: Path, what: str) -> tuple[Ed25519PrivateKey, b
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"{path}: the {what} is not an Ed25519 key")
     return key, created
+
+
+def _exists(path: Path, what: str) -> bool:
+    """Whether a name is taken at ``path`` (a link counts, even a dangling one). Unlike
+    ``os.path.lexists``, a folder this user may not search is not "no file": an existing key
+    would be taken for a missing one, and its creation refused with "cannot write"."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        why = denied_because(err, path, os.R_OK, tree=path.parent.parent)
+        raise KeyFileError(f"{path}: cannot read the {what}{why}") from None
+    return True
 
 
 def _load_pem(path: Path, what: str) -> PrivateKeyTypes:
@@ -567,7 +596,8 @@ def _read_private_file(path: Path, what: str) -> bytes:
     except OSError as err:
         if err.errno == errno.ELOOP:  # O_NOFOLLOW: a symlink could point anywhere
             raise KeyFileError(f"{path}: the {what} must be a regular file, not a link") from None
-        raise KeyFileError(f"{path}: cannot read the {what} ({err.strerror})") from None
+        why = denied_because(err, path, os.R_OK, tree=path.parent.parent)
+        raise KeyFileError(f"{path}: cannot read the {what}{why}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
