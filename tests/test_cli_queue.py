@@ -106,6 +106,15 @@ def test_release_while_the_server_is_unreachable_leaves_the_cases_held(
     assert run.returncode == 1, run.stderr
     assert run.stdout == "0 released, 2 still held\n"
     assert "central server keys unknown and the server is unreachable" in run.stderr
+    # `queue status`, where an admin looks, counts them too.
+    config = tmp_path / "settings.toml"
+    status = run_cli("queue", "status", "--config", config, data_dir=settings.data_dir)
+    assert status.returncode == 0, status.stderr
+    assert "pending 0, in flight 0, delivered 0, quarantined 0, held on the device 2" in (
+        status.stdout
+    )
+    listed = run_cli("queue", "status", "--json", "--config", config, data_dir=settings.data_dir)
+    assert listed.records[0]["held"] == 2
 
 
 def drain(settings: Settings, tmp_path: Path) -> CliRun:

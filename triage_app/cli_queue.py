@@ -118,17 +118,25 @@ def _note(item: OutboxItem) -> str:
 
 def _status(args: argparse.Namespace) -> int:
     from triage_app.escalation.service import open_outbox
+    from triage_app.states import CaseState
+    from triage_app.store import CaseStore
 
-    with open_outbox(settings_from_args(args)) as outbox:
+    settings = settings_from_args(args)
+    with open_outbox(settings) as outbox:
         status = outbox.status()
+    # Held cases are not in the outbox yet (the server's keys never came, or the outbox was
+    # full): counted here so that `queue status` is where an admin sees every waiting case.
+    with CaseStore.open(settings.case_store_path) as store:
+        held = len(store.case_ids(CaseState.ESCALATION_HELD))
     if args.json:
-        print(json.dumps(status.to_json()))
+        print(json.dumps({**status.to_json(), "held": held}))
         return EXIT_OK
     used = 100 * status.queued_bytes / status.quota_bytes if status.quota_bytes else 0.0
     oldest = status.oldest_pending_age_s
     print(
         f"pending {status.pending}, in flight {status.in_flight}, delivered {status.delivered}, "
-        f"quarantined {status.quarantined}; {status.queued_bytes} bytes queued ({used:.1f}% of "
+        f"quarantined {status.quarantined}, held on the device {held} (`queue release`); "
+        f"{status.queued_bytes} bytes queued ({used:.1f}% of "
         f"the quota){'; FULL: new escalations are refused' if status.full else ''}"
         + (f"; oldest waiting {oldest:.0f} s" if oldest is not None else "")
     )
