@@ -635,10 +635,24 @@ def test_a_full_queue_refuses_new_cases_and_keeps_everything(db: Path, spool: Pa
         outbox.mark_delivered(cid(2), RECEIPT)
         assert not outbox.status().full
         enqueue(outbox, 4, size=300)
-        with pytest.raises(QueueFullError):
-            enqueue(outbox, 5, size=1001)
+        with pytest.raises(QueueFullError, match=r"larger than the whole quota \(1000 bytes\)"):
+            enqueue(outbox, 5, size=1001)  # no delivery can make room: the line says what can
         assert {i.case_id for i in outbox.items()} == {cid(1), cid(2), cid(3), cid(4)}
         assert len(spool_names(spool)) == 3
+
+
+def test_a_case_larger_than_the_quota_is_refused_without_making_the_outbox_look_full(
+    db: Path, spool: Path
+):
+    """No delivery can make room for it: the refusal says to raise the quota, and the cases
+    that do fit are not refused (nor reported FULL) because of it."""
+    with Outbox.open(db, spool, quota_bytes=1000) as outbox:
+        enqueue(outbox, 1, size=100)
+        with pytest.raises(QueueFullError, match="raise escalation.queue_quota_mb"):
+            enqueue(outbox, 2, size=1001)
+        assert not outbox.status().full
+        enqueue(outbox, 3, size=900)
+        assert outbox.status().full
 
 
 @pytest.mark.expect_log_warnings

@@ -495,8 +495,9 @@ class Outbox:
             try:
                 self._check_quota(size)  # refuse early, before writing anything
             except QueueFullError:
-                with suppress(OutboxError):  # only a hint for status(); the refusal stands
-                    self._set_meta(_REFUSED_BYTES, size)
+                if size <= self._quota:  # a case no delivery can make room for fills nothing
+                    with suppress(OutboxError):  # only a hint for status(); the refusal stands
+                        self._set_meta(_REFUSED_BYTES, size)
                 raise
         at = _iso(now or datetime.now(UTC))
         final = self._path(case_id)
@@ -1024,6 +1025,12 @@ class Outbox:
         return total
 
     def _check_quota(self, size: int) -> None:
+        if size > self._quota:
+            # No delivery can ever make room for it: "full" would send the admin waiting.
+            raise QueueFullError(
+                f"outbox: this case ({size} bytes) is larger than the whole quota "
+                f"({self._quota} bytes): raise escalation.queue_quota_mb"
+            )
         used = self._queued_bytes()
         if used + size > self._quota:
             count = self._conn.execute(
