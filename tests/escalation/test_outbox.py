@@ -648,7 +648,7 @@ def test_a_case_larger_than_the_quota_is_refused_without_making_the_outbox_look_
     that do fit are not refused (nor reported FULL) because of it."""
     with Outbox.open(db, spool, quota_bytes=1000) as outbox:
         enqueue(outbox, 1, size=100)
-        with pytest.raises(QueueFullError, match="raise escalation.queue_quota_mb"):
+        with pytest.raises(QueueFullError, match=r"raise escalation\.queue_quota_mb"):
             enqueue(outbox, 2, size=1001)
         assert not outbox.status().full
         enqueue(outbox, 3, size=900)
