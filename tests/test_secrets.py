@@ -257,7 +257,7 @@ def test_a_site_secret_that_cannot_be_created_says_why() -> None:
 _ACCESS_PROBLEMS = """
 import json, os, sys
 from pathlib import Path
-from triage_app.secrets import FOLDER_ACCESS, access_problem
+from triage_app.paths import FOLDER_ACCESS, access_problem
 base = Path(sys.argv[1])
 print(json.dumps({
     "its own folder": access_problem(base / "own", FOLDER_ACCESS),

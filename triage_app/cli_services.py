@@ -17,7 +17,7 @@ from triage_app.cli_common import (
     settings_from_args,
 )
 from triage_app.errors import ConfigError
-from triage_app.secrets import FOLDER_ACCESS, access_problem
+from triage_app.paths import FOLDER_ACCESS, access_problem
 
 if TYPE_CHECKING:
     from triage_app.config import Settings

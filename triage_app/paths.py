@@ -7,6 +7,9 @@ replaced atomically, so a crash or power cut leaves either the old file or the n
 A kill between writing the temporary file and renaming it leaves the temporary file behind. Its
 writer holds an ``flock`` on it until it is renamed, so a clean-up can tell a dead writer's file
 (lockable) from one still being written by another process (:func:`remove_abandoned_temps`).
+
+When this process may not use a folder or file it needs (a first run as root left root's
+folders behind), :func:`access_problem` says why and what fixes it, for one-line errors.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import pwd
 import re
 import secrets
 import stat
@@ -215,3 +219,120 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: What to ask of a folder the app keeps files in: list it, enter it, create and remove in it.
+FOLDER_ACCESS = os.R_OK | os.W_OK | os.X_OK
+_DENIED = frozenset({errno.EACCES, errno.EPERM})
+# Permissions are checked as the kernel checks the operations themselves: for the effective user.
+_EFFECTIVE_IDS = os.access in os.supports_effective_ids
+
+
+# --- Files this user may not use -----------------------------------------------------------------
+
+
+def access_problem(path: Path, need: int, *, tree: Path | None = None) -> str | None:
+    """Why this process may not use ``path`` as ``need`` asks (``os.R_OK``, ``os.W_OK`` and
+    ``os.X_OK`` or-ed), with the fix, to end an error line; None if nothing stands in the way.
+
+    Every folder on the way must let this user in, and a missing ``path`` must be creatable in
+    its nearest existing folder. The usual cause is a first run as root, which left root's
+    folders behind for a service that runs as its own user: the answer names the owner, and
+    says ``chown -R <this user>: <tree>`` when the obstacle is inside ``tree`` (the app's own
+    folder, e.g. ``paths.data_dir``), so that one command fixes whatever else that run left.
+
+    Asks the kernel (``access(2)``: ACLs count), and only about permission: a file where a
+    folder should be and the like are the callers' to refuse. Names only ``path``, ``tree``
+    and the folders above ``path``.
+    """
+    path = path.absolute()
+    chain = [*reversed(path.parents), path]
+    for index, step in enumerate(chain):
+        try:
+            info = step.stat()
+        except FileNotFoundError:
+            parent = chain[index - 1] if index else None
+            if parent is None or os.access(parent, os.W_OK | os.X_OK, effective_ids=_EFFECTIVE_IDS):
+                return None  # it can be made, and so can the missing folders below it
+            return _unusable(parent, path, os.W_OK | os.X_OK, tree, creating=True)
+        except OSError:
+            return None  # not a matter of permission (a file in the way, a loop)
+        wanted = need if step == path else os.X_OK
+        if not os.access(step, wanted, effective_ids=_EFFECTIVE_IDS):
+            return _unusable(step, path, wanted, tree, creating=False, info=info)
+    return None
+
+
+def denied_because(err: OSError, path: Path, need: int, *, tree: Path | None = None) -> str:
+    """The end of an error line for ``err``, met using ``path`` as ``need`` asks: ``": "`` and
+    :func:`access_problem`'s answer for a permission problem it finds, else the operating
+    system's own words in brackets."""
+    if err.errno in _DENIED:
+        problem = access_problem(path, need, tree=tree)
+        if problem is not None:
+            return f": {problem}"
+    return f" ({err.strerror or type(err).__name__})"
+
+
+def _unusable(
+    culprit: Path,
+    path: Path,
+    need: int,
+    tree: Path | None,
+    *,
+    creating: bool,
+    info: os.stat_result | None = None,
+) -> str:
+    """Why ``culprit`` (``path``, or a folder above it) denies ``need``, and the fix."""
+    info = info or culprit.stat()
+    me = _user_name(os.geteuid())
+    mode = stat.S_IMODE(info.st_mode)
+    itself = culprit == path
+    if need & os.W_OK and _read_only(culprit):
+        # Under the units' ProtectSystem=strict, all but their ReadWritePaths= is read-only.
+        where = "it is" if itself else f"{culprit} is"
+        return (
+            f"{where} on a read-only file system (under systemd's ProtectSystem=strict, a "
+            "drop-in for the unit must add a ReadWritePaths= line for it)"
+        )
+    if info.st_uid != os.geteuid():
+        owner = _user_name(info.st_uid)
+        why = f"owned by {owner}, not by {me}, the user this runs as (mode {mode:04o})"
+        why = why if itself else f"{culprit} is {why}"
+        if tree is not None and tree.absolute() in (culprit, *culprit.parents):
+            return f"{why}: chown -R {me}: {tree}"
+        if itself:
+            recursive = "-R " if stat.S_ISDIR(info.st_mode) else ""
+            return f"{why}: chown {recursive}{me}: {culprit}"
+        if creating:
+            return f"{why}: create it for {me} first (install -d -o {me} -m 700 {path})"
+        return f"{why}: let {me} in (e.g. chmod o+x {culprit}) or choose another folder"
+    if any(need & flag and not mode & owner_flag for flag, owner_flag, _ in _BITS):
+        wanted = "".join(bit for flag, _, bit in _BITS if need & flag)
+        whose = "its" if itself else f"{culprit}'s"
+        return f"{whose} mode is {mode:04o}: chmod u+{wanted} {culprit}"
+    what = "it" if itself else culprit
+    return f"denied although {me}, the user this runs as, owns {what}: check its ACL and label"
+
+
+#: access(2)'s flags, the owner's mode bit for each, and its letter for chmod.
+_BITS = (
+    (os.R_OK, stat.S_IRUSR, "r"),
+    (os.W_OK, stat.S_IWUSR, "w"),
+    (os.X_OK, stat.S_IXUSR, "x"),
+)
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _user_name(uid: int) -> str:
+    """The user's name, or its number if it has none (``chown`` takes either)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

@@ -64,9 +64,14 @@ from triage_app.dicom.reader import read_dataset
 from triage_app.errors import ConfigError, InputError, ReceiverError
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.intake import FiledOutcome, Intake, IntakeLayout, Unfiled
-from triage_app.paths import ensure_private_dir, fsync_dir, write_private_file
+from triage_app.paths import (
+    FOLDER_ACCESS,
+    denied_because,
+    ensure_private_dir,
+    fsync_dir,
+    write_private_file,
+)
 from triage_app.retention import DoneRetention, ResealCases
-from triage_app.secrets import FOLDER_ACCESS, denied_because
 
 # pynetdicom's state for "awaiting transport connection close" (PS3.8 Sta13).
 _AWAITING_CLOSE = "Sta13"

@@ -43,8 +43,13 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from triage_app.errors import KeyFileError
-from triage_app.paths import ensure_private_dir, write_private_file
-from triage_app.secrets import FOLDER_ACCESS, access_problem, denied_because
+from triage_app.paths import (
+    FOLDER_ACCESS,
+    access_problem,
+    denied_because,
+    ensure_private_dir,
+    write_private_file,
+)
 
 log = logging.getLogger(__name__)
 
