@@ -375,17 +375,23 @@ def read_view(
     view_position: Any = None, codes: list[Dataset] | None = None, *, charset: str | None = None
 ) -> str:
     """The view a file with these attributes is read with (``None``: attribute absent)."""
+    return read_scope_info(
+        {"ViewPosition": view_position, "ViewCodeSequence": codes}, charset
+    ).view_position
+
+
+def read_scope_info(attributes: dict[str, Any], charset: str | None) -> ImageInfo:
+    """What a written and re-read file with these attributes (``None``: absent) says."""
     ds = synthetic(ramp())
     if charset is not None:
         ds.SpecificCharacterSet = charset
     with pydicom.config.disable_value_validation():
-        if view_position is not None:
-            ds.ViewPosition = view_position
-        if codes is not None:
-            ds.ViewCodeSequence = codes
+        for keyword, value in attributes.items():
+            if value is not None:
+                setattr(ds, keyword, value)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    return load_image(buffer.getvalue()).info.view_position
+    return load_image(buffer.getvalue()).info
 
 
 @pytest.mark.parametrize(
@@ -636,23 +642,15 @@ LOCAL_CHEST = ("CHX1", "99LOCAL", "Chest")
 
 
 def read_body_part(
-    folder: Path,
     body_part: str | None = None,
     regions: list[Dataset] | None = None,
     *,
     charset: str | None = None,
 ) -> str:
     """The body part a file with these attributes is read with (``None``: attribute absent)."""
-    ds = synthetic(ramp())
-    if charset is not None:
-        ds.SpecificCharacterSet = charset
-    with pydicom.config.disable_value_validation():
-        if body_part is not None:
-            ds.BodyPartExamined = body_part
-        if regions is not None:
-            ds.AnatomicRegionSequence = regions
-    path = save(ds, folder / f"{len(list(folder.iterdir()))}.dcm")
-    return load_image(path).info.body_part
+    return read_scope_info(
+        {"BodyPartExamined": body_part, "AnatomicRegionSequence": regions}, charset
+    ).body_part
 
 
 def region(code: tuple[str | None, str | None, str | None]) -> Dataset:
@@ -690,10 +688,10 @@ def region(code: tuple[str | None, str | None, str | None]) -> Dataset:
     ],
 )
 def test_the_anatomic_region_sequence_without_body_part_examined(
-    tmp_path: Path, code: tuple[str, str | None, str | None], expected: str
+    code: tuple[str, str | None, str | None], expected: str
 ) -> None:
-    assert read_body_part(tmp_path, regions=[region(code)]) == expected
-    assert read_body_part(tmp_path, "", [region(code)]) == expected  # empty: the same
+    assert read_body_part(regions=[region(code)]) == expected
+    assert read_body_part("", [region(code)]) == expected  # empty: the same
 
 
 @pytest.mark.parametrize(
@@ -713,22 +711,22 @@ def test_the_anatomic_region_sequence_without_body_part_examined(
     ],
 )
 def test_an_unknown_region_code_is_in_no_models_list(
-    tmp_path: Path, code: tuple[str | None, str | None, str | None], expected: str
+    code: tuple[str | None, str | None, str | None], expected: str
 ) -> None:
-    assert read_body_part(tmp_path, regions=[region(code)]) == expected
-    assert read_body_part(tmp_path, "CHEST", [region(code)]) == f"CHEST\\{expected}"
+    assert read_body_part(regions=[region(code)]) == expected
+    assert read_body_part("CHEST", [region(code)]) == f"CHEST\\{expected}"
 
 
-def test_a_long_or_urn_code_value_is_a_region_not_nothing(tmp_path: Path) -> None:
+def test_a_long_or_urn_code_value_is_a_region_not_nothing() -> None:
     """A code this reader does not look up still states a region: never "", never a term."""
     for keyword, code in [("LongCodeValue", "816094009"), ("URNCodeValue", "urn:x:chest")]:
         item = Dataset()
         setattr(item, keyword, code)
         item.CodingSchemeDesignator = "SCT"
-        assert read_body_part(tmp_path, regions=[item]) == "UNKNOWN"
+        assert read_body_part(regions=[item]) == "UNKNOWN"
         item.CodeMeaning = "Chest"
-        assert read_body_part(tmp_path, regions=[item]) == "UNKNOWN\\CHEST"
-        assert read_body_part(tmp_path, "CHEST", [item]) == "CHEST\\UNKNOWN\\CHEST"
+        assert read_body_part(regions=[item]) == "UNKNOWN\\CHEST"
+        assert read_body_part("CHEST", [item]) == "CHEST\\UNKNOWN\\CHEST"
 
 
 @pytest.mark.parametrize(
@@ -747,9 +745,9 @@ def test_a_long_or_urn_code_value_is_a_region_not_nothing(tmp_path: Path) -> Non
     ],
 )
 def test_an_empty_anatomic_region_sequence_states_nothing(
-    tmp_path: Path, body_part: str | None, codes: list[tuple[str | None, ...]], expected: str
+    body_part: str | None, codes: list[tuple[str | None, ...]], expected: str
 ) -> None:
-    assert read_body_part(tmp_path, body_part, [view_code(*code) for code in codes]) == expected
+    assert read_body_part(body_part, [view_code(*code) for code in codes]) == expected
 
 
 @pytest.mark.parametrize(
@@ -767,32 +765,30 @@ def test_an_empty_anatomic_region_sequence_states_nothing(
     ],
 )
 def test_body_part_examined_and_the_anatomic_region_sequence_must_agree(
-    tmp_path: Path, body_part: str, code: tuple[str, str, str], expected: str
+    body_part: str, code: tuple[str, str, str], expected: str
 ) -> None:
-    assert read_body_part(tmp_path, body_part, [region(code)]) == expected
+    assert read_body_part(body_part, [region(code)]) == expected
 
 
-def test_anatomic_region_sequence_items_must_agree(tmp_path: Path) -> None:
-    assert read_body_part(tmp_path, regions=[region(SCT_CHEST), region(SRT_CHEST)]) == "CHEST"
+def test_anatomic_region_sequence_items_must_agree() -> None:
+    assert read_body_part(regions=[region(SCT_CHEST), region(SRT_CHEST)]) == "CHEST"
     both = [region(SCT_CHEST), region(SCT_HEAD)]
-    assert read_body_part(tmp_path, regions=both) == "CHEST\\HEAD"
+    assert read_body_part(regions=both) == "CHEST\\HEAD"
 
 
-def test_a_localised_region_meaning_does_not_matter(tmp_path: Path) -> None:
+def test_a_localised_region_meaning_does_not_matter() -> None:
     chest = [region(("816094009", "SCT", "R\u00e9gion thoracique"))]
-    assert read_body_part(tmp_path, "CHEST", chest, charset="ISO_IR 192") == "CHEST"
+    assert read_body_part("CHEST", chest, charset="ISO_IR 192") == "CHEST"
     local = [region(("TX1", "99LOCAL", "R\u00e9gion thoracique"))]
-    assert read_body_part(tmp_path, regions=local, charset="ISO_IR 100") == (
-        "TX1\\R\u00c9GION THORACIQUE"
-    )
+    assert read_body_part(regions=local, charset="ISO_IR 100") == ("TX1\\R\u00c9GION THORACIQUE")
 
 
-def test_an_unknown_region_is_capped_and_cleaned(tmp_path: Path) -> None:
+def test_an_unknown_region_is_capped_and_cleaned() -> None:
     long = "left hand, " + "very " * 30 + "long"
-    read = read_body_part(tmp_path, regions=[region(("H1", "99LOCAL", long))])
+    read = read_body_part(regions=[region(("H1", "99LOCAL", long))])
     assert read == f"H1\\{long.upper()}"[:64]
     code = ("1234567890123456789", "99LOCAL", "left\thand\r\n")  # a value beyond SH's 16
-    assert read_body_part(tmp_path, regions=[region(code)]) == "1234567890123456\\LEFT HAND"
+    assert read_body_part(regions=[region(code)]) == "1234567890123456\\LEFT HAND"
 
 
 def test_the_region_mapping_is_unambiguous() -> None:
