@@ -425,6 +425,7 @@ LASTING_ERRORS = {
     "BodyTimeoutError",
     "BodyTooLargeError",
     "CaseConflictError",
+    "CaseExceedsQuotaError",
     "CaseIdMismatchError",
     "CertificateExistsError",
     "CertificatePinError",

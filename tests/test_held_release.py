@@ -149,6 +149,41 @@ def test_a_case_held_by_a_full_outbox_goes_once_a_delivery_makes_room(
     assert central.deliveries() == {first.case_id: 1, second.case_id: 1}
 
 
+@pytest.mark.expect_log_warnings  # each case that stays held is named
+def test_cases_larger_than_the_whole_quota_do_not_wait_for_room_and_go_once_it_is_raised(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    """No delivery can make room for a case larger than the whole quota: it does not stop the
+    run as a full outbox does (the cases after it are tried), and the report says to raise
+    the quota instead of "waiting for room"."""
+    held = hold(device, central, tmp_path / "scans", (0, 1))
+    settings = device.settings(central)
+    with link_for(settings) as link:
+        assert link.keys is not None
+        small = Outbox.open(settings.case_store_path, settings.outbox_dir, quota_bytes=1024)
+        with small:
+            small_queue = EscalationQueue(small, link.device, link.keys.server_key)
+            with CaseStore.open(settings.case_store_path) as store:
+                report = release_held(store, small_queue, lazy_triage(settings))
+        assert [(c.case_id, c.outcome) for c in report.cases] == [
+            (case.case_id, ReleaseOutcome.EXCEEDS_QUOTA) for case in held
+        ]
+        assert (report.waiting_for_room, report.still_held) == (0, 2)
+        assert report.headline() == (
+            "0 released, 2 still held (2 larger than the whole outbox quota: raise "
+            "escalation.queue_quota_mb)"
+        )
+        assert report.to_json()["exceeds_quota"] == 2
+        (note,) = not_released_notes(link, held[0].case_id)
+        assert note is not None and note.startswith("exceeds_quota: outbox: this case (")
+        assert note.endswith("is larger than the whole quota (1024 bytes): raise "
+                             "escalation.queue_quota_mb")  # fmt: skip
+        assert link.outbox.status().full is False, "nothing was refused for want of room"
+
+        raised = release(link)  # the configured quota (2 GiB by default)
+        assert (raised.released, raised.still_held) == (2, 0)
+
+
 @pytest.mark.expect_log_warnings
 def test_a_case_whose_file_is_gone_stays_held_with_the_reason(
     central: Central, device: Device, tmp_path: Path, caplog: pytest.LogCaptureFixture

@@ -23,6 +23,7 @@ from triage_app.errors import ConfigError
 if TYPE_CHECKING:
     from triage_app.escalation.outbox import OutboxItem
     from triage_app.escalation.uploader import Attempt, Uploader
+    from triage_app.store import StoredCase
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -31,7 +32,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     actions = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
 
     listing = actions.add_parser(
-        "list", parents=[common], help="every case ever queued, in queue order"
+        "list", parents=[common], help="every case ever queued, in queue order, with its verdict"
     )
     listing.add_argument("--json", action="store_true", help="one JSON object per case")
     listing.set_defaults(handler=_list)
@@ -90,22 +91,57 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from triage_app.escalation.service import open_outbox
+    from triage_app.escalation.service import open_outbox_to_read
+    from triage_app.store import CaseStore
 
-    with open_outbox(settings_from_args(args)) as outbox:
-        items = outbox.items()
+    settings = settings_from_args(args)
+    outbox = open_outbox_to_read(settings)
+    items: list[OutboxItem] = []
+    cases: dict[str, StoredCase | None] = {}
+    if outbox is not None:
+        with outbox:
+            items = outbox.items()
+        # The central verdicts are kept with the cases, not in the outbox (Uploader.poll_verdicts).
+        with CaseStore.open(settings.case_store_path) as store:
+            cases = {item.case_id: store.get(item.case_id) for item in items}
     if args.json:
         for item in items:
-            print(json.dumps(item.to_json()))
+            case = cases[item.case_id]
+            print(json.dumps({**item.to_json(), "verdict": None if case is None else case.verdict}))
         return EXIT_OK
-    print(f"{'case_id':<16} {'state':<12} {'reason':<13} {'tries':>5} {'bytes':>10}  since")
+    print(
+        f"{'case_id':<16} {'state':<12} {'reason':<13} {'tries':>5} {'bytes':>10}  "
+        f"{'since':<29}  verdict"
+    )
     for item in items:
-        print(
+        line = (
             f"{item.case_id[:16]:<16} {item.state.value:<12} {item.reason:<13} "
-            f"{item.attempts:>5} {item.size_bytes:>10}  {item.enqueued_at}"
-            + (f"  {_note(item)}" if _note(item) else "")
+            f"{item.attempts:>5} {item.size_bytes:>10}  {item.enqueued_at:<29}  "
+            f"{_verdict_text(item, cases[item.case_id]):<20}  {_note(item)}"
         )
+        print(line.rstrip())
     return EXIT_OK
+
+
+def _verdict_text(item: OutboxItem, case: StoredCase | None) -> str:
+    """The central verdict in a few words (as the demo table and the worklist write it)."""
+    from triage_app.escalation.outbox import OutboxState
+    from triage_app.states import CaseState
+
+    verdict = case.verdict if case is not None else None
+    if verdict is None:
+        # Only a delivered case the store has as delivered is asked for its verdict.
+        waiting = (
+            item.state is OutboxState.DELIVERED
+            and case is not None
+            and case.state is CaseState.DELIVERED
+        )
+        return "pending" if waiting else "-"
+    error = verdict.get("error")
+    if isinstance(error, dict):
+        return f"no verdict: {error.get('code')}"
+    label, score = verdict.get("verdict"), verdict.get("score")
+    return f"{label} ({score:.3f})" if isinstance(score, int | float) else str(label)
 
 
 def _note(item: OutboxItem) -> str:
@@ -117,17 +153,24 @@ def _note(item: OutboxItem) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from triage_app.escalation.service import open_outbox
+    from triage_app.escalation.outbox import OutboxStatus
+    from triage_app.escalation.service import open_outbox_to_read
     from triage_app.states import CaseState
     from triage_app.store import CaseStore
 
     settings = settings_from_args(args)
-    with open_outbox(settings) as outbox:
-        status = outbox.status()
-    # Held cases are not in the outbox yet (the server's keys never came, or the outbox was
-    # full): counted here so that `queue status` is where an admin sees every waiting case.
-    with CaseStore.open(settings.case_store_path) as store:
-        held = len(store.case_ids(CaseState.ESCALATION_HELD))
+    outbox = open_outbox_to_read(settings)
+    if outbox is None:  # nothing was ever queued or held here
+        status = OutboxStatus(0, 0, 0, 0, 0, settings.queue_quota_bytes, None, full=False)
+        held = 0
+    else:
+        with outbox:
+            status = outbox.status()
+        # Held cases are not in the outbox yet (the server's keys never came, or the outbox
+        # was full): counted here so that `queue status` is where an admin sees every waiting
+        # case.
+        with CaseStore.open(settings.case_store_path) as store:
+            held = len(store.case_ids(CaseState.ESCALATION_HELD))
     if args.json:
         print(json.dumps({**status.to_json(), "held": held}))
         return EXIT_OK

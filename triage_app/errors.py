@@ -226,6 +226,11 @@ class QueueFullError(OutboxError):
     temporary = False  # a refusal of one case, which is held; not a failure of a command
 
 
+class CaseExceedsQuotaError(QueueFullError):
+    """The case is larger than the whole outbox quota: no delivery can ever make room for it,
+    so it must not wait with the cases that wait for room (only a larger quota helps)."""
+
+
 class UnknownQueuedCaseError(OutboxError):
     code = "unknown_case"
     temporary = False  # a case id the outbox does not have: a typo stays a typo

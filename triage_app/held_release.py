@@ -21,7 +21,12 @@ from typing import Any
 
 from triage_app.batch import enqueue_held, record_queued
 from triage_app.config import Settings
-from triage_app.errors import IllegalTransitionError, QueueFullError, ResealError
+from triage_app.errors import (
+    CaseExceedsQuotaError,
+    IllegalTransitionError,
+    QueueFullError,
+    ResealError,
+)
 from triage_app.escalation.outbox import OutboxItem
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.pipeline import PipelineConfig, TriagePipeline
@@ -57,6 +62,7 @@ class ReleaseOutcome(StrEnum):
     SOURCE_UNAVAILABLE = "source_unavailable"  # its file is missing, unreadable or replaced
     DECISION_CHANGED = "decision_changed"  # re-triaged, it is no longer a case to send
     QUEUE_FULL = "queue_full"  # the outbox has no room for it yet
+    EXCEEDS_QUOTA = "exceeds_quota"  # larger than the whole outbox quota: no room ever
     NO_LONGER_HELD = "no_longer_held"  # closed on this device while it was re-triaged: not sent
 
 
@@ -102,6 +108,8 @@ class ReleaseReport:
             parts.append(f"{n} no longer escalated on re-triage")
         if n := self.count(ReleaseOutcome.NO_LONGER_HELD):
             parts.append(f"{n} closed on this device meanwhile, not sent")
+        if n := self.count(ReleaseOutcome.EXCEEDS_QUOTA):
+            parts.append(f"{n} larger than the whole outbox quota: raise escalation.queue_quota_mb")
         if self.waiting_for_room:
             parts.append(f"{self.waiting_for_room} waiting for room in the outbox")
         text = f"{self.released} released, {self.still_held} still held"
@@ -112,6 +120,7 @@ class ReleaseReport:
             "released": self.released,
             "source_unavailable": self.count(ReleaseOutcome.SOURCE_UNAVAILABLE),
             "decision_changed": self.count(ReleaseOutcome.DECISION_CHANGED),
+            "exceeds_quota": self.count(ReleaseOutcome.EXCEEDS_QUOTA),
             "waiting_for_room": self.waiting_for_room,
             "still_held": self.still_held,
             "cases": [case.to_json() for case in self.cases],
@@ -155,7 +164,8 @@ def release_held(
 
     ``skip`` names cases not to try this time (a service's cases that could not be released
     earlier). The run stops at the first case the outbox has no room for: the older cases go
-    first once deliveries make room. With nothing held, this is one indexed query.
+    first once deliveries make room. A case larger than the whole quota does not stop it (no
+    delivery can make room for that one). With nothing held, this is one indexed query.
     """
     held = store.case_ids(CaseState.ESCALATION_HELD)
     candidates = [case_id for case_id in held if case_id not in skip]
@@ -211,6 +221,8 @@ def _release_one(
         log.info("held case %s was closed on this device meanwhile (%s): not sent", case_id, state)
         detail = f"{state} on this device while it was re-triaged: not sent"
         return HeldCase(case_id, ReleaseOutcome.NO_LONGER_HELD, detail)
+    except CaseExceedsQuotaError as err:
+        return _stays_held(store, case_id, ReleaseOutcome.EXCEEDS_QUOTA, err.message)
     except QueueFullError as err:
         return _stays_held(store, case_id, ReleaseOutcome.QUEUE_FULL, err.message)
     return HeldCase(case_id, ReleaseOutcome.RELEASED, f"queued, outbox priority {item.priority}")

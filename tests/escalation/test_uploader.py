@@ -227,9 +227,10 @@ def test_an_outage_is_retried_with_capped_backoff_then_delivered_exactly_once(
 def test_drain_once_says_why_cases_wait_and_sends_them_when_the_link_is_back(
     central: Central, device: Device, tmp_path: Path
 ) -> None:
-    """``queue drain``'s pass: a run while the server is down reports the failure that left
-    the link down; the next run, before any backoff has passed, asks the server's health and
-    sends the cases that waited for the link."""
+    """``queue drain``'s pass: a run while the server is down tries one case, asks the
+    server's health once, and leaves the others untried (each would spend the connect timeout
+    against a silent network); it reports the failure that left the link down. The next run,
+    before any backoff has passed, asks the health again and sends every case."""
     central.register(device.identity)
     with FaultProxy("127.0.0.1", central.port) as proxy:
         settings = device.settings(central, url=proxied_url(proxy), **central.public_keys())
@@ -240,16 +241,18 @@ def test_drain_once_says_why_cases_wait_and_sends_them_when_the_link_is_back(
             with make_uploader(link, clock=clock) as uploader:
                 down = uploader.drain_once()
 
-                assert [a.outcome for a in down.attempts] == ["retry", "retry"]
+                assert [a.outcome for a in down.attempts] == ["retry"]
                 assert (down.sent, down.quarantined, down.waiting) == (0, 0, 2)
+                assert sorted(item_of(link, c.case_id).attempts for c in cases) == [0, 1]
                 assert down.link_error is not None
                 code, message = down.link_error
                 assert code == "transport_error"
-                assert message == (
-                    f"upload: cannot reach https://127.0.0.1:{proxy.port}: connection refused "
-                    "(ECONNREFUSED)"
+                assert message == (  # the health request, after the first case failed
+                    f"health check: cannot reach https://127.0.0.1:{proxy.port}: connection "
+                    "refused (ECONNREFUSED)"
                 )
-                assert down.next_attempt_at is not None and down.next_attempt_at > clock()
+                # The untried case stays due: the next run starts with it.
+                assert down.next_attempt_at is not None and down.next_attempt_at <= clock()
 
             proxy.pass_through()
             # A new run (a fresh uploader, as a new `queue drain`), at the same time: nothing
@@ -795,17 +798,50 @@ class SteppingClock(FakeClock):
 def test_a_drain_tries_every_due_case_once_even_when_attempts_are_slow(
     central: Central, device: Device, tmp_path: Path
 ) -> None:
+    """Each upload is cut mid-body (a fault of the upload, not of the link: the server's
+    health answers), and each attempt takes longer than the backoff it draws: every case is
+    tried once, none a second time in the same pass."""
     central.register(device.identity)
     with FaultProxy("127.0.0.1", central.port) as proxy:
         settings = device.settings(central, url=proxied_url(proxy), **central.public_keys())
         with link_for(settings) as link:
             cases = queue_cases(link, tmp_path / "in", (0, 1, 2))
-            proxy.refuse()
+            proxy.cut_after(16 * 1024)  # past a health request, inside every envelope
             with make_uploader(link, clock=SteppingClock(5.0), retry_cap_s=2.0) as uploader:
                 attempts = uploader.drain()
 
-            assert sorted(a.case_id for a in attempts) == sorted(c.case_id for c in cases)
+            assert sorted((a.case_id, a.outcome) for a in attempts) == sorted(
+                (c.case_id, "retry") for c in cases
+            )
             assert [item_of(link, c.case_id).attempts for c in cases] == [1, 1, 1]
+    assert central.store.count() == 0
+
+
+def test_a_drain_stops_at_the_first_case_when_the_server_is_silent(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    """A blackholed link: the first upload and one health request spend their timeouts, and
+    the other cases wait untried for the next pass (not one timeout each, in turn)."""
+    central.register(device.identity)
+    with FaultProxy("127.0.0.1", central.port) as proxy:
+        settings = device.settings(
+            central,
+            url=proxied_url(proxy),
+            **central.public_keys(),
+            **{"escalation.connect_timeout_s": 0.5, "escalation.read_timeout_s": 1.0},
+        )
+        with link_for(settings) as link:
+            cases = queue_cases(link, tmp_path / "in", (0, 1, 2))
+            proxy.blackhole()
+            with make_uploader(link) as uploader:
+                attempts = uploader.drain()
+                seen = uploader.connectivity.snapshot()
+
+            assert [a.outcome for a in attempts] == ["retry"]
+            assert sorted(item_of(link, c.case_id).attempts for c in cases) == [0, 0, 1]
+            assert seen.online is False
+            assert proxy.connections == 2, "one upload, one health request"
+    assert central.store.count() == 0
 
 
 @pytest.mark.expect_log_warnings
@@ -1419,7 +1455,8 @@ def test_a_probe_that_finds_the_server_busy_marks_the_link_up_but_keeps_the_case
                 clock = FakeClock()  # stands still: no wait runs out by itself
                 with make_uploader(link, clock=clock) as uploader:
                     proxy.refuse()
-                    cut_off = uploader.drain()
+                    # A pass stops at the first case that finds the link down: two passes.
+                    cut_off = uploader.drain() + uploader.drain()
                     assert [a.outcome for a in cut_off] == ["retry", "retry"], cut_off
                     assert uploader.connectivity.snapshot().online is False
                     waiting = {c.case_id: item_of(link, c.case_id).next_attempt_at for c in cases}

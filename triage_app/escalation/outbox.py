@@ -66,6 +66,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Final, Self
 
 from triage_app.errors import (
+    CaseExceedsQuotaError,
     OutboxError,
     OutboxIncompatibleError,
     QueueFullError,
@@ -1027,7 +1028,7 @@ class Outbox:
     def _check_quota(self, size: int) -> None:
         if size > self._quota:
             # No delivery can ever make room for it: "full" would send the admin waiting.
-            raise QueueFullError(
+            raise CaseExceedsQuotaError(
                 f"outbox: this case ({size} bytes) is larger than the whole quota "
                 f"({self._quota} bytes): raise escalation.queue_quota_mb"
             )

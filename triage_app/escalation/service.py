@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from triage_app.config import Settings, is_loopback_host
-from triage_app.errors import CertificatePinError, PermanentRejectionError, TransportError
+from triage_app.errors import (
+    CertificatePinError,
+    ConfigError,
+    OutboxError,
+    PermanentRejectionError,
+    TransportError,
+)
 from triage_app.escalation.keys import DeviceIdentity, load_or_create_device_identity
 from triage_app.escalation.outbox import Outbox
 from triage_app.escalation.queueing import EscalationQueue
@@ -54,6 +60,31 @@ def open_outbox(settings: Settings) -> Outbox:
     return Outbox.open(
         settings.case_store_path, settings.outbox_dir, quota_bytes=settings.queue_quota_bytes
     )
+
+
+def open_outbox_to_read(settings: Settings) -> Outbox | None:
+    """The outbox for a command that only looks at it, or None when nothing was ever queued.
+
+    Why: :func:`open_outbox` creates what is missing, so ``queue list`` given a mistyped data
+    folder would make an empty queue there and report zeros. A folder that does not exist is
+    a setting to fix (``ConfigError``); an existing one without a case store creates nothing.
+    """
+    store = settings.case_store_path
+    folders = (
+        ("paths.data_dir", settings.data_dir, "--data-dir or paths.data_dir"),
+        ("paths.case_store", store.parent, "paths.case_store"),
+    )
+    try:
+        for key, folder, fix in folders:
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"{key}: the folder {folder} does not exist; check {fix} (nothing was created)"
+                )
+        if not store.is_file():
+            return None
+    except OSError as exc:  # e.g. another user's data folder: run the command as that user
+        raise OutboxError(f"outbox: could not read {store}: {exc.strerror or exc}") from exc
+    return open_outbox(settings)
 
 
 @dataclass

@@ -380,7 +380,13 @@ class Uploader:
     # --- loops ----------------------------------------------------------------------------------
 
     def drain(self, *, stop: threading.Event | None = None) -> list[Attempt]:
-        """Try every envelope that is due now, once each; what remains waits for its time."""
+        """Try every envelope that is due now, once each; what remains waits for its time.
+
+        An attempt that finds the link down ends the pass unless the server's health answers
+        at once: against a silent network each case would otherwise spend the whole connect
+        timeout in turn (a thousand cases, hours). A fault of one upload only (a reset
+        mid-body) does not stop the others, as the health answers then.
+        """
         attempts: list[Attempt] = []
         started = self._clock()
         while stop is None or not stop.is_set():
@@ -388,7 +394,15 @@ class Uploader:
             if attempt is None:
                 break
             attempts.append(attempt)
+            if self.connectivity.snapshot().online is False and not self._link_back(started):
+                break
         return attempts
+
+    def _link_back(self, due_by: datetime) -> bool:
+        """After an attempt found the link down: whether another case is due by ``due_by`` and
+        the server's health answers (:meth:`probe`)."""
+        due_at = self.outbox.next_attempt_at()
+        return due_at is not None and due_at <= due_by and self.probe()
 
     def drain_once(self) -> DrainReport:
         """``queue drain`` without ``--follow``: every case due now, once, and what is left.
