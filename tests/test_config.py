@@ -18,6 +18,13 @@ import pytest
 import tomlkit
 
 from tests.helpers import CliRun, run_cli
+from tests.test_secrets import (
+    ROOT,
+    as_service_user,
+    give_to_service_user,
+    reachable_folder,
+    service_user_env,
+)
 from triage_app import config
 from triage_app.admin import save_changes_audited
 from triage_app.config import (
@@ -464,8 +471,12 @@ def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
 
 
 def test_unknown_settings_variable_is_refused_other_variables_ignored(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^processing\.workerz: unknown setting"):
+    with pytest.raises(ConfigError) as info:
         load_settings(tmp_path / "none.toml", env={"TRIAGE_APP_PROCESSING__WORKERZ": "1"})
+    assert str(info.value) == (
+        "processing.workerz: unknown setting (did you mean processing.workers?) "
+        "[TRIAGE_APP_PROCESSING__WORKERZ]"
+    )
     env = {"TRIAGE_APP_DEBUG": "1", "PROCESSING__WORKERS": "9", "HOME": "/x"}
     assert load_settings(tmp_path / "none.toml", env=env) == Settings()
 
@@ -1399,3 +1410,231 @@ def test_thresholds_without_the_model_they_were_approved_for_are_reported_unused
 def test_an_admin_field_without_a_password_says_how_to_set_one() -> None:
     with pytest.raises(AdminAuthError, match="set one with triage-app config set-admin-password"):
         apply_change(Settings(), "escalation.normal_below", "0.1", admin_password="anything")
+
+
+# --- What the site admin found (review round 2) ---------------------------------------------
+
+# Root reads and writes any file whatever its mode, and these tests run as root: the command
+# runs as ``nobody`` (helpers: tests/test_secrets.py) on settings root left behind.
+BY_ROOT = f"owned by {ROOT}, not by nobody, the user this runs as"
+
+
+def run_cli_as_service_user(*args: str | Path, home: Path, stdin: str = "") -> CliRun:
+    """The real command as the service user, with ``home`` (its own) as its home folder."""
+    result = subprocess.run(
+        as_service_user("-m", "triage_app", *args, "--data-dir", home / "data"),
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=120,
+        env=service_user_env(home),
+        check=False,
+    )
+    return CliRun(result.returncode, result.stdout, result.stderr)
+
+
+def error_line(run: CliRun) -> str:
+    assert "Traceback" not in run.stderr
+    (line,) = run.stderr.splitlines()
+    return line
+
+
+def home_of_service_user(base: Path) -> Path:
+    home = base / "home"
+    home.mkdir()
+    give_to_service_user(home)
+    return home
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "command",
+    [("show",), ("validate",), ("get", "display.theme"), ("set", "display.theme", "dark")],
+    ids=lambda command: command[0],
+)
+def test_a_settings_file_in_a_folder_the_user_may_not_enter_is_refused_with_2_and_the_fix(
+    command: tuple[str, ...],
+) -> None:
+    """It was ``internal_error`` (70): an unexpected PermissionError checking that it exists."""
+    with reachable_folder() as base:
+        home = home_of_service_user(base)
+        closed = base / "closed"
+        closed.mkdir(mode=0o700)  # root's, as `sudo mkdir` leaves it
+        path = write_toml(closed / "settings.toml", '[display]\ntheme = "light"\n')
+
+        run = run_cli_as_service_user("config", *command, "--config", path, home=home)
+
+    assert run.returncode == 2, run.stderr
+    assert error_line(run) == (
+        f"triage-app: error: config_invalid: {path}: cannot read the settings file: {closed} is "
+        f"{BY_ROOT} (mode 0700): let nobody in (e.g. chmod o+x {closed}) or choose another folder"
+    )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("command", "stdin"),
+    [(("validate",), ""), (("set-admin-password", "--stdin"), f"{PASSWORD}\n")],
+    ids=["validate", "set-admin-password"],
+)
+def test_a_settings_file_the_user_may_not_read_says_whose_it_is_and_the_chown(
+    command: tuple[str, ...], stdin: str
+) -> None:
+    with reachable_folder() as base:
+        home = home_of_service_user(base)
+        path = write_toml(base / "settings.toml", '[display]\ntheme = "light"\n')
+        path.chmod(0o600)  # root's, as an install as root leaves it
+
+        run = run_cli_as_service_user("config", *command, "--config", path, home=home, stdin=stdin)
+
+    assert run.returncode == 2, run.stderr
+    assert error_line(run) == (
+        f"triage-app: error: config_invalid: {path}: cannot read the settings file: {BY_ROOT} "
+        f"(mode 0600): chown nobody: {path}"
+    )
+
+
+@pytest.mark.timeout(120)
+def test_the_default_settings_folder_left_by_root_is_given_back_with_one_chown() -> None:
+    """A first run as root with the service user's home: its settings folder is the app's own,
+    so one ``chown -R`` fixes it and whatever else that run left in it."""
+    with reachable_folder() as base:
+        home = home_of_service_user(base)
+        (home / ".config").mkdir()
+        give_to_service_user(home / ".config")
+        folder = home / ".config" / "triage-app"
+        folder.mkdir(mode=0o700)  # root's
+        write_toml(folder / "settings.toml", '[display]\ntheme = "light"\n')
+
+        run = run_cli_as_service_user("config", "show", home=home)
+
+    assert run.returncode == 2, run.stderr
+    assert error_line(run) == (
+        f"triage-app: error: config_invalid: {folder / 'settings.toml'}: cannot read the settings "
+        f"file: {folder} is {BY_ROOT} (mode 0700): chown -R nobody: {folder}"
+    )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("command", "stdin"),
+    [(("set", "display.theme", "dark"), ""), (("set-admin-password", "--stdin"), f"{PASSWORD}\n")],
+    ids=["set", "set-admin-password"],
+)
+def test_saving_in_a_settings_folder_the_user_may_not_write_is_refused_with_2_and_the_fix(
+    command: tuple[str, ...], stdin: str
+) -> None:
+    """It was ``internal_error`` (70): an unexpected PermissionError writing the new file."""
+    with reachable_folder() as base:
+        home = home_of_service_user(base)
+        folder = base / "etc"
+        folder.mkdir(mode=0o755)  # root's: nobody may read the file, not replace it
+        path = write_toml(folder / "settings.toml", '[display]\ntheme = "light"\n')
+        path.chmod(0o644)
+
+        run = run_cli_as_service_user("config", *command, "--config", path, home=home, stdin=stdin)
+        text = path.read_text(encoding="utf-8")
+
+    assert run.returncode == 2, run.stderr
+    assert error_line(run) == (
+        f"triage-app: error: config_invalid: {folder}: cannot save the settings file "
+        f"settings.toml here: {BY_ROOT} (mode 0755): chown -R nobody: {folder}"
+    )
+    assert text == '[display]\ntheme = "light"\n'
+
+
+@pytest.mark.timeout(120)
+def test_a_settings_folder_the_user_may_not_create_says_how_to_create_it() -> None:
+    with reachable_folder() as base:
+        home = home_of_service_user(base)
+        folder = base / "triage-app"  # base is root's 0755: nobody cannot make it there
+        path = folder / "settings.toml"
+
+        run = run_cli_as_service_user(
+            "config", "set", "display.theme", "dark", "--config", path, home=home
+        )
+        made = folder.exists()
+
+    assert run.returncode == 2, run.stderr
+    assert error_line(run) == (
+        f"triage-app: error: config_invalid: {folder}: cannot save the settings file "
+        f"settings.toml here: {base} is {BY_ROOT} (mode 0755): create it for nobody first "
+        f"(install -d -o nobody -m 700 {folder})"
+    )
+    assert not made
+
+
+def test_a_file_where_the_settings_folder_should_be_is_a_config_error(tmp_path: Path) -> None:
+    """It was ``internal_error`` (70): an unexpected FileExistsError making the folder."""
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"not a folder")
+    with pytest.raises(ConfigError) as info:
+        save_settings(Settings(), afile / "settings.toml")
+    assert str(info.value) == (
+        f"{afile}: cannot save the settings file settings.toml here (File exists)"
+    )
+    assert afile.read_bytes() == b"not a folder"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [spec for spec in SETTINGS if spec.key != "admin.password_hash"],
+    ids=lambda spec: spec.key,
+)
+def test_a_setting_variable_with_one_underscore_after_the_section_is_refused(
+    spec: config.SettingSpec, tmp_path: Path
+) -> None:
+    """``TRIAGE_APP_ESCALATION_QUEUE_QUOTA_MB=500`` in a systemd drop-in changed nothing."""
+    section, name = spec.key.split(".")
+    variable = f"TRIAGE_APP_{section.upper()}_{name.upper()}"
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "none.toml", env={variable: "1"})
+    assert str(info.value) == (
+        f"{spec.key}: misspelt variable: the setting's is {spec.env_var}, with two underscores "
+        f"between section and name [{variable}]"
+    )
+
+
+def test_the_admin_password_hash_is_refused_however_its_variable_is_spelt(tmp_path: Path) -> None:
+    variable = "TRIAGE_APP_ADMIN_PASSWORD_HASH"
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "none.toml", env={variable: "scrypt$1$1$1$AA==$AA=="})
+    assert str(info.value) == (
+        "admin.password_hash: comes from the settings file only; set it with triage-app config "
+        f"set-admin-password [{variable}]"
+    )
+
+
+def test_other_variables_with_the_prefix_are_not_taken_for_settings(tmp_path: Path) -> None:
+    env = {
+        "TRIAGE_APP_DEBUG": "1",
+        "TRIAGE_APP_": "1",
+        "TRIAGE_APP_SOME_TOOL": "1",
+        "TRIAGE_APP_PROCESSING": "1",
+        "TRIAGE_APP_PROCESSINGWORKERS": "1",
+    }
+    assert load_settings(tmp_path / "none.toml", env=env) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "reason"),
+    [
+        (
+            "TRIAGE_APP_ESCALATION_QUEUE_QUOTA_MB",
+            "escalation.queue_quota_mb: misspelt variable: the setting's is "
+            "TRIAGE_APP_ESCALATION__QUEUE_QUOTA_MB, with two underscores between section and name",
+        ),
+        (
+            "TRIAGE_APP_ESCALATION__QUEUE_QUOTA",
+            "escalation.queue_quota: unknown setting (did you mean escalation.queue_quota_mb?)",
+        ),
+    ],
+    ids=["one underscore", "unknown name"],
+)
+def test_a_mistyped_settings_variable_stops_a_command_with_2_naming_it(
+    variable: str, reason: str, tmp_path: Path
+) -> None:
+    run = run_cli("config", "validate", data_dir=tmp_path, env={variable: "500"})
+    assert run.returncode == 2, run.stderr
+    assert error_line(run) == f"triage-app: error: config_invalid: {reason} [{variable}]"
+    assert "valid" not in run.stdout

@@ -34,8 +34,13 @@ def settings_from_args(args: argparse.Namespace, *, for_saving: bool = False) ->
         # What is saved must be the file's own values, not the environment's or the flags';
         # the audit entry goes with them too (to the case store this file configures).
         return load_settings(config, env={})
-    if config is not None and not config.exists():
-        raise ConfigError(f"{config}: no such settings file (--config)")
+    if config is not None:
+        try:
+            config.stat()
+        except FileNotFoundError:
+            raise ConfigError(f"{config}: no such settings file (--config)") from None
+        except OSError:
+            pass  # there, but not for this user: reading it says why, with the fix
     overrides: dict[str, object] = {}
     # Relative folders mean "from here", as every other path typed on the command line does.
     if getattr(args, "data_dir", None) is not None:

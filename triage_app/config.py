@@ -42,8 +42,10 @@ from triage_app.dicom.deidentify.engine import DEFAULT_SAFE_PRIVATE, SAFE_PRIVAT
 from triage_app.dicom.deidentify.table import ProfileOption
 from triage_app.errors import AdminAuthError, ConfigError
 from triage_app.paths import (
+    FOLDER_ACCESS,
     default_config_path,
     default_data_dir,
+    denied_because,
     ensure_private_dir,
     lock_folder,
     write_private_file,
@@ -1159,8 +1161,9 @@ def load_settings(
         means all defaults.
     env
         The environment (default ``os.environ``). Variables ``TRIAGE_APP_<SECTION>__<NAME>`` are
-        read as text by the setting's type; one that names no setting is an error. Pass ``{}``
-        when the result will be saved, so the environment is not written into the file.
+        read as text by the setting's type; one that names no setting is an error, and so is a
+        setting's spelt with one underscore after the section. Pass ``{}`` when the result will
+        be saved, so the environment is not written into the file.
     overrides
         Command-line values by dotted key, as text or already typed.
 
@@ -1201,7 +1204,8 @@ def _read_text(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read the settings file ({err.strerror})") from None
+        why = _denied_because(err, path, os.R_OK)
+        raise ConfigError(f"{path}: cannot read the settings file{why}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:  # TOML is UTF-8 by definition
@@ -1227,13 +1231,36 @@ def _values_from_text(text: str, path: Path) -> dict[str, object]:
 def _read_env(env: Mapping[str, str]) -> dict[str, object]:
     values: dict[str, object] = {}
     for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :]
         # Only SECTION__NAME-shaped variables are settings; TRIAGE_APP_DEBUG and the like are not.
-        if name.startswith(ENV_PREFIX) and "__" in name[len(ENV_PREFIX) :]:
-            key = name[len(ENV_PREFIX) :].replace("__", ".").lower()
-            spec = _spec(key, name)
-            _refuse_password_hash(key, name)
-            values[key] = spec.parse(raw, name)
+        if "__" not in rest:
+            _refuse_one_underscore(name, rest)
+            continue
+        key = rest.replace("__", ".").lower()
+        spec = _spec(key, name)
+        _refuse_password_hash(key, name)
+        values[key] = spec.parse(raw, name)
     return values
+
+
+def _refuse_one_underscore(name: str, rest: str) -> None:
+    """A setting's variable with one underscore after the section is a typo, not another
+    variable: ignored, it would leave the setting silently at its file value (a systemd
+    drop-in's ``TRIAGE_APP_ESCALATION_QUEUE_QUOTA_MB=500`` changed nothing)."""
+    # Section names have no underscore (SettingSpec), so only the first one can be the dot.
+    key = rest.lower().replace("_", ".", 1)
+    if key in SPECS:
+        _refuse_password_hash(key, name)  # no spelling of it is read: say so, not how to spell it
+        raise ConfigError(
+            _message(
+                key,
+                f"misspelt variable: the setting's is {SPECS[key].env_var}, with two "
+                "underscores between section and name",
+                name,
+            )
+        )
 
 
 def _refuse_password_hash(key: str, source: str) -> None:
@@ -1279,7 +1306,10 @@ def save_settings(
     never interleave.
     """
     target = default_config_path() if path is None else path
-    ensure_private_dir(target.parent)
+    try:
+        ensure_private_dir(target.parent)
+    except OSError as err:
+        raise _cannot_save(err, target) from None
     with _settings_folder_locked(target):
         text = _read_text(target) or ""
         if base is None:
@@ -1294,9 +1324,25 @@ def save_settings(
                 f"{target}: editing the file would not give the new settings; "
                 "nothing was saved (edit it by hand)"
             )
-        write_private_file(target, edited.encode())
+        try:
+            write_private_file(target, edited.encode())
+        except OSError as err:
+            raise _cannot_save(err, target) from None
     log.info("saved settings to %s", target)
     return target
+
+
+def _denied_because(err: OSError, path: Path, need: int) -> str:
+    """:func:`~triage_app.paths.denied_because` for a settings path: the app's own settings
+    folder, where a first run as root leaves root's files, is the tree one ``chown -R`` fixes."""
+    return denied_because(err, path, need, tree=default_config_path().parent)
+
+
+def _cannot_save(err: OSError, target: Path) -> ConfigError:
+    """A save the settings folder refused: the file is replaced there, so the folder must let
+    this user list, lock, create and rename in it, whatever the file's own mode."""
+    why = _denied_because(err, target.parent, FOLDER_ACCESS)
+    return ConfigError(f"{target.parent}: cannot save the settings file {target.name} here{why}")
 
 
 def _changes_onto_file(
@@ -1357,9 +1403,7 @@ def _settings_folder_locked(target: Path) -> Iterator[None]:
             time.sleep(_LOCK_POLL_S)
             continue
         except OSError as err:
-            raise ConfigError(
-                f"{target}: cannot lock the settings folder ({err.strerror})"
-            ) from None
+            raise _cannot_save(err, target) from None
         break
     if fd is None:
         log.warning(
