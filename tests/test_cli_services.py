@@ -3,6 +3,7 @@ status a service that cannot start leaves for systemd (2: a mistake; 75: try aga
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -78,6 +79,40 @@ def test_watch_refuses_an_inbox_that_is_a_file_as_a_settings_error_naming_it(
     (line,) = run.stderr.strip().splitlines()
     assert line == f"triage-app: error: config_invalid: watch.inbox_dir: not a folder: {afile}"
     assert afile.read_bytes() == b"not a folder"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("command", "env"),
+    [
+        (["watch", "--once", "--log-format", "json"], {"TRIAGE_APP_PROCESSING__WORKERS": "0"}),
+        (["receive", "--log-format", "json"], {"TRIAGE_APP_PROCESSING__WORKERS": "0"}),
+        (
+            # central serve reads no settings: a certificate that is not there instead
+            [
+                *("central", "serve", "--log-format", "json", "--port", "0"),
+                *("--tls-cert", "missing-cert.pem", "--tls-key", "missing-key.pem"),
+            ],
+            {},
+        ),
+    ],
+    ids=["watch", "receive", "central-serve"],
+)
+def test_a_service_logging_json_stops_with_its_error_as_a_json_record_with_the_code(
+    tmp_path: Path, command: list[str], env: dict[str, str]
+) -> None:
+    """The journal's log shipper parses JSON: the line saying why the service stopped was the
+    one text line among them, ``triage-app: error: <code>: ...``."""
+    run = run_cli(*command, data_dir=tmp_path / "data", env=env)
+    assert run.returncode == 2, run.stderr
+    records = [json.loads(line) for line in run.stderr.splitlines()]  # each line is JSON
+    errors = [r for r in records if r["level"] == "ERROR"]
+    assert len(errors) == 1, run.stderr
+    (error,) = errors
+    assert error["logger"] == "triage_app.cli"
+    assert error["code"] == "config_invalid"
+    assert error["message"].split(":")[0] in {"processing.workers", "central.tls_cert"}
+    assert set(error) == {"ts", "level", "logger", "message", "code"}
 
 
 def _error_line(run: CliRun) -> str:

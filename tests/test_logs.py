@@ -156,6 +156,66 @@ def test_configure_logging_keeps_text_lines_by_default() -> None:
     )
 
 
+def run_watch_stopped_by(exception: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    """The real ``main`` in a fresh interpreter, its ``watch`` handler raising ``exception``:
+    neither a Ctrl-C before the service's own signal handlers nor a bug can be had on demand."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from triage_app import cli, cli_services
+        def stopped(args):
+            raise {exception}
+        cli_services._watch = stopped
+        sys.exit(cli.main(["watch", *sys.argv[1:]]))
+        """
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+INTERNAL_ERROR = "RuntimeError('/inbox/DOE^JANE/chest.dcm')"  # a message quoting PHI
+
+
+@pytest.mark.parametrize(
+    ("exception", "status", "level", "code", "prefix", "message"),
+    [
+        ("KeyboardInterrupt", 130, "WARNING", None, "triage-app: ", "interrupted"),
+        (
+            INTERNAL_ERROR,
+            70,
+            "ERROR",
+            "internal_error",
+            "triage-app: error: internal_error: ",
+            r"unexpected RuntimeError in triage_app/cli\.py:\d+ \(main\); "
+            "run again with --debug for the traceback",
+        ),
+    ],
+    ids=["interrupted", "internal-error"],
+)
+def test_the_line_main_ends_a_run_with_follows_the_log_format(
+    exception: str, status: int, level: str, code: str | None, prefix: str, message: str
+) -> None:
+    """A JSON log shipper got one text line, the one saying how the run ended; in text, the
+    line is as it always was."""
+    plain = run_watch_stopped_by(exception)
+    assert plain.returncode == status
+    assert re.fullmatch(re.escape(prefix) + message + "\n", plain.stderr), plain.stderr
+
+    as_json = run_watch_stopped_by(exception, "--log-format", "json")
+    assert as_json.returncode == status
+    (line,) = as_json.stderr.splitlines()
+    record = json.loads(line)
+    assert record.pop("ts")
+    assert re.fullmatch(message, record.pop("message")), line
+    assert record == {"level": level, "logger": "triage_app.cli"} | ({"code": code} if code else {})
+    assert "DOE^JANE" not in as_json.stderr
+
+
 def run_pydicom_failure(level: int) -> str:
     """What a process configured at ``level`` writes when a pydicom decoder plugin fails: pydicom
     logs each failure at ERROR, with its traceback."""

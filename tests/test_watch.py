@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from tests.dcmtk import free_port
+from tests.escalation.conftest import EDGE_MODEL_KEY
 from tests.helpers import make_result, phantom_dataset, wait_until, write_phantoms
 from tests.test_intake import (
     THREAD_TRIAGE,
@@ -45,7 +46,7 @@ from triage_app.escalation.service import open_outbox
 from triage_app.intake import REASON_SUFFIX, SIDECAR_SUFFIX
 from triage_app.metrics import probe_health
 from triage_app.paths import lock_folder
-from triage_app.states import CaseEvent
+from triage_app.states import CaseEvent, CaseState
 from triage_app.store import REPROCESSED, CaseStore
 from triage_app.watch import SettleTracker, WatchService, inbox_files, is_candidate
 
@@ -869,6 +870,60 @@ def test_once_exits_0_on_a_clean_inbox_and_1_when_something_was_quarantined(
     code, output = watch_env.run_once()  # nothing left: a clean run
     assert code == 0, output
     assert "0 triaged, 0 quarantined" in output
+
+
+# Every image escalated (the uncertain band is the whole range), and no central server: each
+# escalated case is kept on the device, `escalation_held`.
+ESCALATE_ALL = {
+    "TRIAGE_APP_ESCALATION__THRESHOLDS_MODEL": EDGE_MODEL_KEY,
+    "TRIAGE_APP_ESCALATION__NORMAL_BELOW": "0.0",
+    "TRIAGE_APP_ESCALATION__ABNORMAL_AT_OR_ABOVE": "1.0",
+}
+
+
+@pytest.mark.timeout(150)
+def test_once_counts_the_cases_it_held_on_the_device_and_exits_0_for_them(
+    watch_env: WatchEnv, phantoms: list[Path]
+) -> None:
+    """The summary said only "2 triaged", and an admin running it by hand took the escalated
+    cases for sent. Held is no failure (they wait, as queued ones would: exit 0); the count is
+    this run's (``queue status`` has them all), and a run that held none prints the line as
+    it always was."""
+    watch_env.env.update(ESCALATE_ALL)
+    watch_env.drop(watch_env.stage(phantoms[:2]))
+    code, output = watch_env.run_once()
+    assert code == 0, output
+    assert output.splitlines()[-1] == (
+        "triage-app watch: 2 triaged, 0 quarantined, 0 left in the inbox (still being written), "
+        "2 held on the device (see queue release)"
+    )
+    with CaseStore.open(watch_env.case_store) as store:
+        assert len(store.case_ids(CaseState.ESCALATION_HELD)) == 2
+
+    # Logging JSON Lines (as the unit runs it): the summary is a record too, counts as numbers.
+    watch_env.drop(watch_env.stage(phantoms[2:3]))
+    code, output = watch_env.run_once("--log-format", "json")
+    assert code == 0, output
+    records = [json.loads(line) for line in output.splitlines()]  # each line is JSON
+    summary = records[-1]
+    assert summary.pop("ts")
+    assert summary == {
+        "level": "INFO",
+        "logger": "triage_app.cli_services",
+        "message": "1 triaged, 0 quarantined, 0 left in the inbox (still being written), "
+        "1 held on the device (see queue release)",
+        "triaged": 1,
+        "quarantined": 0,
+        "left_incomplete": 0,
+        "left_stuck": 0,
+        "held": 1,
+    }
+
+    code, output = watch_env.run_once()  # nothing held in this run: the line of old
+    assert code == 0, output
+    assert output.endswith(
+        "\ntriage-app watch: 0 triaged, 0 quarantined, 0 left in the inbox (still being written)\n"
+    )
 
 
 @pytest.mark.timeout(120)

@@ -43,7 +43,7 @@ from triage_app.config import (
 from triage_app.dicom.deidentify import ProfileOption
 from triage_app.errors import AdminAuthError, ConfigError, TriageError, describe_unexpected
 from triage_app.inputs import expand_inputs
-from triage_app.logs import configure_logging
+from triage_app.logs import configure_logging, print_outcome
 from triage_app.results import CaseResult, FailedInput, InputOutcome
 
 logger = logging.getLogger("triage_app.cli")
@@ -75,10 +75,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TriageError as err:
         if args.debug:
             logger.exception("failed")
-        print(f"triage-app: error: {err.code}: {err}", file=sys.stderr)
+        print_outcome(
+            f"triage-app: error: {err.code}: {err}",
+            logger=logger,
+            level=logging.ERROR,
+            message=str(err),
+            code=err.code,
+        )
         return EXIT_TEMPFAIL if err.temporary else EXIT_USAGE
     except KeyboardInterrupt:
-        print("triage-app: interrupted", file=sys.stderr)
+        print_outcome(
+            "triage-app: interrupted", logger=logger, level=logging.WARNING, message="interrupted"
+        )
         return 130
     except BrokenPipeError:
         # The reader went away (`triage-app config show | head -1`): stop quietly. Python's
@@ -89,10 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # the last resort: one line without PHI, not Python's traceback
         if args.debug:
             logger.exception("unexpected error")
-        print(
-            f"triage-app: error: internal_error: {describe_unexpected(err)}; "
-            "run again with --debug for the traceback",
-            file=sys.stderr,
+        message = f"{describe_unexpected(err)}; run again with --debug for the traceback"
+        print_outcome(
+            f"triage-app: error: internal_error: {message}",
+            logger=logger,
+            level=logging.ERROR,
+            message=message,
+            code="internal_error",
         )
         return EXIT_INTERNAL
 

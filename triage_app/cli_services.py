@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from triage_app.cli_common import (
     settings_from_args,
 )
 from triage_app.errors import ConfigError
+from triage_app.logs import print_outcome
 from triage_app.paths import FOLDER_ACCESS, access_problem
 
 if TYPE_CHECKING:
@@ -105,12 +107,21 @@ def _watch(args: argparse.Namespace) -> int:
         if summary.left_stuck
         else ""
     )
-    print(
-        f"triage-app watch: {summary.triaged} triaged, {summary.quarantined} quarantined, "
-        f"{summary.left_incomplete} left in the inbox (still being written){stuck}",
-        file=sys.stderr,
+    held = f", {summary.held} held on the device (see queue release)" if summary.held else ""
+    message = (
+        f"{summary.triaged} triaged, {summary.quarantined} quarantined, "
+        f"{summary.left_incomplete} left in the inbox (still being written){stuck}{held}"
+    )
+    print_outcome(
+        f"triage-app watch: {message}",
+        logger=log,
+        level=logging.INFO,
+        message=message,
+        **asdict(summary),
     )
     # A one-off run reports like `classify`; a service stopped on purpose has done its job.
+    # Held cases are no failure: triaged and recorded, they wait for the server as queued ones
+    # do (a one-off run sends neither), and the services release them by themselves.
     failed = summary.quarantined or summary.left_stuck
     return EXIT_SOME_FAILED if args.once and failed else EXIT_OK
 

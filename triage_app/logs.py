@@ -5,7 +5,8 @@ format and levels, so a worker process logs exactly like the command that starte
 
 A service under systemd logs JSON Lines (``json_lines=True``): the journal and log shippers
 then get fields (level, logger, the ``extra`` of a call such as an error code) without parsing
-free text.
+free text. The lines a command prints itself about how its run ended (``print_outcome``) follow
+the same format, so the one line a shipper most needs is not the one it cannot parse.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from datetime import UTC, datetime
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -75,3 +77,25 @@ def configure_logging(level: int, *, json_lines: bool = False) -> None:
     # pynetdicom logs every association at INFO and dumps data sets (UIDs, names) at DEBUG; the
     # receiver logs what an admin needs itself.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def print_outcome(
+    text: str,
+    *,
+    logger: logging.Logger,
+    level: int,
+    message: str,
+    **fields: str | int | float | bool | None,
+) -> None:
+    """Print a command's own line about how its run ended (a summary, the error it stopped on)
+    to stderr: ``text`` as it is, or, when the log is JSON Lines, a record as a log line's with
+    ``message`` and ``fields`` (an error's ``code``, a summary's counts).
+
+    Printed rather than logged, so that no level or filter can drop it.
+    """
+    root = logging.getLogger()
+    if not any(isinstance(handler.formatter, JsonLinesFormatter) for handler in root.handlers):
+        print(text, file=sys.stderr)
+        return
+    record = logger.makeRecord(logger.name, level, "", 0, message, (), None, extra=fields)
+    print(JsonLinesFormatter().format(record), file=sys.stderr, flush=True)

@@ -32,6 +32,7 @@ from watchdog.observers.api import BaseObserver
 from triage_app.config import Settings
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.intake import FiledOutcome, Intake, IntakeLayout, Unfiled
+from triage_app.results import HELD, CaseResult
 from triage_app.retention import DoneRetention, ResealCases
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,9 @@ class WatchSummary:
     quarantined: int = 0
     left_incomplete: int = 0
     left_stuck: int = 0  # could not be taken out of the inbox: left for the next run
+    # Of the triaged: escalations kept on the device, not in the outbox (no central server or
+    # its keys, or the outbox full); counted apart so that nobody takes them for sent.
+    held: int = 0
 
 
 class WatchService:
@@ -340,4 +344,6 @@ class WatchService:
             summary.quarantined += 1
         else:
             summary.triaged += 1
+            escalation = filed.outcome.escalation if isinstance(filed.outcome, CaseResult) else None
+            summary.held += escalation is not None and escalation.state == HELD
         self._on_filed(filed if arrived is None else replace(filed, submitted_at=arrived))
