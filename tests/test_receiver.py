@@ -7,6 +7,7 @@ real network stack and read back what landed in the spool.
 
 from __future__ import annotations
 
+import errno
 import io
 import itertools
 import json
@@ -30,6 +31,7 @@ from pynetdicom import AE
 from tests import dcmtk
 from tests.ct_series import CtSeries, ct_dataset, write_ct_series
 from tests.helpers import make_result
+from triage_app import intake as intake_module
 from triage_app import receiver as receiver_module
 from triage_app.config import SPECS, Settings, load_settings
 from triage_app.errors import ConfigError, ReceiverError
@@ -741,6 +743,59 @@ def test_the_service_makes_one_case_per_instance_and_a_resend_makes_none(
     incoming = settings.receiver_storage / "incoming"
     assert list(incoming.rglob("*.dcm")) == []
     assert list(incoming.iterdir()) == []  # the study's spool folder was pruned
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.expect_log_warnings  # the file that cannot leave the spool, said once
+def test_a_file_that_cannot_leave_the_spool_is_filed_once_it_can_without_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spooled image the service may not take out of its folder (a permission changed
+    under it) waits on its own and is tried again: it used to sit in the spool until the
+    next restart, never triaged into done/."""
+    study = write_ct_series(tmp_path / "study", 3, seed=37)
+    settings = receiver_settings(tmp_path / "receiver")
+    monkeypatch.setattr(intake_module, "STUCK_RETRY_FIRST_S", 0.5)
+    incoming = settings.receiver_storage / "incoming"
+    locked = threading.Event()
+    locked.set()
+    refused: list[Path] = []
+    unlink = Path.unlink
+
+    def refuse_in_the_spool(self: Path, missing_ok: bool = False) -> None:
+        if locked.is_set() and self.is_relative_to(incoming) and self.suffix == ".dcm":
+            refused.append(self)
+            raise PermissionError(errno.EACCES, "Permission denied")  # a sticky folder, say
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse_in_the_spool)
+    filed: list[FiledOutcome] = []
+    listening = threading.Event()
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        service = pool.submit(
+            run_receiver, settings, stop, on_filed=filed.append, on_tick=lambda _: listening.set()
+        )
+        try:
+            wait_for(listening.is_set, service, 60, "the receiver to listen")
+            sent_ok(dcmtk.storescu(settings.receiver_port, study.folder, called=AE_TITLE))
+            wait_for(lambda: len(set(refused)) == 3, service, 60, "three refused moves")
+            time.sleep(1.0)  # at least one more try of each, still refused
+            assert filed == []
+            locked.clear()  # the admin gives the folder back
+            wait_for(lambda: len(filed) >= 3, service, 60, "the images to be filed")
+        finally:
+            stop.set()
+        service.result(timeout=60)
+
+    assert len(refused) > 3, "each was tried again while the spool stayed locked"
+    assert sorted(f.source.name for f in filed) == sorted(
+        f"{spool_key(uid)}.dcm" for uid in study.sop_uids
+    )
+    assert not [f for f in filed if f.quarantined or f.deferred]
+    assert len(list((settings.receiver_storage / "done").rglob("*.dcm"))) == 3
+    assert list(incoming.rglob("*.dcm")) == []
 
 
 @pytest.mark.slow

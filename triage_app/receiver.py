@@ -583,13 +583,17 @@ def run_receiver(
                 for study in receiver.ready_studies():
                     backlog.extend(study)
                 batch: list[Path] = []
+                not_yet: list[Path] = []  # stuck in the spool, waiting out their own time
                 while backlog and len(batch) < intake.room:
                     path = backlog.popleft()
                     # Re-sent while its first copy was in flight: that copy may be filed already.
-                    if path.exists():
-                        batch.append(path)
-                    else:
+                    if not path.exists():
                         receiver.arrived(path)
+                    elif intake.is_waiting(path):
+                        not_yet.append(path)
+                    else:
+                        batch.append(path)
+                backlog.extend(not_yet)
                 intake.submit(batch)
                 filed = intake.collect(timeout_s=tick_s)
                 for outcome in filed:
@@ -597,9 +601,11 @@ def run_receiver(
                     if outcome.filed_as is None and outcome.unfiled in (
                         Unfiled.CHANGED,
                         Unfiled.RETRY,
+                        Unfiled.STUCK,
                     ):
-                        # Re-sent while in flight (its new copy was skipped as in flight), or
-                        # its filing failed: offered again (after the intake's back-off).
+                        # Re-sent while in flight (its new copy was skipped as in flight), its
+                        # filing failed, or it could not leave the spool: offered again (after
+                        # the intake's back-off, or the file's own wait).
                         backlog.append(outcome.source)
                 if filed:
                     receiver.prune_empty_studies()
