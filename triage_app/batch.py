@@ -28,7 +28,7 @@ from triage_app.errors import IllegalTransitionError, OutboxError
 from triage_app.escalation.outbox import OutboxItem
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.inputs import file_sha256
-from triage_app.logs import JsonLinesFormatter, configure_logging
+from triage_app.logs import configure_logging, logs_json_lines
 from triage_app.model.manifest import verify_bundle
 from triage_app.ordered_pool import WORKER_CRASHED, ordered_map
 from triage_app.pipeline import PipelineConfig, TriagePipeline
@@ -74,9 +74,7 @@ def _init_worker(
 def _parent_logging() -> tuple[int, bool]:
     """This process's log level and whether it logs JSON Lines, for its spawned workers (they
     start with no logging set up, and a service's journal must get one format)."""
-    root = logging.getLogger()
-    json_lines = any(isinstance(h.formatter, JsonLinesFormatter) for h in root.handlers)
-    return root.getEffectiveLevel(), json_lines
+    return logging.getLogger().getEffectiveLevel(), logs_json_lines()
 
 
 def _exit_with_parent(parent: int, interval_s: float = 1.0) -> None:

@@ -79,6 +79,12 @@ def configure_logging(level: int, *, json_lines: bool = False) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
+def logs_json_lines() -> bool:
+    """Whether this process logs JSON Lines (``configure_logging(json_lines=True)``)."""
+    root = logging.getLogger()
+    return any(isinstance(handler.formatter, JsonLinesFormatter) for handler in root.handlers)
+
+
 def print_outcome(
     text: str,
     *,
@@ -93,8 +99,7 @@ def print_outcome(
 
     Printed rather than logged, so that no level or filter can drop it.
     """
-    root = logging.getLogger()
-    if not any(isinstance(handler.formatter, JsonLinesFormatter) for handler in root.handlers):
+    if not logs_json_lines():
         print(text, file=sys.stderr)
         return
     record = logger.makeRecord(logger.name, level, "", 0, message, (), None, extra=fields)
