@@ -895,7 +895,7 @@ def test_once_counts_the_cases_it_held_on_the_device_and_exits_0_for_them(
     assert code == 0, output
     assert output.splitlines()[-1] == (
         "triage-app watch: 2 triaged, 0 quarantined, 0 left in the inbox (still being written), "
-        "2 held on the device (see queue release)"
+        "2 held on the device (no central server: escalation.central_url)"
     )
     with CaseStore.open(watch_env.case_store) as store:
         assert len(store.case_ids(CaseState.ESCALATION_HELD)) == 2
@@ -911,13 +911,22 @@ def test_once_counts_the_cases_it_held_on_the_device_and_exits_0_for_them(
         "level": "INFO",
         "logger": "triage_app.cli_services",
         "message": "1 triaged, 0 quarantined, 0 left in the inbox (still being written), "
-        "1 held on the device (see queue release)",
+        "1 held on the device (no central server: escalation.central_url)",
         "triaged": 1,
         "quarantined": 0,
         "left_incomplete": 0,
         "left_stuck": 0,
         "held": 1,
     }
+
+    # A central server configured but not reached (its keys unknown): `queue release` sends
+    # them once it is.
+    watch_env.env["TRIAGE_APP_ESCALATION__CENTRAL_URL"] = f"http://127.0.0.1:{free_port()}"
+    watch_env.drop(watch_env.stage(phantoms[3:4]))
+    code, output = watch_env.run_once()
+    assert code == 0, output
+    assert output.splitlines()[-1].endswith(", 1 held on the device (see queue release)")
+    del watch_env.env["TRIAGE_APP_ESCALATION__CENTRAL_URL"]
 
     code, output = watch_env.run_once()  # nothing held in this run: the line of old
     assert code == 0, output

@@ -107,7 +107,11 @@ def _watch(args: argparse.Namespace) -> int:
         if summary.left_stuck
         else ""
     )
-    held = f", {summary.held} held on the device (see queue release)" if summary.held else ""
+    # Without a central server there is nothing to release them to: say what is missing.
+    where = (
+        "see queue release" if settings.central_url else "no central server: escalation.central_url"
+    )
+    held = f", {summary.held} held on the device ({where})" if summary.held else ""
     message = (
         f"{summary.triaged} triaged, {summary.quarantined} quarantined, "
         f"{summary.left_incomplete} left in the inbox (still being written){stuck}{held}"
