@@ -23,12 +23,24 @@ def portable_text(text: str) -> str:
 
 @dataclass(frozen=True)
 class ModelRef:
+    """The model that decided: its name, version, the ONNX file's SHA-256 and the manifest's.
+
+    ``manifest_sha256`` is the SHA-256 of ``manifest.json`` as loaded: its thresholds,
+    calibration, preprocessing and intended use decide the outcome as much as the ONNX file.
+    ``None`` where it is not known (records and central verdicts stored before it existed);
+    the key is then left out of the JSON, exactly as those records have it.
+    """
+
     name: str
     version: str
     sha256: str
+    manifest_sha256: str | None = None
 
     def to_json(self) -> dict[str, str]:
-        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+        out = {"name": self.name, "version": self.version, "sha256": self.sha256}
+        if self.manifest_sha256 is not None:
+            out["manifest_sha256"] = self.manifest_sha256
+        return out
 
 
 # Where an escalated case goes: sealed in the outbox (the uploader takes it from there), kept on

@@ -48,6 +48,7 @@ def test_loads_and_describes_the_model(tiny_bundle: Path, fitted_profile: InputP
         "name": MODEL_NAME,
         "version": MODEL_VERSION,
         "sha256": sha256_file(tiny_bundle / "model.onnx"),
+        "manifest_sha256": sha256_file(tiny_bundle / "manifest.json"),
     }
     assert classifier.profile.limit == pytest.approx(fitted_profile.limit)
     np.testing.assert_array_equal(classifier.profile.components, fitted_profile.components)

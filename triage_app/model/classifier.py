@@ -62,7 +62,14 @@ class Classifier:
         self._session = make_session(bundle_dir / self.manifest.onnx_file, threads)
         self._output_name = self._session.get_outputs()[0].name
         self._check_signature()
-        logger.info("loaded model %s (sha256 %s…)", self.manifest.key, self.manifest.sha256[:12])
+        # Both hashes, once per load: the log then shows which manifest (thresholds, scope,
+        # calibration) a run used, not only which ONNX file.
+        logger.info(
+            "loaded model %s (sha256 %.12s…, manifest sha256 %.12s…)",
+            self.manifest.key,
+            self.manifest.sha256,
+            self.manifest.manifest_sha256,
+        )
 
     def _check_signature(self) -> None:
         """Refuse a model whose input or output the manifest misdescribes, here at start-up:
@@ -97,7 +104,8 @@ class Classifier:
 
     @property
     def ref(self) -> ModelRef:
-        return ModelRef(self.manifest.name, self.manifest.version, self.manifest.sha256)
+        manifest = self.manifest
+        return ModelRef(manifest.name, manifest.version, manifest.sha256, manifest.manifest_sha256)
 
     def predict(self, tensor: np.ndarray) -> Prediction:
         logits = self._session.run([self._output_name], {self.manifest.input_name: tensor})[0]

@@ -137,6 +137,10 @@ class ModelManifest:
     profile_sha256: str
     mirror_margin: float | None  # input_profile.mirror_check.margin; None: the check is off
     raw: dict[str, Any]  # the whole document, for display and for fields only tools read
+    # SHA-256 of manifest.json's bytes as loaded (None: built from a dict, not read from a file).
+    # Thresholds, calibration, preprocessing and scope decide outcomes too, and nothing vouches
+    # for them: a record names this so cases decided under different manifests can be told apart.
+    manifest_sha256: str | None = None
 
     @property
     def key(self) -> str:
@@ -148,7 +152,7 @@ class ModelManifest:
         return self.labels.index(self.positive_label)
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> ModelManifest:
+    def from_json(cls, doc: dict[str, Any], *, manifest_sha256: str | None = None) -> ModelManifest:
         try:
             if int(doc["format_version"]) != FORMAT_VERSION:
                 raise ManifestError(f"unsupported manifest format_version {doc['format_version']}")
@@ -188,6 +192,7 @@ class ModelManifest:
                 profile_sha256=str(doc["input_profile"]["sha256"]).lower(),
                 mirror_margin=_mirror_margin(doc["input_profile"]),
                 raw=doc,
+                manifest_sha256=manifest_sha256,
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"manifest is missing or has a malformed field: {exc}") from exc
@@ -235,12 +240,14 @@ def load_manifest(bundle_dir: Path) -> ModelManifest:
     if not path.is_file():
         raise ModelNotFoundError(f"no {MANIFEST_NAME} in model directory {bundle_dir}")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        # One read: the bytes hashed are the bytes parsed, so the hash describes this manifest.
+        data = path.read_bytes()
+        doc = json.loads(data.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is not readable JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise ManifestError(f"{path} must hold a JSON object")
-    return ModelManifest.from_json(doc)
+    return ModelManifest.from_json(doc, manifest_sha256=hashlib.sha256(data).hexdigest())
 
 
 def verify_file(path: Path, expected_sha256: str, what: str) -> None:
