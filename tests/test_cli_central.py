@@ -360,12 +360,11 @@ def test_a_port_still_taken_stops_serve_with_75_and_one_line(
             timeout=150,
         )
     assert run.returncode == 75, run.stderr
-    errors = [line for line in run.stderr.splitlines() if line.startswith("triage-app: ")]
-    assert errors == [
-        "triage-app: error: port_in_use: central: cannot listen on "
-        f"127.0.0.1:{port} (Address already in use)"
+    # Every line JSON, the one it stopped on too (with its code).
+    errors = [r for r in _log_records(run.stderr) if r["level"] == "ERROR"]
+    assert [(r["code"], r["message"]) for r in errors] == [
+        ("port_in_use", f"central: cannot listen on 127.0.0.1:{port} (Address already in use)")
     ]
-    _log_records("\n".join(line for line in run.stderr.splitlines() if line not in errors))
     notify_socket.setblocking(False)
     with pytest.raises(BlockingIOError):
         notify_socket.recv(64)

@@ -87,6 +87,7 @@ def test_release_reports_a_case_that_stays_held_as_json_and_exits_1(
         "released": 1,
         "source_unavailable": 1,
         "decision_changed": 0,
+        "exceeds_quota": 0,
         "waiting_for_room": 0,
         "still_held": 1,
     }
