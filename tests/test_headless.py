@@ -47,7 +47,7 @@ from triage_app.headless import ServiceRuntime
 from triage_app.metrics import probe_health
 from triage_app.results import CaseResult
 from triage_app.states import CaseState
-from triage_app.store import CaseStore
+from triage_app.store import NOT_RELEASED, CaseStore
 from triage_app.synthetic import PhantomConfig, phantom_to_dataset, render_phantom
 
 
@@ -228,6 +228,34 @@ def test_the_runtime_releases_a_case_held_by_a_full_outbox_once_a_delivery_makes
 
         wait_until(queued, timeout_s=15, interval_s=0.1, what="the held case queued")
         assert [i.case_id for i in runtime.link.outbox.items()] == [first.case_id, second.case_id]
+
+
+@pytest.mark.expect_log_warnings  # the case larger than the quota, named once
+def test_a_held_case_larger_than_the_whole_quota_is_not_re_triaged_every_minute(
+    central: Central, device: Device, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No delivery can make room for it and a larger quota needs a restart: it is set aside
+    until then, as a case whose file is gone is, instead of its image being read, triaged and
+    sealed again at every release pass (every minute, or every tick behind a backlog)."""
+    settings = device.settings(central).with_values(escalation__queue_quota_mb=1)
+    path = tmp_path / "big.dcm"  # 1000x1000 16-bit: 2 MB, twice the quota
+    phantom_to_dataset(render_phantom(7, 0, PhantomConfig(size_range=(1000, 1000)))).save_as(
+        path, enforce_file_format=True
+    )
+    with ServiceRuntime(settings, uploader=False) as runtime:
+        (big,) = triage_and_record([path], settings, queue=None)  # held, as before keys came
+        assert isinstance(big, CaseResult)
+        caplog.clear()
+        for _ in range(3):
+            runtime._release_at = 0.0  # as when the next pass is due (a minute later)
+            runtime.tick()
+    tries = [r for r in caplog.records if "not released (exceeds_quota)" in r.getMessage()]
+    assert len(tries) == 1, "tried once, then set aside until the next start"
+    with CaseStore.open(settings.case_store_path) as store:
+        case = store.get(big.case_id)
+        assert case is not None and case.state is CaseState.ESCALATION_HELD
+        notes = [t.detail for t in store.history(big.case_id) if t.event == NOT_RELEASED]
+    assert notes and (notes[-1] or "").startswith("exceeds_quota: outbox: this case (")
 
 
 def test_health_is_failing_once_the_uploader_thread_is_gone(

@@ -58,8 +58,15 @@ _KEYS_RECHECK_S = 5.0
 _STATUS_REFRESH_S = 2.0
 # How often held cases are looked for when nothing has signalled that they can go now.
 _RELEASE_EVERY_S = 60.0
-# Held cases a release leaves held for a reason only a human can fix; tried again next start.
-_PARKED = frozenset({ReleaseOutcome.SOURCE_UNAVAILABLE, ReleaseOutcome.DECISION_CHANGED})
+# Held cases a release leaves held for a reason only a human can fix; tried again next start
+# (a larger quota, too, takes a restart to apply).
+_PARKED = frozenset(
+    {
+        ReleaseOutcome.SOURCE_UNAVAILABLE,
+        ReleaseOutcome.DECISION_CHANGED,
+        ReleaseOutcome.EXCEEDS_QUOTA,
+    }
+)
 # Health: a loop silent this long is stuck (systemd's watchdog restarts it after 60 s); a case
 # waiting this long, or a link down this long, makes the service "degraded".
 _LOOP_STUCK_S = 30.0
@@ -223,7 +230,8 @@ class ServiceRuntime:
         """Queue the cases held so far, a batch per call, when they may go (see the module).
 
         A case left held for a reason only a human can fix (its file is gone, re-triage no
-        longer escalates it) is not tried again until the next start or ``queue release``;
+        longer escalates it, it is larger than the whole outbox quota) is not tried again until
+        the next start or ``queue release``;
         while the outbox is full, only a delivery that frees room starts the next try. With
         nothing held it costs one indexed query a minute.
         """
