@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import cv2
@@ -164,28 +167,123 @@ def isolated_floor(files: list[Path], bundle: Path) -> dict[str, float]:
     }
 
 
+#: In the command line of every worker the "spawn" start method starts (``triage_app.batch``'s),
+#: not of multiprocessing's resource tracker; fork and forkserver workers do not carry it.
+SPAWNED_WORKER = b"spawn_main"
+
+
+def _ppid(pid: int) -> int | None:
+    """The parent of ``pid`` from ``/proc/<pid>/stat``; None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # "pid (comm) state ppid …": comm may hold spaces and parentheses, so split after the last ")".
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live process below ``root``, at any depth (walked by PPid): a worker is found
+    also when something between (a launcher, a pool's helper) started it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (parent := _ppid(int(entry.name))) is not None:
+            children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    todo = deque(children.get(root, []))
+    while todo:
+        pid = todo.popleft()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _spawned_worker_hwm_kib(pid: int) -> int | None:
+    """VmHWM (peak resident set, KiB) of ``pid`` if it is a spawned worker still running."""
+    try:
+        if SPAWNED_WORKER not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return None
+        status = Path(f"/proc/{pid}/status").read_text(encoding="ascii")
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return None  # a zombie: its memory is gone, and with it the figure
+
+
+class WorkerMemory:
+    """Peak resident memory (VmHWM, KiB) of each spawned worker below this process, by pid.
+
+    Not ``RUSAGE_CHILDREN``: it counts a child only once reaped, and ``triage_files`` shuts its
+    pool down without waiting, so the workers are still running when the run ends (it read 0);
+    and a child started by fork+exec carries into its ``ru_maxrss`` the parent's peak from before
+    the exec, so even a reaped worker would report this process's memory, not its own. VmHWM is
+    the worker's own high-water mark: one sample after the work, before the worker exits, is
+    its peak. A background thread samples meanwhile for workers that end mid-run (a crash).
+    """
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self.peaks_kib: dict[int, int] = {}
+        self._root = os.getpid()
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+
+    def __enter__(self) -> WorkerMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        for pid in _descendants(self._root):
+            hwm = _spawned_worker_hwm_kib(pid)
+            if hwm is not None:
+                with self._lock:
+                    self.peaks_kib[pid] = max(hwm, self.peaks_kib.get(pid, 0))
+
+
 def pipeline_throughput(files: list[Path], config: PipelineConfig) -> dict[str, float]:
     """The real batch path with 2 spawned workers, recording nothing (workers only compute).
 
-    Runs in this process, which must have no other children: after the pool closes,
-    RUSAGE_CHILDREN's ru_maxrss is the largest worker's peak (KiB on Linux). ``main`` therefore
-    calls it in a fresh child process (``--throughput-child``).
+    ``worker_peak_rss_mb`` is the largest worker's peak resident memory (``WorkerMemory``),
+    sampled once the last result is in and the workers have not been told to stop yet. ``main``
+    runs this in a fresh child process (``--throughput-child``), so no other spawned process
+    of its own is counted.
     """
     started = time.perf_counter()
     first: float | None = None
+    ended: float | None = None
     count = 0
-    for _ in triage_files(files, config, workers=2):
-        count += 1
-        if first is None:
-            first = time.perf_counter()
-    ended = time.perf_counter()
-    assert first is not None
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with WorkerMemory() as memory:
+        for _ in triage_files(files, config, workers=2):
+            count += 1
+            if first is None:
+                first = time.perf_counter()
+            if count == len(files):
+                ended = time.perf_counter()
+                memory.sample()  # all work done, the pool not closed: every worker's peak
+    assert first is not None and ended is not None, "fewer outcomes than files"
+    if not memory.peaks_kib:
+        raise RuntimeError("no worker process was seen: worker_peak_rss_mb would be made up")
     return {
         "images": count,
         "images_per_s_end_to_end": round(count / (ended - started), 1),
         "images_per_s_steady": round((count - 1) / (ended - first), 1),
-        "worker_peak_rss_mb": round(peak_kib / 1024, 1),
+        "worker_peak_rss_mb": round(max(memory.peaks_kib.values()) / 1024, 1),
     }
 
 
@@ -326,8 +424,6 @@ def _cpu_name() -> str:
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 
