@@ -817,6 +817,39 @@ def test_a_drain_tries_every_due_case_once_even_when_attempts_are_slow(
     assert central.store.count() == 0
 
 
+def test_a_drain_sends_no_case_twice_when_the_clock_is_set_back_during_it(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    """Uploads cut mid-body while the server's health answers, and the clock set back an hour
+    once the first upload has begun (NTP correcting a clock that ran ahead): the case that
+    failed is not handed back to the same pass (it was, in a tight loop, when asking the
+    health made the cases waiting for the link due "now")."""
+    central.register(device.identity)
+    with FaultProxy("127.0.0.1", central.port) as proxy:
+        settings = device.settings(central, url=proxied_url(proxy), **central.public_keys())
+        with link_for(settings) as link:
+            cases = queue_cases(link, tmp_path / "in", (0, 1))
+            proxy.cut_after(16 * 1024)  # past a health request, inside every envelope
+            base = FakeClock()
+
+            def clock() -> datetime:
+                return base() - (timedelta(hours=1) if proxy.connections else timedelta(0))
+
+            stop = threading.Event()
+            timer = threading.Timer(20.0, stop.set)  # bounds the loop this test guards against
+            timer.start()
+            try:
+                with make_uploader(link, clock=clock) as uploader:
+                    attempts = uploader.drain(stop=stop)
+            finally:
+                timer.cancel()
+
+            tried = [a.case_id for a in attempts]
+            assert tried and len(tried) == len(set(tried)), f"{len(tried)} attempts: {tried}"
+            assert sorted(item_of(link, c.case_id).attempts for c in cases)[-1] == 1
+    assert central.store.count() == 0
+
+
 def test_a_drain_stops_at_the_first_case_when_the_server_is_silent(
     central: Central, device: Device, tmp_path: Path
 ) -> None:

@@ -389,7 +389,8 @@ class Uploader:
         """
         attempts: list[Attempt] = []
         started = self._clock()
-        while stop is None or not stop.is_set():
+        # A clock set back during the pass would make the cases that failed in it due again.
+        while (stop is None or not stop.is_set()) and self._clock() >= started:
             attempt = self.send_next(due_by=started)
             if attempt is None:
                 break
@@ -400,9 +401,11 @@ class Uploader:
 
     def _link_back(self, due_by: datetime) -> bool:
         """After an attempt found the link down: whether another case is due by ``due_by`` and
-        the server's health answers (:meth:`probe`)."""
+        the server's health answers "ok". The cases that wait for the link keep their time:
+        making them due now (:meth:`probe`) would hand the one that just failed back to this
+        pass."""
         due_at = self.outbox.next_attempt_at()
-        return due_at is not None and due_at <= due_by and self.probe()
+        return due_at is not None and due_at <= due_by and self._server_healthy()
 
     def drain_once(self) -> DrainReport:
         """``queue drain`` without ``--follow``: every case due now, once, and what is left.
@@ -501,6 +504,14 @@ class Uploader:
         busy server every few seconds, whatever its ``Retry-After``. An answer without a status
         (an older server) counts as healthy.
         """
+        if not self._server_healthy():
+            return False
+        due = self.outbox.due_now(now=self._clock())
+        log.info("central server reachable again; %d waiting case(s) due now", due)
+        return True
+
+    def _server_healthy(self) -> bool:
+        """Ask the server's health: True when it answers "ok"; the link's state either way."""
         try:
             answer = self.client.health()
         except TransportError as err:
@@ -515,8 +526,6 @@ class Uploader:
                 status,
             )
             return False
-        due = self.outbox.due_now(now=self._clock())
-        log.info("central server reachable again; %d waiting case(s) due now", due)
         return True
 
     def follow_key_rotation(self) -> None:
