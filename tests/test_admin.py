@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import os
 import pwd
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import cast
 
 import pytest
 
+from tests.test_secrets import (
+    ROOT,
+    as_service_user,
+    give_to_service_user,
+    reachable_folder,
+    service_user_env,
+)
 from triage_app.admin import current_user, require_admin, retry_queued_case, save_changes_audited
 from triage_app.config import Change, Settings, apply_change, load_settings, save_settings
 from triage_app.errors import AdminAuthError, ConfigError, OutboxError, StoreError
@@ -96,7 +104,7 @@ def test_a_settings_file_that_cannot_be_written_is_answered_in_the_audit_log(
     blocker.write_text("a file where the settings folder should be", encoding="utf-8")
     updated, changes = _two_changes(settings)
 
-    with pytest.raises(OSError):
+    with pytest.raises(ConfigError, match="cannot save the settings file"):
         save_changes_audited(
             updated,
             blocker / "settings.toml",
@@ -112,7 +120,7 @@ def test_a_settings_file_that_cannot_be_written_is_answered_in_the_audit_log(
         "config.set",
         "config.save_failed",
     ]
-    assert actions[2][1]["error"] == "FileExistsError"
+    assert actions[2][1]["error"] == "config_invalid"
 
 
 def test_all_changes_are_saved_in_one_write_each_with_its_entry(
@@ -234,3 +242,45 @@ def test_without_an_admin_password_the_refusal_names_the_command_that_sets_one()
     with pytest.raises(AdminAuthError) as info:
         require_admin(Settings(), "anything")
     assert "triage-app config set-admin-password" in str(info.value)
+
+
+# --- The audit store in a data folder the user may not write ------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("command", "stdin"),
+    [(("set", "display.theme", "dark"), ""), (("set-admin-password", "--stdin"), "a password\n")],
+    ids=["set", "set-admin-password"],
+)
+def test_a_data_folder_the_user_may_not_write_refuses_a_save_with_2_and_the_fix(
+    command: tuple[str, ...], stdin: str
+) -> None:
+    """The audit entry goes first, to the case store in the data folder; a data folder left
+    to root made it ``store_error``, temporary (75): "try again" for what only an admin fixes.
+    The command runs as ``nobody`` (root may write anywhere; helpers: tests/test_secrets.py)."""
+    with reachable_folder() as base:
+        data = base / "data"
+        data.mkdir(mode=0o755)  # root's, as `sudo mkdir` or a first run as root leaves it
+        path = base / "settings.toml"
+        path.write_text(f'[paths]\ndata_dir = "{data}"\n', encoding="utf-8")
+        give_to_service_user(base / "settings.toml", mode=0o600)
+        before = path.read_bytes()
+
+        run = subprocess.run(
+            as_service_user("-m", "triage_app", "config", *command, "--config", path),
+            capture_output=True,
+            text=True,
+            input=stdin,
+            timeout=120,
+            env=service_user_env(base),
+            check=False,
+        )
+
+        after = path.read_bytes()
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines() == [
+        f"triage-app: error: config_invalid: paths.case_store: cannot use {data}: owned by "
+        f"{ROOT}, not by nobody, the user this runs as (mode 0755): chown -R nobody: {data}"
+    ]
+    assert after == before

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.test_secrets import (
+    ROOT,
+    give_to_service_user,
+    reachable_folder,
+    run_as_service_user,
+)
 from triage_app.paths import (
+    FOLDER_ACCESS,
     default_config_path,
     default_data_dir,
     ensure_private_dir,
@@ -243,3 +253,157 @@ def test_a_folder_lock_is_held_by_one_descriptor_at_a_time_until_it_is_closed(
     again = lock_folder(tmp_path)
     assert again is not None
     os.close(again)
+
+
+# --- The fix a permission problem's line suggests ----------------------------------------------
+
+# Root may do anything, and these tests run as root: the checks run as the service user
+# (``nobody``), or as root without its capabilities, "an admin" meeting the service user's
+# folders (helpers: tests/test_secrets.py).
+
+# argv[1]: {name: [path, need, tree or null]}; prints {name: access_problem's answer}.
+_PROBLEMS = """
+import json, sys
+from pathlib import Path
+from triage_app.paths import access_problem
+asked = json.loads(sys.argv[1])
+print(json.dumps({
+    name: access_problem(Path(path), need, tree=None if tree is None else Path(tree))
+    for name, (path, need, tree) in asked.items()
+}))
+"""
+Asked = dict[str, tuple[Path, int, Path | None]]
+
+
+def _as_json(asked: Asked) -> str:
+    return json.dumps(
+        {name: [str(path), need, tree and str(tree)] for name, (path, need, tree) in asked.items()}
+    )
+
+
+def problems_as_service_user(asked: Asked, home: Path) -> dict[str, str | None]:
+    return run_as_service_user(_PROBLEMS, _as_json(asked), home=home)
+
+
+def problems_as_root_without_capabilities(asked: Asked) -> dict[str, str | None]:
+    """Root without CAP_DAC_OVERRIDE and the like: file modes refuse it as any other user."""
+    no_capabilities = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable]
+    run = subprocess.run(
+        [*no_capabilities, "-c", _PROBLEMS, _as_json(asked)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    result: dict[str, str | None] = json.loads(run.stdout)
+    return result
+
+
+def test_a_system_folder_is_never_given_to_the_service_user() -> None:
+    """``--config /etc/foo.toml`` said ``chown -R nobody: /etc``, which breaks the machine;
+    a folder the settings name as the app's own is no safer when it is a system folder, or a
+    link to one."""
+    with reachable_folder() as base:
+        (base / "usr").symlink_to("/usr")
+        absent = f"triage-access-test-{base.name}"  # made by no one: base's name is unique
+
+        result = problems_as_service_user(
+            {
+                "/etc, the settings file's folder": (Path("/etc"), FOLDER_ACCESS, None),
+                "/etc as the app's folder": (Path("/etc") / absent, FOLDER_ACCESS, Path("/etc")),
+                "/var/lib as the app's folder": (
+                    Path("/var/lib") / absent,
+                    FOLDER_ACCESS,
+                    Path("/var/lib"),
+                ),
+                "/ as the app's folder": (Path("/"), FOLDER_ACCESS, Path("/")),
+                "a link to /usr as the app's folder": (base / "usr", FOLDER_ACCESS, base / "usr"),
+            },
+            home=base,
+        )
+
+    by_root = f"owned by {ROOT}, not by nobody, the user this runs as"
+    modes = {folder: f"{mode(Path(folder)):04o}" for folder in ("/", "/etc", "/usr", "/var/lib")}
+    create = "create it for nobody first (install -d -o nobody -m 700"
+    assert result == {
+        "/etc, the settings file's folder": f"{by_root} (mode {modes['/etc']}): choose another "
+        "folder",
+        "/etc as the app's folder": f"/etc is {by_root} (mode {modes['/etc']}): {create} "
+        f"/etc/{absent})",
+        "/var/lib as the app's folder": f"/var/lib is {by_root} (mode {modes['/var/lib']}): "
+        f"{create} /var/lib/{absent})",
+        "/ as the app's folder": f"{by_root} (mode {modes['/']}): choose another folder",
+        "a link to /usr as the app's folder": f"{by_root} (mode {modes['/usr']}): choose another "
+        "folder",
+    }
+
+
+def test_a_mode_fix_names_only_the_missing_permission_and_only_in_the_apps_folder() -> None:
+    """It said ``chmod u+rwx`` when one bit was missing, and for any folder."""
+    with reachable_folder() as base:
+        data, mine = base / "data", base / "mine"
+        for folder in (data, data / "read-only", data / "write-only", mine):
+            folder.mkdir()
+        give_to_service_user(data)
+        give_to_service_user(data / "read-only", mine, mode=0o500)
+        give_to_service_user(data / "write-only", mode=0o300)
+
+        result = problems_as_service_user(
+            {
+                "read-only": (data / "read-only", FOLDER_ACCESS, data),
+                "write-only": (data / "write-only", FOLDER_ACCESS, data),
+                "not the app's": (mine, FOLDER_ACCESS, None),
+            },
+            home=base,
+        )
+
+    assert result == {
+        "read-only": f"its mode is 0500: chmod u+w {data / 'read-only'}",
+        "write-only": f"its mode is 0300: chmod u+r {data / 'write-only'}",
+        "not the app's": "its mode is 0500 (no write permission for its owner): choose another "
+        "folder",
+    }
+
+
+def test_the_service_users_folders_tell_another_user_to_run_as_the_service_user() -> None:
+    """An admin on the packaged folders (0700, the service user's) was told to let themselves
+    in (``chmod o+x``) or to take the data folder over (``chown -R``), which locks the service
+    out; ``sudo -u <service user>`` is the fix. Leftovers of another user in a folder of the
+    admin's own are still given back with one ``chown -R``."""
+    other = 4321  # a user without a name, besides root (the admin here) and nobody
+    with reachable_folder() as base:
+        etc, data, mine = base / "etc-triage-app", base / "lib-triage-app", base / "mine"
+        shared = base / "shared"  # the service user's, open to all, with another user's keys
+        for folder in (etc, data, shared, shared / "keys", mine, mine / "left"):
+            folder.mkdir(mode=0o700)
+        (etc / "settings.toml").write_bytes(b"")
+        (base / "theirs.toml").write_bytes(b"")
+        give_to_service_user(etc, data, mine / "left")
+        give_to_service_user(shared, mode=0o755)
+        give_to_service_user(etc / "settings.toml", mode=0o600)
+        os.chown(shared / "keys", other, other)
+        os.chown(base / "theirs.toml", other, other)
+        (base / "theirs.toml").chmod(0o600)
+
+        result = problems_as_root_without_capabilities(
+            {
+                "settings": (etc / "settings.toml", os.R_OK, base / "config" / "triage-app"),
+                "data folder": (data, FOLDER_ACCESS, data),
+                "in its data folder": (shared / "keys", FOLDER_ACCESS, shared),
+                "a file of a user without a name": (base / "theirs.toml", os.R_OK, None),
+                "leftovers in the admin's own folder": (mine / "left", FOLDER_ACCESS, mine),
+            }
+        )
+
+    by_nobody = f"owned by nobody, not by {ROOT}, the user this runs as (mode 0700)"
+    sudo = "(sudo -u nobody triage-app ...)"
+    assert result == {
+        "settings": f"{etc} is {by_nobody}: run the command as nobody {sudo}",
+        "data folder": f"{by_nobody}: run the command as nobody {sudo}",
+        "in its data folder": f"owned by {other}, not by {ROOT}, the user this runs as (mode "
+        f"0700): run the command as nobody, the owner of {shared} {sudo}",
+        "a file of a user without a name": f"owned by {other}, not by {ROOT}, the user this runs "
+        f"as (mode 0600): run the command as {other} (sudo -u '#{other}' triage-app ...)",
+        "leftovers in the admin's own folder": f"{by_nobody}: chown -R {ROOT}: {mine}",
+    }

@@ -249,7 +249,7 @@ def test_a_site_secret_that_cannot_be_created_says_why() -> None:
 
         path = site_secret_path(data)
         assert result["error"] == (
-            f"{path}: cannot write the site secret: its mode is 0500: chmod u+rwx {data / 'keys'}"
+            f"{path}: cannot write the site secret: its mode is 0500: chmod u+w {data / 'keys'}"
         )
         assert not path.exists()
 
@@ -292,13 +292,13 @@ def test_access_problems_name_the_obstacle_and_the_fix() -> None:
         by_root = f"owned by {ROOT}, not by nobody, the user this runs as"
         assert result == {
             "its own folder": None,
-            "its own, read-only": f"its mode is 0500: chmod u+rwx {own / 'read-only'}",
+            "its own, read-only": "its mode is 0500 (no write permission for its owner): "
+            "choose another folder",
             "root's file": f"{by_root} (mode 0600): chown nobody: {own / 'roots.bin'}",
             "root's file, in a tree": f"{by_root} (mode 0600): chown -R nobody: {own}",
             "to make in root's folder": f"{roots} is {by_root} (mode 0755): create it for nobody "
             f"first (install -d -o nobody -m 700 {roots / 'new' / 'deeper'})",
-            "behind root's folder": f"{closed} is {by_root} (mode 0700): let nobody in (e.g. "
-            f"chmod o+x {closed}) or choose another folder",
+            "behind root's folder": f"{closed} is {by_root} (mode 0700): choose another folder",
             "behind root's folder, in a tree": f"{closed} is {by_root} (mode 0700): chown -R "
             f"nobody: {closed}",
         }

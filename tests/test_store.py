@@ -22,6 +22,7 @@ import pytest
 
 from tests.helpers import PHI_LIKE_PATH, make_result
 from tests.other_process import hold_write_lock
+from tests.test_secrets import ROOT, give_to_service_user, reachable_folder, run_as_service_user
 from triage_app import store as store_module
 from triage_app.errors import (
     AlreadyQueuedError,
@@ -626,6 +627,46 @@ def test_open_gives_up_after_the_busy_timeout(db_path: Path) -> None:
         assert time.monotonic() - started >= 0.2
     finally:
         creator.close()
+
+
+# Root may use any file, and these tests run as root: the store is opened as the service user
+# (``nobody``) on files root left behind (helpers: tests/test_secrets.py).
+_OPEN = """
+import json, sys
+from pathlib import Path
+from triage_app.errors import TriageError
+from triage_app.store import CaseStore
+try:
+    CaseStore.open(Path(sys.argv[1])).close()
+    print(json.dumps({"code": None, "error": None}))
+except TriageError as err:
+    print(json.dumps({"code": err.code, "error": str(err)}))
+"""
+
+
+@pytest.mark.parametrize("left_by_root", ["folder", "file"])
+def test_a_store_the_user_may_not_use_is_a_setting_to_fix_not_a_temporary_error(
+    left_by_root: str,
+) -> None:
+    """It was ``store_error``, temporary (exit 75): a service restarted in vain, and
+    ``config set`` told to try again. Whose the folder or file is, and the fix, instead."""
+    with reachable_folder() as base:
+        data = base / "data"
+        data.mkdir(mode=0o700)
+        path = data / "cases.sqlite3"
+        if left_by_root == "file":
+            CaseStore.open(path).close()  # 0600, root's
+            give_to_service_user(data)
+
+        result = run_as_service_user(_OPEN, path, home=base)
+
+    obstacle = data if left_by_root == "folder" else path
+    mode = "0700" if left_by_root == "folder" else "0600"
+    assert result == {
+        "code": "config_invalid",
+        "error": f"paths.case_store: cannot use {obstacle}: owned by {ROOT}, not by nobody, the "
+        f"user this runs as (mode {mode}): chown -R nobody: {data}",
+    }
 
 
 def _record_many(path: str, prefix: str, count: int, barrier: Any) -> None:

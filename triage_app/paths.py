@@ -237,9 +237,18 @@ def access_problem(path: Path, need: int, *, tree: Path | None = None) -> str | 
 
     Every folder on the way must let this user in, and a missing ``path`` must be creatable in
     its nearest existing folder. The usual cause is a first run as root, which left root's
-    folders behind for a service that runs as its own user: the answer names the owner, and
-    says ``chown -R <this user>: <tree>`` when the obstacle is inside ``tree`` (the app's own
-    folder, e.g. ``paths.data_dir``), so that one command fixes whatever else that run left.
+    folders behind for a service that runs as its own user; the next is an admin running a
+    command as themselves on the service user's folders. The answer names the owner and the
+    missing permission, and a fix that cannot harm anything but the app's own files:
+
+    A ``chown`` or ``chmod`` is suggested only for what lies in ``tree`` (the app's own folder
+    its caller names from the settings or their defaults, e.g. ``paths.data_dir``) unless that
+    is a shared folder (``/``, a folder right below it or right below ``/usr``, ``/usr/local``
+    or ``/var``, or one holding a login user's home), and for ``path`` itself when it is a
+    file; what another user owns otherwise is theirs (run the command as them) or, root's,
+    left alone (choose another folder). In ``tree``, one ``chown -R <this user>: <tree>``
+    fixes whatever else a run as root left there, unless ``tree`` is another user's (run the
+    command as that user).
 
     Asks the kernel (``access(2)``: ACLs count), and only about permission: a file where a
     folder should be and the like are the callers' to refuse. Names only ``path``, ``tree``
@@ -295,32 +304,83 @@ def _unusable(
             f"{where} on a read-only file system (under systemd's ProtectSystem=strict, a "
             "drop-in for the unit must add a ReadWritePaths= line for it)"
         )
+    # Owners and modes change only in the app's own folder, or of the very file asked about.
+    own_tree = _own_tree(tree, culprit)
+    named_file = itself and stat.S_ISREG(info.st_mode)
     if info.st_uid != os.geteuid():
-        owner = _user_name(info.st_uid)
-        why = f"owned by {owner}, not by {me}, the user this runs as (mode {mode:04o})"
-        why = why if itself else f"{culprit} is {why}"
-        if tree is not None and tree.absolute() in (culprit, *culprit.parents):
-            return f"{why}: chown -R {me}: {tree}"
-        if itself:
-            recursive = "-R " if stat.S_ISDIR(info.st_mode) else ""
-            return f"{why}: chown {recursive}{me}: {culprit}"
+        why = f"owned by {_user_name(info.st_uid)}, not by {me}, the user this runs as"
+        why = f"{why} (mode {mode:04o})" if itself else f"{culprit} is {why} (mode {mode:04o})"
+        if own_tree is not None:
+            keeper = own_tree.stat().st_uid
+            if keeper in (0, os.geteuid()):  # left by root, or by someone else in ours
+                return f"{why}: chown -R {me}: {tree}"
+            whose = "" if keeper == info.st_uid else f", the owner of {tree}"
+            return f"{why}: {_run_as(keeper, whose)}"
+        if info.st_uid != 0:
+            return f"{why}: {_run_as(info.st_uid, '')}"
+        if named_file:
+            return f"{why}: chown {me}: {culprit}"
         if creating:
             return f"{why}: create it for {me} first (install -d -o {me} -m 700 {path})"
-        return f"{why}: let {me} in (e.g. chmod o+x {culprit}) or choose another folder"
-    if any(need & flag and not mode & owner_flag for flag, owner_flag, _ in _BITS):
-        wanted = "".join(bit for flag, _, bit in _BITS if need & flag)
-        whose = "its" if itself else f"{culprit}'s"
-        return f"{whose} mode is {mode:04o}: chmod u+{wanted} {culprit}"
-    what = "it" if itself else culprit
-    return f"denied although {me}, the user this runs as, owns {what}: check its ACL and label"
+        return f"{why}: choose another folder"
+    missing = [
+        (bit, word)
+        for flag, owner_flag, bit, word in _BITS
+        if need & flag and not mode & owner_flag
+    ]
+    if not missing:
+        what = "it" if itself else culprit
+        return f"denied although {me}, the user this runs as, owns {what}: check its ACL and label"
+    whose = "its" if itself else f"{culprit}'s"
+    if own_tree is not None or named_file:
+        return f"{whose} mode is {mode:04o}: chmod u+{''.join(bit for bit, _ in missing)} {culprit}"
+    words = " and ".join(word for _, word in missing)
+    return (
+        f"{whose} mode is {mode:04o} (no {words} permission for its owner): choose another folder"
+    )
 
 
-#: access(2)'s flags, the owner's mode bit for each, and its letter for chmod.
+#: access(2)'s flags, the owner's mode bit for each, its letter for chmod and its name.
 _BITS = (
-    (os.R_OK, stat.S_IRUSR, "r"),
-    (os.W_OK, stat.S_IWUSR, "w"),
-    (os.X_OK, stat.S_IXUSR, "x"),
+    (os.R_OK, stat.S_IRUSR, "r", "read"),
+    (os.W_OK, stat.S_IWUSR, "w", "write"),
+    (os.X_OK, stat.S_IXUSR, "x", "search"),
 )
+#: Folders whose every sub-folder is shared by the system (/var/lib, /usr/share, ...).
+_SYSTEM_PARENTS: Final = frozenset(map(Path, ("/usr", "/usr/local", "/var")))
+#: Login shells that let nobody log in: their users' homes are service folders.
+_NO_LOGIN: Final = frozenset({"nologin", "false"})
+
+
+def _own_tree(tree: Path | None, culprit: Path) -> Path | None:
+    """``tree`` resolved, if a fix may change owners and modes in it (see
+    :func:`access_problem`): it holds ``culprit`` and is no shared folder."""
+    if tree is None:
+        return None
+    tree = tree.resolve()  # so that neither ``..`` nor a link hides a system folder
+    if not culprit.resolve().is_relative_to(tree):
+        return None
+    if len(tree.parts) <= 2 or tree.parent in _SYSTEM_PARENTS:
+        return None
+    if any(home.is_relative_to(tree) for home in _login_homes()):
+        return None
+    return tree
+
+
+def _login_homes() -> set[Path]:
+    """The home folders of the users who may log in."""
+    return {
+        Path(user.pw_dir).resolve()
+        for user in pwd.getpwall()
+        if Path(user.pw_shell).name not in _NO_LOGIN
+    }
+
+
+def _run_as(uid: int, whose: str) -> str:
+    """The fix when the obstacle is another user's: act as that user (never take it over)."""
+    name = _user_name(uid)
+    sudo = name if name != str(uid) else f"'#{uid}'"  # sudo takes a bare number as a name
+    return f"run the command as {name}{whose} (sudo -u {sudo} triage-app ...)"
 
 
 def _read_only(path: Path) -> bool:

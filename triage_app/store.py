@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -25,10 +26,12 @@ from typing import Any, Self
 
 from triage_app.errors import (
     AlreadyQueuedError,
+    ConfigError,
     IllegalTransitionError,
     StoreError,
     StoreIncompatibleError,
 )
+from triage_app.paths import access_problem
 from triage_app.results import CaseResult, FailedInput, portable_text
 from triage_app.sqlite_wal import enable_wal
 from triage_app.states import CaseEvent, CaseState, Feedback, next_state
@@ -255,6 +258,32 @@ def _sqlite_errors(what: str) -> Iterator[None]:
         raise StoreError(f"case store: could not {what}: {exc}") from exc
 
 
+@contextmanager
+def _refuse_unusable(path: Path) -> Iterator[None]:
+    """Turn a :class:`StoreError` met opening the store at ``path`` into a ``ConfigError``
+    with the fix when this user may not use the store's folder, the file or its journals.
+
+    A store left by a run as root or as another user, or on a read-only file system, stays so
+    until an admin acts: a setting to fix (exit 2), not a passing ``StoreError`` (exit 75,
+    a service restarted in vain). A lock or a full disk finds every permission in place and
+    stays a ``StoreError``. The folder is the one ``chown -R`` may fix (``paths.case_store``
+    is ``paths.data_dir``'s ``cases.sqlite3`` unless set); the line is the one the services
+    give at start (``cli_services``).
+    """
+    try:
+        yield
+    except StoreError as err:
+        # The folder first: a store that cannot be made there is the folder's to fix.
+        checks = [(path.parent, os.W_OK | os.X_OK)]
+        for suffix in ("", "-wal", "-shm", "-journal"):  # SQLite's own names
+            checks.append((path.with_name(path.name + suffix), os.R_OK | os.W_OK))
+        for target, need in checks:
+            problem = access_problem(target, need, tree=path.parent)
+            if problem is not None:
+                raise ConfigError(f"paths.case_store: cannot use {target}: {problem}") from err
+        raise
+
+
 class CaseStore:
     """Cases, their state history, refused inputs and the audit log, in one SQLite file.
 
@@ -271,34 +300,36 @@ class CaseStore:
         """Open (or create) the store at ``path`` and bring its schema up to date.
 
         A new file gets mode 0600 and its parent directory is created (mode 0700). A file with
-        a newer schema than this version knows is refused rather than misread.
+        a newer schema than this version knows is refused rather than misread. A file or folder
+        this user may not use is a ``ConfigError`` with the fix (see :func:`_refuse_unusable`).
         """
         path = Path(path)
-        try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Created here rather than by SQLite so that it is private from its first byte
-            # (SQLite gives its -wal and -shm files the same mode).
-            with suppress(FileExistsError):
-                path.touch(mode=0o600, exist_ok=False)
-        except OSError as exc:
-            raise StoreError(f"case store: could not create {path}: {exc}") from exc
-        with _sqlite_errors(f"open {path}"):
-            # isolation_level=None: no implicit transactions; we issue BEGIN IMMEDIATE ourselves.
-            conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
+        with _refuse_unusable(path):
             try:
-                conn.row_factory = sqlite3.Row
-                mode = enable_wal(conn, busy_timeout_s)
-                if mode != "wal":
-                    raise StoreIncompatibleError(
-                        f"case store: {path} cannot use WAL mode (got {mode!r})"
-                    )
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA foreign_keys=ON")
-                store = cls(conn)
-                store._migrate()
-            except BaseException:
-                conn.close()
-                raise
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                # Created here rather than by SQLite so that it is private from its first byte
+                # (SQLite gives its -wal and -shm files the same mode).
+                with suppress(FileExistsError):
+                    path.touch(mode=0o600, exist_ok=False)
+            except OSError as exc:
+                raise StoreError(f"case store: could not create {path}: {exc}") from exc
+            with _sqlite_errors(f"open {path}"):
+                # isolation_level=None: no implicit transactions; we issue BEGIN IMMEDIATE.
+                conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
+                try:
+                    conn.row_factory = sqlite3.Row
+                    mode = enable_wal(conn, busy_timeout_s)
+                    if mode != "wal":
+                        raise StoreIncompatibleError(
+                            f"case store: {path} cannot use WAL mode (got {mode!r})"
+                        )
+                    conn.execute("PRAGMA synchronous=FULL")
+                    conn.execute("PRAGMA foreign_keys=ON")
+                    store = cls(conn)
+                    store._migrate()
+                except BaseException:
+                    conn.close()
+                    raise
         log.debug("case store opened (schema version %d)", store.schema_version)
         return store
 

@@ -270,7 +270,7 @@ def test_a_device_key_that_cannot_be_created_says_cannot_write_and_why() -> None
 
         assert result["error"] == (
             f"{device_key_path(data)}: cannot write the key file: its mode is 0500: "
-            f"chmod u+rwx {data / 'keys'}"
+            f"chmod u+w {data / 'keys'}"
         )
         assert not device_key_path(data).exists()
 

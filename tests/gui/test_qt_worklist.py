@@ -9,6 +9,7 @@ from PySide6.QtCore import Qt
 from pytestqt.qtbot import QtBot
 
 from tests.helpers import make_result
+from triage_app.errors import ConfigError
 from triage_app.gui.qt_worklist import Column, QtWorklist, StorePoller, WorklistTableModel
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore, StoredCase
@@ -153,6 +154,28 @@ def test_an_unexpected_error_in_a_poll_is_shown_and_polling_goes_on(
     assert logged.startswith("worklist: unexpected ValueError (test_qt_worklist.py:")
     assert logged.endswith(" in flaky)")
     assert "header value" not in caplog.text
+
+
+@pytest.mark.expect_log_warnings  # the failed read is logged
+def test_a_case_store_this_user_may_not_use_is_shown_with_its_fix(
+    qtbot: QtBot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store left to root is a ConfigError naming the fix (``CaseStore.open``); the worklist
+    said "unexpected ConfigError" instead, as for a bug."""
+    db = tmp_path / "cases.sqlite3"
+    fix = f"paths.case_store: cannot use {db}: owned by root: chown -R alice: {tmp_path}"
+
+    def refused(source: WorklistSource) -> list[WorklistRow]:
+        raise ConfigError(fix)
+
+    monkeypatch.setattr(WorklistSource, "changed_rows", refused)
+    worklist = QtWorklist(db)
+    qtbot.addWidget(worklist)
+    try:
+        qtbot.waitUntil(lambda: worklist.problem.isVisibleTo(worklist))
+        assert worklist.problem.text() == f"Worklist not updated: {fix}. Retrying…"
+    finally:
+        worklist.stop()
 
 
 def test_the_decision_tooltip_says_what_put_an_image_out_of_scope(qtbot: QtBot) -> None:

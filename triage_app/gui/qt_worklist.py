@@ -40,7 +40,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from triage_app.errors import StoreError
+from triage_app.errors import TriageError
 from triage_app.gui.qt_threading import QtPoller
 from triage_app.gui.theme import decision_icon, decision_style
 from triage_app.gui.viewer_model import out_of_scope_why
@@ -354,7 +354,7 @@ class StorePoller(QObject):
     def poll(self) -> None:
         try:
             rows = self._source.changed_rows()
-        except StoreError as err:
+        except TriageError as err:  # StoreError, or ConfigError for a store it may not use
             self._fail(err.message)
             return
         except Exception as exc:  # noqa: BLE001 - thread boundary: the widget must hear back
