@@ -7,6 +7,8 @@ unknown (``triage_and_record`` without a queue); the command then runs as an adm
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,15 +26,21 @@ from tests.escalation.conftest import (
     queue_cases,
     triage,
 )
-from tests.helpers import CliRun, run_cli
+from tests.helpers import CliRun, make_result, run_cli
+from tests.test_secrets import (
+    as_service_user,
+    give_to_service_user,
+    reachable_folder,
+    service_user_env,
+)
 from triage_app.central.certificates import make_self_signed
 from triage_app.central.storage import Verdict, VerdictFailure
 from triage_app.central.verdicts import FAILURE_MESSAGES
 from triage_app.config import Settings, save_settings
 from triage_app.escalation.outbox import _MIGRATIONS
 from triage_app.escalation.service import open_outbox
-from triage_app.results import ModelRef
-from triage_app.states import CaseState
+from triage_app.results import HELD, EscalationRef, ModelRef
+from triage_app.states import CaseEvent, CaseState
 from triage_app.store import CaseStore
 
 
@@ -414,3 +422,53 @@ def test_a_data_folder_where_nothing_was_queued_lists_nothing_and_stays_empty(
     table = run_cli("queue", "list", data_dir=data)
     assert (table.returncode, len(table.stdout.splitlines())) == (0, 1)  # the header only
     assert list(data.iterdir()) == []
+
+
+def test_a_device_that_only_held_cases_counts_them_and_gains_no_outbox(tmp_path: Path) -> None:
+    """No central server: cases are held and no outbox was ever made. ``queue status`` counts
+    the held cases (it said 0), and neither command makes the outbox (they did, root's when
+    run with sudo, which the service could then not use)."""
+    data = tmp_path / "data"
+    settings = Settings({"paths.data_dir": data})
+    held = replace(make_result("held-1", decision="escalate", reason="uncertain"),
+                   escalation=EscalationRef(state=HELD))  # fmt: skip
+    with CaseStore.open(settings.case_store_path) as store:
+        store.record_result(held, CaseEvent.HOLD)
+    before = sorted(p.name for p in data.iterdir())
+
+    status = run_cli("queue", "status", "--json", data_dir=data)
+    assert status.returncode == 0, status.stderr
+    assert [(r["pending"], r["held"]) for r in status.records] == [(0, 1)]
+    listed = run_cli("queue", "list", "--json", data_dir=data)
+    assert (listed.returncode, listed.stdout) == (0, "")
+
+    assert sorted(p.name for p in data.iterdir()) == before
+    with sqlite3.connect(settings.case_store_path) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert not [t for t in tables if t.startswith("outbox")]
+
+
+def test_a_data_folder_this_user_may_not_use_is_a_setting_to_fix_not_a_retry(
+    tmp_path: Path,
+) -> None:
+    """It was ``outbox_error``, exit 75 ("try again later"), for a data folder left to root:
+    now exit 2 with its owner and the fix, as the services say at start."""
+    with reachable_folder() as base:
+        data = base / "data"
+        settings = Settings({"paths.data_dir": data})
+        open_outbox(settings).close()  # the outbox and case store, made by root
+        home = base / "home"
+        home.mkdir()
+        give_to_service_user(home)
+        run = subprocess.run(
+            as_service_user("-m", "triage_app", "queue", "status", "--data-dir", data),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=service_user_env(home),
+            check=False,
+        )
+    assert run.returncode == 2, run.stderr
+    (line,) = [line for line in run.stderr.splitlines() if ": error: " in line]
+    assert line.startswith("triage-app: error: config_invalid: paths.")
+    assert "owned by root" in line or "mode" in line, line

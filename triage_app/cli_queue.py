@@ -160,15 +160,15 @@ def _status(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     outbox = open_outbox_to_read(settings)
-    if outbox is None:  # nothing was ever queued or held here
+    if outbox is None:  # nothing was ever queued here
         status = OutboxStatus(0, 0, 0, 0, 0, settings.queue_quota_bytes, None, full=False)
-        held = 0
     else:
         with outbox:
             status = outbox.status()
-        # Held cases are not in the outbox yet (the server's keys never came, or the outbox
-        # was full): counted here so that `queue status` is where an admin sees every waiting
-        # case.
+    # Held cases are not in the outbox (no central server, its keys never came, or the outbox
+    # was full): counted here so that `queue status` is where an admin sees every waiting case.
+    held = 0
+    if settings.case_store_path.is_file():
         with CaseStore.open(settings.case_store_path) as store:
             held = len(store.case_ids(CaseState.ESCALATION_HELD))
     if args.json:

@@ -10,14 +10,15 @@ cannot be reached and no keys are known yet, cases are held rather than sealed t
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from triage_app.config import Settings, is_loopback_host
 from triage_app.errors import (
     CertificatePinError,
     ConfigError,
-    OutboxError,
     PermanentRejectionError,
     TransportError,
 )
@@ -32,6 +33,7 @@ from triage_app.escalation.transport import (
     http_status_of,
 )
 from triage_app.escalation.uploader import Uploader, UploaderConfig
+from triage_app.paths import access_problem
 
 log = logging.getLogger(__name__)
 
@@ -66,25 +68,44 @@ def open_outbox_to_read(settings: Settings) -> Outbox | None:
     """The outbox for a command that only looks at it, or None when nothing was ever queued.
 
     Why: :func:`open_outbox` creates what is missing, so ``queue list`` given a mistyped data
-    folder would make an empty queue there and report zeros. A folder that does not exist is
-    a setting to fix (``ConfigError``); an existing one without a case store creates nothing.
+    folder would make an empty queue there and report zeros, and, run as root, leave root's
+    folder behind for the service. A folder that does not exist is a setting to fix; one
+    without an outbox yet creates nothing; one this user may not use is a setting to fix
+    too (``ConfigError`` naming the owner and the fix), not a "try again later".
     """
+    data_dir = settings.data_dir
     store = settings.case_store_path
+    tree = data_dir if store.is_relative_to(data_dir) else store.parent
     folders = (
-        ("paths.data_dir", settings.data_dir, "--data-dir or paths.data_dir"),
+        ("paths.data_dir", data_dir, "--data-dir or paths.data_dir"),
         ("paths.case_store", store.parent, "paths.case_store"),
     )
-    try:
-        for key, folder, fix in folders:
-            if not folder.is_dir():
-                raise ConfigError(
-                    f"{key}: the folder {folder} does not exist; check {fix} (nothing was created)"
-                )
-        if not store.is_file():
-            return None
-    except OSError as exc:  # e.g. another user's data folder: run the command as that user
-        raise OutboxError(f"outbox: could not read {store}: {exc.strerror or exc}") from exc
+    for key, folder, fix in folders:
+        if not _present(key, folder, tree):
+            raise ConfigError(
+                f"{key}: the folder {folder} does not exist; check {fix} (nothing was created)"
+            )
+    if not (_present("paths.case_store", store, tree) and settings.outbox_dir.is_dir()):
+        return None
+    # SQLite writes its journals beside the store even to read it (WAL).
+    for key, path, need in (
+        ("paths.case_store", store, os.R_OK | os.W_OK),
+        ("paths.case_store", store.parent, os.W_OK | os.X_OK),
+        ("paths.data_dir", settings.outbox_dir, os.R_OK | os.W_OK | os.X_OK),
+    ):
+        problem = access_problem(path, need, tree=tree)
+        if problem is not None:
+            raise ConfigError(f"{key}: cannot use {path}: {problem}")
     return open_outbox(settings)
+
+
+def _present(key: str, path: Path, tree: Path) -> bool:
+    """Whether ``path`` exists; ``ConfigError`` with the fix when this user may not look."""
+    try:
+        return path.exists()
+    except PermissionError:
+        problem = access_problem(path, os.R_OK, tree=tree) or "permission denied"
+        raise ConfigError(f"{key}: cannot use {path}: {problem}") from None
 
 
 @dataclass
