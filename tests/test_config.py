@@ -1628,8 +1628,12 @@ def test_other_variables_with_the_prefix_are_not_taken_for_settings(tmp_path: Pa
             "TRIAGE_APP_ESCALATION__QUEUE_QUOTA",
             "escalation.queue_quota: unknown setting (did you mean escalation.queue_quota_mb?)",
         ),
+        (  # one underscore and a name mistyped too: refused as the double-underscore one is
+            "TRIAGE_APP_ESCALATION_QUEUE_QUOTA",
+            "escalation.queue_quota: unknown setting (did you mean escalation.queue_quota_mb?)",
+        ),
     ],
-    ids=["one underscore", "unknown name"],
+    ids=["one underscore", "unknown name", "both"],
 )
 def test_a_mistyped_settings_variable_stops_a_command_with_2_naming_it(
     variable: str, reason: str, tmp_path: Path

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple, NoReturn, cast
+from typing import Final, NamedTuple, NoReturn, cast
 from urllib.parse import urlsplit
 
 import tomlkit
@@ -1261,6 +1261,13 @@ def _refuse_one_underscore(name: str, rest: str) -> None:
                 name,
             )
         )
+    section, dot, _ = key.partition(".")
+    if dot and section in _SECTIONS:  # a section's name, then a setting's mistyped twice
+        raise _unknown(key, name)
+
+
+#: The sections the settings are in (``[escalation]``, ...).
+_SECTIONS: Final = frozenset(key.partition(".")[0] for key in SPECS)
 
 
 def _refuse_password_hash(key: str, source: str) -> None:
