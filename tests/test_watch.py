@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -35,6 +36,8 @@ from tests.dcmtk import free_port
 from tests.escalation.conftest import EDGE_MODEL_KEY
 from tests.helpers import make_result, phantom_dataset, wait_until, write_phantoms
 from tests.test_intake import (
+    AS_ROOT,
+    NOBODY,
     THREAD_TRIAGE,
     give_to_service_user,
     keep_from_service_user,
@@ -48,7 +51,13 @@ from triage_app.metrics import probe_health
 from triage_app.paths import lock_folder
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import REPROCESSED, CaseStore
-from triage_app.watch import SettleTracker, WatchService, inbox_files, is_candidate
+from triage_app.watch import (
+    SettleTracker,
+    UnreadableFolders,
+    WatchService,
+    inbox_files,
+    is_candidate,
+)
 
 SETTLE_S = 0.3
 WATCH = (sys.executable, "-m", "triage_app", "watch")
@@ -276,6 +285,74 @@ def test_an_entry_that_cannot_be_examined_is_skipped_with_one_warning_without_it
     assert "ELOOP" in warnings[0] and "DOE" not in warnings[0]
 
 
+def test_the_inbox_scan_hands_over_folders_it_may_not_list_but_not_ones_just_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.walk skipped both without a word. (Root may list anything: the refusal is made up
+    here; the real one is below, as the service user.)"""
+    for name in ("HIDDEN^HANNA", "REMOVED^ROB", "SEEN^SUE"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "chest.dcm").write_bytes(b"x")
+    scandir = os.scandir
+
+    def refusing(path: Any) -> Any:
+        name = Path(os.fsdecode(path)).name
+        if name == "HIDDEN^HANNA":
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        if name == "REMOVED^ROB":  # removed between its parent's listing and its own
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", os.fsdecode(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    unreadable: dict[Path, OSError] = {}
+    found = list(inbox_files(tmp_path, unreadable=unreadable.setdefault))
+
+    assert found == [tmp_path / "SEEN^SUE" / "chest.dcm"]
+    assert {k: v.errno for k, v in unreadable.items()} == {tmp_path / "HIDDEN^HANNA": errno.EACCES}
+
+
+@pytest.mark.expect_log_warnings
+def test_a_folder_that_cannot_be_read_is_said_once_then_once_when_readable_or_gone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Said on the scan that first finds it, not on every rescan; a folder inside one that
+    cannot be read is that one's problem; names (patient names, maybe) are never said."""
+    inbox = tmp_path / "inbox"
+    hanna, sam = inbox / "HIDDEN^HANNA", inbox / "SECRET^SAM"
+    for folder in (hanna, sam):
+        folder.mkdir(parents=True)
+    denied = PermissionError(errno.EACCES, "Permission denied")
+    folders = UnreadableFolders(inbox, rescan_s=30)
+
+    for _ in range(3):  # as every rescan finds them again
+        folders.update({hanna: denied, sam: denied})
+    assert len(folders) == 2
+    folders.update({sam: denied})  # HIDDEN^HANNA fixed
+    shutil.rmtree(sam)
+    folders.update({})  # SECRET^SAM removed
+    folders.update({hanna: denied})  # HIDDEN^HANNA shut again: said again
+    for _ in range(2):  # then the inbox itself: HIDDEN^HANNA, inside it, is its problem
+        folders.update({inbox: denied})
+    assert len(folders) == 1
+    folders.update({})
+
+    said = [(r.levelname, r.getMessage()) for r in caplog.get_records("call")]
+    assert [level for level, _ in said] == [
+        *("WARNING", "WARNING", "INFO", "INFO"),
+        *("WARNING", "WARNING", "INFO"),
+    ]
+    assert said[0][1].startswith(
+        f"a folder in the inbox ({inbox}) cannot be read (EACCES): the files in it are not "
+        "triaged until "
+    )
+    assert "looked at again every 30 s" in said[0][1]
+    assert said[2][1].endswith("can be read now: its files are triaged")
+    assert said[3][1].endswith("is no longer there")
+    assert said[5][1].startswith(f"the inbox ({inbox}) cannot be read (EACCES)")
+    assert not [m for _, m in said if "HANNA" in m or "SAM" in m]
+    assert len(folders) == 0
+
+
 # --- the service in this process ------------------------------------------------------------------
 
 
@@ -418,8 +495,12 @@ LOG_LINE = re.compile(r"\S+ \S+ (?P<level>[A-Z]+) (?P<name>[\w.]+): (?P<message>
 
 def app_log_lines(log: Path) -> list[tuple[str, str]]:
     """(level, message) of each line the app's own loggers wrote."""
+    return app_log_lines_of(log.read_text(encoding="utf-8", errors="replace"))
+
+
+def app_log_lines_of(output: str) -> list[tuple[str, str]]:
     lines = []
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in output.splitlines():
         match = LOG_LINE.fullmatch(line)
         if match and match["name"].startswith("triage_app"):
             lines.append((match["level"], match["message"]))
@@ -523,6 +604,198 @@ def test_as_an_unprivileged_user_a_file_it_may_not_read_or_take_out_stops_nothin
     assert errors == []
     assert len(warnings) == 1 and "cannot be taken out of the inbox (EACCES)" in warnings[0]
     assert not [m for _, m in logged if "DOE" in m or "locked" in m or "scan.dcm" in m]
+
+
+# Folder names a site's scanner or share might use: patient names, never to be logged.
+NAMES_IN_THE_INBOX = ("HIDDEN", "HANNA", "SECRET", "SHUT", "SHEILA", "deeper", "chest.dcm")
+
+
+def shut_from_service_user(folder: Path, mode: int) -> None:
+    """A folder the service user may not list (``mode`` 0o700 or 0o000), or list but not
+    enter (0o744): root's, as a scanner or an admin copying as root leaves it."""
+    if AS_ROOT:
+        os.chown(folder, 0, 0)
+        folder.chmod(mode)
+    else:
+        folder.chmod(0o444 if mode & 0o004 else 0o000)
+
+
+def open_to_service_user(top: Path) -> None:
+    """The admin's fix: ``top`` and what is in it the service user's, its folders 0755."""
+    for folder in [top, *(p for p in top.rglob("*") if p.is_dir())]:
+        folder.chmod(0o755)
+    give_to_service_user(top)
+
+
+def service_user_env(home: Path, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_APP_")}
+    env.update(
+        {
+            "HOME": str(home),
+            "XDG_CONFIG_HOME": str(home / "config"),
+            "TRIAGE_APP_WATCH__SETTLE_S": str(SETTLE_S),
+            "TRIAGE_APP_PROCESSING__WORKERS": "1",
+            **{f"TRIAGE_APP_{key.upper()}": value for key, value in settings.items()},
+        }
+    )
+    return env
+
+
+def service_user_name() -> str:
+    return NOBODY.pw_name if AS_ROOT else pwd.getpwuid(os.geteuid()).pw_name
+
+
+@pytest.mark.timeout(240)
+def test_once_as_an_unprivileged_user_counts_the_folders_it_may_not_read_and_exits_1() -> None:
+    """The reviewer's report: a folder in the inbox the service may not list (root's 0700, or
+    left mode 000) was skipped without a word: "0 triaged", exit 0, nothing in the log, its
+    images never triaged. Now each such folder, and one it may list but not enter, is said
+    once without its name, counted in the summary (JSON too), and the run exits 1."""
+    with service_user_home() as home:
+        data = home / "data"
+        inbox = Settings({"paths.data_dir": data}).watch_inbox
+        write_phantom_file(inbox / "scan.dcm", seed=84)
+        write_phantom_file(inbox / "HIDDEN^HANNA" / "chest.dcm", seed=85)
+        write_phantom_file(inbox / "SECRET^SAM" / "chest.dcm", seed=86)
+        write_phantom_file(inbox / "SHUT^SHEILA" / "deeper" / "chest.dcm", seed=87)
+        give_to_service_user(home)
+        shut_from_service_user(inbox / "HIDDEN^HANNA", 0o700)
+        shut_from_service_user(inbox / "SECRET^SAM", 0o000)
+        shut_from_service_user(inbox / "SHUT^SHEILA", 0o744)
+        script = THREAD_TRIAGE + _WATCH_AS_THE_SERVICE_USER
+
+        def run_once(*args: str) -> subprocess.CompletedProcess[str]:
+            command = service_user_command(
+                "-c", script, "watch", "--once", *args, "--data-dir", data
+            )
+            return subprocess.run(
+                command,
+                env=service_user_env(home),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+
+        text = run_once()
+        as_json = run_once("--log-format", "json")
+        left = sorted(p.relative_to(inbox).as_posix() for p in inbox.rglob("*.dcm"))
+        open_to_service_user(inbox)  # the admin fixes the folders
+        fixed = run_once()
+
+    assert text.returncode == 1, text.stderr
+    assert text.stderr.splitlines()[-1] == (
+        "triage-app watch: 1 triaged, 0 quarantined, 0 left in the inbox (still being "
+        "written), 3 folders in the inbox it may not read (files not triaged: see the log)"
+    )
+    assert left == [
+        "HIDDEN^HANNA/chest.dcm",
+        "SECRET^SAM/chest.dcm",
+        "SHUT^SHEILA/deeper/chest.dcm",
+    ]
+    warnings = [m for level, m in app_log_lines_of(text.stderr) if level == "WARNING"]
+    assert len(warnings) == 3, text.stderr  # one a folder; none for the one inside SHUT^SHEILA
+    user = service_user_name()
+    for warning in warnings:
+        assert warning.startswith(f"a folder in the inbox ({inbox}) cannot be read (EACCES): ")
+        assert f"until {user}, the user the service runs as, may list and enter it" in warning
+    for output in (text.stderr, as_json.stderr):
+        assert not [name for name in NAMES_IN_THE_INBOX if name in output], output
+
+    assert as_json.returncode == 1, as_json.stderr
+    summary = json.loads(as_json.stderr.splitlines()[-1])
+    assert (summary["triaged"], summary["left_unreadable"]) == (0, 3)
+    assert summary["message"].endswith(
+        ", 3 folders in the inbox it may not read (files not triaged: see the log)"
+    )
+
+    assert fixed.returncode == 0, fixed.stderr
+    assert fixed.stderr.splitlines()[-1] == (
+        "triage-app watch: 3 triaged, 0 quarantined, 0 left in the inbox (still being written)"
+    )
+
+
+@pytest.mark.timeout(240)
+def test_as_an_unprivileged_user_a_folder_it_may_not_read_is_said_once_and_triaged_once_fixed(
+    tmp_path: Path,
+) -> None:
+    """The running service looks at such a folder on every rescan but says it once, and once
+    that it can be read again; its files are then triaged. Nothing names the folders: not the
+    service's lines, nor watchdog's (it warned with the path of the first folder it could not
+    watch once there were two)."""
+    port = free_port()
+    rescan_s = 0.5
+    with service_user_home() as home:
+        data = home / "data"
+        settings = Settings({"paths.data_dir": data})
+        inbox = settings.watch_inbox
+        write_phantom_file(inbox / "HIDDEN^HANNA" / "chest.dcm", seed=88)
+        write_phantom_file(inbox / "SECRET^SAM" / "chest.dcm", seed=89)
+        give_to_service_user(home)
+        shut_from_service_user(inbox / "HIDDEN^HANNA", 0o700)
+        shut_from_service_user(inbox / "SECRET^SAM", 0o000)
+        env = service_user_env(home, watch__rescan_s=str(rescan_s), metrics__watch_port=str(port))
+        log = tmp_path / "watch.log"
+        script = THREAD_TRIAGE + _WATCH_AS_THE_SERVICE_USER
+        command = service_user_command("-c", script, "watch", "--data-dir", data)
+
+        def said(level: str) -> list[str]:
+            return [m for lv, m in app_log_lines(log) if lv == level]
+
+        with (
+            log.open("w") as out,
+            subprocess.Popen(
+                command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            ) as service,
+        ):
+            try:
+                wait_until(
+                    lambda: probe_health(port, 1.0)[0] == 0 or service.poll() is not None,
+                    timeout_s=60,
+                    interval_s=0.2,
+                    what="the service's health endpoint",
+                )
+                assert service.poll() is None, log.read_text()
+                wait_until(
+                    lambda: len(said("WARNING")) >= 2,
+                    timeout_s=30,
+                    what="a warning for each folder it may not read",
+                )
+                time.sleep(6 * rescan_s)  # rescans that find them again, and say nothing
+                warned = said("WARNING")
+                health = probe_health(port, 5.0)[0]
+
+                open_to_service_user(inbox / "HIDDEN^HANNA")  # the admin fixes one
+                done = settings.watch_done / "HIDDEN^HANNA" / "chest.dcm"
+                wait_until(done.exists, timeout_s=60, what="the fixed folder's file in done/")
+                wait_until(
+                    lambda: any("can be read now" in m for m in said("INFO")),
+                    timeout_s=30,
+                    what="the line that it can be read now",
+                )
+                time.sleep(4 * rescan_s)
+            finally:
+                service.send_signal(signal.SIGTERM)
+                service.wait(timeout=60)
+
+        assert service.returncode == 0, log.read_text()  # stopped on purpose
+        left = sorted(p.relative_to(inbox).as_posix() for p in inbox.rglob("*.dcm"))
+
+    output = log.read_text(encoding="utf-8", errors="replace")
+    assert len(warned) == 2, output
+    assert all("cannot be read (EACCES)" in m and "every 0.5 s" in m for m in warned)
+    assert said("WARNING") == warned, output  # nothing more, fixed or not
+    assert [m for m in said("INFO") if "can be read now" in m] == [
+        "a folder in the inbox that could not be read can be read now: its files are triaged"
+    ]
+    assert health == 0  # ok or degraded: the service works for every other file
+    assert left == ["SECRET^SAM/chest.dcm"]
+    assert output.splitlines()[-1] == (
+        "triage-app watch: 1 triaged, 0 quarantined, 0 left in the inbox (still being "
+        "written), 1 folder in the inbox it may not read (files not triaged: see the log)"
+    )
+    assert not [name for name in NAMES_IN_THE_INBOX if name in output], output
 
 
 # --- the real service, in its own process ---------------------------------------------------------
@@ -916,6 +1189,7 @@ def test_once_counts_the_cases_it_held_on_the_device_and_exits_0_for_them(
         "quarantined": 0,
         "left_incomplete": 0,
         "left_stuck": 0,
+        "left_unreadable": 0,
         "held": 1,
     }
 

@@ -112,9 +112,16 @@ def _watch(args: argparse.Namespace) -> int:
         "see queue release" if settings.central_url else "no central server: escalation.central_url"
     )
     held = f", {summary.held} held on the device ({where})" if summary.held else ""
+    folders = "1 folder" if summary.left_unreadable == 1 else f"{summary.left_unreadable} folders"
+    unreadable = (
+        f", {folders} in the inbox it may not read (files not triaged: see the log)"
+        if summary.left_unreadable
+        else ""
+    )
     message = (
         f"{summary.triaged} triaged, {summary.quarantined} quarantined, "
-        f"{summary.left_incomplete} left in the inbox (still being written){stuck}{held}"
+        f"{summary.left_incomplete} left in the inbox (still being written){stuck}{unreadable}"
+        f"{held}"
     )
     print_outcome(
         f"triage-app watch: {message}",
@@ -125,8 +132,9 @@ def _watch(args: argparse.Namespace) -> int:
     )
     # A one-off run reports like `classify`; a service stopped on purpose has done its job.
     # Held cases are no failure: triaged and recorded, they wait for the server as queued ones
-    # do (a one-off run sends neither), and the services release them by themselves.
-    failed = summary.quarantined or summary.left_stuck
+    # do (a one-off run sends neither), and the services release them by themselves. A folder
+    # it may not read is: its files were not even seen.
+    failed = summary.quarantined or summary.left_stuck or summary.left_unreadable
     return EXIT_SOME_FAILED if args.once and failed else EXIT_OK
 
 

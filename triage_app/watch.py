@@ -11,7 +11,8 @@ link loop, a target it may not read) settles as the entry itself and is quaranti
 ``unreadable``, and so is a file the service user may not read; one it cannot even examine is
 skipped, with one path-free warning, and one it may not take out of the inbox (no write
 permission on its folder) waits on its own schedule (see ``Unfiled.STUCK``) while the other
-files go on.
+files go on. A folder it may not list or enter hides its files from the service: it is said
+once (without its name), counted in the summary, and looked at again on every rescan.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import pwd
 import threading
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -185,13 +188,117 @@ def _entry_stat(path: Path) -> os.stat_result:
         return path.lstat()
 
 
-def inbox_files(inbox: Path) -> Iterator[Path]:
-    """Every candidate file under ``inbox`` (recursively); symlinks are not followed."""
-    for root, dirs, files in os.walk(inbox):
+def inbox_files(
+    inbox: Path, *, unreadable: Callable[[Path, OSError], object] | None = None
+) -> Iterator[Path]:
+    """Every candidate file under ``inbox`` (recursively); symlinks are not followed.
+
+    A folder that cannot be listed, or listed but not entered (its files could not even be
+    examined), goes to ``unreadable`` with the error, its contents left out: ``os.walk`` alone
+    skips such a folder without a word, and its images were never triaged.
+    """
+
+    def not_listed(err: OSError) -> None:
+        if unreadable is None or err.filename is None:
+            return
+        folder = Path(os.fsdecode(err.filename))
+        gone = isinstance(err, FileNotFoundError | NotADirectoryError)
+        if not gone or folder == inbox:  # a folder removed since its parent was listed: fine
+            unreadable(folder, err)
+
+    for root, dirs, files in os.walk(inbox, onerror=not_listed):
+        if files or dirs:
+            try:  # an entry's own status needs search (x) permission on the folder
+                (Path(root) / (files or dirs)[0]).lstat()
+            except FileNotFoundError:
+                pass  # gone since the folder was listed
+            except OSError as err:
+                if unreadable is not None:
+                    unreadable(Path(root), err)
+                dirs[:] = []
+                continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if is_candidate(name):
                 yield Path(root) / name
+
+
+def _user_name() -> str:
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+class UnreadableFolders:
+    """Folders in the inbox the service may not list or enter, as of the last full scan.
+
+    Their files cannot even be seen, so each folder is said once (a WARNING without its name:
+    folder names can be patient names) until it can be read again (then once, at INFO); the
+    scans keep looking at it. Thread-safe: health may ask for the count.
+    """
+
+    def __init__(self, inbox: Path, *, rescan_s: float | None) -> None:
+        self._inbox = inbox
+        self._rescan_s = rescan_s  # None: a one-off run, which looks again only if it lasts
+        self._lock = threading.Lock()
+        self._folders: set[Path] = set()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._folders)
+
+    def update(self, found: Mapping[Path, OSError]) -> None:
+        """The folders one full scan could not read, with why."""
+        with self._lock:
+            before, self._folders = self._folders, set(found)
+        for folder, err in found.items():
+            if folder not in before:
+                self._warn(folder, err)
+        for folder in before - found.keys():
+            if any(folder.is_relative_to(other) for other in found):
+                continue  # now inside one that cannot be read: that one is said
+            if os.path.lexists(folder):
+                log.info(
+                    "a folder in the inbox that could not be read can be read now: its files "
+                    "are triaged"
+                )
+            else:
+                log.info("a folder in the inbox that could not be read is no longer there")
+
+    def _warn(self, folder: Path, err: OSError) -> None:
+        what = "the inbox" if folder == self._inbox else "a folder in the inbox"
+        why = errno.errorcode.get(err.errno or 0, type(err).__name__)
+        again = (
+            f"looked at again every {self._rescan_s:g} s"
+            if self._rescan_s is not None
+            else "this run counts it in its summary"
+        )
+        if err.errno not in (errno.EACCES, errno.EPERM):
+            log.warning(
+                "%s (%s) cannot be read (%s): the files in it are not triaged while that lasts; %s",
+                what,
+                self._inbox,
+                why,
+                again,
+            )
+            return
+        user = _user_name()
+        log.warning(
+            "%s (%s) cannot be read (%s): the files in it are not triaged until %s, the user "
+            "the service runs as, may list and enter it (read and execute permission: give it "
+            "to %s, or chmod it); %s. To find it, as %s: find %s -type d ! -readable -o -type d "
+            "! -executable",
+            what,
+            self._inbox,
+            why,
+            user,
+            user,
+            again,
+            user,
+            self._inbox,
+        )
 
 
 class _InboxEvents(FileSystemEventHandler):
@@ -213,6 +320,9 @@ class WatchSummary:
     quarantined: int = 0
     left_incomplete: int = 0
     left_stuck: int = 0  # could not be taken out of the inbox: left for the next run
+    # Folders in the inbox it may not list or enter, at the end of the run: their files were
+    # not even seen, let alone triaged.
+    left_unreadable: int = 0
     # Of the triaged: escalations kept on the device, not in the outbox (no central server or
     # its keys, or the outbox full); counted apart so that nobody takes them for sent.
     held: int = 0
@@ -241,6 +351,7 @@ class WatchService:
         self._on_filed = on_filed or (lambda _filed: None)
         self._on_tick = on_tick or (lambda: None)
         self.tracker = SettleTracker(settings.watch_settle_s)
+        self.unreadable = UnreadableFolders(self.layout.inbox, rescan_s=settings.watch_rescan_s)
         # Files one run (``once``) leaves for the next: a rescan must not offer them again.
         self._left: set[Path] = set()
 
@@ -261,13 +372,17 @@ class WatchService:
         )
         observer = None if once else self._start_observer()
         self._left.clear()
+        # Each run says what it cannot read (a one-off run is a run of its own for the admin).
+        self.unreadable = UnreadableFolders(
+            self.layout.inbox, rescan_s=None if once else settings.watch_rescan_s
+        )
 
         def not_now(path: Path) -> bool:
             return intake.is_in_flight(path) or intake.is_waiting(path)
 
         try:
             log.info("watching the inbox (%d workers)", settings.workers)
-            self.tracker.note_all(inbox_files(self.layout.inbox))
+            self.tracker.note_all(iter(self._scan()))
             next_rescan = time.monotonic() + settings.watch_rescan_s
             while not stop.is_set():
                 retention.tick()  # a batch at start, then hourly (intake.done_retention_days)
@@ -284,7 +399,7 @@ class WatchService:
                 if once and not len(self.tracker) and not intake.in_flight:
                     break
                 if time.monotonic() >= next_rescan:
-                    found = inbox_files(self.layout.inbox)
+                    found = self._scan()
                     self.tracker.note_all(p for p in found if p not in self._left)
                     next_rescan = time.monotonic() + settings.watch_rescan_s
         finally:
@@ -297,9 +412,26 @@ class WatchService:
                     self._account(filed, summary, once=True)
             finally:
                 reseal.close()
+        summary.left_unreadable = len(self.unreadable)
         return summary
 
+    def _scan(self) -> list[Path]:
+        """The inbox's candidate files; the folders it may not read go to ``unreadable``."""
+        failed: dict[Path, OSError] = {}
+        found = list(inbox_files(self.layout.inbox, unreadable=failed.setdefault))
+        self.unreadable.update(failed)
+        return found
+
     def _start_observer(self) -> BaseObserver:
+        # watchdog (inotify) skips a folder it may not watch without a word, but from the
+        # second such folder on it warns, on stderr, with the first one's full path: a
+        # patient's name, maybe. The rescan finds and reports those folders instead.
+        warnings.filterwarnings(
+            "ignore",
+            message="Callback with id ",
+            category=RuntimeWarning,
+            module=r"watchdog\.",
+        )
         observer = Observer()
         observer.schedule(_InboxEvents(self.tracker), str(self.layout.inbox), recursive=True)
         observer.daemon = True
