@@ -23,7 +23,7 @@ from triage_app.paths import FOLDER_ACCESS, access_problem
 
 if TYPE_CHECKING:
     from triage_app.config import Settings
-    from triage_app.metrics import ServiceMetrics
+    from triage_app.metrics import CheckResult, ServiceMetrics
     from triage_app.receiver import DicomReceiver
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ def _watch(args: argparse.Namespace) -> int:
         service = WatchService(
             settings, queue=runtime.queue, on_filed=runtime.filed, on_tick=runtime.tick
         )
+        runtime.checks["inbox"] = lambda: _inbox_check(len(service.unreadable))
         runtime.ready()
         summary = service.run(stop, once=args.once)
     stuck = (
@@ -136,6 +137,18 @@ def _watch(args: argparse.Namespace) -> int:
     # it may not read is: its files were not even seen.
     failed = summary.quarantined or summary.left_stuck or summary.left_unreadable
     return EXIT_SOME_FAILED if args.once and failed else EXIT_OK
+
+
+def _inbox_check(unreadable: int) -> CheckResult:
+    """Degraded while folders in the inbox cannot be read: the service works and nothing is
+    lost, but their files wait for a person to fix the permissions, and on an unattended
+    machine health is where anyone looks."""
+    from triage_app.metrics import CheckResult, Health
+
+    if unreadable:
+        plural = "s" if unreadable > 1 else ""
+        return CheckResult(Health.DEGRADED, f"{unreadable} folder{plural} it may not read")
+    return CheckResult(Health.OK, "every folder readable")
 
 
 def _receive(args: argparse.Namespace) -> int:
