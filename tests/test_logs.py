@@ -8,16 +8,19 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import config
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless
 
 from tests.helpers import phantom_dataset, run_cli
-from triage_app.logs import JsonLinesFormatter
+from triage_app.logs import JsonLinesFormatter, configure_logging
 
 
 def record(
@@ -262,3 +265,140 @@ def test_classify_refuses_a_broken_codestream_in_one_line(tmp_path: Path) -> Non
     refusals = [line for line in run.stderr.splitlines() if "garbage.dcm" in line]
     assert len(refusals) == 1
     assert "corrupt_pixel_data" in refusals[0]
+
+
+# --- libraries never write image data to the log ------------------------------------------------
+
+# How pydicom and pynetdicom quote a value they find invalid: a scanner's UID, leading zeros.
+SCANNER_UID = "1.2.840.113619.2.055.3.2831164355.20120704.01"
+
+
+def run_configured(code: str, *, json_lines: bool, level: int = logging.INFO) -> list[str]:
+    """``code`` after configure_logging, in a fresh interpreter; its stderr lines."""
+    setup = "import logging\nfrom triage_app.logs import configure_logging\n"
+    setup += f"configure_logging({level}, json_lines={json_lines})\n"
+    result = subprocess.run(
+        [sys.executable, "-c", setup + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout == ""
+    assert SCANNER_UID not in result.stderr
+    return result.stderr.splitlines()
+
+
+WARNS_QUOTING_A_UID = f"""
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+    validate_value("UI", "{SCANNER_UID}", config.WARN)  # as reading one outside quiet_pydicom
+"""
+WARNING_LINE = r"UserWarning raised at valuerep\.py:\d+ \(its text is not logged: .*\)"
+
+
+def test_a_library_warning_is_a_json_log_line_with_its_category_and_place_not_its_text() -> None:
+    (line,) = run_configured(WARNS_QUOTING_A_UID, json_lines=True)
+    out = json.loads(line)
+    assert (out["level"], out["logger"]) == ("WARNING", "py.warnings")
+    assert re.fullmatch(WARNING_LINE, out["message"]), line
+
+
+def test_a_library_warning_is_a_text_log_line_with_its_category_and_place_not_its_text() -> None:
+    (line,) = run_configured(WARNS_QUOTING_A_UID, json_lines=False)
+    assert re.fullmatch(r"\S+ \S+ WARNING py\.warnings: " + WARNING_LINE, line), line
+
+
+def test_pydicom_reads_without_validating_once_logging_is_configured() -> None:
+    """Its reading checks only warn (quoting the value); none is left to quote one."""
+    code = f"""
+        import io
+        import pydicom
+        from pydicom.dataset import Dataset
+        with pydicom.config.disable_value_validation():
+            ds = Dataset()
+            ds.StudyInstanceUID = "{SCANNER_UID}"
+            buffer = io.BytesIO()
+            ds.save_as(buffer, implicit_vr=True, little_endian=True)
+        read = pydicom.dcmread(io.BytesIO(buffer.getvalue()), force=True)
+        assert read.StudyInstanceUID == "{SCANNER_UID}"  # as it was: nothing else changes
+    """
+    assert run_configured(code, json_lines=True) == []
+
+
+PYNETDICOM_LINES = f"""
+    log = logging.getLogger("pynetdicom.utils")
+    log.warning("Non-conformant 'Affected SOP Instance UID' value '{SCANNER_UID}'")
+    logging.getLogger("pynetdicom.assoc").error(
+        "Association with %s failed (SOP Instance %s)", "'DOE^JANE'", "{SCANNER_UID}.7"
+    )
+    try:
+        raise ValueError("bad value '{SCANNER_UID}'")
+    except ValueError:
+        logging.getLogger("pynetdicom").exception("Exception in the handler")
+    logging.getLogger("triage_app.receiver").info("left as it is: 'quoted' 1.2.3.4.5")
+"""
+
+
+APP_LOGGER = "triage_app.receiver"
+REDACTED_ERROR = "Association with '<redacted>' failed (SOP Instance <uid>)"
+
+
+def test_pynetdicom_logs_only_errors_and_without_quoted_text_or_uids_as_json() -> None:
+    lines = run_configured(PYNETDICOM_LINES, json_lines=True, level=logging.DEBUG)
+    records = [json.loads(line) for line in lines]
+    assert [r["logger"] for r in records] == [
+        "pynetdicom.assoc",
+        "pynetdicom",
+        "triage_app.receiver",
+    ]
+    assert records[0]["message"] == "Association with '<redacted>' failed (SOP Instance <uid>)"
+    assert records[1]["message"] == "Exception in the handler"
+    assert records[1]["exc"].startswith('Traceback (most recent call last):\n  File "<string>"')
+    assert records[1]["exc"].endswith("ValueError: bad value '<redacted>'")
+    assert records[2]["message"] == "left as it is: 'quoted' 1.2.3.4.5"
+    assert "DOE^JANE" not in "\n".join(lines)
+
+
+def test_pynetdicom_logs_only_errors_and_without_quoted_text_or_uids_as_text() -> None:
+    lines = run_configured(PYNETDICOM_LINES, json_lines=False, level=logging.DEBUG)
+    text = "\n".join(lines)
+    assert "Non-conformant" not in text
+    assert (
+        "ERROR pynetdicom.assoc: Association with '<redacted>' failed (SOP Instance <uid>)" in text
+    )
+    assert "ERROR pynetdicom: Exception in the handler\nTraceback" in text
+    assert lines[-2] == "ValueError: bad value '<redacted>'"
+    assert lines[-1].endswith("INFO triage_app.receiver: left as it is: 'quoted' 1.2.3.4.5")
+    assert "DOE^JANE" not in text
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """configure_logging changes process-wide state: put back what the test runner had."""
+    root = logging.getLogger()
+    handlers = {handler: list(handler.filters) for handler in root.handlers}
+    root_level = root.level
+    levels = {name: logging.getLogger(name).level for name in ("pydicom", "pynetdicom")}
+    showwarning = warnings.showwarning
+    reading_mode = config.settings.reading_validation_mode
+    yield
+    config.settings.reading_validation_mode = reading_mode
+    logging.captureWarnings(False)
+    warnings.showwarning = showwarning
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    root.setLevel(root_level)
+    for handler in list(root.handlers):
+        if handler in handlers:
+            handler.filters[:] = handlers[handler]
+        else:
+            root.removeHandler(handler)
+
+
+@pytest.mark.usefixtures("restored_logging")
+def test_warnings_are_still_errors_in_the_tests_after_configure_logging() -> None:
+    """The suite's ``filterwarnings = error`` acts before a warning is shown (or logged)."""
+    configure_logging(logging.INFO, json_lines=True)
+    with pytest.raises(UserWarning, match="quoted"):
+        warnings.warn("a value 'quoted'", UserWarning, stacklevel=1)

@@ -60,7 +60,7 @@ from pynetdicom.events import Event
 from pynetdicom.transport import AssociationServer
 
 from triage_app.config import Settings
-from triage_app.dicom.reader import read_dataset
+from triage_app.dicom.reader import quiet_pydicom, read_dataset
 from triage_app.errors import ConfigError, InputError, ReceiverError
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.intake import FiledOutcome, Intake, IntakeLayout, Unfiled
@@ -352,11 +352,13 @@ class DicomReceiver:
         try:
             with self._parse_lock:
                 header = read_dataset(part10, header_only=True)
+                # Reading a UID validates it, and pydicom's warning would quote an invalid one.
+                with quiet_pydicom():
+                    sop_uid = str(header.file_meta.get("MediaStorageSOPInstanceUID", ""))
+                    study_uid = str(header.get("StudyInstanceUID", ""))
         except InputError as exc:
             log.warning("refused a received instance that cannot be read (%s)", exc.code)
             return self._refuse(INVALID_DATASET, CANNOT_UNDERSTAND)
-        sop_uid = str(header.file_meta.get("MediaStorageSOPInstanceUID", ""))
-        study_uid = str(header.get("StudyInstanceUID", ""))
         if not sop_uid or not study_uid:
             log.warning("refused a received instance without a SOP Instance or Study UID")
             return self._refuse(INVALID_DATASET, DATASET_DOES_NOT_MATCH_SOP_CLASS)

@@ -111,20 +111,26 @@ class IdentifyingValues:
 
     @classmethod
     def capture(cls, ds: Dataset, *, uids_remapped: bool = True) -> IdentifyingValues:
-        """Read the patient's identifiers (and, if they are remapped, the instance's UIDs)."""
+        """Read the patient's identifiers (and, if they are remapped, the instance's UIDs).
+
+        Quietly: reading a value converts it, and pydicom warns with an invalid one quoted (a
+        UID with a leading-zero component, common from scanners): PHI on stderr.
+        """
         found: set[tuple[str, str]] = set()
-        for keyword in _PATIENT_TEXT:
-            for text in _strings(ds.get(keyword)):
-                found.add((keyword, text))
-                if "Name" in keyword:  # PatientName, OtherPatientNames, ...BirthName
-                    found.update((keyword, part) for part in _NAME_PARTS.split(text) if part)
-        for item in ds.get("OtherPatientIDsSequence") or []:
-            found.update(("OtherPatientIDsSequence", t) for t in _strings(item.get("PatientID")))
-        for text in _strings(ds.get("PatientBirthDate")):
-            found.update(("PatientBirthDate", form) for form in _written_dates(text))
-        if uids_remapped:
-            for keyword in _INSTANCE_UIDS:
-                found.update((keyword, text) for text in _strings(ds.get(keyword)))
+        with quiet_pydicom():
+            for keyword in _PATIENT_TEXT:
+                for text in _strings(ds.get(keyword)):
+                    found.add((keyword, text))
+                    if "Name" in keyword:  # PatientName, OtherPatientNames, ...BirthName
+                        found.update((keyword, part) for part in _NAME_PARTS.split(text) if part)
+            for item in ds.get("OtherPatientIDsSequence") or []:
+                ids = _strings(item.get("PatientID"))
+                found.update(("OtherPatientIDsSequence", text) for text in ids)
+            for text in _strings(ds.get("PatientBirthDate")):
+                found.update(("PatientBirthDate", form) for form in _written_dates(text))
+            if uids_remapped:
+                for keyword in _INSTANCE_UIDS:
+                    found.update((keyword, text) for text in _strings(ds.get(keyword)))
         return cls(tuple(sorted(v for v in found if len(v[1]) >= MIN_WORD_LENGTH)))
 
 
