@@ -8,6 +8,8 @@ real network stack and read back what landed in the spool.
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import io
 import itertools
 import json
@@ -46,6 +48,7 @@ from triage_app.receiver import (
     run_receiver,
     spool_key,
 )
+from triage_app.secrets import load_or_create_site_secret
 from triage_app.states import CaseEvent
 from triage_app.store import REPROCESSED, CaseStore
 
@@ -843,7 +846,12 @@ def test_the_service_triages_a_study_that_never_goes_quiet_in_batches_each_file_
     assert lines
     first_batch = re.search(r"the (\d+) instance", lines[0].getMessage())
     assert first_batch is not None and int(first_batch[1]) < count  # the rest came later
-    assert spool_key(study.study_uid) in lines[0].getMessage()
+    # Named by a digest keyed with the site secret, not the spool's plain hash of the UID
+    # (which anyone holding the UID could compute).
+    secret = load_or_create_site_secret(settings.data_dir)
+    keyed = hmac.new(secret, spool_key(study.study_uid).encode(), hashlib.sha256).hexdigest()
+    assert f"study {keyed[:16]} is still receiving" in lines[0].getMessage()
+    assert spool_key(study.study_uid) not in caplog.text
     assert not [uid for uid in (study.study_uid, *study.sop_uids) if uid in caplog.text]
     # Every instance sent handed over and filed exactly once, nothing left behind.
     assert sorted(f.source.name for f in filed) == sorted(

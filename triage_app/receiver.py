@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import hmac
 import logging
 import os
 import shutil
@@ -72,6 +73,7 @@ from triage_app.paths import (
     write_private_file,
 )
 from triage_app.retention import DoneRetention, ResealCases
+from triage_app.secrets import load_or_create_site_secret
 
 # pynetdicom's state for "awaiting transport connection close" (PS3.8 Sta13).
 _AWAITING_CLOSE = "Sta13"
@@ -157,9 +159,12 @@ class StudyGrouper:
     pops. Times are passed in (any monotonic clock), so tests drive it without sleeping.
     """
 
-    def __init__(self, quiet_s: float, max_wait_s: float) -> None:
+    def __init__(
+        self, quiet_s: float, max_wait_s: float, *, label: Callable[[str], str] = str
+    ) -> None:
         self._quiet_s = quiet_s
         self._max_wait_s = max_wait_s
+        self._label = label  # how a study is named in the log (see DicomReceiver)
         self._lock = threading.Lock()
         self._studies: dict[str, _Group] = {}
         self._hand_overs: Counter[str] = Counter()
@@ -190,7 +195,7 @@ class StudyGrouper:
             log.info(
                 "study %s is still receiving after %g s (receiver.study_max_wait_s): "
                 "handing over the %d instance(s) received so far",
-                key,
+                self._label(key),
                 self._max_wait_s,
                 len(ready[key]),
             )
@@ -219,8 +224,14 @@ class DicomReceiver:
         self._settings = settings
         self._incoming = settings.receiver_storage / "incoming"
         self._clock = clock  # monotonic seconds; a test's own clock drives the study timers
+        # The spool's study key is a plain hash of the Study Instance UID: anyone holding the
+        # UID (a PACS, a RIS) could find the study in a log shipped off the device. The log
+        # names it by a digest keyed with the site secret instead.
+        secret = load_or_create_site_secret(settings.data_dir)
         self._grouper = StudyGrouper(
-            settings.receiver_study_quiet_s, settings.receiver_study_max_wait_s
+            settings.receiver_study_quiet_s,
+            settings.receiver_study_max_wait_s,
+            label=lambda key: hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:16],
         )
         self._lock = threading.Lock()
         # The reader switches pydicom's process-wide validation and warning filters while it
