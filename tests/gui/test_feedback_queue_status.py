@@ -139,11 +139,15 @@ def test_status_bar_shows_offline_since_last_error_queue_and_disk(
     qtbot.addWidget(window)
     window.show()
     segments = window.status.segments
-    qtbot.waitUntil(lambda: segments["link"].text().startswith("○ Offline since"))
-    when = since.astimezone().strftime("%H:%M:%S")
-    assert segments["link"].text() == f"○ Offline since {when} (5 min)"
-    assert segments["error"].text() == "Last error: timeout: no answer in 5 s"
-    assert segments["queue"].text() == "Queue: 0 waiting"
+    qtbot.waitUntil(lambda: segments["link"].text().startswith("○ Offline"))
+    assert segments["link"].text() == "○ Offline (5 min)"
+    when = since.astimezone()
+    assert segments["link"].toolTip() == f"Central server offline since {when:%Y-%m-%d %H:%M:%S}"
+    assert segments["error"].text() == (
+        f"Central server unreachable since {when:%H:%M} — cases wait and will be sent automatically"
+    )
+    assert "Last error: timeout: no answer in 5 s" in segments["error"].toolTip()
+    assert segments["queue"].text() == "Escalations: nothing pending"
     assert segments["disk"].text().startswith("⚠ Disk low: ")
     assert segments["disk"].text().endswith("MB free (reserve 10,000,000 MB)")
 

@@ -1,9 +1,16 @@
 """Link, queue and disk figures for the status bar, read off the UI thread every two seconds.
 
-A poller object lives in its own thread (as the worklist's does): it owns an outbox connection
-(SQLite connections belong to their thread), takes a snapshot of the uploader's connectivity
-state and checks the free disk space, and hands one :class:`StatusReading` to the UI thread.
-The text of each segment comes from plain functions, so the wording is tested without a window.
+A poller object lives in its own thread (as the worklist's does): it owns an outbox and a case
+store connection (SQLite connections belong to their thread), takes a snapshot of the uploader's
+connectivity state and checks the free disk space, and hands one :class:`StatusReading` to the
+UI thread. The text of each segment (and its tooltip) comes from plain functions, so the wording
+is tested without a window.
+
+The queue segment counts what the outbox holds (cases still to send) *and* what only the case
+store knows: cases held on the device and delivered cases still waiting for their central
+verdict. The outbox alone said "0 waiting" while cases were held, which reads as "nothing
+pending". The case counts are one ``GROUP BY state`` over the state index (no case record
+is read).
 """
 
 from __future__ import annotations
@@ -24,14 +31,19 @@ from triage_app.escalation.connectivity import ConnectivitySnapshot
 from triage_app.escalation.outbox import Outbox, OutboxStatus
 from triage_app.escalation.service import open_outbox
 from triage_app.gui.qt_threading import QtPoller
+from triage_app.states import CaseState
+from triage_app.store import CaseStore
 
 __all__ = [
     "ConnectivitySource",
     "QtStatusMonitor",
     "StatusReading",
     "disk_text",
+    "error_tooltip",
     "link_text",
+    "link_tooltip",
     "queue_text",
+    "queue_tooltip",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,6 +64,10 @@ class StatusReading:
     queue_error: str | None
     free_bytes: int | None
     min_free_bytes: int
+    #: Cases kept on the device (``escalation_held``); None when the case store was unreadable.
+    held: int | None = None
+    #: Delivered cases whose central verdict has not come back yet (``delivered``).
+    awaiting_verdict: int | None = None
 
 
 def _age(seconds: float) -> str:
@@ -65,38 +81,111 @@ def _age(seconds: float) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
+def _clock(moment: datetime) -> str:
+    return moment.astimezone().strftime("%H:%M")
+
+
 def link_text(reading: StatusReading) -> tuple[str, str]:
-    """(online/offline segment, last error segment)."""
+    """(online/offline segment, error segment), worded for a clinician.
+
+    The error segment says what an outage means for the cases; the technical line (code,
+    origin, reason) is in :func:`error_tooltip`, for whoever fixes the link.
+    """
     snap = reading.connectivity
     if not reading.central_configured and snap is None:
-        return "Central: none configured (escalations held)", ""
+        return "No central server: escalations are held on this device", ""
     if snap is None or snap.online is None:
         return "Central: connecting…", ""
     if snap.online:
         return "● Online", ""
     since = snap.offline_since
-    if since is None:
-        return "○ Offline", snap.last_error or ""
-    when = since.astimezone().strftime("%H:%M:%S")
-    duration = _age((reading.at - since).total_seconds())
-    return f"○ Offline since {when} ({duration})", f"Last error: {snap.last_error or 'unknown'}"
+    duration = "" if since is None else f" ({_age((reading.at - since).total_seconds())})"
+    when = "" if since is None else f" since {_clock(since)}"
+    if snap.last_error_code == "certificate_pin_mismatch":
+        error = (
+            f"Central server not trusted{when} (its certificate changed) — nothing is sent;"
+            " cases wait here. Tell your administrator"
+        )
+    else:
+        error = f"Central server unreachable{when} — cases wait and will be sent automatically"
+    return f"○ Offline{duration}", error
+
+
+def link_tooltip(reading: StatusReading) -> str:
+    """The exact times the short link segment leaves out."""
+    snap = reading.connectivity
+    if not reading.central_configured and snap is None:
+        return "No central server is configured: escalated cases stay on this device."
+    if snap is not None and snap.online is False:
+        if snap.offline_since is None:
+            return "Central server offline"
+        return f"Central server offline since {snap.offline_since.astimezone():%Y-%m-%d %H:%M:%S}"
+    if snap is None or snap.last_success_at is None:
+        return ""
+    return f"Central server last answered at {snap.last_success_at.astimezone():%H:%M:%S}"
+
+
+def error_tooltip(reading: StatusReading) -> str:
+    """The technical line behind the error segment: "<code>: <origin and reason>", attempts."""
+    snap = reading.connectivity
+    if snap is None or snap.online is not False:
+        return ""
+    lines = [f"Last error: {snap.last_error or 'unknown'}"]
+    if snap.consecutive_failures > 1:
+        lines.append(f"{snap.consecutive_failures:,} failed attempts in a row")
+    return "\n".join(lines)
 
 
 def queue_text(reading: StatusReading) -> str:
+    """Each non-zero group of escalated cases not finished yet, or "nothing pending".
+
+    Held and awaiting-verdict cases are counted too: "0 waiting" next to held cases reads as
+    "nothing pending" to a clinician.
+    """
     if reading.queue_error is not None:
-        return f"Queue unavailable: {reading.queue_error}"
+        return f"Escalations unavailable: {reading.queue_error}"
     status = reading.queue
     if status is None:
         return ""
-    waiting = status.pending + status.in_flight
-    text = f"Queue: {waiting:,} waiting"
-    if status.oldest_pending_age_s is not None and waiting:
-        text += f", oldest {_age(status.oldest_pending_age_s)}"
+    groups = []
+    if reading.held:
+        groups.append(f"{reading.held:,} held on device")
+    if reading.awaiting_verdict:
+        groups.append(f"{reading.awaiting_verdict:,} awaiting verdict")
+    to_send = status.pending + status.in_flight
+    if to_send:
+        oldest = status.oldest_pending_age_s
+        age = "" if oldest is None else f" (oldest {_age(oldest)})"
+        groups.append(f"{to_send:,} to send{age}")
     if status.quarantined:
-        text += f" · ⚠ {status.quarantined:,} refused"
+        groups.append(f"⚠ {status.quarantined:,} refused")
     if status.full:
-        text += " · ⚠ FULL: new escalations refused"
-    return text
+        groups.append("⚠ FULL: new escalations refused")
+    return "Escalations: " + (" · ".join(groups) or "nothing pending")
+
+
+def queue_tooltip(reading: StatusReading) -> str:
+    """One line per group, with why cases are held and how full the outbox is."""
+    status = reading.queue
+    if reading.queue_error is not None or status is None:
+        return queue_text(reading)
+    held = "unknown (case store unreadable)" if reading.held is None else f"{reading.held:,}"
+    if not reading.central_configured:
+        held += " — no central server is configured"
+    elif reading.held:
+        held += " — sent once the central server's keys are known and the outbox has room"
+    awaiting = "unknown" if reading.awaiting_verdict is None else f"{reading.awaiting_verdict:,}"
+    oldest = status.oldest_pending_age_s
+    lines = [
+        f"Held on this device: {held}",
+        f"Delivered, awaiting the central verdict: {awaiting}",
+        f"To send: {status.pending + status.in_flight:,}"
+        + ("" if oldest is None else f" (oldest waiting {_age(oldest)})"),
+        f"Refused by the central server: {status.quarantined:,}",
+        f"Outbox: {status.queued_bytes / _MB:,.1f} of {status.quota_bytes / _MB:,.0f} MB"
+        + (" — FULL: new escalations are held" if status.full else ""),
+    ]
+    return "\n".join(lines)
 
 
 def disk_text(reading: StatusReading) -> str:
@@ -130,14 +219,19 @@ class _StatusPoller(QObject):
         self._settings = settings
         self._connectivity = connectivity
         self._outbox: Outbox | None = None
+        self._store: CaseStore | None = None
 
     def poll(self) -> None:
         queue: OutboxStatus | None = None
         error: str | None = None
+        counts: dict[str, int] = {}
         try:
             if self._outbox is None:
                 self._outbox = open_outbox(self._settings)
             queue = self._outbox.status()
+            if self._store is None:
+                self._store = CaseStore.open(self._settings.case_store_path)
+            counts = self._store.counts_by_state()
         except TriageError as err:
             error = err.message
             self.close()
@@ -150,6 +244,8 @@ class _StatusPoller(QObject):
                 queue_error=error,
                 free_bytes=_free_bytes(self._settings.data_dir),
                 min_free_bytes=self._settings.receiver_min_free_bytes,
+                held=counts.get(CaseState.ESCALATION_HELD),
+                awaiting_verdict=counts.get(CaseState.DELIVERED),
             )
         )
 
@@ -160,6 +256,12 @@ class _StatusPoller(QObject):
                 outbox.close()
             except TriageError as err:
                 log.warning("status: could not close the outbox: %s", err.message)
+        if self._store is not None:
+            store, self._store = self._store, None
+            try:
+                store.close()
+            except TriageError as err:
+                log.warning("status: could not close the case store: %s", err.message)
 
 
 class QtStatusMonitor(QObject):
