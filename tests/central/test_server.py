@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -29,6 +31,7 @@ from triage_app.central.server import (
     KEEP_ALIVE_TIMEOUT_S,
     MIN_BACKLOG,
     ServerThread,
+    _reap_closed_connections,
     bind_socket,
     uvicorn_config,
 )
@@ -257,3 +260,39 @@ def test_serve_runs_in_the_foreground_and_stops_gracefully_on_sigterm(
 
 def test_unknown_paths_are_refused_in_the_error_shape(central: Central) -> None:
     assert_refused(central.get("/"), 404, "not_found")
+
+
+class _DetachedSslTransport(asyncio.Transport):
+    """What Python 3.11.2's SSL transport does once its protocol is detached: closing, and
+    ``abort()`` raising AttributeError (3.11.7 checks for None first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborts = 0
+
+    def is_closing(self) -> bool:
+        return True
+
+    def abort(self) -> None:
+        self.aborts += 1
+        raise AttributeError("'NoneType' object has no attribute '_abort'")
+
+
+def test_stopping_with_a_half_closed_tls_connection_is_no_internal_error() -> None:
+    """A site's ``systemctl stop triage-central`` with devices connected ended in exit 70
+    (an AttributeError from the reaper) on Debian 12's Python."""
+    transport = _DetachedSslTransport()
+    server = SimpleNamespace(
+        should_exit=True,
+        server_state=SimpleNamespace(connections=[SimpleNamespace(transport=transport)]),
+    )
+
+    async def run_until_aborted() -> None:
+        reaper = asyncio.create_task(_reap_closed_connections(server))  # type: ignore[arg-type]
+        while transport.aborts < 2 and not reaper.done():
+            await asyncio.sleep(0.05)
+        assert not reaper.done(), reaper.exception()
+        reaper.cancel()
+
+    asyncio.run(asyncio.wait_for(run_until_aborted(), timeout=30))
+    assert transport.aborts >= 2, "the reaper went on after the failed abort"

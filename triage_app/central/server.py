@@ -392,7 +392,10 @@ async def _reap_closed_connections(server: uvicorn.Server) -> None:
             if not isinstance(transport, asyncio.Transport) or not transport.is_closing():
                 continue
             if now - closing_since.setdefault(id(connection), now) >= _CLOSE_GRACE_S:
-                transport.abort()
+                # Python 3.11.2 (Debian 12's) raises AttributeError aborting an SSL transport
+                # whose protocol is already detached; it is closed then, which is all we want.
+                with suppress(AttributeError):
+                    transport.abort()
 
 
 class ServerThread:
