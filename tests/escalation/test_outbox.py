@@ -722,6 +722,30 @@ def test_open_removes_orphans_and_dead_writers_temp_files(db: Path, spool: Path)
         assert spool_names(spool) == {f"{cid(2)}.env", "README"}
 
 
+@pytest.mark.expect_log_warnings  # each quarantine is said
+@pytest.mark.parametrize(
+    ("reason", "reseal"),
+    [
+        ("device_revoked: device dev-1 was revoked (403)", True),
+        ("unknown_device: device dev-1 is not registered (401)", True),
+        ("stale_envelope: created more than 30 days ago (400)", True),
+        ("rejected: case_conflict (409)", False),
+        ("payload_too_large: the body is larger than this server accepts (413)", False),
+    ],
+)
+def test_only_refusals_of_how_a_case_was_sealed_need_it_sealed_anew(
+    outbox: Outbox, reason: str, reseal: bool
+) -> None:
+    """A device revoked and then given a new key (the documented way back) must have its
+    cases sealed with that key: sent as they were, they came back as "damaged" (signed by the
+    old key) and took a second retry."""
+    enqueue(outbox, 1)
+    outbox.claim_next("w", 60, now=T0)
+    outbox.quarantine(cid(1), reason, now=T0)
+    item = outbox.get(cid(1))
+    assert item is not None and item.needs_reseal is reseal
+
+
 @pytest.mark.expect_log_warnings
 def test_open_quarantines_a_case_whose_file_was_lost(db: Path, spool: Path, caplog):
     with Outbox.open(db, spool, quota_bytes=QUOTA) as outbox:

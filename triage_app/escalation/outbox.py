@@ -120,6 +120,7 @@ _RESEAL_REASONS: Final = frozenset(
         "unknown_server_key",
         "bad_signature",
         "unknown_device",
+        "device_revoked",  # once the revocation is over, a new device key is registered
         "envelope_tampered",
         "envelope_truncated",
         "damaged envelope",
