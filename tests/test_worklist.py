@@ -30,6 +30,8 @@ from triage_app.worklist import (
     row_for,
     sort_rows,
     urgency_of,
+    verdict_parts,
+    verdict_summary,
 )
 
 E = CaseEvent
@@ -371,3 +373,119 @@ def test_feedback_allowed_and_its_refusal_in_words(
     assert "event" not in refusal and "_" not in refusal
     every = [feedback_refusal(s) for s in CaseState if not feedback_allowed(s)]
     assert all(every) and not any("_" in text for text in every)
+
+
+# --- the central column, the verdict in words, out-of-scope scores ------------------------------
+
+#: A verdict as the uploader stores it: the body of ``GET /v1/cases/{id}/verdict``
+#: (``triage_app.central.storage.Verdict.to_json``).
+CENTRAL_VERDICT = {
+    "case_id": "d",
+    "verdict": "abnormal",
+    "score": 0.981428,
+    "model": {"name": "central-dx-demo", "version": "1.1.0", "sha256": "58" * 32},
+    "decided_at": "2026-11-22T22:34:50Z",
+}
+VERDICT_FAILURE = {
+    "verdict": None,
+    "error": {"code": "unprocessable_image", "message": "image cannot be prepared"},
+}
+
+
+def _escalated_row(
+    state: CaseState,
+    verdict: dict[str, Any] | None = None,
+    *,
+    reason: str = "uncertain",
+    score: float = 0.138,
+) -> WorklistRow:
+    case = _case("d", "escalate", score, state=state, reason=reason, verdict=verdict)
+    return row_for(case, UNKNOWN_PATIENT)
+
+
+@pytest.mark.parametrize(
+    ("state", "verdict", "text"),
+    [
+        (CaseState.ESCALATION_HELD, None, "held on device"),
+        (CaseState.ESCALATION_BLOCKED, None, "not sent: blocked"),
+        (CaseState.QUEUED, None, "◷ queued"),
+        (CaseState.SENDING, None, "◷ sending"),
+        (CaseState.SEND_FAILED_RETRYING, None, "◷ retrying send"),
+        (CaseState.DELIVERED, None, "◷ awaiting centre"),
+        (CaseState.QUARANTINED, None, "refused by centre"),
+        (CaseState.VERDICT_RECEIVED, CENTRAL_VERDICT, "⚠ abnormal 0.981"),
+        (CaseState.ACKNOWLEDGED, CENTRAL_VERDICT, "⚠ abnormal 0.981"),
+        (CaseState.VERDICT_RECEIVED, {**CENTRAL_VERDICT, "verdict": "normal"}, "normal 0.981"),
+        (
+            CaseState.VERDICT_RECEIVED,
+            {**CENTRAL_VERDICT, "verdict": "out_of_scope"},
+            "out of scope",
+        ),
+        (CaseState.VERDICT_RECEIVED, VERDICT_FAILURE, "no verdict (unprocessable_image)"),
+        (CaseState.ACKNOWLEDGED, None, "not sent"),
+    ],
+)
+def test_one_central_column_says_where_an_escalated_case_stands(
+    state: CaseState, verdict: dict[str, Any] | None, text: str
+) -> None:
+    """Escalation state and verdict were two columns scrolled out of sight at 1280 px, and a
+    case awaiting its verdict looked like one answered "out of scope"."""
+    row = _escalated_row(state, verdict)
+    assert row.central == text
+    assert row.central_detail and "_" not in row.central_detail.replace("unprocessable_image", "")
+
+
+def test_a_local_decision_has_no_central_answer_and_sorts_after_every_escalated_case() -> None:
+    local = row_for(_case("n", "normal", 0.01), UNKNOWN_PATIENT)
+    assert local.central == "—"
+    assert "not sent" in local.central_detail
+    waiting = _escalated_row(CaseState.DELIVERED)
+    disagrees = _escalated_row(CaseState.VERDICT_RECEIVED, CENTRAL_VERDICT)
+    agrees = _escalated_row(CaseState.VERDICT_RECEIVED, {**CENTRAL_VERDICT, "verdict": "normal"})
+    held = _escalated_row(CaseState.ESCALATION_HELD)
+    rows = [local, held, waiting, agrees, disagrees]
+    ordered = sorted(rows, key=lambda r: r.central_sort_key)
+    assert ordered == [disagrees, agrees, waiting, held, local]
+
+
+def test_the_verdict_in_one_line_names_the_central_model_and_when_it_decided() -> None:
+    decided = datetime(2026, 11, 22, 22, 34, 50, tzinfo=UTC).astimezone()
+    when = decided.strftime("%Y-%m-%d %H:%M:%S")
+    assert verdict_summary(CENTRAL_VERDICT) == (
+        f"abnormal, score 0.981 · central-dx-demo 1.1.0 · decided {when}"
+    )
+    assert verdict_parts(CENTRAL_VERDICT) == (
+        "abnormal, score 0.981",
+        "central-dx-demo 1.1.0",
+        when,
+    )
+    # A verdict stored before the centre named its model, and an out-of-scope label.
+    assert verdict_summary({"verdict": "normal", "score": 0.1}) == "normal, score 0.100"
+    assert verdict_summary({"verdict": "out_of_scope", "score": 0.8}) == "out of scope"
+    assert verdict_summary(VERDICT_FAILURE) == (
+        "no verdict: unprocessable_image: image cannot be prepared"
+    )
+    assert verdict_summary(None) == ""
+
+
+def test_a_row_carries_the_central_verdict_with_the_device_result() -> None:
+    """The viewer's result layer is built from the row's result: it must hold the verdict."""
+    row = _escalated_row(CaseState.VERDICT_RECEIVED, CENTRAL_VERDICT)
+    assert row.result["central_verdict"] == CENTRAL_VERDICT
+    assert row.result["path"] == "/nowhere.dcm"  # the device's record is all there too
+    assert "central_verdict" not in _escalated_row(CaseState.DELIVERED).result
+
+
+def test_an_out_of_scope_score_does_not_apply_and_the_centre_cannot_disagree_with_it() -> None:
+    """Its score is the model's output on an image it was not made for ("1.000" on a CT
+    slice): it leans nowhere, so a "normal" verdict is routine, not a disagreement."""
+    normal = {"verdict": "normal", "score": 0.01}
+    ct = _escalated_row(CaseState.VERDICT_RECEIVED, normal, reason="out_of_scope", score=1.0)
+    assert not ct.score_applies
+    assert ct.urgency is Urgency.NORMAL and not ct.centre_disagrees
+    assert ct.central == "normal 0.010"
+    abnormal = {"verdict": "abnormal", "score": 0.9}
+    low = _escalated_row(CaseState.VERDICT_RECEIVED, abnormal, reason="out_of_scope", score=0.01)
+    assert low.urgency is Urgency.ABNORMAL and not low.centre_disagrees
+    assert _escalated_row(CaseState.DELIVERED).score_applies
+    assert urgency_of("escalate", 1.0, "normal") is Urgency.CENTRE_DISAGREES  # in scope

@@ -3,7 +3,8 @@
 The desktop app shows one row per case; everything it shows is worked out here, so the Qt model
 only displays it and the rules (what is urgent, what a state is called) are tested without a
 screen. Patient name and ID come from the original file's header, read locally: they are shown
-on this device only and never logged.
+on this device only and never logged. The central server's verdict is summed up here too, in the
+words the worklist, the viewer's result layer and the case history all use.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
+
 from triage_app.dicom import read_dataset
+from triage_app.dicom.reader import quiet_pydicom
 from triage_app.errors import InputError
-from triage_app.policy import ABNORMAL, NORMAL
+from triage_app.policy import ABNORMAL, ESCALATE, NORMAL, OUT_OF_SCOPE
 from triage_app.states import TRANSITIONS, CaseEvent, CaseState
 from triage_app.store import CaseStore, StoredCase
 
 __all__ = [
+    "CENTRAL_VERDICT_KEY",
     "ESCALATION_LABELS",
     "PENDING_PATIENT",
     "PatientLabel",
@@ -33,9 +38,12 @@ __all__ = [
     "WorklistSource",
     "feedback_allowed",
     "feedback_refusal",
+    "patient_from_dataset",
     "read_patient",
     "row_for",
     "sort_rows",
+    "verdict_parts",
+    "verdict_summary",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +65,52 @@ ESCALATION_LABELS: Mapping[CaseState, str] = {
     CaseState.ACKNOWLEDGED: "acknowledged",
     CaseState.FAILED: "failed",
 }
+
+
+#: The key under which a row's ``result`` carries the central verdict once it has come back (as
+#: ``triage-app demo --json`` writes it): whatever shows the device's result shows the centre's.
+CENTRAL_VERDICT_KEY = "central_verdict"
+
+#: The central column's text while a case has no verdict, by state (a local decision has none).
+_CENTRAL_WAITING: Mapping[CaseState, str] = {
+    CaseState.RECEIVED: "analysing",
+    CaseState.ANALYSED: "analysing",
+    CaseState.ESCALATION_HELD: "held on device",
+    CaseState.ESCALATION_BLOCKED: "not sent: blocked",
+    CaseState.QUEUED: "◷ queued",
+    CaseState.SENDING: "◷ sending",
+    CaseState.SEND_FAILED_RETRYING: "◷ retrying send",
+    CaseState.DELIVERED: "◷ awaiting centre",
+    CaseState.QUARANTINED: "refused by centre",
+    CaseState.ACKNOWLEDGED: "not sent",  # closed on this device (held or blocked) before sending
+}
+
+#: The same, as a sentence (tooltips, screen readers).
+_CENTRAL_WAITING_WHY: Mapping[CaseState, str] = {
+    CaseState.ESCALATION_HELD: "Held on this device: it is sent for a second opinion once the "
+    "central server is reachable",
+    CaseState.ESCALATION_BLOCKED: "Not sent to the central server: it must not leave this device",
+    CaseState.QUEUED: "Waiting to be sent to the central server",
+    CaseState.SENDING: "Being sent to the central server",
+    CaseState.SEND_FAILED_RETRYING: "Sending failed for now; it is sent again automatically",
+    CaseState.DELIVERED: "The central server has this case; its verdict has not come back yet",
+    CaseState.QUARANTINED: "The central server refused this case; an admin can put it back in "
+    "the upload queue",
+    CaseState.ACKNOWLEDGED: "Closed on this device before it was sent to the central server",
+}
+
+# The central column's sort order: what the centre said before what it has not said yet.
+_CENTRAL_RANK: Mapping[CaseState, int] = {
+    CaseState.QUARANTINED: 3,
+    CaseState.DELIVERED: 4,
+    CaseState.SEND_FAILED_RETRYING: 5,
+    CaseState.SENDING: 5,
+    CaseState.QUEUED: 5,
+    CaseState.ESCALATION_HELD: 6,
+    CaseState.ESCALATION_BLOCKED: 7,
+    CaseState.ACKNOWLEDGED: 7,
+}
+_CENTRAL_RANK_LOCAL = 9
 
 
 class Urgency(IntEnum):
@@ -148,6 +202,8 @@ class WorklistRow:
     urgency: Urgency
     path: str
     updated_at: str
+    #: The device's result record (DESIGN 4.2), with the central verdict under
+    #: :data:`CENTRAL_VERDICT_KEY` once it has come back.
     result: Mapping[str, Any]
 
     @property
@@ -157,7 +213,58 @@ class WorklistRow:
     @property
     def centre_disagrees(self) -> bool:
         """The central verdict is the other side of the device's leaning (reviewed or not)."""
-        return urgency_of(self.decision, self.score, self.verdict) is Urgency.CENTRE_DISAGREES
+        urgency = urgency_of(self.decision, self.score, self.verdict, self.reason)
+        return urgency is Urgency.CENTRE_DISAGREES
+
+    @property
+    def score_applies(self) -> bool:
+        """False for an out-of-scope image: its score is the model's output on an image it was
+        not made for, and no threshold was applied to it, so it is shown as "n/a"."""
+        return self.reason != OUT_OF_SCOPE
+
+    @property
+    def central(self) -> str:
+        """Where the case stands with the central server, in a few words: its verdict once
+        there is one (marked ⚠ when it disagrees with the device), else how far it has got.
+
+        One column for what used to be two (escalation state and verdict): at 1280 px the
+        verdict was scrolled out of sight. "—" for a local decision: it is never sent.
+        """
+        if self.verdict_error is not None:
+            return f"no verdict ({self.verdict_error})"
+        if self.verdict is not None:
+            marker = "⚠ " if self.centre_disagrees else ""
+            return marker + _verdict_words(self.verdict, self.verdict_score, " ")
+        if self.decision != ESCALATE:
+            return "—"
+        return _CENTRAL_WAITING.get(self.state, self.escalation)
+
+    @property
+    def central_detail(self) -> str:
+        """:attr:`central` as a sentence, with what the short text leaves out (tooltips)."""
+        if self.verdict is not None or self.verdict_error is not None:
+            verdict = self.result.get(CENTRAL_VERDICT_KEY)
+            summary = verdict_summary(verdict if isinstance(verdict, Mapping) else None)
+            marker = " – disagrees with the device" if self.centre_disagrees else ""
+            return f"Central verdict: {summary}{marker}"
+        if self.decision != ESCALATE:
+            return "Decided on this device: not sent to the central server"
+        return _CENTRAL_WAITING_WHY.get(self.state, f"Central server: {self.central}")
+
+    @property
+    def central_sort_key(self) -> tuple[int, str, float, tuple[int, float, str]]:
+        """Disagreements, then the centre's abnormal, other verdicts, failures, cases on their
+        way (nearest to an answer first), held or not sent, and local decisions last."""
+        if self.verdict is not None:
+            rank = 0 if self.centre_disagrees else 1 if self.verdict == ABNORMAL else 2
+        elif self.verdict_error is not None:
+            rank = 3
+        elif self.decision != ESCALATE:
+            rank = _CENTRAL_RANK_LOCAL
+        else:
+            rank = _CENTRAL_RANK.get(self.state, 8)
+        score = self.verdict_score if self.verdict_score is not None else 0.0
+        return (rank, self.verdict or "", -score, self.sort_key)
 
     @property
     def sort_key(self) -> tuple[int, float, str]:
@@ -165,23 +272,84 @@ class WorklistRow:
         return (int(self.urgency), -self.received_at.timestamp(), self.case_id)
 
 
-def urgency_of(decision: str, score: float, verdict: str | None) -> Urgency:
+def urgency_of(decision: str, score: float, verdict: str | None, reason: str = "") -> Urgency:
     """Abnormal and centre-disagrees first.
 
     An escalated case has no local label; the device leans to whichever side its score is on, so
     the centre disagrees when its label is the other one. A local decision is never sent, so
-    it cannot be disagreed with.
+    it cannot be disagreed with. Neither can an out-of-scope image: its score is the model's
+    output on an image it was not made for, so the device leans nowhere and the centre's label
+    alone says how urgent the case is.
     """
     if decision == ABNORMAL:
         return Urgency.ABNORMAL
     if decision == NORMAL:
         return Urgency.NORMAL
     if verdict in (NORMAL, ABNORMAL):
-        leaning = ABNORMAL if score >= 0.5 else NORMAL
-        if verdict != leaning:
-            return Urgency.CENTRE_DISAGREES
+        if reason != OUT_OF_SCOPE:
+            leaning = ABNORMAL if score >= 0.5 else NORMAL
+            if verdict != leaning:
+                return Urgency.CENTRE_DISAGREES
         return Urgency.ABNORMAL if verdict == ABNORMAL else Urgency.NORMAL
     return Urgency.ESCALATED
+
+
+def verdict_summary(verdict: Mapping[str, Any] | None) -> str:
+    """The central verdict in one line: label, score, the central model, when it was decided.
+
+    E.g. ``abnormal, score 0.981 · central-dx-demo 1.1.0 · decided 2026-11-22 23:34:50``; for a
+    case the centre could not decide, ``no verdict: <code>: <message>``. Empty for no verdict.
+    """
+    label, model, decided = verdict_parts(verdict)
+    return " · ".join(part for part in (label, model, decided and f"decided {decided}") if part)
+
+
+def verdict_parts(verdict: Mapping[str, Any] | None) -> tuple[str, str, str]:
+    """The central verdict as (label and score, central model, local time it was decided);
+    "" for what the verdict does not say. A failure is ``("no verdict: <code>: …", "", "")``.
+
+    An out-of-scope label has no score: the centre's model was not made for the image either.
+    """
+    if not verdict:
+        return ("", "", "")
+    error = verdict.get("error")
+    if isinstance(error, Mapping):
+        message = str(error.get("message") or "").strip()
+        code = str(error.get("code") or "unknown")
+        text = f"no verdict: {code}: {_shorten(message)}" if message else f"no verdict: {code}"
+        return (text, "", "")
+    label = _verdict_words(verdict.get("verdict"), verdict.get("score"), ", score ")
+    model = verdict.get("model")
+    name = ""
+    if isinstance(model, Mapping) and model.get("name"):
+        name = f"{model['name']} {model.get('version', '')}".strip()
+    return (label, name, _local_time_text(verdict.get("decided_at")))
+
+
+def _verdict_words(label: object, score: object, joiner: str) -> str:
+    """``abnormal<joiner>0.981``; the label alone when out of scope or without a score."""
+    text = str(label).replace("_", " ") if label is not None else "none"
+    if label == OUT_OF_SCOPE or isinstance(score, bool) or not isinstance(score, int | float):
+        return text
+    return f"{text}{joiner}{float(score):.3f}"
+
+
+def _local_time_text(value: object) -> str:
+    """An ISO-8601 time (the centre writes ``…Z``) in this computer's time zone; the text as
+    given when it does not parse, "" when there is none."""
+    if not isinstance(value, str) or not value:
+        return ""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _shorten(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def row_for(case: StoredCase, patient: PatientLabel) -> WorklistRow:
@@ -191,6 +359,9 @@ def row_for(case: StoredCase, patient: PatientLabel) -> WorklistRow:
     error = verdict.get("error")
     scope = case.result.get("scope") or {}
     image = case.result.get("image") or {}
+    result = case.result
+    if case.verdict is not None:
+        result = {**case.result, CENTRAL_VERDICT_KEY: case.verdict}
     return WorklistRow(
         case_id=case.case_id,
         patient=patient,
@@ -205,10 +376,12 @@ def row_for(case: StoredCase, patient: PatientLabel) -> WorklistRow:
         verdict_error=str(error.get("code")) if isinstance(error, dict) else None,
         urgency=Urgency.REVIEWED
         if case.state is CaseState.ACKNOWLEDGED
-        else urgency_of(case.decision, case.score, str(label) if label is not None else None),
+        else urgency_of(
+            case.decision, case.score, str(label) if label is not None else None, case.reason
+        ),
         path=str(case.result.get("path", "")),
         updated_at=case.updated_at,
-        result=case.result,
+        result=result,
     )
 
 
@@ -226,10 +399,22 @@ def read_patient(path: str) -> PatientLabel:
         # The file may have been moved (e.g. filed by the watch service): show the case anyway.
         log.debug("patient details unavailable for a case (%s)", err.code)
         return UNKNOWN_PATIENT
+    return patient_from_dataset(ds)
+
+
+def patient_from_dataset(ds: Dataset) -> PatientLabel:
+    """Patient name and ID from a data set already read, as the worklist shows them.
+
+    Shared with the viewer, which has the whole file in hand once it has decoded the image:
+    the same name in the same form in both places, without a second read of the file.
+    Read as the reader reads (:func:`quiet_pydicom`): a name longer than its VR allows (seen
+    in the field) made pydicom warn, and log, at every read.
+    """
     try:
-        name = ds.get("PatientName")
-        text = "" if name is None else str(name)
-        patient_id = str(ds.get("PatientID") or "")
+        with quiet_pydicom():
+            name = ds.get("PatientName")
+            text = "" if name is None else str(name)
+            patient_id = str(ds.get("PatientID") or "")
     except Exception as exc:  # noqa: BLE001 - a malformed element must not hide the case
         # pydicom decodes an element when it is first read and raises its own types (e.g.
         # BytesLengthException for a length that does not fit the VR), not InputError. The

@@ -141,8 +141,9 @@ def test_worklist_follows_the_store_live(
     top = window.worklist.visible_rows()[0]
     assert top.urgency is Urgency.CENTRE_DISAGREES
     proxy = window.worklist.proxy
-    assert proxy.data(proxy.index(0, Column.ESCALATION)) == "verdict received"
-    assert "disagrees" in proxy.data(proxy.index(0, Column.VERDICT))
+    assert proxy.data(proxy.index(0, Column.CENTRAL)) == f"⚠ {disagreeing} 0.500"
+    tip = proxy.data(proxy.index(0, Column.CENTRAL), Qt.ItemDataRole.ToolTipRole)
+    assert tip.endswith("disagrees with the device")
 
 
 def test_every_command_is_in_its_menu_with_its_keys(window: QtMainWindow) -> None:

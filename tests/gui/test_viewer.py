@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import warnings
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QEvent, QPointF, Qt
+from PySide6.QtCore import QEvent, QPoint, QPointF, Qt
 from PySide6.QtGui import QImage, QMouseEvent
 from PySide6.QtWidgets import QApplication
 from pytestqt.qtbot import QtBot
 
 from tests.ct_series import write_ct_series
-from tests.helpers import write_phantoms
+from tests.helpers import make_result, phantom_dataset, write_phantoms
 from triage_app.gui import qt_viewer
+from triage_app.gui.qt_history import QtCaseHistory
 from triage_app.gui.qt_viewer import QtViewer
 from triage_app.gui.viewer_model import (
     DISCLAIMER,
@@ -23,6 +27,8 @@ from triage_app.gui.viewer_model import (
     load_viewer_image,
     presets_for,
 )
+from triage_app.states import CaseEvent
+from triage_app.store import CaseStore
 
 RESULT = {
     "decision": "abnormal",
@@ -213,3 +219,110 @@ def test_a_large_image_is_windowed_at_screen_resolution_and_averaged_not_aliased
     viewer.zoom_by(1.0 / viewer.zoom)  # 100 %
     assert viewer._pixels is not None and viewer._pixels.width() == 3000
     assert _pixels(viewer)[200:320, 260 * 4 : 380 * 4].std() > 100  # black and white again
+
+
+# --- who the image is of; the central verdict in the result layer --------------------------------
+
+#: A name from the field, longer than DICOM's 64 characters for a name: pydicom warns on reading.
+LONG_NAME = "Wolfeschlegelsteinhausenbergerdorff" * 8 + "^Hubert Blaine Adolph Charles"
+
+
+@pytest.mark.parametrize("long_name", [False, True])
+def test_the_patient_and_study_stay_in_a_corner_read_from_the_file_shown(
+    viewer: QtViewer,
+    qtbot: QtBot,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    long_name: bool,
+) -> None:
+    """The corners said only "DX / Frame 1 / 1 / Zoom": nothing told one patient's image from
+    another's. The values are shown here only: never logged."""
+    ds = phantom_dataset(5, 3)
+    with warnings.catch_warnings():  # longer than PN allows, as in the field
+        warnings.simplefilter("ignore")
+        ds.PatientName = LONG_NAME if long_name else "TESTCASE^SAM"
+    ds.PatientID, ds.PatientBirthDate = "MRN154515", "19700101"
+    ds.StudyDate, ds.StudyTime = "20261122", "223511"
+    path = tmp_path / "one.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    caplog.set_level(logging.DEBUG)
+    with qtbot.waitSignal(viewer.image_loaded):
+        viewer.show_case("case-a", str(path), AiResult.from_result(RESULT))
+    viewer.repaint()
+
+    name, *rest = viewer.panel_lines["patient"]
+    assert rest == ["ID MRN154515", "Born 1970-01-01", "Study 2026-11-22 22:35"]
+    patient, info, ai = (viewer.overlay_rects[k] for k in ("patient", "info", "ai"))
+    assert patient.topLeft() == QPoint(8, 8)
+    assert info.top() > patient.bottom() and info.left() == patient.left()
+    assert viewer.panel_lines["info"][0] == "DX"
+    if long_name:
+        assert name.endswith("…") and patient.right() < ai.left()  # cut, clear of the AI layer
+    else:
+        assert name == "TESTCASE, SAM"
+    viewer.toggle_overlay()  # hides the AI layer only
+    viewer.repaint()
+    assert "patient" in viewer.panel_lines and "ai" not in viewer.panel_lines
+    for value in ("TESTCASE", "Wolfeschlegel", "MRN154515", "1970", "2026"):
+        assert value not in caplog.text
+
+
+def test_a_verdict_that_comes_back_while_its_case_is_shown_joins_the_result_layer(
+    qtbot: QtBot, viewer: QtViewer, dx_file: Path
+) -> None:
+    """Selected again (the worklist re-announces a changed case), the image stays and only
+    the result layer changes."""
+    with qtbot.waitSignal(viewer.image_loaded):
+        viewer.show_case("case-a", str(dx_file), AiResult.from_result(RESULT))
+    image = viewer.image
+    verdict = {"verdict": "normal", "score": 0.004, "model": {"name": "central", "version": "2"}}
+    viewer.show_case(
+        "case-a", str(dx_file), AiResult.from_result({**RESULT, "central_verdict": verdict})
+    )
+    viewer.repaint()
+    assert viewer.image is image and not viewer.loading
+    assert viewer.panel_lines["ai"][-2:] == [
+        "Central verdict: normal, score 0.004",
+        "Central model: central 2",
+    ]
+
+
+def test_the_history_row_of_a_verdict_says_what_the_verdict_was(
+    qtbot: QtBot, tmp_path: Path
+) -> None:
+    """ "receive verdict | delivered → verdict received" had an empty detail."""
+    db = tmp_path / "cases.sqlite3"
+    verdict = {
+        "case_id": "c1",
+        "verdict": "abnormal",
+        "score": 0.981428,
+        "model": {"name": "central-dx-demo", "version": "1.1.0", "sha256": "58" * 32},
+        "decided_at": "2026-11-22T22:34:50Z",
+    }
+    failure = {"verdict": None, "error": {"code": "unprocessable_image", "message": "no pixels"}}
+    with CaseStore.open(db) as store:
+        for case_id, answer in (("c1", verdict), ("c2", failure)):
+            escalated = make_result(case_id, decision="escalate", reason="uncertain", path="")
+            store.record_result(escalated, CaseEvent.ENQUEUE)
+            store.apply(case_id, CaseEvent.START_SEND)
+            store.apply(case_id, CaseEvent.DELIVER)
+            store.record_verdict(case_id, answer)
+        store.record_result(make_result("c3", path=""), CaseEvent.DECIDE_LOCAL_NORMAL)
+    history = QtCaseHistory(db)
+    qtbot.addWidget(history)
+    when = datetime(2026, 11, 22, 22, 34, 50, tzinfo=UTC).astimezone()
+
+    with qtbot.waitSignal(history.loaded):
+        history.show_case("c1")
+    last = history.rows()[-1]
+    assert last[1:] == (
+        "receive verdict",
+        "delivered → verdict received",
+        f"abnormal, score 0.981 · central-dx-demo 1.1.0 · decided {when:%Y-%m-%d %H:%M:%S}",
+    )
+    with qtbot.waitSignal(history.loaded):
+        history.show_case("c2")
+    assert history.rows()[-1][3] == "no verdict: unprocessable_image: no pixels"
+    with qtbot.waitSignal(history.loaded):
+        history.show_case("c3")  # no verdict: the rows are the store's
+    assert [row[1] for row in history.rows()] == ["analyse", "decide local normal"]

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import numpy as np
 import pytest
 
+from tests.helpers import phantom_dataset
 from triage_app.gui.viewer_model import (
     DISCLAIMER,
     PRESETS,
     AiResult,
+    ImageIdentity,
     ViewerImage,
     Window,
     display_level,
+    identity_from_dataset,
     initial_window,
     presets_for,
     reduce_for_display,
@@ -130,3 +135,80 @@ def test_an_out_of_scope_result_says_why_and_that_no_threshold_applied() -> None
     assert "Why: not recorded" in AiResult.from_result({**record, "scope": None}).lines()
     uncertain = AiResult.from_result({**record, "reason": "uncertain"})
     assert not [line for line in uncertain.lines() if line.startswith("Why:")]
+
+
+# --- the central verdict in the result layer; who the image is of ------------------------------
+
+UNCERTAIN = {
+    "decision": "escalate",
+    "reason": "uncertain",
+    "score": 0.138,
+    "thresholds": {"normal_below": 0.025, "abnormal_at_or_above": 0.964},
+    "model": {"name": "chest-dx-demo", "version": "1.1.1"},
+}
+#: As the uploader stores it (``Verdict.to_json``), and as a worklist row's result carries it.
+VERDICT = {
+    "case_id": "c",
+    "verdict": "abnormal",
+    "score": 0.981428,
+    "model": {"name": "central-dx-demo", "version": "1.1.0", "sha256": "58" * 32},
+    "decided_at": "2026-11-22T22:34:50Z",
+}
+
+
+def test_the_result_layer_shows_the_central_verdict_under_the_device_result() -> None:
+    """On a "Centre disagrees" case the layer showed only the device's "escalate"."""
+    lines = AiResult.from_result({**UNCERTAIN, "central_verdict": VERDICT}).lines()
+    when = datetime(2026, 11, 22, 22, 34, 50, tzinfo=UTC).astimezone()
+    assert lines[1:] == [
+        "Result: escalate (uncertain)",
+        "Score: 0.138",
+        "Threshold: escalated between 0.025 and 0.964",
+        "Model: chest-dx-demo 1.1.1",
+        "Central verdict: abnormal, score 0.981 – disagrees with the device",
+        "Central model: central-dx-demo 1.1.0",
+        f"Central decided: {when:%Y-%m-%d %H:%M:%S}",
+    ]
+    # No verdict yet: nothing about the centre. A verdict without model or time: the label.
+    assert not [line for line in AiResult.from_result(UNCERTAIN).lines() if "Central" in line]
+    bare = {**UNCERTAIN, "central_verdict": {"verdict": "normal", "score": 0.004}}
+    assert AiResult.from_result(bare).lines()[-1] == "Central verdict: normal, score 0.004"
+
+
+def test_a_central_failure_is_shown_as_no_verdict_with_its_reason() -> None:
+    failure = {"verdict": None, "error": {"code": "unprocessable_image", "message": "bad pixels"}}
+    lines = AiResult.from_result({**UNCERTAIN, "central_verdict": failure}).lines()
+    assert lines[-1] == "Central verdict: no verdict: unprocessable_image: bad pixels"
+
+
+def test_an_out_of_scope_image_shows_no_score() -> None:
+    """ "Score: 1.000" for a CT slice, beside "Threshold: not applied: out of scope"."""
+    record = {
+        **UNCERTAIN,
+        "reason": "out_of_scope",
+        "score": 1.0,
+        "scope": {"in_scope": False, "findings": ["modality_not_intended"]},
+    }
+    lines = AiResult.from_result(record).lines()
+    assert "Score: n/a (out of scope)" in lines
+    assert not [line for line in lines if "1.000" in line]
+
+
+def test_the_identity_comes_from_the_header_with_dates_in_words() -> None:
+    ds = phantom_dataset(5, 3)
+    ds.PatientBirthDate = "19600229"
+    ds.StudyDate, ds.StudyTime = "20261122", "101502.123"
+    identity = identity_from_dataset(ds)
+    family, given = str(ds.PatientName).split("^")[:2]
+    assert identity == ImageIdentity(
+        f"{family}, {given}", str(ds.PatientID), "1960-02-29", "2026-11-22 10:15"
+    )
+    assert identity.lines() == [
+        f"{family}, {given}",
+        f"ID {ds.PatientID}",
+        "Born 1960-02-29",
+        "Study 2026-11-22 10:15",
+    ]
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "StudyTime"):
+        delattr(ds, keyword)
+    assert identity_from_dataset(ds).lines() == ["(no patient name)", "ID (none)"]

@@ -8,6 +8,7 @@ main window to record feedback: the store does the work (state, history, audit i
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -28,8 +29,9 @@ from PySide6.QtWidgets import (
 
 from triage_app.errors import TriageError
 from triage_app.gui.qt_threading import run_in_thread
-from triage_app.states import Feedback
+from triage_app.states import CaseEvent, Feedback
 from triage_app.store import CaseStore, CaseTransition
+from triage_app.worklist import verdict_summary
 
 __all__ = ["QtCaseHistory", "read_history"]
 
@@ -44,8 +46,21 @@ _BUTTONS = (
 
 
 def read_history(store_path: Path, case_id: str) -> list[CaseTransition]:
+    """The case's history; its (last) ``receive verdict`` row says what the verdict was.
+
+    The store keeps the verdict with the case, not in the history row (whose detail is empty),
+    so the row would say a verdict came without saying which.
+    """
     with CaseStore.open(store_path) as store:
-        return store.history(case_id)
+        history = store.history(case_id)
+        received = [i for i, step in enumerate(history) if step.event == CaseEvent.RECEIVE_VERDICT]
+        if not received or history[received[-1]].detail:
+            return history
+        case = store.get(case_id)
+    summary = verdict_summary(case.verdict if case is not None else None)
+    if summary:
+        history[received[-1]] = replace(history[received[-1]], detail=summary)
+    return history
 
 
 def _local_time(iso: str) -> str:

@@ -3,8 +3,10 @@
 Painting is in two coordinate systems on purpose: the image (and the heatmap over it) in image
 coordinates under the zoom/pan transform, every text panel afterwards in viewport coordinates,
 so annotations keep their size whatever the zoom. The AI result is never written into the
-image pixels; it is a layer the reader can hide (``O``). Decoding and the occlusion map run in
-worker threads; results for a case that is no longer shown are dropped.
+image pixels; it is a layer the reader can hide (``O``). Who the image is of (name, ID, birth
+date, study) stays in the top left corner, read from the file shown, on this device only.
+Decoding and the occlusion map run in worker threads; results for a case that is no longer
+shown are dropped.
 """
 
 from __future__ import annotations
@@ -152,9 +154,12 @@ class QtViewer(QWidget):
         """Load a case's image off the UI thread; until it arrives the viewer shows "Loading…".
 
         The previous case's image is cleared at once: left on screen under the new case's AI
-        result, it would be read (and accepted) as the new case's image.
+        result, it would be read (and accepted) as the new case's image. The case already on
+        screen (or loading) keeps its image and takes the new result: its verdict came back.
         """
-        if case_id == self.case_id and self.image is not None:
+        if case_id == self.case_id and (self.image is not None or self.loading):
+            self.ai = result
+            self.update()
             return
         self._request += 1
         request = self._request
@@ -445,7 +450,16 @@ class QtViewer(QWidget):
             f"Frame {self.frame + 1} / {frames}",
             f"Zoom {self.zoom * 100:.0f} %",
         ]
-        self._panel(painter, "info", info, Qt.Corner.TopLeftCorner)
+        below = 0
+        if self.image.identity is not None:
+            # Always shown (the O key hides only the AI layer): it is what tells one patient's
+            # image from another's. A long name is cut to leave room for the AI layer.
+            patient = self._elided(self.image.identity.lines(), self.width() * 0.45)
+            rect = self._panel(
+                painter, "patient", patient, Qt.Corner.TopLeftCorner, bold_first=True
+            )
+            below = rect.height() + 2
+        self._panel(painter, "info", info, Qt.Corner.TopLeftCorner, offset=below)
         source = "" if self.voi.source == "manual" else f" ({self.voi.source})"
         wl = [f"W {self.voi.width:.0f}  L {self.voi.center:.0f}{source}"]
         if self.inverted:
@@ -467,7 +481,9 @@ class QtViewer(QWidget):
         *,
         bold_first: bool = False,
         extra_height: int = 0,
+        offset: int = 0,
     ) -> QRect:
+        """Draw a text panel in ``corner``, ``offset`` pixels further in (below another)."""
         font = QFont(self.font())
         bold = QFont(font)
         bold.setBold(True)
@@ -485,9 +501,9 @@ class QtViewer(QWidget):
             else self.width() - _PANEL_MARGIN - width
         )
         top = (
-            _PANEL_MARGIN
+            _PANEL_MARGIN + offset
             if corner in (Qt.Corner.TopLeftCorner, Qt.Corner.TopRightCorner)
-            else self.height() - _PANEL_MARGIN - height
+            else self.height() - _PANEL_MARGIN - height - offset
         )
         rect = QRect(left, top, width, height)
         painter.fillRect(rect, QColor(0, 0, 0))
@@ -506,6 +522,16 @@ class QtViewer(QWidget):
         self.overlay_rects[name] = rect
         self.panel_lines[name] = list(lines)
         return rect
+
+    def _elided(self, lines: list[str], width: float) -> list[str]:
+        """``lines`` cut to ``width`` pixels with "…" (the first in bold, as panels draw it)."""
+        bold = QFont(self.font())
+        bold.setBold(True)
+        out = []
+        for i, line in enumerate(lines):
+            metrics = QFontMetrics(bold if i == 0 else self.font())
+            out.append(metrics.elidedText(line, Qt.TextElideMode.ElideRight, max(80, int(width))))
+        return out
 
     def _paint_legend(self, painter: QPainter) -> None:
         if self.heatmap is None:

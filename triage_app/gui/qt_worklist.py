@@ -58,29 +58,40 @@ _Index = QModelIndex | QPersistentModelIndex
 
 
 class Column(IntEnum):
+    """The worklist's columns, in the order shown.
+
+    What a reader needs for a case comes first and fits 1280 px (half of it for the table):
+    priority, who, the device's result, the centre's, the score. Escalation state and central
+    verdict share one column: as two columns at the far right they were scrolled out of sight.
+    """
+
     PRIORITY = 0
-    DECISION = 1
-    SCORE = 2
-    PATIENT = 3
-    PATIENT_ID = 4
-    TIME = 5
-    MODALITY = 6
-    ESCALATION = 7
-    VERDICT = 8
+    PATIENT = 1
+    DECISION = 2
+    CENTRAL = 3
+    SCORE = 4
+    PATIENT_ID = 5
+    TIME = 6
+    MODALITY = 7
+    #: The column's former name (it held only the verdict), for scripts that sort by it.
+    VERDICT = 3
 
 
 # Column widths from typical content: sizing columns to their rows costs ~100 ms of UI time
-# with a few hundred rows, every time rows arrive.
+# with a few hundred rows, every time rows arrive. Budget: the first five columns fit the
+# ~565 px the table gets in a 1280x800 window (test_the_first_columns_fit_a_1280_wide_window);
+# a longer name is elided, with the whole of it in the cell's tooltip.
 _TYPICAL = {
     Column.PRIORITY: "⚠ Centre disagrees",
+    Column.PATIENT: "SAMPLE, FIRSTNAME",
     Column.DECISION: "[] Uncertain",
+    Column.CENTRAL: "◷ awaiting centre",
     Column.SCORE: "0.000",
-    Column.PATIENT: "SAMPLE-PATIENT, FIRSTNAME",
     Column.PATIENT_ID: "MRN00000000",
     Column.TIME: "2000-01-01 00:00:00",
     Column.MODALITY: "Modality",
-    Column.ESCALATION: "verdict received",
 }
+_PADDING = 20  # cell margins; the header's sort arrow fits beside the (shorter) header text
 
 _HEADERS = {
     Column.PRIORITY: "Priority",
@@ -89,9 +100,8 @@ _HEADERS = {
     Column.TIME: "Received",
     Column.MODALITY: "Modality",
     Column.DECISION: "Device result",
+    Column.CENTRAL: "Centre",
     Column.SCORE: "Score",
-    Column.ESCALATION: "Escalation",
-    Column.VERDICT: "Central verdict",
 }
 
 _SORT_KEYS: dict[Column, Callable[[WorklistRow], Any]] = {
@@ -102,8 +112,7 @@ _SORT_KEYS: dict[Column, Callable[[WorklistRow], Any]] = {
     Column.MODALITY: lambda r: (r.modality, r.sort_key),
     Column.DECISION: lambda r: (decision_style(r.decision).text, r.sort_key),
     Column.SCORE: lambda r: (r.score, r.case_id),
-    Column.ESCALATION: lambda r: (r.escalation, r.sort_key),
-    Column.VERDICT: lambda r: (verdict_text(r), r.sort_key),
+    Column.CENTRAL: lambda r: r.central_sort_key,
 }
 
 _URGENCY_COLOURS = {
@@ -113,16 +122,6 @@ _URGENCY_COLOURS = {
     Urgency.NORMAL: "#b8bcc2",
     Urgency.REVIEWED: "#8a9099",
 }
-
-
-def verdict_text(row: WorklistRow) -> str:
-    if row.verdict_error is not None:
-        return f"no verdict: {row.verdict_error}"
-    if row.verdict is None:
-        return ""
-    score = "" if row.verdict_score is None else f" ({row.verdict_score:.3f})"
-    marker = " – disagrees with device" if row.centre_disagrees else ""
-    return f"{row.verdict}{score}{marker}"
 
 
 def _priority_text(row: WorklistRow) -> str:
@@ -162,11 +161,13 @@ class WorklistTableModel(QAbstractTableModel):
             return None
         row = self._rows[index.row()]
         column = Column(index.column())
-        if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.AccessibleTextRole):
-            text = self._text(row, column)
-            if role == Qt.ItemDataRole.AccessibleTextRole and not text:
-                return "none"
-            return text
+        if role == Qt.ItemDataRole.DisplayRole:
+            return self._text(row, column)
+        if role == Qt.ItemDataRole.AccessibleTextRole:
+            # Screen readers get the sentence where the cell has only a few words.
+            if column is Column.CENTRAL or (column is Column.SCORE and not row.score_applies):
+                return self._tooltip(row, column)
+            return self._text(row, column) or "none"
         if role == Qt.ItemDataRole.DecorationRole and column is Column.DECISION:
             return decision_icon(row.decision)
         if role == Qt.ItemDataRole.ForegroundRole:
@@ -174,11 +175,34 @@ class WorklistTableModel(QAbstractTableModel):
                 return QColor(decision_style(row.decision).colour)
             if column is Column.PRIORITY:
                 return QColor(_URGENCY_COLOURS[row.urgency])
-        if role == Qt.ItemDataRole.ToolTipRole and column is Column.DECISION:
-            return _decision_tooltip(row)
+            if column is Column.CENTRAL and row.centre_disagrees:
+                return QColor(_URGENCY_COLOURS[Urgency.CENTRE_DISAGREES])
+            if column is Column.SCORE and not row.score_applies:
+                return QColor(_URGENCY_COLOURS[Urgency.REVIEWED])
+        if role == Qt.ItemDataRole.ToolTipRole:
+            return self._tooltip(row, column) or None
         if role == Qt.ItemDataRole.TextAlignmentRole and column is Column.SCORE:
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         return None
+
+    @staticmethod
+    def _tooltip(row: WorklistRow, column: Column) -> str:
+        """The whole of what a narrow cell may cut: the name, the centre's answer, why no score.
+
+        The patient's name and ID are shown only on this device, as in the cell itself.
+        """
+        if column is Column.DECISION:
+            return _decision_tooltip(row)
+        if column is Column.CENTRAL:
+            return row.central_detail
+        if column is Column.SCORE and not row.score_applies:
+            why = out_of_scope_why(row.result)
+            return f"Not applicable: out of scope ({why}); no threshold was applied"
+        if column is Column.PATIENT and not row.patient.pending:
+            return row.patient.name
+        if column is Column.PATIENT_ID and not row.patient.pending:
+            return row.patient.patient_id
+        return ""
 
     @staticmethod
     def _text(row: WorklistRow, column: Column) -> str:
@@ -197,10 +221,8 @@ class WorklistTableModel(QAbstractTableModel):
         if column is Column.DECISION:
             return decision_style(row.decision).text
         if column is Column.SCORE:
-            return f"{row.score:.3f}"
-        if column is Column.ESCALATION:
-            return row.escalation
-        return verdict_text(row)
+            return f"{row.score:.3f}" if row.score_applies else "n/a"
+        return row.central
 
     def update_rows(self, rows: Sequence[WorklistRow]) -> int:
         """Add new cases' rows and replace the others' (the store says they changed).
@@ -302,8 +324,16 @@ class WorklistProxy(QSortFilterProxyModel):
         return self._source.row_at(source.row())
 
     def lessThan(self, left: _Index, right: _Index) -> bool:  # noqa: N802
-        key = _SORT_KEYS[Column(left.column())]
-        result: bool = key(self._source.row_at(left.row())) < key(self._source.row_at(right.row()))
+        column = Column(left.column())
+        first, second = self._source.row_at(left.row()), self._source.row_at(right.row())
+        if column is Column.SCORE and first.score_applies != second.score_applies:
+            # "n/a" (out of scope) below every score, ascending or descending: the model's
+            # output on an image it was not made for ranks with nothing, and sorting by score
+            # to find the most abnormal put CT slices and mirrored films on top.
+            ascending = self.sortOrder() == Qt.SortOrder.AscendingOrder
+            return first.score_applies == ascending
+        key = _SORT_KEYS[column]
+        result: bool = key(first) < key(second)
         return result
 
     def filterAcceptsRow(self, source_row: int, source_parent: _Index) -> bool:  # noqa: N802
@@ -320,6 +350,7 @@ class WorklistProxy(QSortFilterProxyModel):
                 row.modality,
                 decision_style(row.decision).text,
                 row.escalation,
+                row.central,
                 row.verdict or "",
             )
         ).casefold()
@@ -379,6 +410,8 @@ class StorePoller(QObject):
 class QtWorklist(QWidget):
     """Search box, decision filter, case count and the table; emits the case to show."""
 
+    #: The case to show: the current row, and again whenever that case changes in the store
+    #: (its verdict comes back while it is on screen).
     case_selected = Signal(object)  # WorklistRow
     refreshed = Signal(int)  # rows added or changed by the last refresh
 
@@ -386,6 +419,7 @@ class QtWorklist(QWidget):
         super().__init__(parent)
         self.model = WorklistTableModel(self)
         self.proxy = WorklistProxy(self.model, self)
+        self._selected: tuple[str, str] | None = None  # (case id, updated_at) last emitted
 
         self.search = QLineEdit(self)
         self.search.setPlaceholderText("Search patient, ID, case, modality…")
@@ -447,7 +481,7 @@ class QtWorklist(QWidget):
             width = max(
                 metrics.horizontalAdvance(sample), metrics.horizontalAdvance(_HEADERS[column])
             )
-            header.resizeSection(column, width + 28)
+            header.resizeSection(column, width + _PADDING)
 
     def refresh(self) -> None:
         """Ask for the latest changes unless a read is already under way."""
@@ -485,6 +519,8 @@ class QtWorklist(QWidget):
         if changed or self.loading:
             self.loading = False
             self._update_count()
+        if changed:
+            self._announce_current()
         self.refreshed.emit(changed)
         if polled.names_pending:
             self.refresh()
@@ -510,7 +546,18 @@ class QtWorklist(QWidget):
 
     def _current_changed(self, current: QModelIndex, _previous: QModelIndex) -> None:
         if current.isValid():
-            self.case_selected.emit(self.proxy.row_at(current.row()))
+            self._emit_selected(self.proxy.row_at(current.row()))
+
+    def _announce_current(self) -> None:
+        """The case on screen moved on in the store (its verdict came back, it was queued):
+        show it again, or the viewer and history keep what they had when it was selected."""
+        row = self.current_row()
+        if row is not None and (row.case_id, row.updated_at) != self._selected:
+            self._emit_selected(row)
+
+    def _emit_selected(self, row: WorklistRow) -> None:
+        self._selected = (row.case_id, row.updated_at)
+        self.case_selected.emit(row)
 
 
 def _decision_tooltip(row: WorklistRow) -> str:

@@ -1,4 +1,5 @@
-"""What the viewer shows, without Qt: frames, window/level, presets and the AI result layer.
+"""What the viewer shows, without Qt: frames, window/level, presets, the AI result layer and
+who the image is of.
 
 Kept free of Qt (napari's model/view split) so the display rules are plain functions: the
 initial window comes from the header with a percentile fallback, presets are data per
@@ -17,6 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 import numpy.typing as npt
+from pydicom.dataset import Dataset
 
 from triage_app.config import Settings
 from triage_app.dicom import DicomImage, load_image
@@ -26,16 +28,25 @@ from triage_app.model.classifier import Classifier
 from triage_app.model.manifest import find_bundle
 from triage_app.model.saliency import SaliencyMap, occlusion_map
 from triage_app.policy import OUT_OF_SCOPE, describe_findings
+from triage_app.worklist import (
+    CENTRAL_VERDICT_KEY,
+    Urgency,
+    patient_from_dataset,
+    urgency_of,
+    verdict_parts,
+)
 
 __all__ = [
     "DISCLAIMER",
     "PRESETS",
     "AiResult",
+    "ImageIdentity",
     "Preset",
     "SaliencyService",
     "ViewerImage",
     "Window",
     "auto_window",
+    "identity_from_dataset",
     "initial_window",
     "load_viewer_image",
     "presets_for",
@@ -99,6 +110,64 @@ def presets_for(modality: str) -> tuple[Preset, ...]:
     return PRESETS.get(modality.upper(), _PROJECTION)
 
 
+@dataclass(frozen=True)
+class ImageIdentity:
+    """Who and which study the image on screen is of, from that very file's header.
+
+    Shown in a corner of the viewer, as PACS viewers do, against reading the wrong patient's
+    image. Shown on this device only: never sent, never logged. Empty strings where the
+    header has no value.
+    """
+
+    name: str
+    patient_id: str
+    birth_date: str  # YYYY-MM-DD, or as the header has it when it is not a valid date
+    study: str  # study date and time, YYYY-MM-DD HH:MM
+
+    def lines(self) -> list[str]:
+        return [
+            self.name or "(no patient name)",
+            f"ID {self.patient_id or '(none)'}",
+            *([f"Born {self.birth_date}"] if self.birth_date else []),
+            *([f"Study {self.study}"] if self.study else []),
+        ]
+
+
+def identity_from_dataset(ds: Dataset) -> ImageIdentity:
+    """The identity of a data set already read (the name and ID as the worklist shows them)."""
+    patient = patient_from_dataset(ds)
+    try:
+        with quiet_pydicom():
+            birth = _dicom_date(ds.get("PatientBirthDate"))
+            study = " ".join(
+                part
+                for part in (_dicom_date(ds.get("StudyDate")), _dicom_time(ds.get("StudyTime")))
+                if part
+            )
+    except Exception as exc:  # noqa: BLE001 - a malformed date must not hide the image
+        # The type only: pydicom's message quotes the raw value.
+        log.debug("study details unreadable (%s)", type(exc).__name__)
+        birth = study = ""
+    return ImageIdentity(patient.name, patient.patient_id, birth, study)
+
+
+def _dicom_date(value: object) -> str:
+    """A DA value (``YYYYMMDD``) as ``YYYY-MM-DD``; other text as it is."""
+    text = str(value or "").strip()
+    if len(text) == 8 and text.isdigit():
+        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    return text
+
+
+def _dicom_time(value: object) -> str:
+    """A TM value (``HHMMSS.FFFFFF``, or shorter) as ``HH:MM``; other text as it is."""
+    text = str(value or "").strip()
+    digits = text.split(".")[0]
+    if len(digits) >= 4 and digits.isdigit():
+        return f"{digits[:2]}:{digits[2:4]}"
+    return text
+
+
 @dataclass(frozen=True, eq=False)
 class ViewerImage:
     """Every frame of one file in modality units, with what the display needs to know."""
@@ -108,6 +177,7 @@ class ViewerImage:
     photometric: str
     header_window: tuple[float, float] | None
     selected_frame: int  # the frame the triage used
+    identity: ImageIdentity | None = None
 
     @property
     def monochrome1(self) -> bool:
@@ -117,7 +187,9 @@ class ViewerImage:
 def load_viewer_image(path: str | Path) -> ViewerImage:
     """Decode a file for display; every frame when there are several greyscale ones.
 
-    Raises an ``InputError`` subclass when the file cannot be read (as the pipeline does).
+    The identity comes from the header of the file decoded (no second read of it, and never
+    another file's name over this file's pixels). Raises an ``InputError`` subclass when the
+    file cannot be read (as the pipeline does).
     """
     image = load_image(path)
     info = image.info
@@ -130,6 +202,7 @@ def load_viewer_image(path: str | Path) -> ViewerImage:
         photometric=info.photometric,
         header_window=info.window,
         selected_frame=selected,
+        identity=identity_from_dataset(image.dataset),
     )
 
 
@@ -218,13 +291,15 @@ def render(
 
 @dataclass(frozen=True)
 class AiResult:
-    """The local result layer: what the device decided and on which terms."""
+    """The result layer: what the device decided and on which terms, and what the central
+    server answered (``central``: its lines, none before it has answered)."""
 
     label: str
     score: float
     threshold: str
     model: str
     why: str = ""  # for an out-of-scope image: what made it so, in words
+    central: tuple[str, ...] = ()
 
     @classmethod
     def from_result(cls, result: Mapping[str, Any]) -> AiResult:
@@ -243,17 +318,47 @@ class AiResult:
             else _threshold_text(decision, score, thresholds),
             model=f"{model.get('name', '?')} {model.get('version', '?')}",
             why=why,
+            central=_central_lines(result),
         )
 
     def lines(self) -> list[str]:
+        # Out of scope, the score is the model's output on an image it was not made for.
+        score = "n/a (out of scope)" if self.why else f"{self.score:.3f}"
         return [
             DISCLAIMER,
             f"Result: {self.label}",
             *([f"Why: {self.why}"] if self.why else []),
-            f"Score: {self.score:.3f}",
+            f"Score: {score}",
             f"Threshold: {self.threshold}",
             f"Model: {self.model}",
+            *self.central,
         ]
+
+
+def _central_lines(result: Mapping[str, Any]) -> tuple[str, ...]:
+    """The central verdict as the result layer shows it, under the device's result: label and
+    score, whether it disagrees with the device, the central model and when it decided."""
+    verdict = result.get(CENTRAL_VERDICT_KEY)
+    if not isinstance(verdict, Mapping):
+        return ()
+    label, model, decided = verdict_parts(verdict)
+    if isinstance(verdict.get("error"), Mapping):
+        return (f"Central verdict: {label}",)
+    disagrees = (
+        urgency_of(
+            str(result.get("decision", "")),
+            float(result.get("score", 0.0)),
+            str(verdict.get("verdict")),
+            str(result.get("reason", "")),
+        )
+        is Urgency.CENTRE_DISAGREES
+    )
+    lines = [f"Central verdict: {label}" + (" – disagrees with the device" if disagrees else "")]
+    if model:
+        lines.append(f"Central model: {model}")
+    if decided:
+        lines.append(f"Central decided: {decided}")
+    return tuple(lines)
 
 
 def out_of_scope_why(result: Mapping[str, Any]) -> str:
