@@ -1632,8 +1632,13 @@ def test_other_variables_with_the_prefix_are_not_taken_for_settings(tmp_path: Pa
             "TRIAGE_APP_ESCALATION_QUEUE_QUOTA",
             "escalation.queue_quota: unknown setting (did you mean escalation.queue_quota_mb?)",
         ),
+        (  # the section left out: the service watched the default inbox, silently
+            "TRIAGE_APP_INBOX_DIR",
+            "watch.inbox_dir: misspelt variable: the setting's is TRIAGE_APP_WATCH__INBOX_DIR, "
+            "with its section",
+        ),
     ],
-    ids=["one underscore", "unknown name", "both"],
+    ids=["one underscore", "unknown name", "both", "no section"],
 )
 def test_a_mistyped_settings_variable_stops_a_command_with_2_naming_it(
     variable: str, reason: str, tmp_path: Path

@@ -1264,6 +1264,16 @@ def _refuse_one_underscore(name: str, rest: str) -> None:
     section, dot, _ = key.partition(".")
     if dot and section in _SECTIONS:  # a section's name, then a setting's mistyped twice
         raise _unknown(key, name)
+    # A setting's name without its section (TRIAGE_APP_INBOX_DIR): the likeliest slip of all.
+    named = [known for known in SPECS if known.partition(".")[2] == rest.lower()]
+    if named:
+        raise ConfigError(
+            _message(
+                named[0],
+                f"misspelt variable: the setting's is {SPECS[named[0]].env_var}, with its section",
+                name,
+            )
+        )
 
 
 #: The sections the settings are in (``[escalation]``, ...).
