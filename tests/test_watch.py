@@ -493,6 +493,32 @@ sys.exit(main(sys.argv[1:]))
 LOG_LINE = re.compile(r"\S+ \S+ (?P<level>[A-Z]+) (?P<name>[\w.]+): (?P<message>.*)")
 
 
+@contextlib.contextmanager
+def watch_as_the_service_user(
+    command: list[str], env: dict[str, str], log: Path, port: int
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``watch`` as the service user, its output in ``log``, once its health answers; stopped
+    with SIGTERM (as systemd stops it) on leaving."""
+    with (
+        log.open("w") as out,
+        subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        ) as service,
+    ):
+        try:
+            wait_until(
+                lambda: probe_health(port, 1.0)[0] == 0 or service.poll() is not None,
+                timeout_s=60,
+                interval_s=0.2,
+                what="the service's health endpoint",
+            )
+            assert service.poll() is None, log.read_text()
+            yield service
+        finally:
+            service.send_signal(signal.SIGTERM)
+            service.wait(timeout=60)
+
+
 def app_log_lines(log: Path) -> list[tuple[str, str]]:
     """(level, message) of each line the app's own loggers wrote."""
     return app_log_lines_of(log.read_text(encoding="utf-8", errors="replace"))
@@ -544,49 +570,33 @@ def test_as_an_unprivileged_user_a_file_it_may_not_read_or_take_out_stops_nothin
         log = tmp_path / "watch.log"
         script = THREAD_TRIAGE + _WATCH_AS_THE_SERVICE_USER
         command = service_user_command("-c", script, "watch", "--debug", "--data-dir", data)
-        with (
-            log.open("w") as out,
-            subprocess.Popen(
-                command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-            ) as service,
-        ):
-            try:
-                wait_until(
-                    lambda: probe_health(port, 1.0)[0] == 0 or service.poll() is not None,
-                    timeout_s=60,
-                    interval_s=0.2,
-                    what="the service's health endpoint",
-                )
-                assert service.poll() is None, log.read_text()
-                for name in ("DOE^JANE.dcm", "scan.dcm"):
-                    (staging / name).rename(settings.watch_inbox / name)
-                jane = settings.watch_quarantine / "unreadable" / "DOE^JANE.dcm"
-                wait_until(jane.exists, timeout_s=30, what="the unreadable file in quarantine")
-                wait_until(
-                    (settings.watch_done / "scan.dcm").exists,
-                    timeout_s=30,
-                    what="the good file in done/",
-                )
+        with watch_as_the_service_user(command, env, log, port) as service:
+            for name in ("DOE^JANE.dcm", "scan.dcm"):
+                (staging / name).rename(settings.watch_inbox / name)
+            jane = settings.watch_quarantine / "unreadable" / "DOE^JANE.dcm"
+            wait_until(jane.exists, timeout_s=30, what="the unreadable file in quarantine")
+            wait_until(
+                (settings.watch_done / "scan.dcm").exists,
+                timeout_s=30,
+                what="the good file in done/",
+            )
 
-                def tries_of_the_stuck_file() -> int:
-                    return sum("cannot be taken out" in m for _, m in app_log_lines(log))
+            def tries_of_the_stuck_file() -> int:
+                return sum("cannot be taken out" in m for _, m in app_log_lines(log))
 
-                # Three failures in a row made health fail, blaming the store: four tries.
-                wait_until(
-                    lambda: tries_of_the_stuck_file() >= 4,
-                    timeout_s=60,
-                    what="four tries of the file in the locked folder",
-                )
-                health = probe_health(port, 5.0)
-                left = sorted(p.name for p in locked.iterdir())
-                reasons = sorted(p.name for p in settings.watch_quarantine.rglob("*.reason.json"))
+            # Three failures in a row made health fail, blaming the store: four tries.
+            wait_until(
+                lambda: tries_of_the_stuck_file() >= 4,
+                timeout_s=60,
+                what="four tries of the file in the locked folder",
+            )
+            health = probe_health(port, 5.0)
+            left = sorted(p.name for p in locked.iterdir())
+            reasons = sorted(p.name for p in settings.watch_quarantine.rglob("*.reason.json"))
 
-                give_to_service_user(locked, recursive=False)  # the admin fixes the folder
-                john = settings.watch_quarantine / "unreadable" / "locked" / "DOE^JOHN.dcm"
-                wait_until(john.exists, timeout_s=60, what="the fixed file in quarantine")
-            finally:
-                service.send_signal(signal.SIGTERM)
-                service.wait(timeout=60)
+            give_to_service_user(locked, recursive=False)  # the admin fixes the folder
+            john = settings.watch_quarantine / "unreadable" / "locked" / "DOE^JOHN.dcm"
+            wait_until(john.exists, timeout_s=60, what="the fixed file in quarantine")
 
         assert service.returncode == 0, log.read_text()
         assert health == (0, "ok")
@@ -743,41 +753,25 @@ def test_as_an_unprivileged_user_a_folder_it_may_not_read_is_said_once_and_triag
         def said(level: str) -> list[str]:
             return [m for lv, m in app_log_lines(log) if lv == level]
 
-        with (
-            log.open("w") as out,
-            subprocess.Popen(
-                command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-            ) as service,
-        ):
-            try:
-                wait_until(
-                    lambda: probe_health(port, 1.0)[0] == 0 or service.poll() is not None,
-                    timeout_s=60,
-                    interval_s=0.2,
-                    what="the service's health endpoint",
-                )
-                assert service.poll() is None, log.read_text()
-                wait_until(
-                    lambda: len(said("WARNING")) >= 2,
-                    timeout_s=30,
-                    what="a warning for each folder it may not read",
-                )
-                time.sleep(6 * rescan_s)  # rescans that find them again, and say nothing
-                warned = said("WARNING")
-                health = probe_health(port, 5.0)
+        with watch_as_the_service_user(command, env, log, port) as service:
+            wait_until(
+                lambda: len(said("WARNING")) >= 2,
+                timeout_s=30,
+                what="a warning for each folder it may not read",
+            )
+            time.sleep(6 * rescan_s)  # rescans that find them again, and say nothing
+            warned = said("WARNING")
+            health = probe_health(port, 5.0)
 
-                open_to_service_user(inbox / "HIDDEN^HANNA")  # the admin fixes one
-                done = settings.watch_done / "HIDDEN^HANNA" / "chest.dcm"
-                wait_until(done.exists, timeout_s=60, what="the fixed folder's file in done/")
-                wait_until(
-                    lambda: any("can be read now" in m for m in said("INFO")),
-                    timeout_s=30,
-                    what="the line that it can be read now",
-                )
-                time.sleep(4 * rescan_s)
-            finally:
-                service.send_signal(signal.SIGTERM)
-                service.wait(timeout=60)
+            open_to_service_user(inbox / "HIDDEN^HANNA")  # the admin fixes one
+            done = settings.watch_done / "HIDDEN^HANNA" / "chest.dcm"
+            wait_until(done.exists, timeout_s=60, what="the fixed folder's file in done/")
+            wait_until(
+                lambda: any("can be read now" in m for m in said("INFO")),
+                timeout_s=30,
+                what="the line that it can be read now",
+            )
+            time.sleep(4 * rescan_s)
 
         assert service.returncode == 0, log.read_text()  # stopped on purpose
         left = sorted(p.relative_to(inbox).as_posix() for p in inbox.rglob("*.dcm"))
