@@ -7,6 +7,7 @@ real network stack and read back what landed in the spool.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -708,6 +709,24 @@ def wait_for(
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def receiver_service(settings: Settings, filed: list[FiledOutcome]) -> Iterator[Future[None]]:
+    """``run_receiver`` in a thread, once it listens: its future, for :func:`wait_for` to watch.
+    Stopped on leaving (as by SIGTERM), its outcome then raised if it failed."""
+    listening = threading.Event()
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        service = pool.submit(
+            run_receiver, settings, stop, on_filed=filed.append, on_tick=lambda _: listening.set()
+        )
+        try:
+            wait_for(listening.is_set, service, 60, "the receiver to listen")
+            yield service
+        finally:
+            stop.set()
+        service.result(timeout=60)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_the_service_makes_one_case_per_instance_and_a_resend_makes_none(
@@ -716,22 +735,12 @@ def test_the_service_makes_one_case_per_instance_and_a_resend_makes_none(
     settings = receiver_settings(tmp_path / "receiver")
     port = settings.receiver_port
     filed: list[FiledOutcome] = []
-    listening = threading.Event()
-    stop = threading.Event()
 
-    with ThreadPoolExecutor(1) as pool:
-        service = pool.submit(
-            run_receiver, settings, stop, on_filed=filed.append, on_tick=lambda _: listening.set()
-        )
-        try:
-            wait_for(listening.is_set, service, 60, "the receiver to listen")
-            sent_ok(dcmtk.storescu(port, series.folder, called=AE_TITLE))
-            wait_for(lambda: len(filed) >= SERIES_SIZE, service, 150, "the series' triage")
-            sent_ok(dcmtk.storescu(port, series.folder, called=AE_TITLE))
-            wait_for(lambda: len(filed) >= 2 * SERIES_SIZE, service, 150, "the re-sent series")
-        finally:
-            stop.set()
-        service.result(timeout=60)
+    with receiver_service(settings, filed) as service:
+        sent_ok(dcmtk.storescu(port, series.folder, called=AE_TITLE))
+        wait_for(lambda: len(filed) >= SERIES_SIZE, service, 150, "the series' triage")
+        sent_ok(dcmtk.storescu(port, series.folder, called=AE_TITLE))
+        wait_for(lambda: len(filed) >= 2 * SERIES_SIZE, service, 150, "the re-sent series")
 
     assert len(filed) == 2 * SERIES_SIZE
     assert not [f for f in filed if f.quarantined or f.deferred]
@@ -774,23 +783,13 @@ def test_a_file_that_cannot_leave_the_spool_is_filed_once_it_can_without_a_resta
 
     monkeypatch.setattr(Path, "unlink", refuse_in_the_spool)
     filed: list[FiledOutcome] = []
-    listening = threading.Event()
-    stop = threading.Event()
-    with ThreadPoolExecutor(1) as pool:
-        service = pool.submit(
-            run_receiver, settings, stop, on_filed=filed.append, on_tick=lambda _: listening.set()
-        )
-        try:
-            wait_for(listening.is_set, service, 60, "the receiver to listen")
-            sent_ok(dcmtk.storescu(settings.receiver_port, study.folder, called=AE_TITLE))
-            wait_for(lambda: len(set(refused)) == 3, service, 60, "three refused moves")
-            time.sleep(1.0)  # at least one more try of each, still refused
-            assert filed == []
-            locked.clear()  # the admin gives the folder back
-            wait_for(lambda: len(filed) >= 3, service, 60, "the images to be filed")
-        finally:
-            stop.set()
-        service.result(timeout=60)
+    with receiver_service(settings, filed) as service:
+        sent_ok(dcmtk.storescu(settings.receiver_port, study.folder, called=AE_TITLE))
+        wait_for(lambda: len(set(refused)) == 3, service, 60, "three refused moves")
+        time.sleep(1.0)  # at least one more try of each, still refused
+        assert filed == []
+        locked.clear()  # the admin gives the folder back
+        wait_for(lambda: len(filed) >= 3, service, 60, "the images to be filed")
 
     assert len(refused) > 3, "each was tried again while the spool stayed locked"
     assert sorted(f.source.name for f in filed) == sorted(
@@ -811,32 +810,22 @@ def test_the_service_triages_a_study_that_never_goes_quiet_in_batches_each_file_
         tmp_path / "receiver", receiver__study_quiet_s=1.0, receiver__study_max_wait_s=2.0
     )
     filed: list[FiledOutcome] = []
-    listening = threading.Event()
-    stop = threading.Event()
     sent_at: list[float] = []
 
-    with ThreadPoolExecutor(1) as pool:
-        service = pool.submit(
-            run_receiver, settings, stop, on_filed=filed.append, on_tick=lambda _: listening.set()
-        )
-        try:
-            wait_for(listening.is_set, service, 60, "the receiver to listen")
-            # A scanner that keeps sending, never 1 s apart, until the receiver has handed part
-            # of the study over (and one image more), however slow the machine is.
-            seen_a_batch = False
-            for path in study.files:
-                sent_ok(dcmtk.storescu(settings.receiver_port, path, called=AE_TITLE))
-                sent_at.append(time.monotonic())
-                if seen_a_batch:
-                    break
-                seen_a_batch = bool(filed)
-                time.sleep(0.1)
-            assert seen_a_batch, "no hand-over while the scanner kept sending"
-            count = len(sent_at)
-            wait_for(lambda: len(filed) >= count, service, 90, "the study's triage")
-        finally:
-            stop.set()
-        service.result(timeout=60)
+    with receiver_service(settings, filed) as service:
+        # A scanner that keeps sending, never 1 s apart, until the receiver has handed part
+        # of the study over (and one image more), however slow the machine is.
+        seen_a_batch = False
+        for path in study.files:
+            sent_ok(dcmtk.storescu(settings.receiver_port, path, called=AE_TITLE))
+            sent_at.append(time.monotonic())
+            if seen_a_batch:
+                break
+            seen_a_batch = bool(filed)
+            time.sleep(0.1)
+        assert seen_a_batch, "no hand-over while the scanner kept sending"
+        count = len(sent_at)
+        wait_for(lambda: len(filed) >= count, service, 90, "the study's triage")
 
     gaps = [later - earlier for earlier, later in itertools.pairwise(sent_at)]
     assert max(gaps) < 1.0, f"the sender paused long enough for a quiet hand-over: {gaps}"
