@@ -13,13 +13,13 @@ import shiboken6
 from PySide6.QtCore import QEvent, QMimeData, QPointF, Qt, QThreadPool, QTimer, QUrl
 from PySide6.QtGui import QColor, QDropEvent
 from PySide6.QtTest import QTest
-from PySide6.QtWidgets import QApplication, QFileDialog, QMenu
+from PySide6.QtWidgets import QApplication, QFileDialog, QLabel, QMenu
 from pytestqt.qtbot import QtBot
 
 from tests.ct_series import write_ct_series
 from tests.escalation.conftest import Device, device_identity, start_central_server, triage
 from tests.gui.conftest import FOLDER_COUNT, phantoms_in_new_folder
-from tests.helpers import write_phantoms
+from tests.helpers import write_bad_inputs, write_phantoms
 from triage_app.batch import triage_and_record
 from triage_app.central.certificates import make_self_signed
 from triage_app.config import Settings
@@ -231,6 +231,24 @@ def test_cancel_stops_early_and_the_summary_counts_skipped_files(
     assert box is not None
     assert "skipped" in box.text() and "cancelled" in box.text()
     assert "not_dicom" in box.detailedText()
+
+
+def test_files_refused_at_import_are_still_shown_once_the_summary_is_closed(
+    qtbot: QtBot, window: QtMainWindow, tmp_path: Path
+) -> None:
+    """Review finding: after OK, nothing said that 4 files (a truncated study) were missing."""
+    folder = tmp_path / "mixed"
+    write_phantoms(folder, 31, 2)
+    bad = write_bad_inputs(folder)
+    summary = _import_and_wait(qtbot, window, lambda: window.import_paths([folder]))
+    assert len(summary.skipped) == len(bad)
+    box = window.importer.summary_box
+    assert box is not None
+    box.accept()
+    qtbot.waitUntil(lambda: not box.isVisible())
+    window.statusBar().clearMessage()  # its 8 s are up
+    shown = " ".join(label.text() for label in window.findChildren(QLabel) if label.isVisible())
+    assert f"{len(bad)} files not imported" in shown
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
 The core :class:`~triage_app.importer.ImportRun` does the work and yields a record per file;
 this module only carries those records to the UI thread (signals), shows "312 / 1,200" with the
-current file and a Cancel button, and ends with a summary whose details list every skipped file.
+current file and a Cancel button, and ends with a summary whose details list every skipped file
+(which the main window then keeps listed: :mod:`triage_app.gui.qt_not_imported`).
 """
 
 from __future__ import annotations
@@ -192,9 +193,16 @@ class ImportController(QObject):
         self.last_summary = summary
         box = QMessageBox(self._parent)
         box.setWindowTitle("Import cancelled" if summary.cancelled else "Import finished")
-        box.setIcon(QMessageBox.Icon.Information)
+        # A warning when files were refused: a study may be missing from the worklist.
+        icon = QMessageBox.Icon.Warning if summary.skipped else QMessageBox.Icon.Information
+        box.setIcon(icon)
         box.setText(summary.headline())
         if summary.skipped:
+            # Closing this box must not be the last the clinician sees of a refused file.
+            box.setInformativeText(
+                "The files not imported stay listed above the worklist (and under File → "
+                "Files not imported…) until you clear the list."
+            )
             box.setDetailedText(summary.details())
         box.setAccessibleName("Import summary")
         self.summary_box = box

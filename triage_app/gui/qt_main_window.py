@@ -24,8 +24,10 @@ from PySide6.QtWidgets import (
     QDockWidget,
     QFileDialog,
     QMainWindow,
+    QMenu,
     QMessageBox,
     QSplitter,
+    QVBoxLayout,
     QWidget,
 )
 
@@ -36,6 +38,7 @@ from triage_app.escalation.background import BackgroundUploader
 from triage_app.escalation.service import EscalationLink
 from triage_app.gui.qt_history import QtCaseHistory
 from triage_app.gui.qt_import import ImportController
+from triage_app.gui.qt_not_imported import QtNotImported
 from triage_app.gui.qt_queue import QtQueueDialog
 from triage_app.gui.qt_settings import QtSettingsDialog
 from triage_app.gui.qt_shortcut_overlay import QtShortcutOverlay, key_text
@@ -116,7 +119,15 @@ class QtMainWindow(QMainWindow):
         splitter.setStretchFactor(1, 1)
         splitter.setChildrenCollapsible(False)
         splitter.setSizes([640, 760])
-        self.setCentralWidget(splitter)
+        # Files refused at import stay in a notice above the worklist until cleared.
+        self.not_imported = QtNotImported(settings.data_dir, self)
+        central = QWidget(self)
+        central_layout = QVBoxLayout(central)
+        central_layout.setContentsMargins(0, 0, 0, 0)
+        central_layout.setSpacing(0)
+        central_layout.addWidget(self.not_imported.notice)
+        central_layout.addWidget(splitter, 1)
+        self.setCentralWidget(central)
         self.setTabOrder(self.worklist.search, self.worklist.filter)
         self.setTabOrder(self.worklist.filter, self.worklist.table)
         self.setTabOrder(self.worklist.table, self.viewer)
@@ -144,6 +155,7 @@ class QtMainWindow(QMainWindow):
 
         self.actions_by_command: dict[str, QAction] = {}
         self._build_menus()
+        self.not_imported_action = self._add_not_imported_action()
 
         self.worklist.case_selected.connect(self._show_case)
         self._counts_shown = False
@@ -152,7 +164,9 @@ class QtMainWindow(QMainWindow):
         self.held_confirmation: QMessageBox | None = None
         self.viewer.message.connect(lambda text: self.status.showMessage(text, 4000))
         self.importer.progressed.connect(self._import_progress)
+        self.importer.progressed.connect(self.not_imported.note_progress)
         self.importer.finished.connect(self._import_finished)
+        self.importer.finished.connect(self.not_imported.record)
         self.importer.failed.connect(lambda _message: self.status.set_import_progress(None))
         self.resize(1400, 860)
 
@@ -223,6 +237,21 @@ class QtMainWindow(QMainWindow):
                 self.viewer.addAction(self._viewer_action(command, handler))
             menus[command.menu].addAction(action)
             self.actions_by_command[command.name] = action
+
+    def _add_not_imported_action(self) -> QAction:
+        """File → Files not imported…: the list stays reachable once its notice is cleared.
+
+        No key, so it is not a command of the table (which the ``?`` overlay lists).
+        """
+        action = QAction("Files not imported…", self)
+        action.setObjectName("action_show_not_imported")
+        action.setStatusTip("Files refused at import since the list was last cleared")
+        action.triggered.connect(self.not_imported.show_list)
+        owners = self.actions_by_command["open_folder"].associatedObjects()
+        menus = [m for m in owners if isinstance(m, QMenu)]
+        if menus:
+            menus[0].insertAction(self.actions_by_command["quit"], action)
+        return action
 
     def _viewer_action(self, command: Command, handler: Callable[[], None]) -> QAction:
         action = QAction(command.label, self.viewer)
