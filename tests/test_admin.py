@@ -250,7 +250,7 @@ def test_without_an_admin_password_the_refusal_names_the_command_that_sets_one()
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     ("command", "stdin"),
-    [(("set", "display.theme", "dark"), ""), (("set-admin-password", "--stdin"), "a password\n")],
+    [(("set", "display.theme", "light"), ""), (("set-admin-password", "--stdin"), "a password\n")],
     ids=["set", "set-admin-password"],
 )
 def test_a_data_folder_the_user_may_not_write_refuses_a_save_with_2_and_the_fix(

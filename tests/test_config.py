@@ -20,6 +20,7 @@ import tomlkit
 from tests.helpers import CliRun, run_cli
 from tests.test_secrets import (
     ROOT,
+    SERVICE_USER,
     as_service_user,
     give_to_service_user,
     reachable_folder,
@@ -1551,8 +1552,8 @@ def test_a_settings_folder_the_user_may_not_create_says_how_to_create_it() -> No
         path = folder / "settings.toml"
 
         run = run_cli_as_service_user(
-            "config", "set", "display.theme", "dark", "--config", path, home=home
-        )
+            "config", "set", "display.theme", "light", "--config", path, home=home
+        )  # not the default: a set to the default changes nothing, and may save nothing
         made = folder.exists()
 
     assert run.returncode == 2, run.stderr
@@ -1647,3 +1648,92 @@ def test_a_mistyped_settings_variable_stops_a_command_with_2_naming_it(
     assert run.returncode == 2, run.stderr
     assert error_line(run) == f"triage-app: error: config_invalid: {reason} [{variable}]"
     assert "valid" not in run.stdout
+
+
+# --- What the site admin found (review round 3): `config set` as root --------------------------
+
+# The services run as the service user and read the settings at their start: a `config set`
+# run as root that left the file root's 0600 stopped them at their next restart.
+SERVICE_OWNED = (SERVICE_USER.pw_uid, SERVICE_USER.pw_gid)
+
+
+def owner_and_mode(path: Path) -> tuple[int, int, int]:
+    info = path.stat()
+    return info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)
+
+
+def service_users_settings(base: Path, text: str, mode: int = 0o600) -> Path:
+    """The packaged layout: the settings folder and file are the service user's."""
+    folder = base / "etc"
+    folder.mkdir()
+    give_to_service_user(folder)
+    path = write_toml(folder / "settings.toml", f'[paths]\ndata_dir = "{base / "data"}"\n{text}')
+    give_to_service_user(path, mode=mode)
+    return path
+
+
+def as_stored(path: Path) -> tuple[bytes, int, int, int, int]:
+    info = path.stat()
+    return path.read_bytes(), info.st_ino, info.st_mtime_ns, info.st_uid, info.st_mode
+
+
+@pytest.mark.timeout(120)
+def test_config_set_as_root_leaves_the_settings_file_the_service_users() -> None:
+    with reachable_folder() as base:
+        home = home_of_service_user(base)
+        path = service_users_settings(base, "[processing]\nworkers = 2\n", mode=0o640)
+
+        run = run_cli("config", "set", "processing.workers", "1", "--config", path, data_dir=base)
+        kept = owner_and_mode(path)
+        text = path.read_text(encoding="utf-8")
+        read = run_cli_as_service_user(
+            "config", "get", "processing.workers", "--config", path, home=home
+        )
+
+    assert run.returncode == 0, run.stderr
+    assert "workers = 1\n" in text
+    assert kept == (*SERVICE_OWNED, 0o640)
+    assert (read.returncode, read.stdout) == (0, "1\n"), read.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "text", ["[processing]\nworkers = 2\n", "# workers: the default\n"], ids=["written", "default"]
+)
+def test_config_set_of_the_value_the_file_already_means_leaves_the_file_alone(text: str) -> None:
+    """``processing.workers: 2 -> 2 (saved …)`` rewrote the file (as root: root's 0600)."""
+    with reachable_folder() as base:
+        path = service_users_settings(base, text)
+        before = as_stored(path)
+
+        run = run_cli("config", "set", "processing.workers", "2", "--config", path, data_dir=base)
+
+        assert run.returncode == 0, run.stderr
+        assert as_stored(path) == before
+
+
+def test_config_set_that_changes_nothing_says_unchanged_and_audits_nothing(
+    tmp_path: Path,
+) -> None:
+    path = write_toml(
+        tmp_path / "settings.toml",
+        f'[paths]\ndata_dir = "{tmp_path / "data"}"\n[processing]\nworkers = 2\n',
+    )
+
+    run = run_cli("config", "set", "processing.workers", "2", "--config", path, data_dir=tmp_path)
+
+    assert run.returncode == 0, run.stderr
+    assert "unchanged" in run.stdout and "saved" not in run.stdout
+    with CaseStore.open(tmp_path / "data" / "cases.sqlite3") as store:
+        assert [entry.action for entry in store.audit_log()] == []
+
+
+def test_a_save_that_changes_nothing_does_not_rewrite_the_file(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "settings.toml", "[processing]\nworkers = 2  # two cores\n")
+    loaded = load_settings(path, env={})
+    before = as_stored(path)
+
+    assert save_settings(loaded.with_values(**{"processing.workers": 2}), path, base=loaded) == path
+    assert save_settings(loaded, path) == path  # the file already holds these settings
+
+    assert as_stored(path) == before

@@ -17,6 +17,7 @@ import pytest
 
 from tests.test_secrets import (
     ROOT,
+    SERVICE_USER,
     give_to_service_user,
     reachable_folder,
     run_as_service_user,
@@ -140,6 +141,114 @@ def test_failed_write_leaves_the_old_file_and_no_debris(
         write_private_file(target, b"new")
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["settings.toml"]
+
+
+# --- A file root replaces in the service user's place keeps its owner ----------------------------
+
+
+def owner_and_mode(path: Path) -> tuple[int, int, int]:
+    info = path.lstat()
+    return info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)
+
+
+SERVICE_OWNED = (SERVICE_USER.pw_uid, SERVICE_USER.pw_gid)
+
+
+@pytest.mark.parametrize(("keep_owner", "kept"), [(True, True), (False, False)])
+def test_root_replacing_another_users_file_keeps_its_owner_group_and_mode_when_asked(
+    tmp_path: Path, keep_owner: bool, kept: bool
+) -> None:
+    """``config set`` as root left the service user's settings root's 0600, which the
+    services could not read at their next start (as ``visudo``, it now keeps them theirs)."""
+    target = tmp_path / "settings.toml"
+    target.write_bytes(b"old")
+    give_to_service_user(target, mode=0o640)
+
+    write_private_file(target, b"new", keep_owner=keep_owner)
+
+    assert target.read_bytes() == b"new"
+    assert owner_and_mode(target) == ((*SERVICE_OWNED, 0o640) if kept else (0, 0, 0o600))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["settings.toml"]
+
+
+def test_keeping_the_owner_keeps_no_set_id_bit(tmp_path: Path) -> None:
+    target = tmp_path / "settings.toml"
+    target.write_bytes(b"old")
+    give_to_service_user(target, mode=0o6750)
+
+    write_private_file(target, b"new", keep_owner=True)
+
+    assert owner_and_mode(target) == (*SERVICE_OWNED, 0o750)
+
+
+def test_keeping_the_owner_follows_no_link(tmp_path: Path) -> None:
+    """A link is replaced, as before: its target's owner is no reason to give the file away."""
+    theirs = tmp_path / "theirs.toml"
+    theirs.write_bytes(b"theirs")
+    give_to_service_user(theirs, mode=0o644)
+    target = tmp_path / "settings.toml"
+    target.symlink_to(theirs)
+
+    write_private_file(target, b"new", keep_owner=True)
+
+    assert not target.is_symlink()
+    assert owner_and_mode(target) == (0, 0, 0o600)
+    assert theirs.read_bytes() == b"theirs"
+
+
+def test_a_new_file_is_this_users_0600_when_keeping_the_owner(tmp_path: Path) -> None:
+    target = tmp_path / "central_keys.json"
+    write_private_file(target, b"new", keep_owner=True)
+    assert owner_and_mode(target) == (0, 0, 0o600)
+
+
+_REPLACE = """
+import json, os, stat, sys
+from pathlib import Path
+from triage_app.paths import write_private_file
+target = Path(sys.argv[1])
+write_private_file(target, b"new", keep_owner=True)
+info = target.stat()
+print(json.dumps({"owner": f"{info.st_uid}:{info.st_gid} {stat.S_IMODE(info.st_mode):04o}"}))
+"""
+
+
+def test_root_that_may_not_change_owners_makes_the_file_its_own_as_before(
+    tmp_path: Path,
+) -> None:
+    """Root without CAP_CHOWN (a container, a unit's bounding set) cannot give the file
+    away: it writes it as it did before rather than failing."""
+    target = tmp_path / "settings.toml"
+    target.write_bytes(b"old")
+    give_to_service_user(target, mode=0o644)
+    no_capabilities = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable]
+
+    run = subprocess.run(
+        [*no_capabilities, "-c", _REPLACE, str(target)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == {"owner": "0:0 0600"}
+    assert target.read_bytes() == b"new"
+
+
+def test_the_service_user_replacing_roots_file_makes_it_its_own_as_before() -> None:
+    """Only root may give a file away: anyone else's new file is theirs, 0600."""
+    with reachable_folder() as base:
+        folder = base / "etc"
+        folder.mkdir()
+        give_to_service_user(folder)
+        target = folder / "settings.toml"
+        target.write_bytes(b"old")
+        target.chmod(0o644)  # root's
+
+        result = run_as_service_user(_REPLACE, target, home=base)
+
+        assert result == {"owner": f"{SERVICE_USER.pw_uid}:{SERVICE_USER.pw_gid} 0600"}
 
 
 # --- temporary files of dead writers --------------------------------------------------------------

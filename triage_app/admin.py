@@ -158,6 +158,8 @@ def save_audited(
     changed too is refused (and answered in the log), so an entry's old value is what the file
     held.
     """
+    if settings == base:  # a change that is none: no entry, and the file is left alone
+        return save_settings(settings, config_path, base=base)
     detail = {} if change is None else change_detail(change)
     with CaseStore.open(store_path) as store, _audited_first(store, actor, [(action, detail)]):
         return save_settings(settings, config_path, base=base)

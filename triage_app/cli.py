@@ -438,6 +438,11 @@ def _config_set(args: argparse.Namespace) -> int:
     ask = spec is not None and spec.admin and settings.has_admin_password
     password = read_secret("admin password: ", args.admin_password_stdin) if ask else None
     updated, change = apply_change(settings, args.key, args.value, admin_password=password)
+    if change.old == change.new:
+        # Nothing to save or audit: the file is left as it is (bytes, owner, time), which
+        # matters when root runs this on the service user's file.
+        print(f"{change.key}: {change.new!s} (unchanged)")
+        return EXIT_OK
     # The audit entry lands in the case store the saved file configures, whatever --data-dir or
     # the environment say: the log must be found next to the settings it describes.
     path = save_audited(

@@ -1321,6 +1321,11 @@ def save_settings(
     the result loads back as intended and replacing it (atomically, 0600 from creation: it
     holds the admin password hash) happen under one lock on the file's folder, so two saves
     never interleave.
+
+    A save that changes nothing (``config set`` of the value the file already means) leaves the
+    file alone, bytes, owner and mtime. A file replaced by root keeps its owner, group and
+    mode: the services run as their own user and read it at their next start, which a root's
+    0600 copy would stop (see :func:`~triage_app.paths.write_private_file`).
     """
     target = default_config_path() if path is None else path
     try:
@@ -1328,7 +1333,8 @@ def save_settings(
     except OSError as err:
         raise _cannot_save(err, target) from None
     with _settings_folder_locked(target):
-        text = _read_text(target) or ""
+        held = _read_text(target)
+        text = held or ""
         if base is None:
             wanted = {spec.key: settings.get(spec.key) for spec in SETTINGS}
             intended = settings
@@ -1341,8 +1347,11 @@ def save_settings(
                 f"{target}: editing the file would not give the new settings; "
                 "nothing was saved (edit it by hand)"
             )
+        if held is not None and edited == held:
+            log.info("settings in %s unchanged: not rewritten", target)
+            return target
         try:
-            write_private_file(target, edited.encode())
+            write_private_file(target, edited.encode(), keep_owner=True)
         except OSError as err:
             raise _cannot_save(err, target) from None
     log.info("saved settings to %s", target)

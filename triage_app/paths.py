@@ -68,7 +68,12 @@ def ensure_private_dir(path: Path) -> Path:
 
 
 def write_private_file(
-    path: Path, data: bytes, *, overwrite: bool = True, sync_folder: bool = True
+    path: Path,
+    data: bytes,
+    *,
+    overwrite: bool = True,
+    sync_folder: bool = True,
+    keep_owner: bool = False,
 ) -> None:
     """Write ``data`` to ``path`` atomically, readable and writable by this user only (0600).
 
@@ -78,10 +83,16 @@ def write_private_file(
     process created first). The folder is fsync-ed too, so the new name survives a power cut
     (``sync_folder=False`` when the caller writes several files there and syncs the folder once
     after the last).
+
+    ``keep_owner``: a file root replaces keeps its owner, group and mode (see
+    :func:`_keep_owner_of`), for the files an admin's command as root rewrites in the service
+    user's place (the settings, the central server's keys).
     """
     tmp, fd = write_locked_temp(path.parent, path.name, data)
     try:
         if overwrite:
+            if keep_owner:
+                _keep_owner_of(path, fd)
             tmp.replace(path)
         else:
             path.hardlink_to(tmp)
@@ -127,6 +138,38 @@ def write_locked_temp(
             tmp.unlink(missing_ok=True)
             raise
         return tmp, fd
+
+
+def _keep_owner_of(path: Path, fd: int) -> None:
+    """Give the open temporary file ``fd`` the owner, group and mode of the regular file at
+    ``path`` it is about to replace, when that is another user's or group's and this process
+    runs as root.
+
+    As ``visudo`` and ``cp --preserve`` do: an admin's command as root that rewrites a file of
+    the service user's must not leave it root's 0600, which the service could no longer read
+    at its next start. Only root may give a file away: any other user's process (or root
+    without ``CAP_CHOWN``), or a file that is missing or not a regular file, gets the new file
+    as :func:`write_locked_temp` made it (this user's, 0600). Set before the rename, so the
+    file never has the wrong owner.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        old = os.lstat(path)
+    except FileNotFoundError:
+        return
+    new = os.fstat(fd)
+    if not stat.S_ISREG(old.st_mode) or (old.st_uid, old.st_gid) == (new.st_uid, new.st_gid):
+        return
+    try:
+        os.fchown(fd, old.st_uid, old.st_gid)
+    except PermissionError:
+        return  # root without CAP_CHOWN (a container, a unit's CapabilityBoundingSet=)
+    # After the chown, which clears set-id bits: only the permission bits are kept. Without
+    # CAP_FOWNER, root may not change the mode of a file no longer its own: it stays 0600.
+    with contextlib.suppress(PermissionError):
+        os.fchmod(fd, stat.S_IMODE(old.st_mode) & 0o777)
+    os.fsync(fd)
 
 
 def temp_path(folder: Path, name: str) -> Path:
