@@ -583,6 +583,26 @@ def test_config_set_and_the_admin_password_remind_that_running_services_need_a_r
         assert "read the settings when they start" in line and RESTART in line
 
 
+def test_without_a_terminal_the_password_error_names_the_flag_to_pipe_it_with(
+    tmp_path: Path,
+) -> None:
+    """Not ``pipe it with --*-stdin``: a pattern the admin cannot type."""
+    config = _own_settings_file(tmp_path)
+    common = ("--config", config)
+    made = run_cli(
+        "config", "set-admin-password", "--stdin", *common, data_dir=tmp_path, stdin="pw long!\n"
+    )
+    assert made.returncode == 0, made.stderr
+    setting = run_cli(
+        "config", "set", "escalation.normal_below", "0.05", *common, data_dir=tmp_path
+    )
+    changing = run_cli("config", "set-admin-password", *common, data_dir=tmp_path)
+    for run, flag in ((setting, "--admin-password-stdin"), (changing, "--stdin")):
+        assert run.returncode != 0
+        (line,) = [line for line in run.stderr.splitlines() if ": error: " in line]
+        assert line.endswith(f"no terminal to ask for the password on; pipe it with {flag}")
+
+
 def test_a_threshold_set_without_the_model_it_was_approved_for_warns_it_is_not_used(
     tmp_path: Path,
 ) -> None:

@@ -113,11 +113,18 @@ def test_release_reports_a_case_that_stays_held_as_json_and_exits_1(
 def test_release_while_the_server_is_unreachable_leaves_the_cases_held(
     central: Central, device: Device, tmp_path: Path
 ) -> None:
-    settings = device.settings(central, url=f"https://127.0.0.1:{free_port()}")
+    port = free_port()
+    settings = device.settings(central, url=f"https://127.0.0.1:{port}")
     held_cases(settings, tmp_path)
     run = release(settings, tmp_path)
     assert run.returncode == 1, run.stderr
-    assert run.stdout == "0 released, 2 still held\n"
+    # Why none could go is in the one line an admin reads, not only in the log.
+    assert run.stdout == (
+        "0 released, 2 still held (none can be sealed: transport_error: the central server's "
+        f"keys are not known yet: key fetch: cannot reach https://127.0.0.1:{port}: connection "
+        "refused (ECONNREFUSED); check that the central server runs and escalation.central_url "
+        "(host and port))\n"
+    )
     assert "central server keys unknown and the server is unreachable" in run.stderr
     # `queue status`, where an admin looks, counts them too.
     config = tmp_path / "settings.toml"

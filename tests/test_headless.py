@@ -275,6 +275,30 @@ def test_health_is_failing_once_the_uploader_thread_is_gone(
     assert code == 1 and line == "failing: uploader: uploader thread not running", line
 
 
+@pytest.mark.expect_log_warnings  # the server's keys cannot be fetched: its certificate
+@pytest.mark.timeout(60)
+def test_a_wrong_certificate_pin_makes_health_degraded_at_once_not_after_the_grace(
+    central: Central, device: Device
+) -> None:
+    """The five minutes' grace is for outages that end by themselves: a pin one digit off
+    never does, so /health must not say "ok" meanwhile."""
+    port = free_port()
+    wrong = central.pin[:-1] + ("0" if central.pin[-1] != "0" else "1")
+    settings = device.settings(central, **{"escalation.tls_pin": wrong})
+
+    with ServiceRuntime(settings, metrics_port=port) as runtime:
+
+        def refused() -> bool:
+            snapshot = runtime.connectivity()
+            return snapshot is not None and snapshot.last_error_code == "certificate_pin_mismatch"
+
+        wait_until(refused, timeout_s=30, interval_s=0.1, what="the uploader refused the server")
+        code, line = probe_health(port, 5.0)
+
+    assert code == 0 and line.startswith("degraded: link: offline for "), line
+    assert "(certificate_pin_mismatch): " in line and "escalation.tls_pin" in line, line
+
+
 # --- what health and metrics must not miss --------------------------------------------------
 
 

@@ -42,6 +42,7 @@ from triage_app.held_release import (
 from triage_app.results import HELD, CaseResult, EscalationRef, InputOutcome
 from triage_app.states import CaseEvent, CaseState
 from triage_app.store import NOT_RELEASED, CaseStore
+from triage_app.synthetic import PhantomConfig, phantom_to_dataset, render_phantom
 
 
 def hold(
@@ -127,16 +128,31 @@ def test_a_case_held_by_a_full_outbox_goes_once_a_delivery_makes_room(
             assert second.escalation.state == "held"  # refused by the full outbox, loudly
             with CaseStore.open(settings.case_store_path) as store:
                 run = lazy_triage(settings)
-                seen_full = release_held(store, full_queue, run)
-                refused = release_held(store, tight_queue, run)
-            assert seen_full == ReleaseReport(waiting_for_room=1, still_held=1)
+                triaged: list[str] = []
+
+                def counted(path: str) -> InputOutcome:
+                    triaged.append(path)
+                    return run(path)
+
+                # Full to the byte: sized (does it fit the whole quota?), never queued ...
+                seen_full = release_held(store, full_queue, counted)
+                # ... and, once known to fit, not re-triaged again while the outbox stays full.
+                again = release_held(store, full_queue, counted)
+                refused = release_held(store, tight_queue, counted)
+            assert [(c.case_id, c.outcome) for c in seen_full.cases] == [
+                (second.case_id, ReleaseOutcome.QUEUE_FULL)
+            ]
+            assert (seen_full.waiting_for_room, seen_full.still_held) == (1, 1)
+            assert again == ReleaseReport(waiting_for_room=1, still_held=1)
             assert [(c.case_id, c.outcome) for c in refused.cases] == [
                 (second.case_id, ReleaseOutcome.QUEUE_FULL)
             ]
             assert (refused.waiting_for_room, refused.still_held) == (1, 1)
+            assert len(triaged) == 2, "sized once, then tried once the outbox was not full"
             assert state_of(link, second.case_id) is CaseState.ESCALATION_HELD
-            (note,) = not_released_notes(link, second.case_id)
-            assert note is not None and note.startswith("queue_full: outbox full")
+            sized, note = not_released_notes(link, second.case_id)
+            assert sized is not None and sized.startswith("queue_full: outbox full: this case (")
+            assert note is not None and note.startswith("queue_full: outbox full: ")
 
             with make_uploader(link) as uploader:  # the first case is delivered: room
                 assert [a.case_id for a in uploader.drain()] == [first.case_id]
@@ -147,6 +163,53 @@ def test_a_case_held_by_a_full_outbox_goes_once_a_delivery_makes_room(
             assert [a.outcome for a in uploader.drain()] == ["delivered"]
         assert state_of(link, second.case_id) is CaseState.DELIVERED
     assert central.deliveries() == {first.case_id: 1, second.case_id: 1}
+
+
+@pytest.mark.expect_log_warnings  # the ALARM of the full outbox, each case that stays held
+def test_with_the_outbox_full_cases_larger_than_the_whole_quota_are_named_not_left_waiting(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    """A full outbox stopped the run before any case was tried (or at the first case with no
+    room), so cases no delivery can ever make room for were reported as "waiting for room",
+    ``exceeds_quota: 0``, until room was made. They are sized (never queued: the older case
+    that fits goes first) and named, whether the outbox is full to the byte or fills up."""
+    settings = device.settings(central)
+    with link_for(settings) as link:
+        assert link.keys is not None and link.queue is not None
+        triage(settings, tmp_path / "a", (0,), queue=link.queue)
+        size = link.outbox.status().queued_bytes
+        (small,) = triage(settings, tmp_path / "b", (1,), queue=None)  # oldest held; fits
+        bigs = []
+        for index in range(2):  # 1000x1000 16-bit: 2 MB each, larger than either quota
+            path = tmp_path / f"big{index}.dcm"
+            image = render_phantom(7, index, PhantomConfig(size_range=(1000, 1000)))
+            phantom_to_dataset(image).save_as(path, enforce_file_format=True)
+            (big,) = triage_and_record([path], settings, queue=None)
+            assert isinstance(big, CaseResult) and big.escalation is not None
+            bigs.append(big.case_id)
+        full = Outbox.open(settings.case_store_path, settings.outbox_dir, quota_bytes=size)
+        tight = Outbox.open(settings.case_store_path, settings.outbox_dir, quota_bytes=size + 1)
+        reports = []
+        with full, tight, CaseStore.open(settings.case_store_path) as store:
+            for outbox in (full, tight):  # full to the byte; a byte short of the small case
+                queue = EscalationQueue(outbox, link.device, link.keys.server_key)
+                reports.append(release_held(store, queue, lazy_triage(settings)))
+        for report in reports:
+            assert [(c.case_id, c.outcome) for c in report.cases] == [
+                (small.case_id, ReleaseOutcome.QUEUE_FULL),
+                (bigs[0], ReleaseOutcome.EXCEEDS_QUOTA),
+                (bigs[1], ReleaseOutcome.EXCEEDS_QUOTA),
+            ]
+            assert report.to_json()["exceeds_quota"] == 2
+            assert report.headline() == (
+                "0 released, 3 still held (2 larger than the whole outbox quota: raise "
+                "escalation.queue_quota_mb, 1 waiting for room in the outbox)"
+            )
+        assert [i.case_id for i in link.outbox.items()] != [] and all(
+            i.case_id not in (small.case_id, *bigs) for i in link.outbox.items()
+        ), "nothing queued ahead of the case that waits for room"
+        note = not_released_notes(link, bigs[0])[-1]
+        assert note is not None and note.startswith("exceeds_quota: outbox: this case (")
 
 
 @pytest.mark.expect_log_warnings  # each case that stays held is named
@@ -264,6 +327,29 @@ def test_without_the_keys_release_all_held_only_counts(
 ) -> None:
     hold(device, central, tmp_path / "scans", (0, 1))
     assert release_all_held(device.settings(central), None) == ReleaseReport(still_held=2)
+
+
+@pytest.mark.expect_log_warnings  # the pinned certificate is not the server's
+def test_a_wrong_pin_is_named_in_the_release_headline_not_only_in_the_log(
+    central: Central, device: Device, tmp_path: Path
+) -> None:
+    """``queue release`` with a pin one digit off said only "0 released, 2 still held": the
+    reason the cases cannot go is the one thing the admin has to fix."""
+    hold(device, central, tmp_path / "scans", (0, 1))
+    wrong = central.pin[:-1] + ("0" if central.pin[-1] != "0" else "1")
+    settings = device.settings(central, **{"escalation.tls_pin": wrong})
+    link = open_escalation(settings)  # the keys' fetch meets the wrong certificate
+    assert link is not None
+    with link:
+        assert link.queue is None
+        report = release_all_held(settings, link.queue, keys_error=link.keys_error)
+    headline = report.headline()
+    assert headline.startswith(
+        "0 released, 2 still held (none can be sealed: certificate_pin_mismatch: "
+    ), headline
+    assert "escalation.tls_pin" in headline
+    assert report.to_json()["blocked_by"].startswith("certificate_pin_mismatch: ")
+    assert central.deliveries() == {}
 
 
 # --- a clinician closes a held case while it is released ---------------------------------------

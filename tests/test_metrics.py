@@ -23,7 +23,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from triage_app.errors import ConfigError, OutboxError
+from triage_app.errors import ConfigError, InputError, OutboxError
 from triage_app.escalation.connectivity import ConnectivitySnapshot, ConnectivityState
 from triage_app.escalation.outbox import Outbox, OutboxStatus
 from triage_app.metrics import (
@@ -49,6 +49,7 @@ from triage_app.metrics import (
     store_check,
     watchdog_interval_s,
 )
+from triage_app.ordered_pool import WORKER_CRASHED
 from triage_app.results import CaseResult, EscalationRef, FailedInput, ModelRef
 
 MODEL = ModelRef("chest-dx-demo", "1.0.0", "ab" * 32)
@@ -214,7 +215,7 @@ def test_each_service_has_its_own_registry_never_the_global_one() -> None:
     first, second = ServiceMetrics(), ServiceMetrics()  # the same names twice: no collision
     first.observe(FailedInput("x", "not_dicom", "m"))
     assert first.registry.get_sample_value("triage_failures_total", {"code": "not_dicom"}) == 1
-    assert second.registry.get_sample_value("triage_failures_total", {"code": "not_dicom"}) is None
+    assert second.registry.get_sample_value("triage_failures_total", {"code": "not_dicom"}) == 0
     assert REGISTRY.get_sample_value("triage_failures_total", {"code": "not_dicom"}) is None
 
 
@@ -577,6 +578,21 @@ def test_link_check_degrades_only_after_the_grace_period() -> None:
     assert late.detail.endswith("s (transport_error)")
 
 
+def test_link_check_degrades_at_once_on_a_certificate_pin_mismatch() -> None:
+    """A wrong pin never clears by itself: no grace period for it, and the detail says what to
+    fix; another error a second old is still within the grace."""
+    state = ConnectivityState()
+    check = link_check(state.snapshot, max_offline_s=300)
+    state.mark_failure("certificate_pin_mismatch", "presented sha256 ab12", datetime.now(UTC))
+    result = check()
+    assert result.status is Health.DEGRADED
+    assert result.detail.startswith("offline for 0 s (certificate_pin_mismatch): ")
+    assert "escalation.tls_pin" in result.detail
+    state.mark_success(datetime.now(UTC))
+    state.mark_failure("transport_error", "refused", datetime.now(UTC))
+    assert check() == CheckResult(Health.OK, "offline for 0 s (transport_error)")
+
+
 def test_link_check_reads_a_live_connectivity_state() -> None:
     state = ConnectivityState()
     check = link_check(state.snapshot)
@@ -657,6 +673,21 @@ def test_held_cases_and_record_failures_show_in_the_scrape(serve: Any) -> None:
     samples = scrape(port)
     assert value(samples, "triage_held_cases") == 0
     assert value(samples, "triage_held_oldest_age_seconds") == 0
+
+
+def test_every_input_failure_code_is_in_the_scrape_at_0_from_the_start(serve: Any) -> None:
+    """``triage_failures_total`` (documented in packaging/README.md) appeared only after the
+    first failure, so an alert on it had no series; ``triage_record_failures_total`` was there
+    at 0. Each code a triaged input can fail with is, from the start."""
+    samples = scrape(serve(ServiceMetrics()))
+    shown = {
+        dict(labels)["code"]: count
+        for (name, labels), count in samples.items()
+        if name == "triage_failures_total"
+    }
+    codes = {cls.code for cls in InputError.__subclasses__()} | {WORKER_CRASHED}
+    assert {"truncated", "not_dicom", "processing_failed", "worker_crashed"} <= codes
+    assert shown == dict.fromkeys(codes, 0.0)
 
 
 def test_run_checks_reports_the_worst() -> None:

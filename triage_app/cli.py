@@ -436,7 +436,11 @@ def _config_set(args: argparse.Namespace) -> int:
     spec = SPECS.get(args.key)
     # Without an admin password set there is nothing to ask: apply_change refuses clearly.
     ask = spec is not None and spec.admin and settings.has_admin_password
-    password = read_secret("admin password: ", args.admin_password_stdin) if ask else None
+    password = (
+        read_secret("admin password: ", args.admin_password_stdin, flag="--admin-password-stdin")
+        if ask
+        else None
+    )
     updated, change = apply_change(settings, args.key, args.value, admin_password=password)
     if change.old == change.new:
         # Nothing to save or audit: the file is left as it is (bytes, owner, time), which
@@ -465,10 +469,10 @@ def _config_set(args: argparse.Namespace) -> int:
 def _config_set_admin_password(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, for_saving=True)
     if settings.has_admin_password:
-        current = read_secret("current admin password: ", args.stdin)
+        current = read_secret("current admin password: ", args.stdin, flag="--stdin")
         if not verify_admin_password(settings, current):
             raise AdminAuthError("the current admin password is wrong")
-    new = read_new_secret("new admin password: ", args.stdin)
+    new = read_new_secret("new admin password: ", args.stdin, flag="--stdin")
     path = save_audited(
         set_admin_password(settings, new),
         args.config,

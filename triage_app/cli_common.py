@@ -54,20 +54,24 @@ def settings_from_args(args: argparse.Namespace, *, for_saving: bool = False) ->
     return load_settings(config, overrides=overrides)
 
 
-def read_secret(prompt: str, from_stdin: bool) -> str:
+def read_secret(prompt: str, from_stdin: bool, *, flag: str) -> str:
+    """A password from stdin (``from_stdin``) or typed on the terminal. ``flag`` is the
+    caller's option that pipes it (``--admin-password-stdin``, ``--stdin``): without a
+    terminal, the error must name one the admin can type, not a pattern."""
     if from_stdin:
         return sys.stdin.readline().rstrip("\n")
     if not sys.stdin.isatty():
-        raise AdminAuthError("no terminal to ask for the password on; pipe it with --*-stdin")
+        raise AdminAuthError(f"no terminal to ask for the password on; pipe it with {flag}")
     try:
         return getpass.getpass(prompt)
     except EOFError:
         return ""
 
 
-def read_new_secret(prompt: str, from_stdin: bool) -> str:
+def read_new_secret(prompt: str, from_stdin: bool, *, flag: str) -> str:
     """A new password: typed twice on a terminal, since a typo there cannot be seen."""
-    secret = read_secret(prompt, from_stdin)
-    if not from_stdin and read_secret(f"{prompt.rstrip(': ')} (again): ", from_stdin) != secret:
+    secret = read_secret(prompt, from_stdin, flag=flag)
+    again = f"{prompt.rstrip(': ')} (again): "
+    if not from_stdin and read_secret(again, from_stdin, flag=flag) != secret:
         raise AdminAuthError("the two passwords differ; nothing was changed")
     return secret

@@ -198,7 +198,9 @@ def _retry(args: argparse.Namespace) -> int:
 
 
 def _require_admin(settings: Settings, from_stdin: bool) -> None:
-    require_admin(settings, read_secret("admin password: ", from_stdin))
+    require_admin(
+        settings, read_secret("admin password: ", from_stdin, flag="--admin-password-stdin")
+    )
 
 
 def _print_attempt(attempt: Attempt) -> None:
@@ -289,7 +291,7 @@ def _release(args: argparse.Namespace) -> int:
         raise ConfigError("queue release: no central server is configured (escalation.central_url)")
     with link:
         # Without the server's keys (open_escalation has said why) nothing can be sealed yet.
-        report = release_all_held(settings, link.queue)
+        report = release_all_held(settings, link.queue, keys_error=link.keys_error)
     if args.json:
         print(json.dumps(report.to_json()))
     else:

@@ -253,8 +253,10 @@ class ServiceRuntime:
         # The model stays loaded only while a backlog is being worked through.
         self._release_triage = triage if report.more else None
         if report.more:
+            # Cases left to try, or, with the outbox full, to size (one larger than the whole
+            # quota is found only so): the next tick goes on before waiting for room.
             self._release_at = 0.0
-        if report.waiting_for_room:
+        elif report.waiting_for_room:
             self._full_bytes = queue.outbox.status().queued_bytes
         if report.cases:
             log.info("held cases: %s", report.headline())

@@ -26,13 +26,16 @@ from triage_app.errors import (
     IllegalTransitionError,
     QueueFullError,
     ResealError,
+    TransportError,
 )
+from triage_app.escalation.envelope import seal_bytes
 from triage_app.escalation.outbox import OutboxItem
 from triage_app.escalation.queueing import EscalationQueue
+from triage_app.escalation.service import keys_unknown
 from triage_app.pipeline import PipelineConfig, TriagePipeline
 from triage_app.results import BLOCKED, CaseResult, FailedInput, InputOutcome
 from triage_app.states import CaseState
-from triage_app.store import CaseStore
+from triage_app.store import NOT_RELEASED, CaseStore
 
 __all__ = [
     "BATCH_SIZE",
@@ -82,15 +85,20 @@ class HeldCase:
 class ReleaseReport:
     """What one release did.
 
-    ``waiting_for_room`` counts the held cases left untried or unqueued because the outbox is
-    full; ``still_held`` every held case in the store afterwards; ``more`` says the batch limit
-    stopped the run with cases left to try.
+    ``waiting_for_room`` counts the held cases that fit the quota but not the outbox now (found
+    so in this run, or by the note of an earlier one); ``still_held`` every held case in the
+    store afterwards; ``more`` says the batch limit stopped the run with cases left to try;
+    ``blocked_by`` why none could be tried at all (``"<code>: <message>"``; None when it is
+    not known, and then left out of the JSON): without the server's keys nothing can be
+    sealed, and the reason (a wrong ``escalation.tls_pin``, say) is what the admin has to
+    fix, not a count.
     """
 
     cases: tuple[HeldCase, ...] = ()
     waiting_for_room: int = 0
     still_held: int = 0
     more: bool = False
+    blocked_by: str | None = None
 
     def count(self, outcome: ReleaseOutcome) -> int:
         return sum(case.outcome is outcome for case in self.cases)
@@ -102,6 +110,8 @@ class ReleaseReport:
     def headline(self) -> str:
         """One line, e.g. ``2 released, 1 still held (1 source file missing or unreadable)``."""
         parts = []
+        if self.blocked_by is not None:
+            parts.append(f"none can be sealed: {self.blocked_by}")
         if n := self.count(ReleaseOutcome.SOURCE_UNAVAILABLE):
             parts.append(f"{n} source file missing or unreadable")
         if n := self.count(ReleaseOutcome.DECISION_CHANGED):
@@ -124,7 +134,7 @@ class ReleaseReport:
             "waiting_for_room": self.waiting_for_room,
             "still_held": self.still_held,
             "cases": [case.to_json() for case in self.cases],
-        }
+        } | ({} if self.blocked_by is None else {"blocked_by": self.blocked_by})
 
 
 def lazy_triage(settings: Settings) -> Triage:
@@ -141,14 +151,25 @@ def lazy_triage(settings: Settings) -> Triage:
     return run
 
 
-def release_all_held(settings: Settings, queue: EscalationQueue | None) -> ReleaseReport:
+def release_all_held(
+    settings: Settings,
+    queue: EscalationQueue | None,
+    *,
+    keys_error: TransportError | None = None,
+) -> ReleaseReport:
     """Every held case in one pass, in a store of its own (``queue release``, desktop app).
 
-    Without a queue (the server's keys are not known yet) the held cases are only counted.
+    Without a queue (the server's keys are not known yet) the held cases are only counted, and
+    the report says why: ``keys_error`` is the fetch's own error (``EscalationLink.keys_error``),
+    so that a wrong pin is named in the headline, not only in a log line before it.
     """
     with CaseStore.open(settings.case_store_path) as store:
         if queue is None:
-            return ReleaseReport(still_held=len(store.case_ids(CaseState.ESCALATION_HELD)))
+            why = None if keys_error is None else keys_unknown(keys_error)
+            return ReleaseReport(
+                still_held=len(store.case_ids(CaseState.ESCALATION_HELD)),
+                blocked_by=None if why is None else f"{why.code}: {why.message}",
+            )
         return release_held(store, queue, lazy_triage(settings), limit=None)
 
 
@@ -163,37 +184,94 @@ def release_held(
     """Queue held cases, oldest first, at most ``limit`` of them (None: all).
 
     ``skip`` names cases not to try this time (a service's cases that could not be released
-    earlier). The run stops at the first case the outbox has no room for: the older cases go
-    first once deliveries make room. A case larger than the whole quota does not stop it (no
-    delivery can make room for that one). With nothing held, this is one indexed query.
+    earlier). From the first case the outbox has no room for (or from the start, when it is
+    full to the byte), nothing more is queued: the older cases go first once deliveries make
+    room. The cases after it are still re-triaged and sealed to learn their size (``limit``
+    counts them too), so that one larger than the whole quota is named as such, not as
+    waiting for room no delivery can make; one found to fit is remembered by its history's
+    ``not_released`` note and not sized again while the outbox stays full. With nothing
+    held, this is one indexed query.
     """
     held = store.case_ids(CaseState.ESCALATION_HELD)
     candidates = [case_id for case_id in held if case_id not in skip]
     if not candidates:
         return ReleaseReport(still_held=len(held))
-    batch = candidates if limit is None else candidates[:limit]
     tried: list[HeldCase] = []
-    # A full outbox is seen before a model is loaded or a file read for nothing.
-    # Only a quota used up to the byte: a held case smaller than the last one refused may fit.
+    budget = len(candidates) if limit is None else limit  # cases re-triaged in this call
+    # Only a quota used up to the byte is full here: a held case smaller than the last one
+    # refused may fit. Once full, the cases left are only sized, never queued: one that fits
+    # would otherwise take the room the older ones wait for.
     status = queue.outbox.status()
-    waiting = len(candidates) if status.queued_bytes >= status.quota_bytes else 0
-    if not waiting:
-        for index, case_id in enumerate(batch):
+    full = status.queued_bytes >= status.quota_bytes
+    waiting = 0
+    more = False
+    for case_id in candidates:
+        if full and _known_to_fit(store, case_id):
+            waiting += 1  # sized while the outbox was full already: no re-triage for nothing
+            continue
+        if budget <= 0:
+            more = True
+            break
+        budget -= 1
+        if full:
+            outcome = _size_one(store, queue, triage, case_id, status.quota_bytes)
+        else:
             outcome = _release_one(store, queue, triage, case_id)
-            if outcome is None:
-                continue
-            tried.append(outcome)
-            if outcome.outcome is ReleaseOutcome.QUEUE_FULL:
-                waiting = len(candidates) - index
-                break
+        if outcome is None:
+            continue
+        tried.append(outcome)
+        if outcome.outcome is ReleaseOutcome.QUEUE_FULL:
+            full = True
+            waiting += 1
     if waiting:
         log.warning("outbox full: %d held cases wait for deliveries to make room", waiting)
     return ReleaseReport(
         cases=tuple(tried),
         waiting_for_room=waiting,
         still_held=len(store.case_ids(CaseState.ESCALATION_HELD)),
-        more=not waiting and len(candidates) > len(batch),
+        more=more,
     )
+
+
+def _known_to_fit(store: CaseStore, case_id: str) -> bool:
+    """Whether the case was last left held for want of room (so it fits the whole quota):
+    sizing it again would re-triage it for the same answer. Its size is recorded nowhere else;
+    the history's last row says it (any later event, a re-triage say, makes it unknown)."""
+    history = store.history(case_id)
+    if not history or history[-1].event != NOT_RELEASED:
+        return False
+    return (history[-1].detail or "").startswith(f"{ReleaseOutcome.QUEUE_FULL.value}:")
+
+
+def _size_one(
+    store: CaseStore, queue: EscalationQueue, triage: Triage, case_id: str, quota_bytes: int
+) -> HeldCase | None:
+    """While the outbox is full: whether one held case will ever fit (its size is known only
+    once it is re-triaged and sealed), without queueing it. A case larger than the whole quota
+    then says so at once, instead of "waiting for room" that no delivery can make. None if it
+    was no longer held when looked at."""
+    queued = queue.outbox.get(case_id)
+    if queued is not None:
+        record_queued(store, queued)  # as in _release_one: a crash fell in between
+        return HeldCase(case_id, ReleaseOutcome.RELEASED, "already in the outbox")
+    case = store.get(case_id)
+    if case is None or case.state is not CaseState.ESCALATION_HELD:
+        return None
+    retriaged = _retriage(triage, case_id, str(case.result["path"]))
+    if isinstance(retriaged, HeldCase):
+        return _stays_held(store, case_id, retriaged.outcome, retriaged.detail)
+    envelope = seal_bytes(
+        retriaged.payload, case_id=case_id, device=queue.device, server_key=queue.server_key
+    )
+    size = len(envelope)
+    if size > quota_bytes:
+        detail = (
+            f"outbox: this case ({size} bytes) is larger than the whole quota "
+            f"({quota_bytes} bytes): raise escalation.queue_quota_mb"
+        )
+        return _stays_held(store, case_id, ReleaseOutcome.EXCEEDS_QUOTA, detail)
+    detail = f"outbox full: this case ({size} bytes) waits for deliveries to make room"
+    return _stays_held(store, case_id, ReleaseOutcome.QUEUE_FULL, detail)
 
 
 def _release_one(

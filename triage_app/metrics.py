@@ -45,9 +45,16 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from triage_app.errors import ConfigError, StoreError, TriageError
+from triage_app.errors import (
+    CertificatePinError,
+    ConfigError,
+    InputError,
+    StoreError,
+    TriageError,
+)
 from triage_app.escalation.connectivity import ConnectivitySnapshot
 from triage_app.escalation.outbox import OutboxStatus
+from triage_app.ordered_pool import WORKER_CRASHED
 from triage_app.results import CaseResult, InputOutcome, ModelRef
 
 log = logging.getLogger(__name__)
@@ -258,6 +265,19 @@ class _FunctionCounter(Collector):
         return CounterMetricFamily(self._name, self._documentation, labels=labels)
 
 
+def input_failure_codes() -> list[str]:
+    """Every code a triaged input can fail with (``FailedInput.code``): the input errors'
+    (the pipeline turns anything unexpected into ``processing_failed``, one of them) and a
+    worker process that died on the file."""
+    codes: set[str] = {WORKER_CRASHED}
+    pending = list(InputError.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        codes.add(cls.code)
+        pending.extend(cls.__subclasses__())
+    return sorted(codes)
+
+
 class ServiceMetrics:
     """A service's Prometheus metrics, in a registry of its own (never the global one), so
     several services or tests in one process do not collide.
@@ -294,6 +314,10 @@ class ServiceMetrics:
             ["code"],
             registry=self.registry,
         )
+        # Each code an input can be refused with, at 0 from the start (as record_failures): an
+        # alert or a rate() on a code has a series before its first failure.
+        for code in input_failure_codes():
+            self.failures.labels(code=code)
         self.record_failures = Counter(
             "triage_record_failures",
             "Triaged files whose outcome could not be recorded or filed, by what failed: an "
@@ -582,7 +606,11 @@ def queue_check(queue_status: QueueStatus, max_oldest_age_s: float) -> HealthChe
 
 def link_check(link_status: LinkStatus, max_offline_s: float = 0.0) -> HealthCheck:
     """Degraded when the central server has been unreachable for more than ``max_offline_s``:
-    escalated cases wait in the outbox meanwhile, and local decisions go on."""
+    escalated cases wait in the outbox meanwhile, and local decisions go on.
+
+    A certificate that is not the pinned one is degraded at once: the grace is for outages
+    that end by themselves, and a wrong ``escalation.tls_pin`` never does.
+    """
 
     def check() -> CheckResult:
         snapshot = link_status()
@@ -593,8 +621,14 @@ def link_check(link_status: LinkStatus, max_offline_s: float = 0.0) -> HealthChe
         if snapshot.online or snapshot.offline_since is None:
             return CheckResult(Health.OK, "online")
         offline = _seconds_since(snapshot.offline_since)
-        status = Health.DEGRADED if offline > max_offline_s else Health.OK
         code = snapshot.last_error_code or "unknown"
+        if code == CertificatePinError.code:
+            return CheckResult(
+                Health.DEGRADED,
+                f"offline for {offline:.0f} s ({code}): nothing is sent until "
+                "escalation.tls_pin is fixed to the server's certificate",
+            )
+        status = Health.DEGRADED if offline > max_offline_s else Health.OK
         return CheckResult(status, f"offline for {offline:.0f} s ({code})")
 
     return check

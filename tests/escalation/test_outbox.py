@@ -177,6 +177,24 @@ def test_claim_then_deliver_keeps_the_row_and_deletes_the_file(outbox: Outbox, s
     assert outbox.claim_next("uploader-1", 30, now=T0 + timedelta(days=1)) is None
 
 
+def test_delivery_clears_the_last_error_and_keeps_the_attempts(outbox: Outbox) -> None:
+    """``queue list`` showed ``last error: transport_error: ... ECONNREFUSED`` next to
+    ``delivered``: an error that is over is no error of the case's."""
+    enqueue(outbox, 1)
+    assert outbox.claim_next("w", 30, now=T0) is not None
+    error = "transport_error: cannot reach https://127.0.0.1:1: ECONNREFUSED"
+    assert outbox.mark_failed(cid(1), error, T0, owner="w", now=T0)
+    failed = outbox.get(cid(1))
+    assert failed is not None and failed.last_error == error
+    assert outbox.claim_next("w", 30, now=T0 + timedelta(seconds=1)) is not None
+    assert outbox.mark_delivered(cid(1), RECEIPT, owner="w", now=T0 + timedelta(seconds=2))
+
+    done = outbox.get(cid(1))
+    assert done is not None and done.state is OutboxState.DELIVERED
+    assert done.last_error is None
+    assert done.attempts == 1
+
+
 def test_a_sent_envelope_stays_readable_while_its_file_is_removed(
     outbox: Outbox, spool: Path
 ) -> None:
@@ -618,6 +636,10 @@ def test_a_full_queue_refuses_new_cases_and_keeps_everything(db: Path, spool: Pa
             enqueue(outbox, 3, size=301)
 
         assert "2 undelivered cases" in str(caught.value)
+        # The case's size, and what is missing: not the size as if it were what is missing.
+        assert str(caught.value).endswith(
+            "this case needs 301 bytes and 300 are free: deliveries must free 1 more"
+        )
         assert outbox.items() == before_items
         assert spool_names(spool) == before_files
         assert outbox.get(cid(3)) is None

@@ -644,6 +644,9 @@ class Outbox:
         report then finds the case delivered, which is success too (the server's receipt is
         idempotent; the first one recorded is kept). ``owner`` only changes what is logged.
 
+        ``last_error`` is cleared: shown next to ``delivered`` (``queue list``) it read as a
+        problem that is over; ``attempts`` and the case store's history keep the failures.
+
         The row stays as history; the file goes only after the commit (on a helper thread:
         :meth:`wait_for_removals`), so a crash in between leaves a file that the next
         :meth:`open` removes.
@@ -660,7 +663,7 @@ class Outbox:
                 return False
             self._conn.execute(
                 "UPDATE outbox SET state = ?, delivered_at = ?, receipt_json = ?, updated_at = ?,"
-                " lease_owner = NULL, lease_until = NULL WHERE case_id = ?",
+                " lease_owner = NULL, lease_until = NULL, last_error = NULL WHERE case_id = ?",
                 (OutboxState.DELIVERED, at, receipt_json, at, case_id),
             )
         self._remover.remove(self._path(case_id))
@@ -1038,9 +1041,12 @@ class Outbox:
             count = self._conn.execute(
                 "SELECT COUNT(*) FROM outbox WHERE state != ?", (OutboxState.DELIVERED,)
             ).fetchone()[0]
+            # The case's size and what deliveries must free: not one figure for both.
+            free = max(0, self._quota - used)
             raise QueueFullError(
                 f"outbox full: {used} of {self._quota} bytes ({100 * used / self._quota:.0f}%)"
-                f" used by {count} undelivered cases; this case needs {size} more"
+                f" used by {count} undelivered cases; this case needs {size} bytes and {free}"
+                f" are free: deliveries must free {used + size - self._quota} more"
             )
 
     def _map_file(self, item: OutboxItem) -> memoryview:
