@@ -246,6 +246,17 @@ def _own_settings_file(tmp_path: Path, data_dir: Path | None = None) -> Path:
     return path
 
 
+def _settings_file_with_an_admin_password(tmp_path: Path) -> Path:
+    """:func:`_own_settings_file` with the admin password ``pw long!`` set."""
+    config = _own_settings_file(tmp_path)
+    made = run_cli(
+        "config", "set-admin-password", "--stdin", "--config", config, data_dir=tmp_path,
+        stdin="pw long!\n",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    return config
+
+
 def test_config_show_lists_settings_and_set_requires_admin_password(tmp_path):
     config = _own_settings_file(tmp_path)
     show = run_cli("config", "show", "--json", "--config", config, data_dir=tmp_path)
@@ -587,12 +598,7 @@ def test_without_a_terminal_the_password_error_names_the_flag_to_pipe_it_with(
     tmp_path: Path,
 ) -> None:
     """Not ``pipe it with --*-stdin``: a pattern the admin cannot type."""
-    config = _own_settings_file(tmp_path)
-    common = ("--config", config)
-    made = run_cli(
-        "config", "set-admin-password", "--stdin", *common, data_dir=tmp_path, stdin="pw long!\n"
-    )
-    assert made.returncode == 0, made.stderr
+    common = ("--config", _settings_file_with_an_admin_password(tmp_path))
     setting = run_cli(
         "config", "set", "escalation.normal_below", "0.05", *common, data_dir=tmp_path
     )
@@ -606,12 +612,8 @@ def test_without_a_terminal_the_password_error_names_the_flag_to_pipe_it_with(
 def test_a_threshold_set_without_the_model_it_was_approved_for_warns_it_is_not_used(
     tmp_path: Path,
 ) -> None:
-    config = _own_settings_file(tmp_path)
+    config = _settings_file_with_an_admin_password(tmp_path)
     common = ("--config", config)
-    made = run_cli(
-        "config", "set-admin-password", "--stdin", *common, data_dir=tmp_path, stdin="pw long!\n"
-    )
-    assert made.returncode == 0, made.stderr
 
     def set_admin(key: str, value: str) -> CliRun:
         return run_cli(
