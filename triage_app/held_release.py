@@ -29,7 +29,7 @@ from triage_app.errors import (
     TransportError,
 )
 from triage_app.escalation.envelope import seal_bytes
-from triage_app.escalation.outbox import OutboxItem
+from triage_app.escalation.outbox import OutboxItem, larger_than_quota
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.escalation.service import keys_unknown
 from triage_app.pipeline import PipelineConfig, TriagePipeline
@@ -265,10 +265,7 @@ def _size_one(
     )
     size = len(envelope)
     if size > quota_bytes:
-        detail = (
-            f"outbox: this case ({size} bytes) is larger than the whole quota "
-            f"({quota_bytes} bytes): raise escalation.queue_quota_mb"
-        )
+        detail = larger_than_quota(size, quota_bytes)
         return _stays_held(store, case_id, ReleaseOutcome.EXCEEDS_QUOTA, detail)
     detail = f"outbox full: this case ({size} bytes) waits for deliveries to make room"
     return _stays_held(store, case_id, ReleaseOutcome.QUEUE_FULL, detail)

@@ -88,6 +88,7 @@ __all__ = [
     "OutboxStatus",
     "Precondition",
     "SpoolFileDamagedError",
+    "larger_than_quota",
 ]
 
 log = logging.getLogger(__name__)
@@ -1032,10 +1033,7 @@ class Outbox:
     def _check_quota(self, size: int) -> None:
         if size > self._quota:
             # No delivery can ever make room for it: "full" would send the admin waiting.
-            raise CaseExceedsQuotaError(
-                f"outbox: this case ({size} bytes) is larger than the whole quota "
-                f"({self._quota} bytes): raise escalation.queue_quota_mb"
-            )
+            raise CaseExceedsQuotaError(larger_than_quota(size, self._quota))
         used = self._queued_bytes()
         if used + size > self._quota:
             count = self._conn.execute(
@@ -1229,6 +1227,14 @@ class LeaseRenewer:
 
 def _damaged(item: OutboxItem) -> SpoolFileDamagedError:
     return SpoolFileDamagedError(f"outbox: the envelope of case {item.case_id} is damaged")
+
+
+def larger_than_quota(size: int, quota_bytes: int) -> str:
+    """Why a case of ``size`` bytes can never be queued: no delivery can make room for it."""
+    return (
+        f"outbox: this case ({size} bytes) is larger than the whole quota "
+        f"({quota_bytes} bytes): raise escalation.queue_quota_mb"
+    )
 
 
 def _check_case_id(case_id: str) -> None:
