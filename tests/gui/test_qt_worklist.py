@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,18 @@ from triage_app.gui.qt_worklist import (
     QtWorklist,
     StorePoller,
     WorklistFilter,
+    WorklistProxy,
     WorklistTableModel,
 )
 from triage_app.states import CaseEvent, CaseState, Feedback
 from triage_app.store import CaseStore, StoredCase
-from triage_app.worklist import UNKNOWN_PATIENT, WorklistRow, WorklistSource, row_for
+from triage_app.worklist import (
+    UNKNOWN_PATIENT,
+    PatientLabel,
+    WorklistRow,
+    WorklistSource,
+    row_for,
+)
 
 
 def _row(
@@ -437,3 +445,22 @@ def test_the_case_on_screen_is_shown_again_when_its_verdict_comes_back(
         "Central model: central 2",
     ]
     assert window.history.buttons[Feedback.ACCEPT].isEnabled()  # now it may be reviewed
+
+
+def test_search_finds_a_name_typed_without_its_accents(qtbot: QtBot) -> None:
+    """A clinician at a keyboard without "ü" typed "muller" and found nothing."""
+    model = WorklistTableModel()
+    proxy = WorklistProxy(model)
+    names = {"a": "Müller-Łukasiewicz^Zoë", "b": "MULLER^ANNA", "c": "Smith^John"}
+    model.update_rows(
+        [replace(_row(case_id), patient=PatientLabel(name, "")) for case_id, name in names.items()]
+    )
+
+    def found(text: str) -> set[str]:
+        proxy.set_search(text)
+        return {proxy.row_at(i).case_id for i in range(proxy.rowCount())}
+
+    assert found("muller") == {"a", "b"}
+    assert found("zoe") == {"a"}
+    assert found("MÜLLER zoë") == {"a"}
+    assert found("smith") == {"c"}

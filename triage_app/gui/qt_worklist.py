@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -311,7 +312,7 @@ class WorklistProxy(QSortFilterProxyModel):
 
     def set_search(self, text: str) -> None:
         self.beginFilterChange()
-        self._search = text.strip().casefold()
+        self._search = _folded(text.strip())
         self.endFilterChange(QSortFilterProxyModel.Direction.Rows)
 
     def set_filter(self, which: WorklistFilter) -> None:
@@ -353,8 +354,15 @@ class WorklistProxy(QSortFilterProxyModel):
                 row.central,
                 row.verdict or "",
             )
-        ).casefold()
-        return all(word in haystack for word in self._search.split())
+        )
+        return all(word in _folded(haystack) for word in self._search.split())
+
+
+def _folded(text: str) -> str:
+    """``text`` for matching as people type names: case and accents aside ("muller" finds
+    Müller, "zoe" Zoë), as a worklist's search does on a keyboard without them."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(char for char in decomposed if not unicodedata.combining(char))
 
 
 @dataclass(frozen=True)
