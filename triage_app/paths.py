@@ -337,7 +337,7 @@ def _unusable(
 ) -> str:
     """Why ``culprit`` (``path``, or a folder above it) denies ``need``, and the fix."""
     info = info or culprit.stat()
-    me = _user_name(os.geteuid())
+    me = user_name(os.geteuid())
     mode = stat.S_IMODE(info.st_mode)
     itself = culprit == path
     if need & os.W_OK and _read_only(culprit):
@@ -351,7 +351,7 @@ def _unusable(
     own_tree = _own_tree(tree, culprit)
     named_file = itself and stat.S_ISREG(info.st_mode)
     if info.st_uid != os.geteuid():
-        why = f"owned by {_user_name(info.st_uid)}, not by {me}, the user this runs as"
+        why = f"owned by {user_name(info.st_uid)}, not by {me}, the user this runs as"
         why = f"{why} (mode {mode:04o})" if itself else f"{culprit} is {why} (mode {mode:04o})"
         if own_tree is not None:
             keeper = own_tree.stat().st_uid
@@ -421,7 +421,7 @@ def _login_homes() -> set[Path]:
 
 def _run_as(uid: int, whose: str) -> str:
     """The fix when the obstacle is another user's: act as that user (never take it over)."""
-    name = _user_name(uid)
+    name = user_name(uid)
     sudo = name if name != str(uid) else f"'#{uid}'"  # sudo takes a bare number as a name
     return f"run the command as {name}{whose} (sudo -u {sudo} triage-app ...)"
 
@@ -433,7 +433,7 @@ def _read_only(path: Path) -> bool:
         return False
 
 
-def _user_name(uid: int) -> str:
+def user_name(uid: int) -> str:
     """The user's name, or its number if it has none (``chown`` takes either)."""
     try:
         return pwd.getpwuid(uid).pw_name

@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import pwd
 import threading
 import time
 import warnings
@@ -35,6 +34,7 @@ from watchdog.observers.api import BaseObserver
 from triage_app.config import Settings
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.intake import FiledOutcome, Intake, IntakeLayout, Unfiled
+from triage_app.paths import user_name
 from triage_app.results import HELD, CaseResult
 from triage_app.retention import DoneRetention, ResealCases
 
@@ -223,14 +223,6 @@ def inbox_files(
                 yield Path(root) / name
 
 
-def _user_name() -> str:
-    uid = os.geteuid()
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
-
-
 class UnreadableFolders:
     """Folders in the inbox the service may not list or enter, as of the last full scan.
 
@@ -284,7 +276,7 @@ class UnreadableFolders:
                 again,
             )
             return
-        user = _user_name()
+        user = user_name(os.geteuid())
         log.warning(
             "%s (%s) cannot be read (%s): the files in it are not triaged until %s, the user "
             "the service runs as, may list and enter it (read and execute permission: give it "
