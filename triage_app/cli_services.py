@@ -23,7 +23,7 @@ from triage_app.paths import FOLDER_ACCESS, access_problem
 
 if TYPE_CHECKING:
     from triage_app.config import Settings
-    from triage_app.metrics import CheckResult, ServiceMetrics
+    from triage_app.metrics import ServiceMetrics
     from triage_app.receiver import DicomReceiver
 
 log = logging.getLogger(__name__)
@@ -100,30 +100,10 @@ def _watch(args: argparse.Namespace) -> int:
         service = WatchService(
             settings, queue=runtime.queue, on_filed=runtime.filed, on_tick=runtime.tick
         )
-        runtime.checks["inbox"] = lambda: _inbox_check(len(service.unreadable))
+        runtime.checks["inbox"] = lambda: service.unreadable.health()
         runtime.ready()
         summary = service.run(stop, once=args.once)
-    stuck = (
-        f", {summary.left_stuck} left in the inbox (cannot be moved out of it: see the log)"
-        if summary.left_stuck
-        else ""
-    )
-    # Without a central server there is nothing to release them to: say what is missing.
-    where = (
-        "see queue release" if settings.central_url else "no central server: escalation.central_url"
-    )
-    held = f", {summary.held} held on the device ({where})" if summary.held else ""
-    folders = "1 folder" if summary.left_unreadable == 1 else f"{summary.left_unreadable} folders"
-    unreadable = (
-        f", {folders} in the inbox it may not read (files not triaged: see the log)"
-        if summary.left_unreadable
-        else ""
-    )
-    message = (
-        f"{summary.triaged} triaged, {summary.quarantined} quarantined, "
-        f"{summary.left_incomplete} left in the inbox (still being written){stuck}{unreadable}"
-        f"{held}"
-    )
+    message = summary.line(central_server=settings.central_url is not None)
     print_outcome(
         f"triage-app watch: {message}",
         logger=log,
@@ -132,23 +112,7 @@ def _watch(args: argparse.Namespace) -> int:
         **asdict(summary),
     )
     # A one-off run reports like `classify`; a service stopped on purpose has done its job.
-    # Held cases are no failure: triaged and recorded, they wait for the server as queued ones
-    # do (a one-off run sends neither), and the services release them by themselves. A folder
-    # it may not read is: its files were not even seen.
-    failed = summary.quarantined or summary.left_stuck or summary.left_unreadable
-    return EXIT_SOME_FAILED if args.once and failed else EXIT_OK
-
-
-def _inbox_check(unreadable: int) -> CheckResult:
-    """Degraded while folders in the inbox cannot be read: the service works and nothing is
-    lost, but their files wait for a person to fix the permissions, and on an unattended
-    machine health is where anyone looks."""
-    from triage_app.metrics import CheckResult, Health
-
-    if unreadable:
-        plural = "s" if unreadable > 1 else ""
-        return CheckResult(Health.DEGRADED, f"{unreadable} folder{plural} it may not read")
-    return CheckResult(Health.OK, "every folder readable")
+    return EXIT_SOME_FAILED if args.once and summary.failed else EXIT_OK
 
 
 def _receive(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ from watchdog.observers.api import BaseObserver
 from triage_app.config import Settings
 from triage_app.escalation.queueing import EscalationQueue
 from triage_app.intake import FiledOutcome, Intake, IntakeLayout, Unfiled
+from triage_app.metrics import CheckResult, Health
 from triage_app.paths import user_name
 from triage_app.results import HELD, CaseResult
 from triage_app.retention import DoneRetention, ResealCases
@@ -241,6 +242,16 @@ class UnreadableFolders:
         with self._lock:
             return len(self._folders)
 
+    def health(self) -> CheckResult:
+        """Degraded while folders cannot be read: the service works and nothing is lost, but
+        their files wait for a person to fix the permissions, and on an unattended machine
+        health is where anyone looks."""
+        count = len(self)
+        if count:
+            plural = "s" if count > 1 else ""
+            return CheckResult(Health.DEGRADED, f"{count} folder{plural} it may not read")
+        return CheckResult(Health.OK, "every folder readable")
+
     def update(self, found: Mapping[Path, OSError]) -> None:
         """The folders one full scan could not read, with why."""
         with self._lock:
@@ -318,6 +329,37 @@ class WatchSummary:
     # Of the triaged: escalations kept on the device, not in the outbox (no central server or
     # its keys, or the outbox full); counted apart so that nobody takes them for sent.
     held: int = 0
+
+    def line(self, *, central_server: bool) -> str:
+        """The run in one line; only what is not zero beyond the first counts."""
+        stuck = (
+            f", {self.left_stuck} left in the inbox (cannot be moved out of it: see the log)"
+            if self.left_stuck
+            else ""
+        )
+        folders = "1 folder" if self.left_unreadable == 1 else f"{self.left_unreadable} folders"
+        unreadable = (
+            f", {folders} in the inbox it may not read (files not triaged: see the log)"
+            if self.left_unreadable
+            else ""
+        )
+        # Without a central server there is nothing to release them to: say what is missing.
+        where = (
+            "see queue release" if central_server else "no central server: escalation.central_url"
+        )
+        held = f", {self.held} held on the device ({where})" if self.held else ""
+        return (
+            f"{self.triaged} triaged, {self.quarantined} quarantined, "
+            f"{self.left_incomplete} left in the inbox (still being written){stuck}{unreadable}"
+            f"{held}"
+        )
+
+    @property
+    def failed(self) -> bool:
+        """Whether a one-off run failed some input (exit 1, as ``classify``). Held cases are
+        no failure: triaged and recorded, they wait for the server as queued ones do. A folder
+        it may not read is: its files were not even seen."""
+        return bool(self.quarantined or self.left_stuck or self.left_unreadable)
 
 
 class WatchService:
